@@ -10,6 +10,7 @@ The functions here are a stable interface: the CDS/EDS decoders use them too.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import types
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.config.route.v3 import route_components_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import json_format
@@ -29,14 +31,16 @@ from google.protobuf.struct_pb2 import Struct, Value
 from pymesh.errors import ResourceError
 from pymesh.model.common import SocketAddress
 from pymesh.model.matcher import StringMatcher
-from pymesh.model.route import FractionalPercent
+from pymesh.model.route import CidrRange, FractionalPercent, HeaderMatcher, Int64Range
 
 __all__ = [
     "TYPED_STRUCT_TYPE_URLS",
     "AnyConfig",
     "Ctx",
     "compile_regex",
+    "decode_cidr_range",
     "decode_fractional_percent",
+    "decode_header_matcher",
     "decode_percent",
     "decode_regex_matcher",
     "decode_socket_address",
@@ -358,3 +362,60 @@ def decode_socket_address(addr: address_pb2.Address, ctx: Ctx, path: str) -> Soc
     if sa.port_value > 65535:
         raise ctx.error(join(sa_path, "port_value"), f"port out of range: {sa.port_value}")
     return SocketAddress(sa.address, int(sa.port_value))
+
+
+def decode_cidr_range(c: address_pb2.CidrRange, ctx: Ctx, path: str) -> CidrRange:
+    """A ``core.v3.CidrRange``; host bits beyond ``prefix_len`` are masked (as Envoy does)."""
+    try:
+        addr = ipaddress.ip_address(c.address_prefix)
+    except ValueError:
+        raise ctx.error(
+            join(path, "address_prefix"), f"invalid IP address {c.address_prefix!r}"
+        ) from None
+    prefix_len = c.prefix_len.value if c.HasField("prefix_len") else addr.max_prefixlen
+    if prefix_len > addr.max_prefixlen:
+        raise ctx.error(join(path, "prefix_len"), f"prefix length {prefix_len} too large")
+    return CidrRange(ipaddress.ip_network(f"{addr}/{prefix_len}", strict=False))
+
+
+_LEGACY_HEADER_MATCH = {
+    "exact_match": StringMatcher.exact,
+    "prefix_match": StringMatcher.prefix,
+    "suffix_match": StringMatcher.suffix,
+    "contains_match": StringMatcher.contains,
+}
+
+
+def decode_header_matcher(
+    m: route_components_pb2.HeaderMatcher, ctx: Ctx, path: str
+) -> HeaderMatcher:
+    """A ``route.v3.HeaderMatcher`` (routes, retry policies, fault and RBAC filters).
+
+    The header name is required and lower-cased. Legacy ``*_match`` fields fold into
+    ``string_match``. No matcher at all means "present" (Envoy's historical behaviour).
+    """
+    name = m.name.lower()
+    if not name:
+        raise ctx.error(join(path, "name"), "empty header name")
+    kind = m.WhichOneof("header_match_specifier")
+    common = {
+        "invert_match": m.invert_match,
+        "treat_missing_header_as_empty": m.treat_missing_header_as_empty,
+    }
+    if kind in _LEGACY_HEADER_MATCH:
+        value = getattr(m, kind)
+        if kind != "exact_match" and not value:
+            raise ctx.error(join(path, kind), f"empty {kind}")
+        return HeaderMatcher(name, string_match=_LEGACY_HEADER_MATCH[kind](value), **common)
+    if kind == "safe_regex_match":
+        rm = decode_regex_matcher(m.safe_regex_match, ctx, join(path, kind))
+        return HeaderMatcher(name, string_match=rm, **common)
+    if kind == "string_match":
+        sm = decode_string_matcher(m.string_match, ctx, join(path, kind))
+        return HeaderMatcher(name, string_match=sm, **common)
+    if kind == "range_match":
+        r = m.range_match
+        return HeaderMatcher(name, range_match=Int64Range(r.start, r.end), **common)
+    if kind == "present_match":
+        return HeaderMatcher(name, present_match=m.present_match, **common)
+    return HeaderMatcher(name, present_match=True, **common)

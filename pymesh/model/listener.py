@@ -1,0 +1,144 @@
+"""Listener models (LDS): client-side API listeners and server-side listeners (gRFC A36).
+
+A client-side ``Listener`` (named ``host:port`` by Istio) carries an HTTP connection manager
+in ``api_listener``; a server-side one (``xds.istio.io/grpc/lds/inbound/IP:PORT``) carries an
+address and filter chains, each with its own HCM and downstream TLS settings.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from pymesh.model.common import SocketAddress
+from pymesh.model.http_filters import HttpFilter
+from pymesh.model.matcher import StringMatcher
+from pymesh.model.route import CidrRange, RouteConfiguration
+
+__all__ = [
+    "CertificateProviderInstance",
+    "CertificateValidation",
+    "ConnectionSourceType",
+    "DownstreamTls",
+    "FilterChain",
+    "FilterChainMatch",
+    "HttpConnectionManager",
+    "Listener",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConnectionManager:
+    """``HttpConnectionManager`` as used by pymesh.
+
+    Exactly one of ``rds_name`` (fetch the ``RouteConfiguration`` of that name over ADS) and
+    ``route_config`` (inline) is set. ``http_filters`` ends with the router filter.
+    """
+
+    http_filters: tuple[HttpFilter, ...] = ()
+    rds_name: str | None = None
+    route_config: RouteConfiguration | None = None
+    max_stream_duration: float | None = None
+    stream_idle_timeout: float | None = None
+    request_timeout: float | None = None
+
+
+class ConnectionSourceType(enum.Enum):
+    ANY = 0
+    SAME_IP_OR_LOOPBACK = 1
+    EXTERNAL = 2
+
+
+@dataclass(frozen=True, slots=True)
+class FilterChainMatch:
+    """``listener.v3.FilterChainMatch``: every field Envoy matches on.
+
+    gRPC (A36) never matches a chain with ``destination_port``, ``server_names`` or
+    ``application_protocols`` set, or a ``transport_protocol`` other than ``raw_buffer``
+    (it has no listener filters to learn them); :attr:`grpc_matchable` says whether the
+    chain can match in that model.
+    """
+
+    destination_port: int | None = None
+    prefix_ranges: tuple[CidrRange, ...] = ()
+    source_type: ConnectionSourceType = ConnectionSourceType.ANY
+    source_prefix_ranges: tuple[CidrRange, ...] = ()
+    source_ports: tuple[int, ...] = ()
+    transport_protocol: str = ""
+    application_protocols: tuple[str, ...] = ()
+    server_names: tuple[str, ...] = ()
+
+    @property
+    def grpc_matchable(self) -> bool:
+        return (
+            self.destination_port is None
+            and not self.server_names
+            and not self.application_protocols
+            and self.transport_protocol in ("", "raw_buffer")
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateProviderInstance:
+    """A bootstrap ``certificate_providers`` instance and the certificate name in it."""
+
+    instance_name: str
+    certificate_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateValidation:
+    """How to validate the peer: roots from ``ca_provider`` (``None`` = system roots when
+    ``system_root_certs``) and optional SAN matchers (any must match)."""
+
+    ca_provider: CertificateProviderInstance | None = None
+    san_matchers: tuple[StringMatcher, ...] = ()
+    system_root_certs: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DownstreamTls:
+    """Server-side TLS (``DownstreamTlsContext``, gRFC A29)."""
+
+    identity: CertificateProviderInstance
+    validation: CertificateValidation | None = None
+    require_client_certificate: bool = False
+    alpn_protocols: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FilterChain:
+    """One filter chain of a server listener."""
+
+    name: str
+    match: FilterChainMatch
+    hcm: HttpConnectionManager
+    tls: DownstreamTls | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """``listener.v3.Listener``. Client-side: ``api_listener`` set. Server-side: ``address``
+    and ``filter_chains`` / ``default_filter_chain``."""
+
+    name: str
+    address: SocketAddress | None = None
+    api_listener: HttpConnectionManager | None = None
+    filter_chains: tuple[FilterChain, ...] = ()
+    default_filter_chain: FilterChain | None = None
+
+    @property
+    def is_server(self) -> bool:
+        return self.api_listener is None
+
+    def _hcms(self) -> list[HttpConnectionManager]:
+        hcms = [fc.hcm for fc in self.filter_chains]
+        if self.default_filter_chain is not None:
+            hcms.append(self.default_filter_chain.hcm)
+        if self.api_listener is not None:
+            hcms.append(self.api_listener)
+        return hcms
+
+    def route_config_names(self) -> frozenset[str]:
+        """Every RDS name referenced by the API listener and all filter chains."""
+        return frozenset(h.rds_name for h in self._hcms() if h.rds_name is not None)
