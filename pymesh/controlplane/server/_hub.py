@@ -1,0 +1,429 @@
+"""The control plane's shared state: config, connections, registrations, pushes.
+
+Theory of operation
+-------------------
+Everything here runs on one asyncio loop (the control plane's thread), so there are no locks:
+the gRPC driver (``_ads.py``) calls :meth:`Hub.handle` for each request and writes whatever
+lands in the connection's queue; :meth:`Hub.run` is the one background task that
+
+1. polls the config files' fingerprint every ``poll_interval`` seconds,
+2. expires auto-registered workloads whose grace period ran out,
+3. when the debouncer says a burst of events is due, rebuilds: reload the files (in a worker
+   thread; on errors keep the last good config and record the issues), merge the registered
+   workloads, build a new generator, bump the version and push to every connection.
+
+A push asks the generator, per connection and per subscribed type (CDS, EDS, LDS, RDS in that
+order, as istiod pushes), for the resources of the connection's subscription; the stream
+state machine sends only what changed for that client. One connection failing (its node
+makes the generator raise) closes that connection alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from pymesh.controlplane.registry import HEALTH_STATES, WorkloadRegistry
+from pymesh.controlplane.server._backend import Backend, ResourceGenerator
+from pymesh.controlplane.server._debounce import Debouncer
+from pymesh.controlplane.server._metrics import Metrics
+from pymesh.controlplane.server._stream import AdsStream, Outcome, Request, Resource, Response
+from pymesh.controlplane.server._watch import Fingerprint, fingerprint
+from pymesh.controlplane.server._wire import encode, pack
+from pymesh.xds.resource_types import ResourceType
+
+__all__ = ["HEALTH_TYPE_URL", "Close", "Connection", "Hub", "ProtocolError"]
+
+log = logging.getLogger("pymesh.controlplane")
+
+HEALTH_TYPE_URL = "type.googleapis.com/istio.v1.HealthInformation"
+PUSH_ORDER = (
+    ResourceType.CLUSTER.type_url,
+    ResourceType.CLUSTER_LOAD_ASSIGNMENT.type_url,
+    ResourceType.LISTENER.type_url,
+    ResourceType.ROUTE_CONFIGURATION.type_url,
+)
+_PACK_CACHE_MAX = 200_000
+
+
+class ProtocolError(Exception):
+    """The client broke the ADS protocol (e.g. no node on its first request)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Queue item: end the stream with this status."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass(slots=True)
+class Connection:
+    id: str
+    peer: str
+    delta: bool
+    connected_at: float
+    stream: AdsStream
+    queue: asyncio.Queue[Message | Close | None] = field(default_factory=asyncio.Queue)
+    node: Any = None
+    node_id: str = ""
+    generator_name: str = ""
+    registered: str = ""
+    unknown_types: set[str] = field(default_factory=set)
+    closed: bool = False
+
+
+class Hub:
+    """Shared control-plane state; see the module docstring."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        paths: Sequence[Path],
+        *,
+        debounce: float = 0.1,
+        max_debounce: float = 1.0,
+        registration_grace: float = 10.0,
+        poll_interval: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.paths = tuple(paths)
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.debouncer = Debouncer(debounce, max(max_debounce, debounce))
+        self.registry = WorkloadRegistry(grace=registration_grace)
+        self.metrics = Metrics()
+        self.connections: dict[str, Connection] = {}
+        self.base_config: Any = None
+        self.config: Any = None
+        self.generator: ResourceGenerator | None = None
+        self.version = 0
+        self.issues: tuple[tuple[str, str], ...] = ()
+        self.last_good_at: float | None = None
+        self.last_reload_error: tuple[str, ...] = ()
+        self.push_cpu_seconds: list[float] = []
+        self._fingerprint: Fingerprint = ()
+        self._files_dirty = False
+        self._workloads_dirty = False
+        self._ids = itertools.count(1)
+        self._wake: asyncio.Event | None = None
+        self._packed: dict[int, tuple[Message, Any, str]] = {}
+        self._last_push_started: float | None = None
+        self.metrics.gauge("pilot_xds", lambda: float(len(self.connections)))
+        self.metrics.gauge("pymesh_config_version", lambda: float(self.version))
+        self.metrics.gauge("pymesh_ready", lambda: 1.0 if self.ready else 0.0)
+        self.metrics.gauge(
+            "pymesh_autoregistered_workloads", lambda: float(len(self.registry.entries()))
+        )
+
+    # -- config ---------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.base_config is not None
+
+    def initial_load(self) -> None:
+        """Load the files once, synchronously, before serving."""
+        self._fingerprint = fingerprint(self.paths)
+        self._apply_load(self.backend.load(self.paths))
+        self._rebuild_generator()
+
+    def _apply_load(self, result: Any) -> bool:
+        self.issues = result.issues
+        if result.config is None:
+            self.last_reload_error = result.errors or ("config could not be loaded",)
+            self.metrics.inc("pilot_xds_config_reloads", result="error")
+            self.metrics.inc("pilot_total_config_errors")
+            for line in self.last_reload_error:
+                log.error("config rejected, keeping the last good config: %s", line)
+            return False
+        self.last_reload_error = ()
+        self.base_config = result.config
+        self.last_good_at = time.time()
+        self.metrics.inc("pilot_xds_config_reloads", result="ok")
+        for level, line in result.issues:
+            log.warning("config %s: %s", level.lower(), line)
+        return True
+
+    def _rebuild_generator(self) -> None:
+        if self.base_config is None:
+            self.config, self.generator = None, None
+        else:
+            config = self.base_config
+            entries = self.registry.entries()
+            if entries:
+                config = self.backend.with_workloads(config, entries)
+            self.config = config
+            self.generator = self.backend.generator(config)
+        self.version += 1
+        self._packed.clear()
+
+    def notify(self) -> None:
+        """A config event happened now (debounced)."""
+        self.debouncer.event(self.clock())
+        if self._wake is not None:
+            self._wake.set()
+
+    async def run(self) -> None:
+        """The background task: poll files, expire registrations, debounce and push."""
+        self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        next_poll = self.clock() + self.poll_interval
+        while True:
+            now = self.clock()
+            if now >= next_poll:
+                next_poll = now + self.poll_interval
+                fp = await loop.run_in_executor(None, fingerprint, self.paths)
+                if fp != self._fingerprint:
+                    self._fingerprint = fp
+                    self._files_dirty = True
+                    self.debouncer.event(now)
+            if self.registry.expire(now):
+                self._workloads_dirty = True
+                self.debouncer.event(now)
+            if self.debouncer.due(now):
+                merged = self.debouncer.fire()
+                self.metrics.inc("pilot_debounce_merged_events", merged)
+                await self._rebuild_and_push(loop)
+                continue
+            wake_at = [next_poll]
+            deadline = self.debouncer.deadline()
+            if deadline is not None:
+                wake_at.append(deadline)
+            expiry = self.registry.next_expiry()
+            if expiry is not None:
+                wake_at.append(expiry)
+            timeout = max(0.0, min(wake_at) - self.clock())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def _rebuild_and_push(self, loop: asyncio.AbstractEventLoop) -> None:
+        changed = self._workloads_dirty
+        self._workloads_dirty = False
+        if self._files_dirty:
+            self._files_dirty = False
+            result = await loop.run_in_executor(None, self.backend.load, self.paths)
+            changed |= self._apply_load(result)
+        if not changed:
+            return
+        started = time.process_time()
+        try:
+            self._rebuild_generator()
+        except Exception:
+            log.exception("building the xDS generator failed; keeping the previous one")
+            self.metrics.inc("pilot_xds_push_errors")
+            return
+        await self.push_all()
+        self.push_cpu_seconds.append(time.process_time() - started)
+        del self.push_cpu_seconds[:-100]
+
+    # -- connections ----------------------------------------------------------------------
+
+    def open(self, peer: str, *, delta: bool) -> Connection:
+        conn_id = f"{peer}-{next(self._ids)}"
+        conn = Connection(conn_id, peer, delta, time.time(), AdsStream(delta=delta))
+        self.connections[conn_id] = conn
+        self.metrics.inc("pilot_xds_connections_total", kind="delta" if delta else "sotw")
+        return conn
+
+    def close(self, conn: Connection) -> None:
+        conn.closed = True
+        self.connections.pop(conn.id, None)
+        if conn.registered:
+            self.registry.disconnect(conn.id, self.clock())
+            self._workloads_dirty = True
+            self.notify()
+        log.info("ADS stream closed: %s (%s)", conn.node_id or "?", conn.peer)
+
+    def handle(self, conn: Connection, req: Request, node_proto: Any) -> list[Message]:
+        """Process one request; return the responses to write (already encoded)."""
+        now = self.clock()
+        if conn.node is None:
+            if node_proto is None:
+                raise ProtocolError("the first request on a stream must carry the node")
+            self._attach_node(conn, node_proto, now)
+        if req.type_url == HEALTH_TYPE_URL:
+            health = "HEALTHY" if req.error is None else "UNHEALTHY"
+            if self.registry.set_health_for_conn(conn.id, health):
+                self._workloads_dirty = True
+                self.notify()
+            return []
+        if ResourceType.from_type_url(req.type_url) is None:
+            if req.type_url not in conn.unknown_types:
+                log.warning(
+                    "%s asked for unknown type %r: ignored", conn.node_id, req.type_url[:200]
+                )
+            conn.unknown_types.add(req.type_url[:200])
+            self.metrics.inc("pilot_xds_requests_unknown_type")
+            return []
+        decision = conn.stream.on_request(req, now)
+        abbrev = _abbrev(req.type_url)
+        if decision.outcome is Outcome.NACK:
+            self.metrics.inc("pilot_total_xds_rejects", type=abbrev)
+            log.warning(
+                "NACK from %s for %s (nonce %s): %s", conn.node_id, abbrev, req.nonce, req.error
+            )
+        elif decision.outcome is Outcome.ACK:
+            self.metrics.inc("pilot_xds_acks", type=abbrev)
+        if not decision.respond:
+            return []
+        resp = conn.stream.respond(
+            req.type_url, self._resources(conn, req.type_url), str(self.version), force=True
+        )
+        return [] if resp is None else [self._encode(conn, resp)]
+
+    def _attach_node(self, conn: Connection, node_proto: Any, now: float) -> None:
+        conn.node = self.backend.node(node_proto)
+        conn.node_id = str(getattr(conn.node, "id", "") or node_proto.id)
+        conn.generator_name = str(getattr(conn.node, "generator", "") or "")
+        log.info("ADS stream opened: %s (%s)", conn.node_id, conn.peer)
+        if self.base_config is None:
+            return
+        info = self.backend.node_info(conn.node)
+        entry = self.registry.connect(conn.id, info, self.backend.groups(self.base_config), now)
+        if entry is not None:
+            conn.registered = f"{entry.namespace}/{entry.name}"
+            log.info("auto-registered %s for %s", conn.registered, conn.node_id)
+            self._workloads_dirty = True
+            self.notify()
+
+    def set_health(self, node_id: str, health: str) -> bool:
+        """Admin call: set a node's registered entries' health. Raises ValueError if unknown."""
+        health = health.upper()
+        if health not in HEALTH_STATES:
+            raise ValueError(f"status must be one of {', '.join(HEALTH_STATES)}")
+        if not any(e.node_id == node_id for e in self.registry.entries()):
+            raise KeyError(node_id)
+        if self.registry.set_health(node_id, health):
+            self._workloads_dirty = True
+            self.notify()
+            return True
+        return False
+
+    def _resources(self, conn: Connection, type_url: str) -> list[Resource]:
+        generator = self.generator
+        state = conn.stream.types.get(type_url)
+        if generator is None or state is None:
+            return []
+        sub = state.subscription()
+        if not sub.wildcard and not sub.names:
+            return []
+        messages = generator.generate(conn.node, type_url, sub.generator_names())
+        if len(self._packed) > _PACK_CACHE_MAX:
+            self._packed.clear()
+        out: list[Resource] = []
+        for name, msg in messages.items():
+            hit = self._packed.get(id(msg))
+            if hit is None or hit[0] is not msg:
+                packed, version = pack(msg)
+                hit = (msg, packed, version)
+                self._packed[id(msg)] = hit
+            out.append(Resource(name, hit[2], hit[1]))
+        return out
+
+    def _encode(self, conn: Connection, resp: Response) -> Message:
+        self.metrics.inc("pilot_xds_pushes", type=_abbrev(resp.type_url))
+        return encode(resp, delta=conn.delta)
+
+    async def push_all(self) -> None:
+        """Push the current version to every connection (what changed for each)."""
+        self.metrics.inc("pilot_xds_full_pushes")
+        started = time.perf_counter()
+        version = str(self.version)
+        for i, conn in enumerate(list(self.connections.values())):
+            if i and i % 20 == 0:
+                await asyncio.sleep(0)  # let requests (ACKs) in between
+            if conn.closed or conn.node is None:
+                continue
+            try:
+                for type_url in PUSH_ORDER:
+                    if type_url not in conn.stream.types:
+                        continue
+                    resp = conn.stream.respond(type_url, self._resources(conn, type_url), version)
+                    if resp is not None:
+                        conn.queue.put_nowait(self._encode(conn, resp))
+            except Exception as exc:
+                log.exception("push to %s failed; closing its stream", conn.node_id)
+                self.metrics.inc("pilot_xds_push_errors")
+                conn.queue.put_nowait(Close(grpc.StatusCode.INTERNAL, f"push failed: {exc}"))
+        self.metrics.inc("pilot_xds_push_seconds_sum", time.perf_counter() - started)
+
+    # -- status ---------------------------------------------------------------------------
+
+    def syncz(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for conn in sorted(self.connections.values(), key=lambda c: (c.node_id, c.id)):
+            types: dict[str, object] = {}
+            for url, st in sorted(conn.stream.types.items()):
+                nack = st.nack
+                types[_abbrev(url)] = {
+                    "type_url": url,
+                    "wildcard": st.wildcard,
+                    "resource_names": sorted(st.names),
+                    "sent_version": st.sent_version,
+                    "sent_resources": len(st.sent),
+                    "nonce": st.nonce,
+                    "acked_version": st.acked_version,
+                    "acked": bool(st.nonce) and st.acked_version == st.nonce_version,
+                    "last_nack": None
+                    if nack is None
+                    else {"version": nack.version, "nonce": nack.nonce, "message": nack.message},
+                }
+            out.append(
+                {
+                    "proxy": conn.node_id,
+                    "connection": conn.id,
+                    "peer": conn.peer,
+                    "generator": conn.generator_name,
+                    "delta": conn.delta,
+                    "connected_at": conn.connected_at,
+                    "registered_as": conn.registered or None,
+                    "unknown_types": sorted(conn.unknown_types),
+                    "types": types,
+                }
+            )
+        return out
+
+    def configz(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "ready": self.ready,
+            "files": [p for p, _, _ in self._fingerprint],
+            "issues": [{"level": lvl, "message": text} for lvl, text in self.issues],
+            "last_reload_errors": list(self.last_reload_error),
+            "last_good_at": self.last_good_at,
+            "workloads": [
+                {
+                    "namespace": e.namespace,
+                    "name": e.name,
+                    "group": e.group,
+                    "address": e.address,
+                    "ports": dict(e.ports),
+                    "labels": dict(e.labels),
+                    "health": e.health,
+                    "connected": e.connected,
+                    "node": e.node_id,
+                }
+                for e in self.registry.entries()
+            ],
+            "config": None if self.base_config is None else self.backend.describe(self.base_config),
+        }
+
+
+def _abbrev(type_url: str) -> str:
+    rt = ResourceType.from_type_url(type_url)
+    return rt.abbrev if rt is not None else type_url
