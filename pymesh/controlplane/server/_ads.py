@@ -82,5 +82,6 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             raise
         except Exception as exc:  # the stream broke (client gone, undecodable bytes)
             log.info("ADS stream %s ended: %s", conn.node_id or conn.peer, exc)
+            conn.queue.put_nowait(Close(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {exc}"))
         finally:
             conn.queue.put_nowait(None)
