@@ -9,16 +9,15 @@ it get it as an endpoint. Which group:
 1. metadata ``AUTO_REGISTER_GROUP`` names the group in the node's namespace (what Istio's
    agent sends, from ``ISTIO_META_AUTO_REGISTER_GROUP``);
 2. else the first group (by name) of the node's namespace whose template labels are all
-   present in the node's ``LABELS`` (and whose template service account, when set, equals
-   the node's ``SERVICE_ACCOUNT``).
+   present in the node's ``LABELS``.
 
 The entry is the group's template with the node's address (first of ``INSTANCE_IPS``), its
-labels merged over the template's, its locality, and its ports: the template's ports, or the
-node's own when metadata carries Istio's ``POD_PORTS`` (a JSON list of
+labels merged over the template's, its locality, its service account (the identity its
+certificate carries; the template's when the node has none), and its ports: the template's
+ports, or the node's own when metadata carries Istio's ``POD_PORTS`` (a JSON list of
 ``{"name": "http", "containerPort": 9080}``, what ``pymesh bootstrap --port`` writes) or
 ``PYMESH_PORTS`` (``{"http": 9080}`` or ``"http:9080,..."``). The entry name is
-``GROUP-ADDRESS``, as istiod names
-auto-registered entries.
+``GROUP-ADDRESS``, as istiod names auto-registered entries.
 
 Lifecycle per entry (keyed by namespace and name):
 
@@ -198,8 +197,6 @@ class WorkloadRegistry:
                 continue
             if any(node.labels.get(k) != v for k, v in g.labels.items()):
                 continue
-            if g.service_account and node.service_account not in ("", g.service_account):
-                continue
             return g
         return None
 
@@ -229,7 +226,7 @@ class WorkloadRegistry:
             address=address,
             labels=types.MappingProxyType(labels),
             ports=types.MappingProxyType(dict(node.ports or group.ports)),
-            service_account=group.service_account or node.service_account or "default",
+            service_account=node.service_account or group.service_account or "default",
             locality=locality,
             network=node.network or group.network,
             weight=group.weight,

@@ -166,12 +166,7 @@ class IstioBackend:
         return node_info_from(node)
 
     def groups(self, config: Any) -> Sequence[GroupTemplate]:
-        out: list[GroupTemplate] = []
-        for group in getattr(config, "workload_groups", ()) or ():
-            if isinstance(group, tuple) and len(group) == 2:
-                group = group[1]
-            out.append(_group_template(group))
-        return out
+        return [_group_template(g) for g in getattr(config, "workload_groups", ()) or ()]
 
     def with_workloads(self, config: Any, workloads: Sequence[RegisteredWorkload]) -> Any:
         from pymesh.controlplane.config import WorkloadEntrySpec
@@ -190,39 +185,34 @@ class IstioBackend:
 
 
 def _group_template(group: Any) -> GroupTemplate:
-    template = getattr(group, "template", None)
-    labels = _str_map(getattr(group, "template_labels", None) or getattr(group, "labels", None))
-    ports_raw = getattr(template, "ports", None) or {}
-    ports: dict[str, int] = {}
-    if isinstance(ports_raw, Mapping):
-        ports = {str(k): int(v) for k, v in ports_raw.items()}
-    locality = getattr(template, "locality", "") or ""
+    """From the config side's ``WorkloadGroupSpec`` (template fields live on the group)."""
+    ports_raw = getattr(group, "ports", None) or {}
+    ports = {str(k): int(v) for k, v in ports_raw.items()} if isinstance(ports_raw, Mapping) else {}
     return GroupTemplate(
         namespace=str(getattr(group, "namespace", "") or "default"),
         name=str(getattr(group, "name", "")),
-        labels=labels,
+        labels=_str_map(getattr(group, "labels", None)),
         ports=ports,
-        service_account=str(getattr(template, "service_account", "") or ""),
-        network=str(getattr(template, "network", "") or ""),
-        locality=str(locality),
-        weight=int(getattr(template, "weight", 0) or 0),
+        service_account=str(getattr(group, "service_account", "") or ""),
+        network=str(getattr(group, "network", "") or ""),
+        locality=str(getattr(group, "locality", "") or ""),
+        weight=int(getattr(group, "weight", 0) or 0),
     )
 
 
 def _entry_spec(cls: Any, w: RegisteredWorkload) -> Any:
-    """Build the config side's ``WorkloadEntrySpec`` from a registration, by field name."""
-    values: dict[str, object] = {
-        "name": w.name,
-        "namespace": w.namespace,
-        "address": w.address,
-        "labels": w.labels,
-        "ports": w.ports,
-        "service_account": w.service_account,
-        "locality": w.locality,
-        "network": w.network,
-        "weight": w.weight,
-        "health": w.health,
-        "group": w.group,
-    }
-    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    return cls(**{k: v for k, v in values.items() if k in names})
+    """The config side's ``WorkloadEntrySpec`` for a registration."""
+    return cls(
+        name=w.name,
+        namespace=w.namespace,
+        address=w.address,
+        ports=w.ports,
+        labels=w.labels,
+        locality=_locality(w.locality),
+        weight=w.weight or 1,
+        network=w.network,
+        service_account=w.service_account or "default",
+        health=w.health,
+        auto_registered=True,
+        group=w.group,
+    )
