@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from pymesh.model.matcher import StringMatcher
@@ -237,7 +237,7 @@ class RbacRules:
     which is what Envoy's map iteration gives for reporting)."""
 
     action: RbacAction
-    policies: Mapping[str, RbacPolicy] = MappingProxyType({})
+    policies: Mapping[str, RbacPolicy] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)

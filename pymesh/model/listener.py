@@ -12,14 +12,11 @@ from dataclasses import dataclass
 
 from pymesh.model.common import SocketAddress
 from pymesh.model.http_filters import HttpFilter
-from pymesh.model.matcher import StringMatcher
 from pymesh.model.route import CidrRange, RouteConfiguration
+from pymesh.model.tls import DownstreamTlsContext
 
 __all__ = [
-    "CertificateProviderInstance",
-    "CertificateValidation",
     "ConnectionSourceType",
-    "DownstreamTls",
     "FilterChain",
     "FilterChainMatch",
     "HttpConnectionManager",
@@ -79,41 +76,14 @@ class FilterChainMatch:
 
 
 @dataclass(frozen=True, slots=True)
-class CertificateProviderInstance:
-    """A bootstrap ``certificate_providers`` instance and the certificate name in it."""
-
-    instance_name: str
-    certificate_name: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class CertificateValidation:
-    """How to validate the peer: roots from ``ca_provider`` (``None`` = system roots when
-    ``system_root_certs``) and optional SAN matchers (any must match)."""
-
-    ca_provider: CertificateProviderInstance | None = None
-    san_matchers: tuple[StringMatcher, ...] = ()
-    system_root_certs: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class DownstreamTls:
-    """Server-side TLS (``DownstreamTlsContext``, gRFC A29)."""
-
-    identity: CertificateProviderInstance
-    validation: CertificateValidation | None = None
-    require_client_certificate: bool = False
-    alpn_protocols: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
 class FilterChain:
-    """One filter chain of a server listener."""
+    """One filter chain of a server listener: its match, its HCM, and its downstream TLS
+    (``None`` = plaintext)."""
 
     name: str
     match: FilterChainMatch
     hcm: HttpConnectionManager
-    tls: DownstreamTls | None = None
+    tls: DownstreamTlsContext | None = None
 
 
 @dataclass(frozen=True, slots=True)

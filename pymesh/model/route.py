@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -54,6 +54,12 @@ __all__ = [
 ]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _empty() -> Mapping[str, Any]:
+    # Read-only mappings are not hashable, so dataclasses need a factory for the default.
+    return _EMPTY
+
 
 DEFAULT_ROUTE_TIMEOUT = 15.0
 """Envoy's route timeout when ``RouteAction.timeout`` is unset (seconds)."""
@@ -106,7 +112,7 @@ class OpaqueConfig:
     """
 
     type_url: str
-    config: Mapping[str, Any] = _EMPTY
+    config: Mapping[str, Any] = field(default_factory=_empty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +303,7 @@ class WeightedCluster:
 
     name: str
     weight: int
-    typed_per_filter_config: Mapping[str, FilterConfigOverride] = _EMPTY
+    typed_per_filter_config: Mapping[str, FilterConfigOverride] = field(default_factory=_empty)
     headers: HeaderMutations = NO_HEADER_MUTATIONS
     host_rewrite_literal: str | None = None
 
@@ -403,9 +409,9 @@ class Route:
     action: RouteActionType
     name: str = ""
     decorator_operation: str | None = None
-    typed_per_filter_config: Mapping[str, FilterConfigOverride] = _EMPTY
+    typed_per_filter_config: Mapping[str, FilterConfigOverride] = field(default_factory=_empty)
     headers: HeaderMutations = NO_HEADER_MUTATIONS
-    metadata: Mapping[str, Mapping[str, Any]] = _EMPTY
+    metadata: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty)
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +422,7 @@ class VirtualHost:
     domains: tuple[str, ...]
     routes: tuple[Route, ...] = ()
     retry_policy: RetryPolicy | None = None
-    typed_per_filter_config: Mapping[str, FilterConfigOverride] = _EMPTY
+    typed_per_filter_config: Mapping[str, FilterConfigOverride] = field(default_factory=_empty)
     headers: HeaderMutations = NO_HEADER_MUTATIONS
     request_mirror_policies: tuple[RequestMirrorPolicy, ...] = ()
     include_request_attempt_count: bool = False
@@ -431,7 +437,7 @@ class RouteConfiguration:
     virtual_hosts: tuple[VirtualHost, ...] = ()
     headers: HeaderMutations = NO_HEADER_MUTATIONS
     internal_only_headers: tuple[str, ...] = ()
-    typed_per_filter_config: Mapping[str, FilterConfigOverride] = _EMPTY
+    typed_per_filter_config: Mapping[str, FilterConfigOverride] = field(default_factory=_empty)
     request_mirror_policies: tuple[RequestMirrorPolicy, ...] = ()
     ignore_port_in_host_matching: bool = False
     most_specific_header_mutations_wins: bool = False
