@@ -37,6 +37,7 @@ ENV_BOOTSTRAP = "GRPC_XDS_BOOTSTRAP"
 ENV_BOOTSTRAP_CONFIG = "GRPC_XDS_BOOTSTRAP_CONFIG"
 
 # Protobuf JSON form of google.protobuf.Duration: "900s", "1.5s" (non-negative here).
+_LISTENER_TYPE = "envoy.config.listener.v3.Listener"
 _DURATION = re.compile(r"(\d{1,12})(?:\.(\d{1,9}))?s")
 
 
@@ -182,12 +183,15 @@ class _Parser:
             if not tpl:
                 self.fail(key, "must not be empty")
             authority = xdstp_authority(tpl)
-            if authority is not None and authority not in authorities:
+            if authority is None:
+                continue
+            if authority not in authorities:
                 self.fail(
                     key,
                     f"xdstp authority {authority!r} is not in authorities "
                     f"(known: {sorted(authorities) or 'none'})",
                 )
+            self.check_xdstp_listener(tpl, f"{XDSTP_SCHEME}//{authority}/", key)
         return Bootstrap(
             xds_servers=servers,
             node=node,
@@ -305,6 +309,12 @@ class _Parser:
             )
         return MappingProxyType(out)
 
+    def check_xdstp_listener(self, template: str, prefix: str, path: str) -> None:
+        # xdstp://AUTHORITY/TYPE/ID: gRPC cannot use a Listener name of another type.
+        rest = template[len(prefix) :] if template.startswith(prefix) else ""
+        if not rest.startswith(_LISTENER_TYPE + "/"):
+            self.fail(path, f"an xdstp: Listener name must start with {prefix + _LISTENER_TYPE!r}/")
+
     def authorities(self, root: Mapping[str, object]) -> Mapping[str, Authority]:
         section = self.opt_obj(root, "authorities", "")
         out: dict[str, Authority] = {}
@@ -315,11 +325,11 @@ class _Parser:
             template = self.opt_str(entry, "client_listener_resource_name_template", path)
             if template is None:
                 template = f"{prefix}envoy.config.listener.v3.Listener/%s"
-            elif not template.startswith(prefix):
-                self.fail(
-                    _join(path, "client_listener_resource_name_template"),
-                    f"must start with {prefix!r}",
-                )
+            else:
+                where = _join(path, "client_listener_resource_name_template")
+                if not template.startswith(prefix):
+                    self.fail(where, f"must start with {prefix!r}")
+                self.check_xdstp_listener(template, prefix, where)
             servers = self.xds_servers(entry, path, required=False)
             out[name] = Authority(
                 name=name,

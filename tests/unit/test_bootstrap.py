@@ -573,6 +573,23 @@ REJECTED: list[tuple[str, Any, str | None, str]] = [
         "must start with 'xdstp://a.com/'",
     ),
     (
+        "xdstp template of another resource type",
+        minimal(
+            authorities={"a.com": {"client_listener_resource_name_template": "xdstp://a.com/L/%s"}}
+        ),
+        "authorities.a.com.client_listener_resource_name_template",
+        "must start with 'xdstp://a.com/envoy.config.listener.v3.Listener'/",
+    ),
+    (
+        "xdstp server template of another resource type",
+        minimal(
+            server_listener_resource_name_template="xdstp://a.com/grpc/server/%s",
+            authorities={"a.com": {}},
+        ),
+        "server_listener_resource_name_template",
+        "an xdstp: Listener name must start with",
+    ),
+    (
         "authority not an object",
         minimal(authorities={"a.com": []}),
         "authorities.a.com",
@@ -628,7 +645,9 @@ FEDERATED = {
         "xds.other.com": {
             "xds_servers": [{"server_uri": "other:1", "channel_creds": [{"type": "insecure"}]}]
         },
-        "custom.com": {"client_listener_resource_name_template": "xdstp://custom.com/L/%s/x"},
+        "custom.com": {
+            "client_listener_resource_name_template": "xdstp://custom.com/envoy.config.listener.v3.Listener/%s/x"
+        },
     },
 }
 
@@ -650,7 +669,9 @@ def test_federation_client_names() -> None:
     assert b.listener_resource_name("xds.other.com", "svc.ns:80") == (
         "xdstp://xds.other.com/envoy.config.listener.v3.Listener/svc.ns:80"
     )
-    assert b.listener_resource_name("custom.com", "svc") == "xdstp://custom.com/L/svc/x"
+    assert b.listener_resource_name("custom.com", "svc") == (
+        "xdstp://custom.com/envoy.config.listener.v3.Listener/svc/x"
+    )
     with pytest.raises(BootstrapError, match=r"'unknown\.com' is not in the bootstrap"):
         b.listener_resource_name("unknown.com", "svc")
 
