@@ -1,0 +1,50 @@
+"""gRPC channels to xDS servers, built from the bootstrap's :class:`XdsServer`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from pymesh.bootstrap import XdsServer
+from pymesh.errors import XdsError
+
+__all__ = ["CHANNEL_OPTIONS", "create_channel"]
+
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    # xDS responses (EDS of large services) exceed gRPC's 4 MiB default.
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    # One fresh subchannel per attempt: our own backoff decides when to retry.
+    ("grpc.use_local_subchannel_pool", 1),
+)
+
+
+def _read(path: str | None, what: str, server: XdsServer) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise XdsError(f"xDS server {server.uri}: cannot read {what} {path}: {exc}") from exc
+
+
+def create_channel(server: XdsServer) -> grpc.Channel:
+    """A channel to ``server.uri`` (``host:port``, ``dns:///``, ``unix:`` targets...).
+
+    ``insecure`` credentials give a plaintext channel; ``tls`` and ``google_default`` a TLS
+    channel with the configured CA (else the system roots) and, if configured, a client
+    certificate. Raises :class:`XdsError` if a credentials file cannot be read.
+    """
+    creds = server.channel_credentials
+    if creds.type == "insecure":
+        return grpc.insecure_channel(server.uri, options=CHANNEL_OPTIONS)
+    tls = creds.tls
+    root = key = chain = None
+    if tls is not None:
+        root = _read(tls.ca_certificate_file, "CA certificate", server)
+        key = _read(tls.private_key_file, "private key", server)
+        chain = _read(tls.certificate_file, "certificate", server)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=root, private_key=key, certificate_chain=chain
+    )
+    return grpc.secure_channel(server.uri, credentials, options=CHANNEL_OPTIONS)

@@ -1,0 +1,392 @@
+"""XdsClient against a real grpcio ADS server on loopback (tests/xdsserver.py).
+
+Time is a FakeClock everywhere: timers (does-not-exist, reconnect backoff, fallback probes)
+fire only when a test advances it; waiting for the network is waiting for events.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+
+from pymesh.errors import ResourceError
+from pymesh.xds.client import XdsClient
+from pymesh.xds.clock import FakeClock
+from pymesh.xds.codec import Decoded
+from pymesh.xds.resource_types import ResourceType
+from tests.xdsserver import CDS, EDS, WatchRecorder, XdsTestServer
+
+CLUSTER = ResourceType.CLUSTER
+
+
+def decode_cluster(type_url: str, data: bytes) -> Decoded:
+    """A tiny validating decoder: the value is connect_timeout seconds; negative is invalid."""
+    assert type_url in (CDS, EDS)
+    c = cluster_pb2.Cluster.FromString(data)
+    if c.connect_timeout.seconds < 0:
+        raise ResourceError(
+            "must not be negative",
+            type_name="Cluster",
+            resource_name=c.name,
+            field="connect_timeout",
+        )
+    return Decoded(c.name, c.connect_timeout.seconds)
+
+
+def cluster(name: str, seconds: int) -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(name=name, connect_timeout={"seconds": seconds})
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def advance_until(clock: FakeClock, cond: Callable[[], bool], step: float = 2.0) -> None:
+    """Advance fake time in steps (firing backoff timers) until ``cond`` holds."""
+    deadline = time.monotonic() + 20
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached while advancing the clock"
+        clock.advance(step)
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def server() -> Iterator[XdsTestServer]:
+    with XdsTestServer() as s:
+        yield s
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def client(server: XdsTestServer, clock: FakeClock) -> Iterator[XdsClient]:
+    c = XdsClient(server.bootstrap(), clock=clock, decoder=decode_cluster)
+    yield c
+    c.close()
+
+
+def test_initial_fetch_ack_and_callbacks_on_the_serializer(
+    server: XdsTestServer, client: XdsClient
+) -> None:
+    server.set_resources(CDS, {"c1": cluster("c1", 1)})
+    rec = WatchRecorder()
+    client.watch(CLUSTER, "c1", rec)
+    assert rec.wait_for(lambda e: e[0] == "changed") == ("changed", "c1", 1)
+    ack = server.wait_for_ack(CDS, "1")
+    assert list(ack.request.resource_names) == ["c1"]
+    first = server.requests[0].request
+    assert first.node.id.startswith("sidecar~")
+    assert first.node.user_agent_name == "pymesh"
+    assert first.node.locality.zone == "z1"
+    assert not ack.request.HasField("node")  # the node goes in the first request only
+    assert rec.thread_names and all(n.startswith("pymesh-xds-") for n in rec.thread_names)
+    (status,) = client.resource_statuses()
+    assert (status.status, status.version, status.value) == ("ACKED", "1", 1)
+    assert status.raw == cluster("c1", 1).SerializeToString()
+    assert client.connection_state().connected
+
+
+def test_update_and_identical_push_is_silent(server: XdsTestServer, client: XdsClient) -> None:
+    server.set_resources(CDS, {"c1": cluster("c1", 1)})
+    rec = WatchRecorder()
+    client.watch(CLUSTER, "c1", rec)
+    rec.wait_for(lambda e: e[0] == "changed")
+    server.set_resources(CDS, {"c1": cluster("c1", 2)})
+    rec.wait_for(lambda e: e == ("changed", "c1", 2))
+    server.set_resources(CDS, {"c1": cluster("c1", 2)})  # same bytes, version 3
+    server.wait_for_ack(CDS, "3")
+    assert rec.values() == [1, 2]
+
+
+def test_nack_keeps_last_good_then_recovers(server: XdsTestServer, client: XdsClient) -> None:
+    server.set_resources(CDS, {"c1": cluster("c1", 1)})
+    rec = WatchRecorder()
+    client.watch(CLUSTER, "c1", rec)
+    server.wait_for_ack(CDS, "1")
+    server.set_resources(CDS, {"c1": cluster("c1", -5)})
+    nack = server.wait_for_nack(CDS)
+    assert nack.request.version_info == "1"  # the previous good version
+    assert nack.request.response_nonce
+    assert nack.request.error_detail.code == 3  # INVALID_ARGUMENT
+    assert "Cluster 'c1'" in nack.request.error_detail.message
+    assert "connect_timeout" in nack.request.error_detail.message
+    event = rec.wait_for(lambda e: e[0] == "ambient_error")
+    assert "connect_timeout" in event[2]
+    (status,) = client.resource_statuses()
+    assert (status.status, status.value, status.failed_version) == ("NACKED", 1, "2")
+    assert status.error is not None and "connect_timeout" in status.error
+    server.set_resources(CDS, {"c1": cluster("c1", 3)})
+    rec.wait_for(lambda e: e == ("changed", "c1", 3))
+    server.wait_for_ack(CDS, "3")
+    assert "does_not_exist" not in rec.kinds()
+    assert client.resource_statuses()[0].status == "ACKED"
+
+
+def test_partial_nack_accepts_the_good_resources(server: XdsTestServer, client: XdsClient) -> None:
+    server.set_resources(CDS, {"good": cluster("good", 1), "bad": cluster("bad", 1)})
+    good, bad = WatchRecorder(), WatchRecorder()
+    client.watch(CLUSTER, "good", good)
+    client.watch(CLUSTER, "bad", bad)
+    server.wait_for_ack(CDS, "1", start=0)
+    wait_until(lambda: good.values() == [1] and bad.values() == [1])
+    server.set_resources(CDS, {"good": cluster("good", 2), "bad": cluster("bad", -1)})
+    nack = server.wait_for_nack(CDS)
+    assert "'bad'" in nack.request.error_detail.message
+    assert "'good'" not in nack.request.error_detail.message
+    good.wait_for(lambda e: e == ("changed", "good", 2))
+    bad.wait_for(lambda e: e[0] == "ambient_error")
+    assert bad.values() == [1]
+
+
+def test_removal_from_cds_is_a_deletion(server: XdsTestServer, client: XdsClient) -> None:
+    server.set_resources(CDS, {"c1": cluster("c1", 1), "c2": cluster("c2", 1)})
+    rec = WatchRecorder()
+    client.watch(CLUSTER, "c1", rec)
+    rec.wait_for(lambda e: e[0] == "changed")
+    server.remove_resources(CDS, ["c1"])
+    rec.wait_for(lambda e: e == ("does_not_exist", "c1"))
+    assert client.resource_statuses()[0].status == "DOES_NOT_EXIST"
+    server.set_resources(CDS, {"c1": cluster("c1", 4)})
+    rec.wait_for(lambda e: e == ("changed", "c1", 4))
+
+
+def test_ignore_resource_deletion_keeps_the_resource(
+    server: XdsTestServer, clock: FakeClock
+) -> None:
+    bootstrap = server.bootstrap(server_features=["xds_v3", "ignore_resource_deletion"])
+    with XdsClient(bootstrap, clock=clock, decoder=decode_cluster) as client:
+        server.set_resources(CDS, {"c1": cluster("c1", 1)})
+        rec = WatchRecorder()
+        client.watch(CLUSTER, "c1", rec)
+        rec.wait_for(lambda e: e[0] == "changed")
+        server.remove_resources(CDS, ["c1"])
+        server.wait_for_ack(CDS, "2")
+        assert rec.kinds() == ["changed"]
+        assert client.resource_statuses()[0].value == 1
+
+
+def test_second_watcher_gets_the_cached_value_and_cancel_unsubscribes(
+    server: XdsTestServer, client: XdsClient
+) -> None:
+    server.set_resources(CDS, {"c1": cluster("c1", 1)})
+    first, second = WatchRecorder(), WatchRecorder()
+    cancel_first = client.watch(CLUSTER, "c1", first)
+    server.wait_for_ack(CDS, "1")
+    count = len(server.requests)
+    cancel_second = client.watch(CLUSTER, "c1", second)
+    assert second.wait_for(lambda e: e[0] == "changed") == ("changed", "c1", 1)
+    cancel_first()
+    cancel_second()
+    unsub = server.wait_for_request(lambda r: list(r.request.resource_names) == [], start=count)
+    assert unsub.request.version_info == "1"
+    assert len([r for r in server.requests[count:] if r.type_url == CDS]) == 1
+    server.set_resources(CDS, {"c1": cluster("c1", 2)})
+    time.sleep(0.2)
+    assert first.values() == [1] and second.values() == [1]
+
+
+def test_subscriptions_widen_in_one_request(server: XdsTestServer, client: XdsClient) -> None:
+    server.set_resources(CDS, {f"c{i}": cluster(f"c{i}", i) for i in range(20)})
+    recs = [WatchRecorder() for _ in range(20)]
+
+    def watch_all() -> None:  # from the serializer: one task, one request
+        for i, rec in enumerate(recs):
+            client.watch(CLUSTER, f"c{i}", rec)
+
+    client.run_in_serializer(watch_all)
+    for i, rec in enumerate(recs):
+        assert rec.wait_for(lambda e: e[0] == "changed")[2] == i
+    subs = [r for r in server.requests if r.type_url == CDS and not r.request.response_nonce]
+    assert len(subs) == 1
+    assert len(subs[0].request.resource_names) == 20
+
+
+def test_does_not_exist_after_15s_on_the_fake_clock(
+    server: XdsTestServer, clock: FakeClock, client: XdsClient
+) -> None:
+    rec = WatchRecorder()
+    client.watch(ResourceType.CLUSTER_LOAD_ASSIGNMENT, "missing", rec)
+    server.wait_for_request(lambda r: r.type_url == EDS)
+    clock.advance(14.9)
+    assert rec.events == []
+    clock.advance(0.2)
+    assert rec.events == [("does_not_exist", "missing")]
+
+
+def test_does_not_exist_timer_is_paused_while_disconnected(clock: FakeClock) -> None:
+    server = XdsTestServer(port=free_port())  # never started: connection refused
+    client = XdsClient(server.bootstrap(), clock=clock, decoder=decode_cluster)
+    try:
+        rec = WatchRecorder()
+        client.watch(CLUSTER, "c1", rec)
+        rec.wait_for(lambda e: e[0] == "ambient_error")
+        for _ in range(5):
+            clock.advance(10)
+        assert "does_not_exist" not in rec.kinds()
+        assert not client.connection_state().connected
+        assert client.connection_state().last_error
+    finally:
+        client.close()
+
+
+def test_server_restart_is_invisible_to_watchers(
+    server: XdsTestServer, clock: FakeClock, client: XdsClient
+) -> None:
+    server.set_resources(CDS, {"c1": cluster("c1", 1)})
+    rec = WatchRecorder()
+    client.watch(CLUSTER, "c1", rec)
+    server.wait_for_ack(CDS, "1")
+    count = len(server.requests)
+    server.stop()
+    wait_until(lambda: not client.connection_state().connected)
+    assert client.resource_statuses()[0].value == 1  # last good stays served
+    server.start()  # same port, same resources (version 1)
+    advance_until(clock, lambda: client.connection_state().connected)
+    resub = server.wait_for_request(lambda r: r.type_url == CDS, start=count)
+    assert resub.request.version_info == "1"  # we tell the server what we have
+    assert list(resub.request.resource_names) == ["c1"]
+    server.wait_for_ack(CDS, "1", start=count)
+    assert "does_not_exist" not in rec.kinds()
+    assert rec.values() == [1]
+
+
+def test_stream_killed_after_response_reconnects_at_once(
+    server: XdsTestServer, client: XdsClient
+) -> None:
+    server.set_resources(CDS, {"c1": cluster("c1", 1)})
+    rec = WatchRecorder()
+    client.watch(CLUSTER, "c1", rec)
+    server.wait_for_ack(CDS, "1")
+    count = len(server.requests)
+    server.kill_streams()
+    # no clock advance: a stream that had responses restarts immediately
+    server.wait_for_request(lambda r: r.type_url == CDS, start=count)
+    server.set_resources(CDS, {"c1": cluster("c1", 2)})
+    rec.wait_for(lambda e: e == ("changed", "c1", 2))
+    assert rec.kinds() == ["changed", "changed"]
+
+
+def test_fallback_to_second_server_and_back(clock: FakeClock) -> None:
+    primary = XdsTestServer(port=free_port())  # down at first
+    with XdsTestServer() as secondary:
+        secondary.set_resources(CDS, {"c1": cluster("c1", 2)})
+        primary.set_resources(CDS, {"c1": cluster("c1", 1)})
+        bootstrap = primary.bootstrap(extra_servers=[secondary.address])
+        with XdsClient(bootstrap, clock=clock, decoder=decode_cluster) as client:
+            rec = WatchRecorder()
+            client.watch(CLUSTER, "c1", rec)
+            assert rec.wait_for(lambda e: e[0] == "changed") == ("changed", "c1", 2)
+            assert client.connection_state().server_uri == secondary.address
+            primary.start()
+            try:
+                advance_until(clock, lambda: rec.values() == [2, 1])
+                assert client.connection_state().server_uri == primary.address
+                wait_until(lambda: secondary.active_streams == 0)
+                assert "does_not_exist" not in rec.kinds()
+            finally:
+                primary.stop()
+
+
+def test_delta_fetch_update_and_removal(server: XdsTestServer, clock: FakeClock) -> None:
+    bootstrap = server.bootstrap(server_features=["xds_v3", "pymesh.delta"])
+    with XdsClient(bootstrap, clock=clock, decoder=decode_cluster) as client:
+        server.set_resources(CDS, {"c1": cluster("c1", 1), "c2": cluster("c2", 1)})
+        rec = WatchRecorder()
+        client.watch(CLUSTER, "c1", rec)
+        assert rec.wait_for(lambda e: e[0] == "changed") == ("changed", "c1", 1)
+        first = server.requests[0]
+        assert first.delta and list(first.request.resource_names_subscribe) == ["c1"]
+        server.wait_for_ack(CDS, "")
+        server.set_resources(CDS, {"c1": cluster("c1", -1)})
+        nack = server.wait_for_nack(CDS)
+        assert "connect_timeout" in nack.request.error_detail.message
+        server.set_resources(CDS, {"c1": cluster("c1", 2)})
+        rec.wait_for(lambda e: e == ("changed", "c1", 2))
+        server.remove_resources(CDS, ["c1"])
+        rec.wait_for(lambda e: e == ("does_not_exist", "c1"))
+
+
+def test_delta_reconnect_sends_initial_resource_versions(
+    server: XdsTestServer, clock: FakeClock
+) -> None:
+    with XdsClient(server.bootstrap(), clock=clock, decoder=decode_cluster, delta=True) as client:
+        server.set_resources(CDS, {"c1": cluster("c1", 1)})
+        rec = WatchRecorder()
+        client.watch(CLUSTER, "c1", rec)
+        rec.wait_for(lambda e: e[0] == "changed")
+        server.wait_for_ack(CDS, "")
+        count = len(server.requests)
+        server.kill_streams()
+        again = server.wait_for_request(lambda r: r.type_url == CDS, start=count)
+        assert dict(again.request.initial_resource_versions)  # we hold c1 at some version
+        assert list(again.request.resource_names_subscribe) == ["c1"]
+        time.sleep(0.2)
+        assert rec.kinds() == ["changed"]  # nothing resent, nothing visible
+
+
+def test_watcher_exception_is_isolated(server: XdsTestServer, client: XdsClient) -> None:
+    class Boom(WatchRecorder):
+        def on_resource_changed(self, rtype: object, name: str, value: object) -> None:
+            super().on_resource_changed(rtype, name, value)
+            raise RuntimeError("watcher bug")
+
+    server.set_resources(CDS, {"c1": cluster("c1", 1)})
+    boom, ok = Boom(), WatchRecorder()
+    client.watch(CLUSTER, "c1", boom)
+    client.watch(CLUSTER, "c1", ok)
+    ok.wait_for(lambda e: e[0] == "changed")
+    server.set_resources(CDS, {"c1": cluster("c1", 2)})
+    ok.wait_for(lambda e: e == ("changed", "c1", 2))
+    boom.wait_for(lambda e: e == ("changed", "c1", 2))
+
+
+def test_garbage_resources_are_nacked(server: XdsTestServer, client: XdsClient) -> None:
+    server.set_resources(CDS, {"c1": cluster("c1", 1)})
+    rec = WatchRecorder()
+    client.watch(CLUSTER, "c1", rec)
+    server.wait_for_ack(CDS, "1")
+    server.push_raw(CDS, [(CDS, b"\xff\xff\xff")], version="junk")
+    nack = server.wait_for_nack(CDS)
+    assert nack.request.version_info == "1"
+    server.push_raw("type.googleapis.com/some.Unknown", [], version="x")
+    server.wait_for_nack("type.googleapis.com/some.Unknown")
+    server.set_resources(CDS, {"c1": cluster("c1", 7)})
+    rec.wait_for(lambda e: e == ("changed", "c1", 7))
+
+
+def test_create_and_close_50_clients_leaks_no_thread(server: XdsTestServer) -> None:
+    server.set_resources(CDS, {"c1": cluster("c1", 1)})
+    bootstrap = server.bootstrap()
+
+    def cycle() -> None:
+        client = XdsClient(bootstrap, clock=FakeClock(), decoder=decode_cluster)
+        rec = WatchRecorder()
+        client.watch(CLUSTER, "c1", rec)
+        rec.wait_for(lambda e: e[0] == "changed")
+        client.close()
+
+    cycle()  # warm grpc's own process-wide threads
+    time.sleep(0.2)
+    before = threading.active_count()
+    for _ in range(50):
+        cycle()
+    wait_until(lambda: threading.active_count() <= before + 2, timeout=10)
+    names = [t.name for t in threading.enumerate()]
+    assert not any(n.startswith(("pymesh-xds-", "pymesh-xds-reader")) for n in names), names
