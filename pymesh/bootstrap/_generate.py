@@ -145,11 +145,7 @@ def generate_bootstrap(
             if v
         },
     }
-    out: dict[str, object] = {
-        "xds_servers": servers,
-        "node": node,
-        "server_listener_resource_name_template": ISTIO_SERVER_LISTENER_TEMPLATE,
-    }
+    out: dict[str, object] = {"xds_servers": servers, "node": node}
     if cert_dir is not None:
         if not cert_dir:
             _fail("cert_dir", "must not be empty")
@@ -164,6 +160,7 @@ def generate_bootstrap(
                 },
             }
         }
+    out["server_listener_resource_name_template"] = ISTIO_SERVER_LISTENER_TEMPLATE
     return out
 
 

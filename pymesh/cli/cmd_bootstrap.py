@@ -47,7 +47,13 @@ def register(subparsers: Any) -> None:
     add("-n", "--namespace", default="default", help="workload namespace (default: default)")
     add("--service-account", default="default", help="service account (default: default)")
     add("--workload", help="workload name (default: the app[-version] label, else the SA)")
-    add("--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable")
+    add(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a workload label (repeatable)",
+    )
     add("--ip", default="127.0.0.1", help="instance IP (default 127.0.0.1)")
     add(
         "--port",
