@@ -1,0 +1,290 @@
+"""The validated mesh configuration: every service, route and policy, indexed for lookups.
+
+A :class:`MeshConfig` is immutable. :meth:`MeshConfig.with_workloads` derives a new one with
+extra (auto-registered) workloads; it shares every parsed object and only drops the endpoint
+index, which is rebuilt lazily.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from pymesh.controlplane.config._issues import ConfigIssue
+from pymesh.controlplane.config._types import (
+    ROOT_NAMESPACE,
+    AuthorizationPolicySpec,
+    DestinationRuleSpec,
+    PeerAuthenticationSpec,
+    Resolution,
+    ServicePort,
+    ServiceSpec,
+    VirtualServiceSpec,
+    WorkloadEntrySpec,
+    WorkloadGroupSpec,
+)
+from pymesh.model.common import Locality
+
+__all__ = ["Endpoint", "MeshConfig", "exported_to", "labels_match"]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One endpoint of one service port, resolved from inline endpoints or workloads."""
+
+    address: str
+    port: int
+    labels: Mapping[str, str]
+    locality: Locality
+    weight: int
+    network: str
+    service_account: str
+    namespace: str
+    health: str = "HEALTHY"
+
+
+def labels_match(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def exported_to(export_to: Sequence[str], owner_namespace: str, namespace: str) -> bool:
+    """Istio ``exportTo``: ``*`` everyone, ``.`` the owner's namespace, else named ones."""
+    for e in export_to:
+        if e == "*" or (e == "." and namespace == owner_namespace) or e == namespace:
+            return True
+    return False
+
+
+class MeshConfig:
+    """An immutable, validated mesh configuration (build it with ``load_config``)."""
+
+    __slots__ = (
+        "_endpoint_cache",
+        "_services_by_host",
+        "authorization_policies",
+        "destination_rules",
+        "files",
+        "issues",
+        "peer_authentications",
+        "services",
+        "version",
+        "virtual_services",
+        "workload_entries",
+        "workload_groups",
+    )
+
+    def __init__(
+        self,
+        *,
+        services: Iterable[ServiceSpec] = (),
+        virtual_services: Iterable[VirtualServiceSpec] = (),
+        destination_rules: Iterable[DestinationRuleSpec] = (),
+        workload_entries: Iterable[WorkloadEntrySpec] = (),
+        workload_groups: Iterable[WorkloadGroupSpec] = (),
+        peer_authentications: Iterable[PeerAuthenticationSpec] = (),
+        authorization_policies: Iterable[AuthorizationPolicySpec] = (),
+        issues: Iterable[ConfigIssue] = (),
+        files: Iterable[str] = (),
+        version: str = "",
+    ) -> None:
+        self.services: tuple[ServiceSpec, ...] = tuple(services)
+        self.virtual_services: tuple[VirtualServiceSpec, ...] = tuple(virtual_services)
+        self.destination_rules: tuple[DestinationRuleSpec, ...] = tuple(destination_rules)
+        self.workload_entries: tuple[WorkloadEntrySpec, ...] = tuple(workload_entries)
+        self.workload_groups: tuple[WorkloadGroupSpec, ...] = tuple(workload_groups)
+        self.peer_authentications: tuple[PeerAuthenticationSpec, ...] = tuple(peer_authentications)
+        self.authorization_policies: tuple[AuthorizationPolicySpec, ...] = tuple(
+            authorization_policies
+        )
+        self.issues: tuple[ConfigIssue, ...] = tuple(issues)
+        self.files: tuple[str, ...] = tuple(files)
+        self.version = version
+        by_host: dict[str, ServiceSpec] = {}
+        for s in self.services:
+            by_host.setdefault(s.hostname, s)
+        self._services_by_host: Mapping[str, ServiceSpec] = types.MappingProxyType(by_host)
+        self._endpoint_cache: dict[tuple[str, int], tuple[Endpoint, ...]] = {}
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if hasattr(self, "_endpoint_cache"):
+            raise AttributeError("MeshConfig is immutable")
+        object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        return (
+            f"MeshConfig(version={self.version!r}, services={len(self.services)}, "
+            f"workloads={len(self.workload_entries)})"
+        )
+
+    # --- derivation ------------------------------------------------------------------------
+
+    def with_workloads(self, entries: Sequence[WorkloadEntrySpec]) -> MeshConfig:
+        """A config with ``entries`` (auto-registered workloads) added to the file-defined
+        WorkloadEntries. An entry whose (namespace, name) equals an existing one replaces it."""
+        keys = {(e.namespace, e.name) for e in entries}
+        kept = [e for e in self.workload_entries if (e.namespace, e.name) not in keys]
+        return MeshConfig(
+            services=self.services,
+            virtual_services=self.virtual_services,
+            destination_rules=self.destination_rules,
+            workload_entries=[*kept, *entries],
+            workload_groups=self.workload_groups,
+            peer_authentications=self.peer_authentications,
+            authorization_policies=self.authorization_policies,
+            issues=self.issues,
+            files=self.files,
+            version=self.version,
+        )
+
+    # --- lookups ---------------------------------------------------------------------------
+
+    def service(self, hostname: str) -> ServiceSpec | None:
+        return self._services_by_host.get(hostname.lower())
+
+    def visible_services(self, namespace: str) -> tuple[ServiceSpec, ...]:
+        """Services exported to ``namespace`` (every service when ``namespace`` is empty)."""
+        if not namespace:
+            return self.services
+        return tuple(s for s in self.services if exported_to(s.export_to, s.namespace, namespace))
+
+    def destination_rule(self, hostname: str, namespace: str) -> DestinationRuleSpec | None:
+        """The DestinationRule for ``hostname`` as seen from ``namespace``: Istio looks in the
+        client's namespace, then the service's, then the root namespace."""
+        svc = self.service(hostname)
+        order = [namespace]
+        if svc is not None:
+            order.append(svc.namespace)
+        order.append(ROOT_NAMESPACE)
+        candidates = [
+            dr
+            for dr in self.destination_rules
+            if dr.host == hostname.lower() and dr.workload_selector is None
+        ]
+        for ns in order:
+            for dr in candidates:
+                if dr.namespace == ns and (
+                    not namespace or exported_to(dr.export_to, dr.namespace, namespace)
+                ):
+                    return dr
+        for dr in candidates:
+            if not namespace or exported_to(dr.export_to, dr.namespace, namespace):
+                return dr
+        return None
+
+    def virtual_service(self, hostname: str, namespace: str) -> VirtualServiceSpec | None:
+        """The mesh VirtualService routing ``hostname`` for clients in ``namespace`` (exact
+        host beats wildcard; the client's namespace beats others)."""
+        best: tuple[int, VirtualServiceSpec] | None = None
+        hostname = hostname.lower()
+        for vs in self.virtual_services:
+            if "mesh" not in vs.gateways:
+                continue
+            if namespace and not exported_to(vs.export_to, vs.namespace, namespace):
+                continue
+            for h in vs.hosts:
+                score = -1
+                if h == hostname:
+                    score = 2
+                elif h == "*" or (h.startswith("*.") and hostname.endswith(h[1:])):
+                    score = 0
+                if score < 0:
+                    continue
+                score = score * 2 + (1 if vs.namespace == namespace else 0)
+                if best is None or score > best[0]:
+                    best = (score, vs)
+        return None if best is None else best[1]
+
+    def workload_group(self, namespace: str, name: str) -> WorkloadGroupSpec | None:
+        for g in self.workload_groups:
+            if g.namespace == namespace and g.name == name:
+                return g
+        return None
+
+    def match_workload_group(
+        self, namespace: str, labels: Mapping[str, str]
+    ) -> WorkloadGroupSpec | None:
+        """The first WorkloadGroup (or Deployment) in ``namespace`` whose template labels are
+        all carried by ``labels`` (``app`` and ``version`` of a node, typically)."""
+        for g in self.workload_groups:
+            if g.namespace == namespace and g.labels and labels_match(g.labels, labels):
+                return g
+        return None
+
+    def endpoints(self, service: ServiceSpec, port: int) -> tuple[Endpoint, ...]:
+        """Every endpoint of ``service`` on service port ``port`` (unfiltered by subset)."""
+        key = (service.hostname, port)
+        cached = self._endpoint_cache.get(key)
+        if cached is not None:
+            return cached
+        sp = service.port(port)
+        out: list[Endpoint] = []
+        if sp is not None:
+            out = self._resolve(service, sp)
+        result = tuple(out)
+        self._endpoint_cache[key] = result
+        return result
+
+    def _resolve(self, service: ServiceSpec, sp: ServicePort) -> list[Endpoint]:
+        out: list[Endpoint] = []
+        default_port = sp.target_port or sp.number
+        for e in service.endpoints:
+            out.append(
+                Endpoint(
+                    address=e.address,
+                    port=e.ports.get(sp.name, default_port),
+                    labels=e.labels,
+                    locality=e.locality,
+                    weight=e.weight,
+                    network=e.network,
+                    service_account=e.service_account or "default",
+                    namespace=service.namespace,
+                )
+            )
+        if service.selector is not None and service.selector:
+            for w in self.workload_entries:
+                if w.namespace != service.namespace or not labels_match(service.selector, w.labels):
+                    continue
+                port = w.ports.get(sp.name)
+                if port is None and sp.target_port_name:
+                    port = w.ports.get(sp.target_port_name)
+                out.append(
+                    Endpoint(
+                        address=w.address,
+                        port=port or default_port,
+                        labels=w.labels,
+                        locality=w.locality,
+                        weight=w.weight,
+                        network=w.network,
+                        service_account=w.service_account,
+                        namespace=w.namespace,
+                        health=w.health,
+                    )
+                )
+        if (
+            not out
+            and service.resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN)
+            and service.selector is None
+        ):
+            out.append(
+                Endpoint(
+                    address=service.hostname,
+                    port=sp.number,
+                    labels=types.MappingProxyType({}),
+                    locality=Locality(),
+                    weight=1,
+                    network="",
+                    service_account="",
+                    namespace=service.namespace,
+                )
+            )
+        return out
+
+    def service_accounts(self, service: ServiceSpec) -> tuple[str, ...]:
+        """Service accounts of the workloads behind ``service`` (sorted, unique)."""
+        names: set[str] = set()
+        for p in service.ports:
+            for e in self.endpoints(service, p.number):
+                if e.service_account:
+                    names.add(f"{e.namespace}/{e.service_account}")
+        return tuple(sorted(names))
