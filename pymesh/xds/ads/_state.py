@@ -471,9 +471,11 @@ class AdsState:
 
     def _decode_all(
         self, rtype: ResourceType, resources: tuple[RawResource, ...]
-    ) -> tuple[dict[str, tuple[object, bytes, str]], dict[str, str], list[str], bool]:
+    ) -> tuple[dict[str, tuple[object, bytes, str]], dict[str, str], list[str], bool, set[str]]:
         """Decode; returns (valid name -> (value, bytes, version), invalid name -> error,
-        all error texts, whether some error could not be attributed to a name)."""
+        all error texts, whether some error could not be attributed to a name, names of
+        body-less heartbeats)."""
+        heartbeats: set[str] = set()
         valid: dict[str, tuple[object, bytes, str]] = {}
         invalid: dict[str, str] = {}
         errors: list[str] = []
@@ -481,7 +483,10 @@ class AdsState:
         for index, raw in enumerate(resources):
             name = raw.name
             if raw.data is None:
-                continue  # a body-less Resource wrapper (TTL heartbeat): nothing to change
+                # A body-less Resource wrapper (TTL heartbeat): the resource is still there.
+                if name:
+                    heartbeats.add(name)
+                continue
             try:
                 if raw.type_url != rtype.type_url:
                     raise ResourceError(
@@ -515,7 +520,7 @@ class AdsState:
                     invalid[name] = text
                 else:
                     unnamed = True
-        return valid, invalid, errors, unnamed
+        return valid, invalid, errors, unnamed, heartbeats
 
     def _accept(
         self,
@@ -563,7 +568,7 @@ class AdsState:
         self, rtype: ResourceType, ts: _TypeState, message: DiscoveryResponse
     ) -> list[Effect]:
         wall = self._wall()
-        valid, invalid, errors, unnamed = self._decode_all(rtype, message.resources)
+        valid, invalid, errors, unnamed, present = self._decode_all(rtype, message.resources)
         effects: list[Effect] = []
         for name, (value, data, _) in valid.items():
             r = ts.resources.get(name)
@@ -583,7 +588,7 @@ class AdsState:
                 )
         if rtype in _FULL_STATE and not unnamed:
             for name, r in ts.resources.items():
-                if name in valid or name in invalid or not r.cached:
+                if name in valid or name in invalid or name in present or not r.cached:
                     continue
                 if self.ignore_resource_deletion:
                     log.warning(
@@ -604,7 +609,7 @@ class AdsState:
         self, rtype: ResourceType, ts: _TypeState, message: DeltaDiscoveryResponse
     ) -> list[Effect]:
         wall = self._wall()
-        valid, invalid, errors, _ = self._decode_all(rtype, message.resources)
+        valid, invalid, errors, _, _ = self._decode_all(rtype, message.resources)
         effects: list[Effect] = []
         for name, (value, data, version) in valid.items():
             r = ts.resources.get(name)
