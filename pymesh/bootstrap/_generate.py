@@ -70,6 +70,8 @@ def generate_bootstrap(
     tls_key: str | None = None,
     delta: bool = False,
     ignore_resource_deletion: bool = False,
+    group: str | None = None,
+    network: str | None = None,
     extra_metadata: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
     """Return bootstrap JSON data for one workload.
@@ -80,6 +82,8 @@ def generate_bootstrap(
     account. ``cert_dir`` adds the ``default`` ``file_watcher`` provider with Istio's file
     names (``cert-chain.pem``, ``key.pem``, ``root-cert.pem``). ``tls_*`` switch the xDS
     channel to ``tls`` credentials (gRFC A65). ``delta`` adds :data:`SERVER_FEATURE_DELTA`.
+    ``group`` names the WorkloadGroup to auto-register in (``AUTO_REGISTER_GROUP``),
+    ``network`` the workload's network (``NETWORK``); ``extra_metadata`` is merged last.
     Bad arguments raise :class:`~pymesh.errors.BootstrapError` naming the argument.
     """
     labels = dict(labels or {})
@@ -133,7 +137,15 @@ def generate_bootstrap(
     pod_ports = _pod_ports(ports)
     if pod_ports:
         metadata["POD_PORTS"] = pod_ports
+    if group:
+        metadata["AUTO_REGISTER_GROUP"] = group
+    if network:
+        metadata["NETWORK"] = network
     if extra_metadata:
+        try:
+            json.dumps(extra_metadata, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            _fail("extra_metadata", f"not JSON data: {exc}")
         metadata.update(extra_metadata)
 
     node: dict[str, object] = {

@@ -257,6 +257,16 @@ class Node:
         return _meta_str(self.metadata, "TRUST_DOMAIN") or DEFAULT_TRUST_DOMAIN
 
     @property
+    def auto_register_group(self) -> str:
+        """``AUTO_REGISTER_GROUP`` metadata (the WorkloadGroup to join), else ``""``."""
+        return _meta_str(self.metadata, "AUTO_REGISTER_GROUP")
+
+    @property
+    def network(self) -> str:
+        """``NETWORK`` metadata (Istio multi-network), else ``""``."""
+        return _meta_str(self.metadata, "NETWORK")
+
+    @property
     def istio_version(self) -> str:
         """``ISTIO_VERSION`` metadata, else ``""``."""
         return _meta_str(self.metadata, "ISTIO_VERSION")

@@ -62,6 +62,15 @@ def register(subparsers: Any) -> None:
         metavar="[NAME:]PORT",
         help="a port the workload serves on (repeatable; node metadata POD_PORTS)",
     )
+    add(
+        "--meta",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra node metadata (repeatable; a VALUE starting with { or [ is JSON)",
+    )
+    add("--group", help="WorkloadGroup to auto-register in (AUTO_REGISTER_GROUP)")
+    add("--network", help="the workload's network (NETWORK)")
     add("--cluster-id", default="Kubernetes", help="Istio cluster id (default Kubernetes)")
     add("--trust-domain", default="cluster.local", help="SPIFFE trust domain")
     add("--mesh-id", help="mesh id (default: the trust domain)")
@@ -101,6 +110,22 @@ def _labels(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _meta(items: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BootstrapError(f"--meta {item!r}: expected KEY=VALUE")
+        if value.startswith(("{", "[")):
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                raise BootstrapError(f"--meta {item!r}: VALUE is not valid JSON") from None
+        else:
+            out[key] = value
+    return out
+
+
 def _ports(items: list[str]) -> list[WorkloadPort]:
     out: list[WorkloadPort] = []
     for item in items:
@@ -133,6 +158,9 @@ def run(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         delta=args.delta,
         ignore_resource_deletion=args.ignore_resource_deletion,
+        group=args.group,
+        network=args.network,
+        extra_metadata=_meta(args.meta),
     )
     text = json.dumps(data, indent=2) + "\n"
     # Never hand out a file we would not load ourselves.

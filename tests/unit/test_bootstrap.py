@@ -790,6 +790,8 @@ def test_generated_tls_creds() -> None:
         ({"locality": "a//c"}, "locality"),
         ({"tls_cert": "/c.pem"}, "tls_cert"),
         ({"ports": [0]}, "ports"),
+        ({"extra_metadata": {"X": object()}}, "extra_metadata"),
+        ({"extra_metadata": {"X": float("nan")}}, "extra_metadata"),
     ],
 )
 def test_generator_rejects(kwargs: dict[str, Any], field: str) -> None:

@@ -86,6 +86,19 @@ def test_cli_writes_a_file_that_loads(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".bootstrap-*"))  # no temp file left behind
 
 
+def test_cli_registration_metadata(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bootstrap", "--group", "reviews", "--network", "net-east"]
+    argv += ["--meta", "PYMESH_HEALTH=DRAINING", "--meta", 'EXTRA={"k": [1, 2]}']
+    argv += ["--meta", "VERSION=1.0"]
+    assert main(argv) == 0
+    b = parse_bootstrap(capsys.readouterr().out, source="stdout")
+    assert b.node.auto_register_group == "reviews"
+    assert b.node.network == "net-east"
+    assert b.node.metadata["PYMESH_HEALTH"] == "DRAINING"
+    assert b.node.metadata["VERSION"] == "1.0"  # a string, not a number
+    assert thaw_json(b.node.metadata["EXTRA"]) == {"k": [1, 2]}
+
+
 def test_cli_defaults_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bootstrap"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -116,6 +129,8 @@ def test_cli_tls_channel_creds(capsys: pytest.CaptureFixture[str]) -> None:
     ("argv", "message"),
     [
         (["--label", "novalue"], "--label 'novalue': expected KEY=VALUE"),
+        (["--meta", "novalue"], "--meta 'novalue': expected KEY=VALUE"),
+        (["--meta", "K={bad"], "VALUE is not valid JSON"),
         (["--port", "http:99999"], "--port 'http:99999'"),
         (["--namespace", "Not_A_Label"], "field namespace"),
         (["--ip", "10.0.0"], "field ip"),
