@@ -171,6 +171,19 @@ class Node:
     user_agent_version: str = __version__
     client_features: tuple[str, ...] = ()
 
+    def __hash__(self) -> int:
+        return hash(
+            (
+                self.id,
+                self.cluster,
+                self.locality,
+                canonical_json(self.metadata),
+                self.user_agent_name,
+                self.user_agent_version,
+                self.client_features,
+            )
+        )
+
     def _id_parts(self) -> list[str]:
         # Istio: TYPE~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN
         parts = self.id.split("~")
@@ -331,6 +344,9 @@ class CertificateProviderInstance:
     config: Mapping[str, JsonValue] = field(default_factory=_empty)
     file_watcher: FileWatcherConfig | None = None
 
+    def __hash__(self) -> int:
+        return hash((self.plugin_name, canonical_json(self.config)))
+
     @property
     def supported(self) -> bool:
         """True if pymesh can run this provider."""
@@ -363,6 +379,19 @@ class Bootstrap:
     client_default_listener_resource_name_template: str = DEFAULT_CLIENT_LISTENER_TEMPLATE
     authorities: Mapping[str, Authority] = field(default_factory=lambda: MappingProxyType({}))
     source: str = ""
+
+    def __hash__(self) -> int:
+        return hash(
+            (
+                self.xds_servers,
+                self.node,
+                tuple(sorted(self.certificate_providers.items())),
+                self.server_listener_resource_name_template,
+                self.client_default_listener_resource_name_template,
+                tuple(sorted(self.authorities.items())),
+                self.source,
+            )
+        )
 
     def listener_resource_name(self, target_authority: str | None, host_port: str) -> str:
         """The Listener name a client channel for ``xds://AUTHORITY/HOST_PORT`` subscribes to.

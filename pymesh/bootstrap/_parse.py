@@ -8,6 +8,7 @@ path, or ``GRPC_XDS_BOOTSTRAP_CONFIG``) and the dotted field path, e.g.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -62,7 +63,8 @@ def load_bootstrap(environ: Mapping[str, str] | None = None) -> Bootstrap:
 
 def _read_file(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as fh:
+        # utf-8-sig: a byte-order mark some editors add is not an error.
+        with open(path, encoding="utf-8-sig") as fh:
             return fh.read()
     except FileNotFoundError:
         raise BootstrapError(f"file not found (from {ENV_BOOTSTRAP})", source=path) from None
@@ -80,10 +82,17 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 def parse_bootstrap(text: str, *, source: str) -> Bootstrap:
     """Parse and validate bootstrap JSON ``text``; ``source`` names it in errors."""
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise BootstrapError(
             f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", source=source

@@ -198,6 +198,25 @@ def test_servers_are_hashable_and_equal_by_value() -> None:
     assert len({a.xds_servers[0], b.xds_servers[0]}) == 1
 
 
+def test_whole_bootstrap_is_hashable_and_equal_by_value() -> None:
+    text = ISTIO_AGENT.read_text()
+    a = parse_bootstrap(text, source="x")
+    b = parse_bootstrap(text, source="x")
+    assert a == b
+    assert hash(a) == hash(b)
+    assert hash(a.node) == hash(b.node)
+    assert len({a, b}) == 1
+    other = parse_bootstrap(text.replace('"NAMESPACE": "ns"', '"NAMESPACE": "ns2"'), source="x")
+    assert other.node != a.node
+    assert other != a
+
+
+def test_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(minimal()).encode())
+    assert load_bootstrap({"GRPC_XDS_BOOTSTRAP": str(path)}).xds_servers[0].uri == "127.0.0.1:15010"
+
+
 def test_certificate_providers() -> None:
     data = minimal(
         certificate_providers={
@@ -391,6 +410,7 @@ def test_invalid_json_reports_line_and_column(tmp_path: Path) -> None:
 REJECTED: list[tuple[str, Any, str | None, str]] = [
     ("not an object", [1, 2], None, "must be a JSON object"),
     ("NaN is not JSON", '{"xds_servers": NaN}', None, "invalid JSON"),
+    ("huge float", '{"xds_servers": [], "node": {"metadata": {"x": 1e400}}}', None, "out of range"),
     ("no xds_servers", {}, "xds_servers", "is required"),
     ("empty xds_servers", {"xds_servers": []}, "xds_servers", "must not be empty"),
     ("xds_servers not a list", {"xds_servers": {}}, "xds_servers", "must be a JSON array"),
@@ -922,6 +942,7 @@ def _check_only_bootstrap_error(text: str) -> None:
         assert err.source == "fuzz"
         return
     # Accepted: the properties the other layers use never raise either.
+    hash(b)
     node = b.node
     _ = (node.namespace, node.labels, node.instance_ips, node.ports, node.spiffe_id, node.mesh_id)
     for server in b.all_servers:
