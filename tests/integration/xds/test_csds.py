@@ -198,7 +198,7 @@ def test_stream_client_status_answers_each_request_with_fresh_state(
             requests.append(csds_pb2.ClientStatusRequest())
             cond.notify_all()
 
-    responses = call(request_iter(), timeout=20)
+    responses: Iterator[csds_pb2.ClientStatusResponse] = iter(call(request_iter(), timeout=20))
     send()
     first = by_name(next(responses))
     assert first["bad"].client_status == config_dump_shared_pb2.NACKED  # type: ignore[attr-defined]

@@ -309,11 +309,13 @@ def test_listener_switching_route_config_never_tears(
     try:
         handle.wait_ready(10)
         # The new route config arrives only after the listener names it (and with a delay).
-        server.set_resources(LDS, {TARGET: listener_proto("routes-b")})
+        version = server.set_resources(LDS, {TARGET: listener_proto("routes-b")})
         server.wait_for_request(
             lambda r: r.type_url == RDS and "routes-b" in r.request.resource_names
         )
-        time.sleep(0.2)  # let the client process the listener; no new snapshot may appear
+        server.wait_for_ack(LDS, version)
+        client.resource_statuses()  # a barrier: the serializer has handled the listener
+        assert handle.current() is not None
         assert [s.version for s in rec.snapshots] == [1]
         server.set_resources(RDS, {"routes-b": route_proto((V1, 1), name="routes-b")})
         rec.wait_for(lambda i: isinstance(i, TargetSnapshot) and i.route_config.name == "routes-b")

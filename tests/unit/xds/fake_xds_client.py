@@ -82,14 +82,17 @@ class FakeXdsClient:
 
     def error(self, rtype: ResourceType, name: str, message: str) -> None:
         for watcher in list(self._watchers.get((rtype, name), [])):
-            self._queue.append(lambda w=watcher: w.on_ambient_error(rtype, name, message))
+            self._post_error(watcher, rtype, name, message)
+
+    def _post_error(self, watcher: Any, rtype: ResourceType, name: str, message: str) -> None:
+        self._queue.append(lambda: watcher.on_ambient_error(rtype, name, message))
 
     @property
-    def subscribed(self) -> set[tuple[ResourceType, str]]:
-        return {key for key, watchers in self._watchers.items() if watchers}
+    def subscribed(self) -> frozenset[tuple[ResourceType, str]]:
+        return frozenset(key for key, watchers in self._watchers.items() if watchers)
 
-    def names(self, rtype: ResourceType) -> set[str]:
-        return {name for (t, name) in self.subscribed if t is rtype}
+    def names(self, rtype: ResourceType) -> frozenset[str]:
+        return frozenset(name for (t, name) in self.subscribed if t is rtype)
 
     def _post(self, watcher: Any, key: tuple[ResourceType, str], value: object) -> None:
         rtype, name = key
