@@ -186,6 +186,8 @@ def _check_address(addr: str) -> None:
     host, sep, port = addr.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         _fail("xds_address", f"{addr!r} is not HOST:PORT, [IPV6]:PORT or unix:PATH")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        _fail("xds_address", f"{addr!r}: put an IPv6 address in brackets, [IPV6]:PORT")
 
 
 def _default_workload(labels: Mapping[str, str], service_account: str) -> str:

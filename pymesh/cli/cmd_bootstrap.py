@@ -136,6 +136,11 @@ def _ports(items: list[str]) -> list[WorkloadPort]:
     return out
 
 
+def _abs(path: str | None) -> str | None:
+    # The bootstrap is read by processes started elsewhere: relative paths would move.
+    return os.path.abspath(path) if path else path
+
+
 def run(args: argparse.Namespace) -> int:
     """Write (or with ``--check``, load and summarise) a bootstrap; returns the exit code."""
     if args.check:
@@ -152,10 +157,10 @@ def run(args: argparse.Namespace) -> int:
         trust_domain=args.trust_domain,
         mesh_id=args.mesh_id,
         locality=args.locality,
-        cert_dir=args.cert_dir,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
+        cert_dir=_abs(args.cert_dir),
+        tls_ca=_abs(args.tls_ca),
+        tls_cert=_abs(args.tls_cert),
+        tls_key=_abs(args.tls_key),
         delta=args.delta,
         ignore_resource_deletion=args.ignore_resource_deletion,
         group=args.group,

@@ -791,6 +791,14 @@ def test_generated_bootstrap_round_trips() -> None:
     )
 
 
+def test_generated_ipv6_address_is_accepted() -> None:
+    data = generate_bootstrap(xds_address="[::1]:15010", ip="fd00::7")
+    b = parse(data)
+    assert b.xds_servers[0].uri == "[::1]:15010"
+    assert b.node.id == "sidecar~fd00::7~default.default~default.svc.cluster.local"
+    assert b.node.instance_ips == ("fd00::7",)
+
+
 def test_generated_tls_creds() -> None:
     data = generate_bootstrap(tls_ca="/ca.pem", tls_cert="/c.pem", tls_key="/k.pem")
     creds = parse(data).xds_servers[0].channel_credentials
@@ -805,6 +813,7 @@ def test_generated_tls_creds() -> None:
         ({"ip": "not-an-ip"}, "ip"),
         ({"xds_address": "http://x:1"}, "xds_address"),
         ({"xds_address": "no-port"}, "xds_address"),
+        ({"xds_address": "::1:15010"}, "xds_address"),
         ({"xds_address": []}, "xds_address"),
         ({"workload": "a~b"}, "workload"),
         ({"locality": "a//c"}, "locality"),

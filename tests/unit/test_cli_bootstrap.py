@@ -109,6 +109,18 @@ def test_cli_defaults_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     assert "certificate_providers" not in data
 
 
+def test_cli_makes_file_paths_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["bootstrap", "--cert-dir", "certs", "--tls-ca", "ca.pem"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    config = data["certificate_providers"]["default"]["config"]
+    assert config["certificate_file"] == str(tmp_path / "certs" / "cert-chain.pem")
+    tls = data["xds_servers"][0]["channel_creds"][0]["config"]
+    assert tls == {"ca_certificate_file": str(tmp_path / "ca.pem")}
+
+
 def test_cli_tls_channel_creds(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["bootstrap", "--tls-ca", "/ca.pem", "--tls-cert", "/c.pem", "--tls-key", "/k.pem"]
     assert main(argv) == 0
