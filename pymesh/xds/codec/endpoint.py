@@ -63,10 +63,10 @@ _EMPTY_METADATA: Mapping[str, Mapping[str, Any]] = metadata_to_mapping(
 def _is_ip(host: str) -> bool:
     try:
         socket.inet_pton(socket.AF_INET, host)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: embedded NUL
         try:
             socket.inet_pton(socket.AF_INET6, host)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: embedded NUL
             return False
     return True
 
