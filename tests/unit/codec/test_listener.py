@@ -1,0 +1,519 @@
+"""LDS decoder: Istio-shaped listeners (proxyless client and server), table tests of
+rejected inputs, route_config_names, and a mutation property test."""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+from typing import Any
+
+import pytest
+import yaml
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2  # noqa: F401
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
+    http_connection_manager_pb2,
+)
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
+from google.protobuf import json_format
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pymesh.errors import ResourceError
+from pymesh.model.common import SocketAddress
+from pymesh.model.http_filters import FaultConfig, RbacAction, RbacConfig
+from pymesh.model.listener import ConnectionSourceType, Listener
+from pymesh.model.route import NonForwardingAction
+from pymesh.model.tls import CertificateProviderInstance
+from pymesh.xds.codec import decode_resource
+from pymesh.xds.resource_types import ResourceType
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "fixtures" / "xds"
+LDS = ResourceType.LISTENER.type_url
+TG = "type.googleapis.com/"
+HCM = TG + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+TCP_PROXY = TG + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+DOWNSTREAM_TLS = TG + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+FAULT = TG + "envoy.extensions.filters.http.fault.v3.HTTPFault"
+ROUTER = {
+    "name": "envoy.filters.http.router",
+    "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
+
+
+def fixture(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((FIXTURES / name).read_text())
+    return data
+
+
+def to_bytes(d: dict[str, Any]) -> bytes:
+    return json_format.ParseDict(d, listener_pb2.Listener()).SerializeToString()
+
+
+def decode(d: dict[str, Any]) -> Listener:
+    value = decode_resource(LDS, to_bytes(d)).value
+    assert isinstance(value, Listener)
+    return value
+
+
+def hcm(**kw: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "@type": HCM,
+        "rds": {"configSource": {"ads": {}}, "routeConfigName": "r"},
+        "httpFilters": [ROUTER],
+    }
+    d.update(kw)
+    return d
+
+
+def chain(name: str = "c", match: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": name, "filters": [{"name": "hcm", "typedConfig": hcm(**kw)}]}
+    if match is not None:
+        d["filterChainMatch"] = match
+    return d
+
+
+def server(*chains: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "name": "srv",
+        "address": {"socketAddress": {"address": "0.0.0.0", "portValue": 8080}},
+        "filterChains": list(chains) or [chain()],
+    }
+    d.update(kw)
+    return d
+
+
+def client(**kw: Any) -> dict[str, Any]:
+    return {"name": "cli", "apiListener": {"apiListener": hcm(**kw)}}
+
+
+# --------------------------------------------------------------------------- Istio fixtures
+
+
+def test_grpc_outbound_listener() -> None:
+    lst = decode(fixture("lds_grpc_outbound_reviews.yaml"))
+    assert lst.name == "reviews.default.svc.cluster.local:9080"
+    assert not lst.is_server
+    assert lst.address == SocketAddress("10.96.12.34", 9080)
+    api = lst.api_listener
+    assert api is not None
+    assert api.rds_name == "outbound|9080||reviews.default.svc.cluster.local"
+    assert api.max_stream_duration == 30.0
+    assert [f.name for f in api.http_filters] == [
+        "envoy.filters.http.fault",
+        "envoy.filters.http.router",
+    ]
+    assert api.http_filters[0].config == FaultConfig()
+    assert lst.route_config_names() == {"outbound|9080||reviews.default.svc.cluster.local"}
+
+
+def test_grpc_inbound_strict_listener() -> None:
+    lst = decode(fixture("lds_grpc_inbound_strict.yaml"))
+    assert lst.is_server and lst.address == SocketAddress("0.0.0.0", 9080)
+    (fc,) = lst.filter_chains
+    assert fc.name == "inbound-mtls"
+    assert fc.match.source_type is ConnectionSourceType.ANY and fc.match.grpc_matchable
+    assert fc.hcm.route_config is not None and fc.hcm.rds_name is None
+    (vh,) = fc.hcm.route_config.virtual_hosts
+    assert isinstance(vh.routes[0].action, NonForwardingAction)
+    deny, allow, router = fc.hcm.http_filters
+    assert isinstance(deny.config, RbacConfig) and deny.config.rules is not None
+    assert deny.config.rules.action is RbacAction.DENY
+    assert isinstance(allow.config, RbacConfig) and allow.config.rules is not None
+    assert allow.config.rules.action is RbacAction.ALLOW
+    assert len(allow.config.rules.policies) == 2
+    assert router.is_router
+    assert fc.tls is not None and fc.tls.require_client_certificate
+    assert fc.tls.common.identity == CertificateProviderInstance("default", "default")
+    assert fc.tls.common.validation is not None
+    assert fc.tls.common.validation.ca == CertificateProviderInstance("default", "ROOTCA")
+    assert lst.route_config_names() == frozenset()
+
+
+def test_grpc_inbound_plaintext_ipv6() -> None:
+    lst = decode(fixture("lds_grpc_inbound_plaintext.yaml"))
+    assert lst.address == SocketAddress("::", 8080)
+    assert lst.filter_chains[0].tls is None
+
+
+# --------------------------------------------------------------------------- accepted
+
+
+def test_route_config_names_from_all_chains() -> None:
+    lst = decode(
+        server(
+            chain("a", {"sourcePrefixRanges": [{"addressPrefix": "10.0.0.0", "prefixLen": 8}]}),
+            chain(
+                "b",
+                {"sourceType": "SAME_IP_OR_LOOPBACK"},
+                rds={"configSource": {"self": {}}, "routeConfigName": "r2"},
+            ),
+            defaultFilterChain=chain(
+                "d", rds={"configSource": {"ads": {}}, "routeConfigName": "r3"}
+            ),
+        )
+    )
+    assert lst.route_config_names() == {"r", "r2", "r3"}
+    assert lst.default_filter_chain is not None and lst.default_filter_chain.name == "d"
+    assert str(lst.filter_chains[0].match.source_prefix_ranges[0]) == "10.0.0.0/8"
+
+
+def test_filter_chain_match_fields_decoded() -> None:
+    lst = decode(
+        server(
+            chain(
+                "m",
+                {
+                    "destinationPort": 8080,
+                    "prefixRanges": [{"addressPrefix": "192.168.1.7", "prefixLen": 24}],
+                    "sourcePorts": [1234],
+                    "transportProtocol": "tls",
+                    "applicationProtocols": ["h2"],
+                    "serverNames": ["a.example.com"],
+                },
+            )
+        )
+    )
+    m = lst.filter_chains[0].match
+    assert m.destination_port == 8080 and m.source_ports == (1234,)
+    assert str(m.prefix_ranges[0]) == "192.168.1.0/24"
+    assert m.transport_protocol == "tls" and m.application_protocols == ("h2",)
+    assert m.server_names == ("a.example.com",)
+    assert not m.grpc_matchable
+
+
+def test_client_inline_route_config_and_timeouts() -> None:
+    d = client(
+        routeConfig={
+            "name": "inline",
+            "virtualHosts": [
+                {
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "x"}}],
+                }
+            ],
+        },
+        streamIdleTimeout="300s",
+    )
+    del d["apiListener"]["apiListener"]["rds"]
+    lst = decode(d)
+    assert lst.api_listener is not None and lst.api_listener.route_config is not None
+    assert lst.api_listener.route_config.cluster_names() == {"x"}
+    assert lst.api_listener.stream_idle_timeout == 300.0
+    assert lst.route_config_names() == frozenset()
+
+
+def test_overlapping_chains_that_grpc_never_matches_are_accepted() -> None:
+    decode(
+        server(chain("a", {"serverNames": ["x"]}), chain("b", {"serverNames": ["x"]}), chain("c"))
+    )
+
+
+# --------------------------------------------------------------------------- rejected
+
+
+def _without_rds(d: dict[str, Any]) -> dict[str, Any]:
+    del d["apiListener"]["apiListener"]["rds"]
+    return d
+
+
+REJECTED: list[tuple[dict[str, Any], str, str]] = [
+    ({**client(), "name": ""}, "name", "empty resource name"),
+    (
+        {
+            "name": "cli",
+            "apiListener": {
+                "apiListener": {
+                    "@type": TCP_PROXY,
+                    "statPrefix": "x",
+                    "cluster": "c",
+                }
+            },
+        },
+        "api_listener.api_listener",
+        "must be an HCM",
+    ),
+    (_without_rds(client()), "api_listener.api_listener", "needs rds or route_config"),
+    (
+        client(rds={"configSource": {"path": "/etc/r.yaml"}, "routeConfigName": "r"}),
+        "api_listener.api_listener.rds.config_source",
+        "must be ads or self",
+    ),
+    (
+        client(rds={"configSource": {"ads": {}}}),
+        "api_listener.api_listener.rds.route_config_name",
+        "empty",
+    ),
+    (
+        client(rds={"routeConfigName": "r"}),
+        "api_listener.api_listener.rds.config_source",
+        "required",
+    ),
+    (client(httpFilters=[]), "api_listener.api_listener.http_filters", "empty"),
+    (
+        client(commonHttpProtocolOptions={"maxStreamDuration": "-1s"}),
+        "api_listener.api_listener.common_http_protocol_options.max_stream_duration",
+        "out of range",
+    ),
+    (
+        _without_rds(
+            client(
+                routeConfig={
+                    "name": "i",
+                    "virtualHosts": [
+                        {
+                            "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": ""}}],
+                        }
+                    ],
+                }
+            )
+        ),
+        "api_listener.api_listener.route_config.virtual_hosts[0].routes[0].route.cluster",
+        "empty cluster",
+    ),
+    (
+        _without_rds(client(scopedRoutes={"name": "s"})),
+        "api_listener.api_listener.scoped_routes",
+        "not supported",
+    ),
+    ({**server(), "address": None}, "address", "needs an address"),
+    (
+        server(address={"pipe": {"path": "/tmp/s"}}),
+        "address",
+        "only socket_address",
+    ),
+    (
+        server(address={"socketAddress": {"address": "0.0.0.0", "namedPort": "http"}}),
+        "address.socket_address.port_value",
+        "numeric",
+    ),
+    (
+        server(listenerFilters=[{"name": "envoy.filters.listener.tls_inspector"}]),
+        "listener_filters",
+        "A36",
+    ),
+    (server(useOriginalDst=True), "use_original_dst", "A36"),
+    (server(filterChains=[]), "filter_chains", "needs a filter chain"),
+    (
+        {**server(), "filterChains": [{"name": "empty"}]},
+        "filter_chains[0].filters",
+        "no HttpConnectionManager",
+    ),
+    (
+        server(
+            filterChains=[
+                {
+                    "filters": [
+                        {
+                            "name": "tcp",
+                            "typedConfig": {
+                                "@type": TCP_PROXY,
+                                "statPrefix": "x",
+                                "cluster": "c",
+                            },
+                        }
+                    ]
+                }
+            ]
+        ),
+        "filter_chains[0].filters[0].typed_config",
+        "unsupported network filter",
+    ),
+    (
+        server(
+            filterChains=[
+                {
+                    "filters": [
+                        {"name": "a", "typedConfig": hcm()},
+                        {"name": "b", "typedConfig": hcm()},
+                    ]
+                }
+            ]
+        ),
+        "filter_chains[0].filters[1]",
+        "more than one",
+    ),
+    (
+        server(chain("a"), chain("b")),
+        "filter_chains[1]",
+        "overlaps filter_chains[0]",
+    ),
+    (
+        server(
+            chain("a", {"sourcePorts": [1, 2]}),
+            chain("b", {"sourcePorts": [2]}),
+        ),
+        "filter_chains[1]",
+        "overlaps",
+    ),
+    (
+        server(chain("a", {"sourcePorts": [70000]})),
+        "filter_chains[0].filter_chain_match.source_ports[0]",
+        "out of range",
+    ),
+    (
+        server(chain("a", {"prefixRanges": [{"addressPrefix": "10.0.0.300"}]})),
+        "filter_chains[0].filter_chain_match.prefix_ranges[0].address_prefix",
+        "invalid IP",
+    ),
+    (
+        server(
+            {
+                **chain("tls"),
+                "transportSocket": {
+                    "name": "envoy.transport_sockets.tls",
+                    "typedConfig": {
+                        "@type": DOWNSTREAM_TLS,
+                        "commonTlsContext": {},
+                    },
+                },
+            }
+        ),
+        "filter_chains[0].transport_socket.typed_config.common_tls_context",
+        "identity certificate",
+    ),
+    (
+        server(
+            {
+                **chain("tls"),
+                "transportSocket": {
+                    "name": "envoy.transport_sockets.tls",
+                    "typedConfig": {
+                        "@type": DOWNSTREAM_TLS,
+                        "commonTlsContext": {
+                            "tlsCertificateProviderInstance": {"instanceName": "default"}
+                        },
+                        "requireClientCertificate": True,
+                    },
+                },
+            }
+        ),
+        "filter_chains[0].transport_socket.typed_config.common_tls_context",
+        "require_client_certificate",
+    ),
+    (
+        server(
+            defaultFilterChain={
+                "filters": [
+                    {
+                        "name": "hcm",
+                        "typedConfig": hcm(
+                            httpFilters=[
+                                {
+                                    "name": "f",
+                                    "typedConfig": {"@type": FAULT},
+                                }
+                            ]
+                        ),
+                    }
+                ]
+            }
+        ),
+        "default_filter_chain.filters[0].typed_config.http_filters[0]",
+        "not a terminal",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("listener", "field", "message"), REJECTED, ids=[r[1] + ":" + r[2] for r in REJECTED]
+)
+def test_rejected_listener(listener: dict[str, Any], field: str, message: str) -> None:
+    listener = {k: v for k, v in listener.items() if v is not None}
+    with pytest.raises(ResourceError) as err:
+        decode(listener)
+    assert err.value.type_name == "Listener"
+    assert err.value.resource_name == listener.get("name", "")
+    assert err.value.field == field
+    assert message in err.value.message
+
+
+def test_unparseable_bytes() -> None:
+    with pytest.raises(ResourceError) as err:
+        decode_resource(LDS, b"\x12\x05abc")
+    assert err.value.type_name == "Listener" and "cannot parse" in err.value.message
+
+
+# --------------------------------------------------------------------------- property
+
+
+_SEEDS = [
+    to_bytes(fixture(n))
+    for n in (
+        "lds_grpc_inbound_strict.yaml",
+        "lds_grpc_outbound_reviews.yaml",
+        "lds_grpc_inbound_plaintext.yaml",
+    )
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seed=st.sampled_from(_SEEDS),
+    edits=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=10_000), st.integers(0, 255), st.booleans()),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_mutated_bytes_only_raise_resource_error(
+    seed: bytes, edits: list[tuple[int, int, bool]]
+) -> None:
+    data = bytearray(seed)
+    for pos, byte, insert in edits:
+        at = pos % (len(data) + 1)
+        if insert:
+            data.insert(at, byte)
+        elif data:
+            data[at % len(data)] = byte
+    try:
+        decode_resource(LDS, bytes(data))
+    except ResourceError:
+        pass
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_mutated_fields_only_raise_resource_error(data: st.DataObject) -> None:
+    """Structure-aware mutation: overwrite random scalar leaves of the Istio fixtures."""
+    d = copy.deepcopy(
+        fixture(
+            data.draw(
+                st.sampled_from(["lds_grpc_inbound_strict.yaml", "lds_grpc_outbound_reviews.yaml"])
+            )
+        )
+    )
+    leaves: list[tuple[Any, Any]] = []
+
+    def walk(node: Any) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for k, v in items:
+            if isinstance(v, dict | list):
+                walk(v)
+            elif k != "@type":
+                leaves.append((node, k))
+
+    walk(d)
+    for _ in range(data.draw(st.integers(1, 4))):
+        node, key = data.draw(st.sampled_from(leaves))
+        value = node[key]
+        if isinstance(value, bool):
+            node[key] = not value
+        elif isinstance(value, int):
+            node[key] = data.draw(st.integers(0, 2**32 - 1))
+        else:
+            node[key] = data.draw(
+                st.sampled_from(["", "*", "(", "-1s", "0.0.0.0", ":path", "a.*.b", "grpc-x"])
+            )
+    try:
+        raw = to_bytes(d)
+    except (json_format.ParseError, ValueError):
+        return  # not representable as a Listener at all
+    try:
+        decode_resource(LDS, raw)
+    except ResourceError:
+        pass
