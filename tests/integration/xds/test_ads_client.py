@@ -13,6 +13,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pymesh.errors import ResourceError
 from pymesh.xds.client import XdsClient
@@ -390,3 +393,86 @@ def test_create_and_close_50_clients_leaks_no_thread(server: XdsTestServer) -> N
     wait_until(lambda: threading.active_count() <= before + 2, timeout=10)
     names = [t.name for t in threading.enumerate()]
     assert not any(n.startswith(("pymesh-xds-", "pymesh-xds-reader")) for n in names), names
+
+
+# -- the real decoders -------------------------------------------------------------------------
+
+EDS_TYPE = ResourceType.CLUSTER_LOAD_ASSIGNMENT
+
+
+def cla(name: str, port: int = 8080, overprovisioning: int | None = None) -> bytes:
+    msg = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+    loc = msg.endpoints.add()
+    loc.locality.zone = "z1"
+    loc.load_balancing_weight.value = 1
+    lb = loc.lb_endpoints.add()
+    lb.endpoint.address.socket_address.address = "10.0.0.1"
+    lb.endpoint.address.socket_address.port_value = port
+    if overprovisioning is not None:
+        msg.policy.overprovisioning_factor.value = overprovisioning
+    return bytes(msg.SerializeToString())
+
+
+@pytest.fixture
+def real_client(server: XdsTestServer, clock: FakeClock) -> Iterator[XdsClient]:
+    c = XdsClient(server.bootstrap(), clock=clock)  # default decoder: pymesh.xds.codec
+    yield c
+    c.close()
+
+
+def test_real_eds_decoder_fetch_and_nack_names_the_field(
+    server: XdsTestServer, real_client: XdsClient
+) -> None:
+    server.set_resources(EDS, {"e1": cla("e1")})
+    rec = WatchRecorder()
+    real_client.watch(EDS_TYPE, "e1", rec)
+    value = rec.wait_for(lambda e: e[0] == "changed")[2]
+    assert value.cluster_name == "e1"
+    assert value.localities[0].endpoints[0].address.port == 8080
+    server.set_resources(EDS, {"e1": cla("e1", overprovisioning=0)})
+    nack = server.wait_for_nack(EDS)
+    message = nack.request.error_detail.message
+    assert "ClusterLoadAssignment 'e1'" in message
+    assert "policy.overprovisioning_factor" in message
+    assert rec.values() == [value]
+
+
+def test_mutated_resources_through_the_client(
+    server: XdsTestServer, real_client: XdsClient
+) -> None:
+    good = cla("e1", port=9000)
+    server.set_resources(EDS, {"e1": good})
+    rec = WatchRecorder()
+    real_client.watch(EDS_TYPE, "e1", rec)
+    good_value = rec.wait_for(lambda e: e[0] == "changed")[2]
+
+    @settings(
+        max_examples=25,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        out = bytearray(good)
+        for _ in range(data.draw(st.integers(1, 3))):
+            pos = data.draw(st.integers(0, len(out) - 1))
+            out[pos] ^= data.draw(st.integers(1, 255))
+        count = len(server.requests)
+        events = len(rec.events)
+        server.set_resources(EDS, {"e1": bytes(out)})
+        answer = server.wait_for_request(
+            lambda r: r.type_url == EDS and bool(r.request.response_nonce), start=count
+        )
+        (status,) = real_client.resource_statuses()
+        if answer.is_nack:
+            assert status.value == good_value or status.status == "ACKED"
+            assert all(e[0] == "ambient_error" for e in rec.events[events:])
+        assert "does_not_exist" not in rec.kinds()
+        # back to the good resource: the client still works
+        count = len(server.requests)
+        version = server.set_resources(EDS, {"e1": good})
+        server.wait_for_ack(EDS, version, start=count)
+        assert real_client.resource_statuses()[0].value == good_value
+
+    run()
+    assert real_client.connection_state().connected

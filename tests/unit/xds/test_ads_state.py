@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pymesh.errors import ResourceError
 from pymesh.xds.ads import (
@@ -19,7 +21,7 @@ from pymesh.xds.ads import (
     RawResource,
     Send,
 )
-from pymesh.xds.codec import Decoded
+from pymesh.xds.codec import Decoded, decode_resource
 from pymesh.xds.resource_types import ResourceType
 
 LDS = ResourceType.LISTENER
@@ -503,3 +505,81 @@ def test_backoff_grows_with_jitter_and_caps() -> None:
     assert delays[-1] >= 96.0  # capped base 120 minus 20 % jitter
     backoff.reset()
     assert backoff.next_delay(rng) <= 1.2
+
+
+# -- property: mutated resources never break the state machine --------------------------------
+
+
+def _good_eds() -> bytes:
+    from envoy.config.endpoint.v3 import endpoint_pb2
+
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name="e1")
+    loc = cla.endpoints.add()
+    loc.locality.zone = "z1"
+    loc.load_balancing_weight.value = 3
+    for i in range(3):
+        lb = loc.lb_endpoints.add()
+        lb.endpoint.address.socket_address.address = f"10.0.0.{i + 1}"
+        lb.endpoint.address.socket_address.port_value = 8080 + i
+        lb.load_balancing_weight.value = i + 1
+    return bytes(cla.SerializeToString())
+
+
+def _good_route() -> bytes:
+    from envoy.config.route.v3 import route_pb2
+
+    rc = route_pb2.RouteConfiguration(name="r1")
+    vh = rc.virtual_hosts.add(name="vh", domains=["*"])
+    route = vh.routes.add()
+    route.match.prefix = "/"
+    route.route.cluster = "c1"
+    return bytes(rc.SerializeToString())
+
+
+@st.composite
+def mutations(draw: st.DrawFn, data: bytes) -> bytes:
+    out = bytearray(data)
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        pos = draw(st.integers(0, max(0, len(out) - 1)))
+        if op == "flip" and out:
+            out[pos] ^= draw(st.integers(1, 255))
+        elif op == "insert":
+            out[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+        elif op == "delete" and out:
+            del out[pos]
+        elif op == "truncate":
+            del out[pos:]
+    return bytes(out)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_mutated_resources_are_acked_or_nacked_and_last_good_stays(data: st.DataObject) -> None:
+    rtype, name, good = data.draw(
+        st.sampled_from([(EDS, "e1", _good_eds()), (RDS, "r1", _good_route())])
+    )
+    state = AdsState(decoder=decode_resource)
+    state.connected(0.0, SERVER)
+    state.subscribe(rtype, name)
+    state.flush(0.0)
+    ok = DiscoveryResponse(rtype.type_url, "v1", "n1", (RawResource(rtype.type_url, good),))
+    first = state.response(ok, 1.0)
+    assert isinstance(notes(first)[0], Changed)
+    good_value = notes(first)[0].value  # type: ignore[union-attr]
+    mutated = data.draw(mutations(good))
+    bad = DiscoveryResponse(rtype.type_url, "v2", "n2", (RawResource(rtype.type_url, mutated),))
+    effects = state.response(bad, 2.0)  # must not raise
+    request = one_send(effects)
+    assert request.response_nonce == "n2"
+    status = state.status(rtype, name)
+    assert status is not None
+    if request.error_detail is not None:  # NACK: previous version, last good value kept
+        assert request.version_info == "v1"
+        if status.value is not None:
+            assert status.value == good_value or status.raw == mutated
+    else:  # ACK: the mutation was still a valid resource (perhaps under another name)
+        assert request.version_info == "v2"
+    assert status.status in {"ACKED", "NACKED"}
+    if status.status == "NACKED":
+        assert status.value == good_value
