@@ -27,6 +27,7 @@ from pymesh.controlplane.config._types import (
 from pymesh.controlplane.translate._names import MAX_U32, cluster_name, duration, pack
 
 __all__ = [
+    "SDS_CLUSTER",
     "TLS_SOCKET",
     "TRUST_DOMAIN",
     "build_clusters_for_service",
@@ -36,12 +37,26 @@ __all__ = [
 
 TRUST_DOMAIN = "cluster.local"
 TLS_SOCKET = "envoy.transport_sockets.tls"
+SDS_CLUSTER = "sds-grpc"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def _ads() -> config_source_pb2.ConfigSource:
     src = config_source_pb2.ConfigSource()
     src.ads.SetInParent()
+    src.resource_api_version = config_source_pb2.V3
+    return src
+
+
+def _sds() -> config_source_pb2.ConfigSource:
+    """istiod's SDS source for Envoy sidecars: the agent's ``sds-grpc`` cluster."""
+    src = config_source_pb2.ConfigSource()
+    api = src.api_config_source
+    api.api_type = config_source_pb2.ApiConfigSource.GRPC
+    api.set_node_on_first_message_only = True
+    api.transport_api_version = config_source_pb2.V3
+    api.grpc_services.add().envoy_grpc.cluster_name = SDS_CLUSTER
+    src.initial_fetch_timeout.SetInParent()
     src.resource_api_version = config_source_pb2.V3
     return src
 
@@ -191,7 +206,7 @@ def _apply_circuit_breakers(
             if pool.idle_timeout is not None:
                 common.idle_timeout.CopyFrom(duration(pool.idle_timeout))
             if pool.max_requests_per_connection:
-                common.max_requests_per_stream.value = pool.max_requests_per_connection
+                common.max_requests_per_connection.value = pool.max_requests_per_connection
             c.typed_extension_protocol_options[key].CopyFrom(pack(opts))
     c.circuit_breakers.thresholds.append(t)
 
@@ -246,12 +261,12 @@ def common_tls_context(
     ctx = tls_pb2.CommonTlsContext()
     if envoy:
         secret = secret_pb2.SdsSecretConfig(name="default")
-        secret.sds_config.CopyFrom(_ads())
+        secret.sds_config.CopyFrom(_sds())
         ctx.tls_certificate_sds_secret_configs.append(secret)
         cvc = ctx.combined_validation_context
         cvc.default_validation_context.match_subject_alt_names.extend(sans)
         cvc.validation_context_sds_secret_config.name = "ROOTCA"
-        cvc.validation_context_sds_secret_config.sds_config.CopyFrom(_ads())
+        cvc.validation_context_sds_secret_config.sds_config.CopyFrom(_sds())
         ctx.alpn_protocols.extend(["istio-peer-exchange", "istio", "h2", "http/1.1"])
         return ctx
     ctx.tls_certificate_provider_instance.CopyFrom(

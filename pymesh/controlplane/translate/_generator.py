@@ -24,6 +24,7 @@ from collections.abc import Collection
 from google.protobuf.message import Message
 
 from pymesh.controlplane.config import MeshConfig, ProxyNode
+from pymesh.controlplane.config._types import Resolution
 from pymesh.controlplane.translate._clusters import build_clusters_for_service
 from pymesh.controlplane.translate._endpoints import build_load_assignment
 from pymesh.controlplane.translate._listeners import (
@@ -38,6 +39,7 @@ from pymesh.xds.resource_types import ResourceType
 __all__ = ["Generator"]
 
 _CACHE_SIZE = 4096
+_DNS = (Resolution.DNS, Resolution.DNS_ROUND_ROBIN)
 
 
 class Generator:
@@ -163,6 +165,8 @@ class Generator:
             found = visible.get(host)
             if found is None or found.port(port) is None:
                 continue
+            if not node.proxyless and found.resolution in _DNS:
+                continue  # Envoy resolves DNS clusters itself (STRICT_DNS / LOGICAL_DNS)
             if subset:
                 dr = self.config.destination_rule(host, node.namespace)
                 if dr is None or dr.subset(subset) is None:
