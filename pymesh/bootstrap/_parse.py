@@ -39,6 +39,7 @@ ENV_BOOTSTRAP_CONFIG = "GRPC_XDS_BOOTSTRAP_CONFIG"
 
 # Protobuf JSON form of google.protobuf.Duration: "900s", "1.5s" (non-negative here).
 _LISTENER_TYPE = "envoy.config.listener.v3.Listener"
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _DURATION = re.compile(r"(\d{1,12})(?:\.(\d{1,9}))?s")
 
 
@@ -306,7 +307,7 @@ class _Parser:
         section = self.opt_obj(root, "certificate_providers", "")
         out: dict[str, CertificateProviderInstance] = {}
         for name, value in section.items():
-            path = f"certificate_providers.{name}"
+            path = _member("certificate_providers", name)
             entry = self.obj(value, path)
             plugin = self.req_str(entry, "plugin_name", path)
             config = self.opt_obj(entry, "config", path)
@@ -328,7 +329,7 @@ class _Parser:
         section = self.opt_obj(root, "authorities", "")
         out: dict[str, Authority] = {}
         for name, value in section.items():
-            path = f"authorities.{name}" if name else 'authorities.""'
+            path = _member("authorities", name)
             entry = self.obj(value, path)
             prefix = f"{XDSTP_SCHEME}//{name}/"
             template = self.opt_str(entry, "client_listener_resource_name_template", path)
@@ -350,6 +351,13 @@ class _Parser:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def _member(path: str, name: str) -> str:
+    # Map keys the user chose: plain ones read as fields, others (dots, empty) are quoted.
+    if _PLAIN_KEY.fullmatch(name):
+        return f"{path}.{name}"
+    return f"{path}[{json.dumps(name)}]"
 
 
 def _kind(value: object) -> str:

@@ -589,7 +589,7 @@ REJECTED: list[tuple[str, Any, str | None, str]] = [
         minimal(
             authorities={"a.com": {"client_listener_resource_name_template": "xdstp://b.com/x/%s"}}
         ),
-        "authorities.a.com.client_listener_resource_name_template",
+        'authorities["a.com"].client_listener_resource_name_template',
         "must start with 'xdstp://a.com/'",
     ),
     (
@@ -597,7 +597,7 @@ REJECTED: list[tuple[str, Any, str | None, str]] = [
         minimal(
             authorities={"a.com": {"client_listener_resource_name_template": "xdstp://a.com/L/%s"}}
         ),
-        "authorities.a.com.client_listener_resource_name_template",
+        'authorities["a.com"].client_listener_resource_name_template',
         "must start with 'xdstp://a.com/envoy.config.listener.v3.Listener'/",
     ),
     (
@@ -612,13 +612,13 @@ REJECTED: list[tuple[str, Any, str | None, str]] = [
     (
         "authority not an object",
         minimal(authorities={"a.com": []}),
-        "authorities.a.com",
+        'authorities["a.com"]',
         "must be a JSON object",
     ),
     (
         "authority servers bad",
         minimal(authorities={"a.com": {"xds_servers": [{"server_uri": "x:1"}]}}),
-        "authorities.a.com.xds_servers[0].channel_creds",
+        'authorities["a.com"].xds_servers[0].channel_creds',
         "is required",
     ),
 ]
