@@ -239,8 +239,14 @@ class TargetDependencyManager:
         self._stopped = False
         self._version = 0
         self._last: TargetSnapshot | None = None
-        self._last_error_kind: ErrorKind | None = None
         self._cluster_configs: dict[str, ClusterConfig] = {}
+        # Clusters wanted beyond the routes' (A74 "cluster subscriptions"), ref-counted.
+        self._extra_clusters: dict[str, int] = {}
+        # (route config, vhost, its cluster names) of the last recomputation: an EDS or CDS
+        # update then costs O(clusters), not O(routes).
+        self._roots: tuple[RouteConfiguration, VirtualHost | None, tuple[str, ...]] | None = None
+        # Ambient errors already reported since the last snapshot (no repeats per outage).
+        self._ambient_reported: set[tuple[str, str]] = set()
 
     # -- lifecycle (serializer thread) ------------------------------------------------------
 
@@ -257,17 +263,40 @@ class TargetDependencyManager:
         """The resources currently watched (for tests and debugging)."""
         return frozenset(self._watches.watches)
 
+    def add_cluster(self, name: str) -> None:
+        """Also watch cluster ``name`` (and what it needs) and include it in snapshots, even
+        if no route names it (e.g. a cluster picked per request by ``cluster_header``)."""
+        self._extra_clusters[name] = self._extra_clusters.get(name, 0) + 1
+        if self._extra_clusters[name] == 1 and not self._stopped:
+            self._recompute_safely()
+
+    def remove_cluster(self, name: str) -> None:
+        """Undo one :meth:`add_cluster`."""
+        count = self._extra_clusters.get(name, 0) - 1
+        if count > 0:
+            self._extra_clusters[name] = count
+            return
+        self._extra_clusters.pop(name, None)
+        if not self._stopped:
+            self._recompute_safely()
+
     # -- recomputation -----------------------------------------------------------------------
 
     def _on_update(self, watch: _Watch) -> None:
         if self._stopped:
             return
         if watch.error is not None and watch.value is not None:
-            # Ambient: keep using the value we hold, tell subscribers.
-            self._publish(
-                TargetError(self.target, ErrorKind.TRANSIENT, watch.error, watch.describe())
-            )
+            # Ambient: keep using the value we hold, tell subscribers (once per outage).
+            key = (watch.describe(), watch.error)
+            if key not in self._ambient_reported:
+                self._ambient_reported.add(key)
+                self._publish(
+                    TargetError(self.target, ErrorKind.TRANSIENT, watch.error, watch.describe())
+                )
             return
+        self._recompute_safely()
+
+    def _recompute_safely(self) -> None:
         try:
             self._recompute()
         except Exception:  # isolate bugs from the client's serializer thread
@@ -276,7 +305,6 @@ class TargetDependencyManager:
     def _fail(self, kind: ErrorKind, message: str, watch: _Watch) -> None:
         """Publish a target-wide error (or a transient one before any snapshot exists)."""
         self._last = None
-        self._last_error_kind = kind
         self._publish(TargetError(self.target, kind, message, watch.describe()))
 
     def _recompute(self) -> None:
@@ -318,7 +346,12 @@ class TargetDependencyManager:
                 return
             route_config = rds.value
 
-        vhost = route_config.select_virtual_host(self.authority)
+        roots = self._roots
+        if roots is None or roots[0] is not route_config:
+            selected = route_config.select_virtual_host(self.authority)
+            names = () if selected is None else tuple(vhost_cluster_names(route_config, selected))
+            roots = self._roots = (route_config, selected, names)
+        vhost = roots[1]
         if vhost is None:
             self._drop_clusters()
             self._fail(
@@ -332,7 +365,7 @@ class TargetDependencyManager:
         clusters: dict[str, ClusterConfig | ClusterError] = {}
         eds_seen: set[str] = set()
         complete = True
-        for name in sorted(vhost_cluster_names(route_config, vhost)):
+        for name in sorted({*roots[2], *self._extra_clusters}):
             if not self._populate(name, 0, clusters, eds_seen, None):
                 complete = False
         self._watches.retain(CDS, clusters)
@@ -474,7 +507,7 @@ class TargetDependencyManager:
             version=self._version,
         )
         self._last = snapshot
-        self._last_error_kind = None
+        self._ambient_reported.clear()
         self._publish(snapshot)
 
 

@@ -224,6 +224,27 @@ class TargetHandle(_Handle[TargetSnapshot, TargetError]):
         )
         self._stop = self.manager.stop
 
+    def watch_cluster(self, name: str) -> Callable[[], None]:
+        """Include cluster ``name`` in this target's snapshots even if no route names it
+        (for clusters chosen per request, e.g. by ``cluster_header``); returns ``cancel()``.
+
+        The next snapshot that has it is published once the cluster (and its endpoints) is
+        known, like any other update.
+        """
+        if self._closed:
+            raise XdsError(f"handle for {self.name!r} is closed")
+        manager = self.manager
+        self._client.run_in_serializer(lambda: manager.add_cluster(name))
+        done = False
+
+        def cancel() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self._client.run_in_serializer(lambda: manager.remove_cluster(name))
+
+        return cancel
+
 
 class ServerHandle(_Handle[ServerSnapshot, ServerError]):
     """The shared view of one xDS-managed server's inbound listener."""

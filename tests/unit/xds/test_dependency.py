@@ -736,3 +736,63 @@ def test_server_snapshot_with_route_configs_by_name(client: FakeXdsClient) -> No
     handle.close()
     client.drain()
     assert client.subscribed == set()
+
+
+# -- extra cluster subscriptions and ambient error de-duplication -------------------------------
+
+
+def test_watch_cluster_adds_a_cluster_no_route_names(client: FakeXdsClient) -> None:
+    handle, rec = open_target(client)
+    serve_basic(client, V1)
+    cancel = handle.watch_cluster("by-header")
+    client.drain()
+    assert "by-header" in client.names(CDS)
+    assert len(rec.snapshots) == 1  # incomplete until the new cluster is known
+    client.set(CDS, "by-header", eds_cluster("by-header"))
+    client.set(EDS, "by-header", endpoints("by-header", "10.0.0.50"))
+    client.drain()
+    snap = handle.current()
+    assert snap is not None and set(snap.clusters) == {V1, "by-header"}
+    assert_consistent(snap)
+    cancel()
+    cancel()  # idempotent
+    client.drain()
+    assert client.names(CDS) == {V1}
+    snap2 = handle.current()
+    assert snap2 is not None and set(snap2.clusters) == {V1}
+
+
+def test_same_ambient_error_is_reported_once_per_outage(client: FakeXdsClient) -> None:
+    _handle, rec = open_target(client)
+    serve_basic(client, V1)
+    for _ in range(3):
+        client.error(CDS, V1, "stream closed: UNAVAILABLE")
+        client.drain()
+    assert len(rec.errors) == 1
+    client.set(EDS, V1, endpoints(V1, "10.0.0.3"))  # a new snapshot ends the outage
+    client.drain()
+    client.error(CDS, V1, "stream closed: UNAVAILABLE")
+    client.drain()
+    assert len(rec.errors) == 2
+
+
+def test_eds_update_does_not_rescan_routes(client: FakeXdsClient) -> None:
+    """A 1,000-route config: an endpoint update reuses the cached cluster set."""
+    handle, _rec = open_target(client)
+    clusters = [f"c{i}" for i in range(10)]
+    client.set(LDS, TARGET, listener())
+    client.set(RDS, RDS_NAME, route_config(*(clusters[i % 10] for i in range(1000))))
+    for c in clusters:
+        client.set(CDS, c, eds_cluster(c))
+        client.set(EDS, c, endpoints(c, "10.0.0.1"))
+    client.drain()
+    first = handle.current()
+    assert first is not None and set(first.clusters) == set(clusters)
+    manager = handle.manager
+    roots = manager._roots
+    client.set(EDS, "c3", endpoints("c3", "10.0.0.2"))
+    client.drain()
+    assert manager._roots is roots
+    second = handle.current()
+    assert second is not None and second.version == 2
+    assert sum(second.clusters[c] is not first.clusters[c] for c in clusters) == 1
