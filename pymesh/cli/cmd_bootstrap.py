@@ -16,6 +16,7 @@ from typing import Any
 
 from pymesh.bootstrap import (
     DEFAULT_XDS_ADDRESS,
+    ENV_BOOTSTRAP,
     WorkloadPort,
     generate_bootstrap,
     load_bootstrap,
@@ -93,9 +94,12 @@ def register(subparsers: Any) -> None:
     add("-o", "--output", metavar="FILE", help="write to FILE (atomically) instead of stdout")
     add(
         "--check",
-        action="store_true",
-        help="do not write: load the bootstrap named by GRPC_XDS_BOOTSTRAP / "
-        "GRPC_XDS_BOOTSTRAP_CONFIG and print a summary",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="FILE",
+        help="do not write: load FILE (default: what GRPC_XDS_BOOTSTRAP / "
+        "GRPC_XDS_BOOTSTRAP_CONFIG name) and print a summary",
     )
     parser.set_defaults(func=run)
 
@@ -143,8 +147,8 @@ def _abs(path: str | None) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Write (or with ``--check``, load and summarise) a bootstrap; returns the exit code."""
-    if args.check:
-        return _check()
+    if args.check is not None:
+        return _check(args.check)
     data = generate_bootstrap(
         xds_address=args.xds_address or DEFAULT_XDS_ADDRESS,
         namespace=args.namespace,
@@ -193,8 +197,8 @@ def _atomic_write(path: str, text: str) -> None:
         raise BootstrapError(f"cannot write: {exc.strerror or exc}", source=path) from None
 
 
-def _check() -> int:
-    bootstrap = load_bootstrap()
+def _check(path: str) -> int:
+    bootstrap = load_bootstrap({ENV_BOOTSTRAP: path} if path else None)
     node = bootstrap.node
     print(f"source:     {bootstrap.source}")
     for i, server in enumerate(bootstrap.xds_servers):

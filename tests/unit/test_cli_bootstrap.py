@@ -172,6 +172,8 @@ def test_cli_check(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtur
     assert "unix:///etc/istio/proxy/XDS creds=insecure features=xds_v3" in out
     assert "spiffe://cluster.local/ns/ns/sa/echo-sa" in out
     assert "cert provider default: file_watcher" in out
+    assert main(["bootstrap", "--check", str(ISTIO_AGENT)]) == 0
+    assert f"source:     {ISTIO_AGENT}" in capsys.readouterr().out
     monkeypatch.setenv("GRPC_XDS_BOOTSTRAP_CONFIG", "{}")
     monkeypatch.delenv("GRPC_XDS_BOOTSTRAP")
     assert main(["bootstrap", "--check"]) == 1
