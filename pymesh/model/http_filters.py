@@ -263,13 +263,15 @@ class HttpFilter:
     """One entry of an HCM's ``http_filters``.
 
     ``config`` is :class:`RouterConfig`, :class:`FaultConfig`, :class:`RbacConfig`, or an
-    :class:`~pymesh.model.route.OpaqueConfig` for a filter we recognise but do not run.
-    ``None`` for an unknown optional filter (which the data plane skips).
+    :class:`~pymesh.model.route.OpaqueConfig` for a filter we recognise but do not run
+    (telemetry-only Istio extensions, CORS, stateful session). Unknown filters marked
+    ``is_optional`` are dropped by the decoder and never appear here. ``disabled`` is the
+    HCM flag: the filter runs only where a route's ``typed_per_filter_config`` enables it.
     """
 
     name: str
     type_url: str
-    config: RouterConfig | FaultConfig | RbacConfig | OpaqueConfig | None
+    config: RouterConfig | FaultConfig | RbacConfig | OpaqueConfig
     is_optional: bool = False
     disabled: bool = False
 

@@ -19,6 +19,7 @@ from pymesh.model.matcher import StringMatcher
 
 __all__ = [
     "DEFAULT_ROUTE_TIMEOUT",
+    "NO_HEADER_MUTATIONS",
     "AppendAction",
     "CidrRange",
     "ConnectionSourceIpHash",

@@ -14,6 +14,7 @@ import ipaddress
 import math
 import re
 import types
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -308,7 +309,10 @@ def compile_regex(pattern: str, ctx: Ctx, path: str) -> re.Pattern[str]:
     if _NOT_RE2.search(pattern):
         raise ctx.error(path, f"regex {pattern!r} uses syntax RE2 does not support")
     try:
-        return re.compile(pattern)
+        with warnings.catch_warnings():
+            # e.g. "possible nested set": harmless for RE2 syntax, noisy for us.
+            warnings.simplefilter("ignore", FutureWarning)
+            return re.compile(pattern)
     except (re.error, RecursionError, OverflowError, ValueError) as exc:
         raise ctx.error(path, f"invalid regex {pattern!r}: {exc}") from None
 
