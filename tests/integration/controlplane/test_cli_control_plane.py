@@ -1,0 +1,76 @@
+"""``pymesh control-plane`` as a process: serves, answers /ready, stops cleanly on signals."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.integration.controlplane._helpers import CDS, RawAds, http_get, make_node
+
+MESH = textwrap.dedent(
+    """
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: web, namespace: default}
+    spec:
+      hosts: [web.default.svc.cluster.local]
+      location: MESH_INTERNAL
+      resolution: STATIC
+      ports: [{number: 8080, name: http, protocol: HTTP}]
+      endpoints: [{address: 127.0.0.1, ports: {http: 18080}}]
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_control_plane_command(tmp_path: Path, sig: signal.Signals) -> None:
+    (tmp_path / "mesh.yaml").write_text(MESH)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pymesh",
+            "control-plane",
+            "--config",
+            str(tmp_path),
+            "--xds-address",
+            "127.0.0.1:0",
+            "--admin-port",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        banner = ""
+        for _ in range(200):
+            line = proc.stderr.readline()
+            if not line:
+                break
+            if "pymesh control plane: xDS on" in line:
+                banner = line
+                break
+        m = re.search(r"xDS on ([^,\s]+), admin (http://\S+)", banner)
+        assert m, f"no banner; exit {proc.poll()}"
+        xds, admin = m.group(1), m.group(2)
+        assert http_get(admin + "/ready") == (200, "ready\n")
+        client = RawAds(xds)
+        try:
+            client.send(node=make_node("envoy-cli"), type_url=CDS)
+            resp = client.recv(timeout=10)
+            assert len(resp.resources) == 1
+        finally:
+            client.close()
+        proc.send_signal(sig)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)

@@ -1,0 +1,328 @@
+"""Oracle: a real Envoy takes the control plane's CDS/EDS/RDS over ADS with zero rejections.
+
+Envoy has one static listener whose HTTP connection manager asks for the route configuration
+``outbound|PORT||HOST`` over ADS, and wildcard CDS (as istiod serves a sidecar). Two stdlib
+HTTP backends are the endpoints; a VirtualService splits 90/10 between subsets. Real requests
+through Envoy must split within 5 points, and Envoy's stats must show no rejected update.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import random
+import subprocess
+import textwrap
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pymesh.controlplane import ControlPlane
+
+HOST = "web.default.svc.cluster.local"
+PORT = 8080
+ROUTE = f"outbound|{PORT}||{HOST}"
+REQUESTS = 1000
+
+pytestmark = pytest.mark.envoy
+
+
+def _backend(answer: str) -> http.server.ThreadingHTTPServer:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+        def do_GET(self) -> None:
+            body = answer.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def backends() -> Iterator[dict[str, int]]:
+    servers = {v: _backend(v) for v in ("v1", "v2")}
+    yield {v: s.server_address[1] for v, s in servers.items()}
+    for s in servers.values():
+        s.shutdown()
+        s.server_close()
+
+
+def mesh_yaml(ports: dict[str, int], v1_weight: int = 90) -> str:
+    return textwrap.dedent(
+        f"""
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {{name: web, namespace: default}}
+        spec:
+          hosts: [{HOST}]
+          location: MESH_INTERNAL
+          resolution: STATIC
+          ports: [{{number: {PORT}, name: http, protocol: HTTP}}]
+          endpoints:
+          - {{address: 127.0.0.1, ports: {{http: {ports["v1"]}}}, labels: {{version: v1}}}}
+          - {{address: 127.0.0.1, ports: {{http: {ports["v2"]}}}, labels: {{version: v2}}}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {{name: web, namespace: default}}
+        spec:
+          host: {HOST}
+          trafficPolicy: {{tls: {{mode: DISABLE}}}}
+          subsets:
+          - {{name: v1, labels: {{version: v1}}}}
+          - {{name: v2, labels: {{version: v2}}}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {{name: web, namespace: default}}
+        spec:
+          hosts: [{HOST}]
+          http:
+          - route:
+            - destination: {{host: {HOST}, subset: v1}}
+              weight: {v1_weight}
+            - destination: {{host: {HOST}, subset: v2}}
+              weight: {100 - v1_weight}
+        """
+    )
+
+
+def envoy_config(xds_port: int) -> dict[str, object]:
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "node": {
+            "id": "sidecar~127.0.0.1~envoy-oracle.default~default.svc.cluster.local",
+            "cluster": "envoy-oracle.default",
+            "metadata": {"NAMESPACE": "default", "LABELS": {"app": "envoy-oracle"}},
+        },
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}],
+            },
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+        },
+        "static_resources": {
+            "clusters": [
+                {
+                    "name": "xds",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "typed_extension_protocol_options": {
+                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                            "@type": "type.googleapis.com/"
+                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                            "explicit_http_config": {"http2_protocol_options": {}},
+                        }
+                    },
+                    "load_assignment": {
+                        "cluster_name": "xds",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": "127.0.0.1",
+                                                    "port_value": xds_port,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
+            "listeners": [
+                {
+                    "name": "outbound",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters."
+                                        "network.http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "outbound",
+                                        "rds": {
+                                            "route_config_name": ROUTE,
+                                            "config_source": {
+                                                "ads": {},
+                                                "resource_api_version": "V3",
+                                            },
+                                        },
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/envoy."
+                                                    "extensions.filters.http.router.v3.Router"
+                                                },
+                                            }
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return str(r.read().decode())
+
+
+def _wait(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():  # type: ignore[operator]
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_envoy_routes_through_control_plane(
+    tmp_path: Path, envoy_bin: Path, backends: dict[str, int]
+) -> None:
+    config = tmp_path / "mesh"
+    config.mkdir()
+    (config / "web.yaml").write_text(mesh_yaml(backends))
+    with ControlPlane([config], xds_address="127.0.0.1:0", admin_port=0) as cp:
+        xds_port = int(cp.address.rsplit(":", 1)[1])
+        bootstrap = tmp_path / "envoy.json"
+        bootstrap.write_text(json.dumps(envoy_config(xds_port)))
+        admin_path = tmp_path / "admin.txt"
+        log = (tmp_path / "envoy.log").open("w")
+        proc = subprocess.Popen(
+            [
+                str(envoy_bin),
+                "-c",
+                str(bootstrap),
+                "--base-id",
+                str(random.randint(10_000, 60_000)),
+                "--admin-address-path",
+                str(admin_path),
+                "--log-level",
+                "warning",
+                "--concurrency",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _run_checks(
+                tmp_path=tmp_path,
+                proc=proc,
+                admin_path=admin_path,
+                cp=cp,
+                config_file=config / "web.yaml",
+                backends=backends,
+            )
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            log.close()
+
+
+def _split(port: int, n: int) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for _ in range(n):
+            conn.request("GET", "/", headers={"Host": f"{HOST}:{PORT}"})
+            resp = conn.getresponse()
+            body = resp.read().decode()
+            seen[body if resp.status == 200 else f"status {resp.status}"] += 1
+    finally:
+        conn.close()
+    return seen
+
+
+def _run_checks(
+    *,
+    tmp_path: Path,
+    proc: subprocess.Popen[bytes],
+    admin_path: Path,
+    cp: ControlPlane,
+    config_file: Path,
+    backends: dict[str, int],
+) -> None:
+    _wait(lambda: admin_path.exists() and admin_path.read_text().strip(), 30, "envoy admin")
+    admin = "http://" + admin_path.read_text().strip()
+
+    def listening() -> bool:
+        assert proc.poll() is None, (tmp_path / "envoy.log").read_text()[-3000:]
+        return bool(json.loads(_get(admin + "/listeners?format=json")).get("listener_statuses"))
+
+    _wait(listening, 30, "envoy's listener")
+    listeners = json.loads(_get(admin + "/listeners?format=json"))
+    port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+
+    def routed() -> bool:
+        assert proc.poll() is None, (tmp_path / "envoy.log").read_text()[-3000:]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/", headers={"Host": f"{HOST}:{PORT}"})
+            return conn.getresponse().status == 200
+        finally:
+            conn.close()
+
+    _wait(routed, 30, "envoy to route with the control plane's CDS, EDS and RDS")
+    seen = _split(port, REQUESTS)
+    assert sum(seen.values()) == REQUESTS
+    share = 100.0 * seen["v1"] / REQUESTS
+    assert abs(share - 90) <= 5, seen
+    stats = _get(admin + "/stats?filter=update_(rejected|success)")
+    values = dict(line.split(": ", 1) for line in stats.strip().splitlines() if ": " in line)
+    rejected = {k: v for k, v in values.items() if k.endswith("update_rejected")}
+    assert rejected and all(v == "0" for v in rejected.values()), rejected
+    assert int(values["cluster_manager.cds.update_success"]) >= 1
+    assert any(
+        k.startswith("http.outbound.rds.") and int(v) >= 1
+        for k, v in values.items()
+        if k.endswith("update_success")
+    ), values
+    assert cp.call(lambda: cp.hub.metrics.total("pilot_total_xds_rejects")) == 0
+
+    # A pushed change (the weights flip) reaches Envoy, again with nothing rejected.
+    config_file.write_text(mesh_yaml(backends, v1_weight=10))
+    _wait(lambda: _split(port, 50)["v2"] >= 35, 10, "the new split to be pushed")
+    seen = _split(port, REQUESTS)
+    assert abs(100.0 * seen["v1"] / REQUESTS - 10) <= 5, seen
+    stats = _get(admin + "/stats?filter=update_rejected")
+    assert all(line.endswith(": 0") for line in stats.strip().splitlines()), stats
+    assert cp.call(lambda: cp.hub.metrics.total("pilot_total_xds_rejects")) == 0

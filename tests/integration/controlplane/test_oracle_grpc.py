@@ -1,0 +1,139 @@
+"""Oracle: grpcio's own C-core xDS client routes real RPCs through the control plane's config.
+
+Two real gRPC servers on loopback are the endpoints of one ServiceEntry; a DestinationRule
+makes subsets v1/v2 and a VirtualService splits 80/20. A subprocess (GRPC_XDS_BOOTSTRAP set
+before grpc starts) calls ``xds:///echo.default.svc.cluster.local:7070`` 1,000 times; the
+measured split must be within 5 points.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pymesh.bootstrap import generate_bootstrap
+from pymesh.controlplane import ControlPlane
+from tests.integration.controlplane._helpers import syncz
+
+HOST = "echo.default.svc.cluster.local"
+PORT = 7070
+CALLS = 1000
+
+CLIENT = textwrap.dedent(
+    """
+    import collections, json, sys
+    import grpc
+    target, calls = sys.argv[1], int(sys.argv[2])
+    channel = grpc.insecure_channel(target)
+    call = channel.unary_unary("/echo.Echo/Who", request_serializer=None,
+                               response_deserializer=None)
+    seen = collections.Counter()
+    for _ in range(calls):
+        seen[call(b"hi", timeout=20).decode()] += 1
+    channel.close()
+    print(json.dumps(seen))
+    """
+)
+
+
+def _echo_server(answer: bytes) -> tuple[grpc.Server, int]:
+    def who(request: bytes, context: grpc.ServicerContext) -> bytes:
+        del request, context
+        return answer
+
+    handler = grpc.method_handlers_generic_handler(
+        "echo.Echo", {"Who": grpc.unary_unary_rpc_method_handler(who)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+@pytest.fixture
+def backends() -> Iterator[dict[str, int]]:
+    servers = {v: _echo_server(v.encode()) for v in ("v1", "v2")}
+    yield {v: port for v, (_, port) in servers.items()}
+    for server, _ in servers.values():
+        server.stop(grace=None).wait(5)
+
+
+def mesh_yaml(ports: dict[str, int], v1_weight: int) -> str:
+    return textwrap.dedent(
+        f"""
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {{name: echo, namespace: default}}
+        spec:
+          hosts: [{HOST}]
+          location: MESH_INTERNAL
+          resolution: STATIC
+          ports: [{{number: {PORT}, name: grpc, protocol: GRPC}}]
+          endpoints:
+          - {{address: 127.0.0.1, ports: {{grpc: {ports["v1"]}}}, labels: {{version: v1}}}}
+          - {{address: 127.0.0.1, ports: {{grpc: {ports["v2"]}}}, labels: {{version: v2}}}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {{name: echo, namespace: default}}
+        spec:
+          host: {HOST}
+          subsets:
+          - {{name: v1, labels: {{version: v1}}}}
+          - {{name: v2, labels: {{version: v2}}}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {{name: echo, namespace: default}}
+        spec:
+          hosts: [{HOST}]
+          http:
+          - route:
+            - destination: {{host: {HOST}, subset: v1}}
+              weight: {v1_weight}
+            - destination: {{host: {HOST}, subset: v2}}
+              weight: {100 - v1_weight}
+        """
+    )
+
+
+def test_grpc_xds_client_weighted_split(tmp_path: Path, backends: dict[str, int]) -> None:
+    config = tmp_path / "mesh"
+    config.mkdir()
+    (config / "echo.yaml").write_text(mesh_yaml(backends, 80))
+    with ControlPlane([config], xds_address="127.0.0.1:0", admin_port=0) as cp:
+        bootstrap = generate_bootstrap(
+            xds_address=cp.address, namespace="default", labels={"app": "client"}
+        )
+        path = tmp_path / "bootstrap.json"
+        path.write_text(json.dumps(bootstrap))
+        env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(path)}
+        env.pop("GRPC_XDS_BOOTSTRAP_CONFIG", None)
+        out = subprocess.run(
+            [sys.executable, "-c", CLIENT, f"xds:///{HOST}:{PORT}", str(CALLS)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        seen = json.loads(out.stdout.strip().splitlines()[-1])
+        assert sum(seen.values()) == CALLS
+        share = 100.0 * seen.get("v1", 0) / CALLS
+        assert abs(share - 80) <= 5, seen
+        # The client ACKed every type it asked for and NACKed nothing.
+        (status,) = [s for s in syncz(cp.admin_url) if s["generator"] == "grpc"] or [None]
+        if status is not None:  # the subprocess may already have disconnected
+            for t in status["types"].values():
+                assert t["last_nack"] is None, t
+        assert cp.call(lambda: cp.hub.metrics.total("pilot_total_xds_rejects")) == 0
