@@ -226,11 +226,16 @@ def _thaw(value: Any) -> Any:
     return value
 
 
+_NO_METADATA: Mapping[str, Mapping[str, Any]] = types.MappingProxyType({})
+
+
 def metadata_to_mapping(metadata: base_pb2.Metadata) -> Mapping[str, Mapping[str, Any]]:
     """``core.v3.Metadata.filter_metadata`` as a frozen ``{filter: {key: json}}``.
 
     ``typed_filter_metadata`` is ignored (nothing we implement reads it).
     """
+    if not metadata.filter_metadata:
+        return _NO_METADATA
     return types.MappingProxyType(
         {name: freeze_json(struct_to_dict(s)) for name, s in metadata.filter_metadata.items()}
     )

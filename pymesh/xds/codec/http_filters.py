@@ -445,12 +445,15 @@ def decode_http_filters(
 
 
 _FILTER_CONFIG = "envoy.config.route.v3.FilterConfig"
+_NO_OVERRIDES: Mapping[str, FilterConfigOverride] = MappingProxyType({})
 
 
 def decode_filter_overrides(
     overrides: Mapping[str, AnyProto], ctx: Ctx, path: str
 ) -> Mapping[str, FilterConfigOverride]:
     """``typed_per_filter_config`` (vhost, route, weighted cluster or route config)."""
+    if not overrides:
+        return _NO_OVERRIDES
     out: dict[str, FilterConfigOverride] = {}
     for name in sorted(overrides):
         epath = f"{path}[{name!r}]"

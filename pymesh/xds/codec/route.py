@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -26,6 +27,7 @@ from envoy.extensions.path.rewrite.uri_template.v3 import uri_template_rewrite_p
 from envoy.type.matcher.v3 import regex_pb2
 
 from pymesh.model.route import (
+    NO_HEADER_MUTATIONS,
     AppendAction,
     ConnectionSourceIpHash,
     CookieHash,
@@ -160,25 +162,32 @@ def _headers_to_remove(names: Iterable[str], ctx: Ctx, path: str) -> tuple[str, 
 
 
 def _header_mutations(msg: object, ctx: Ctx, path: str) -> HeaderMutations:
-    m = msg  # any message with the four *_headers_to_* fields
+    m: Any = msg  # any message with the four *_headers_to_* fields
+    if not (
+        m.request_headers_to_add
+        or m.request_headers_to_remove
+        or m.response_headers_to_add
+        or m.response_headers_to_remove
+    ):
+        return NO_HEADER_MUTATIONS  # the common case, kept cheap
     return HeaderMutations(
         request_headers_to_add=_headers_to_add(
-            m.request_headers_to_add,  # type: ignore[attr-defined]
+            m.request_headers_to_add,
             ctx,
             join(path, "request_headers_to_add"),
         ),
         request_headers_to_remove=_headers_to_remove(
-            m.request_headers_to_remove,  # type: ignore[attr-defined]
+            m.request_headers_to_remove,
             ctx,
             join(path, "request_headers_to_remove"),
         ),
         response_headers_to_add=_headers_to_add(
-            m.response_headers_to_add,  # type: ignore[attr-defined]
+            m.response_headers_to_add,
             ctx,
             join(path, "response_headers_to_add"),
         ),
         response_headers_to_remove=_headers_to_remove(
-            m.response_headers_to_remove,  # type: ignore[attr-defined]
+            m.response_headers_to_remove,
             ctx,
             join(path, "response_headers_to_remove"),
         ),
