@@ -53,8 +53,7 @@ from pymesh.xds.resource_types import ResourceType
 __all__ = ["decode_cluster_load_assignment", "decode_load_assignment"]
 
 _UINT32_MAX = 2**32 - 1
-_HEALTH = tuple(HealthStatus)  # index = proto number
-_TCP = address_pb2.SocketAddress.TCP
+_HEALTH = tuple(HealthStatus)  # index = proto number (0..5)
 _EMPTY_METADATA: Mapping[str, Mapping[str, Any]] = metadata_to_mapping(
     endpoint_components_pb2.LbEndpoint().metadata
 )
@@ -86,24 +85,6 @@ def _slow_address(
     return sa
 
 
-def _fast_address(addr: address_pb2.Address, allow_hostname: bool) -> SocketAddress | None:
-    """The address if it passes every check, else ``None`` (then call :func:`_slow_address`)."""
-    if addr.WhichOneof("address") != "socket_address":
-        return None
-    sa = addr.socket_address
-    host = sa.address
-    port = sa.port_value
-    if (
-        not host
-        or not 0 < port <= 65535
-        or sa.protocol != _TCP
-        or sa.resolver_name
-        or not (allow_hostname or _is_ip(host))
-    ):
-        return None
-    return SocketAddress(host, port)
-
-
 def decode_load_assignment(
     cla: endpoint_pb2.ClusterLoadAssignment,
     ctx: Ctx,
@@ -117,12 +98,14 @@ def decode_load_assignment(
     ``allow_hostname`` admits DNS names as endpoint addresses (``LOGICAL_DNS`` clusters).
     """
     seen_addresses: set[tuple[str, int]] = set()
-    metadata_cache: dict[bytes, Mapping[str, Mapping[str, Any]]] = {}
+    metadata_cache: dict[bytes, Mapping[str, Mapping[str, Any]]] = {b"": _EMPTY_METADATA}
     locality_cache: dict[tuple[str, str, str], Locality] = {}
     seen_localities: set[tuple[int, Locality]] = set()
     priority_weight: dict[int, int] = {}
     localities: list[LocalityLbEndpoints] = []
     ep_path = join(path, "endpoints")
+    inet_pton = socket.inet_pton
+    af_inet = socket.AF_INET
 
     for i, loc in enumerate(cla.endpoints):
         if loc.HasField("leds_cluster_locality_config"):
@@ -147,13 +130,26 @@ def decode_load_assignment(
         endpoints: list[LbEndpoint] = []
         weight_sum = 0
         for j, lbe in enumerate(loc.lb_endpoints):
-            if lbe.WhichOneof("host_identifier") != "endpoint":
-                p = index(join(index(ep_path, i), "lb_endpoints"), j)
-                raise ctx.error(p, "an lb_endpoint needs an endpoint (named endpoints unsupported)")
+            # Fast path: plain attribute reads, no path strings, no helper calls. An unset
+            # oneof (named endpoint, pipe address, named port) reads as ""/0 and fails here.
             ep = lbe.endpoint
-            address = _fast_address(ep.address, allow_hostname)
-            if address is None:
-                p = join(index(join(index(ep_path, i), "lb_endpoints"), j), "endpoint.address")
+            sa = ep.address.socket_address
+            host = sa.address
+            port = sa.port_value
+            ok = bool(host) and 0 < port <= 65535 and not sa.protocol and not sa.resolver_name
+            if ok and not allow_hostname:
+                try:
+                    inet_pton(af_inet, host)
+                except (OSError, ValueError):
+                    ok = _is_ip(host)
+            if ok:
+                address = SocketAddress(host, port)
+            else:
+                lbe_path = index(join(index(ep_path, i), "lb_endpoints"), j)
+                if lbe.WhichOneof("host_identifier") != "endpoint":
+                    msg = "an lb_endpoint needs an endpoint (named endpoints unsupported)"
+                    raise ctx.error(lbe_path, msg)
+                p = join(lbe_path, "endpoint.address")
                 address = _slow_address(ep.address, ctx, p, allow_hostname=allow_hostname)
             addr_key = (address.host, address.port)
             if addr_key in seen_addresses:
@@ -178,17 +174,17 @@ def decode_load_assignment(
             weight_sum += weight
 
             health = lbe.health_status
-            if not 0 <= health < len(_HEALTH):
+            if not 0 <= health <= 5:
                 p = join(index(join(index(ep_path, i), "lb_endpoints"), j), "health_status")
                 raise ctx.error(p, f"unknown health status {health}")
 
-            metadata = _EMPTY_METADATA
-            if lbe.HasField("metadata"):
-                raw = lbe.metadata.SerializeToString(deterministic=True)
-                cached = metadata_cache.get(raw)
-                if cached is None:
-                    cached = metadata_cache[raw] = metadata_to_mapping(lbe.metadata)
-                metadata = cached
+            # Identical metadata (Istio: per workload, not per pod) is decoded once. The
+            # serialized bytes fully determine the content, so they are a sound cache key.
+            md = lbe.metadata
+            raw = md.SerializeToString()
+            metadata = metadata_cache.get(raw)
+            if metadata is None:
+                metadata = metadata_cache[raw] = metadata_to_mapping(md)
 
             endpoints.append(
                 LbEndpoint(address, extra, _HEALTH[health], weight, ep.hostname, metadata)
@@ -222,10 +218,8 @@ def _additional(
 ) -> tuple[SocketAddress, ...]:
     out: list[SocketAddress] = []
     for k, extra in enumerate(ep.additional_addresses):
-        addr = _fast_address(extra.address, allow_hostname)
         p = join(index(join(lbe_path, "endpoint.additional_addresses"), k), "address")
-        if addr is None:
-            addr = _slow_address(extra.address, ctx, p, allow_hostname=allow_hostname)
+        addr = _slow_address(extra.address, ctx, p, allow_hostname=allow_hostname)
         if (addr.host, addr.port) in seen:
             raise ctx.error(p, f"duplicate endpoint address {addr}")
         seen.add((addr.host, addr.port))
