@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pymesh.errors import XdsError
 from pymesh.model.cluster import Cluster, ClusterKind
@@ -796,3 +798,120 @@ def test_eds_update_does_not_rescan_routes(client: FakeXdsClient) -> None:
     second = handle.current()
     assert second is not None and second.version == 2
     assert sum(second.clusters[c] is not first.clusters[c] for c in clusters) == 1
+
+
+# -- property: any sequence of control-plane events ----------------------------------------------
+
+_ROUTE_NAMES = ("rA", "rB")
+_LEAVES = ("c1", "c2", "c3")
+_CLUSTER_NAMES = (*_LEAVES, "agg", "loop")
+
+
+def _cluster_value(name: str, variant: int) -> Cluster:
+    if name == "agg":
+        return aggregate("agg", *(("c1", "c2"), ("c3", "loop"), ("c2",))[variant % 3])
+    if name == "loop":
+        return aggregate("loop", "agg") if variant % 2 else eds_cluster("loop", "c1")
+    return eds_cluster(name)
+
+
+_events = st.one_of(
+    st.tuples(st.just("lds"), st.sampled_from((*_ROUTE_NAMES, "inline", None))),
+    st.tuples(
+        st.just("rds"),
+        st.sampled_from(_ROUTE_NAMES),
+        st.lists(st.sampled_from(_CLUSTER_NAMES), min_size=1, max_size=3, unique=True),
+    ),
+    st.tuples(st.just("cds"), st.sampled_from(_CLUSTER_NAMES), st.integers(0, 5)),
+    st.tuples(st.just("eds"), st.sampled_from(_LEAVES), st.integers(1, 250)),
+    st.tuples(st.just("delete"), st.sampled_from(("lds", "rds", "cds", "eds"))),
+    st.tuples(st.just("error"), st.sampled_from(("lds", "rds", "cds", "eds"))),
+    st.just(("drain",)),
+)
+
+
+def _apply(client: FakeXdsClient, event: tuple[object, ...]) -> None:
+    kind = event[0]
+    if kind == "lds":
+        rds = event[1]
+        if rds == "inline":
+            client.set(
+                LDS,
+                TARGET,
+                Listener(
+                    name=TARGET,
+                    api_listener=HttpConnectionManager(route_config=route_config("c1", name="in")),
+                ),
+            )
+        elif rds is None:
+            client.delete(LDS, TARGET)
+        else:
+            client.set(LDS, TARGET, listener(rds=str(rds)))
+    elif kind == "rds":
+        name = str(event[1])
+        client.set(RDS, name, route_config(*event[2], name=name))  # type: ignore[misc]
+    elif kind == "cds":
+        name = str(event[1])
+        client.set(CDS, name, _cluster_value(name, int(event[2])))  # type: ignore[call-overload]
+    elif kind == "eds":
+        client.set(EDS, str(event[1]), endpoints(str(event[1]), f"10.0.0.{event[2]}"))
+    elif kind in ("delete", "error"):
+        subscribed = sorted(
+            (k for k in client.subscribed if k[0].abbrev.lower() == event[1]), key=str
+        )
+        if subscribed:
+            rtype, name = subscribed[0]
+            if kind == "delete":
+                client.delete(rtype, name)
+            else:
+                client.error(rtype, name, "boom")
+    else:
+        client.drain()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_events, max_size=40))
+def test_any_event_sequence_keeps_invariants(events: list[tuple[object, ...]]) -> None:
+    client = FakeXdsClient()
+    handle, rec = open_target(client)
+    # Start from a served, different tree (c3, and a loop through agg) so that leaks show.
+    client.set(LDS, TARGET, listener(rds="rB"))
+    client.set(RDS, "rB", route_config("c3", "loop", name="rB"))
+    client.set(CDS, "loop", _cluster_value("loop", 1))
+    client.set(CDS, "agg", _cluster_value("agg", 1))
+    client.set(CDS, "c3", _cluster_value("c3", 0))
+    client.set(EDS, "c3", endpoints("c3", "10.0.0.3"))
+    client.drain()
+    assert handle.current() is not None
+    for event in events:
+        _apply(client, event)
+        client.drain()
+        # The manager watches exactly what the client has subscriptions for.
+        assert client.subscribed == handle.manager.watched
+    # Settle: every resource exists; the final snapshot reflects the latest of each.
+    client.set(LDS, TARGET, listener(rds="rA"))
+    client.set(RDS, "rA", route_config("agg", name="rA"))
+    for name in _CLUSTER_NAMES:
+        client.set(CDS, name, _cluster_value(name, 0))
+    for name in _LEAVES:
+        client.set(EDS, name, endpoints(name, "10.9.9.9"))
+    client.drain()
+    snap = handle.current()
+    assert snap is not None and snap.route_config.name == "rA"
+    agg = snap.clusters["agg"]
+    assert isinstance(agg, ClusterConfig) and agg.leaf_clusters == ("c1", "c2")
+    # Nothing leaks from earlier states: exactly the tree of the final route is watched.
+    assert client.subscribed == {(LDS, TARGET), (RDS, "rA")} | {
+        (CDS, "agg"),
+        (CDS, "c1"),
+        (CDS, "c2"),
+        (EDS, "c1"),
+        (EDS, "c2"),
+    }
+    for item in rec.snapshots:
+        assert_consistent(item)
+    versions = [s.version for s in rec.snapshots]
+    assert versions == sorted(set(versions))
+    handle.close()
+    client.drain()
+    assert client.subscribed == frozenset()
