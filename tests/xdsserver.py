@@ -111,9 +111,13 @@ class XdsTestServer:
         port: int = 0,
         wildcard: bool = False,
         wrap_in_resource: bool = False,
+        unix_path: str | None = None,
+        tls: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.unix_path = unix_path
+        self.tls = tls  # (private key PEM, certificate chain PEM): serve TLS instead
         self.wildcard = wildcard
         self.wrap_in_resource = wrap_in_resource
         self.delay = 0.0
@@ -147,10 +151,16 @@ class XdsTestServer:
             },
         )
         server.add_generic_rpc_handlers((handler,))
-        bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        target = f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
+        if self.tls is not None:
+            creds = grpc.ssl_server_credentials([self.tls])
+            bound = server.add_secure_port(target, creds)
+        else:
+            bound = server.add_insecure_port(target)
         if bound == 0:
-            raise RuntimeError(f"cannot bind {self.host}:{self.port}")
-        self.port = bound
+            raise RuntimeError(f"cannot bind {target}")
+        if not self.unix_path:
+            self.port = bound
         server.start()
         self._server = server
         return self
@@ -181,7 +191,9 @@ class XdsTestServer:
 
     @property
     def address(self) -> str:
-        """``host:port`` (IPv6 hosts in brackets)."""
+        """``host:port`` (IPv6 hosts in brackets), or ``unix:PATH``."""
+        if self.unix_path:
+            return f"unix:{self.unix_path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
@@ -197,14 +209,17 @@ class XdsTestServer:
         *,
         server_features: Iterable[str] = ("xds_v3",),
         extra_servers: Iterable[str] = (),
+        channel_creds: Mapping[str, Any] | None = None,
         node_id: str = "sidecar~127.0.0.1~test.default~default.svc.cluster.local",
     ) -> dict[str, Any]:
         """A bootstrap (as JSON data) whose first server is this one, then ``extra_servers``
-        (``host:port`` or ``unix:`` URIs, insecure, same features) in fallback order."""
+        (``host:port`` or ``unix:`` URIs, same creds and features) in fallback order.
+        ``channel_creds`` is one ``channel_creds`` entry (default ``{"type": "insecure"}``)."""
+        creds = dict(channel_creds) if channel_creds is not None else {"type": "insecure"}
         servers = [
             {
                 "server_uri": uri,
-                "channel_creds": [{"type": "insecure"}],
+                "channel_creds": [creds],
                 "server_features": list(server_features),
             }
             for uri in (self.address, *extra_servers)

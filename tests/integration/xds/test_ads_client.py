@@ -6,19 +6,28 @@ fire only when a test advances it; waiting for the network is waiting for events
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
+import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pymesh.errors import ResourceError
-from pymesh.xds.client import XdsClient
+from pymesh.bootstrap import parse_bootstrap
+from pymesh.errors import BootstrapError, ResourceError, XdsError
+from pymesh.xds.client import XdsClient, get_client
 from pymesh.xds.clock import FakeClock
 from pymesh.xds.codec import Decoded
 from pymesh.xds.resource_types import ResourceType
@@ -476,3 +485,171 @@ def test_mutated_resources_through_the_client(
 
     run()
     assert real_client.connection_state().connected
+
+
+# -- targets, credentials, authorities, the process-wide client ---------------------------------
+
+
+def test_unix_socket_server(tmp_path: Path, clock: FakeClock) -> None:
+    with XdsTestServer(unix_path=str(tmp_path / "xds.sock")) as server:
+        server.set_resources(CDS, {"c1": cluster("c1", 1)})
+        assert server.address.startswith("unix:")
+        with XdsClient(server.bootstrap(), clock=clock, decoder=decode_cluster) as client:
+            rec = WatchRecorder()
+            client.watch(CLUSTER, "c1", rec)
+            assert rec.wait_for(lambda e: e[0] == "changed") == ("changed", "c1", 1)
+
+
+def _tls_files(tmp_path: Path) -> tuple[tuple[bytes, bytes], Path]:
+    """A CA and a server certificate for 127.0.0.1; returns ((key, chain), ca file)."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test ca"))
+        .issuer_name(name("test ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("xds"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca.public_bytes(pem))
+    return (key_pem, cert.public_bytes(pem)), ca_file
+
+
+def test_tls_channel_credentials(tmp_path: Path, clock: FakeClock) -> None:
+    identity, ca_file = _tls_files(tmp_path)
+    with XdsTestServer(tls=identity) as server:
+        server.set_resources(CDS, {"c1": cluster("c1", 1)})
+        creds = {"type": "tls", "config": {"ca_certificate_file": str(ca_file)}}
+        bootstrap = server.bootstrap(channel_creds=creds)
+        with XdsClient(bootstrap, clock=clock, decoder=decode_cluster) as client:
+            rec = WatchRecorder()
+            client.watch(CLUSTER, "c1", rec)
+            assert rec.wait_for(lambda e: e[0] == "changed") == ("changed", "c1", 1)
+        # the same server with insecure credentials cannot be used
+        with XdsClient(server.bootstrap(), clock=clock, decoder=decode_cluster) as client:
+            rec = WatchRecorder()
+            client.watch(CLUSTER, "c1", rec)
+            rec.wait_for(lambda e: e[0] == "ambient_error")
+            assert rec.values() == []
+
+
+def test_missing_tls_file_is_a_connection_error_not_a_crash(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    server = XdsTestServer(port=free_port())
+    creds = {"type": "tls", "config": {"ca_certificate_file": str(tmp_path / "nope.pem")}}
+    with XdsClient(
+        server.bootstrap(channel_creds=creds), clock=clock, decoder=decode_cluster
+    ) as client:
+        rec = WatchRecorder()
+        client.watch(CLUSTER, "c1", rec)
+        event = rec.wait_for(lambda e: e[0] == "ambient_error")
+        assert "nope.pem" in event[2]
+        assert "nope.pem" in (client.connection_state().last_error or "")
+
+
+def test_authorities_get_their_own_stream(server: XdsTestServer, clock: FakeClock) -> None:
+    with XdsTestServer() as other:
+        data = server.bootstrap_dict()
+        data["authorities"] = {
+            "other.example": {
+                "xds_servers": [
+                    {"server_uri": other.address, "channel_creds": [{"type": "insecure"}]}
+                ]
+            }
+        }
+        bootstrap = parse_bootstrap(json.dumps(data), source="test")
+        xdstp = "xdstp://other.example/envoy.config.cluster.v3.Cluster/c2"
+        server.set_resources(CDS, {"c1": cluster("c1", 1)})
+        other.set_resources(CDS, {xdstp: cluster(xdstp, 2)})
+        with XdsClient(bootstrap, clock=clock, decoder=decode_cluster) as client:
+            rec1, rec2 = WatchRecorder(), WatchRecorder()
+            client.watch(CLUSTER, "c1", rec1)
+            client.watch(CLUSTER, xdstp, rec2)
+            assert rec1.wait_for(lambda e: e[0] == "changed")[2] == 1
+            assert rec2.wait_for(lambda e: e[0] == "changed")[2] == 2
+            assert all(xdstp not in r.request.resource_names for r in server.requests)
+            assert len(client.connection_states()) == 2
+            with pytest.raises(BootstrapError):
+                client.watch(CLUSTER, "xdstp://unknown/envoy.config.cluster.v3.Cluster/x", rec1)
+
+
+def test_shared_client_from_the_environment(
+    server: XdsTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GRPC_XDS_BOOTSTRAP_CONFIG", json.dumps(server.bootstrap_dict()))
+    monkeypatch.delenv("GRPC_XDS_BOOTSTRAP", raising=False)
+    monkeypatch.setattr(XdsClient, "_shared", None)
+    client = get_client()
+    try:
+        assert XdsClient.shared() is client
+        assert client.bootstrap.xds_servers[0].uri == server.address
+    finally:
+        client.close()
+    assert get_client() is not client  # a closed shared client is replaced
+    get_client().close()
+
+
+def test_fallback_when_the_primary_dies_after_serving(clock: FakeClock) -> None:
+    with XdsTestServer() as primary, XdsTestServer() as secondary:
+        primary.set_resources(CDS, {"c1": cluster("c1", 1)})
+        secondary.set_resources(CDS, {"c1": cluster("c1", 1)})
+        bootstrap = primary.bootstrap(extra_servers=[secondary.address])
+        with XdsClient(bootstrap, clock=clock, decoder=decode_cluster) as client:
+            rec = WatchRecorder()
+            client.watch(CLUSTER, "c1", rec)
+            rec.wait_for(lambda e: e[0] == "changed")
+            primary.stop()
+            secondary.wait_for_ack(CDS, "1")
+            assert client.connection_state().server_uri == secondary.address
+            secondary.set_resources(CDS, {"c1": cluster("c1", 5)})
+            rec.wait_for(lambda e: e == ("changed", "c1", 5))
+            assert "does_not_exist" not in rec.kinds()
+
+
+def test_close_from_a_callback(server: XdsTestServer, clock: FakeClock) -> None:
+    client = XdsClient(server.bootstrap(), clock=clock, decoder=decode_cluster)
+    closed = threading.Event()
+
+    class Closer(WatchRecorder):
+        def on_resource_changed(self, rtype: object, name: str, value: object) -> None:
+            client.close()
+            closed.set()
+
+    server.set_resources(CDS, {"c1": cluster("c1", 1)})
+    client.watch(CLUSTER, "c1", Closer())
+    assert closed.wait(10)
+    wait_until(lambda: not any(t.name.startswith("pymesh-xds-") for t in threading.enumerate()))
+    with pytest.raises(XdsError):
+        client.watch(CLUSTER, "c1", WatchRecorder())
+    assert client.resource_statuses() == []
