@@ -287,14 +287,18 @@ class TargetDependencyManager:
             return
         if watch.error is not None and watch.value is not None:
             # Ambient: keep using the value we hold, tell subscribers (once per outage).
-            key = (watch.describe(), watch.error)
-            if key not in self._ambient_reported:
-                self._ambient_reported.add(key)
-                self._publish(
-                    TargetError(self.target, ErrorKind.TRANSIENT, watch.error, watch.describe())
-                )
+            self._report_ambient(watch)
             return
         self._recompute_safely()
+
+    def _report_ambient(self, watch: _Watch) -> None:
+        assert watch.error is not None
+        key = (watch.describe(), watch.error)
+        if key not in self._ambient_reported:
+            self._ambient_reported.add(key)
+            self._publish(
+                TargetError(self.target, ErrorKind.TRANSIENT, watch.error, watch.describe())
+            )
 
     def _recompute_safely(self) -> None:
         try:
@@ -341,8 +345,11 @@ class TargetDependencyManager:
                 self._fail(ErrorKind.DOES_NOT_EXIST, "route configuration does not exist", rds)
                 return
             if not isinstance(rds.value, RouteConfiguration):
-                if rds.error is not None and self._last is None:
-                    self._fail(ErrorKind.TRANSIENT, rds.error, rds)
+                if rds.error is not None:
+                    if self._last is None:
+                        self._fail(ErrorKind.TRANSIENT, rds.error, rds)
+                    else:  # the listener moved to a route config that fails: keep the old one
+                        self._report_ambient(rds)
                 return
             route_config = rds.value
 

@@ -300,6 +300,19 @@ def test_listener_switching_rds_name_keeps_old_snapshot_until_new_route_config(
     assert snap.clusters[V1] is first.clusters[V1]  # type: ignore[union-attr]
 
 
+def test_failing_new_route_config_keeps_old_snapshot_and_reports(client: FakeXdsClient) -> None:
+    handle, rec = open_target(client)
+    serve_basic(client, V1)
+    first = handle.current()
+    client.set(LDS, TARGET, listener(rds="broken"))
+    client.drain()
+    client.error(RDS, "broken", "RouteConfiguration 'broken': field virtual_hosts[0]: bad")
+    client.drain()
+    assert handle.current() is first
+    [err] = rec.errors
+    assert err.ambient and err.resource == "RDS broken"
+
+
 def test_no_tears_over_a_sequence_of_updates(client: FakeXdsClient) -> None:
     """Record every published snapshot through many listener/route/cluster changes."""
     handle, rec = open_target(client)
