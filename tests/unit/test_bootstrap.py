@@ -985,3 +985,50 @@ def test_deeply_nested_json_is_a_bootstrap_error() -> None:
         parse_bootstrap("[" * 100_000 + "]" * 100_000, source="deep")
     with pytest.raises(BootstrapError):
         parse_bootstrap('{"xds_servers": ' + "1" * 5000 + "}", source="bigint")
+
+
+_name = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-._~/ ", min_size=0, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    namespace=_name,
+    service_account=_name,
+    workload=st.none() | _name,
+    labels=st.dictionaries(_name, _name, max_size=3),
+    ip=st.sampled_from(["127.0.0.1", "::1", "fd00::1", "10.0.0.300", "x"]),
+    locality=st.none() | _name,
+    address=st.sampled_from(["127.0.0.1:15010", "[::1]:1", "unix:/x", "h:0", "h", "a b:1"]),
+    ports=st.lists(st.integers(-1, 70000), max_size=3),
+)
+def test_fuzz_generator_output_always_loads(
+    *,
+    namespace: str,
+    service_account: str,
+    workload: str | None,
+    labels: dict[str, str],
+    ip: str,
+    locality: str | None,
+    address: str,
+    ports: list[int],
+) -> None:
+    try:
+        data = generate_bootstrap(
+            xds_address=address,
+            namespace=namespace,
+            service_account=service_account,
+            workload=workload,
+            labels=labels,
+            ip=ip,
+            locality=locality,
+            ports=ports,
+        )
+    except BootstrapError as err:
+        assert err.source == "generate_bootstrap"
+        assert err.field
+        return
+    b = parse(data)
+    assert b.node.namespace == namespace
+    assert b.node.service_account == service_account
+    assert dict(b.node.labels) == labels
+    assert [p.port for p in b.node.ports] == ports
