@@ -65,6 +65,8 @@ _IGNORED_ISTIO_KINDS = {
     "WasmPlugin",
 }
 
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 Parser = Callable[[Reader, str, str], Any]
 _PARSERS: dict[str, tuple[tuple[str, ...], Parser]] = {
     "ServiceEntry": (_NETWORKING, parse_service_entry),
@@ -125,7 +127,7 @@ def load_documents(
             digest.update(str(f).encode() + b"\0" + data + b"\0")
         try:
             text = data.decode("utf-8")
-            loaded = list(yaml.safe_load_all(text))
+            loaded = list(yaml.load_all(text, Loader=_LOADER))
         except UnicodeDecodeError:
             issues.append(
                 ConfigIssue(IssueLevel.ERROR, str(f), -1, "", "", "", "file is not UTF-8 text")
@@ -212,7 +214,9 @@ def _parse_doc(file: str, index: int, doc: Any, issues: list[ConfigIssue]) -> li
 
 
 def _cross_check(
-    docs: list[_Doc], services: dict[str, ServiceSpec], rules: list[DestinationRuleSpec]
+    docs: list[_Doc],
+    services: dict[str, ServiceSpec],
+    rules: dict[str, list[DestinationRuleSpec]],
 ) -> None:
     for d in docs:
         if d.kind == "VirtualService":
@@ -258,7 +262,7 @@ def _check_destination(  # noqa: PLR0917
     port: int | None,
     namespace: str,
     services: dict[str, ServiceSpec],
-    rules: list[DestinationRuleSpec],
+    rules: dict[str, list[DestinationRuleSpec]],
 ) -> None:
     svc = services.get(host)
     if svc is None:
@@ -270,10 +274,8 @@ def _check_destination(  # noqa: PLR0917
         d.sink.info(f"{path}.port", f"service {host} has several ports; the listener's is used")
     if subset:
         defined = any(
-            r.host == host
-            and r.subset(subset) is not None
-            and exported_to(r.export_to, r.namespace, namespace)
-            for r in rules
+            r.subset(subset) is not None and exported_to(r.export_to, r.namespace, namespace)
+            for r in rules.get(host, ())
         )
         if not defined:
             d.sink.error(
@@ -325,7 +327,10 @@ def load_config(paths: Sequence[Path]) -> tuple[MeshConfig | None, list[ConfigIs
                 services[s.hostname] = s
                 service_list.append(s)
     rules: list[DestinationRuleSpec] = [d.value for d in live if d.kind == "DestinationRule"]
-    _cross_check(live, services, rules)
+    rules_by_host: dict[str, list[DestinationRuleSpec]] = {}
+    for r in rules:
+        rules_by_host.setdefault(r.host, []).append(r)
+    _cross_check(live, services, rules_by_host)
 
     def of(kind: str) -> list[Any]:
         return [d.value for d in live if d.kind == kind]

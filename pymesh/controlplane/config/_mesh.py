@@ -60,8 +60,11 @@ class MeshConfig:
     """An immutable, validated mesh configuration (build it with ``load_config``)."""
 
     __slots__ = (
+        "_dr_by_host",
         "_endpoint_cache",
         "_services_by_host",
+        "_vs_by_host",
+        "_vs_wildcard",
         "authorization_policies",
         "destination_rules",
         "files",
@@ -104,6 +107,24 @@ class MeshConfig:
         for s in self.services:
             by_host.setdefault(s.hostname, s)
         self._services_by_host: Mapping[str, ServiceSpec] = types.MappingProxyType(by_host)
+        drs: dict[str, list[DestinationRuleSpec]] = {}
+        for dr in self.destination_rules:
+            if dr.workload_selector is None:
+                drs.setdefault(dr.host, []).append(dr)
+        self._dr_by_host: Mapping[str, list[DestinationRuleSpec]] = types.MappingProxyType(drs)
+        vss: dict[str, list[VirtualServiceSpec]] = {}
+        wild: list[VirtualServiceSpec] = []
+        for vs in self.virtual_services:
+            if "mesh" not in vs.gateways:
+                continue
+            for h in vs.hosts:
+                if "*" in h:
+                    if vs not in wild:
+                        wild.append(vs)
+                else:
+                    vss.setdefault(h, []).append(vs)
+        self._vs_by_host: Mapping[str, list[VirtualServiceSpec]] = types.MappingProxyType(vss)
+        self._vs_wildcard: tuple[VirtualServiceSpec, ...] = tuple(wild)
         self._endpoint_cache: dict[tuple[str, int], tuple[Endpoint, ...]] = {}
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -156,11 +177,7 @@ class MeshConfig:
         if svc is not None:
             order.append(svc.namespace)
         order.append(ROOT_NAMESPACE)
-        candidates = [
-            dr
-            for dr in self.destination_rules
-            if dr.host == hostname.lower() and dr.workload_selector is None
-        ]
+        candidates = self._dr_by_host.get(hostname.lower(), [])
         for ns in order:
             for dr in candidates:
                 if dr.namespace == ns and (
@@ -177,9 +194,7 @@ class MeshConfig:
         host beats wildcard; the client's namespace beats others)."""
         best: tuple[int, VirtualServiceSpec] | None = None
         hostname = hostname.lower()
-        for vs in self.virtual_services:
-            if "mesh" not in vs.gateways:
-                continue
+        for vs in [*self._vs_by_host.get(hostname, ()), *self._vs_wildcard]:
             if namespace and not exported_to(vs.export_to, vs.namespace, namespace):
                 continue
             for h in vs.hosts:

@@ -41,16 +41,19 @@ class ProxyNode:
 
     @property
     def class_key(self) -> tuple[object, ...]:
-        """What generated output depends on besides the requested names: nodes with the same
-        key get the same resources (the generator caches by it)."""
+        """What outbound resources (CDS, EDS, RDS, outbound LDS) depend on besides the
+        requested names: nodes with the same key get the same resources."""
         return (
             self.generator == "grpc",
             self.namespace,
             tuple(sorted(self.labels.items())),
             str(self.locality),
-            self.ips,
-            self.service_account,
         )
+
+    @property
+    def inbound_key(self) -> tuple[object, ...]:
+        """What inbound listeners additionally depend on."""
+        return (*self.class_key, self.ips, self.service_account)
 
     @classmethod
     def from_node_proto(cls, node: Any) -> ProxyNode:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from envoy.config.core.v3 import base_pb2, health_check_pb2
+from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from pymesh.controlplane.config import Endpoint, MeshConfig, ProxyNode, ServiceSpec, labels_match
@@ -96,6 +96,7 @@ def build_load_assignment(  # noqa: PLR0917
         groups.setdefault((e.locality, prio), []).append(e)
     for (loc, prio), members in sorted(groups.items(), key=lambda kv: (kv[0][1], str(kv[0][0]))):
         le = cla.endpoints.add()
+        le.locality.SetInParent()  # gRPC's xDS client rejects a missing locality (even empty)
         if loc.region or loc.zone or loc.sub_zone:
             le.locality.region, le.locality.zone, le.locality.sub_zone = (
                 loc.region,
@@ -116,11 +117,6 @@ def build_load_assignment(  # noqa: PLR0917
             sa.port_value = e.port
             lbe.health_status = _HEALTH.get(e.health, health_check_pb2.HEALTHY)
             lbe.load_balancing_weight.value = max(1, e.weight)
-            if e.labels or e.service_account:
-                md = lbe.metadata.filter_metadata["istio"]
-                md["workload"] = e.labels.get("app", "")
-                if e.service_account:
-                    md["service_account"] = e.service_account
     if lb is not None and lb.enabled and lb.distribute:
         # Localities whose distribute weight is 0 would make Envoy reject the assignment.
         kept = [le for le in cla.endpoints if le.load_balancing_weight.value > 0]
@@ -146,6 +142,3 @@ def _is_ip(address: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-_ = base_pb2

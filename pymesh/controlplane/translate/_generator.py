@@ -58,7 +58,9 @@ class Generator:
         rtype = ResourceType.from_type_url(type_url)
         if rtype is None:
             return {}
-        key = (node.class_key, type_url, None if names is None else frozenset(names))
+        wanted = None if names is None else frozenset(names)
+        inbound = wanted is not None and any(n.startswith(INBOUND_PREFIX) for n in wanted)
+        key = (node.inbound_key if inbound else node.class_key, type_url, wanted)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
