@@ -294,11 +294,18 @@ class XdsClient:
         if group.stream is None and group.retry_timer is None:
             self._start_stream(group, 0)
         status = group.state.status(w.rtype, w.name)
+        effect: Effect | None = None
         if status is not None and status.value is not None:
-            value = status.value
-            self._serializer.post(lambda: self._deliver(w, Changed(w.rtype, w.name, value)))
+            effect = Changed(w.rtype, w.name, status.value)
         elif status is not None and status.status == DOES_NOT_EXIST:
-            self._serializer.post(lambda: self._deliver(w, DoesNotExist(w.rtype, w.name)))
+            effect = DoesNotExist(w.rtype, w.name)
+        elif not group.conn.connected and group.conn.last_error:
+            # The servers are unreachable right now: say so at once rather than leave the
+            # new watcher waiting for the next failed attempt.
+            effect = AmbientError(w.rtype, w.name, f"xDS stream error: {group.conn.last_error}")
+        if effect is not None:
+            delivered = effect
+            self._serializer.post(lambda: self._deliver(w, delivered))
 
     def _remove_watch(self, w: _Watch) -> None:
         key = (w.rtype, w.name)

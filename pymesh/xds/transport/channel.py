@@ -16,6 +16,10 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     # One fresh subchannel per attempt: our own backoff decides when to retry.
     ("grpc.use_local_subchannel_pool", 1),
+    # Notice a control plane that vanished without closing the connection (a partition):
+    # a ping every 5 minutes is well within what istiod and grpc servers permit.
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
 )
 
 

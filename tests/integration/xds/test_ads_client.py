@@ -653,3 +653,15 @@ def test_close_from_a_callback(server: XdsTestServer, clock: FakeClock) -> None:
     with pytest.raises(XdsError):
         client.watch(CLUSTER, "c1", WatchRecorder())
     assert client.resource_statuses() == []
+
+
+def test_new_watcher_hears_at_once_that_the_servers_are_down(clock: FakeClock) -> None:
+    server = XdsTestServer(port=free_port())  # never started
+    with XdsClient(server.bootstrap(), clock=clock, decoder=decode_cluster) as client:
+        first = WatchRecorder()
+        client.watch(CLUSTER, "c1", first)
+        first.wait_for(lambda e: e[0] == "ambient_error")
+        second = WatchRecorder()
+        client.watch(CLUSTER, "c2", second)  # the group is waiting out its backoff
+        event = second.wait_for(lambda e: e[0] == "ambient_error")
+        assert "cannot connect" in event[2]
