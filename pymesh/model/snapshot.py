@@ -52,8 +52,9 @@ class ErrorKind(enum.Enum):
     DOES_NOT_EXIST = "does_not_exist"
     """The control plane says the resource does not exist (or it was removed)."""
     INVALID = "invalid"
-    """The resource was rejected (NACKed) before any good version arrived, or is unusable
-    here (e.g. a listener without an ``api_listener`` used as a client target)."""
+    """The resource failed before any good version arrived (it was NACKed, or the control
+    plane was unreachable when it was first needed: see the message), or is unusable here
+    (e.g. a listener without an ``api_listener`` used as a client target)."""
     NO_VIRTUAL_HOST = "no_virtual_host"
     """No virtual host of the route configuration matches the target's authority."""
     AGGREGATE = "aggregate"
