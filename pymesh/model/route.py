@@ -197,7 +197,9 @@ class HeaderMatcher:
 
 @dataclass(frozen=True, slots=True)
 class QueryParameterMatcher:
-    """``route.v3.QueryParameterMatcher``: ``string_match`` or ``present_match``."""
+    """``route.v3.QueryParameterMatcher``. With ``string_match`` the first value must match;
+    otherwise ``present_match`` True requires the parameter, and False never matches (Envoy's
+    reading of ``present_match: false``)."""
 
     name: str
     string_match: StringMatcher | None = None

@@ -104,7 +104,8 @@ RETRY_ON_TOKENS = frozenset(
 """``retry_on`` tokens Envoy knows; others are dropped (Envoy ignores them too)."""
 
 _MAX_UINT32 = 0xFFFFFFFF
-_HEADER_NAME = re.compile(r"^:?[0-9a-z!#$%&'*+\-.^_`|~]+$")
+# Envoy validates header names non-strictly: anything but NUL, CR and LF (and not empty).
+_HEADER_NAME = re.compile(r"^[^\x00\r\n]+$")
 _DEFAULT_MAX_DIRECT_RESPONSE_BODY = 4096
 _URI_TEMPLATE_MATCH = "envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig"
 _URI_TEMPLATE_REWRITE = "envoy.extensions.path.rewrite.uri_template.v3.UriTemplateRewriteConfig"
@@ -260,7 +261,8 @@ def _route_match(m: rc.RouteMatch, ctx: Ctx, path: str) -> RouteMatch:
             sm = decode_string_matcher(q.string_match, ctx, join(qpath, "string_match"))
             params.append(QueryParameterMatcher(q.name, string_match=sm))
         elif qk == "present_match" and not q.present_match:
-            raise ctx.error(join(qpath, "present_match"), "present_match must be true")
+            # Envoy: present_match false never matches (kept so the route stays in order).
+            params.append(QueryParameterMatcher(q.name, present_match=False))
         else:
             params.append(QueryParameterMatcher(q.name, present_match=True))
     fraction = None
@@ -305,11 +307,8 @@ def decode_retry_policy(p: rc.RetryPolicy, ctx: Ctx, path: str) -> RetryPolicy:
         max_ = optional_duration(bo, "max_interval", ctx, bpath)
         if max_ is not None and max_ < base:
             raise ctx.error(join(bpath, "max_interval"), "max_interval must be >= base_interval")
-    codes = []
-    for i, code in enumerate(p.retriable_status_codes):
-        if not 100 <= code < 600:
-            raise ctx.error(index(join(path, "retriable_status_codes"), i), f"bad status {code}")
-        codes.append(int(code))
+    # Envoy accepts any number here; one outside 100..599 simply never matches.
+    codes = [int(code) for code in p.retriable_status_codes]
     predicates = []
     for i, pred in enumerate(p.retry_host_predicate):
         if not pred.name and not pred.HasField("typed_config"):
@@ -424,12 +423,9 @@ def _weighted_clusters(
         )
     if total == 0:
         raise ctx.error(cpath, "sum of weighted cluster weights is zero")
-    total_weight = optional_uint32(wc, "total_weight")
-    if total_weight is not None and total_weight != total:
-        raise ctx.error(
-            join(path, "total_weight"), f"total_weight {total_weight} != sum of weights {total}"
-        )
-    return tuple(clusters), total_weight
+    # total_weight is deprecated: Envoy (and gRPC) pick by the sum of the weights and accept
+    # a total_weight that differs; it is kept, for display only.
+    return tuple(clusters), optional_uint32(wc, "total_weight")
 
 
 def _route_action(
@@ -636,12 +632,9 @@ def _route(
 
 
 def _check_domain(domain: str, ctx: Ctx, path: str) -> str:
+    # As in Envoy, a "*" that is neither leading nor trailing is literal (an exact domain).
     if not domain:
         raise ctx.error(path, "empty domain")
-    if domain != "*":
-        stars = domain.count("*")
-        if stars > 1 or (stars == 1 and not (domain.startswith("*") or domain.endswith("*"))):
-            raise ctx.error(path, f"invalid wildcard domain {domain!r}")
     return domain.lower()
 
 

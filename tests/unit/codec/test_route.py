@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pathlib
+import subprocess
 from typing import Any
 
 import pytest
@@ -398,6 +399,36 @@ ACCEPTED: list[tuple[str, dict[str, Any], Any]] = [
 ]
 
 
+ACCEPTED += [
+    (
+        "Envoy leniency: present_match false (never matches), mismatched total_weight kept",
+        {
+            "match": {"prefix": "/", "queryParameters": [{"name": "q", "presentMatch": False}]},
+            "route": {
+                "weightedClusters": {"totalWeight": 10, "clusters": [{"name": "a", "weight": 3}]}
+            },
+        },
+        lambda r: (
+            not r.match.query_parameters[0].present_match
+            and r.match.query_parameters[0].string_match is None
+            and r.action.total_weight == 10
+        ),
+    ),
+    (
+        "Envoy leniency: non-strict header names, any retriable status code number",
+        {
+            "match": {"prefix": "/"},
+            "route": {"cluster": "c", "retryPolicy": {"retriableStatusCodes": [42]}},
+            "requestHeadersToAdd": [{"header": {"key": "Odd Header", "value": "/"}}],
+        },
+        lambda r: (
+            r.headers.request_headers_to_add[0].key == "odd header"
+            and r.action.retry_policy.retriable_status_codes == (42,)
+        ),
+    ),
+]
+
+
 @pytest.mark.parametrize(("desc", "route", "check"), ACCEPTED, ids=[a[0] for a in ACCEPTED])
 def test_accepted_route(desc: str, route: dict[str, Any], check: Any) -> None:
     assert check(route_of(base(route)))
@@ -547,14 +578,6 @@ REJECTED: list[tuple[dict[str, Any], str, str]] = [
         "empty prefix",
     ),
     (
-        {
-            "match": {"prefix": "/", "queryParameters": [{"name": "q", "presentMatch": False}]},
-            "route": {"cluster": "c"},
-        },
-        f"{V0R0}.match.query_parameters[0].present_match",
-        "must be true",
-    ),
-    (
         {"match": {"pathSeparatedPrefix": "/a/"}, "route": {"cluster": "c"}},
         f"{V0R0}.match.path_separated_prefix",
         "not end with",
@@ -578,16 +601,6 @@ REJECTED: list[tuple[dict[str, Any], str, str]] = [
         },
         f"{V0R0}.route.weighted_clusters.clusters",
         "zero",
-    ),
-    (
-        {
-            "match": {"prefix": "/"},
-            "route": {
-                "weightedClusters": {"totalWeight": 10, "clusters": [{"name": "a", "weight": 3}]}
-            },
-        },
-        f"{V0R0}.route.weighted_clusters.total_weight",
-        "!= sum",
     ),
     (
         {"match": {"prefix": "/"}, "route": {"weightedClusters": {"clusters": [{"weight": 3}]}}},
@@ -711,15 +724,6 @@ REJECTED: list[tuple[dict[str, Any], str, str]] = [
     (
         {
             "match": {"prefix": "/"},
-            "route": {"cluster": "c"},
-            "requestHeadersToAdd": [{"header": {"key": "bad header", "value": "/"}}],
-        },
-        f"{V0R0}.request_headers_to_add[0].header.key",
-        "invalid header name",
-    ),
-    (
-        {
-            "match": {"prefix": "/"},
             "route": {
                 "cluster": "c",
                 "requestMirrorPolicies": [{"runtimeFraction": {"defaultValue": {"numerator": 1}}}],
@@ -763,11 +767,6 @@ REJECTED_CONFIG: list[tuple[Any, str, str]] = [
     (lambda d: d.update(name=""), "name", "empty resource name"),
     (lambda d: d["virtualHosts"][0].update(domains=[]), "virtual_hosts[0].domains", "no domains"),
     (
-        lambda d: d["virtualHosts"][0].update(domains=["a.*.com"]),
-        "virtual_hosts[0].domains[0]",
-        "invalid wildcard",
-    ),
-    (
         lambda d: d["virtualHosts"].append({"name": "b", "domains": ["x", "*"]}),
         "virtual_hosts[1].domains[1]",
         "also in virtual_hosts[0]",
@@ -788,11 +787,6 @@ REJECTED_CONFIG: list[tuple[Any, str, str]] = [
         ),
         "cluster_specifier_plugins[0].extension.typed_config",
         "unsupported cluster specifier plugin",
-    ),
-    (
-        lambda d: d["virtualHosts"][0].update(retryPolicy={"retriableStatusCodes": [42]}),
-        "virtual_hosts[0].retry_policy.retriable_status_codes[0]",
-        "bad status",
     ),
 ]
 
@@ -898,3 +892,86 @@ def test_deepcopy_free_models_are_hashable_where_frozen() -> None:
     with pytest.raises(AttributeError):
         rc.name = "x"  # type: ignore[misc]
     assert copy.copy(rc) == rc
+
+
+# --------------------------------------------------------------------------- Envoy oracle
+
+# Cases we NACK although Envoy accepts them, on purpose: a control plane must not make the
+# library read local files (Envoy reads ``filename`` bodies), and an RDS resource needs a name.
+PYMESH_STRICTER = {
+    f"{V0R0}.direct_response.body.filename",
+    "name",
+}
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+
+
+def _envoy_accepts(envoy_bin: pathlib.Path, tmp: pathlib.Path, rc: dict[str, Any]) -> bool:
+    """Run ``envoy --mode validate`` on a static listener whose HCM inlines ``rc``."""
+    rc = copy.deepcopy(rc)
+    rc["validateClusters"] = False
+    bootstrap = {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "l",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "hcm",
+                                    "typed_config": {
+                                        "@type": _HCM + "HttpConnectionManager",
+                                        "stat_prefix": "x",
+                                        "route_config": rc,
+                                        "http_filters": [
+                                            {"name": "fault", "typed_config": {"@type": FAULT}},
+                                            {
+                                                "name": "router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/envoy."
+                                                    "extensions.filters.http.router.v3.Router"
+                                                },
+                                            },
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ]
+        }
+    }
+    path = tmp / "envoy.yaml"
+    path.write_text(yaml.safe_dump(bootstrap))
+    proc = subprocess.run(
+        [str(envoy_bin), "--mode", "validate", "-c", str(path), "-l", "critical"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return proc.returncode == 0
+
+
+@pytest.mark.envoy
+def test_envoy_oracle_agrees_with_rejections_and_fixtures(
+    envoy_bin: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """Every config we NACK, Envoy rejects too (except the documented stricter cases), and
+    the Istio-shaped fixtures are valid Envoy config (Istio's private extensions removed,
+    as stock Envoy does not have them)."""
+    disagreements = []
+    for route, field, message in REJECTED:
+        if field not in PYMESH_STRICTER and _envoy_accepts(envoy_bin, tmp_path, base(route)):
+            disagreements.append((field, message))
+    for mutate, field, message in REJECTED_CONFIG:
+        d = base()
+        mutate(d)
+        if field not in PYMESH_STRICTER and _envoy_accepts(envoy_bin, tmp_path, d):
+            disagreements.append((field, message))
+    assert disagreements == []
+    sidecar = fixture("rds_sidecar_9080.yaml")
+    del sidecar["virtualHosts"][0]["routes"][0]["typedPerFilterConfig"]["istio.stats"]
+    for rc in (sidecar, fixture("rds_grpc_reviews.yaml")):
+        assert _envoy_accepts(envoy_bin, tmp_path, rc)
