@@ -1064,3 +1064,11 @@ def test_agrees_with_envoy_on_validity(
     except ResourceError:
         ours_ok = False
     assert envoy_ok == ours_ok == (change == {})
+
+
+def test_registered_for_the_cluster_type_url() -> None:
+    from pymesh.xds.codec import decode_resource
+    from pymesh.xds.resource_types import ResourceType
+
+    got = decode_resource(ResourceType.CLUSTER.type_url, encode(load_dict("cds_aggregate")))
+    assert isinstance(got.value, Cluster) and got.name == "reviews-aggregate"

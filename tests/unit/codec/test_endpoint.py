@@ -410,3 +410,12 @@ def test_mutated_bytes_only_raise_resource_error(data: bytes) -> None:
         assert err.type_name == "ClusterLoadAssignment"
     else:
         assert isinstance(got.value, ClusterLoadAssignment)
+
+
+def test_registered_for_the_eds_type_url() -> None:
+    from pymesh.xds.codec import decode_resource
+    from pymesh.xds.resource_types import ResourceType
+
+    url = ResourceType.CLUSTER_LOAD_ASSIGNMENT.type_url
+    got = decode_resource(url, encode(BASE))
+    assert isinstance(got.value, ClusterLoadAssignment) and got.name == NAME
