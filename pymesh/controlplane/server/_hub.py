@@ -113,6 +113,7 @@ class Hub:
         self.last_good_at: float | None = None
         self.last_reload_error: tuple[str, ...] = ()
         self.push_cpu_seconds: list[float] = []
+        self.last_push: dict[str, object] = {}
         self._fingerprint: Fingerprint = ()
         self._files_dirty = False
         self._workloads_dirty = False
@@ -214,12 +215,14 @@ class Hub:
     async def _rebuild_and_push(self, loop: asyncio.AbstractEventLoop) -> None:
         changed = self._workloads_dirty
         self._workloads_dirty = False
+        t0 = time.perf_counter()
         if self._files_dirty:
             self._files_dirty = False
             result = await loop.run_in_executor(None, self.backend.load, self.paths)
             changed |= self._apply_load(result)
         if not changed:
             return
+        t1 = time.perf_counter()
         started = time.process_time()
         try:
             self._rebuild_generator()
@@ -227,9 +230,26 @@ class Hub:
             log.exception("building the xDS generator failed; keeping the previous one")
             self.metrics.inc("pilot_xds_push_errors")
             return
+        t2 = time.perf_counter()
         await self.push_all()
+        t3 = time.perf_counter()
         self.push_cpu_seconds.append(time.process_time() - started)
         del self.push_cpu_seconds[:-100]
+        self.last_push = {
+            "version": self.version,
+            "load_seconds": round(t1 - t0, 4),
+            "build_seconds": round(t2 - t1, 4),
+            "push_seconds": round(t3 - t2, 4),
+            "clients": len(self.connections),
+        }
+        log.info(
+            "pushed version %d to %d clients: load %.3fs, build %.3fs, push %.3fs",
+            self.version,
+            len(self.connections),
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+        )
 
     # -- connections ----------------------------------------------------------------------
 
@@ -406,6 +426,7 @@ class Hub:
             "issues": [{"level": lvl, "message": text} for lvl, text in self.issues],
             "last_reload_errors": list(self.last_reload_error),
             "last_good_at": self.last_good_at,
+            "last_push": self.last_push,
             "workloads": [
                 {
                     "namespace": e.namespace,
