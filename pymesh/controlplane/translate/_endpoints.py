@@ -109,7 +109,7 @@ def build_load_assignment(  # noqa: PLR0917
             dw = _distribute_weight(node, loc, lb)
             if dw is not None:
                 weight = dw
-        le.load_balancing_weight.value = max(1, weight) if weight else 1
+        le.load_balancing_weight.value = weight  # 0 only from distribute: dropped below
         for e in sorted(members, key=lambda x: (x.address, x.port)):
             lbe = le.lb_endpoints.add()
             sa = lbe.endpoint.address.socket_address
