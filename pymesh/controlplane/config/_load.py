@@ -218,12 +218,22 @@ def _cross_check(
     services: dict[str, ServiceSpec],
     rules: dict[str, list[DestinationRuleSpec]],
 ) -> None:
+    routed: dict[tuple[str, str], str] = {}
+    ruled: dict[tuple[str, str], str] = {}
     for d in docs:
         if d.kind == "VirtualService":
             vs: VirtualServiceSpec = d.value
             if "mesh" not in vs.gateways:
                 d.sink.warn("spec.gateways", "not bound to the mesh gateway; pymesh ignores it")
                 continue
+            for i, h in enumerate(vs.hosts):
+                first = routed.setdefault((vs.namespace, h), f"{vs.namespace}/{vs.name}")
+                if first != f"{vs.namespace}/{vs.name}":
+                    d.sink.warn(
+                        f"spec.hosts[{i}]",
+                        f"host {h} is already routed by VirtualService {first}; "
+                        "this one is not used for it",
+                    )
             for i, h in enumerate(vs.hosts):
                 if "*" not in h and h not in services:
                     d.sink.warn(f"spec.hosts[{i}]", f"no service {h!r} in the configuration")
@@ -242,6 +252,14 @@ def _cross_check(
                     )
         elif d.kind == "DestinationRule":
             dr: DestinationRuleSpec = d.value
+            if dr.workload_selector is None:
+                first = ruled.setdefault((dr.namespace, dr.host), f"{dr.namespace}/{dr.name}")
+                if first != f"{dr.namespace}/{dr.name}":
+                    d.sink.warn(
+                        "spec.host",
+                        f"host {dr.host} already has DestinationRule {first}; "
+                        "this one's traffic policy is not used (its subsets still count)",
+                    )
             if "*" not in dr.host and dr.host not in services:
                 d.sink.warn("spec.host", f"no service {dr.host!r} in the configuration")
             svc = services.get(dr.host)

@@ -7,6 +7,7 @@ index, which is rebuilt lazily.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -109,8 +110,19 @@ class MeshConfig:
         self._services_by_host: Mapping[str, ServiceSpec] = types.MappingProxyType(by_host)
         drs: dict[str, list[DestinationRuleSpec]] = {}
         for dr in self.destination_rules:
-            if dr.workload_selector is None:
-                drs.setdefault(dr.host, []).append(dr)
+            if dr.workload_selector is not None:
+                continue
+            same = drs.setdefault(dr.host, [])
+            for i, prev in enumerate(same):
+                if prev.namespace == dr.namespace:
+                    # Istio merges rules for one host: the first one's traffic policy,
+                    # every rule's subsets (the first definition of a name wins).
+                    names = {x.name for x in prev.subsets}
+                    extra = tuple(x for x in dr.subsets if x.name not in names)
+                    same[i] = dataclasses.replace(prev, subsets=prev.subsets + extra)
+                    break
+            else:
+                same.append(dr)
         self._dr_by_host: Mapping[str, list[DestinationRuleSpec]] = types.MappingProxyType(drs)
         vss: dict[str, list[VirtualServiceSpec]] = {}
         wild: list[VirtualServiceSpec] = []

@@ -163,6 +163,8 @@ def _apply_lb(c: cluster_pb2.Cluster, policy: TrafficPolicy, envoy: bool) -> Non
         c.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN
     elif lb.simple == "LEAST_REQUEST":
         c.lb_policy = cluster_pb2.Cluster.LEAST_REQUEST
+    elif not envoy:
+        pass  # as istiod's grpcgen: RANDOM/PASSTHROUGH are not applied to gRPC clients
     elif lb.simple == "RANDOM":
         c.lb_policy = cluster_pb2.Cluster.RANDOM
     elif lb.simple == "PASSTHROUGH" and envoy:

@@ -103,3 +103,23 @@ def test_generator_cache_shares_node_classes(tmp_path: Path) -> None:
     assert first[name] is second[name]  # same node class: one generation
     envoy = gen.generate(ProxyNode("c", "team-a"), CDS, None)
     assert envoy[name] is not first[name]
+
+
+def test_destination_rules_for_one_host_merge_subsets(tmp_path: Path) -> None:
+    extra = """\
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: private-v2, namespace: team-a}
+spec:
+  host: private
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+  subsets: [{name: v2, labels: {version: v2}}]
+"""
+    (tmp_path / "m.yaml").write_text(MESH + extra)
+    config = load_ok(tmp_path)
+    warnings = [i for i in config.issues if i.name == "team-a/private-v2"]
+    assert [w.field for w in warnings] == ["spec.host"]
+    node = ProxyNode("a", "team-a", generator="grpc")
+    names = set(Generator(config).generate(node, CDS, None))
+    assert "outbound|80|v2|private.team-a.svc.cluster.local" in names
