@@ -419,3 +419,87 @@ def test_registered_for_the_eds_type_url() -> None:
     url = ResourceType.CLUSTER_LOAD_ASSIGNMENT.type_url
     got = decode_resource(url, encode(BASE))
     assert isinstance(got.value, ClusterLoadAssignment) and got.name == NAME
+
+
+_CORRUPTIONS: list[tuple[str, Any]] = [
+    ("host", "h.example"),
+    ("host", ""),
+    ("host", "10.0.0.1"),  # may duplicate another endpoint
+    ("port", 0),
+    ("port", 65536),
+    ("weight", 0),
+    ("weight", 2**32 - 1),
+    ("health", 6),
+    ("priority", 3),
+    ("zone", "z0"),  # may duplicate another locality of the priority
+    ("locality_weight", 0),
+    ("locality_weight", 2**32 - 1),
+]
+
+
+@st.composite
+def random_assignments(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid assignment (unique addresses, contiguous priorities) with up to two random
+    corruptions that may or may not break a rule."""
+    localities = []
+    n = 0
+    for i in range(draw(st.integers(0, 4))):
+        endpoints = []
+        for _ in range(draw(st.integers(0, 3))):
+            n += 1
+            e: dict[str, Any] = ep(f"10.0.0.{n}" if n % 2 else f"fd00::{n}")
+            e["loadBalancingWeight"] = draw(st.integers(1, 10))
+            e["healthStatus"] = draw(st.integers(0, 5))
+            endpoints.append(e)
+        extra = {"priority": min(i, draw(st.integers(0, 1))), "loadBalancingWeight": 1}
+        localities.append(loc(f"z{i}", *endpoints, **extra))
+    data = cla(*localities)
+    for _ in range(draw(st.integers(0, 2))):
+        if not localities:
+            break
+        what, value = draw(st.sampled_from(_CORRUPTIONS))
+        target = draw(st.sampled_from(localities))
+        if what == "priority":
+            target["priority"] = value
+        elif what == "zone":
+            target["locality"]["zone"] = value
+        elif what == "locality_weight":
+            target["loadBalancingWeight"] = value
+        elif target["lbEndpoints"]:
+            e = draw(st.sampled_from(target["lbEndpoints"]))
+            sa = e["endpoint"]["address"]["socketAddress"]
+            if what == "host":
+                sa["address"] = value
+            elif what == "port":
+                sa["portValue"] = value
+            elif what == "weight":
+                e["loadBalancingWeight"] = value
+            else:
+                e["healthStatus"] = value
+    return data
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_assignments())
+def test_accepted_assignments_hold_the_invariants(data: dict[str, Any]) -> None:
+    try:
+        got = decode(data)
+    except ResourceError as err:
+        assert err.resource_name == NAME and err.field
+        return
+    priorities = sorted({x.priority for x in got.localities})
+    assert priorities == list(range(len(priorities)))
+    addresses = [(e.address.host, e.address.port) for e in got.all_endpoints()]
+    assert len(addresses) == len(set(addresses))
+    seen = set()
+    for x in got.localities:
+        assert (x.priority, x.locality) not in seen
+        seen.add((x.priority, x.locality))
+        assert x.load_balancing_weight != 0
+        assert sum(e.load_balancing_weight for e in x.endpoints) <= 2**32 - 1
+        for e in x.endpoints:
+            assert e.load_balancing_weight >= 1 and 1 <= e.address.port <= 65535
+            assert e.address.host != "h.example" and e.health_status.value <= 5
+    for p in priorities:
+        weights = [x.load_balancing_weight or 0 for x in got.localities if x.priority == p]
+        assert sum(weights) <= 2**32 - 1
