@@ -533,7 +533,7 @@ def _http_route(r: Reader, namespace: str) -> HTTPRoute:
         dests.append(
             RouteDestination(
                 _destination(dr, namespace),
-                100 if weight is None and len(items) == 1 else (weight or 0),
+                100 if len(items) == 1 else (weight or 0),  # one destination: 100
                 _header_ops(d.sub("headers")),
             )
         )
