@@ -17,7 +17,8 @@ certificate carries; the template's when the node has none), and its ports: the 
 ports, or the node's own when metadata carries Istio's ``POD_PORTS`` (a JSON list of
 ``{"name": "http", "containerPort": 9080}``, what ``pymesh bootstrap --port`` writes) or
 ``PYMESH_PORTS`` (``{"http": 9080}`` or ``"http:9080,..."``). The entry name is
-``GROUP-ADDRESS``, as istiod names auto-registered entries.
+``GROUP-ADDRESS``, as istiod names auto-registered entries, plus ``-PORT...`` when the node
+declares its own ports (so workloads sharing 127.0.0.1 on one machine stay distinct).
 
 Lifecycle per entry (keyed by namespace and name):
 
@@ -212,6 +213,10 @@ class WorkloadRegistry:
             return None
         address = node.ips[0]
         name = f"{group.name}-{address}".replace(":", "-")
+        if node.ports:
+            # Several workloads share one IP on a single machine (the embedded mesh's usual
+            # case): the ports they declare tell them apart.
+            name += "-" + "-".join(str(p) for p in sorted(set(node.ports.values())))
         if node.network:
             name = f"{name}-{node.network}"
         key = (node.namespace, name)

@@ -323,7 +323,7 @@ def test_auto_registration_grace_and_health(cp: ControlPlane, clients: list[RawA
         return json.loads(http_get(cp.admin_url + "/debug/configz")[1])["workloads"]
 
     (entry,) = wait_for(registered)
-    assert entry["name"] == "ratings-10.1.2.3" and entry["ports"] == {"http": 9081}
+    assert entry["name"] == "ratings-10.1.2.3-9081" and entry["ports"] == {"http": 9081}
     assert entry["connected"] and entry["health"] == "HEALTHY"
 
     # Health via Istio's in-band health report (error_detail = unhealthy).

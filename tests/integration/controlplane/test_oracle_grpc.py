@@ -13,16 +13,26 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
+from envoy.config.endpoint.v3 import endpoint_pb2
 
 from pymesh.bootstrap import generate_bootstrap
 from pymesh.controlplane import ControlPlane
-from tests.integration.controlplane._helpers import syncz
+from tests.integration.controlplane._helpers import (
+    EDS,
+    LDS,
+    RawAds,
+    http_get,
+    make_node,
+    syncz,
+    wait_for,
+)
 
 HOST = "echo.default.svc.cluster.local"
 PORT = 7070
@@ -137,3 +147,145 @@ def test_grpc_xds_client_weighted_split(tmp_path: Path, backends: dict[str, int]
             for t in status["types"].values():
                 assert t["last_nack"] is None, t
         assert cp.call(lambda: cp.hub.metrics.total("pilot_total_xds_rejects")) == 0
+
+
+REGISTERED_MESH = textwrap.dedent(
+    f"""
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {{name: echo, namespace: default}}
+    spec:
+      hosts: [{HOST}]
+      location: MESH_INTERNAL
+      resolution: STATIC
+      ports: [{{number: {PORT}, name: grpc, protocol: GRPC}}]
+      workloadSelector: {{labels: {{app: echo}}}}
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: WorkloadGroup
+    metadata: {{name: echo, namespace: default}}
+    spec:
+      metadata: {{labels: {{app: echo}}}}
+      template: {{ports: {{grpc: 1}}, serviceAccount: echo}}
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: DestinationRule
+    metadata: {{name: echo, namespace: default}}
+    spec:
+      host: {HOST}
+      subsets:
+      - {{name: v1, labels: {{version: v1}}}}
+      - {{name: v2, labels: {{version: v2}}}}
+    ---
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {{name: echo, namespace: default}}
+    spec:
+      hosts: [{HOST}]
+      http:
+      - route:
+        - destination: {{host: {HOST}, subset: v1}}
+          weight: 80
+        - destination: {{host: {HOST}, subset: v2}}
+          weight: 20
+    """
+)
+
+
+def eds_ports(resp: object) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for a in resp.resources:  # type: ignore[attr-defined]
+        cla = endpoint_pb2.ClusterLoadAssignment()
+        a.Unpack(cla)
+        out[cla.cluster_name] = [
+            ep.endpoint.address.socket_address.port_value
+            for loc in cla.endpoints
+            for ep in loc.lb_endpoints
+        ]
+    return out
+
+
+def _run_client(tmp_path: Path, address: str) -> dict[str, int]:
+    bootstrap = generate_bootstrap(xds_address=address, namespace="default")
+    path = tmp_path / "client-bootstrap.json"
+    path.write_text(json.dumps(bootstrap))
+    env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(path)}
+    env.pop("GRPC_XDS_BOOTSTRAP_CONFIG", None)
+    out = subprocess.run(
+        [sys.executable, "-c", CLIENT, f"xds:///{HOST}:{PORT}", str(CALLS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1])
+    return seen
+
+
+def test_grpc_xds_client_with_auto_registered_endpoints(
+    tmp_path: Path, backends: dict[str, int]
+) -> None:
+    config = tmp_path / "mesh"
+    config.mkdir()
+    (config / "echo.yaml").write_text(REGISTERED_MESH)
+    with ControlPlane(
+        [config], xds_address="127.0.0.1:0", admin_port=0, registration_grace=0.5
+    ) as cp:
+        streams = {}
+        try:
+            for version, port in backends.items():
+                node = make_node(
+                    f"sidecar~127.0.0.1~echo-{version}.default~default.svc.cluster.local",
+                    GENERATOR="grpc",
+                    NAMESPACE="default",
+                    LABELS={"app": "echo", "version": version},
+                    INSTANCE_IPS="127.0.0.1",
+                    POD_PORTS=json.dumps([{"name": "grpc", "containerPort": port}]),
+                )
+                stream = RawAds(cp.address)
+                stream.send(
+                    node=node,
+                    type_url=LDS,
+                    resource_names=[f"xds.istio.io/grpc/lds/inbound/127.0.0.1:{port}"],
+                )
+                stream.recv()
+                streams[version] = stream
+
+            def workloads() -> list[dict[str, object]]:
+                body = http_get(cp.admin_url + "/debug/configz")[1]
+                out: list[dict[str, object]] = json.loads(body)["workloads"]
+                return out
+
+            wait_for(lambda: len(workloads()) == 2)
+            seen = _run_client(tmp_path, cp.address)
+            assert sum(seen.values()) == CALLS
+            assert abs(100.0 * seen.get("v1", 0) / CALLS - 80) <= 5, seen
+
+            # v2 goes away: after the grace period its endpoint is gone from EDS.
+            watcher = RawAds(cp.address)
+            streams["watcher"] = watcher
+            watched = [f"outbound|{PORT}|v1|{HOST}", f"outbound|{PORT}|v2|{HOST}"]
+            watcher.send(
+                node=make_node("watcher", GENERATOR="grpc", NAMESPACE="default"),
+                type_url=EDS,
+                resource_names=watched,
+            )
+            resp = watcher.recv()
+            assert eds_ports(resp) == {
+                f"outbound|{PORT}|v1|{HOST}": [backends["v1"]],
+                f"outbound|{PORT}|v2|{HOST}": [backends["v2"]],
+            }
+            watcher.ack(resp, resource_names=watched)
+            streams.pop("v2").close()
+            closed_at = time.monotonic()
+            resp = watcher.recv(timeout=5)
+            assert time.monotonic() - closed_at >= 0.45  # not before the grace period
+            assert eds_ports(resp) == {
+                f"outbound|{PORT}|v1|{HOST}": [backends["v1"]],
+                f"outbound|{PORT}|v2|{HOST}": [],
+            }
+            assert [w["name"] for w in workloads()] == [f"echo-127.0.0.1-{backends['v1']}"]
+        finally:
+            for stream in streams.values():
+                stream.close()

@@ -114,3 +114,12 @@ def test_health() -> None:
 def test_ports_from_metadata(metadata: dict[str, object], expected: dict[str, int]) -> None:
     got = ports_from_metadata(types.MappingProxyType(metadata))
     assert dict(got) == expected
+
+
+def test_workloads_sharing_an_ip_are_told_apart_by_their_ports() -> None:
+    reg = WorkloadRegistry()
+    a = reg.connect("c1", node(id="a", ports={"http": 9081}, ips=("127.0.0.1",)), GROUPS, 0)
+    b = reg.connect("c2", node(id="b", ports={"http": 9082}, ips=("127.0.0.1",)), GROUPS, 0)
+    assert a is not None and b is not None
+    assert (a.name, b.name) == ("reviews-v1-127.0.0.1-9081", "reviews-v1-127.0.0.1-9082")
+    assert len(reg.entries()) == 2
