@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from pymesh.bootstrap import XdsServer
-from pymesh.xds.transport.channel import create_channel
+from pymesh.xds.transport.channel import close_channel, create_channel
 
 __all__ = ["DELTA_METHOD", "SOTW_METHOD", "AdsStream", "ChannelProbe"]
 
@@ -77,7 +77,7 @@ class AdsStream:
             return
         with self._lock:
             if self._closed:
-                channel.close()
+                close_channel(channel)
                 return
             self._channel = channel
         channel.subscribe(self._on_state, try_to_connect=True)
@@ -102,7 +102,7 @@ class AdsStream:
         if reader is not None and reader is not threading.current_thread():
             reader.join(_JOIN_TIMEOUT)
         if channel is not None:
-            channel.close()
+            close_channel(channel)
 
     # -- internals -------------------------------------------------------------------------
 
@@ -202,7 +202,7 @@ class ChannelProbe:
             return
         with self._lock:
             if self._done:
-                channel.close()
+                close_channel(channel)
                 return
             self._channel = channel
         channel.subscribe(self._on_state, try_to_connect=True)
@@ -233,4 +233,4 @@ class ChannelProbe:
                 channel.unsubscribe(self._on_state)
             except ValueError:
                 pass
-            channel.close()
+            close_channel(channel)

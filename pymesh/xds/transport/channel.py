@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -9,7 +10,7 @@ import grpc
 from pymesh.bootstrap import XdsServer
 from pymesh.errors import XdsError
 
-__all__ = ["CHANNEL_OPTIONS", "create_channel"]
+__all__ = ["CHANNEL_OPTIONS", "close_channel", "create_channel"]
 
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     # xDS responses (EDS of large services) exceed gRPC's 4 MiB default.
@@ -52,3 +53,22 @@ def create_channel(server: XdsServer) -> grpc.Channel:
         root_certificates=root, private_key=key, certificate_chain=chain
     )
     return grpc.secure_channel(server.uri, credentials, options=CHANNEL_OPTIONS)
+
+
+_POLL_STOP_TIMEOUT = 1.0
+
+
+def close_channel(channel: grpc.Channel) -> None:
+    """Close ``channel`` once grpcio's connectivity-polling thread has stopped.
+
+    grpcio polls connectivity on a thread that re-arms a 0.2 s watch while callbacks were
+    subscribed when it last looked; closing the channel under it makes that thread die with
+    "Cannot monitor channel state: Channel closed!". Callers unsubscribe first; this waits
+    (at most a second) for the poller to notice, then closes. The attribute is private to
+    grpcio, hence the defensive ``getattr``: without it we simply close.
+    """
+    state = getattr(channel, "_connectivity_state", None)
+    deadline = time.monotonic() + _POLL_STOP_TIMEOUT
+    while getattr(state, "polling", False) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    channel.close()
