@@ -302,10 +302,12 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class WeightedCluster:
-    """One entry of ``weighted_clusters``."""
+    """One entry of ``weighted_clusters``: a cluster ``name``, or (``name`` empty) the
+    request header ``cluster_header`` naming the cluster."""
 
     name: str
     weight: int
+    cluster_header: str | None = None
     typed_per_filter_config: Mapping[str, FilterConfigOverride] = field(default_factory=_empty)
     headers: HeaderMutations = NO_HEADER_MUTATIONS
     host_rewrite_literal: str | None = None
@@ -353,7 +355,7 @@ class RouteAction:
     request_mirror_policies: tuple[RequestMirrorPolicy, ...] = ()
 
     def cluster_names(self) -> frozenset[str]:
-        names = {wc.name for wc in self.weighted_clusters}
+        names = {wc.name for wc in self.weighted_clusters if wc.name}
         if self.cluster:
             names.add(self.cluster)
         names.update(m.cluster for m in self.request_mirror_policies)

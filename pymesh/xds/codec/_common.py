@@ -31,7 +31,7 @@ from google.protobuf.struct_pb2 import Struct, Value
 
 from pymesh.errors import ResourceError
 from pymesh.model.common import SocketAddress
-from pymesh.model.matcher import StringMatcher
+from pymesh.model.matcher import MatchKind, StringMatcher
 from pymesh.model.route import CidrRange, FractionalPercent, HeaderMatcher, Int64Range
 
 __all__ = [
@@ -309,6 +309,35 @@ def decode_percent(p: percent_pb2.Percent, ctx: Ctx, path: str) -> float:
 _NOT_RE2 = re.compile(r"\\[1-9]|\(\?<?[=!]|\(\?P=|\\[gk]<")
 
 
+def _re2_to_python(pattern: str) -> str:
+    """Rewrite the RE2 escapes Python spells differently: ``\\z`` (end of text) becomes
+    ``\\Z`` and ``\\Q...\\E`` (literal text) is escaped. Other syntax is shared or fails
+    to compile (e.g. ``\\pL`` Unicode classes), which the caller reports."""
+    if "\\" not in pattern:
+        return pattern
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch != "\\" or i + 1 == n:
+            out.append(ch)
+            i += 1
+            continue
+        nxt = pattern[i + 1]
+        if nxt == "z":
+            out.append("\\Z")
+            i += 2
+        elif nxt == "Q":
+            end = pattern.find("\\E", i + 2)
+            literal = pattern[i + 2 :] if end == -1 else pattern[i + 2 : end]
+            out.append(re.escape(literal))
+            i = n if end == -1 else end + 2
+        else:
+            out.append(pattern[i : i + 2])
+            i += 2
+    return "".join(out)
+
+
 def compile_regex(pattern: str, ctx: Ctx, path: str) -> re.Pattern[str]:
     """Compile an RE2 pattern with :mod:`re`; errors and non-RE2 syntax are NACKed."""
     if _NOT_RE2.search(pattern):
@@ -317,15 +346,18 @@ def compile_regex(pattern: str, ctx: Ctx, path: str) -> re.Pattern[str]:
         with warnings.catch_warnings():
             # e.g. "possible nested set": harmless for RE2 syntax, noisy for us.
             warnings.simplefilter("ignore", FutureWarning)
-            return re.compile(pattern)
+            return re.compile(_re2_to_python(pattern))
     except (re.error, RecursionError, OverflowError, ValueError) as exc:
         raise ctx.error(path, f"invalid regex {pattern!r}: {exc}") from None
 
 
 def decode_regex_matcher(m: regex_pb2.RegexMatcher, ctx: Ctx, path: str) -> StringMatcher:
-    """A ``RegexMatcher`` as a regex :class:`StringMatcher` (full-match semantics)."""
-    compile_regex(m.regex, ctx, join(path, "regex"))
-    return StringMatcher.regex(m.regex)
+    """A ``RegexMatcher`` as a regex :class:`StringMatcher` (full-match semantics).
+
+    ``pattern`` keeps the RE2 text; the compiled regex is its Python equivalent.
+    """
+    compiled = compile_regex(m.regex, ctx, join(path, "regex"))
+    return StringMatcher(MatchKind.REGEX, m.regex, False, compiled)
 
 
 def decode_string_matcher(m: string_pb2.StringMatcher, ctx: Ctx, path: str) -> StringMatcher:

@@ -68,6 +68,7 @@ from pymesh.xds.codec._common import (
     optional_duration,
     optional_uint32,
     parse_message,
+    type_name_of,
     unpack_any,
     unwrap_any,
 )
@@ -106,7 +107,20 @@ RETRY_ON_TOKENS = frozenset(
 _MAX_UINT32 = 0xFFFFFFFF
 # Envoy validates header names non-strictly: anything but NUL, CR and LF (and not empty).
 _HEADER_NAME = re.compile(r"^[^\x00\r\n]+$")
+_BAD_VALUE = re.compile(r"[\x00\r\n]")
 _DEFAULT_MAX_DIRECT_RESPONSE_BODY = 4096
+_RETRY_HOST_PREDICATES = {
+    "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate": (
+        "envoy.retry_host_predicates.previous_hosts"
+    ),
+    "envoy.extensions.retry.host.omit_canary_hosts.v3.OmitCanaryHostsPredicate": (
+        "envoy.retry_host_predicates.omit_canary_hosts"
+    ),
+    "envoy.extensions.retry.host.omit_host_metadata.v3.OmitHostMetadataConfig": (
+        "envoy.retry_host_predicates.omit_host_metadata"
+    ),
+}
+"""Retry host predicates by config type, with their canonical Envoy names."""
 _URI_TEMPLATE_MATCH = "envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig"
 _URI_TEMPLATE_REWRITE = "envoy.extensions.path.rewrite.uri_template.v3.UriTemplateRewriteConfig"
 
@@ -121,6 +135,13 @@ def _check_header_name(name: str, ctx: Ctx, path: str) -> str:
     return lowered
 
 
+def _check_header_value(value: str, ctx: Ctx, path: str) -> str:
+    # Envoy's non-strict HTTP_HEADER_VALUE rule: no NUL, CR or LF.
+    if _BAD_VALUE.search(value):
+        raise ctx.error(path, "header value contains NUL, CR or LF")
+    return value
+
+
 def _headers_to_add(
     options: Iterable[base_pb2.HeaderValueOption], ctx: Ctx, path: str
 ) -> tuple[HeaderToAdd, ...]:
@@ -128,12 +149,13 @@ def _headers_to_add(
     for i, opt in enumerate(options):
         opath = index(path, i)
         key = _check_header_name(opt.header.key, ctx, join(opath, "header.key"))
-        if key.startswith(":"):
-            # Envoy: ":-prefixed headers may not be modified" via headers_to_add.
-            raise ctx.error(join(opath, "header.key"), f"cannot add pseudo-header {key!r}")
+        if key.startswith(":") or key == "host":
+            # Envoy: ":-prefixed or host headers may not be modified" via headers_to_add.
+            raise ctx.error(join(opath, "header.key"), f"cannot add header {key!r}")
         if opt.header.value and opt.header.raw_value:
             raise ctx.error(join(opath, "header"), "both value and raw_value are set")
         value = opt.header.value or opt.header.raw_value.decode("latin-1")
+        _check_header_value(value, ctx, join(opath, "header.value"))
         try:
             action = AppendAction(opt.append_action)
         except ValueError:
@@ -210,6 +232,22 @@ def _check_uri_template(template: str, ctx: Ctx, path: str) -> None:
     for segment in template[1:].split("/"):
         if not _TEMPLATE_SEGMENT.match(segment):
             raise ctx.error(path, f"invalid URI template {template!r}")
+
+
+_TEMPLATE_VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _check_template_rewrite(rewrite: str, match_template: str | None, ctx: Ctx, path: str) -> None:
+    """Envoy: a URI template rewrite needs a URI template match, starts with ``/`` and only
+    uses variables the match template defines."""
+    if match_template is None:
+        raise ctx.error(path, "a URI template rewrite needs a uri_template path_match_policy")
+    if not rewrite.startswith("/"):
+        raise ctx.error(path, f"invalid URI template rewrite {rewrite!r}")
+    defined = set(_TEMPLATE_VAR.findall(match_template))
+    for name in _TEMPLATE_VAR.findall(rewrite):
+        if name not in defined:
+            raise ctx.error(path, f"rewrite uses undefined variable {name!r}")
 
 
 def _route_match(m: rc.RouteMatch, ctx: Ctx, path: str) -> RouteMatch:
@@ -311,9 +349,13 @@ def decode_retry_policy(p: rc.RetryPolicy, ctx: Ctx, path: str) -> RetryPolicy:
     codes = [int(code) for code in p.retriable_status_codes]
     predicates = []
     for i, pred in enumerate(p.retry_host_predicate):
-        if not pred.name and not pred.HasField("typed_config"):
-            raise ctx.error(index(join(path, "retry_host_predicate"), i), "empty predicate")
-        predicates.append(pred.name or pred.typed_config.type_url.rsplit(".", 1)[-1])
+        ppath = index(join(path, "retry_host_predicate"), i)
+        name = _RETRY_HOST_PREDICATES.get(type_name_of(pred.typed_config.type_url))
+        if name is None and pred.name in _RETRY_HOST_PREDICATES.values():
+            name = pred.name
+        if name is None:
+            raise ctx.error(ppath, f"unsupported retry host predicate {pred.name!r}")
+        predicates.append(name)
     return RetryPolicy(
         retry_on=retry_on,
         num_retries=1 if num_retries is None else num_retries,
@@ -404,8 +446,11 @@ def _weighted_clusters(
         raise ctx.error(cpath, "weighted_clusters has no clusters")
     for i, c in enumerate(wc.clusters):
         epath = index(cpath, i)
+        header = None
         if not c.name:
-            raise ctx.error(join(epath, "name"), "weighted cluster without name")
+            if not c.cluster_header:
+                raise ctx.error(join(epath, "name"), "weighted cluster without name")
+            header = _check_header_name(c.cluster_header, ctx, join(epath, "cluster_header"))
         weight = c.weight.value if c.HasField("weight") else 0
         total += weight
         if total > _MAX_UINT32:
@@ -414,11 +459,15 @@ def _weighted_clusters(
             WeightedCluster(
                 name=c.name,
                 weight=weight,
+                cluster_header=header,
                 typed_per_filter_config=decode_filter_overrides(
                     c.typed_per_filter_config, ctx, join(epath, "typed_per_filter_config")
                 ),
                 headers=_header_mutations(c, ctx, epath),
-                host_rewrite_literal=c.host_rewrite_literal or None,
+                host_rewrite_literal=_check_header_value(
+                    c.host_rewrite_literal, ctx, join(epath, "host_rewrite_literal")
+                )
+                or None,
             )
         )
     if total == 0:
@@ -433,6 +482,7 @@ def _route_action(
     ctx: Ctx,
     path: str,
     vhost_retry: RetryPolicy | None,
+    match_template: str | None,
 ) -> RouteAction:
     kind = a.WhichOneof("cluster_specifier")
     cluster = cluster_header = None
@@ -466,9 +516,16 @@ def _route_action(
             raise ctx.error(ppath, f"unsupported path rewrite {cfg.type_url!r}")
         tr = unpack_any(cfg, uri_template_rewrite_pb2.UriTemplateRewriteConfig, ctx, ppath)
         template_rewrite = tr.path_template_rewrite
+        _check_template_rewrite(
+            template_rewrite, match_template, ctx, join(ppath, "path_template_rewrite")
+        )
 
     host_kind = a.WhichOneof("host_rewrite_specifier")
-    host_literal = a.host_rewrite_literal if host_kind == "host_rewrite_literal" else None
+    host_literal = None
+    if host_kind == "host_rewrite_literal":
+        host_literal = _check_header_value(
+            a.host_rewrite_literal, ctx, join(path, "host_rewrite_literal")
+        )
     auto_host = host_kind == "auto_host_rewrite" and a.auto_host_rewrite.value
     host_header = None
     if host_kind == "host_rewrite_header":
@@ -532,8 +589,6 @@ def _redirect(r: rc.RedirectAction, ctx: Ctx, path: str) -> RedirectAction:
         scheme = "https"
     elif scheme_kind == "scheme_redirect" and r.scheme_redirect:
         scheme = r.scheme_redirect.lower()
-    if r.port_redirect > 65535:
-        raise ctx.error(join(path, "port_redirect"), f"port out of range: {r.port_redirect}")
     path_kind = r.WhichOneof("path_rewrite_specifier")
     regex_rewrite = None
     if path_kind == "regex_rewrite":
@@ -567,7 +622,7 @@ def _direct_response(
         elif kind == "inline_bytes":
             body = d.body.inline_bytes
         elif kind is None:
-            body = b""
+            raise ctx.error(bpath, "body needs inline_string or inline_bytes")
         else:
             raise ctx.error(join(bpath, kind), f"body from {kind} is not supported (inline only)")
         if len(body) > max_body:
@@ -606,7 +661,8 @@ def _route(
             if name not in env.plugins:
                 raise ctx.error(join(apath, "cluster_specifier_plugin"), f"unknown plugin {name!r}")
             return None  # an optional unsupported plugin: gRPC ignores the route
-        action = _route_action(r.route, ctx, apath, vhost_retry)
+        template = match.path if match.path_kind is PathMatchKind.URI_TEMPLATE else None
+        action = _route_action(r.route, ctx, apath, vhost_retry, template)
     elif kind == "redirect":
         action = _redirect(r.redirect, ctx, apath)
     elif kind == "direct_response":
@@ -617,7 +673,11 @@ def _route(
         raise ctx.error(path, "route has no action")
     else:
         action = UnsupportedAction(kind)
-    decorator = r.decorator.operation if r.HasField("decorator") else None
+    decorator = None
+    if r.HasField("decorator"):
+        decorator = r.decorator.operation
+        if not decorator:
+            raise ctx.error(join(path, "decorator.operation"), "empty decorator operation")
     return Route(
         match=match,
         action=action,

@@ -16,6 +16,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2  # noqa: F401
 from envoy.extensions.path.match.uri_template.v3 import uri_template_match_pb2  # noqa: F401
+from envoy.extensions.path.rewrite.uri_template.v3 import uri_template_rewrite_pb2  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
 from google.protobuf import json_format
 from hypothesis import given, settings
@@ -429,6 +430,48 @@ ACCEPTED += [
 ]
 
 
+ACCEPTED += [
+    (
+        "RE2 escapes \\z and \\Q...\\E are translated; the RE2 text is kept",
+        {"match": {"safeRegex": {"regex": "\\Qa.b\\E/[0-9]+\\z"}}, "route": {"cluster": "c"}},
+        lambda r: (
+            r.match.regex.pattern == "\\Qa.b\\E/[0-9]+\\z"
+            and r.match.regex.matches("a.b/12")
+            and not r.match.regex.matches("axb/12")
+        ),
+    ),
+    (
+        "uri template rewrite using the match's variables; weighted cluster_header",
+        {
+            "match": {
+                "pathMatchPolicy": {
+                    "name": "m",
+                    "typedConfig": {"@type": URI_TEMPLATE, "pathTemplate": "/b/{id}/{rest=**}"},
+                }
+            },
+            "route": {
+                "weightedClusters": {
+                    "clusters": [{"clusterHeader": "X-C", "weight": 1}, {"name": "a", "weight": 1}]
+                },
+                "pathRewritePolicy": {
+                    "name": "x",
+                    "typedConfig": {
+                        "@type": "type.googleapis.com/envoy.extensions.path.rewrite.uri_template"
+                        ".v3.UriTemplateRewriteConfig",
+                        "pathTemplateRewrite": "/v2/{id}/{rest}",
+                    },
+                },
+            },
+        },
+        lambda r: (
+            r.action.path_template_rewrite == "/v2/{id}/{rest}"
+            and r.action.weighted_clusters[0].cluster_header == "x-c"
+            and r.action.cluster_names() == {"a"}
+        ),
+    ),
+]
+
+
 @pytest.mark.parametrize(("desc", "route", "check"), ACCEPTED, ids=[a[0] for a in ACCEPTED])
 def test_accepted_route(desc: str, route: dict[str, Any], check: Any) -> None:
     assert check(route_of(base(route)))
@@ -527,6 +570,7 @@ def test_cluster_specifier_plugin_optional_route_dropped() -> None:
 # --------------------------------------------------------------------------- rejected
 
 V0R0 = "virtual_hosts[0].routes[0]"
+R: dict[str, Any] = {"match": {"prefix": "/"}, "route": {"cluster": "c"}}
 
 REJECTED: list[tuple[dict[str, Any], str, str]] = [
     ({"match": {}, "route": {"cluster": "c"}}, f"{V0R0}.match", "no path specifier"),
@@ -714,7 +758,7 @@ REJECTED: list[tuple[dict[str, Any], str, str]] = [
             "requestHeadersToAdd": [{"header": {"key": ":path", "value": "/"}}],
         },
         f"{V0R0}.request_headers_to_add[0].header.key",
-        "pseudo-header",
+        "cannot add header ':path'",
     ),
     (
         {"match": {"prefix": "/"}, "route": {"cluster": "c"}, "requestHeadersToRemove": ["host"]},
@@ -747,6 +791,73 @@ REJECTED: list[tuple[dict[str, Any], str, str]] = [
         },
         f"{V0R0}.match.path_match_policy.typed_config.path_template",
         "invalid URI template",
+    ),
+]
+
+
+REW = "type.googleapis.com/envoy.extensions.path.rewrite.uri_template.v3.UriTemplateRewriteConfig"
+REJECTED += [
+    (
+        {**R, "requestHeadersToAdd": [{"header": {"key": "host", "value": "x"}}]},
+        f"{V0R0}.request_headers_to_add[0].header.key",
+        "cannot add header 'host'",
+    ),
+    (
+        {**R, "responseHeadersToAdd": [{"header": {"key": "a", "value": "x\r\ny: z"}}]},
+        f"{V0R0}.response_headers_to_add[0].header.value",
+        "CR or LF",
+    ),
+    (
+        {"match": {"prefix": "/"}, "route": {"cluster": "c", "hostRewriteLiteral": "a\nb"}},
+        f"{V0R0}.route.host_rewrite_literal",
+        "CR or LF",
+    ),
+    ({**R, "decorator": {"operation": ""}}, f"{V0R0}.decorator.operation", "empty decorator"),
+    (
+        {"match": {"prefix": "/"}, "directResponse": {"status": 200, "body": {}}},
+        f"{V0R0}.direct_response.body",
+        "inline_string or inline_bytes",
+    ),
+    (
+        {
+            "match": {"prefix": "/"},
+            "route": {
+                "cluster": "c",
+                "pathRewritePolicy": {
+                    "name": "x",
+                    "typedConfig": {"@type": REW, "pathTemplateRewrite": "/{a}"},
+                },
+            },
+        },
+        f"{V0R0}.route.path_rewrite_policy.typed_config.path_template_rewrite",
+        "needs a uri_template path_match_policy",
+    ),
+    (
+        {
+            "match": {
+                "pathMatchPolicy": {
+                    "name": "m",
+                    "typedConfig": {"@type": URI_TEMPLATE, "pathTemplate": "/b/{id}"},
+                }
+            },
+            "route": {
+                "cluster": "c",
+                "pathRewritePolicy": {
+                    "name": "x",
+                    "typedConfig": {"@type": REW, "pathTemplateRewrite": "/{other}"},
+                },
+            },
+        },
+        f"{V0R0}.route.path_rewrite_policy.typed_config.path_template_rewrite",
+        "undefined variable 'other'",
+    ),
+    (
+        {
+            "match": {"prefix": "/"},
+            "route": {"cluster": "c", "retryPolicy": {"retryHostPredicate": [{"name": "x.y"}]}},
+        },
+        f"{V0R0}.route.retry_policy.retry_host_predicate[0]",
+        "unsupported retry host predicate",
     ),
 ]
 
