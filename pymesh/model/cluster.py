@@ -231,7 +231,7 @@ class TransportSocketMatch:
     ``envoy.transport_socket_match`` metadata contains every key/value of ``match``."""
 
     name: str
-    match: Mapping[str, Any]
+    match: Mapping[str, Any] = field(hash=False)
     tls: UpstreamTlsContext | None
 
     def matches(self, endpoint_match: Mapping[str, Any]) -> bool:
@@ -268,7 +268,7 @@ class Cluster:
     tls: UpstreamTlsContext | None = None
     transport_socket_matches: tuple[TransportSocketMatch, ...] = ()
     dns_lookup_family: DnsLookupFamily = DnsLookupFamily.AUTO
-    metadata: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty)
+    metadata: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty, hash=False)
 
     @property
     def eds_resource_name(self) -> str:

@@ -63,7 +63,7 @@ class LbEndpoint:
     health_status: HealthStatus = HealthStatus.UNKNOWN
     load_balancing_weight: int = 1
     hostname: str = ""
-    metadata: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty)
+    metadata: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty, hash=False)
 
     @property
     def transport_socket_match(self) -> Mapping[str, Any]:

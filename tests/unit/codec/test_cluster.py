@@ -1072,3 +1072,11 @@ def test_registered_for_the_cluster_type_url() -> None:
 
     got = decode_resource(ResourceType.CLUSTER.type_url, encode(load_dict("cds_aggregate")))
     assert isinstance(got.value, Cluster) and got.name == "reviews-aggregate"
+
+
+@pytest.mark.parametrize("name", fixture_names("cds_"))
+def test_decoded_clusters_are_hashable_and_equal_on_redecode(name: str) -> None:
+    """Frozen models can key dicts and sets (metadata mappings are left out of the hash)."""
+    a, b = decode(load_dict(name)), decode(load_dict(name))
+    assert a == b and hash(a) == hash(b)
+    assert len({a, b}) == 1

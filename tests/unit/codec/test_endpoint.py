@@ -503,3 +503,10 @@ def test_accepted_assignments_hold_the_invariants(data: dict[str, Any]) -> None:
     for p in priorities:
         weights = [x.load_balancing_weight or 0 for x in got.localities if x.priority == p]
         assert sum(weights) <= 2**32 - 1
+
+
+def test_decoded_endpoints_are_hashable() -> None:
+    got = decode(load_dict("eds_istio_reviews_v1"))
+    endpoints = got.all_endpoints()
+    assert len(set(endpoints)) == len(endpoints) == 3
+    assert hash(got) == hash(decode(load_dict("eds_istio_reviews_v1")))
