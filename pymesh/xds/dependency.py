@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from pymesh.errors import XdsError
 from pymesh.model.cluster import Cluster, ClusterKind
 from pymesh.model.endpoint import ClusterLoadAssignment
 from pymesh.model.listener import Listener
@@ -160,7 +161,14 @@ def _noop() -> None:
 
 
 class _WatchSet:
-    """The watches one manager holds, keyed by (type, name)."""
+    """The watches one manager holds, keyed by (type, name).
+
+    Starting and cancelling a watch on the client is *posted* to the work serializer rather
+    than done inline: the manager runs inside a client callback, and re-entering the client
+    there would let a subscription change overtake the ACK the client is about to send for
+    the response being delivered (the ACK would then carry the old resource names and
+    briefly unsubscribe the new ones, which a SotW server answers with a deletion).
+    """
 
     def __init__(self, client: WatchClient, on_update: Callable[[_Watch], None]):
         self._client = client
@@ -175,14 +183,23 @@ class _WatchSet:
             return found, False
         watch = _Watch(rtype, name, self._on_update)
         self.watches[key] = watch
-        watch.cancel = self._client.watch(rtype, name, watch)
+        client = self._client
+
+        def start() -> None:
+            if watch.active:
+                try:
+                    watch.cancel = client.watch(rtype, name, watch)
+                except XdsError as exc:  # the client was closed meanwhile
+                    _log.debug("not watching %s: %s", watch.describe(), exc)
+
+        client.run_in_serializer(start)
         return watch, True
 
     def cancel(self, rtype: ResourceType, name: str) -> None:
         watch = self.watches.pop((rtype, name), None)
         if watch is not None:
-            watch.active = False
-            watch.cancel()
+            watch.active = False  # a start() still queued will not watch
+            self._client.run_in_serializer(watch.cancel)
 
     def retain(self, rtype: ResourceType, keep: Iterable[str]) -> None:
         """Cancel every watch of ``rtype`` whose name is not in ``keep``."""

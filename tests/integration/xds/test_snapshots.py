@@ -18,6 +18,7 @@ from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -136,6 +137,23 @@ def endpoints_proto(name: str, *ips: str) -> endpoint_pb2.ClusterLoadAssignment:
             )
         ],
     )
+
+
+def aggregate_proto(name: str, *children: str) -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(
+        name=name,
+        cluster_type=cluster_pb2.Cluster.CustomClusterType(
+            name="envoy.clusters.aggregate",
+            typed_config=_any(aggregate_pb2.ClusterConfig(clusters=list(children))),
+        ),
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+    )
+
+
+def logical_dns_proto(name: str, host: str) -> cluster_pb2.Cluster:
+    cluster = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.LOGICAL_DNS)
+    cluster.load_assignment.CopyFrom(endpoints_proto(name, host))
+    return cluster
 
 
 def inbound_listener_proto(rds: str) -> listener_pb2.Listener:
@@ -411,5 +429,52 @@ def test_server_snapshot_over_real_ads(server: XdsTestServer, client: XdsClient)
         snap = handle.wait_ready(10)
         assert isinstance(snap, ServerSnapshot) and snap.listener_name == INBOUND
         assert set(snap.route_configs) == {"inbound-routes"}
+    finally:
+        handle.close()
+
+
+def test_aggregate_cluster_over_real_ads(server: XdsTestServer, client: XdsClient) -> None:
+    server.set_resources(LDS, {TARGET: listener_proto()})
+    server.set_resources(RDS, {RDS_NAME: route_proto(("agg", 1))})
+    server.set_resources(
+        CDS,
+        {
+            "agg": aggregate_proto("agg", V1, "dns"),
+            V1: cluster_proto(V1),
+            "dns": logical_dns_proto("dns", "reviews.example.com"),
+        },
+    )
+    server.set_resources(EDS, {V1: endpoints_proto(V1, "10.0.0.1")})
+    handle, rec = open_target(client)
+    try:
+        snap = handle.wait_ready(10)
+        agg = snap.clusters["agg"]
+        assert isinstance(agg, ClusterConfig) and agg.is_aggregate, dict(snap.clusters)
+        assert agg.leaf_clusters == (V1, "dns")
+        assert endpoints_of(snap, V1) == ["10.0.0.1:9080"]
+        assert endpoints_of(snap, "dns") == ["reviews.example.com:9080"]
+        # Only the EDS leaf has an EDS subscription.
+        server.wait_for_request(
+            lambda r: r.type_url == EDS and list(r.request.resource_names) == [V1]
+        )
+        # Widening never briefly unsubscribes a child (a stale ACK overtaking the new
+        # subscription would make a SotW server answer with a deletion).
+        cds_names = [set(r.request.resource_names) for r in server.requests if r.type_url == CDS]
+        first = next(i for i, names in enumerate(cds_names) if V1 in names)
+        assert all(V1 in names for names in cds_names[first:]), cds_names
+        assert not any(
+            isinstance(i, TargetSnapshot) and isinstance(i.clusters.get(V1), ClusterError)
+            for i in rec.items
+        )
+        # Re-point the aggregate at a cycle: the aggregate becomes a cluster error.
+        server.set_resources(
+            CDS, {"agg": aggregate_proto("agg", "agg2"), "agg2": aggregate_proto("agg2", "agg")}
+        )
+        err = rec.wait_for(
+            lambda i: (
+                isinstance(i, TargetSnapshot) and isinstance(i.clusters.get("agg"), ClusterError)
+            )
+        )
+        assert isinstance(err, TargetSnapshot) and V1 not in err.clusters
     finally:
         handle.close()
