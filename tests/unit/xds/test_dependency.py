@@ -928,3 +928,36 @@ def test_any_event_sequence_keeps_invariants(events: list[tuple[object, ...]]) -
     handle.close()
     client.drain()
     assert client.subscribed == frozenset()
+
+
+def test_unknown_authority_is_a_bootstrap_error(client: FakeXdsClient) -> None:
+    from pymesh.errors import BootstrapError
+
+    with pytest.raises(BootstrapError, match=r"nowhere\.example"):
+        watch_target(client, "xds://nowhere.example/foo:80")
+
+
+def test_concurrent_watch_and_close_keep_ref_counts_exact(client: FakeXdsClient) -> None:
+    from pymesh.xds import watch as watch_module
+
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(200):
+                watch_target(client, TARGET).close()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    keeper = watch_target(client, TARGET)  # keeps the target alive throughout
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+    assert not keeper.closed and keeper._refs == 1
+    keeper.close()
+    client.drain()
+    assert keeper.closed and client.subscribed == frozenset()
+    assert id(client) not in watch_module._REGISTRY
