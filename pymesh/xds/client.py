@@ -264,9 +264,13 @@ class XdsClient:
     # -- on the serializer -----------------------------------------------------------------
 
     def _on_serializer(self, fn: Callable[[], None]) -> None:
+        # On the thread (a watcher calling watch()/cancel() from a callback) the change is
+        # made now, but its request goes out when the current task ends (the after-task
+        # flush): the ACK of the response being handled must be sent first, else that ACK
+        # (built with the names wanted before the callback) would narrow the subscription
+        # back.
         if self._serializer.in_thread:
             fn()
-            self._flush()
         else:
             self._serializer.post(fn)
 

@@ -665,3 +665,24 @@ def test_new_watcher_hears_at_once_that_the_servers_are_down(clock: FakeClock) -
         client.watch(CLUSTER, "c2", second)  # the group is waiting out its backoff
         event = second.wait_for(lambda e: e[0] == "ambient_error")
         assert "cannot connect" in event[2]
+
+
+def test_watch_from_a_callback_is_requested_after_the_ack(
+    server: XdsTestServer, client: XdsClient
+) -> None:
+    """A watcher that widens the subscription while its response is handled (as the
+    dependency manager does for clusters) must not be narrowed back by that response's ACK."""
+    server.set_resources(CDS, {"a": cluster("a", 1), "b": cluster("b", 2)})
+    rec_b = WatchRecorder()
+
+    class Widen(WatchRecorder):
+        def on_resource_changed(self, rtype: object, name: str, value: object) -> None:
+            super().on_resource_changed(rtype, name, value)
+            client.watch(CLUSTER, "b", rec_b)
+
+    client.watch(CLUSTER, "a", Widen())
+    assert rec_b.wait_for(lambda e: e[0] == "changed") == ("changed", "b", 2)
+    server.wait_for_ack(CDS, "1")
+    cds = [r.request for r in server.requests if r.type_url == CDS]
+    assert [list(r.resource_names) for r in cds] == [["a"], ["a"], ["a", "b"], ["a", "b"]]
+    assert [r.response_nonce for r in cds] == ["", "1", "1", "2"]  # ACK, widen, ACK
