@@ -168,8 +168,7 @@ def _decode_fault_msg(msg: fault_pb2.HTTPFault, ctx: Ctx, path: str) -> FaultCon
                 )
             abort = FaultAbort(pct, http_status=a.http_status)
         elif kind == "grpc_status":
-            if a.grpc_status > 16:
-                raise ctx.error(join(apath, "grpc_status"), f"unknown gRPC status {a.grpc_status}")
+            # Any number, as in Envoy: it is sent as the grpc-status trailer verbatim.
             abort = FaultAbort(pct, grpc_status=a.grpc_status)
         elif kind == "header_abort":
             abort = FaultAbort(pct, header_abort=True)
@@ -246,6 +245,8 @@ def _permission(p: rbac_config_pb2.Permission, ctx: Ctx, path: str, depth: int) 
         return DestinationPort(p.destination_port)
     if kind == "destination_port_range":
         r = p.destination_port_range
+        if r.start >= r.end:
+            raise ctx.error(sub, f"empty port range [{r.start}, {r.end})")
         return DestinationPortRange(r.start, r.end)
     if kind == "metadata":
         return MetadataRule(p.metadata.filter, p.metadata.invert)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
+import subprocess
 from typing import Any
 
 import pytest
@@ -130,44 +133,44 @@ def test_optional_unknown_filter_dropped_istio_filters_opaque() -> None:
     assert out[0].config.config["protocol"] == "istio-peer-exchange"
 
 
-@pytest.mark.parametrize(
-    ("items", "field", "message"),
-    [
-        ((), "http_filters", "empty"),
+FILTER_LIST_REJECTED: list[tuple[Any, str, str]] = [
+    ((), "http_filters", "empty"),
+    (
+        ({"name": "x", "typedConfig": {"@type": T + "fault.v3.HTTPFault"}},),
+        "http_filters[0]",
+        "not a terminal",
+    ),
+    (
+        (ROUTER, {"name": "x", "typedConfig": {"@type": T + "fault.v3.HTTPFault"}}),
+        "http_filters[0]",
+        "not the last",
+    ),
+    (({"typedConfig": {"@type": T + "router.v3.Router"}},), "http_filters[0].name", "empty"),
+    ((FAULT_X, FAULT_X, ROUTER), "http_filters[1].name", "duplicate"),
+    (
+        ({"name": "w", "typedConfig": {"@type": T + "wasm.v3.Wasm"}}, ROUTER),
+        "http_filters[0].typed_config",
+        "unsupported HTTP filter type",
+    ),
+    (({"name": "nocfg"}, ROUTER), "http_filters[0]", "no typed_config"),
+    (
         (
-            ({"name": "x", "typedConfig": {"@type": T + "fault.v3.HTTPFault"}},),
-            "http_filters[0]",
-            "not a terminal",
-        ),
-        (
-            (ROUTER, {"name": "x", "typedConfig": {"@type": T + "fault.v3.HTTPFault"}}),
-            "http_filters[0]",
-            "not the last",
-        ),
-        (({"typedConfig": {"@type": T + "router.v3.Router"}},), "http_filters[0].name", "empty"),
-        ((FAULT_X, FAULT_X, ROUTER), "http_filters[1].name", "duplicate"),
-        (
-            ({"name": "w", "typedConfig": {"@type": T + "wasm.v3.Wasm"}}, ROUTER),
-            "http_filters[0].typed_config",
-            "unsupported HTTP filter type",
-        ),
-        (({"name": "nocfg"}, ROUTER), "http_filters[0]", "no typed_config"),
-        (
-            (
-                {
-                    "name": "ts",
-                    "typedConfig": {
-                        "@type": "type.googleapis.com/xds.type.v3.TypedStruct",
-                        "value": {},
-                    },
+            {
+                "name": "ts",
+                "typedConfig": {
+                    "@type": "type.googleapis.com/xds.type.v3.TypedStruct",
+                    "value": {},
                 },
-                ROUTER,
-            ),
-            "http_filters[0].typed_config.type_url",
-            "TypedStruct without type_url",
+            },
+            ROUTER,
         ),
-    ],
-)
+        "http_filters[0].typed_config.type_url",
+        "TypedStruct without type_url",
+    ),
+]
+
+
+@pytest.mark.parametrize(("items", "field", "message"), FILTER_LIST_REJECTED)
 def test_filter_list_rejected(items: tuple[dict[str, Any], ...], field: str, message: str) -> None:
     rejected(lambda: filters(*items), field, message)
 
@@ -205,41 +208,37 @@ def test_fault_header_controlled_and_grpc() -> None:
     assert cfg.delay.percentage == FractionalPercent(0, 100)
     assert cfg.abort is not None and cfg.abort.header_abort
     assert fault({"abort": {"grpcStatus": 14}}).abort.grpc_status == 14  # type: ignore[union-attr]
+    assert fault({"abort": {"grpcStatus": 99}}).abort.grpc_status == 99  # type: ignore[union-attr]
     assert fault({}) == FaultConfig()
 
 
-@pytest.mark.parametrize(
-    ("cfg", "field", "message"),
-    [
-        (
-            {"delay": {"percentage": {"numerator": 1}}},
-            "http_filters[0].typed_config.delay",
-            "fixed_delay or header_delay",
-        ),
-        (
-            {"delay": {"fixedDelay": "-2s"}},
-            "http_filters[0].typed_config.delay.fixed_delay",
-            "out of range",
-        ),
-        ({"abort": {}}, "http_filters[0].typed_config.abort", "http_status, grpc_status"),
-        ({"abort": {"httpStatus": 600}}, "http_filters[0].typed_config.abort.http_status", "600"),
-        (
-            {"abort": {"grpcStatus": 17}},
-            "http_filters[0].typed_config.abort.grpc_status",
-            "unknown gRPC status",
-        ),
-        (
-            {"abort": {"httpStatus": 500, "percentage": {"numerator": 1, "denominator": 7}}},
-            "http_filters[0].typed_config.abort.percentage.denominator",
-            "unknown denominator",
-        ),
-        (
-            {"headers": [{"name": "a", "safeRegexMatch": {"regex": "("}}]},
-            "http_filters[0].typed_config.headers[0].safe_regex_match.regex",
-            "invalid regex",
-        ),
-    ],
-)
+FAULT_REJECTED: list[tuple[Any, str, str]] = [
+    (
+        {"delay": {"percentage": {"numerator": 1}}},
+        "http_filters[0].typed_config.delay",
+        "fixed_delay or header_delay",
+    ),
+    (
+        {"delay": {"fixedDelay": "-2s"}},
+        "http_filters[0].typed_config.delay.fixed_delay",
+        "out of range",
+    ),
+    ({"abort": {}}, "http_filters[0].typed_config.abort", "http_status, grpc_status"),
+    ({"abort": {"httpStatus": 600}}, "http_filters[0].typed_config.abort.http_status", "600"),
+    (
+        {"abort": {"httpStatus": 500, "percentage": {"numerator": 1, "denominator": 7}}},
+        "http_filters[0].typed_config.abort.percentage.denominator",
+        "unknown denominator",
+    ),
+    (
+        {"headers": [{"name": "a", "safeRegexMatch": {"regex": "("}}]},
+        "http_filters[0].typed_config.headers[0].safe_regex_match.regex",
+        "invalid regex",
+    ),
+]
+
+
+@pytest.mark.parametrize(("cfg", "field", "message"), FAULT_REJECTED)
 def test_fault_rejected(cfg: dict[str, Any], field: str, message: str) -> None:
     rejected(lambda: fault(cfg), field, message)
 
@@ -339,82 +338,85 @@ def _policy(
 P = "http_filters[0].typed_config.rules.policies['p']"
 
 
-@pytest.mark.parametrize(
-    ("cfg", "field", "message"),
-    [
-        (
-            _policy({"header": {"name": "grpc-timeout", "presentMatch": True}}),
-            f"{P}.permissions[0].header.name",
-            "cannot match",
-        ),
-        (
-            _policy(principal={"header": {"name": ":scheme", "exactMatch": "https"}}),
-            f"{P}.principals[0].header.name",
-            "cannot match",
-        ),
-        (_policy({"any": False}), f"{P}.permissions[0].any", "must be true"),
-        (_policy({}), f"{P}.permissions[0]", "no rule"),
-        (
-            _policy({"destinationIp": {"addressPrefix": "nope"}}),
-            f"{P}.permissions[0].destination_ip.address_prefix",
-            "invalid IP",
-        ),
-        (
-            _policy({"destinationIp": {"addressPrefix": "10.0.0.0", "prefixLen": 33}}),
-            f"{P}.permissions[0].destination_ip.prefix_len",
-            "too large",
-        ),
-        (_policy({"urlPath": {}}), f"{P}.permissions[0].url_path", "needs a path"),
-        (
-            _policy(
-                {
-                    "uriTemplate": {
-                        "name": "x",
-                        "typedConfig": {
-                            "@type": "type.googleapis.com/google.protobuf.Struct",
-                            "value": {},
-                        },
-                    }
-                }
-            ),
-            f"{P}.permissions[0].uri_template",
-            "unsupported RBAC permission",
-        ),
-        (
-            _policy(
-                principal={"authenticated": {"principalName": {"safeRegex": {"regex": "a(b"}}}}
-            ),
-            f"{P}.principals[0].authenticated.principal_name.safe_regex.regex",
-            "invalid regex",
-        ),
-        (
+RBAC_REJECTED: list[tuple[Any, str, str]] = [
+    (
+        _policy({"header": {"name": "grpc-timeout", "presentMatch": True}}),
+        f"{P}.permissions[0].header.name",
+        "cannot match",
+    ),
+    (
+        _policy(principal={"header": {"name": ":scheme", "exactMatch": "https"}}),
+        f"{P}.principals[0].header.name",
+        "cannot match",
+    ),
+    (_policy({"any": False}), f"{P}.permissions[0].any", "must be true"),
+    (_policy({}), f"{P}.permissions[0]", "no rule"),
+    (
+        _policy({"destinationIp": {"addressPrefix": "nope"}}),
+        f"{P}.permissions[0].destination_ip.address_prefix",
+        "invalid IP",
+    ),
+    (
+        _policy({"destinationIp": {"addressPrefix": "10.0.0.0", "prefixLen": 33}}),
+        f"{P}.permissions[0].destination_ip.prefix_len",
+        "too large",
+    ),
+    (_policy({"urlPath": {}}), f"{P}.permissions[0].url_path", "needs a path"),
+    (
+        _policy(
             {
-                "rules": {
-                    "policies": {
-                        "p": {
-                            "permissions": [{"any": True}],
-                            "principals": [{"any": True}],
-                            "condition": {"constExpr": {"boolValue": True}},
-                        }
+                "uriTemplate": {
+                    "name": "x",
+                    "typedConfig": {
+                        "@type": "type.googleapis.com/google.protobuf.Struct",
+                        "value": {},
+                    },
+                }
+            }
+        ),
+        f"{P}.permissions[0].uri_template",
+        "unsupported RBAC permission",
+    ),
+    (
+        _policy(principal={"authenticated": {"principalName": {"safeRegex": {"regex": "a(b"}}}}),
+        f"{P}.principals[0].authenticated.principal_name.safe_regex.regex",
+        "invalid regex",
+    ),
+    (
+        {
+            "rules": {
+                "policies": {
+                    "p": {
+                        "permissions": [{"any": True}],
+                        "principals": [{"any": True}],
+                        "condition": {"constExpr": {"boolValue": True}},
                     }
                 }
-            },
-            f"{P}.condition",
-            "CEL",
-        ),
-        (
-            {"rules": {"policies": {"p": {"principals": [{"any": True}]}}}},
-            f"{P}.permissions",
-            "at least one",
-        ),
-        (
-            {"rules": {"policies": {"p": {"permissions": [{"any": True}]}}}},
-            f"{P}.principals",
-            "at least one",
-        ),
-        ({"matcher": {}}, "http_filters[0].typed_config.matcher", "not supported"),
-    ],
-)
+            }
+        },
+        f"{P}.condition",
+        "CEL",
+    ),
+    (
+        {"rules": {"policies": {"p": {"principals": [{"any": True}]}}}},
+        f"{P}.permissions",
+        "at least one",
+    ),
+    (
+        {"rules": {"policies": {"p": {"permissions": [{"any": True}]}}}},
+        f"{P}.principals",
+        "at least one",
+    ),
+    ({"matcher": {}}, "http_filters[0].typed_config.matcher", "not supported"),
+    (
+        _policy({"destinationPortRange": {"start": 9, "end": 9}}),
+        f"{P}.permissions[0].destination_port_range",
+        "empty port range",
+    ),
+]
+
+
+@pytest.mark.parametrize(("cfg", "field", "message"), RBAC_REJECTED)
 def test_rbac_rejected(cfg: dict[str, Any], field: str, message: str) -> None:
     rejected(lambda: rbac(cfg), field, message)
 
@@ -475,3 +477,73 @@ def test_overrides_rejected() -> None:
         "typed_per_filter_config['x'].config",
         "unsupported filter override",
     )
+
+
+# --------------------------------------------------------------------------- Envoy oracle
+
+# Rejections that follow gRPC where Envoy is more lenient (gRFC A39/A41), plus the RBAC
+# ``matcher`` API we do not implement (ignoring it would widen access).
+GRPC_STRICTER = {
+    "http_filters",  # empty filter list
+    "http_filters[1].name",  # duplicate filter names
+    f"{P}.permissions[0].header.name",  # grpc-* header
+    f"{P}.principals[0].header.name",  # :scheme
+    f"{P}.permissions[0].destination_ip.prefix_len",  # prefix longer than the address
+    f"{P}.condition",  # CEL
+    "http_filters[0].typed_config.matcher",
+}
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+
+
+def _envoy_accepts(envoy_bin: pathlib.Path, tmp: pathlib.Path, http_filters: list[Any]) -> bool:
+    hcm = {
+        "@type": _HCM + "HttpConnectionManager",
+        "stat_prefix": "x",
+        "route_config": {
+            "name": "r",
+            "virtual_hosts": [
+                {
+                    "name": "v",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200}}],
+                }
+            ],
+        },
+        "http_filters": http_filters,
+    }
+    listener = {
+        "name": "l",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+        "filter_chains": [{"filters": [{"name": "hcm", "typed_config": hcm}]}],
+    }
+    path = tmp / "envoy.json"
+    path.write_text(json.dumps({"static_resources": {"listeners": [listener]}}))
+    proc = subprocess.run(
+        [str(envoy_bin), "--mode", "validate", "-c", str(path), "-l", "critical"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return proc.returncode == 0
+
+
+@pytest.mark.envoy
+def test_envoy_oracle_rejects_what_we_reject(
+    envoy_bin: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    cases: list[tuple[str, list[Any]]] = [(f, list(items)) for items, f, _ in FILTER_LIST_REJECTED]
+    for cfg, f, _ in FAULT_REJECTED:
+        cases.append(
+            (f, [{"name": "f", "typedConfig": {"@type": T + "fault.v3.HTTPFault", **cfg}}, ROUTER])
+        )
+    for cfg, f, _ in RBAC_REJECTED:
+        cases.append(
+            (f, [{"name": "r", "typedConfig": {"@type": T + "rbac.v3.RBAC", **cfg}}, ROUTER])
+        )
+    accepted_by_envoy = [
+        f
+        for f, filters in cases
+        if f not in GRPC_STRICTER and _envoy_accepts(envoy_bin, tmp_path, filters)
+    ]
+    assert accepted_by_envoy == []
+    assert _envoy_accepts(envoy_bin, tmp_path, [ROUTER])  # the harness itself works
