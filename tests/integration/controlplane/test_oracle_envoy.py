@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from pymesh.controlplane import ControlPlane
+from tests.integration.controlplane._helpers import syncz
 
 HOST = "web.default.svc.cluster.local"
 PORT = 8080
@@ -103,7 +104,7 @@ def mesh_yaml(ports: dict[str, int], v1_weight: int = 90) -> str:
     )
 
 
-def envoy_config(xds_port: int) -> dict[str, object]:
+def envoy_config(xds_port: int, api_type: str) -> dict[str, object]:
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "node": {
@@ -113,7 +114,7 @@ def envoy_config(xds_port: int) -> dict[str, object]:
         },
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": api_type,
                 "transport_api_version": "V3",
                 "grpc_services": [{"envoy_grpc": {"cluster_name": "xds"}}],
             },
@@ -210,16 +211,18 @@ def _wait(predicate: object, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
 def test_envoy_routes_through_control_plane(
-    tmp_path: Path, envoy_bin: Path, backends: dict[str, int]
+    tmp_path: Path, envoy_bin: Path, backends: dict[str, int], api_type: str
 ) -> None:
+    """SotW (``GRPC``) and Delta (``DELTA_GRPC``) ADS, each checked by Envoy itself."""
     config = tmp_path / "mesh"
     config.mkdir()
     (config / "web.yaml").write_text(mesh_yaml(backends))
     with ControlPlane([config], xds_address="127.0.0.1:0", admin_port=0) as cp:
         xds_port = int(cp.address.rsplit(":", 1)[1])
         bootstrap = tmp_path / "envoy.json"
-        bootstrap.write_text(json.dumps(envoy_config(xds_port)))
+        bootstrap.write_text(json.dumps(envoy_config(xds_port, api_type)))
         admin_path = tmp_path / "admin.txt"
         log = (tmp_path / "envoy.log").open("w")
         proc = subprocess.Popen(
@@ -247,6 +250,7 @@ def test_envoy_routes_through_control_plane(
                 cp=cp,
                 config_file=config / "web.yaml",
                 backends=backends,
+                delta=api_type == "DELTA_GRPC",
             )
         finally:
             proc.terminate()
@@ -280,6 +284,7 @@ def _run_checks(
     cp: ControlPlane,
     config_file: Path,
     backends: dict[str, int],
+    delta: bool,
 ) -> None:
     _wait(lambda: admin_path.exists() and admin_path.read_text().strip(), 30, "envoy admin")
     admin = "http://" + admin_path.read_text().strip()
@@ -317,6 +322,9 @@ def _run_checks(
         if k.endswith("update_success")
     ), values
     assert cp.call(lambda: cp.hub.metrics.total("pilot_total_xds_rejects")) == 0
+    (stream,) = [s for s in syncz(cp.admin_url) if s["proxy"].startswith("sidecar~")]
+    assert stream["delta"] is delta
+    assert stream["types"]["CDS"]["wildcard"] and stream["types"]["CDS"]["acked"]
 
     # A pushed change (the weights flip) reaches Envoy, again with nothing rejected.
     config_file.write_text(mesh_yaml(backends, v1_weight=10))
