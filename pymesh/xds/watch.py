@@ -76,6 +76,7 @@ class _Handle(Generic[S, E]):
         self._refs = 1
         self._closed = False
         self._stop: Callable[[], None] = _noop
+        self._work_thread: int | None = None  # the client's work thread, once seen
 
     # -- reads (any thread, lock-free) -------------------------------------------------------
 
@@ -109,6 +110,12 @@ class _Handle(Generic[S, E]):
                     return state
                 if state is not None and not cast(E, state).ambient:
                     raise XdsError(str(state))
+                if threading.get_ident() == self._work_thread:
+                    raise XdsError(
+                        f"wait_ready({self.name!r}) called on the xDS work thread before the "
+                        "config is ready: it would wait for itself (use current() or "
+                        "subscribe() in callbacks)"
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     why = f": {self._last_error}" if self._last_error is not None else ""
@@ -132,6 +139,7 @@ class _Handle(Generic[S, E]):
             self._subs = (*self._subs, sub)
 
         def deliver_current() -> None:
+            self._work_thread = threading.get_ident()
             state = self._state
             if sub.active and not sub.delivered and state is not None:
                 self._call(sub, state)
@@ -155,6 +163,7 @@ class _Handle(Generic[S, E]):
     # -- publication (work-serializer thread) -------------------------------------------------
 
     def _publish(self, item: S | E) -> None:
+        self._work_thread = threading.get_ident()
         if isinstance(item, self._snapshot_type):
             self._last_error = None
             self._state = item

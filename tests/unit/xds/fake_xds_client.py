@@ -2,7 +2,8 @@
 
 It implements exactly what the snapshot layer uses (``bootstrap``, ``watch``,
 ``run_in_serializer``) with the real client's contract: callbacks run "on the serializer",
-which here is a queue the test drains explicitly with :meth:`FakeXdsClient.drain`; a new
+which here is a queue the test drains explicitly with :meth:`FakeXdsClient.drain` (on one
+worker thread, while the test waits); a new
 watcher of a cached resource gets the cached value (or does-not-exist) posted to it. The test
 plays the control plane with :meth:`set`, :meth:`delete` and :meth:`error`.
 
@@ -13,12 +14,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pymesh.bootstrap import Bootstrap, parse_bootstrap
 from pymesh.xds.resource_types import ResourceType
 
 _DOES_NOT_EXIST = object()
+# The "work serializer" thread shared by every fake client of the test session.
+_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fake-xds-work")
 
 BOOTSTRAP_JSON = """
 {
@@ -64,13 +68,21 @@ class FakeXdsClient:
     # -- test controls --------------------------------------------------------------------
 
     def drain(self, limit: int = 10_000) -> int:
-        """Run queued serializer work until none is left; returns how many ran."""
-        ran = 0
-        while self._queue:
-            assert ran < limit, "serializer work did not settle"
-            self._queue.popleft()()
-            ran += 1
-        return ran
+        """Run queued serializer work until none is left; returns how many ran.
+
+        The work runs on one separate thread (as the real client's callbacks do) while the
+        caller waits, so the order stays deterministic.
+        """
+
+        def run() -> int:
+            ran = 0
+            while self._queue:
+                assert ran < limit, "serializer work did not settle"
+                self._queue.popleft()()
+                ran += 1
+            return ran
+
+        return _WORKER.submit(run).result()
 
     def set(self, rtype: ResourceType, name: str, value: object) -> None:
         self._resources[(rtype, name)] = value

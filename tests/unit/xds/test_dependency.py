@@ -961,3 +961,21 @@ def test_concurrent_watch_and_close_keep_ref_counts_exact(client: FakeXdsClient)
     client.drain()
     assert keeper.closed and client.subscribed == frozenset()
     assert id(client) not in watch_module._REGISTRY
+
+
+def test_wait_ready_on_the_work_thread_fails_fast(client: FakeXdsClient) -> None:
+    handle, _ = open_target(client)
+    seen: list[str] = []
+
+    def callback(item: object) -> None:
+        try:
+            handle.wait_ready(30)
+        except XdsError as exc:
+            seen.append(str(exc))
+
+    handle.subscribe(callback)
+    client.error(LDS, TARGET, "connection refused")  # not ready: waiting would deadlock
+    client.drain()
+    assert len(seen) == 1 and "work thread" in seen[0]
+    serve_basic(client, V1)  # once ready, wait_ready returns at once, on any thread
+    assert len(seen) == 1
