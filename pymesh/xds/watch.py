@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import Any, Generic, Protocol, Self, TypeVar, cast
 
 from pymesh.errors import XdsError
 from pymesh.model.snapshot import ServerError, ServerSnapshot, TargetError, TargetSnapshot
@@ -207,7 +207,7 @@ class _Handle(Generic[S, E]):
     def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self) -> _Handle[S, E]:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
