@@ -16,9 +16,10 @@ Rules (A39):
 
 Besides router, fault and RBAC, a few types are *recognised but not run* and recorded as
 :class:`OpaqueConfig`: they only feed telemetry or browser-side behaviour (Istio's
-``istio.*`` / ``stats.PluginConfig`` extensions, ``grpc_stats``, CORS) or a feature
-implemented elsewhere later (``stateful_session``), so skipping them never changes which
-requests are allowed.
+``istio.*`` / ``io.istio.*`` / ``stats.PluginConfig`` extensions, ``grpc_stats``, CORS) or
+a feature implemented elsewhere later (``stateful_session``), so skipping them never
+changes which requests are allowed. Everything else (``ext_authz``, ``wasm``, ...) is
+unknown: NACKed unless optional.
 """
 
 from __future__ import annotations
@@ -395,8 +396,9 @@ for _name, _override in (
 
 def _lookup(type_name: str, table: Mapping[str, FilterType]) -> FilterType | None:
     ft = table.get(type_name)
-    if ft is None and type_name.startswith("istio."):
-        # Istio's private extensions (metadata exchange, stats, alpn...): telemetry only.
+    if ft is None and type_name.startswith(("istio.", "io.istio.")):
+        # Istio's private extensions (metadata exchange, peer metadata, stats, alpn):
+        # telemetry and protocol hints only, never an allow/deny decision.
         return FilterType(type_name, _opaque, parse_override=_opaque)
     return ft
 

@@ -115,6 +115,14 @@ def test_optional_unknown_filter_dropped_istio_filters_opaque() -> None:
             },
         },
         {
+            "name": "waypoint_downstream_peer_metadata",
+            "typedConfig": {
+                "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+                "typeUrl": "type.googleapis.com/io.istio.http.peer_metadata.Config",
+                "value": {"downstream_discovery": [{"workload_discovery": {}}]},
+            },
+        },
+        {
             "name": "istio.stats",
             "typedConfig": {
                 "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
@@ -126,6 +134,7 @@ def test_optional_unknown_filter_dropped_istio_filters_opaque() -> None:
     )
     assert [f.name for f in out] == [
         "istio.metadata_exchange",
+        "waypoint_downstream_peer_metadata",
         "istio.stats",
         "envoy.filters.http.router",
     ]
