@@ -219,7 +219,9 @@ class Hub:
         if self._files_dirty:
             self._files_dirty = False
             result = await loop.run_in_executor(None, self.backend.load, self.paths)
-            changed |= self._apply_load(result)
+            if self._apply_load(result):
+                changed = True
+                self._register_unregistered()
         if not changed:
             return
         t1 = time.perf_counter()
@@ -311,15 +313,28 @@ class Hub:
         conn.node_id = str(getattr(conn.node, "id", "") or node_proto.id)
         conn.generator_name = str(getattr(conn.node, "generator", "") or "")
         log.info("ADS stream opened: %s (%s)", conn.node_id, conn.peer)
-        if self.base_config is None:
-            return
+        if self._register(conn, now):
+            self.notify()
+
+    def _register(self, conn: Connection, now: float) -> bool:
+        """Auto-register ``conn``'s node if it matches a WorkloadGroup of the config."""
+        if self.base_config is None or conn.node is None or conn.registered:
+            return False
         info = self.backend.node_info(conn.node)
         entry = self.registry.connect(conn.id, info, self.backend.groups(self.base_config), now)
-        if entry is not None:
-            conn.registered = f"{entry.namespace}/{entry.name}"
-            log.info("auto-registered %s for %s", conn.registered, conn.node_id)
-            self._workloads_dirty = True
-            self.notify()
+        if entry is None:
+            return False
+        conn.registered = f"{entry.namespace}/{entry.name}"
+        log.info("auto-registered %s for %s", conn.registered, conn.node_id)
+        self._workloads_dirty = True
+        return True
+
+    def _register_unregistered(self) -> None:
+        """After a reload: nodes connected before their WorkloadGroup existed register now."""
+        now = self.clock()
+        for conn in list(self.connections.values()):
+            if not conn.closed:
+                self._register(conn, now)
 
     def set_health(self, node_id: str, health: str) -> bool:
         """Admin call: set a node's registered entries' health. Raises ValueError if unknown."""

@@ -397,3 +397,34 @@ def test_xds_port_in_use_is_a_clear_error(cp: ControlPlane, tmp_path: Path) -> N
     with pytest.raises(PymeshError, match="cannot listen for xDS"):
         other.start()
     other.stop()
+
+
+def test_group_added_later_registers_connected_node(
+    cp: ControlPlane, clients: list[RawAds], config_dir: Path
+) -> None:
+    c = connect(cp, clients)
+    c.send(
+        node=make_node(
+            "sidecar~10.9.9.9~late-1.default~default.svc.cluster.local",
+            NAMESPACE="default",
+            LABELS={"app": "late"},
+            INSTANCE_IPS="10.9.9.9",
+        ),
+        type_url=CDS,
+    )
+    c.recv()
+
+    def registered() -> list[str]:
+        body = http_get(cp.admin_url + "/debug/configz")[1]
+        return [w["name"] for w in json.loads(body)["workloads"]]
+
+    time.sleep(0.2)
+    assert registered() == []
+    write_config(
+        config_dir / "mesh.yaml",
+        {"a.default.svc.cluster.local": [1001]},
+        groups=[{"name": "late", "labels": {"app": "late"}, "ports": {"http": 80}}],
+    )
+    assert wait_for(lambda: registered() == ["late-10.9.9.9"], timeout=3)
+    (status,) = [s for s in syncz(cp.admin_url) if s["proxy"].startswith("sidecar~10.9.9.9")]
+    assert status["registered_as"] == "default/late-10.9.9.9"
