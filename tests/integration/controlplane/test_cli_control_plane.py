@@ -74,3 +74,41 @@ def test_control_plane_command(tmp_path: Path, sig: signal.Signals) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_proxy_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pymesh.cli.main import main
+    from pymesh.controlplane import ControlPlane
+    from tests.integration.controlplane._helpers import TinyBackend, syncz, wait_for
+
+    (tmp_path / "mesh.yaml").write_text('{"services": {"a.default.svc.cluster.local": [1]}}')
+    with ControlPlane(
+        [tmp_path], xds_address="127.0.0.1:0", admin_port=0, backend=TinyBackend()
+    ) as cp:
+        synced, nacked = RawAds(cp.address), RawAds(cp.address)
+        try:
+            synced.send(node=make_node("envoy-synced"), type_url=CDS)
+            synced.ack(synced.recv())
+            nacked.send(node=make_node("envoy-nacked"), type_url=CDS)
+            nacked.ack(nacked.recv(), error="no thanks")
+            wait_for(lambda: len(syncz(cp.admin_url)) == 2)
+            wait_for(
+                lambda: all(
+                    s["types"]["CDS"]["acked"] or s["types"]["CDS"]["last_nack"]
+                    for s in syncz(cp.admin_url)
+                )
+            )
+            assert main(["proxy-status", "--control-plane", cp.admin_url]) == 0
+            out = capsys.readouterr().out.splitlines()
+            assert out[0].split() == ["NAME", "CDS", "LDS", "EDS", "RDS", "TYPE", "VERSION"]
+            rows = {line.split()[0]: line for line in out[1:]}
+            assert "SYNCED" in rows["envoy-synced"] and "NOT SENT" in rows["envoy-synced"]
+            assert rows["envoy-nacked"].split()[1] == "NACKED"
+            assert main(["proxy-status", "--control-plane", cp.admin_url, "nacked"]) == 0
+            detail = capsys.readouterr().out
+            assert '"message": "no thanks"' in detail
+            assert main(["proxy-status", "--control-plane", cp.admin_url, "nobody"]) == 1
+        finally:
+            synced.close()
+            nacked.close()
+    assert main(["proxy-status", "--control-plane", "http://127.0.0.1:1"]) == 1
