@@ -74,8 +74,8 @@ def decoded(client: _StatusClient) -> list[DecodedStatus]:
     """Every subscribed resource with its last accepted value decoded into a pymesh model."""
     result: list[DecodedStatus] = []
     for status in sorted(client.resource_statuses(), key=lambda s: (s.rtype.type_url, s.name)):
-        value: object | None = None
-        if status.raw is not None:
+        value: object | None = getattr(status, "value", None)  # the client keeps it decoded
+        if value is None and status.raw is not None:
             try:
                 value = decode_resource(status.rtype.type_url, status.raw).value
             except ResourceError:

@@ -11,6 +11,7 @@ serialized resource as Envoy's JSON for config dumps.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,8 +25,15 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noq
     http_connection_manager_pb2,
 )
 from envoy.service.status.v3 import csds_pb2
-from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory, timestamp_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf import (
+    any_pb2,
+    descriptor_pool,
+    json_format,
+    message_factory,
+    struct_pb2,
+    timestamp_pb2,
+)
+from google.protobuf.message import DecodeError, Message
 
 from pymesh.bootstrap import Node
 from pymesh.errors import XdsError
@@ -159,7 +167,8 @@ def resource_to_json(type_url: str, raw: bytes) -> dict[str, Any] | None:
     """Envoy's JSON for one serialized resource of ``type_url`` (``None`` if unparsable).
 
     ``Any`` fields inside (filters, typed configs) are rendered when their type is known to
-    the protobuf runtime and left as ``{"@type": ..., "value": base64}`` otherwise.
+    the protobuf runtime, and otherwise as a ``google.protobuf.Struct`` holding
+    ``unknown_type`` and ``value_base64``.
     """
     message_name = type_url.rsplit("/", 1)[-1]
     try:
@@ -174,5 +183,44 @@ def resource_to_json(type_url: str, raw: bytes) -> dict[str, Any] | None:
     try:
         return _to_dict(message)
     except (TypeError, KeyError, ValueError):
-        # An Any of an unknown type: fall back to the top-level fields we can render.
-        return {"@type": type_url, "error": "contains types unknown to this process"}
+        # An Any of a type this process does not know (Istio's private extensions, ...):
+        # render it as a Struct naming the type, and everything else normally.
+        _neutralize_unknown_any(message)
+        return _to_dict(message)
+
+
+def _neutralize_unknown_any(message: Message) -> None:
+    """Replace every ``Any`` whose type is unknown here by a ``Struct`` that names it."""
+    pool = descriptor_pool.Default()
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            items = [v for v in value.values() if isinstance(v, Message)]
+        else:
+            items = value if _is_repeated(field) else [value]
+        for item in items:
+            if item.DESCRIPTOR.full_name == "google.protobuf.Any":
+                name = item.type_url.rsplit("/", 1)[-1]
+                try:
+                    pool.FindMessageTypeByName(name)
+                except KeyError:
+                    note = struct_pb2.Struct()
+                    note.update(
+                        {
+                            "unknown_type": item.type_url,
+                            "value_base64": base64.b64encode(item.value).decode(),
+                        }
+                    )
+                    item.Pack(note)
+                    continue
+                inner = message_factory.GetMessageClass(pool.FindMessageTypeByName(name))()
+                if item.Unpack(inner):
+                    _neutralize_unknown_any(inner)
+                    item.Pack(inner)
+            else:
+                _neutralize_unknown_any(item)
+
+
+def _is_repeated(field: Any) -> bool:
+    return bool(field.is_repeated)
