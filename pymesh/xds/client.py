@@ -445,6 +445,8 @@ class XdsClient:
             group.backoff.reset()
             if group.index > 0:
                 self._schedule_probe(group)
+            else:
+                group.probe_backoff.reset()
         self._apply(group, group.state.response(message, self._clock.monotonic()))
 
     def _on_closed(self, group: _Group, sid: int, error: str) -> None:
@@ -501,8 +503,9 @@ class XdsClient:
         if not ok:
             self._schedule_probe(group)
             return
+        # probe_backoff is reset only once the primary answers on a stream: a primary that
+        # accepts connections but fails its streams is probed less and less often.
         log.info("xDS server %s is reachable again: switching back", group.servers[0].uri)
-        group.probe_backoff.reset()
         if group.stream is not None:
             stream, group.stream = group.stream, None
             group.stream_id += 1

@@ -27,6 +27,7 @@ from pymesh.xds.ads._messages import (
 )
 
 __all__ = [
+    "CLIENT_FEATURES",
     "RESOURCE_WRAPPER_TYPE_URL",
     "decode_delta_response",
     "decode_response",
@@ -36,17 +37,22 @@ __all__ = [
 ]
 
 RESOURCE_WRAPPER_TYPE_URL = "type.googleapis.com/envoy.service.discovery.v3.Resource"
+
+CLIENT_FEATURES = ("xds.config.resource-in-sotw",)
+"""Features pymesh's client always announces (Envoy's client-feature names): it accepts
+``Resource`` wrappers in SotW responses (as gRPC's clients do)."""
 _INVALID_ARGUMENT = 3  # google.rpc.Code.INVALID_ARGUMENT
 
 
 def encode_node(node: Node) -> base_pb2.Node:
-    """The ``core.v3.Node`` proto for ``node`` (user agent "pymesh" and its version)."""
+    """The ``core.v3.Node`` proto for ``node`` (user agent "pymesh" and its version, the
+    bootstrap's client features plus :data:`CLIENT_FEATURES`)."""
     proto = base_pb2.Node(
         id=node.id,
         cluster=node.cluster,
         user_agent_name=node.user_agent_name,
         user_agent_version=node.user_agent_version,
-        client_features=list(node.client_features),
+        client_features=list(dict.fromkeys((*node.client_features, *CLIENT_FEATURES))),
     )
     loc = node.locality
     if loc.region or loc.zone or loc.sub_zone:

@@ -686,3 +686,15 @@ def test_watch_from_a_callback_is_requested_after_the_ack(
     cds = [r.request for r in server.requests if r.type_url == CDS]
     assert [list(r.resource_names) for r in cds] == [["a"], ["a"], ["a", "b"], ["a", "b"]]
     assert [r.response_nonce for r in cds] == ["", "1", "1", "2"]  # ACK, widen, ACK
+
+
+def test_resource_wrappers_in_sotw(clock: FakeClock) -> None:
+    with XdsTestServer(wrap_in_resource=True) as server:
+        server.set_resources(CDS, {"c1": cluster("c1", 1)})
+        with XdsClient(server.bootstrap(), clock=clock, decoder=decode_cluster) as client:
+            rec = WatchRecorder()
+            client.watch(CLUSTER, "c1", rec)
+            assert rec.wait_for(lambda e: e[0] == "changed") == ("changed", "c1", 1)
+            server.wait_for_ack(CDS, "1")
+            first = server.requests[0].request
+            assert "xds.config.resource-in-sotw" in first.node.client_features
