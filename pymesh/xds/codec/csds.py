@@ -200,7 +200,7 @@ def _neutralize_unknown_any(message: Message) -> None:
         else:
             items = value if _is_repeated(field) else [value]
         for item in items:
-            if item.DESCRIPTOR.full_name == "google.protobuf.Any":
+            if isinstance(item, any_pb2.Any):
                 name = item.type_url.rsplit("/", 1)[-1]
                 try:
                     pool.FindMessageTypeByName(name)
