@@ -266,9 +266,11 @@ class Hub:
         conn.closed = True
         self.connections.pop(conn.id, None)
         if conn.registered:
-            self.registry.disconnect(conn.id, self.clock())
-            self._workloads_dirty = True
-            self.notify()
+            if self.registry.disconnect(conn.id, self.clock()):
+                self._workloads_dirty = True  # removed at once (no grace period)
+                self.notify()
+            elif self._wake is not None:
+                self._wake.set()  # re-plan the loop's wake-up for the grace expiry
         log.info("ADS stream closed: %s (%s)", conn.node_id or "?", conn.peer)
 
     def handle(self, conn: Connection, req: Request, node_proto: Any) -> list[Message]:
