@@ -682,7 +682,7 @@ def test_watch_from_a_callback_is_requested_after_the_ack(
 
     client.watch(CLUSTER, "a", Widen())
     assert rec_b.wait_for(lambda e: e[0] == "changed") == ("changed", "b", 2)
-    server.wait_for_ack(CDS, "1")
+    server.wait_for_request(lambda r: r.type_url == CDS and r.request.response_nonce == "2")
     cds = [r.request for r in server.requests if r.type_url == CDS]
     assert [list(r.resource_names) for r in cds] == [["a"], ["a"], ["a", "b"], ["a", "b"]]
     assert [r.response_nonce for r in cds] == ["", "1", "1", "2"]  # ACK, widen, ACK
