@@ -979,3 +979,17 @@ def test_wait_ready_on_the_work_thread_fails_fast(client: FakeXdsClient) -> None
     assert len(seen) == 1 and "work thread" in seen[0]
     serve_basic(client, V1)  # once ready, wait_ready returns at once, on any thread
     assert len(seen) == 1
+
+
+def test_snapshots_are_immutable(client: FakeXdsClient) -> None:
+    handle, _ = open_target(client)
+    serve_basic(client, V1)
+    snap = handle.current()
+    assert snap is not None
+    with pytest.raises(AttributeError):
+        snap.version = 99  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        snap.clusters["new"] = snap.clusters[V1]  # type: ignore[index]
+    config = snap.clusters[V1]
+    with pytest.raises(AttributeError):
+        config.endpoints = None  # type: ignore[misc]
