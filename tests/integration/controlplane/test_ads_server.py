@@ -428,3 +428,26 @@ def test_group_added_later_registers_connected_node(
     assert wait_for(lambda: registered() == ["late-10.9.9.9"], timeout=3)
     (status,) = [s for s in syncz(cp.admin_url) if s["proxy"].startswith("sidecar~10.9.9.9")]
     assert status["registered_as"] == "default/late-10.9.9.9"
+
+
+def test_many_concurrent_streams_all_get_the_push(
+    cp: ControlPlane, clients: list[RawAds], config_dir: Path
+) -> None:
+    streams = []
+    for i in range(40):
+        c = connect(cp, clients, delta=bool(i % 2))
+        c.send(node=make_node(f"n{i}"), type_url=CDS)
+        streams.append(c)
+    for c in streams:
+        c.ack(c.recv())
+    write_config(config_dir / "mesh.yaml", {"only.default.svc.cluster.local": [1]})
+    for c in streams:
+        resp = c.recv(timeout=5)
+        assert names(resp, delta=c.delta) == {"outbound|80||only.default.svc.cluster.local"}
+        c.ack(resp)
+
+    def all_acked() -> bool:
+        state = syncz(cp.admin_url)
+        return len(state) == 40 and all(s["types"]["CDS"]["acked"] for s in state)
+
+    assert wait_for(all_acked)
