@@ -53,6 +53,7 @@ PUSH_ORDER = (
     ResourceType.ROUTE_CONFIGURATION.type_url,
 )
 _PACK_CACHE_MAX = 200_000
+MAX_PENDING_RESPONSES = 64
 
 
 class ProtocolError(Exception):
@@ -385,6 +386,19 @@ class Hub:
             if i and i % 20 == 0:
                 await asyncio.sleep(0)  # let requests (ACKs) in between
             if conn.closed or conn.node is None:
+                continue
+            if conn.queue.qsize() > MAX_PENDING_RESPONSES:
+                # A client that stopped reading must not make us hold pushes forever.
+                log.warning("%s is not reading its stream; closing it", conn.node_id)
+                self.metrics.inc("pilot_xds_push_errors")
+                # Drop what it has not read (bounded memory) and end the stream after the
+                # write in flight, if the client ever takes it.
+                while not conn.queue.empty():
+                    conn.queue.get_nowait()
+                conn.queue.put_nowait(
+                    Close(grpc.StatusCode.RESOURCE_EXHAUSTED, "client too slow to read pushes")
+                )
+                conn.closed = True
                 continue
             try:
                 for type_url in PUSH_ORDER:

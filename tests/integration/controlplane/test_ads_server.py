@@ -451,3 +451,20 @@ def test_many_concurrent_streams_all_get_the_push(
         return len(state) == 40 and all(s["types"]["CDS"]["acked"] for s in state)
 
     assert wait_for(all_acked)
+
+
+def test_stream_of_a_client_not_reading_is_ended(
+    cp: ControlPlane, clients: list[RawAds], config_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pymesh.controlplane.server import _hub
+
+    c = connect(cp, clients)
+    c.send(node=make_node("slow"), type_url=CDS)
+    c.ack(c.recv())
+    wait_for(lambda: syncz(cp.admin_url)[0]["types"]["CDS"]["acked"])
+    # Pretend its queue is always over the limit: the next push ends the stream.
+    monkeypatch.setattr(_hub, "MAX_PENDING_RESPONSES", -1)
+    write_config(config_dir / "mesh.yaml", {"x.default.svc.cluster.local": [1]})
+    err = c.ended()
+    assert err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert wait_for(lambda: syncz(cp.admin_url) == [])
