@@ -212,11 +212,23 @@ def server() -> Iterator[XdsTestServer]:
         yield srv
 
 
-@pytest.fixture
-def client(server: XdsTestServer) -> Iterator[XdsClient]:
+def _client(server: XdsTestServer, *, delta: bool) -> XdsClient:
     data = server.bootstrap_dict()
     data["server_listener_resource_name_template"] = "xds.istio.io/grpc/lds/inbound/%s"
-    with XdsClient(parse_bootstrap(json.dumps(data), source="test")) as xds:
+    return XdsClient(parse_bootstrap(json.dumps(data), source="test"), delta=delta)
+
+
+@pytest.fixture(params=["sotw", "delta"])
+def client(request: pytest.FixtureRequest, server: XdsTestServer) -> Iterator[XdsClient]:
+    """The real client, once State-of-the-World and once Delta (the snapshots must agree)."""
+    with _client(server, delta=request.param == "delta") as xds:
+        yield xds
+
+
+@pytest.fixture
+def sotw_client(server: XdsTestServer) -> Iterator[XdsClient]:
+    """For tests that inspect SotW request shapes (``resource_names``)."""
+    with _client(server, delta=False) as xds:
         yield xds
 
 
@@ -287,8 +299,9 @@ def test_eds_update_publishes_new_snapshot_with_only_endpoints_changed(
 
 
 def test_route_change_widens_and_narrows_real_subscriptions(
-    server: XdsTestServer, client: XdsClient
+    server: XdsTestServer, sotw_client: XdsClient
 ) -> None:
+    client = sotw_client
     serve(server, V1)
     server.set_resources(CDS, {V2: cluster_proto(V2)})
     server.set_resources(EDS, {V2: endpoints_proto(V2, "10.0.0.2")})
@@ -320,8 +333,9 @@ def test_route_change_widens_and_narrows_real_subscriptions(
 
 
 def test_listener_switching_route_config_never_tears(
-    server: XdsTestServer, client: XdsClient
+    server: XdsTestServer, sotw_client: XdsClient
 ) -> None:
+    client = sotw_client
     serve(server, V1)
     handle, rec = open_target(client)
     try:
@@ -406,7 +420,10 @@ def test_server_restart_keeps_serving_the_snapshot(
         handle.close()
 
 
-def test_handles_share_and_close_unsubscribes(server: XdsTestServer, client: XdsClient) -> None:
+def test_handles_share_and_close_unsubscribes(
+    server: XdsTestServer, sotw_client: XdsClient
+) -> None:
+    client = sotw_client
     serve(server, V1)
     a = watch_target(client, TARGET)
     b = watch_target(client, f"xds:///{TARGET}")
@@ -433,7 +450,8 @@ def test_server_snapshot_over_real_ads(server: XdsTestServer, client: XdsClient)
         handle.close()
 
 
-def test_aggregate_cluster_over_real_ads(server: XdsTestServer, client: XdsClient) -> None:
+def test_aggregate_cluster_over_real_ads(server: XdsTestServer, sotw_client: XdsClient) -> None:
+    client = sotw_client
     server.set_resources(LDS, {TARGET: listener_proto()})
     server.set_resources(RDS, {RDS_NAME: route_proto(("agg", 1))})
     server.set_resources(
