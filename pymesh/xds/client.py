@@ -299,7 +299,7 @@ class XdsClient:
             self._start_stream(group, 0)
         status = group.state.status(w.rtype, w.name)
         effect: Effect | None = None
-        if status is not None and status.value is not None:
+        if status is not None and status.raw is not None:
             effect = Changed(w.rtype, w.name, status.value)
         elif status is not None and status.status == DOES_NOT_EXIST:
             effect = DoesNotExist(w.rtype, w.name)
@@ -345,6 +345,13 @@ class XdsClient:
         if group.stream is None:
             return
         request = effect.request
+        if request.error_detail is not None:
+            log.warning(
+                "xDS server %s: rejecting %s update: %s",
+                group.servers[group.index].uri,
+                request.type_url.rsplit(".", 1)[-1],
+                request.error_detail,
+            )
         node = self.bootstrap.node
         if isinstance(request, DeltaDiscoveryRequest):
             data = encode_delta_request(request, node)

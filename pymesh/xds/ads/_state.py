@@ -157,6 +157,7 @@ class ResourceStatus:
 
 class _Resource:
     __slots__ = (
+        "deletion_ignored",
         "dne_deadline",
         "error",
         "failed_version",
@@ -176,6 +177,7 @@ class _Resource:
         self.error: str | None = None
         self.failed_version: str | None = None
         self.dne_deadline: float | None = None
+        self.deletion_ignored = False  # logged once per deletion, not once per response
 
     @property
     def cached(self) -> bool:
@@ -535,6 +537,7 @@ class AdsState:
     ) -> Effect | None:
         changed = r.raw != data or r.status == DOES_NOT_EXIST
         r.dne_deadline = None
+        r.deletion_ignored = False
         r.version = version
         if changed or r.status != ACKED:
             r.last_updated = wall
@@ -554,6 +557,17 @@ class AdsState:
         r.failed_version = version
         r.last_updated = wall
         return AmbientError(rtype, name, f"NACKed: {error}")
+
+    @staticmethod
+    def _ignore_deletion(rtype: ResourceType, name: str, r: _Resource) -> None:
+        if not r.deletion_ignored:
+            r.deletion_ignored = True
+            log.warning(
+                "%s %r was deleted by the xDS server; the last value stays in use "
+                "(server feature ignore_resource_deletion)",
+                rtype.short_name,
+                name,
+            )
 
     def _delete(self, rtype: ResourceType, name: str, r: _Resource, wall: float) -> Effect:
         r.dne_deadline = None
@@ -591,11 +605,7 @@ class AdsState:
                 if name in valid or name in invalid or name in present or not r.cached:
                     continue
                 if self.ignore_resource_deletion:
-                    log.warning(
-                        "%s %r absent from the server's response; kept (ignore_resource_deletion)",
-                        rtype.short_name,
-                        name,
-                    )
+                    self._ignore_deletion(rtype, name, r)
                     continue
                 effects.append(self._delete(rtype, name, r, wall))
         if errors:
@@ -637,11 +647,7 @@ class AdsState:
             if r is None or r.status == DOES_NOT_EXIST:
                 continue
             if self.ignore_resource_deletion and r.cached:
-                log.warning(
-                    "%s %r removed by the server; kept (ignore_resource_deletion)",
-                    rtype.short_name,
-                    name,
-                )
+                self._ignore_deletion(rtype, name, r)
                 continue
             effects.append(self._delete(rtype, name, r, wall))
         effects.append(

@@ -583,3 +583,14 @@ def test_mutated_resources_are_acked_or_nacked_and_last_good_stays(data: st.Data
     assert status.status in {"ACKED", "NACKED"}
     if status.status == "NACKED":
         assert status.value == good_value
+
+
+def test_ignored_deletion_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    state = connected_state(ignore_resource_deletion=True)
+    state.subscribe(CDS, "a")
+    state.flush(0.0)
+    state.response(sotw(CDS, "v1", "n1", "a=1"), 1.0)
+    with caplog.at_level("WARNING"):
+        for i in range(3):
+            state.response(sotw(CDS, f"v{i + 2}", f"n{i + 2}"), 2.0)
+    assert len([r for r in caplog.records if "ignore_resource_deletion" in r.message]) == 1
