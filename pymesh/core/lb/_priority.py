@@ -1,0 +1,220 @@
+"""Priority levels, health, panic and the share of load each level gets (Envoy semantics).
+
+Theory of operation
+-------------------
+Every host lands in one class at build time (``now`` decides ejection):
+
+====================================  =========  ==============================================
+host state                            class      effect
+====================================  =========  ==============================================
+HEALTHY, UNKNOWN, not ejected         healthy    picked normally
+DEGRADED, not ejected                 degraded   picked only with the load healthy hosts lack
+UNHEALTHY, TIMEOUT, or ejected        unhealthy  counted in the level's size; picked in panic
+DRAINING                              excluded   neither counted nor picked (Envoy's
+                                                 ``exclude_host_in_eds_status_draining``)
+====================================  =========  ==============================================
+
+Per priority level, with ``n`` = non-excluded hosts and ``F`` = the overprovisioning factor
+(percent, default 140): ``health = min(100, F * healthy // n)`` and
+``degraded = min(100, F * degraded // n)`` (host counts, not weights, as Envoy's default).
+The levels' availability is ``A = min(100, sum(health + degraded))``. Load (out of 100) goes
+to the levels in priority order: ``healthy_load[i] = min(left, health[i] * 100 // A)``, then
+the rest to degraded hosts the same way; the rounding remainder goes to the first level with
+any healthy (else degraded) availability.
+
+A level is in *panic* when ``100 * (healthy + degraded) / n < healthy_panic_threshold``
+(never when ``A == 100``): it then picks among all its hosts, healthy or not. When every level
+is in panic, load goes by host count (``100 * n_i // total``, remainder to the first non-empty
+level). A panic threshold of 0 disables panic: with nothing available, P0 gets all load and
+finds no host (503 ``no healthy upstream``).
+
+With locality-weighted LB, a source picks a locality first (EDF over
+``weight * min(1, F/100 * eligible / n_locality)``); a locality without a weight gets 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pymesh.core.types import Host
+from pymesh.model.common import Locality
+from pymesh.model.endpoint import ClusterLoadAssignment, HealthStatus
+
+__all__ = ["PriorityLevel", "PriorityState", "compute_priority_state"]
+
+_HEALTHY = (HealthStatus.HEALTHY, HealthStatus.UNKNOWN)
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityLevel:
+    """The hosts of one priority, classified. ``*_per_locality`` follow ``localities``."""
+
+    priority: int
+    all: tuple[Host, ...]
+    healthy: tuple[Host, ...]
+    degraded: tuple[Host, ...]
+    localities: tuple[Locality, ...]
+    locality_weights: tuple[int, ...]
+    all_per_locality: tuple[tuple[Host, ...], ...]
+    healthy_per_locality: tuple[tuple[Host, ...], ...]
+    degraded_per_locality: tuple[tuple[Host, ...], ...]
+    health: int
+    degraded_health: int
+    panic: bool
+
+    def effective_locality_weights(self, degraded: bool, factor: int) -> tuple[float, ...]:
+        """Envoy ``effectiveLocalityWeight`` of each locality for healthy/degraded picks."""
+        eligible = self.degraded_per_locality if degraded else self.healthy_per_locality
+        out: list[float] = []
+        for weight, hosts, all_hosts in zip(
+            self.locality_weights, eligible, self.all_per_locality, strict=True
+        ):
+            if not all_hosts:
+                out.append(0.0)
+                continue
+            ratio = min(1.0, factor / 100.0 * len(hosts) / len(all_hosts))
+            out.append(weight * ratio)
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityState:
+    levels: tuple[PriorityLevel, ...]
+    healthy_load: tuple[int, ...]
+    degraded_load: tuple[int, ...]
+    overprovisioning_factor: int
+
+    def slots(self) -> tuple[tuple[int, bool], ...]:
+        """100 entries, entry ``h % 100`` = (priority, degraded?) that a hash ``h`` chooses
+        (Envoy ``choosePriority``: healthy loads in priority order, then degraded)."""
+        out: list[tuple[int, bool]] = []
+        for i, load in enumerate(self.healthy_load):
+            out.extend([(i, False)] * load)
+        for i, load in enumerate(self.degraded_load):
+            out.extend([(i, True)] * load)
+        if len(out) < 100:  # cannot happen when the loads sum to 100; stay total
+            out.extend([(0, False)] * (100 - len(out)))
+        return tuple(out[:100])
+
+
+def _group(hosts: Sequence[Host], localities: Sequence[Locality]) -> tuple[tuple[Host, ...], ...]:
+    by: dict[Locality, list[Host]] = {loc: [] for loc in localities}
+    for h in hosts:
+        by[h.locality].append(h)
+    return tuple(tuple(by[loc]) for loc in localities)
+
+
+def _locality_weights(
+    assignment: ClusterLoadAssignment | None,
+) -> Mapping[tuple[int, Locality], int]:
+    if assignment is None:
+        return {}
+    return {
+        (loc.priority, loc.locality): loc.load_balancing_weight or 0
+        for loc in assignment.localities
+    }
+
+
+def compute_priority_state(
+    hosts: Sequence[Host],
+    *,
+    now: float,
+    overprovisioning_factor: int,
+    panic_threshold: float,
+    assignment: ClusterLoadAssignment | None,
+) -> PriorityState:
+    """Classify ``hosts`` and compute per-priority health, panic and load (see the module
+    docstring for the rules)."""
+    count = max((h.priority for h in hosts), default=0) + 1
+    buckets: list[list[Host]] = [[] for _ in range(count)]
+    for h in hosts:
+        if h.health is not HealthStatus.DRAINING:
+            buckets[h.priority].append(h)
+    weights = _locality_weights(assignment)
+    factor = overprovisioning_factor
+    threshold = min(100.0, max(0.0, panic_threshold))
+
+    drafts: list[tuple[int, tuple[Host, ...], tuple[Host, ...], tuple[Host, ...]]] = []
+    health: list[int] = []
+    degraded_health: list[int] = []
+    for priority, members in enumerate(buckets):
+        healthy = tuple(h for h in members if h.health in _HEALTHY and not h.is_ejected(now))
+        degraded = tuple(
+            h for h in members if h.health is HealthStatus.DEGRADED and not h.is_ejected(now)
+        )
+        n = len(members)
+        if n and factor > 0:
+            health.append(min(100, factor * len(healthy) // n))
+            degraded_health.append(min(100, factor * len(degraded) // n))
+        else:
+            health.append(0)
+            degraded_health.append(0)
+        drafts.append((priority, tuple(members), healthy, degraded))
+
+    availability = min(100, sum(health) + sum(degraded_health))
+    healthy_load = [0] * count
+    degraded_load = [0] * count
+    panic = [False] * count
+    if availability > 0:
+        left = 100
+        first_healthy = -1
+        for i, value in enumerate(health):
+            if first_healthy < 0 and value > 0:
+                first_healthy = i
+            healthy_load[i] = min(left, value * 100 // availability)
+            left -= healthy_load[i]
+        first_degraded = -1
+        for i, value in enumerate(degraded_health):
+            if first_degraded < 0 and value > 0:
+                first_degraded = i
+            degraded_load[i] = min(left, value * 100 // availability)
+            left -= degraded_load[i]
+        if left:
+            if first_healthy >= 0:
+                healthy_load[first_healthy] += left
+            else:
+                degraded_load[first_degraded] += left
+    if threshold == 0.0 and availability == 0:
+        healthy_load[0] = 100
+    elif availability < 100:
+        for i, (_, level_hosts, healthy, degraded) in enumerate(drafts):
+            n = len(level_hosts)
+            usable = 100.0 * (len(healthy) + len(degraded)) / n if n else 0.0
+            panic[i] = usable < threshold
+        if all(panic):
+            total = sum(len(d[1]) for d in drafts)
+            healthy_load = [0] * count
+            degraded_load = [0] * count
+            if total == 0:
+                healthy_load[0] = 100
+            else:
+                left = 100
+                first = -1
+                for i, d in enumerate(drafts):
+                    if first < 0 and d[1]:
+                        first = i
+                    healthy_load[i] = 100 * len(d[1]) // total
+                    left -= healthy_load[i]
+                healthy_load[first] += left
+
+    levels: list[PriorityLevel] = []
+    for i, (priority, level_hosts, healthy, degraded) in enumerate(drafts):
+        localities = tuple(dict.fromkeys(h.locality for h in level_hosts))
+        levels.append(
+            PriorityLevel(
+                priority=priority,
+                all=level_hosts,
+                healthy=healthy,
+                degraded=degraded,
+                localities=localities,
+                locality_weights=tuple(weights.get((priority, loc), 0) for loc in localities),
+                all_per_locality=_group(level_hosts, localities),
+                healthy_per_locality=_group(healthy, localities),
+                degraded_per_locality=_group(degraded, localities),
+                health=health[i],
+                degraded_health=degraded_health[i],
+                panic=panic[i],
+            )
+        )
+    return PriorityState(tuple(levels), tuple(healthy_load), tuple(degraded_load), factor)
