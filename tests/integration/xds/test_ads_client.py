@@ -698,3 +698,29 @@ def test_resource_wrappers_in_sotw(clock: FakeClock) -> None:
             server.wait_for_ack(CDS, "1")
             first = server.requests[0].request
             assert "xds.config.resource-in-sotw" in first.node.client_features
+
+
+# -- against pymesh's own control plane (a real istiod-shaped xDS server) -----------------------
+
+
+@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
+def test_against_the_embedded_control_plane(bookinfo_dir: Path, delta: bool) -> None:
+    from pymesh.bootstrap import generate_bootstrap
+    from pymesh.controlplane import ControlPlane
+
+    reviews = "outbound|9080||reviews.default.svc.cluster.local"
+    config = bookinfo_dir / "platform" / "kube" / "bookinfo.yaml"
+    with ControlPlane([config], xds_address="127.0.0.1:0", admin_port=None) as cp:
+        data = generate_bootstrap(xds_address=cp.address, workload="productpage-v1")
+        bootstrap = parse_bootstrap(json.dumps(data), source="generated")
+        with XdsClient(bootstrap, delta=delta) as client:  # real decoders, real time
+            recs = {rtype: WatchRecorder() for rtype in (CLUSTER, EDS_TYPE)}
+            for rtype, rec in recs.items():
+                client.watch(rtype, reviews, rec)
+            cluster_value = recs[CLUSTER].wait_for(lambda e: e[0] == "changed")[2]
+            endpoints = recs[EDS_TYPE].wait_for(lambda e: e[0] == "changed")[2]
+            assert cluster_value.name == reviews
+            assert endpoints.cluster_name == reviews
+            wait_until(
+                lambda: all(s.status == "ACKED" for s in client.resource_statuses()), timeout=10
+            )
