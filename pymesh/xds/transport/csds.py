@@ -1,7 +1,8 @@
 """The CSDS service (``envoy.service.status.v3.ClientStatusDiscoveryService``) on grpcio.
 
 ``add_csds_servicer(server, client)`` adds ``FetchClientStatus`` (unary) and
-``StreamClientStatus`` (bidi: one response per request) to any ``grpc.Server``, answering with
+``StreamClientStatus`` (bidi: one response per request) to any ``grpc.Server`` (or
+``grpc.aio.Server``: the handlers are plain functions, which it runs too), answering with
 the xDS client's per-resource status, so ``grpcdebug``/``istioctl``-style tools can inspect a
 pymesh process as they inspect a gRPC one (gRFC A40). Messages are (de)serialized by
 :mod:`pymesh.xds.codec.csds`; this module only wires grpcio.
@@ -75,6 +76,6 @@ def csds_handler(client: _StatusClient) -> grpc.GenericRpcHandler:  # type: igno
     return grpc.method_handlers_generic_handler(CSDS_SERVICE, handlers)
 
 
-def add_csds_servicer(server: grpc.Server, client: _StatusClient) -> None:
+def add_csds_servicer(server: grpc.Server | grpc.aio.Server, client: _StatusClient) -> None:
     """Serve CSDS for ``client`` on ``server`` (call before ``server.start()``)."""
     server.add_generic_rpc_handlers((csds_handler(client),))

@@ -228,3 +228,41 @@ def test_config_dump_is_json_and_matches_csds(
     models = {d.status.name: d.value for d in decoded(client)}
     assert getattr(models["good"], "name", None) == "good"
     assert models["pending"] is None
+
+
+def test_csds_on_a_grpc_aio_server(xds: tuple[XdsTestServer, XdsClient, Watcher]) -> None:
+    """The same servicer works on ``grpc.aio`` servers (the async adapters' servers)."""
+    import asyncio
+
+    _, client, _ = xds
+
+    async def run() -> tuple[csds_pb2.ClientStatusResponse, csds_pb2.ClientStatusResponse]:
+        server = grpc.aio.server()
+        add_csds_servicer(server, client)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                fetch_call = channel.unary_unary(
+                    FETCH,
+                    request_serializer=csds_pb2.ClientStatusRequest.SerializeToString,
+                    response_deserializer=csds_pb2.ClientStatusResponse.FromString,
+                )
+                fetched = await fetch_call(csds_pb2.ClientStatusRequest(), timeout=10)
+                stream_call = channel.stream_stream(
+                    STREAM,
+                    request_serializer=csds_pb2.ClientStatusRequest.SerializeToString,
+                    response_deserializer=csds_pb2.ClientStatusResponse.FromString,
+                )(timeout=10)
+                await stream_call.write(csds_pb2.ClientStatusRequest())
+                streamed = await stream_call.read()
+                await stream_call.done_writing()
+                return fetched, streamed
+        finally:
+            await server.stop(None)
+
+    fetched, streamed = asyncio.run(run())
+    for response in (fetched, streamed):
+        by = by_name(response)
+        assert by["good"].client_status == config_dump_shared_pb2.ACKED  # type: ignore[attr-defined]
+        assert by["gone"].client_status == config_dump_shared_pb2.DOES_NOT_EXIST  # type: ignore[attr-defined]
