@@ -127,6 +127,18 @@ class TargetSnapshot:
             )
         return found
 
+    def leaves(self, name: str) -> tuple[ClusterConfig | ClusterError, ...]:
+        """What a route to cluster ``name`` load-balances over, in priority order.
+
+        An aggregate cluster gives its leaf clusters (gRFC A37: the first usable one in
+        priority order takes the traffic); any other cluster gives itself; an unusable one
+        gives its ``ClusterError``.
+        """
+        config = self.cluster(name)
+        if isinstance(config, ClusterError) or not config.is_aggregate:
+            return (config,)
+        return tuple(self.cluster(leaf) for leaf in config.leaf_clusters)
+
 
 @dataclass(frozen=True, slots=True)
 class TargetError:

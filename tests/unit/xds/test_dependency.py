@@ -377,6 +377,10 @@ def test_aggregate_cluster_flattens_leaves_in_priority_order(client: FakeXdsClie
     assert isinstance(dns, ClusterConfig) and dns.endpoints is not None  # inline, no EDS
     assert client.names(EDS) == {"primary", "secondary"}
     assert_consistent(snap)
+    assert [c.name for c in snap.leaves("agg")] == ["primary", "dns", "secondary"]  # type: ignore[union-attr]
+    assert snap.leaves("primary") == (snap.clusters["primary"],)
+    [missing] = snap.leaves("nope")
+    assert isinstance(missing, ClusterError)
 
 
 def test_aggregate_cycle_is_a_cluster_error_not_a_hang(client: FakeXdsClient) -> None:
