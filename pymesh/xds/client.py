@@ -389,10 +389,8 @@ class XdsClient:
 
     # -- streams ---------------------------------------------------------------------------
 
-    def _set_conn(
-        self, group: _Group, *, connected: bool, error: str | None = None, keep_error: bool = True
-    ) -> None:
-        last_error = error if error is not None or not keep_error else group.conn.last_error
+    def _set_conn(self, group: _Group, *, connected: bool, error: str | None = None) -> None:
+        last_error = error if error is not None else group.conn.last_error
         group.conn = ConnectionState(
             server_uri=group.servers[group.index].uri,
             connected=connected,

@@ -724,3 +724,33 @@ def test_against_the_embedded_control_plane(bookinfo_dir: Path, delta: bool) -> 
             wait_until(
                 lambda: all(s.status == "ACKED" for s in client.resource_statuses()), timeout=10
             )
+
+
+def test_soak_restarts_and_pushes_never_show_a_deletion(
+    server: XdsTestServer, clock: FakeClock, client: XdsClient
+) -> None:
+    names = [f"c{i}" for i in range(20)]
+    server.set_resources(CDS, {n: cluster(n, 1) for n in names})
+    recs = {n: WatchRecorder() for n in names}
+    for n, rec in recs.items():
+        client.watch(CLUSTER, n, rec)
+    for rec in recs.values():
+        rec.wait_for(lambda e: e[0] == "changed")
+    for round_ in range(2, 32):
+        server.set_resources(CDS, {n: cluster(n, round_) for n in names})
+        if round_ % 3 == 0:
+            server.kill_streams()
+        if round_ % 5 == 0:
+            server.stop()
+            server.start()
+        if round_ % 7 == 0:  # a bad push in between
+            server.set_resources(CDS, {"c0": cluster("c0", -1)})
+            server.set_resources(CDS, {"c0": cluster("c0", round_)})
+
+        def all_at(r: int = round_) -> bool:
+            return all(rec.values() and rec.values()[-1] == r for rec in recs.values())
+
+        advance_until(clock, all_at, step=0.5)
+    for rec in recs.values():
+        assert "does_not_exist" not in rec.kinds()
+    assert all(s.status == "ACKED" for s in client.resource_statuses())
