@@ -406,7 +406,8 @@ def decode_socket_address(addr: address_pb2.Address, ctx: Ctx, path: str) -> Soc
 
 
 def decode_cidr_range(c: address_pb2.CidrRange, ctx: Ctx, path: str) -> CidrRange:
-    """A ``core.v3.CidrRange``; host bits beyond ``prefix_len`` are masked (as Envoy does)."""
+    """A ``core.v3.CidrRange``; host bits beyond ``prefix_len`` are masked and a length past
+    the address size is clamped (as Envoy and gRPC do)."""
     try:
         addr = ipaddress.ip_address(c.address_prefix)
     except ValueError:
@@ -414,8 +415,8 @@ def decode_cidr_range(c: address_pb2.CidrRange, ctx: Ctx, path: str) -> CidrRang
             join(path, "address_prefix"), f"invalid IP address {c.address_prefix!r}"
         ) from None
     prefix_len = c.prefix_len.value if c.HasField("prefix_len") else addr.max_prefixlen
-    if prefix_len > addr.max_prefixlen:
-        raise ctx.error(join(path, "prefix_len"), f"prefix length {prefix_len} too large")
+    # Envoy and gRPC both accept a length past the address size: it means the full address.
+    prefix_len = min(prefix_len, addr.max_prefixlen)
     return CidrRange(ipaddress.ip_network(f"{addr}/{prefix_len}", strict=False))
 
 

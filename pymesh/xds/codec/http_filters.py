@@ -315,7 +315,7 @@ def _decode_rbac_msg(msg: rbac_pb2.RBAC, ctx: Ctx, path: str) -> RbacConfig:
     policies: dict[str, RbacPolicy] = {}
     for name in sorted(rules.policies):
         pol = rules.policies[name]
-        ppath = f"{rpath}.policies[{name!r}]"
+        ppath = f"{rpath}.policies[{name}]"
         if pol.HasField("condition") or pol.HasField("checked_condition"):
             raise ctx.error(join(ppath, "condition"), "CEL conditions are not supported")
         if not pol.permissions:
@@ -459,7 +459,7 @@ def decode_filter_overrides(
         return _NO_OVERRIDES
     out: dict[str, FilterConfigOverride] = {}
     for name in sorted(overrides):
-        epath = f"{path}[{name!r}]"
+        epath = f"{path}[{name}]"
         if not name:
             raise ctx.error(epath, "empty filter name")
         cfg = unwrap_any(overrides[name], ctx, epath)

@@ -739,7 +739,7 @@ REJECTED: list[tuple[dict[str, Any], str, str]] = [
                 "f": {"@type": "type.googleapis.com/google.protobuf.Struct", "value": {}}
             },
         },
-        f"{V0R0}.typed_per_filter_config['f']",
+        f"{V0R0}.typed_per_filter_config[f]",
         "unsupported filter override",
     ),
     (
@@ -748,7 +748,7 @@ REJECTED: list[tuple[dict[str, Any], str, str]] = [
             "route": {"cluster": "c"},
             "typedPerFilterConfig": {"f": {"@type": FAULT, "abort": {"httpStatus": 99}}},
         },
-        f"{V0R0}.typed_per_filter_config['f'].abort.http_status",
+        f"{V0R0}.typed_per_filter_config[f].abort.http_status",
         "not in [200, 600)",
     ),
     (
