@@ -32,9 +32,10 @@ Ambient errors (stream down, NACKed update of a resource we already hold) keep e
 are reported to subscribers as ``TargetError(TRANSIENT)``; the published snapshot stays.
 
 Aggregate clusters are flattened as gRPC does (A37 as revised by A74): depth-first in priority
-order, each cluster visited once per recomputation (so a cycle or a diamond contributes each
-leaf once), nesting deeper than 16 is an error for the aggregate, and an aggregate with no
-usable leaf is an error.
+order, each cluster visited once per recomputation and listed once per aggregate (a diamond,
+or a leaf that a route also names directly, still counts; a cycle contributes nothing),
+nesting deeper than 16 is an error for the aggregate, and an aggregate with no usable leaf
+is an error.
 
 Everything here runs on the client's work-serializer thread (callbacks, ``start``, ``stop``),
 so no state is locked; the only thing that crosses threads is the published immutable object.
@@ -231,6 +232,11 @@ class _Leaves:
     names: list[str] = field(default_factory=list)
     error: str | None = None
 
+    def add(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name not in self.names:
+                self.names.append(name)
+
 
 class TargetDependencyManager:
     """Builds :class:`TargetSnapshot` s for one client target; runs on the work serializer.
@@ -425,7 +431,13 @@ class TargetDependencyManager:
             leaves.error = f"aggregate cluster graph exceeds max depth {MAX_AGGREGATE_DEPTH}"
             return True
         if name in out:
-            return True  # already visited in another branch (diamond or cycle)
+            # Visited already: in another branch (diamond), as a route's own cluster, or it is
+            # an ancestor (cycle: still the placeholder error, contributes nothing). A usable
+            # cluster still counts for this aggregate, once.
+            seen = out[name]
+            if leaves is not None and isinstance(seen, ClusterConfig):
+                leaves.add(seen.leaf_clusters if seen.is_aggregate else (name,))
+            return True
         out[name] = ClusterError(name, ErrorKind.TRANSIENT, "cluster data not yet available")
         cds, new = self._watches.get(CDS, name)
         if new:
@@ -455,7 +467,7 @@ class TargetDependencyManager:
                 return True
             out[name] = self._config(cluster, None, tuple(child.names), "")
             if leaves is not None:
-                leaves.names.extend(child.names)
+                leaves.add(child.names)
             return True
 
         if cluster.kind is ClusterKind.EDS:
@@ -479,7 +491,7 @@ class TargetDependencyManager:
             note = "" if cluster.load_assignment is not None else "cluster has no endpoints"
             out[name] = self._config(cluster, cluster.load_assignment, (), note)
         if leaves is not None:
-            leaves.names.append(name)
+            leaves.add((name,))
         return True
 
     def _config(

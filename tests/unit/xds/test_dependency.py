@@ -372,7 +372,7 @@ def test_aggregate_cluster_flattens_leaves_in_priority_order(client: FakeXdsClie
     assert isinstance(agg, ClusterConfig) and agg.is_aggregate and agg.endpoints is None
     assert agg.leaf_clusters == ("primary", "dns", "secondary")
     inner = snap.clusters["inner"]
-    assert isinstance(inner, ClusterConfig) and inner.leaf_clusters == ("dns",)
+    assert isinstance(inner, ClusterConfig) and inner.leaf_clusters == ("dns", "primary")
     dns = snap.clusters["dns"]
     assert isinstance(dns, ClusterConfig) and dns.endpoints is not None  # inline, no EDS
     assert client.names(EDS) == {"primary", "secondary"}
@@ -381,6 +381,24 @@ def test_aggregate_cluster_flattens_leaves_in_priority_order(client: FakeXdsClie
     assert snap.leaves("primary") == (snap.clusters["primary"],)
     [missing] = snap.leaves("nope")
     assert isinstance(missing, ClusterError)
+
+
+def test_aggregate_leaf_also_named_by_a_route_still_counts(client: FakeXdsClient) -> None:
+    """Visiting order must not matter: "a-leaf" is reached as a route's cluster first."""
+    _handle, rec = open_target(client)
+    client.set(LDS, TARGET, listener())
+    client.set(RDS, RDS_NAME, route_config("a-leaf", "b-inner", "z-agg"))
+    client.set(CDS, "z-agg", aggregate("z-agg", "a-leaf", "b-inner", "other"))
+    client.set(CDS, "b-inner", aggregate("b-inner", "other", "a-leaf"))
+    for leaf in ("a-leaf", "other"):
+        client.set(CDS, leaf, eds_cluster(leaf))
+        client.set(EDS, leaf, endpoints(leaf, "10.0.0.1"))
+    client.drain()
+    [snap] = rec.snapshots
+    agg = snap.clusters["z-agg"]
+    assert isinstance(agg, ClusterConfig) and agg.leaf_clusters == ("a-leaf", "other")
+    inner = snap.clusters["b-inner"]
+    assert isinstance(inner, ClusterConfig) and inner.leaf_clusters == ("other", "a-leaf")
 
 
 def test_aggregate_cycle_is_a_cluster_error_not_a_hang(client: FakeXdsClient) -> None:
