@@ -198,8 +198,8 @@ class HeaderMatcher:
 @dataclass(frozen=True, slots=True)
 class QueryParameterMatcher:
     """``route.v3.QueryParameterMatcher``. With ``string_match`` the first value must match;
-    otherwise ``present_match`` True requires the parameter, and False never matches (Envoy's
-    reading of ``present_match: false``)."""
+    otherwise ``present_match`` True requires the parameter and False requires its absence
+    (what Envoy 1.40 does, checked by the route conformance test)."""
 
     name: str
     string_match: StringMatcher | None = None

@@ -220,17 +220,56 @@ def _header_mutations(msg: object, ctx: Ctx, path: str) -> HeaderMutations:
 # --------------------------------------------------------------------------- match
 
 
-_TEMPLATE_SEGMENT = re.compile(
-    r"^(\*\*|\*|\{[A-Za-z_][A-Za-z0-9_]*(=(\*\*|\*)?[^{}]*)?\}|[^{}*]*)$"
-)
+_TEMPLATE_LITERAL = re.compile(r"[a-zA-Z0-9\-._~%!$&'()+,;:@]+")
+_TEMPLATE_VAR_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_]{0,15}")
+_TEMPLATE_PRINTABLE = re.compile(r"/[!-~]*")
 
 
 def _check_uri_template(template: str, ctx: Ctx, path: str) -> None:
-    """Light check of Envoy's URI template syntax (``/foo/{bar}/**``)."""
-    if not template.startswith("/") or len(template) > 256:
+    """Envoy's URI template syntax (``parseURLPatternSyntax``): ``/``-separated segments that
+    are literals, ``*``, ``**`` or variables ``{name}`` / ``{name=a/*/**}``; the last one may
+    carry a literal suffix (``/{file}.txt``); at most 5 distinct variables; nothing that globs
+    after a ``**``."""
+    if len(template) > 256 or not _TEMPLATE_PRINTABLE.fullmatch(template):
         raise ctx.error(path, f"invalid URI template {template!r}")
-    for segment in template[1:].split("/"):
-        if not _TEMPLATE_SEGMENT.match(segment):
+    rest = template[1:]
+    names: set[str] = set()
+    text_glob = False
+    while rest:
+        ops: list[str] = []
+        ok = True
+        if rest.startswith("**"):
+            ops, rest = ["**"], rest[2:]
+        elif rest.startswith("*"):
+            ops, rest = ["*"], rest[1:]
+        elif rest.startswith("{"):
+            close = rest.find("}")
+            name, eq, spec = rest[1:close].partition("=")
+            ok = close != -1 and bool(_TEMPLATE_VAR_NAME.fullmatch(name)) and name not in names
+            names.add(name)
+            if eq:
+                parts = spec.split("/")
+                ok = ok and all(p in ("*", "**") or _TEMPLATE_LITERAL.fullmatch(p) for p in parts)
+                ops = [p for p in parts if p in ("*", "**")]
+            else:
+                ops = ["*"]  # a bare variable is a path glob
+            rest = rest[close + 1 :]
+        else:
+            literal = rest.split("/", 1)[0]
+            ok = bool(_TEMPLATE_LITERAL.fullmatch(literal))
+            rest = rest[len(literal) :]
+        for op in ops:
+            ok = ok and not text_glob
+            text_glob = op == "**"
+        if rest and rest != "/":
+            if rest[0] == "/":
+                rest = rest[1:]
+            else:  # a suffix: the rest of the template, one literal without '/'
+                ok = ok and bool(_TEMPLATE_LITERAL.fullmatch(rest))
+                rest = ""
+        elif rest == "/":
+            rest = ""
+        if not ok or len(names) > 5:
             raise ctx.error(path, f"invalid URI template {template!r}")
 
 

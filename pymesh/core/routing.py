@@ -1,0 +1,781 @@
+"""Envoy's HTTP route semantics over the decoded RDS models.
+
+``route_request`` picks the route of a virtual host for a request (the virtual host itself
+comes from :func:`pymesh.model.route.select_virtual_host`); ``choose_cluster`` /
+``pick_cluster`` pick the upstream cluster of a route action; ``rewrite_request`` applies
+the header mutations, host rewrite and path rewrite Envoy applies before forwarding;
+``response_header_ops`` gives the response-side header mutations; ``redirect_location``
+builds a redirect's ``location``.
+
+Matching follows Envoy's ``RouteEntryImplBase::matchRoute`` and the per-kind ``matches``:
+
+* routes are tried in order; the first whose every condition holds wins;
+* the path is ``:path`` without its query and fragment: ``prefix``, ``path`` (exact) and
+  ``path_separated_prefix`` honour ``case_sensitive`` (ASCII case folding); ``safe_regex``
+  and URI templates must match the whole path and ignore ``case_sensitive``;
+  ``path_separated_prefix`` also needs the path to end or continue with ``/`` right after
+  the prefix;
+* header matchers see all values of a header joined with ``,``; a missing header matches
+  only ``present_match: false`` (or, inverted, ``present_match: true``) unless
+  ``treat_missing_header_as_empty``; ``invert_match`` flips the result for a present header;
+  ``range_match`` parses the value as Envoy's ``SimpleAtoi`` (ASCII digits, optional sign,
+  surrounding whitespace) and tests ``[start, end)``;
+* query parameters are not percent-decoded; the first value of a name is matched;
+  ``present_match: false`` matches when the parameter is absent (checked against Envoy);
+* ``grpc`` requires ``content-type`` ``application/grpc`` or ``application/grpc+...``
+  (or ``RequestInfo.grpc``);
+* ``runtime_fraction`` draws ONE random value per request, shared by every route of the
+  table, as Envoy (which uses the stream's random id): two routes at 50 % do not split the
+  traffic 25/25/50, the second never matches what the first refused.
+
+Pseudo-headers ``:authority``, ``:path``, ``:method`` and ``:scheme`` are matched against the
+request's fields; ``host`` is ``:authority`` too (Envoy's header map aliases the two).
+
+Performance: each virtual host compiles once into a tuple of per-route predicates (cached by
+identity, the models are immutable), so matching a 10-route table costs a few µs; see
+``bench/routing_bench.py``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pymesh.core.headers_ops import HeaderOps, compile_header_ops
+from pymesh.core.types import RequestInfo
+from pymesh.model.matcher import MatchKind, StringMatcher
+from pymesh.model.route import (
+    HeaderMatcher,
+    HeaderMutations,
+    PathMatchKind,
+    QueryParameterMatcher,
+    RedirectAction,
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+    WeightedCluster,
+)
+
+__all__ = [
+    "ClusterChoice",
+    "RouteResult",
+    "choose_cluster",
+    "is_grpc_request",
+    "match_route",
+    "pick_cluster",
+    "redirect_location",
+    "request_header_ops",
+    "response_header_ops",
+    "rewrite_request",
+    "route_request",
+    "uri_template_regex",
+]
+
+_MAX_CACHE = 4096
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_ATOI = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)[ \t\n\v\f\r]*", re.ASCII)
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+def _lower(value: str) -> str:
+    """ASCII-only lower-casing (absl's ``AsciiStrToLower``), as Envoy compares."""
+    return value.lower() if value.isascii() else value.translate(_ASCII_LOWER)
+
+
+def _strip_query(path: str) -> str:
+    """Envoy's ``PathUtil::removeQueryAndFragment``."""
+    q = path.find("?")
+    f = path.find("#")
+    if q == -1:
+        return path if f == -1 else path[:f]
+    if f == -1 or q < f:
+        return path[:q]
+    return path[:f]
+
+
+def is_grpc_request(request: RequestInfo) -> bool:
+    """Envoy's ``Grpc::Common::isGrpcRequestHeaders``: content-type ``application/grpc``
+    exactly or followed by ``+`` (``application/grpc-web`` is not gRPC)."""
+    if request.grpc:
+        return True
+    ct = request.headers.get("content-type")
+    if ct is None or not ct.startswith("application/grpc"):
+        return False
+    return len(ct) == 16 or ct[16] == "+"
+
+
+# --------------------------------------------------------------------------- request view
+
+
+class _Req:
+    """What matching looks at, computed at most once per request."""
+
+    __slots__ = ("_lower_path", "_query", "_rng", "_rv", "path_only", "request")
+
+    def __init__(self, request: RequestInfo, rng: random.Random | None) -> None:
+        self.request = request
+        self.path_only = _strip_query(request.path)
+        self._lower_path: str | None = None
+        self._query: dict[str, str] | None = None
+        self._rng = rng
+        self._rv: int | None = None
+
+    def lower_path(self) -> str:
+        lp = self._lower_path
+        if lp is None:
+            lp = self._lower_path = _lower(self.path_only)
+        return lp
+
+    def header(self, name: str) -> str | None:
+        if name[0] == ":":
+            req = self.request
+            if name == ":authority":
+                return req.authority
+            if name == ":path":
+                return req.path
+            if name == ":method":
+                return req.method
+            if name == ":scheme":
+                return req.scheme
+            return None
+        if name == "host":
+            return self.request.authority  # Envoy's header map aliases host to :authority
+        return self.request.headers.get(name)
+
+    def header_values(self, name: str) -> list[str]:
+        if name[0] == ":" or name == "host":
+            value = self.header(name)
+            return [] if value is None else [value]
+        return self.request.headers.get_all(name)
+
+    def query(self) -> dict[str, str]:
+        q = self._query
+        if q is None:
+            q = self._query = _parse_query(self.request.path)
+        return q
+
+    def random_value(self) -> int:
+        rv = self._rv
+        if rv is None:
+            rng = self._rng if self._rng is not None else random
+            rv = self._rv = rng.getrandbits(64)
+        return rv
+
+
+def _parse_query(path: str) -> dict[str, str]:
+    """Envoy's ``QueryParamsMulti::parseQueryString`` keeping each name's first value; no
+    percent-decoding; the fragment is not part of the query."""
+    start = path.find("?")
+    if start == -1:
+        return {}
+    query = path[start + 1 :]
+    hash_at = query.find("#")
+    if hash_at != -1:
+        query = query[:hash_at]
+    out: dict[str, str] = {}
+    for param in query.split("&"):
+        name, sep, value = param.partition("=")
+        if name not in out:
+            out[name] = value if sep else ""
+    return out
+
+
+# --------------------------------------------------------------------------- compilation
+
+_Pred = Callable[[_Req], bool]
+_StrPred = Callable[[str], bool]
+
+
+def _string_pred(m: StringMatcher) -> _StrPred:
+    kind = m.kind
+    if kind is MatchKind.REGEX:
+        rx = m._regex  # the compiled form the model carries
+        assert rx is not None
+        fullmatch = rx.fullmatch
+        return lambda v: fullmatch(v) is not None
+    pattern = m.pattern
+    if m.ignore_case:
+        p = _lower(pattern)
+        if kind is MatchKind.EXACT:
+            return lambda v: _lower(v) == p
+        if kind is MatchKind.PREFIX:
+            return lambda v: _lower(v).startswith(p)
+        if kind is MatchKind.SUFFIX:
+            return lambda v: _lower(v).endswith(p)
+        return lambda v: p in _lower(v)
+    if kind is MatchKind.EXACT:
+        return lambda v: v == pattern
+    if kind is MatchKind.PREFIX:
+        return lambda v: v.startswith(pattern)
+    if kind is MatchKind.SUFFIX:
+        return lambda v: v.endswith(pattern)
+    return lambda v: pattern in v
+
+
+def _atoi_in(r_start: int, r_end: int) -> _StrPred:
+    def check(v: str) -> bool:
+        m = _ATOI.fullmatch(v)
+        if m is None:
+            return False
+        n = int(m.group(1))
+        return _INT64_MIN <= n <= _INT64_MAX and r_start <= n < r_end
+
+    return check
+
+
+def _header_pred(hm: HeaderMatcher) -> _Pred:
+    name = hm.name
+    invert = hm.invert_match
+    missing_empty = hm.treat_missing_header_as_empty
+    if hm.string_match is not None:
+        spec = _string_pred(hm.string_match)
+        present_kind = False
+        present = True
+    elif hm.range_match is not None:
+        spec = _atoi_in(hm.range_match.start, hm.range_match.end)
+        present_kind = False
+        present = True
+    else:
+        present_kind = True
+        present = True if hm.present_match is None else hm.present_match
+        spec = (lambda v: True) if present else (lambda v: False)
+    # A missing header (and no treat_missing_header_as_empty): only a present matcher can
+    # match, and then exactly when ``present_match == invert_match``.
+    missing_result = present_kind and present == invert
+
+    def check(r: _Req) -> bool:
+        values = r.header_values(name)
+        if not values:
+            if not missing_empty:
+                return missing_result
+            return spec("") != invert
+        if len(values) == 1:
+            return spec(values[0]) != invert
+        return any(spec(v) for v in values) != invert
+
+    return check
+
+
+def _query_pred(qm: QueryParameterMatcher) -> _Pred:
+    name = qm.name
+    if qm.string_match is not None:
+        spec = _string_pred(qm.string_match)
+
+        def check(r: _Req) -> bool:
+            value = r.query().get(name)
+            return value is not None and spec(value)
+
+        return check
+    if not qm.present_match:
+        return lambda r: name not in r.query()
+    return lambda r: name in r.query()
+
+
+def _path_pred(m: RouteMatch) -> _Pred | None:
+    """The path condition; ``None`` when any path matches (empty prefix)."""
+    kind = m.path_kind
+    value = m.path
+    if kind is PathMatchKind.PREFIX:
+        if not value:
+            return None
+        if m.case_sensitive:
+            return lambda r: r.path_only.startswith(value)
+        lv = _lower(value)
+        return lambda r: r.lower_path().startswith(lv)
+    if kind is PathMatchKind.PATH:
+        if m.case_sensitive:
+            return lambda r: r.path_only == value
+        lv = _lower(value)
+        return lambda r: r.lower_path() == lv
+    if kind is PathMatchKind.PATH_SEPARATED_PREFIX:
+        n = len(value)
+        lv = value if m.case_sensitive else _lower(value)
+        cs = m.case_sensitive
+
+        def sep_check(r: _Req) -> bool:
+            p = r.path_only if cs else r.lower_path()
+            return p.startswith(lv) and (len(p) == n or p[n] == "/")
+
+        return sep_check
+    if kind is PathMatchKind.SAFE_REGEX:
+        assert m.regex is not None
+        spec = _string_pred(m.regex)
+        return lambda r: spec(r.path_only)
+    if kind is PathMatchKind.URI_TEMPLATE:
+        rx = uri_template_regex(value)
+        return lambda r: rx.fullmatch(r.path_only) is not None
+    # CONNECT matcher: only CONNECT requests (never produced by the HTTP adapters).
+    return lambda r: r.request.method == "CONNECT"
+
+
+def _route_pred(route: Route) -> _Pred:
+    m = route.match
+    preds: list[_Pred] = []
+    path = _path_pred(m)
+    if path is not None:
+        preds.append(path)
+    if m.grpc:
+        preds.append(lambda r: is_grpc_request(r.request))
+    preds.extend(_header_pred(h) for h in m.headers)
+    preds.extend(_query_pred(q) for q in m.query_parameters)
+    fraction = m.runtime_fraction
+    if fraction is not None:
+        # Last: the random draw is made only when everything else matched.
+        preds.append(lambda r: fraction.hits(r.random_value()))
+    if not preds:
+        return lambda r: True
+    if len(preds) == 1:
+        return preds[0]
+    if len(preds) == 2:
+        a, b = preds
+        return lambda r: a(r) and b(r)
+    all_preds = tuple(preds)
+
+    def check(r: _Req) -> bool:
+        return all(p(r) for p in all_preds)
+
+    return check
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledVhost:
+    vhost: VirtualHost
+    entries: tuple[tuple[Route, _Pred], ...]
+
+
+_compiled: dict[tuple[int, str], tuple[object, Any]] = {}
+"""Compiled forms by ``id`` of the immutable model object; each entry keeps the object alive
+so its ``id`` cannot be reused while cached. Cleared wholesale when it grows too big."""
+
+
+def _cached(key_obj: object, build: Callable[[], Any], tag: str = "") -> Any:
+    key = (id(key_obj), tag)
+    hit = _compiled.get(key)
+    if hit is not None and hit[0] is key_obj:
+        return hit[1]
+    value = build()
+    if len(_compiled) >= _MAX_CACHE:
+        _compiled.clear()
+    _compiled[key] = (key_obj, value)
+    return value
+
+
+def _compile_vhost(vhost: VirtualHost) -> _CompiledVhost:
+    return _CompiledVhost(vhost, tuple((r, _route_pred(r)) for r in vhost.routes))
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def route_request(
+    vhost: VirtualHost, request: RequestInfo, *, rng: random.Random | None = None
+) -> Route | None:
+    """The first route of ``vhost`` matching ``request`` (Envoy order), or ``None``
+    (Envoy answers 404 ``route_not_found``). ``rng`` feeds ``runtime_fraction``."""
+    compiled: _CompiledVhost = _cached(vhost, lambda: _compile_vhost(vhost))
+    r = _Req(request, rng)
+    for route, pred in compiled.entries:
+        if pred(r):
+            return route
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    """A virtual host and the route chosen in it."""
+
+    vhost: VirtualHost
+    route: Route
+
+
+def match_route(
+    config: RouteConfiguration, request: RequestInfo, *, rng: random.Random | None = None
+) -> RouteResult | None:
+    """Virtual host by authority, then the route: ``None`` when either is missing."""
+    vhost = config.select_virtual_host(request.authority)
+    if vhost is None:
+        return None
+    route = route_request(vhost, request, rng=rng)
+    return None if route is None else RouteResult(vhost, route)
+
+
+# --------------------------------------------------------------------------- clusters
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterChoice:
+    """The cluster a route action sends one request to. ``name`` is empty when the cluster
+    comes from a request header that is missing (Envoy: ``cluster_not_found``).
+    ``weighted`` is the chosen ``weighted_clusters`` entry, whose header mutations and host
+    rewrite apply (see :func:`rewrite_request`)."""
+
+    name: str
+    weighted: WeightedCluster | None = None
+
+
+def _first_header(request: RequestInfo, name: str) -> str:
+    values = request.headers.get_all(name)
+    return values[0] if values else ""
+
+
+def pick_cluster(
+    action: RouteAction, request: RequestInfo, *, rng: random.Random | None = None
+) -> ClusterChoice:
+    """Envoy's choice: the cluster, the first value of ``cluster_header``, or for
+    ``weighted_clusters`` a value drawn uniformly in ``[0, sum of weights)`` located in the
+    cumulative weights (clusters of weight 0 are never chosen)."""
+    if action.cluster is not None:
+        return ClusterChoice(action.cluster)
+    if action.cluster_header is not None:
+        return ClusterChoice(_first_header(request, action.cluster_header))
+    clusters = action.weighted_clusters
+    if not clusters:
+        return ClusterChoice("")
+    total = _cached(action, lambda: sum(c.weight for c in clusters), "total")
+    draw = (rng if rng is not None else random).getrandbits(64) % total
+    end = 0
+    chosen = clusters[-1]
+    for c in clusters:
+        end += c.weight
+        if draw < end:
+            chosen = c
+            break
+    if chosen.cluster_header is not None:
+        return ClusterChoice(_first_header(request, chosen.cluster_header), chosen)
+    return ClusterChoice(chosen.name, chosen)
+
+
+def choose_cluster(
+    action: RouteAction, request: RequestInfo, *, rng: random.Random | None = None
+) -> str:
+    """The cluster name :func:`pick_cluster` chooses."""
+    return pick_cluster(action, request, rng=rng).name
+
+
+# --------------------------------------------------------------------------- rewrites
+
+
+def _levels(
+    route: Route, vhost: VirtualHost, config: RouteConfiguration | None
+) -> list[HeaderMutations]:
+    """Envoy applies the levels least specific last (the route configuration wins) unless
+    ``most_specific_header_mutations_wins``, then the route is applied last and wins."""
+    cfg = config.headers if config is not None else HeaderMutations()
+    if config is not None and config.most_specific_header_mutations_wins:
+        return [cfg, vhost.headers, route.headers]
+    return [route.headers, vhost.headers, cfg]
+
+
+def request_header_ops(
+    route: Route,
+    vhost: VirtualHost,
+    config: RouteConfiguration | None,
+    weighted: WeightedCluster | None = None,
+) -> HeaderOps:
+    """Request-side mutations in Envoy's order: the chosen weighted cluster's first, then
+    route/vhost/config as :func:`_levels` orders them."""
+
+    def build() -> HeaderOps:
+        levels = _levels(route, vhost, config)
+        if weighted is not None:
+            levels.insert(0, weighted.headers)
+        return compile_header_ops(levels, response=False)
+
+    return _cached_ops(
+        route=route, vhost=vhost, config=config, weighted=weighted, side="req", build=build
+    )
+
+
+def response_header_ops(
+    route: Route,
+    vhost: VirtualHost,
+    config: RouteConfiguration | None,
+    weighted: WeightedCluster | None = None,
+) -> HeaderOps:
+    """Response-side mutations (apply with ``ops.apply(headers, request)``)."""
+
+    def build() -> HeaderOps:
+        levels = _levels(route, vhost, config)
+        if weighted is not None:
+            levels.insert(0, weighted.headers)
+        return compile_header_ops(levels, response=True)
+
+    return _cached_ops(
+        route=route, vhost=vhost, config=config, weighted=weighted, side="resp", build=build
+    )
+
+
+def _cached_ops(
+    *,
+    route: Route,
+    vhost: VirtualHost,
+    config: RouteConfiguration | None,
+    weighted: WeightedCluster | None,
+    side: str,
+    build: Callable[[], HeaderOps],
+) -> HeaderOps:
+    # Keyed on the route; the other levels are part of the tag (by identity).
+    tag = f"{side}:{id(vhost)}:{id(config)}:{id(weighted)}"
+    ops: HeaderOps = _cached(route, build, tag)
+    return ops
+
+
+def _matched_prefix(route: Route, path_only: str) -> str:
+    """The part of the path a prefix rewrite replaces (Envoy's ``matched_path``)."""
+    kind = route.match.path_kind
+    if kind is PathMatchKind.SAFE_REGEX or kind is PathMatchKind.CONNECT:
+        return path_only
+    return route.match.path
+
+
+def _rewrite_path(route: Route, action: RouteAction, path: str) -> str | None:
+    """The new ``:path`` (query kept), or ``None`` when no rewrite is configured."""
+    path_only = _strip_query(path)
+    if action.prefix_rewrite is not None:
+        matched = _matched_prefix(route, path_only)
+        return action.prefix_rewrite + path[len(matched) :]
+    if action.regex_rewrite is not None:
+        rw = action.regex_rewrite
+        new = _regex_replace_all(rw.pattern, rw.substitution, path_only)
+        return new + path[len(path_only) :]
+    if action.path_template_rewrite is not None:
+        if route.match.path_kind is not PathMatchKind.URI_TEMPLATE:
+            return None
+        new_path = _template_rewrite(route.match.path, action.path_template_rewrite, path_only)
+        if new_path is None:
+            return path  # Envoy: a failed template rewrite keeps the old path
+        return new_path + path[len(path_only) :]
+    return None
+
+
+def rewrite_request(  # noqa: PLR0917 - the positional order is the shared interface
+    route: Route,
+    action: RouteAction,
+    vhost: VirtualHost,
+    route_config: RouteConfiguration | None,
+    request: RequestInfo,
+    cluster_choice: ClusterChoice | str | None = None,
+) -> RequestInfo:
+    """The request as Envoy forwards it (``finalizeRequestHeaders``): the weighted cluster's
+    header mutations and host rewrite, then route/vhost/config mutations, then the host
+    rewrite (literal, or from a header; ``auto_host_rewrite`` needs the chosen endpoint and
+    is left to the caller), then the path rewrite (prefix, regex or URI template), with
+    ``x-envoy-original-path`` holding the path before a rewrite."""
+    weighted = cluster_choice.weighted if isinstance(cluster_choice, ClusterChoice) else None
+    headers = request.headers
+    authority = request.authority
+    ops = request_header_ops(route, vhost, route_config, weighted)
+    if ops:
+        headers = ops.apply(headers, request)
+    # The weighted cluster's host rewrite comes after its own header mutations and before
+    # the route's levels in Envoy; those never touch the authority, so the order is moot.
+    if weighted is not None and weighted.host_rewrite_literal:
+        authority = weighted.host_rewrite_literal
+    if action.host_rewrite_literal:
+        authority = action.host_rewrite_literal
+    elif action.host_rewrite_header is not None:
+        values = headers.get_all(action.host_rewrite_header)
+        if values and values[0]:
+            authority = values[0]
+    path = request.path
+    new_path = _rewrite_path(route, action, path)
+    if new_path is not None:
+        headers = headers.with_set("x-envoy-original-path", path)
+        path = new_path
+    if path is request.path and authority is request.authority and headers is request.headers:
+        return request
+    return RequestInfo(
+        method=request.method,
+        authority=authority,
+        path=path,
+        headers=headers,
+        scheme=request.scheme,
+        source_ip=request.source_ip,
+        grpc=request.grpc,
+    )
+
+
+# --------------------------------------------------------------------------- redirects
+
+
+def _regex_replace_all(pattern: StringMatcher, substitution: str, value: str) -> str:
+    """RE2 ``GlobalReplace`` with ``\\N`` group references (``\\\\`` is a backslash)."""
+    rx = pattern._regex
+    assert rx is not None
+
+    def expand(m: re.Match[str]) -> str:
+        out = []
+        i = 0
+        n = len(substitution)
+        while i < n:
+            c = substitution[i]
+            if c == "\\" and i + 1 < n:
+                d = substitution[i + 1]
+                if d.isdigit():
+                    out.append(m.group(int(d)) or "")
+                    i += 2
+                    continue
+                if d == "\\":
+                    out.append("\\")
+                    i += 2
+                    continue
+            out.append(c)
+            i += 1
+        return "".join(out)
+
+    return rx.sub(expand, value)
+
+
+def _request_host(request: RequestInfo, new_scheme: str, new_port: str) -> str:
+    """Envoy's ``Utility::processRequestHost``: drop the request's port when a new port is
+    set, or when the scheme changes and the port is the old scheme's default."""
+    host = request.authority
+    if not host:
+        return ""
+    if host[0] == "[":
+        end = host.rfind("]:")
+        end = end + 1 if end != -1 else -1
+    else:
+        end = host.rfind(":")
+    if end != -1:
+        port = host[end:]
+        remove = bool(new_port)
+        if new_scheme != request.scheme:
+            remove |= request.scheme == "https" and port == ":443"
+            remove |= request.scheme == "http" and port == ":80"
+        if remove:
+            return host[:end]
+    return host
+
+
+def redirect_location(
+    action: RedirectAction, request: RequestInfo, *, route: Route | None = None
+) -> str:
+    """The ``location`` of a redirect (Envoy's ``Utility::newUri`` after the redirect's path
+    rewrite). ``route`` is needed for ``prefix_rewrite`` (the matched prefix is replaced)."""
+    path = request.path
+    path_only = _strip_query(path)
+    if action.regex_rewrite is not None:
+        rw = action.regex_rewrite
+        path = _regex_replace_all(rw.pattern, rw.substitution, path_only) + path[len(path_only) :]
+    elif action.prefix_rewrite is not None and action.prefix_rewrite != "":
+        matched = _matched_prefix(route, path_only) if route is not None else ""
+        path = action.prefix_rewrite + path[len(matched) :]
+
+    scheme = action.scheme_redirect or request.scheme
+    port = f":{action.port_redirect}" if action.port_redirect else ""
+    host = action.host_redirect or _request_host(request, scheme, port)
+    path_redirect = action.path_redirect
+    redirect_has_query = path_redirect is not None and "?" in path_redirect
+    if path_redirect:
+        if redirect_has_query:
+            final_path = path_redirect
+        else:
+            q = path.find("?")
+            final_path = path_redirect + (path[q:] if q != -1 else "")
+    else:
+        final_path = path
+    if not final_path.startswith("/"):
+        final_path = "/" + final_path
+    if not redirect_has_query and action.strip_query:
+        q = final_path.find("?")
+        if q != -1:
+            final_path = final_path[:q]
+    return f"{scheme}://{host}{port}{final_path}"
+
+
+# --------------------------------------------------------------------------- URI templates
+
+_LITERAL_CHARS = r"a-zA-Z0-9\-._~%!$&'()+,;:@"
+_PATH_GLOB = f"[{_LITERAL_CHARS}]+"
+_TEXT_GLOB = f"[{_LITERAL_CHARS}/]*"
+_VAR = re.compile(r"\{([A-Za-z][A-Za-z0-9_]*)(?:=([^}]*))?\}")
+
+
+def _template_part(part: str) -> str:
+    if part == "**":
+        return _TEXT_GLOB
+    if part == "*":
+        return _PATH_GLOB
+    return re.escape(part)
+
+
+def _template_segments(body: str) -> tuple[list[str], str]:
+    """Split a template (without its leading ``/``) into segment regexes and a suffix
+    literal, as Envoy's ``parseURLPatternSyntax`` lexes it."""
+    segments: list[str] = []
+    suffix = ""
+    rest = body
+    while rest:
+        if rest.startswith("**"):
+            segments.append(_TEXT_GLOB)
+            rest = rest[2:]
+        elif rest.startswith("*"):
+            segments.append(_PATH_GLOB)
+            rest = rest[1:]
+        elif rest.startswith("{"):
+            m = _VAR.match(rest)
+            if m is None:
+                raise ValueError(f"invalid variable in URI template at {rest!r}")
+            name, spec = m.group(1), m.group(2)
+            if spec is None:
+                inner = _PATH_GLOB
+            else:
+                inner = "/".join(_template_part(p) for p in spec.split("/"))
+            segments.append(f"(?P<{name}>{inner})")
+            rest = rest[m.end() :]
+        else:
+            lit, _, _ = rest.partition("/")
+            segments.append(re.escape(lit))
+            rest = rest[len(lit) :]
+        if rest:
+            if rest == "/":
+                segments.append("")
+                break
+            if rest[0] == "/":
+                rest = rest[1:]
+            else:
+                suffix = rest
+                break
+    return segments, suffix
+
+
+def uri_template_regex(template: str) -> re.Pattern[str]:
+    """The regex Envoy's ``envoy.path.match.uri_template`` matches the path against:
+    ``*`` one path segment (at least one pchar), ``**`` any rest including ``/``,
+    ``{name}`` / ``{name=...}`` named captures. Cached per template."""
+    rx: re.Pattern[str] = _cached(template, lambda: _build_template_regex(template), "tpl")
+    return rx
+
+
+def _build_template_regex(template: str) -> re.Pattern[str]:
+    if not template.startswith("/"):
+        raise ValueError(f"URI template must start with '/': {template!r}")
+    segments, suffix = _template_segments(template[1:])
+    return re.compile("/" + "/".join(segments) + re.escape(suffix))
+
+
+_REWRITE_VAR = re.compile(r"\{([A-Za-z][A-Za-z0-9_]*)\}")
+
+
+def _template_rewrite(match_template: str, rewrite: str, path_only: str) -> str | None:
+    m = uri_template_regex(match_template).fullmatch(path_only)
+    if m is None:
+        return None
+    groups = m.groupdict()
+    out = []
+    pos = 0
+    for vm in _REWRITE_VAR.finditer(rewrite):
+        out.append(rewrite[pos : vm.start()])
+        value = groups.get(vm.group(1))
+        if value is None:
+            return None
+        out.append(value)
+        pos = vm.end()
+    out.append(rewrite[pos:])
+    return "".join(out)

@@ -1,0 +1,976 @@
+"""Route matching conformance against a real Envoy (h11's "compare against a real peer").
+
+ONE ``RouteConfiguration`` (built here as a proto, serialized once) goes to both sides:
+pymesh decodes the bytes with ``decode_resource`` and runs ``select_virtual_host`` +
+``route_request``; Envoy gets the same message as JSON in a static bootstrap. Every route
+adds the response header ``x-route: <name>``, so each request sent through Envoy tells which
+route Envoy chose (404 without ``x-route`` = no route). Both must agree on every case.
+
+Beyond the choice of route, the actions are compared too: direct responses (status),
+redirects (status and ``location`` against ``redirect_location``) and forwarded requests
+(the path, authority and test headers the upstream echo server saw, against
+``rewrite_request``).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2,
+)
+from envoy.extensions.path.match.uri_template.v3 import uri_template_match_pb2
+from envoy.extensions.path.rewrite.uri_template.v3 import uri_template_rewrite_pb2
+from google.protobuf import json_format
+
+from pymesh.core.routing import (
+    ClusterChoice,
+    pick_cluster,
+    redirect_location,
+    rewrite_request,
+    route_request,
+)
+from pymesh.core.types import Headers, RequestInfo
+from pymesh.model.route import (
+    DirectResponseAction,
+    RedirectAction,
+    RouteAction,
+    RouteConfiguration,
+)
+from pymesh.xds.codec import decode_resource
+from pymesh.xds.resource_types import ResourceType
+
+pytestmark = pytest.mark.envoy
+
+# Imported for their descriptors: json_format resolves these ``@type``s through them.
+_REGISTERED = (
+    router_pb2,
+    http_connection_manager_pb2,
+    uri_template_match_pb2,
+    uri_template_rewrite_pb2,
+)
+
+HCM = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+TPL_MATCH = "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig"
+TPL_REWRITE = (
+    "type.googleapis.com/envoy.extensions.path.rewrite.uri_template.v3.UriTemplateRewriteConfig"
+)
+
+# --------------------------------------------------------------------------- the route table
+
+
+def _ok(name: str) -> dict[str, Any]:
+    return {"direct_response": {"status": 200, "body": {"inline_string": name}}}
+
+
+def _fwd(**action: Any) -> dict[str, Any]:
+    return {"route": {"cluster": "echo", **action}}
+
+
+def _tpl(template: str) -> dict[str, Any]:
+    return {
+        "path_match_policy": {
+            "name": "envoy.path.match.uri_template.uri_template_matcher",
+            "typed_config": {"@type": TPL_MATCH, "path_template": template},
+        }
+    }
+
+
+def _h(name: str, **spec: Any) -> dict[str, Any]:
+    return {"name": name, **spec}
+
+
+def _sm(**spec: Any) -> dict[str, Any]:
+    return {"string_match": spec}
+
+
+# (name, match, action-or-None for a 200 direct response)
+ROUTES: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
+    ("exact", {"path": "/exact"}, None),
+    ("exact-ci", {"path": "/CaseLess", "case_sensitive": False}, None),
+    ("exactq", {"path": "/exactq"}, None),
+    ("prefix-v1", {"prefix": "/api/v1/"}, None),
+    ("prefix-ci", {"prefix": "/Upper/", "case_sensitive": False}, None),
+    ("regex-items", {"safe_regex": {"regex": "/items/[0-9]+"}}, None),
+    ("regex-json", {"safe_regex": {"regex": "/re/.*\\.json"}}, None),
+    ("regex-nocase-flag", {"safe_regex": {"regex": "/RegEx"}, "case_sensitive": False}, None),
+    ("psp", {"path_separated_prefix": "/sep"}, None),
+    ("psp-ci", {"path_separated_prefix": "/SepCI", "case_sensitive": False}, None),
+    ("tpl-id", _tpl("/tpl/{id}/detail"), None),
+    ("tpl-glob", _tpl("/tplg/**"), None),
+    ("tpl-var-glob", _tpl("/tplv/{rest=**}"), None),
+    ("tpl-suffix", _tpl("/tpls/{file}.txt"), None),
+    ("tpl-star", {**_tpl("/TplCase/*"), "case_sensitive": False}, None),
+    ("tpl-multi", _tpl("/tplm/{a}/{b=x/*}/end"), None),
+    ("hdr-exact", {"prefix": "/h/", "headers": [_h("x-exact", exact_match="yes")]}, None),
+    ("hdr-prefix", {"prefix": "/h/", "headers": [_h("x-prefix", **_sm(prefix="abc"))]}, None),
+    ("hdr-suffix", {"prefix": "/h/", "headers": [_h("x-suffix", **_sm(suffix="xyz"))]}, None),
+    ("hdr-contains", {"prefix": "/h/", "headers": [_h("x-contains", **_sm(contains="mid"))]}, None),
+    (
+        "hdr-regex",
+        {
+            "prefix": "/h/",
+            "headers": [_h("x-regex", safe_regex_match={"regex": "v[0-9]+\\.[0-9]+"})],
+        },
+        None,
+    ),
+    (
+        "hdr-range",
+        {"prefix": "/h/", "headers": [_h("x-range", range_match={"start": 10, "end": 20})]},
+        None,
+    ),
+    ("hdr-present", {"prefix": "/h/", "headers": [_h("x-present", present_match=True)]}, None),
+    (
+        "hdr-invert",
+        {"prefix": "/h/", "headers": [_h("x-invert", **_sm(exact="no"), invert_match=True)]},
+        None,
+    ),
+    (
+        "hdr-ignorecase",
+        {"prefix": "/h/", "headers": [_h("x-ic", **_sm(exact="MiXeD", ignore_case=True))]},
+        None,
+    ),
+    ("hdr-multi", {"prefix": "/h/", "headers": [_h("x-multi", **_sm(exact="a,b"))]}, None),
+    (
+        "hdr-missing-empty",
+        {
+            "prefix": "/h/",
+            "headers": [_h("x-empty", **_sm(exact=""), treat_missing_header_as_empty=True)],
+        },
+        None,
+    ),
+    ("mv-comma-space", {"prefix": "/mv/", "headers": [_h("x-m", **_sm(exact="a, b"))]}, None),
+    ("mv-first", {"prefix": "/mv/", "headers": [_h("x-m", **_sm(exact="a"))]}, None),
+    ("mv-last", {"prefix": "/mv/", "headers": [_h("x-m", **_sm(exact="b"))]}, None),
+    ("mv-any", {"prefix": "/mv/", "headers": [_h("x-m", **_sm(prefix="a"))]}, None),
+    ("hdr-absent", {"prefix": "/hpf/", "headers": [_h("x-absent", present_match=False)]}, None),
+    (
+        "hdr-present-invert",
+        {"prefix": "/hpi/", "headers": [_h("x-gone", present_match=True, invert_match=True)]},
+        None,
+    ),
+    ("hdr-method", {"prefix": "/m/", "headers": [_h(":method", **_sm(exact="POST"))]}, None),
+    (
+        "hdr-authority",
+        {"prefix": "/auth/", "headers": [_h(":authority", **_sm(suffix=".internal"))]},
+        None,
+    ),
+    (
+        "hdr-two",
+        {
+            "prefix": "/two/",
+            "headers": [_h("x-a", **_sm(exact="1")), _h("x-b", present_match=True)],
+        },
+        None,
+    ),
+    ("hdr-host", {"prefix": "/hosthdr/", "headers": [_h("host", present_match=True)]}, None),
+    (
+        "hdr-range-neg",
+        {"prefix": "/rng/", "headers": [_h("x-n", range_match={"start": -5, "end": 0})]},
+        None,
+    ),
+    ("q-exact", {"prefix": "/q/", "query_parameters": [{"name": "k", **_sm(exact="v")}]}, None),
+    (
+        "q-present",
+        {"prefix": "/q/", "query_parameters": [{"name": "flag", "present_match": True}]},
+        None,
+    ),
+    (
+        "q-regex",
+        {
+            "prefix": "/q/",
+            "query_parameters": [{"name": "n", **_sm(safe_regex={"regex": "[0-9]+"})}],
+        },
+        None,
+    ),
+    (
+        "q-prefix-ci",
+        {
+            "prefix": "/q/",
+            "query_parameters": [{"name": "p", **_sm(prefix="ab", ignore_case=True)}],
+        },
+        None,
+    ),
+    (
+        "q-absent",
+        {"prefix": "/qpf/", "query_parameters": [{"name": "z", "present_match": False}]},
+        None,
+    ),
+    ("grpc", {"prefix": "/pkg.Svc/", "grpc": {}}, None),
+    ("rf-0", {"prefix": "/rf/", "runtime_fraction": {"default_value": {"numerator": 0}}}, None),
+    ("rf-100", {"prefix": "/rf/", "runtime_fraction": {"default_value": {"numerator": 100}}}, None),
+    ("redirect-https", {"path": "/to-https"}, {"redirect": {"https_redirect": True}}),
+    (
+        "redirect-full",
+        {"prefix": "/old/"},
+        {
+            "redirect": {
+                "host_redirect": "new.example.com",
+                "port_redirect": 8443,
+                "prefix_rewrite": "/new/",
+                "response_code": "FOUND",
+            }
+        },
+    ),
+    (
+        "redirect-path",
+        {"path": "/moved"},
+        {
+            "redirect": {
+                "path_redirect": "/here",
+                "strip_query": True,
+                "response_code": "TEMPORARY_REDIRECT",
+            }
+        },
+    ),
+    (
+        "redirect-keepq",
+        {"path": "/movedq"},
+        {"redirect": {"path_redirect": "/there", "scheme_redirect": "https"}},
+    ),
+    (
+        "redirect-regex",
+        {"safe_regex": {"regex": "/rx/([a-z]+)/([0-9]+)"}},
+        {
+            "redirect": {
+                "regex_rewrite": {
+                    "pattern": {"regex": "^/rx/([a-z]+)/([0-9]+)$"},
+                    "substitution": "/\\2/\\1",
+                },
+                "response_code": "PERMANENT_REDIRECT",
+            }
+        },
+    ),
+    ("direct-404", {"path": "/gone"}, {"direct_response": {"status": 404}}),
+    ("fwd-prefix", {"prefix": "/fwd/pre/"}, _fwd(prefix_rewrite="/up/")),
+    (
+        "fwd-prefix-ci",
+        {"prefix": "/fwd/PreCI", "case_sensitive": False},
+        _fwd(prefix_rewrite="/ci"),
+    ),
+    (
+        "fwd-regex",
+        {"safe_regex": {"regex": "/fwd/rx/([^/]+)/(.*)"}},
+        _fwd(
+            regex_rewrite={
+                "pattern": {"regex": "^/fwd/rx/([^/]+)/(.*)$"},
+                "substitution": "/\\2/\\1",
+            }
+        ),
+    ),
+    (
+        "fwd-tpl",
+        _tpl("/fwd/tpl/{a}/{b}"),
+        _fwd(
+            path_rewrite_policy={
+                "name": "envoy.path.rewrite.uri_template.uri_template_rewriter",
+                "typed_config": {"@type": TPL_REWRITE, "path_template_rewrite": "/x/{b}/{a}"},
+            }
+        ),
+    ),
+    ("fwd-host", {"prefix": "/fwd/host/"}, _fwd(host_rewrite_literal="rewritten.example")),
+    ("fwd-hosthdr", {"prefix": "/fwd/hh/"}, _fwd(host_rewrite_header="x-host")),
+    ("fwd-plain", {"prefix": "/fwd/plain/"}, _fwd()),
+    (
+        "fwd-weighted",
+        {"prefix": "/fwd/w/"},
+        {
+            "route": {
+                "weighted_clusters": {
+                    "clusters": [
+                        {"name": "echo2", "weight": 0},
+                        {
+                            "name": "echo",
+                            "weight": 5,
+                            "request_headers_to_add": [{"header": {"key": "x-t-wc", "value": "w"}}],
+                            "host_rewrite_literal": "weighted.example",
+                        },
+                    ]
+                }
+            }
+        },
+    ),
+    ("fwd-clusterhdr", {"prefix": "/fwd/ch/"}, {"route": {"cluster_header": "x-cluster"}}),
+]
+"""Routes of the ``main`` virtual host, in order."""
+
+ROUTE_HEADERS = {
+    # Header mutations at the route level (the config and vhost levels are below).
+    "fwd-plain": {
+        "request_headers_to_add": [
+            {
+                "header": {"key": "x-t-level", "value": "route"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            },
+            {"header": {"key": "x-t-add", "value": "r1"}},
+            {"header": {"key": "x-t-absent", "value": "r2"}, "append_action": "ADD_IF_ABSENT"},
+            {"header": {"key": "x-t-ow", "value": "r3"}, "append_action": "OVERWRITE_IF_EXISTS"},
+            {"header": {"key": "x-t-keep", "value": ""}, "keep_empty_value": True},
+            {"header": {"key": "x-t-skip", "value": ""}},
+            {"header": {"key": "x-t-pct", "value": "100%%"}},
+        ],
+        "request_headers_to_remove": ["x-t-remove"],
+    }
+}
+
+
+def route_configuration() -> route_pb2.RouteConfiguration:
+    routes = []
+    for name, match, action in ROUTES:
+        r: dict[str, Any] = {"name": name, "match": match, **(action or _ok(name))}
+        r["response_headers_to_add"] = [{"header": {"key": "x-route", "value": name}}]
+        r.update(ROUTE_HEADERS.get(name, {}))
+        routes.append(r)
+
+    def single(vh: str, domains: list[str]) -> dict[str, Any]:
+        return {
+            "name": vh,
+            "domains": domains,
+            "routes": [
+                {
+                    "name": vh,
+                    "match": {"prefix": "/"},
+                    **_ok(vh),
+                    "response_headers_to_add": [{"header": {"key": "x-route", "value": vh}}],
+                }
+            ],
+        }
+
+    config = {
+        "name": "conformance",
+        "request_headers_to_add": [
+            {
+                "header": {"key": "x-t-level", "value": "config"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ],
+        "virtual_hosts": [
+            single("vh-exact", ["exact.example.com"]),
+            single("vh-port", ["porty.example.com:8080"]),
+            single("vh-suffix", ["*.wild.example.com"]),
+            single("vh-suffix-long", ["*-x.wild.example.com"]),
+            single("vh-prefix", ["pre.*"]),
+            {
+                "name": "main",
+                "domains": ["*"],
+                "routes": routes,
+                "request_headers_to_add": [
+                    {
+                        "header": {"key": "x-t-level", "value": "vhost"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    },
+                    {"header": {"key": "x-t-vhost", "value": "v"}},
+                ],
+            },
+        ],
+    }
+    return json_format.ParseDict(config, route_pb2.RouteConfiguration())
+
+
+# --------------------------------------------------------------------------- the cases
+
+
+@dataclass(frozen=True)
+class Case:
+    path: str
+    headers: tuple[tuple[str, str], ...] = ()
+    method: str = "GET"
+    authority: str = "svc.local"
+
+
+def _cases() -> list[Case]:
+    c: list[Case] = []
+    add = c.append
+    for p in [
+        "/exact",
+        "/exact/",
+        "/Exact",
+        "/exact?x=1",
+        "/exactly",
+        "/exactq",
+        "/exactq?a=b",
+        "/caseless",
+        "/CASELESS",
+        "/CaseLess",
+        "/caseless/x",
+        "/api/v1/",
+        "/api/v1/users",
+        "/api/v1",
+        "/API/v1/x",
+        "/api/v1/?q=1",
+        "/upper/",
+        "/UPPER/x",
+        "/Upper/y",
+        "/uPpEr/z?k=v",
+        "/upper",
+        "/items/1",
+        "/items/123",
+        "/items/",
+        "/items/12a",
+        "/items/5?x=y",
+        "/ITEMS/1",
+        "/re/a.json",
+        "/re/.json",
+        "/re/a/b/c.json",
+        "/re/a.jsonx",
+        "/re/x.json?z=1",
+        "/RegEx",
+        "/regex",
+        "/REGEX",
+        "/sep",
+        "/sep/",
+        "/sep/a",
+        "/sepx",
+        "/sep?x",
+        "/Sep/a",
+        "/se",
+        "/sepci",
+        "/SEPCI/a",
+        "/sepcix",
+        "/SepCI",
+        "/tpl/1/detail",
+        "/tpl/abc/detail",
+        "/tpl//detail",
+        "/tpl/1/2/detail",
+        "/tpl/1/detail/",
+        "/tpl/a.b~c/detail",
+        "/tpl/1/detail?x=1",
+        "/tplg/",
+        "/tplg",
+        "/tplg/a/b/c",
+        "/tplg/a",
+        "/tplv/",
+        "/tplv/x/y",
+        "/tplv",
+        "/tpls/readme.txt",
+        "/tpls/readme.md",
+        "/tpls/a/b.txt",
+        "/tpls/.txt",
+        "/tplcase/x",
+        "/TplCase/x",
+        "/TplCase/x/y",
+        "/tplm/1/x/2/end",
+        "/tplm/1/x/end",
+        "/tplm/1/y/2/end",
+        "/rf/",
+        "/rf/x",
+        "/gone",
+        "/gone/",
+        "/nothing",
+        "/",
+        "/api",
+        "/pkg.Svc/Method",
+        "/hpf/",
+        "/hpi/",
+        "/hosthdr/",
+        "/two/",
+        "/m/",
+        "/auth/",
+        "/q/",
+        "/qpf/",
+        "/rng/",
+    ]:
+        add(Case(p))
+    # Header matchers under /h/ (each alone, then a few combinations and near misses).
+    for hdrs in [
+        (("x-exact", "yes"),),
+        (("x-exact", "Yes"),),
+        (("x-exact", "yess"),),
+        (("x-exact", ""),),
+        (("x-prefix", "abcdef"),),
+        (("x-prefix", "ab"),),
+        (("x-prefix", "ABCdef"),),
+        (("x-suffix", "wxyz"),),
+        (("x-suffix", "xyz "),),
+        (("x-suffix", "XYZ"),),
+        (("x-contains", "amidb"),),
+        (("x-contains", "mid"),),
+        (("x-contains", "mi d"),),
+        (("x-regex", "v1.2"),),
+        (("x-regex", "v12.34"),),
+        (("x-regex", "v1.2.3"),),
+        (("x-regex", "xv1.2"),),
+        (("x-range", "10"),),
+        (("x-range", "19"),),
+        (("x-range", "20"),),
+        (("x-range", "9"),),
+        (("x-range", "+15"),),
+        (("x-range", " 15 "),),
+        (("x-range", "1_5"),),
+        (("x-range", "15.0"),),
+        (("x-range", "0x10"),),
+        (("x-range", "-15"),),
+        (("x-range", "99999999999999999999"),),
+        (("x-present", ""),),
+        (("x-present", "anything"),),
+        (("x-invert", "no"),),
+        (("x-invert", "yes"),),
+        (("x-invert", ""),),
+        (("x-invert", "no"), ("x-invert", "yes")),
+        (("x-invert", "yes"), ("x-invert", "no")),
+        (("x-invert", "no"), ("x-invert", "no")),
+        (("x-range", "5"), ("x-range", "15")),
+        (("x-regex", "x"), ("x-regex", "v1.0")),
+        (("x-present", "a"), ("x-present", "b")),
+        (("x-ic", "mixed"),),
+        (("x-ic", "MIXED"),),
+        (("x-ic", "mixe"),),
+        (("x-empty", ""),),
+        (("x-empty", "x"),),
+        (("x-multi", "a"), ("x-multi", "b")),
+        (("x-multi", "a,b"),),
+        (("x-multi", "b"), ("x-multi", "a")),
+        (("x-multi", "a"),),
+        (("x-exact", "no"), ("x-prefix", "abc")),
+        (("x-regex", "v1.1"), ("x-range", "12")),
+        (),
+    ]:
+        add(Case("/h/", tuple(hdrs)))
+        add(Case("/h/x?y=z", tuple(hdrs)))
+    for hdrs in [
+        (("x-m", "a"), ("x-m", "b")),
+        (("x-m", "b"), ("x-m", "a")),
+        (("x-m", "c"), ("x-m", "a")),
+        (("x-m", "a, b"),),
+        (("x-m", "x"), ("x-m", "y")),
+        (("x-m", "x"), ("x-m", "b")),
+        (("x-m", "x"), ("x-m", "abc")),
+        (("x-m", "b, a"),),
+    ]:
+        add(Case("/mv/", hdrs))
+    for hdrs in [(), (("x-absent", "1"),), (("x-absent", ""),)]:
+        add(Case("/hpf/a", tuple(hdrs)))
+    for hdrs in [(), (("x-gone", "1"),)]:
+        add(Case("/hpi/a", tuple(hdrs)))
+    for method in ["GET", "POST", "PUT", "DELETE"]:
+        add(Case("/m/x", method=method))
+    for authority in ["svc.internal", "a.b.internal", "svc.internal:80", "internal", "svc.local"]:
+        add(Case("/auth/x", authority=authority))
+    for hdrs in [
+        (("x-a", "1"), ("x-b", "")),
+        (("x-a", "1"),),
+        (("x-b", "2"),),
+        (("x-a", "2"), ("x-b", "1")),
+    ]:
+        add(Case("/two/x", hdrs))
+    add(Case("/hosthdr/x"))
+    for value in ["-5", "-1", "0", "-6", "-0"]:
+        add(Case("/rng/x", (("x-n", value),)))
+    for query in [
+        "k=v",
+        "k=vv",
+        "k=V",
+        "k",
+        "k=",
+        "flag",
+        "flag=",
+        "flag=1",
+        "FLAG",
+        "n=123",
+        "n=12a",
+        "n=",
+        "p=abc",
+        "p=ABx",
+        "p=a",
+        "k=x&k=v",
+        "k=v&k=x",
+        "a=1&k=v&b=2",
+        "k%3Dv",
+        "k=%76",
+        "n=1&flag",
+        "&&k=v",
+        "x=1",
+    ]:
+        add(Case(f"/q/?{query}"))
+    for query in ["", "z", "z=1", "y=1"]:
+        add(Case(f"/qpf/?{query}" if query else "/qpf/"))
+    for ct in [
+        "application/grpc",
+        "application/grpc+proto",
+        "application/grpc-web",
+        "application/json",
+        None,
+    ]:
+        hdrs = (("content-type", ct),) if ct else ()
+        add(Case("/pkg.Svc/Method", hdrs, method="POST"))
+    # Virtual hosts.
+    for authority in [
+        "exact.example.com",
+        "EXACT.example.com",
+        "exact.example.com:8080",
+        "porty.example.com:8080",
+        "porty.example.com",
+        "a.wild.example.com",
+        "wild.example.com",
+        ".wild.example.com",
+        "a-x.wild.example.com",
+        "-x.wild.example.com",
+        "pre.example",
+        "pre.",
+        "pre",
+        "other",
+    ]:
+        add(Case("/exact", authority=authority))
+    # Actions: redirects, direct responses, forwarded requests.
+    for p in ["/to-https", "/to-https?x=1"]:
+        add(Case(p))
+        add(Case(p, authority="svc.local:80"))
+        add(Case(p, authority="svc.local:8080"))
+    for p in ["/old/a", "/old/a/b?x=1", "/old/"]:
+        add(Case(p))
+    for p in ["/moved", "/moved?x=1"]:
+        add(Case(p))
+    for p in ["/movedq", "/movedq?x=1"]:
+        add(Case(p, authority="svc.local:80"))
+    for p in ["/rx/abc/123", "/rx/abc/123?q=1", "/rx/ABC/123"]:
+        add(Case(p))
+    for p in ["/fwd/pre/", "/fwd/pre/a/b", "/fwd/pre/a?x=1", "/fwd/preci", "/fwd/PRECI/z?q=1"]:
+        add(Case(p))
+    for p in [
+        "/fwd/rx/a/b/c",
+        "/fwd/rx/a/?k=v",
+        "/fwd/tpl/1/2",
+        "/fwd/tpl/1/2?x=y",
+        "/fwd/tpl/1/2/3",
+    ]:
+        add(Case(p))
+    add(Case("/fwd/host/x"))
+    add(Case("/fwd/hh/x", (("x-host", "from.header"),)))
+    add(Case("/fwd/hh/x"))
+    add(Case("/fwd/hh/x", (("x-host", "first"), ("x-host", "second"))))
+    add(Case("/fwd/plain/x"))
+    add(Case("/fwd/plain/x", (("x-t-ow", "old"), ("x-t-remove", "1"), ("x-t-absent", "mine"))))
+    add(Case("/fwd/plain/x", (("x-t-add", "mine"), ("x-t-level", "client"))))
+    add(Case("/fwd/w/x"))
+    add(Case("/fwd/ch/x", (("x-cluster", "echo"),)))
+    add(Case("/fwd/ch/x", (("x-cluster", "echo2"),)))
+    return c
+
+
+CASES = _cases()
+
+# --------------------------------------------------------------------------- processes
+
+
+class _Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        if length:
+            self.rfile.read(length)
+        body = json.dumps(
+            {
+                # From the request line: http.server collapses a leading "//" in self.path.
+                "path": self.requestline.split(" ")[1],
+                "host": self.headers.get("host"),
+                "headers": [[k.lower(), v] for k, v in self.headers.items()],
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def _bootstrap(rc: route_pb2.RouteConfiguration, echo_port: int) -> str:
+    def cluster(name: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {
+                                            "address": "127.0.0.1",
+                                            "port_value": echo_port,
+                                        }
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+
+    boot = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "conformance",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": HCM,
+                                        "stat_prefix": "conformance",
+                                        # The route table, as JSON of the very proto whose bytes
+                                        # pymesh decodes.
+                                        "route_config": json.loads(json_format.MessageToJson(rc)),
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {"@type": ROUTER},
+                                            }
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [cluster("echo"), cluster("echo2")],
+        },
+    }
+    # Validate the whole bootstrap against the protos before Envoy sees it.
+    json_format.ParseDict(boot, bootstrap_pb2.Bootstrap())
+    return json.dumps(boot)
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class EnvoyHandle:
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] = field(repr=False)
+
+
+@pytest.fixture
+def envoy(tmp_path: Path, envoy_bin: Path, echo_port: int) -> Iterator[tuple[EnvoyHandle, bytes]]:
+    rc = route_configuration()
+    data = rc.SerializeToString()
+    # Envoy gets the proto parsed back from the very bytes pymesh decodes.
+    same = route_pb2.RouteConfiguration.FromString(data)
+    config = tmp_path / "envoy.json"
+    config.write_text(_bootstrap(same, echo_port))
+    admin_path = tmp_path / "admin.txt"
+    log_path = tmp_path / "envoy.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        [
+            str(envoy_bin),
+            "-c",
+            str(config),
+            "--base-id",
+            str(random.randint(10_000, 60_000)),
+            "--admin-address-path",
+            str(admin_path),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def admin_ready() -> bool:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            return admin_path.exists() and bool(admin_path.read_text().strip())
+
+        _wait(admin_ready, 30, "envoy admin")
+        admin = admin_path.read_text().strip()
+        host, _, port = admin.rpartition(":")
+
+        def listener_port() -> int | None:
+            conn = http.client.HTTPConnection(host, int(port), timeout=5)
+            try:
+                conn.request("GET", "/listeners?format=json")
+                statuses = json.loads(conn.getresponse().read()).get("listener_statuses") or []
+            finally:
+                conn.close()
+            for s in statuses:
+                p = s["local_address"]["socket_address"].get("port_value")
+                if p:
+                    return int(p)
+            return None
+
+        _wait(lambda: listener_port() is not None, 30, "envoy listener")
+        lp = listener_port()
+        assert lp is not None
+        yield EnvoyHandle(lp, log_path, proc), data
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+@dataclass(frozen=True)
+class Seen:
+    route: str | None
+    status: int
+    location: str | None = None
+    upstream: dict[str, Any] | None = None
+
+
+def _send(conn: http.client.HTTPConnection, case: Case) -> Seen:
+    conn.putrequest(case.method, case.path, skip_host=True, skip_accept_encoding=True)
+    conn.putheader("Host", case.authority)
+    for k, v in case.headers:
+        conn.putheader(k, v)
+    if case.method in ("POST", "PUT"):
+        conn.putheader("content-length", "0")
+    conn.endheaders()
+    resp = conn.getresponse()
+    body = resp.read()
+    upstream = None
+    if resp.getheader("content-type") == "application/json":
+        upstream = json.loads(body)
+    return Seen(resp.getheader("x-route"), resp.status, resp.getheader("location"), upstream)
+
+
+def _test_headers(headers: Any) -> list[tuple[str, str]]:
+    """The headers a forwarded request carries that the route configuration controls."""
+    return sorted(
+        (k, v) for k, v in headers if k.startswith("x-t-") or k in ("x-envoy-original-path",)
+    )
+
+
+def _pymesh(config: RouteConfiguration, case: Case, rng: random.Random) -> Seen:
+    request = RequestInfo(
+        method=case.method,
+        authority=case.authority,
+        path=case.path,
+        # HTTP/1 drops a value's surrounding whitespace on the wire: as Envoy sees it.
+        headers=Headers((k, v.strip(" \t")) for k, v in case.headers),
+    )
+    vhost = config.select_virtual_host(case.authority)
+    if vhost is None:
+        return Seen(None, 404)
+    route = route_request(vhost, request, rng=rng)
+    if route is None:
+        return Seen(None, 404)
+    action = route.action
+    if isinstance(action, DirectResponseAction):
+        return Seen(route.name, action.status)
+    if isinstance(action, RedirectAction):
+        return Seen(
+            route.name, action.response_code, redirect_location(action, request, route=route)
+        )
+    assert isinstance(action, RouteAction)
+    choice: ClusterChoice = pick_cluster(action, request, rng=rng)
+    out = rewrite_request(route, action, vhost, config, request, choice)
+    return Seen(
+        route.name,
+        200,
+        upstream={"path": out.path, "host": out.authority, "headers": list(out.headers)},
+    )
+
+
+def test_route_table_is_big_enough() -> None:
+    rc = route_configuration()
+    main = next(vh for vh in rc.virtual_hosts if vh.name == "main")
+    assert len(main.routes) >= 40
+    assert len(CASES) >= 200
+    kinds = {r.match.WhichOneof("path_specifier") for r in main.routes}
+    assert kinds >= {"prefix", "path", "safe_regex", "path_separated_prefix", "path_match_policy"}
+
+
+def test_pymesh_picks_the_route_envoy_picks(envoy: tuple[EnvoyHandle, bytes]) -> None:
+    handle, data = envoy
+    decoded = decode_resource(ResourceType.ROUTE_CONFIGURATION.type_url, data).value
+    assert isinstance(decoded, RouteConfiguration)
+    rng = random.Random(7)
+    conn = http.client.HTTPConnection("127.0.0.1", handle.port, timeout=10)
+    mismatches = []
+    chosen: set[str] = set()
+    try:
+        for case in CASES:
+            want = _send(conn, case)
+            got = _pymesh(decoded, case, rng)
+            if want.route is not None:
+                chosen.add(want.route)
+            if want.upstream is not None and got.upstream is not None:
+                same = (
+                    want.route == got.route
+                    and want.upstream["path"] == got.upstream["path"]
+                    and want.upstream["host"] == got.upstream["host"]
+                    and _test_headers(want.upstream["headers"])
+                    == _test_headers(got.upstream["headers"])
+                )
+                if not same:
+                    mismatches.append(
+                        f"{case}: envoy {want.route} {want.upstream['path']} "
+                        f"{want.upstream['host']} "
+                        f"{_test_headers(want.upstream['headers'])}; pymesh {got.route} "
+                        f"{got.upstream['path']} {got.upstream['host']} "
+                        f"{_test_headers(got.upstream['headers'])}"
+                    )
+            elif (want.route, want.status, want.location) != (got.route, got.status, got.location):
+                mismatches.append(f"{case}: envoy {want}; pymesh {got}")
+    finally:
+        conn.close()
+    assert not mismatches, f"{len(mismatches)} of {len(CASES)} differ:\n" + "\n".join(mismatches)
+    # The cases exercise (almost) every route: only routes Envoy never picks may be unused.
+    names = {name for name, _, _ in ROUTES}
+    unused = names - chosen
+    assert unused <= {"rf-0", "regex-nocase-flag"}, unused
