@@ -32,10 +32,12 @@ Ambient errors (stream down, NACKed update of a resource we already hold) keep e
 are reported to subscribers as ``TargetError(TRANSIENT)``; the published snapshot stays.
 
 Aggregate clusters are flattened as gRPC does (A37 as revised by A74): depth-first in priority
-order, each cluster visited once per recomputation and listed once per aggregate (a diamond,
-or a leaf that a route also names directly, still counts; a cycle contributes nothing),
-nesting deeper than 16 is an error for the aggregate, and an aggregate with no usable leaf
-is an error.
+order, each cluster visited once per recomputation, a cycle contributes nothing, nesting
+deeper than 16 is an error for every aggregate on the path, and an aggregate with no usable
+leaf is an error. One deliberate difference: gRPC credits an already-visited cluster to no
+later aggregate, so an aggregate's leaves depend on the visiting order (a leaf a route also
+names, a diamond); here every aggregate lists each of its usable leaves once, as Envoy's
+aggregate cluster does.
 
 Everything here runs on the client's work-serializer thread (callbacks, ``start``, ``stop``),
 so no state is locked; the only thing that crosses threads is the published immutable object.
@@ -458,12 +460,22 @@ class TargetDependencyManager:
             for child_name in cluster.aggregate_clusters:
                 if not self._populate(child_name, depth + 1, out, eds_seen, child):
                     missing = True
+                if child.error is not None:
+                    break
+            if child.error is not None:
+                # Too deep: an error for this aggregate and every aggregate above it.
+                out[name] = ClusterError(name, ErrorKind.AGGREGATE, child.error)
+                if leaves is not None:
+                    leaves.error = child.error
+                return True
             if missing:
                 return False
-            if child.error is None and not child.names:
-                child.error = f"aggregate cluster dependency graph for {name} has no leaf clusters"
-            if child.error is not None:
-                out[name] = ClusterError(name, ErrorKind.AGGREGATE, child.error)
+            if not child.names:
+                out[name] = ClusterError(
+                    name,
+                    ErrorKind.AGGREGATE,
+                    f"aggregate cluster dependency graph for {name} has no leaf clusters",
+                )
                 return True
             out[name] = self._config(cluster, None, tuple(child.names), "")
             if leaves is not None:
