@@ -472,12 +472,15 @@ class AdsState:
         )
 
     def _decode_all(
-        self, rtype: ResourceType, resources: tuple[RawResource, ...]
+        self, rtype: ResourceType, ts: _TypeState, resources: tuple[RawResource, ...]
     ) -> tuple[dict[str, tuple[object, bytes, str]], dict[str, str], list[str], bool, set[str]]:
         """Decode; returns (valid name -> (value, bytes, version), invalid name -> error,
         all error texts, whether some error could not be attributed to a name, names of
         body-less heartbeats)."""
         heartbeats: set[str] = set()
+        # SotW servers resend every resource of a type on each change: bytes identical to a
+        # value we hold are not decoded again (decoding is deterministic).
+        cache = {r.raw: Decoded(name, r.value) for name, r in ts.resources.items() if r.raw}
         valid: dict[str, tuple[object, bytes, str]] = {}
         invalid: dict[str, str] = {}
         errors: list[str] = []
@@ -497,7 +500,8 @@ class AdsState:
                         type_name=rtype.short_name,
                         resource_name=raw.name,
                     )
-                decoded = self._decoder(rtype.type_url, raw.data)
+                known = cache.get(raw.data)
+                decoded = known if known is not None else self._decoder(rtype.type_url, raw.data)
                 name = decoded.name
                 if name in valid or name in invalid:
                     raise ResourceError(
@@ -582,7 +586,7 @@ class AdsState:
         self, rtype: ResourceType, ts: _TypeState, message: DiscoveryResponse
     ) -> list[Effect]:
         wall = self._wall()
-        valid, invalid, errors, unnamed, present = self._decode_all(rtype, message.resources)
+        valid, invalid, errors, unnamed, present = self._decode_all(rtype, ts, message.resources)
         effects: list[Effect] = []
         for name, (value, data, _) in valid.items():
             r = ts.resources.get(name)
@@ -619,7 +623,7 @@ class AdsState:
         self, rtype: ResourceType, ts: _TypeState, message: DeltaDiscoveryResponse
     ) -> list[Effect]:
         wall = self._wall()
-        valid, invalid, errors, _, _ = self._decode_all(rtype, message.resources)
+        valid, invalid, errors, _, _ = self._decode_all(rtype, ts, message.resources)
         effects: list[Effect] = []
         for name, (value, data, version) in valid.items():
             r = ts.resources.get(name)

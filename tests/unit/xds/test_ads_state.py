@@ -594,3 +594,21 @@ def test_ignored_deletion_is_logged_once(caplog: pytest.LogCaptureFixture) -> No
         for i in range(3):
             state.response(sotw(CDS, f"v{i + 2}", f"n{i + 2}"), 2.0)
     assert len([r for r in caplog.records if "ignore_resource_deletion" in r.message]) == 1
+
+
+def test_identical_bytes_are_not_decoded_again() -> None:
+    calls: list[bytes] = []
+
+    def counting(type_url: str, data: bytes) -> Decoded:
+        calls.append(data)
+        return decoder(type_url, data)
+
+    state = AdsState(decoder=counting)
+    state.connected(0.0, SERVER)
+    for name in ("a", "b"):
+        state.subscribe(EDS, name)
+    state.flush(0.0)
+    state.response(sotw(EDS, "v1", "n1", "a=1", "b=1"), 1.0)
+    effects = state.response(sotw(EDS, "v2", "n2", "a=1", "b=2"), 2.0)
+    assert calls == [b"a=1", b"b=1", b"b=2"]
+    assert notes(effects) == [Changed(EDS, "b", "2")]
