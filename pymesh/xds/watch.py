@@ -99,8 +99,8 @@ class _Handle(Generic[S, E]):
         """Block until a snapshot is available and return it.
 
         Raises :class:`~pymesh.errors.XdsError` at once if the target is in a (non-transient)
-        error state, or after ``timeout`` seconds with the last error seen. Never call it on
-        the xDS client's work-serializer thread (it would wait for itself).
+        error state, or after ``timeout`` seconds with the last error seen. On the xDS
+        client's work thread (inside a callback) it raises instead of waiting for itself.
         """
         deadline = time.monotonic() + timeout
         with self._cond:
