@@ -306,10 +306,19 @@ class Hub:
             self.metrics.inc("pilot_xds_acks", type=abbrev)
         if not decision.respond:
             return []
+        version = str(self.version)
         resp = conn.stream.respond(
-            req.type_url, self._resources(conn, req.type_url), str(self.version), force=True
+            req.type_url, self._resources(conn, req.type_url), version, force=True
         )
-        return [] if resp is None else [self._encode(conn, resp)]
+        if resp is None:
+            return []
+        out = [self._encode(conn, resp)]
+        if conn.delta and req.type_url == PUSH_ORDER[0] and PUSH_ORDER[1] in conn.stream.types:
+            # Clusters sent on a delta stream: their endpoints follow (see _stream.py).
+            eds = conn.stream.respond(PUSH_ORDER[1], self._resources(conn, PUSH_ORDER[1]), version)
+            if eds is not None:
+                out.append(self._encode(conn, eds))
+        return out
 
     def _attach_node(self, conn: Connection, node_proto: Any, now: float) -> None:
         conn.node = self.backend.node(node_proto)

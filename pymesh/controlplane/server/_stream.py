@@ -29,14 +29,17 @@ An empty name list means *wildcard* for LDS and CDS (legacy SotW rule) and nothi
 EDS; ``*`` is an explicit wildcard. After CDS is sent the next EDS request is always answered,
 and after LDS the next RDS request, because Envoy keeps a re-created cluster (listener) warming
 until it gets an EDS (RDS) response even when the names did not change (istiod's
-``AlwaysRespond``).
+``AlwaysRespond``), unless that EDS (RDS) response already went out after it.
 
 Delta (``DeltaAggregatedResources``): subscribe/unsubscribe are applied from every request
 (they are incremental, so even a request acknowledging an old nonce carries them); the
 ACK/NACK part only counts when the nonce is the last sent. The stream remembers the version of
 every resource the client holds (seeded by ``initial_resource_versions``) and a response
 carries only the changed resources plus ``removed_resources`` for ones the client holds that
-disappeared.
+disappeared. Subscribing to a name again re-sends that resource. When clusters are sent,
+their EDS resources count as not held any more, so the next EDS response (the driver sends
+EDS right after CDS) carries them: Envoy re-creates an updated cluster and keeps it warming
+until its endpoints arrive, without asking again.
 
 Versions: a resource's version is a content hash (computed by the driver); a SotW response's
 ``version_info`` is the control plane's config version. Nonces count up per stream.
@@ -213,8 +216,12 @@ class AdsStream:
             if name == WILDCARD:
                 changed |= not state.wildcard
                 state.wildcard = True
-            elif name not in state.names:
+            else:
+                # A (re-)subscription is answered with the resource even if the client had
+                # it: Envoy re-subscribes a re-created cluster's EDS and waits for it.
                 state.names.add(name)
+                if not first:
+                    state.sent.pop(name, None)
                 changed = True
         for name in req.unsubscribe:
             if name == WILDCARD:
@@ -288,9 +295,14 @@ class AdsStream:
         state.nonce_version = version
         state.sent_version = version
         state.responded = True
+        state.always_respond = False  # this response is the one a warming client waits for
         follower = _WARMING_FOLLOWER.get(type_url)
-        if follower is not None and not self.delta:
-            follower_state = self.types.get(follower)
-            if follower_state is not None:
-                follower_state.always_respond = True
+        follower_state = self.types.get(follower) if follower is not None else None
+        if follower_state is not None and not self.delta:
+            follower_state.always_respond = True
+        if follower_state is not None and self.delta and type_url == _CLUSTER:
+            # Delta: Envoy does not re-request the EDS of a re-created cluster (the names are
+            # already subscribed); it waits for the server to send it again.
+            for r in resources:
+                follower_state.sent.pop(r.name, None)
         return Response(type_url, version, nonce, resources, removed)

@@ -64,7 +64,12 @@ def backends() -> Iterator[dict[str, int]]:
         s.server_close()
 
 
-def mesh_yaml(ports: dict[str, int], v1_weight: int = 90) -> str:
+def mesh_yaml(ports: dict[str, int], v1_weight: int = 90, max_pending: int = 0) -> str:
+    pool = (
+        f", connectionPool: {{http: {{http1MaxPendingRequests: {max_pending}}}}}"
+        if max_pending
+        else ""
+    )
     return textwrap.dedent(
         f"""
         apiVersion: networking.istio.io/v1
@@ -84,7 +89,7 @@ def mesh_yaml(ports: dict[str, int], v1_weight: int = 90) -> str:
         metadata: {{name: web, namespace: default}}
         spec:
           host: {HOST}
-          trafficPolicy: {{tls: {{mode: DISABLE}}}}
+          trafficPolicy: {{tls: {{mode: DISABLE}}{pool}}}
           subsets:
           - {{name: v1, labels: {{version: v1}}}}
           - {{name: v2, labels: {{version: v2}}}}
@@ -334,3 +339,23 @@ def _run_checks(
     stats = _get(admin + "/stats?filter=update_rejected")
     assert all(line.endswith(": 0") for line in stats.strip().splitlines()), stats
     assert cp.call(lambda: cp.hub.metrics.total("pilot_total_xds_rejects")) == 0
+
+    # Clusters change while their endpoints do not: Envoy re-creates them and waits for EDS;
+    # the control plane must answer so they finish warming and traffic keeps flowing.
+    def stat(name: str) -> int:
+        for line in _get(admin + f"/stats?filter=^{name}$").splitlines():
+            if line.startswith(name + ": "):
+                return int(line.split(": ", 1)[1])
+        raise AssertionError(f"no stat {name}")
+
+    cds_before = stat("cluster_manager.cds.update_success")
+    config_file.write_text(mesh_yaml(backends, v1_weight=10, max_pending=77))
+    _wait(lambda: stat("cluster_manager.cds.update_success") > cds_before, 10, "the CDS push")
+    _wait(lambda: stat("cluster_manager.warming_clusters") == 0, 10, "clusters to warm")
+    seen = _split(port, 100)
+    assert seen["v1"] + seen["v2"] == 100, seen
+    assert f"outbound|{PORT}|v1|{HOST}::default_priority::max_pending_requests::77" in _get(
+        admin + "/clusters"
+    )
+    stats = _get(admin + "/stats?filter=update_rejected")
+    assert all(line.endswith(": 0") for line in stats.strip().splitlines()), stats

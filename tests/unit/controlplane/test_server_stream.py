@@ -130,3 +130,39 @@ def test_delta_nack() -> None:
     assert d.outcome is Outcome.NACK
     nack = s.types[LDS].nack
     assert nack is not None and nack.message == "nope" and nack.version == "4"
+
+
+def test_sotw_eds_sent_after_cds_clears_always_respond() -> None:
+    s = AdsStream(delta=False)
+    s.on_request(Request(CDS), now=0)
+    s.on_request(Request(EDS, names=("a",)), now=0)
+    s.respond(EDS, [res("a")], "1", force=True)  # nonce 1
+    s.respond(CDS, [res("a", "v2")], "2")  # nonce 2
+    s.respond(EDS, [res("a", "v2")], "2")  # nonce 3: the EDS answer after CDS went out
+    d = s.on_request(Request(EDS, nonce="3", version_info="2", names=("a",)), now=1)
+    assert d.outcome is Outcome.ACK and not d.respond
+
+
+def test_delta_resubscribe_resends() -> None:
+    s = AdsStream(delta=True)
+    s.on_request(Request(EDS, subscribe=("a",)), now=0)
+    r = s.respond(EDS, [res("a")], "1", force=True)
+    assert r is not None
+    s.on_request(Request(EDS, nonce=r.nonce), now=1)
+    d = s.on_request(Request(EDS, nonce=r.nonce, subscribe=("a",)), now=2)
+    assert d.respond
+    r = s.respond(EDS, [res("a")], "1", force=True)
+    assert r is not None and [x.name for x in r.resources] == ["a"]
+
+
+def test_delta_clusters_sent_make_their_endpoints_resent() -> None:
+    s = AdsStream(delta=True)
+    s.on_request(Request(CDS), now=0)
+    s.on_request(Request(EDS, subscribe=("a", "b")), now=0)
+    s.respond(CDS, [res("a"), res("b")], "1", force=True)
+    s.respond(EDS, [res("a"), res("b")], "1", force=True)
+    assert s.respond(EDS, [res("a"), res("b")], "1") is None
+    r = s.respond(CDS, [res("a", "v2"), res("b")], "2")  # cluster a re-created
+    assert r is not None and [x.name for x in r.resources] == ["a"]
+    r = s.respond(EDS, [res("a"), res("b")], "2")  # unchanged endpoints, still sent for a
+    assert r is not None and [x.name for x in r.resources] == ["a"]
