@@ -754,3 +754,21 @@ def test_soak_restarts_and_pushes_never_show_a_deletion(
     for rec in recs.values():
         assert "does_not_exist" not in rec.kinds()
     assert all(s.status == "ACKED" for s in client.resource_statuses())
+
+
+def test_reconnect_waits_for_the_backoff_on_the_fake_clock(clock: FakeClock) -> None:
+    server = XdsTestServer(port=free_port())  # down: the first attempt fails
+    server.set_resources(CDS, {"c1": cluster("c1", 1)})
+    with XdsClient(server.bootstrap(), clock=clock, decoder=decode_cluster) as client:
+        rec = WatchRecorder()
+        client.watch(CLUSTER, "c1", rec)
+        rec.wait_for(lambda e: e[0] == "ambient_error")
+        server.start()
+        try:
+            clock.advance(0.75)  # the first backoff is 1 s +/- 20 %: too early
+            time.sleep(0.3)
+            assert rec.values() == [] and server.requests == []
+            clock.advance(0.5)  # 1.25 s: past any jitter
+            assert rec.wait_for(lambda e: e[0] == "changed") == ("changed", "c1", 1)
+        finally:
+            server.stop()
