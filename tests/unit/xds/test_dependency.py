@@ -1015,3 +1015,45 @@ def test_snapshots_are_immutable(client: FakeXdsClient) -> None:
     config = snap.clusters[V1]
     with pytest.raises(AttributeError):
         config.endpoints = None  # type: ignore[misc]
+
+
+def test_public_names_are_pinned() -> None:
+    import pymesh.model.snapshot
+    import pymesh.xds.codec.csds
+    import pymesh.xds.dependency
+    import pymesh.xds.status
+    import pymesh.xds.transport.csds
+    import pymesh.xds.watch
+
+    assert sorted(pymesh.xds.watch.__all__) == [
+        "ServerHandle",
+        "TargetHandle",
+        "parse_target",
+        "watch_server",
+        "watch_target",
+    ]
+    assert sorted(pymesh.model.snapshot.__all__) == [
+        "MAX_AGGREGATE_DEPTH",
+        "ClusterConfig",
+        "ClusterError",
+        "ErrorKind",
+        "RouteConfigError",
+        "ServerError",
+        "ServerSnapshot",
+        "TargetError",
+        "TargetSnapshot",
+    ]
+    assert sorted(pymesh.xds.dependency.__all__) == [
+        "ServerDependencyManager",
+        "TargetDependencyManager",
+        "WatchClient",
+    ]
+    assert sorted(pymesh.xds.status.__all__) == ["DecodedStatus", "config_dump", "decoded"]
+    assert sorted(pymesh.xds.transport.csds.__all__) == [
+        "CSDS_SERVICE",
+        "add_csds_servicer",
+        "csds_handler",
+    ]
+    assert "encode_status_response" in pymesh.xds.codec.csds.__all__
+    for name in ("current", "state", "wait_ready", "subscribe", "close", "watch_cluster"):
+        assert callable(getattr(pymesh.xds.watch.TargetHandle, name))
