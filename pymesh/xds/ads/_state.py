@@ -667,5 +667,20 @@ class AdsState:
         return effects
 
 
+_MAX_DETAIL = 8192
+"""A NACK names every bad resource, up to this many characters (a response of thousands of
+broken resources must not become a megabyte request)."""
+
+
 def _detail(errors: list[str]) -> str:
-    return "; ".join(errors)
+    text = "; ".join(errors)
+    if len(text) <= _MAX_DETAIL:
+        return text
+    shown: list[str] = []
+    size = 0
+    for error in errors:
+        if size + len(error) + 2 > _MAX_DETAIL - 64:
+            break
+        shown.append(error)
+        size += len(error) + 2
+    return "; ".join(shown) + f"; ... and {len(errors) - len(shown)} more invalid resources"

@@ -612,3 +612,15 @@ def test_identical_bytes_are_not_decoded_again() -> None:
     effects = state.response(sotw(EDS, "v2", "n2", "a=1", "b=2"), 2.0)
     assert calls == [b"a=1", b"b=1", b"b=2"]
     assert notes(effects) == [Changed(EDS, "b", "2")]
+
+
+def test_nack_detail_is_bounded() -> None:
+    state = connected_state()
+    state.subscribe(EDS, "x")
+    state.flush(0.0)
+    bad = [f"{'n' * 50}{i}!" for i in range(1000)]
+    request = one_send(state.response(sotw(EDS, "v1", "n1", *bad), 1.0))
+    assert request.error_detail is not None
+    assert len(request.error_detail) <= 8192
+    assert request.error_detail.endswith("more invalid resources")
+    assert f"'{'n' * 50}0'" in request.error_detail
