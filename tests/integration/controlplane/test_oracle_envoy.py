@@ -359,3 +359,125 @@ def _run_checks(
     )
     stats = _get(admin + "/stats?filter=update_rejected")
     assert all(line.endswith(": 0") for line in stats.strip().splitlines()), stats
+
+
+BOOKINFO_FILES = (
+    "platform/kube/bookinfo.yaml",
+    "networking/destination-rule-all.yaml",
+    "networking/virtual-service-reviews-80-20.yaml",
+)
+REVIEWS = "reviews.default.svc.cluster.local"
+
+
+def test_envoy_bookinfo_reviews_split_with_auto_registered_workloads(
+    tmp_path: Path, envoy_bin: Path, backends: dict[str, int], bookinfo_dir: Path
+) -> None:
+    """Istio's own Bookinfo YAML, unchanged; the reviews workloads register themselves."""
+    from tests.integration.controlplane._helpers import LDS, RawAds, make_node, wait_for
+
+    config = tmp_path / "mesh"
+    config.mkdir()
+    for name in BOOKINFO_FILES:
+        (config / name.replace("/", "-")).write_text((bookinfo_dir / name).read_text())
+    with ControlPlane([config], xds_address="127.0.0.1:0", admin_port=0) as cp:
+        workloads = []
+        try:
+            for version, port in backends.items():
+                wl = RawAds(cp.address)
+                workloads.append(wl)
+                wl.send(
+                    node=make_node(
+                        f"sidecar~127.0.0.1~reviews-{version}-0.default~default.svc.cluster.local",
+                        GENERATOR="grpc",
+                        NAMESPACE="default",
+                        SERVICE_ACCOUNT="bookinfo-reviews",
+                        LABELS={"app": "reviews", "version": version},
+                        INSTANCE_IPS="127.0.0.1",
+                        POD_PORTS=json.dumps([{"name": "http", "containerPort": port}]),
+                    ),
+                    type_url=LDS,
+                    resource_names=[f"xds.istio.io/grpc/lds/inbound/127.0.0.1:{port}"],
+                )
+                wl.recv()
+            wait_for(lambda: cp.call(lambda: len(cp.hub.registry.entries())) == 2)
+            _bookinfo_through_envoy(tmp_path, envoy_bin, cp)
+        finally:
+            for wl in workloads:
+                wl.close()
+
+
+def _bookinfo_through_envoy(tmp_path: Path, envoy_bin: Path, cp: ControlPlane) -> None:
+    xds_port = int(cp.address.rsplit(":", 1)[1])
+    cfg = envoy_config(xds_port, "GRPC")
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]  # type: ignore[index]
+    hcm["typed_config"]["rds"]["route_config_name"] = f"outbound|9080||{REVIEWS}"
+    bootstrap = tmp_path / "envoy-bookinfo.json"
+    bootstrap.write_text(json.dumps(cfg))
+    admin_path = tmp_path / "admin-bookinfo.txt"
+    log = (tmp_path / "envoy-bookinfo.log").open("w")
+    proc = subprocess.Popen(
+        [
+            str(envoy_bin),
+            "-c",
+            str(bootstrap),
+            "--base-id",
+            str(random.randint(10_000, 60_000)),
+            "--admin-address-path",
+            str(admin_path),
+            "--log-level",
+            "warning",
+            "--concurrency",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait(lambda: admin_path.exists() and admin_path.read_text().strip(), 30, "envoy admin")
+        admin = "http://" + admin_path.read_text().strip()
+
+        def listening() -> bool:
+            assert proc.poll() is None, (tmp_path / "envoy-bookinfo.log").read_text()[-3000:]
+            statuses = json.loads(_get(admin + "/listeners?format=json"))
+            return bool(statuses.get("listener_statuses"))
+
+        _wait(listening, 30, "envoy's listener")
+        statuses = json.loads(_get(admin + "/listeners?format=json"))
+        port = statuses["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+
+        def routed() -> bool:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", "/reviews/0", headers={"Host": "reviews:9080"})
+                return conn.getresponse().status == 200
+            finally:
+                conn.close()
+
+        _wait(routed, 30, "envoy to route reviews")
+        seen: Counter[str] = Counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            for _ in range(REQUESTS):
+                conn.request("GET", "/reviews/0", headers={"Host": "reviews:9080"})
+                resp = conn.getresponse()
+                body = resp.read().decode()
+                seen[body if resp.status == 200 else f"status {resp.status}"] += 1
+        finally:
+            conn.close()
+        assert abs(100.0 * seen["v1"] / REQUESTS - 80) <= 5, seen
+        stats = _get(admin + "/stats?filter=update_rejected")
+        lines = stats.strip().splitlines()
+        assert lines and all(line.endswith(": 0") for line in lines), stats
+        # Every Bookinfo service's clusters reached Envoy (wildcard CDS).
+        clusters = _get(admin + "/clusters")
+        for svc in ("productpage", "details", "ratings", "reviews"):
+            assert f"outbound|9080||{svc}.default.svc.cluster.local::" in clusters
+        assert cp.call(lambda: cp.hub.metrics.total("pilot_total_xds_rejects")) == 0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
