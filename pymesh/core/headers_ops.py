@@ -15,9 +15,10 @@ Envoy's order inside one level (``HeaderParser::evaluateHeaders``):
 3. all overwrites are applied, then all appends.
 
 Values may carry Envoy's substitution formatters. We implement ``%%`` (a literal ``%``),
-``%REQ(name)%`` (a request header), ``%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%`` and
-``%DOWNSTREAM_REMOTE_ADDRESS%`` (the request's source IP); any other ``%...%`` command is
-kept literally (Envoy would fill it in).
+``%REQ(name)%`` / ``%REQ(a?b)%`` (a request header, empty when missing),
+``%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%`` and ``%DOWNSTREAM_REMOTE_ADDRESS%`` (the
+request's source IP, without port: the core does not know it); any other ``%...%`` command
+is kept literally (Envoy would fill it in).
 """
 
 from __future__ import annotations
@@ -49,8 +50,12 @@ def format_header_value(template: str, request: RequestInfo | None) -> str:
         if request is None:
             return text
         if cmd == "REQ" and arg:
-            name = arg.split(":", 1)[0].lower()
-            return _request_header(request, name) or ""
+            # ``%REQ(X?Y)%``: header X, else Y.
+            for name in arg.split("?"):
+                value = _request_header(request, name.strip().lower())
+                if value is not None:
+                    return value
+            return ""
         if cmd in ("DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", "DOWNSTREAM_REMOTE_ADDRESS"):
             return request.source_ip or ""
         return text
