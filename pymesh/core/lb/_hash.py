@@ -146,7 +146,8 @@ class MaglevTable:
             key = host_hash_key(h).encode()
             offsets.append(_xxh64(key) % size)
             skips.append(_xxh64(key, 1) % (size - 1) + 1)
-        nexts = [0] * len(hosts)
+        # positions[i] = offset + skip * next (mod size), advanced by adding skip
+        positions = offsets
         targets = [0.0] * len(hosts)
         slots: list[Host | None] = [None] * size
         filled = 0
@@ -159,13 +160,15 @@ class MaglevTable:
                 if iteration * shares[i] < targets[i]:
                     continue
                 targets[i] += max_weight
-                offset, skip, j = offsets[i], skips[i], nexts[i]
-                c = (offset + skip * j) % size
+                skip = skips[i]
+                c = positions[i]
                 while slots[c] is not None:
-                    j += 1
-                    c = (offset + skip * j) % size
+                    c += skip
+                    if c >= size:
+                        c -= size
                 slots[c] = hosts[i]
-                nexts[i] = j + 1
+                c += skip
+                positions[i] = c - size if c >= size else c
                 filled += 1
             iteration += 1
         self.table = [h for h in slots if h is not None]
