@@ -33,7 +33,7 @@ import grpc
 from google.protobuf.message import Message
 
 from pymesh.controlplane.registry import HEALTH_STATES, WorkloadRegistry
-from pymesh.controlplane.server._backend import Backend, ResourceGenerator
+from pymesh.controlplane.server._backend import Backend, LoadResult, ResourceGenerator
 from pymesh.controlplane.server._debounce import Debouncer
 from pymesh.controlplane.server._metrics import Metrics
 from pymesh.controlplane.server._stream import AdsStream, Outcome, Request, Resource, Response
@@ -138,10 +138,17 @@ class Hub:
     def initial_load(self) -> None:
         """Load the files once, synchronously, before serving."""
         self._fingerprint = fingerprint(self.paths)
-        self._apply_load(self.backend.load(self.paths))
+        self._apply_load(self._load())
         self._rebuild_generator()
 
-    def _apply_load(self, result: Any) -> bool:
+    def _load(self) -> LoadResult:
+        try:
+            return self.backend.load(self.paths)
+        except Exception as exc:  # the loader must not crash us: treat as a bad config
+            log.exception("loading the config failed")
+            return LoadResult(None, (("Error", f"loading the config failed: {exc}"),))
+
+    def _apply_load(self, result: LoadResult) -> bool:
         self.issues = result.issues
         if result.config is None:
             self.last_reload_error = result.errors or ("config could not be loaded",)
@@ -183,35 +190,46 @@ class Hub:
         loop = asyncio.get_running_loop()
         next_poll = self.clock() + self.poll_interval
         while True:
-            now = self.clock()
-            if now >= next_poll:
-                next_poll = now + self.poll_interval
-                fp = await loop.run_in_executor(None, fingerprint, self.paths)
-                if fp != self._fingerprint:
-                    self._fingerprint = fp
-                    self._files_dirty = True
-                    self.debouncer.event(now)
-            if self.registry.expire(now):
-                self._workloads_dirty = True
-                self.debouncer.event(now)
-            if self.debouncer.due(now):
-                merged = self.debouncer.fire()
-                self.metrics.inc("pilot_debounce_merged_events", merged)
-                await self._rebuild_and_push(loop)
-                continue
-            wake_at = [next_poll]
-            deadline = self.debouncer.deadline()
-            if deadline is not None:
-                wake_at.append(deadline)
-            expiry = self.registry.next_expiry()
-            if expiry is not None:
-                wake_at.append(expiry)
-            timeout = max(0.0, min(wake_at) - self.clock())
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
-            self._wake.clear()
+                next_poll = await self._step(loop, next_poll)
+            except Exception:  # never let one bad round stop reloads and expiries
+                log.exception("control plane background round failed")
+                self.metrics.inc("pilot_xds_push_errors")
+                await asyncio.sleep(self.poll_interval)
+
+    async def _step(self, loop: asyncio.AbstractEventLoop, next_poll: float) -> float:
+        """One round of :meth:`run`; returns when the next file poll is due."""
+        assert self._wake is not None
+        now = self.clock()
+        if now >= next_poll:
+            next_poll = now + self.poll_interval
+            fp = await loop.run_in_executor(None, fingerprint, self.paths)
+            if fp != self._fingerprint:
+                self._fingerprint = fp
+                self._files_dirty = True
+                self.debouncer.event(now)
+        if self.registry.expire(now):
+            self._workloads_dirty = True
+            self.debouncer.event(now)
+        if self.debouncer.due(now):
+            merged = self.debouncer.fire()
+            self.metrics.inc("pilot_debounce_merged_events", merged)
+            await self._rebuild_and_push(loop)
+            return next_poll
+        wake_at = [next_poll]
+        deadline = self.debouncer.deadline()
+        if deadline is not None:
+            wake_at.append(deadline)
+        expiry = self.registry.next_expiry()
+        if expiry is not None:
+            wake_at.append(expiry)
+        timeout = max(0.0, min(wake_at) - self.clock())
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+        return next_poll
 
     async def _rebuild_and_push(self, loop: asyncio.AbstractEventLoop) -> None:
         changed = self._workloads_dirty
@@ -219,7 +237,7 @@ class Hub:
         t0 = time.perf_counter()
         if self._files_dirty:
             self._files_dirty = False
-            result = await loop.run_in_executor(None, self.backend.load, self.paths)
+            result = await loop.run_in_executor(None, self._load)
             if self._apply_load(result):
                 changed = True
                 self._register_unregistered()

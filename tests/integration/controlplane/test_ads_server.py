@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -12,7 +12,7 @@ import pytest
 from envoy.config.endpoint.v3 import endpoint_pb2
 
 from pymesh.controlplane import ControlPlane
-from pymesh.controlplane.server import HEALTH_TYPE_URL
+from pymesh.controlplane.server import HEALTH_TYPE_URL, LoadResult
 from tests.integration.controlplane._helpers import (
     CDS,
     EDS,
@@ -468,3 +468,38 @@ def test_stream_of_a_client_not_reading_is_ended(
     err = c.ended()
     assert err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert wait_for(lambda: syncz(cp.admin_url) == [])
+
+
+class RaisingBackend(TinyBackend):
+    def load(self, paths: Sequence[Path]) -> LoadResult:
+        if any((p / "raise").exists() for p in paths):
+            raise PermissionError("cannot read config")
+        return super().load(paths)
+
+
+def test_loader_crash_is_a_rejected_config(clients: list[RawAds], config_dir: Path) -> None:
+    with ControlPlane(
+        [config_dir],
+        xds_address="127.0.0.1:0",
+        admin_port=0,
+        debounce=0.05,
+        poll_interval=0.05,
+        backend=RaisingBackend(),
+    ) as cp:
+        c = connect(cp, clients)
+        c.send(node=ENVOY_NODE, type_url=CDS)
+        c.ack(c.recv())
+        (config_dir / "raise").write_text("")
+        (config_dir / "mesh.yaml").write_text(json.dumps({"services": {"new": [1]}}))
+
+        def errors() -> list[str]:
+            out: list[str] = json.loads(http_get(cp.admin_url + "/debug/configz")[1])[
+                "last_reload_errors"
+            ]
+            return out
+
+        assert "cannot read config" in wait_for(errors)[0]
+        assert c.no_response(0.3)
+        (config_dir / "raise").unlink()
+        (config_dir / "mesh.yaml").write_text(json.dumps({"services": {"newer": [1]}}))
+        assert names(c.recv(timeout=3)) == {"outbound|80||newer"}
