@@ -73,6 +73,7 @@ __all__ = [
     "response_header_ops",
     "rewrite_request",
     "route_request",
+    "select_vhost",
     "uri_template_regex",
 ]
 
@@ -393,11 +394,76 @@ class RouteResult:
     route: Route
 
 
+class _VhostIndex:
+    """Envoy's virtual host lookup structure: exact domains in a dict, then suffix and prefix
+    wildcards by length (longest first, one dict per length), then ``*``. Same answers as
+    :func:`pymesh.model.route.select_virtual_host` (a property test checks it) in O(number
+    of distinct wildcard lengths) instead of O(domains)."""
+
+    __slots__ = ("default", "exact", "ignore_port", "prefixes", "suffixes")
+
+    def __init__(self, config: RouteConfiguration) -> None:
+        self.exact: dict[str, VirtualHost] = {}
+        suffixes: dict[int, dict[str, VirtualHost]] = {}
+        prefixes: dict[int, dict[str, VirtualHost]] = {}
+        self.default: VirtualHost | None = None
+        self.ignore_port = config.ignore_port_in_host_matching
+        for vh in config.virtual_hosts:
+            for domain in vh.domains:
+                if domain == "*":
+                    if self.default is None:
+                        self.default = vh
+                elif domain.startswith("*"):
+                    suffixes.setdefault(len(domain) - 1, {}).setdefault(domain[1:], vh)
+                elif domain.endswith("*"):
+                    prefixes.setdefault(len(domain) - 1, {}).setdefault(domain[:-1], vh)
+                else:
+                    self.exact.setdefault(domain, vh)
+        self.suffixes = sorted(suffixes.items(), reverse=True)
+        self.prefixes = sorted(prefixes.items(), reverse=True)
+
+    def lookup(self, authority: str) -> VirtualHost | None:
+        host = authority.lower()
+        if self.ignore_port:
+            host = _strip_port(host)
+        vh = self.exact.get(host)
+        if vh is not None:
+            return vh
+        n = len(host)
+        for length, table in self.suffixes:
+            if length < n:  # a wildcard matches at least one character
+                vh = table.get(host[n - length :])
+                if vh is not None:
+                    return vh
+        for length, table in self.prefixes:
+            if length < n:
+                vh = table.get(host[:length])
+                if vh is not None:
+                    return vh
+        return self.default
+
+
+def _strip_port(authority: str) -> str:
+    if authority.startswith("["):
+        end = authority.find("]")
+        return authority[: end + 1] if end != -1 else authority
+    if authority.count(":") == 1:
+        return authority.rsplit(":", 1)[0]
+    return authority
+
+
+def select_vhost(config: RouteConfiguration, authority: str) -> VirtualHost | None:
+    """The virtual host of ``config`` for ``authority``, through a per-configuration index
+    built once (semantics of :func:`pymesh.model.route.select_virtual_host`)."""
+    index: _VhostIndex = _cached(config, lambda: _VhostIndex(config), "vhosts")
+    return index.lookup(authority)
+
+
 def match_route(
     config: RouteConfiguration, request: RequestInfo, *, rng: random.Random | None = None
 ) -> RouteResult | None:
     """Virtual host by authority, then the route: ``None`` when either is missing."""
-    vhost = config.select_virtual_host(request.authority)
+    vhost = select_vhost(config, request.authority)
     if vhost is None:
         return None
     route = route_request(vhost, request, rng=rng)

@@ -43,6 +43,7 @@ from pymesh.core.routing import (
     redirect_location,
     rewrite_request,
     route_request,
+    select_vhost,
 )
 from pymesh.core.types import Headers, RequestInfo
 from pymesh.model.route import (
@@ -903,7 +904,8 @@ def _pymesh(config: RouteConfiguration, case: Case, rng: random.Random) -> Seen:
         # HTTP/1 drops a value's surrounding whitespace on the wire: as Envoy sees it.
         headers=Headers((k, v.strip(" \t")) for k, v in case.headers),
     )
-    vhost = config.select_virtual_host(case.authority)
+    vhost = select_vhost(config, case.authority)
+    assert vhost is config.select_virtual_host(case.authority)
     if vhost is None:
         return Seen(None, 404)
     route = route_request(vhost, request, rng=rng)

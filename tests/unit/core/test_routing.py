@@ -12,6 +12,8 @@ import re
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pymesh.core.headers_ops import compile_header_ops, format_header_value
 from pymesh.core.routing import (
@@ -25,6 +27,7 @@ from pymesh.core.routing import (
     response_header_ops,
     rewrite_request,
     route_request,
+    select_vhost,
     uri_template_regex,
 )
 from pymesh.core.types import Headers, RequestInfo
@@ -46,6 +49,7 @@ from pymesh.model.route import (
     RouteMatch,
     VirtualHost,
     WeightedCluster,
+    select_virtual_host,
 )
 
 
@@ -579,3 +583,36 @@ def test_compiled_tables_follow_new_snapshots() -> None:
     assert first(old, req("/")) == "old"
     assert first(new, req("/")) == "new"
     assert first(old, req("/")) == "old"
+
+
+# --------------------------------------------------------------------------- virtual hosts
+
+_LABEL = st.sampled_from(["a", "b", "ab", "x-a", "a.b", "b:80", "a:80", ""])
+_DOMAIN = st.one_of(
+    st.just("*"),
+    st.builds(lambda s: "*" + s, _LABEL),
+    st.builds(lambda s: s + "*", _LABEL.filter(bool)),
+    _LABEL.filter(bool),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.lists(_DOMAIN, min_size=1, max_size=3), min_size=1, max_size=5),
+    st.lists(st.builds(lambda a, b: a + b, _LABEL, _LABEL), min_size=1, max_size=5),
+    st.booleans(),
+)
+def test_vhost_index_agrees_with_the_model(
+    domains: list[list[str]], hosts: list[str], ignore_port: bool
+) -> None:
+    seen: set[str] = set()
+    vhosts = []
+    for i, ds in enumerate(domains):
+        unique = tuple(d for d in dict.fromkeys(ds) if d not in seen)
+        seen.update(unique)
+        if unique:
+            vhosts.append(VirtualHost(f"vh{i}", unique))
+    config = RouteConfiguration("rc", tuple(vhosts), ignore_port_in_host_matching=ignore_port)
+    for host in hosts:
+        want = select_virtual_host(config.virtual_hosts, host, ignore_port=ignore_port)
+        assert select_vhost(config, host) is want, host
