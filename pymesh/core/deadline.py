@@ -1,0 +1,181 @@
+"""Call timeouts, as Envoy's router and connection manager compute them.
+
+:func:`call_deadlines` turns the route's timeouts, the retry policy and the request's timeout
+headers into :class:`Deadlines`: an overall monotonic deadline across all attempts and
+back-offs, and a per-attempt timeout. When the overall deadline passes, the call answers
+504 ``upstream request timeout`` (Envoy's router) — or, when the stream duration limit is the
+one that fired, 504 ``downstream duration timeout`` with gRPC ``DEADLINE_EXCEEDED``. A
+per-try timeout is an attempt outcome (``ResetKind.PER_TRY_TIMEOUT``) the retry policy may
+retry.
+
+The router's timeout (``FilterUtility::finalTimeout``):
+
+* the route's ``timeout`` — ``None`` means Envoy's default of 15 s, ``0`` means none (Istio
+  sends 0 unless a VirtualService sets a timeout); for a gRPC request with
+  ``max_grpc_timeout`` set (Istio sets it on sidecar routes), the ``grpc-timeout`` header
+  minus ``grpc_timeout_offset`` capped by ``max_grpc_timeout`` (0 = uncapped; no header =
+  the cap) instead. Routes with a ``max_stream_duration`` block use the stream duration
+  below instead (Envoy's "new timeouts");
+* ``x-envoy-upstream-rq-timeout-ms`` replaces it (0 = none);
+* per try: the retry policy's ``per_try_timeout``, replaced by
+  ``x-envoy-upstream-rq-per-try-timeout-ms``; ignored when it is not below a non-zero
+  router timeout.
+
+The stream duration limit (connection manager, ``refreshDurationTimeout``): with a
+``grpc-timeout`` header and ``grpc_timeout_header_max`` set, the header value capped by that
+max (0 = uncapped) minus ``grpc_timeout_header_offset``; otherwise the route's
+``max_stream_duration`` (0 = none), else the listener's ``max_stream_duration``.
+
+The overall deadline is the earlier of the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pymesh.core.types import Headers, RequestInfo
+from pymesh.model.route import DEFAULT_ROUTE_TIMEOUT, RetryPolicy, RouteAction
+
+__all__ = [
+    "CONSUMED_REQUEST_HEADERS",
+    "Deadlines",
+    "call_deadlines",
+    "parse_grpc_timeout",
+]
+
+HEADER_RQ_TIMEOUT = "x-envoy-upstream-rq-timeout-ms"
+HEADER_PER_TRY_TIMEOUT = "x-envoy-upstream-rq-per-try-timeout-ms"
+CONSUMED_REQUEST_HEADERS = (HEADER_RQ_TIMEOUT, HEADER_PER_TRY_TIMEOUT)
+"""Timeout headers Envoy consumes: the adapter removes them before forwarding upstream."""
+
+_GRPC_UNITS = {"H": 3600_000_000_000, "M": 60_000_000_000, "S": 1_000_000_000,
+               "m": 1_000_000, "u": 1_000, "n": 1}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """``overall``: monotonic deadline of the whole call (``None`` = none). ``per_try``:
+    seconds allowed to each attempt (``None`` = none; the overall deadline still applies).
+    ``per_try_idle``: the retry policy's per-try idle timeout. ``stream_duration`` is True
+    when ``overall`` comes from the stream duration limit rather than the router timeout
+    (the local reply then says ``downstream duration timeout``)."""
+
+    overall: float | None
+    per_try: float | None
+    per_try_idle: float | None = None
+    stream_duration: bool = False
+
+    def attempt_deadline(self, now: float) -> float | None:
+        """The monotonic deadline of an attempt starting at ``now``."""
+        if self.per_try is None:
+            return self.overall
+        end = now + self.per_try
+        return end if self.overall is None else min(end, self.overall)
+
+    def expired(self, now: float) -> bool:
+        return self.overall is not None and now >= self.overall
+
+    @property
+    def timeout_body(self) -> str:
+        """The body of Envoy's local 504 when ``overall`` passes."""
+        return "downstream duration timeout" if self.stream_duration else "upstream request timeout"
+
+
+def parse_grpc_timeout(value: str | None) -> float | None:
+    """A ``grpc-timeout`` header (1-8 digits and a unit ``HMSmun``) in seconds, rounded up
+    to whole milliseconds as Envoy does; ``None`` when absent or malformed."""
+    if not value or len(value) < 2 or len(value) > 9:
+        return None
+    digits, unit = value[:-1], value[-1]
+    if not digits.isdigit() or unit not in _GRPC_UNITS:
+        return None
+    nanos = int(digits) * _GRPC_UNITS[unit]
+    millis = -(-nanos // 1_000_000)
+    return millis / 1000.0
+
+
+def _header_ms(headers: Headers, name: str) -> float | None:
+    values = headers.get_all(name)
+    if not values:
+        return None
+    value = values[0].strip()
+    return int(value) / 1000.0 if value.isdigit() else None
+
+
+def _router_timeout(action: RouteAction | None, request: RequestInfo, new_timeouts: bool) -> float:
+    """Envoy's ``global_timeout_`` in seconds (0 = none)."""
+    if action is None:
+        return DEFAULT_ROUTE_TIMEOUT
+    if new_timeouts:
+        return 0.0
+    if request.grpc and action.max_grpc_timeout is not None:
+        grpc_timeout = parse_grpc_timeout(request.headers.get("grpc-timeout")) or 0.0
+        offset = action.grpc_timeout_offset
+        if offset is not None and offset < grpc_timeout:
+            grpc_timeout -= offset
+        cap = action.max_grpc_timeout
+        if cap != 0 and (grpc_timeout == 0 or grpc_timeout > cap):
+            grpc_timeout = cap
+        return grpc_timeout
+    return DEFAULT_ROUTE_TIMEOUT if action.timeout is None else action.timeout
+
+
+def _stream_duration(
+    action: RouteAction | None, request: RequestInfo, listener_max: float | None
+) -> float | None:
+    """Envoy's stream duration limit in seconds (``None`` = none)."""
+    grpc_timeout = parse_grpc_timeout(request.headers.get("grpc-timeout"))
+    header_max = action.grpc_timeout_header_max if action is not None else None
+    if grpc_timeout is None or header_max is None:
+        if action is not None and action.max_stream_duration is not None:
+            return action.max_stream_duration or None
+        return listener_max or None
+    timeout = grpc_timeout
+    if header_max != 0 and timeout > header_max:
+        timeout = header_max
+    offset = action.grpc_timeout_header_offset if action is not None else None
+    if timeout != 0 and offset is not None:
+        timeout = timeout - offset if offset < timeout else 0.0
+    # A zero here fires at once (Envoy arms the timer with 0).
+    return timeout
+
+
+def call_deadlines(
+    action: RouteAction | None,
+    retry: RetryPolicy | None,
+    request: RequestInfo,
+    *,
+    now: float,
+    max_stream_duration: float | None,
+) -> Deadlines:
+    """The deadlines of a call starting at ``now`` (monotonic seconds).
+
+    ``action`` is the matched route's action (``None``: Envoy's defaults), ``retry`` the
+    resolved retry policy, ``max_stream_duration`` the listener's (HCM) limit.
+    """
+    headers = request.headers
+    new_timeouts = action is not None and (
+        action.max_stream_duration is not None
+        or action.grpc_timeout_header_max is not None
+        or action.grpc_timeout_header_offset is not None
+    )
+    router = _router_timeout(action, request, new_timeouts)
+    header_timeout = _header_ms(headers, HEADER_RQ_TIMEOUT)
+    if header_timeout is not None:
+        router = header_timeout
+    per_try = retry.per_try_timeout if retry is not None else None
+    header_per_try = _header_ms(headers, HEADER_PER_TRY_TIMEOUT)
+    if header_per_try is not None:
+        per_try = header_per_try
+    if per_try is not None and (per_try == 0 or (router != 0 and per_try >= router)):
+        per_try = None
+    stream = _stream_duration(action, request, max_stream_duration)
+    overall: float | None = None
+    from_stream = False
+    if router > 0:
+        overall = now + router
+    if stream is not None and (overall is None or now + stream < overall):
+        overall = now + stream
+        from_stream = True
+    per_try_idle = retry.per_try_idle_timeout if retry is not None else None
+    return Deadlines(overall, per_try, per_try_idle or None, from_stream)
