@@ -45,6 +45,7 @@ so no state is locked; the only thing that crosses threads is the published immu
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import types
 from collections.abc import Callable, Iterable, Mapping
@@ -53,6 +54,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pymesh.errors import XdsError
 from pymesh.model.cluster import Cluster, ClusterKind
+from pymesh.model.common import SocketAddress
 from pymesh.model.endpoint import ClusterLoadAssignment
 from pymesh.model.listener import Listener
 from pymesh.model.route import RouteAction, RouteConfiguration, VirtualHost
@@ -559,6 +561,15 @@ class TargetDependencyManager:
         self._publish(snapshot)
 
 
+def _ip_key(host: str) -> str:
+    """``host`` normalized for comparison (IPv6 spelled canonically, no brackets)."""
+    host = host.strip("[]")
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower()
+
+
 def _same_values(a: Mapping[str, object], b: Mapping[str, object]) -> bool:
     if a.keys() != b.keys():
         return False
@@ -578,8 +589,10 @@ class ServerDependencyManager:
         *,
         listener_name: str,
         publish: Callable[[ServerSnapshot | ServerError], None],
+        address: SocketAddress | None = None,
     ):
         self.listener_name = listener_name
+        self.address = address
         self._publish = publish
         self._watches = _WatchSet(client, self._on_update)
         self._stopped = False
@@ -613,6 +626,16 @@ class ServerDependencyManager:
         self._last = None
         self._publish(ServerError(self.listener_name, kind, message))
 
+    def _check_listener(self, listener: Listener) -> str | None:
+        """Why ``listener`` cannot serve this server (gRFC A36), or ``None``."""
+        if listener.api_listener is not None:
+            return "listener has an api_listener: not a server listener"
+        if self.address is not None and listener.address is not None:
+            want, got = self.address, listener.address
+            if want.port != got.port or _ip_key(want.host) != _ip_key(got.host):
+                return f"listener address {got} does not match the server's address {want}"
+        return None
+
     def _recompute(self) -> None:
         lds, _ = self._watches.get(LDS, self.listener_name)
         if lds.does_not_exist:
@@ -624,6 +647,11 @@ class ServerDependencyManager:
                 self._fail(ErrorKind.TRANSIENT, lds.error)
             return
         listener = lds.value
+        problem = self._check_listener(listener)
+        if problem is not None:
+            self._watches.retain(RDS, ())
+            self._fail(ErrorKind.INVALID, problem)
+            return
         names = sorted(listener.route_config_names())
         self._watches.retain(RDS, names)
         route_configs: dict[str, RouteConfiguration | RouteConfigError] = {}

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any, Generic, Protocol, Self, TypeVar, cast
 
 from pymesh.errors import XdsError
+from pymesh.model.common import SocketAddress
 from pymesh.model.snapshot import ServerError, ServerSnapshot, TargetError, TargetSnapshot
 from pymesh.xds.dependency import ServerDependencyManager, TargetDependencyManager, WatchClient
 
@@ -260,11 +261,17 @@ class ServerHandle(_Handle[ServerSnapshot, ServerError]):
 
     _snapshot_type = ServerSnapshot
 
-    def __init__(self, client: WatchClient, key: tuple[str, ...], listener_name: str):
+    def __init__(
+        self,
+        client: WatchClient,
+        key: tuple[str, ...],
+        listener_name: str,
+        address: SocketAddress | None = None,
+    ):
         super().__init__(client, key, listener_name)
         self.listener_name = listener_name
         self.manager = ServerDependencyManager(
-            client, listener_name=listener_name, publish=self._publish
+            client, listener_name=listener_name, publish=self._publish, address=address
         )
         self._stop = self.manager.stop
 
@@ -321,7 +328,11 @@ def watch_target(client: WatchClient, target: str) -> TargetHandle:
 
 
 def watch_server(client: WatchClient, host: str, port: int) -> ServerHandle:
-    """The shared handle of the inbound listener for a server on ``host:port`` (gRFC A36)."""
+    """The shared handle of the inbound listener for a server on ``host:port`` (gRFC A36).
+
+    A listener whose ``address`` differs from ``host:port``, or that is a client listener,
+    is a ``ServerError(INVALID)``: the server must not serve with it.
+    """
     listener_name = client.bootstrap.server_listener_name(host, port)
     key = ("server", listener_name)
     with _REGISTRY_LOCK:
@@ -330,7 +341,7 @@ def watch_server(client: WatchClient, host: str, port: int) -> ServerHandle:
         if isinstance(found, ServerHandle):
             found._acquire()
             return found
-        handle = ServerHandle(client, key, listener_name)
+        handle = ServerHandle(client, key, listener_name, SocketAddress(host.strip("[]"), port))
         per_client[key] = handle
     client.run_in_serializer(handle.manager.start)
     return handle

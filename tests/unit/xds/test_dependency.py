@@ -1057,3 +1057,25 @@ def test_public_names_are_pinned() -> None:
     assert "encode_status_response" in pymesh.xds.codec.csds.__all__
     for name in ("current", "state", "wait_ready", "subscribe", "close", "watch_cluster"):
         assert callable(getattr(pymesh.xds.watch.TargetHandle, name))
+
+
+def test_server_listener_must_match_the_server_address(client: FakeXdsClient) -> None:
+    handle = watch_server(client, "0.0.0.0", 9080)
+    rec = Recorder()
+    handle.subscribe(rec)
+    client.drain()
+    wrong = Listener(name=INBOUND, address=SocketAddress("0.0.0.0", 8080))
+    client.set(LDS, INBOUND, wrong)
+    client.drain()
+    state = handle.state()
+    assert isinstance(state, ServerError) and state.kind is ErrorKind.INVALID
+    assert "does not match" in state.message
+    client.set(LDS, INBOUND, Listener(name=INBOUND, api_listener=HttpConnectionManager()))
+    client.drain()
+    state = handle.state()
+    assert isinstance(state, ServerError) and "api_listener" in state.message
+    client.set(LDS, INBOUND, server_listener())  # right address, no chains: serves nothing yet
+    client.drain()
+    assert isinstance(handle.current(), ServerSnapshot)
+    handle.close()
+    client.drain()
