@@ -185,13 +185,22 @@ class _Resource:
 
 
 class _TypeState:
-    __slots__ = ("dirty", "nonce", "pending_sub", "pending_unsub", "resources", "version")
+    __slots__ = (
+        "dirty",
+        "nonce",
+        "pending_sub",
+        "pending_unsub",
+        "requested",
+        "resources",
+        "version",
+    )
 
     def __init__(self) -> None:
         self.resources: dict[str, _Resource] = {}
         self.version = ""  # SotW: last ACKed version_info
         self.nonce = ""  # last response nonce on the current stream
         self.dirty = False  # subscription set changed since the last request
+        self.requested = False  # a request of this type went out on the current stream
         self.pending_sub: set[str] = set()  # Delta: names to subscribe in the next request
         self.pending_unsub: set[str] = set()  # Delta: names to unsubscribe
 
@@ -326,7 +335,8 @@ class AdsState:
                             )
                         )
                     )
-            else:
+            elif ts.resources or ts.requested:
+                # (An empty first request would be a wildcard subscription: never send one.)
                 effects.append(Send(self._sotw_request(rtype, ts)))
             self._start_timers(ts, ts.pending_sub, now)
             ts.pending_sub.clear()
@@ -352,6 +362,7 @@ class AdsState:
         effects: list[Effect] = []
         for rtype, ts in self._types.items():
             ts.nonce = ""
+            ts.requested = False
             ts.dirty = False
             ts.pending_sub.clear()
             ts.pending_unsub.clear()
@@ -418,9 +429,14 @@ class AdsState:
         """Process one response: update resources, notify, and ACK or NACK it."""
         self._saw_response = True
         rtype = ResourceType.from_type_url(message.type_url)
-        ts = self._types.get(rtype) if rtype is not None else None
-        if rtype is None or ts is None:
+        if rtype is None:
             return [self._reject_unknown_type(message)]
+        ts = self._types.get(rtype)
+        if ts is None:
+            # A type we never asked for: answering would be a first request of that type,
+            # and an empty one means "everything" (wildcard). Ignore it, as a stale answer.
+            log.warning("xDS server sent unrequested %s resources; ignored", rtype.short_name)
+            return []
         ts.nonce = message.nonce
         if isinstance(message, DeltaDiscoveryResponse):
             return self._delta_response(rtype, ts, message)
@@ -436,6 +452,7 @@ class AdsState:
     def _sotw_request(
         self, rtype: ResourceType, ts: _TypeState, *, error: str | None = None
     ) -> DiscoveryRequest:
+        ts.requested = True
         return DiscoveryRequest(
             type_url=rtype.type_url,
             resource_names=tuple(sorted(ts.resources)),

@@ -190,6 +190,11 @@ def test_duplicate_names_are_nacked() -> None:
     assert not any(isinstance(e, Changed) for e in effects)
 
 
+def test_unrequested_known_type_is_ignored_not_answered() -> None:
+    state = connected_state()
+    assert state.response(sotw(LDS, "v1", "n1", "l=1"), 1.0) == []
+
+
 def test_unknown_type_url_is_nacked() -> None:
     state = connected_state()
     message = DiscoveryResponse("type.googleapis.com/x.Y", "v1", "n1", ())
@@ -624,3 +629,14 @@ def test_nack_detail_is_bounded() -> None:
     assert len(request.error_detail) <= 8192
     assert request.error_detail.endswith("more invalid resources")
     assert f"'{'n' * 50}0'" in request.error_detail
+
+
+def test_no_empty_first_request_which_would_mean_wildcard() -> None:
+    state = connected_state()
+    state.subscribe(LDS, "l")
+    state.unsubscribe(LDS, "l")  # in the same task: nothing was ever requested
+    assert state.flush(0.0) == []
+    state.subscribe(LDS, "l")
+    assert one_send(state.flush(1.0)).resource_names == ("l",)
+    state.unsubscribe(LDS, "l")
+    assert one_send(state.flush(2.0)).resource_names == ()  # a real unsubscription
