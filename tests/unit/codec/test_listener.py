@@ -4,12 +4,20 @@ rejected inputs, route_config_names, and a mutation property test."""
 from __future__ import annotations
 
 import copy
+import json
+import os
 import pathlib
+import re
+import socket
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
 import yaml
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
@@ -517,3 +525,272 @@ def test_mutated_fields_only_raise_resource_error(data: st.DataObject) -> None:
         decode_resource(LDS, raw)
     except ResourceError:
         pass
+
+
+# --------------------------------------------------------------------------- gRPC oracle
+#
+# grpcio's C-core xDS client is the reference for proxyless listeners (DESIGN.md, "real peers
+# are the oracle"). A subprocess (GRPC_XDS_BOOTSTRAP_CONFIG set before grpc starts) opens
+# xds:/// channels (client side) or xDS-enabled servers (server side) against a test ADS
+# server; its NACKs name each invalid resource and field. gRPC writes ``X.value[Type].y``
+# where we write ``X.y``; after removing those segments its field must be ours or a prefix
+# of ours (we may point deeper, e.g. at the offending weight rather than the list).
+
+_GRPC_CLIENT = """
+import sys, grpc
+for target in sys.argv[1:]:
+    channel = grpc.insecure_channel("xds:///" + target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=0.1)
+    except grpc.FutureTimeoutError:
+        pass
+    channel.close()
+print("DONE", flush=True)
+sys.stdin.read()
+"""
+
+_GRPC_SERVER = """
+import sys, grpc
+from concurrent import futures
+servers = []
+for port in sys.argv[1:]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), xds=True)
+    server.add_insecure_port("127.0.0.1:" + port)
+    server.start()
+    servers.append(server)
+print("STARTED", flush=True)
+sys.stdin.read()
+for server in servers:
+    server.stop(None)
+"""
+
+
+def _grpc_nacks(server: Any) -> dict[str, list[str]]:
+    """Resource name -> gRPC's (normalized) error field paths, from every NACK received."""
+    out: dict[str, list[str]] = {}
+    for r in list(server.requests):
+        if not r.is_nack:
+            continue
+        for part in re.split(r"resource index \d+: ", r.request.error_detail.message):
+            m = re.match(r"(.+?): INVALID_ARGUMENT: (.*)", part, re.S)
+            if m:
+                fields = re.findall(r"field:(\S+) error", m.group(2))
+                # gRPC points inside Durations (.seconds/.nanos); we name the Duration.
+                out[m.group(1)] = [
+                    re.sub(r"\.(seconds|nanos)$", "", re.sub(r"\.value\[[^\]]*\]", "", f))
+                    for f in fields
+                ]
+    return out
+
+
+def _run_grpc(script: str, args: list[str], bootstrap: dict[str, Any], done: Any) -> None:
+    """Run ``script`` until ``done()`` (polled) or 40 s, then stop it."""
+    env = dict(os.environ, GRPC_XDS_BOOTSTRAP_CONFIG=json.dumps(bootstrap))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not done():
+            time.sleep(0.2)
+        time.sleep(0.5)  # let the last ACK/NACK arrive
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _assert_same_field(name: str, ours: str | None, grpc_fields: list[str]) -> None:
+    assert ours is not None, f"{name}: gRPC NACKs ({grpc_fields}) but we accept"
+    assert any(
+        ours == f or ours.startswith(f + ".") or ours.startswith(f + "[") for f in grpc_fields
+    ), f"{name}: we name {ours}, gRPC names {grpc_fields}"
+
+
+def _ours(type_url: str, msg: Any) -> str | None:
+    try:
+        decode_resource(type_url, msg.SerializeToString())
+    except ResourceError as err:
+        return err.field or ""
+    return None
+
+
+_FAULT_F = {"name": "f", "typedConfig": {"@type": FAULT}}
+# An RDS name must not be empty (gRPC would subscribe to ""); gRPC accepts it.
+PYMESH_STRICTER_THAN_GRPC = {"api_listener.api_listener.rds.route_config_name"}
+CLIENT_GRPC_REJECTED: list[dict[str, Any]] = [
+    client(httpFilters=[_FAULT_F, _FAULT_F, ROUTER]),
+    client(httpFilters=[ROUTER, _FAULT_F]),
+    client(
+        httpFilters=[
+            {"name": "w", "typedConfig": {"@type": TG + "google.protobuf.Struct", "value": {}}},
+            ROUTER,
+        ]
+    ),
+] + [
+    d
+    for d, field, _ in REJECTED
+    if "apiListener" in d and d.get("name") and field not in PYMESH_STRICTER_THAN_GRPC
+]
+
+
+def test_grpc_oracle_client_listeners_and_routes() -> None:
+    """gRPC accepts the Istio-shaped client LDS/RDS fixtures; every client listener we NACK,
+    gRPC NACKs at the same field; every route configuration gRPC NACKs, we NACK at the
+    same field (the reverse need not hold: we also decode Envoy-only features)."""
+    from tests.unit.codec import test_route as rds_tests
+    from tests.xdsserver import LDS as LDS_URL
+    from tests.xdsserver import RDS as RDS_URL
+    from tests.xdsserver import XdsTestServer
+
+    listeners: dict[str, Any] = {}
+    ok = fixture("lds_grpc_outbound_reviews.yaml")
+    listeners[ok["name"]] = ok
+    for i, d in enumerate(CLIENT_GRPC_REJECTED):
+        listeners[f"bad{i}"] = {**copy.deepcopy(d), "name": f"bad{i}"}
+    routes: dict[str, Any] = {}
+    rc_ok = rds_tests.fixture("rds_grpc_reviews.yaml")
+    routes[rc_ok["name"]] = rc_ok
+    for i, (route, _field, _msg) in enumerate(rds_tests.REJECTED):
+        routes[f"r{i}"] = {**rds_tests.base(route), "name": f"r{i}"}
+    for i, (mutate, field, _msg) in enumerate(rds_tests.REJECTED_CONFIG):
+        if field != "name":
+            d = rds_tests.base()
+            mutate(d)
+            routes[f"rc{i}"] = {**d, "name": f"rc{i}"}
+    for name in routes:
+        if name != rc_ok["name"]:
+            listeners[f"to_{name}"] = {
+                **client(rds={"configSource": {"ads": {}}, "routeConfigName": name}),
+                "name": f"to_{name}",
+            }
+    lds_msgs = {n: json_format.ParseDict(d, listener_pb2.Listener()) for n, d in listeners.items()}
+    rds_msgs = {
+        n: json_format.ParseDict(d, route_pb2.RouteConfiguration()) for n, d in routes.items()
+    }
+
+    with XdsTestServer() as server:
+        server.set_resources(LDS_URL, lds_msgs)
+        server.set_resources(RDS_URL, rds_msgs)
+
+        def subscribed() -> set[str]:
+            return {n for r in list(server.requests) for n in r.request.resource_names}
+
+        _run_grpc(
+            _GRPC_CLIENT,
+            list(listeners),
+            server.bootstrap_dict(),
+            lambda: set(rds_msgs) <= subscribed(),
+        )
+        assert set(rds_msgs) <= subscribed()
+        nacks = _grpc_nacks(server)
+
+    assert ok["name"] not in nacks and rc_ok["name"] not in nacks
+    for name, msg in lds_msgs.items():
+        if name.startswith("bad"):
+            assert name in nacks, f"gRPC accepts {name}, we do not"
+        if name in nacks:
+            _assert_same_field(name, _ours(LDS, msg), nacks[name])
+    agreed = 0
+    for name, msg in rds_msgs.items():
+        match = routes[name]["virtualHosts"][0]["routes"][0].get("match", {})
+        if "pathMatchPolicy" in match or "pathSeparatedPrefix" in match:
+            continue  # Envoy features gRPC does not have: it NACKs the matcher itself
+        if name in nacks:
+            _assert_same_field(name, _ours(RDS_URL, msg), nacks[name])
+            agreed += 1
+    assert agreed >= 10  # the oracle really ran: gRPC shares many of our rejections
+
+
+def test_grpc_oracle_server_listeners() -> None:
+    """xDS-enabled grpcio servers accept the Istio-shaped inbound listeners and NACK, at the
+    same field, the A36/A39/A41 rules we apply (gRPC-prefixed and :scheme headers in RBAC,
+    CEL conditions, non-HCM network filters, overlapping chains, duplicate filter names)."""
+    from tests.xdsserver import LDS as LDS_URL
+    from tests.xdsserver import XdsTestServer
+
+    strict = fixture("lds_grpc_inbound_strict.yaml")
+    del strict["filterChains"][0]["transportSocket"]  # no certificate provider here
+
+    def with_rbac(**policy: Any) -> dict[str, Any]:
+        d = copy.deepcopy(strict)
+        rbac = d["filterChains"][0]["filters"][0]["typedConfig"]["httpFilters"][1]["typedConfig"]
+        rbac["rules"]["policies"] = {
+            "p": {"permissions": [{"any": True}], "principals": [{"any": True}], **policy}
+        }
+        return d
+
+    cases: dict[str, tuple[dict[str, Any], bool]] = {
+        "strict": (strict, True),
+        "plaintext": (fixture("lds_grpc_inbound_plaintext.yaml"), True),
+        "grpc_header": (
+            with_rbac(permissions=[{"header": {"name": "grpc-timeout", "presentMatch": True}}]),
+            False,
+        ),
+        "scheme_header": (
+            with_rbac(principals=[{"header": {"name": ":scheme", "exactMatch": "https"}}]),
+            False,
+        ),
+        "cel": (with_rbac(condition={"constExpr": {"boolValue": True}}), False),
+        "overlap": ({**strict, "filterChains": strict["filterChains"] * 2}, False),
+        "tcp_proxy": (
+            server(
+                filterChains=[
+                    {
+                        "filters": [
+                            {
+                                "name": "t",
+                                "typedConfig": {
+                                    "@type": TCP_PROXY,
+                                    "statPrefix": "x",
+                                    "cluster": "c",
+                                },
+                            }
+                        ]
+                    }
+                ]
+            ),
+            False,
+        ),
+        "dup_names": (server(chain("a", httpFilters=[_FAULT_F, _FAULT_F, ROUTER])), False),
+    }
+    ports = {}
+    for name in cases:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports[name] = s.getsockname()[1]
+    msgs: dict[str, Any] = {}
+    for name, (d, _) in cases.items():
+        lname = f"xds.istio.io/grpc/lds/inbound/127.0.0.1:{ports[name]}"
+        d = {**copy.deepcopy(d), "name": lname}
+        d["address"] = {"socketAddress": {"address": "127.0.0.1", "portValue": ports[name]}}
+        msgs[lname] = json_format.ParseDict(d, listener_pb2.Listener())
+
+    with XdsTestServer() as ads:
+        ads.set_resources(LDS_URL, msgs)
+        bootstrap = ads.bootstrap_dict()
+        bootstrap["server_listener_resource_name_template"] = "xds.istio.io/grpc/lds/inbound/%s"
+
+        def answered() -> bool:
+            names = {
+                n
+                for r in list(ads.requests)
+                if r.request.response_nonce
+                for n in r.request.resource_names
+            }
+            return set(msgs) <= names
+
+        _run_grpc(_GRPC_SERVER, [str(p) for p in ports.values()], bootstrap, answered)
+        nacks = _grpc_nacks(ads)
+
+    for name, (_, valid) in cases.items():
+        lname = f"xds.istio.io/grpc/lds/inbound/127.0.0.1:{ports[name]}"
+        ours = _ours(LDS, msgs[lname])
+        if valid:
+            assert lname not in nacks and ours is None, name
+        else:
+            assert lname in nacks, f"gRPC accepts {name}"
+            _assert_same_field(name, ours, nacks[lname])
