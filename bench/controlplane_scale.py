@@ -10,7 +10,8 @@ Each round rewrites the config so that every service's endpoints change (a full 
 every client) and measures, per client, the time from the file write to that client's last ACK
 of the new version: p50/p99/max over clients and rounds. Also reported: control-plane CPU
 seconds per full push (process CPU time from the write to the last ACK: file reload, YAML
-parsing, translation, pushes), and RSS.
+parsing, translation, pushes), the wall time of each phase (reload = read + validate the
+files, build = derive config + generator, push = generate + send to every client), and RSS.
 
     /work/venv/bin/python bench/controlplane_scale.py [--services 1000] [--endpoints 10]
         [--clients 200] [--wildcard 10] [--rounds 5]
@@ -201,6 +202,7 @@ def main() -> int:
         latencies: list[float] = []
         lasts: list[float] = []
         cpu: list[float] = []
+        phases: list[dict[str, Any]] = []
         for rnd in range(1, args.rounds + 1):
             time.sleep(1.0)  # let the previous round settle
             version_before = plane.call(lambda: plane.hub.version)
@@ -220,6 +222,7 @@ def main() -> int:
             else:
                 raise SystemExit(f"round {rnd}: not every client ACKed version {version}")
             cpu.append(time.process_time() - cpu0)
+            phases.append(dict(plane.call(lambda: plane.hub.last_push)))
             lat = [t - t0 for t in times]
             latencies.extend(lat)
             lasts.append(max(lat))
@@ -245,6 +248,9 @@ def main() -> int:
         "change_to_ack_p99_seconds": round(qs[98], 3),
         "change_to_last_ack_max_seconds": round(max(lasts), 3),
         "cpu_seconds_per_full_push": round(statistics.mean(cpu), 3),
+        "phase_reload_seconds_mean": round(statistics.mean(p["load_seconds"] for p in phases), 3),
+        "phase_build_seconds_mean": round(statistics.mean(p["build_seconds"] for p in phases), 3),
+        "phase_push_seconds_mean": round(statistics.mean(p["push_seconds"] for p in phases), 3),
         "rss_mb_before_start": round(rss_before, 1),
         "rss_mb": round(rss, 1),
         "peak_rss_mb": round(peak, 1),
