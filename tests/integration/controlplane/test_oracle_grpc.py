@@ -117,7 +117,24 @@ def mesh_yaml(ports: dict[str, int], v1_weight: int) -> str:
     )
 
 
-def test_grpc_xds_client_weighted_split(tmp_path: Path, backends: dict[str, int]) -> None:
+INTERACTIVE_CLIENT = textwrap.dedent(
+    """
+    import collections, json, sys
+    import grpc
+    channel = grpc.insecure_channel(sys.argv[1])
+    call = channel.unary_unary("/echo.Echo/Who", request_serializer=None,
+                               response_deserializer=None)
+    for line in sys.stdin:  # one number of calls per line; answers one JSON line each
+        seen = collections.Counter()
+        for _ in range(int(line)):
+            seen[call(b"hi", timeout=20).decode()] += 1
+        print(json.dumps(seen), flush=True)
+    channel.close()
+    """
+)
+
+
+def test_grpc_xds_client_weighted_split_and_push(tmp_path: Path, backends: dict[str, int]) -> None:
     config = tmp_path / "mesh"
     config.mkdir()
     (config / "echo.yaml").write_text(mesh_yaml(backends, 80))
@@ -129,24 +146,48 @@ def test_grpc_xds_client_weighted_split(tmp_path: Path, backends: dict[str, int]
         path.write_text(json.dumps(bootstrap))
         env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(path)}
         env.pop("GRPC_XDS_BOOTSTRAP_CONFIG", None)
-        out = subprocess.run(
-            [sys.executable, "-c", CLIENT, f"xds:///{HOST}:{PORT}", str(CALLS)],
+        proc = subprocess.Popen(
+            [sys.executable, "-c", INTERACTIVE_CLIENT, f"xds:///{HOST}:{PORT}"],
             env=env,
-            capture_output=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=90,
         )
-        assert out.returncode == 0, out.stderr[-3000:]
-        seen = json.loads(out.stdout.strip().splitlines()[-1])
-        assert sum(seen.values()) == CALLS
-        share = 100.0 * seen.get("v1", 0) / CALLS
-        assert abs(share - 80) <= 5, seen
-        # The client ACKed every type it asked for and NACKed nothing.
-        (status,) = [s for s in syncz(cp.admin_url) if s["generator"] == "grpc"] or [None]
-        if status is not None:  # the subprocess may already have disconnected
-            for t in status["types"].values():
-                assert t["last_nack"] is None, t
-        assert cp.call(lambda: cp.hub.metrics.total("pilot_total_xds_rejects")) == 0
+        assert proc.stdin is not None and proc.stdout is not None
+
+        def calls(n: int) -> dict[str, int]:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(f"{n}\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()[-3000:] if proc.stderr else "client died"
+            seen: dict[str, int] = json.loads(line)
+            return seen
+
+        try:
+            seen = calls(CALLS)
+            assert sum(seen.values()) == CALLS
+            assert abs(100.0 * seen.get("v1", 0) / CALLS - 80) <= 5, seen
+            # The split flips while the client runs: the push reaches grpcio's client.
+            (config / "echo.yaml").write_text(mesh_yaml(backends, 20))
+            deadline = time.monotonic() + 15
+            while calls(50).get("v2", 0) < 30:
+                assert time.monotonic() < deadline, "the new split was not pushed"
+            seen = calls(CALLS)
+            assert abs(100.0 * seen.get("v1", 0) / CALLS - 20) <= 5, seen
+            # The client ACKed everything and NACKed nothing.
+            (status,) = [s for s in syncz(cp.admin_url) if s["generator"] == "grpc"]
+            for name, t in status["types"].items():
+                assert t["last_nack"] is None, (name, t)
+            assert cp.call(lambda: cp.hub.metrics.total("pilot_total_xds_rejects")) == 0
+        finally:
+            proc.stdin.close()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
 REGISTERED_MESH = textwrap.dedent(
