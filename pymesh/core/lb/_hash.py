@@ -15,6 +15,7 @@ its ring from them (Envoy leaves the ring empty and answers 503).
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from bisect import bisect_left
@@ -76,38 +77,90 @@ class _Table(Protocol):
     def choose(self, hash_value: int, attempt: int) -> Host | None: ...
 
 
+@functools.lru_cache(maxsize=16)
+def _ring_layout(
+    keys: tuple[str, ...], shares: tuple[float, ...], min_size: int, max_size: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(sorted point hashes, owner index of each point). Cached: an ejection that starts
+    and ends, or an EDS push that changes nothing for this level, rebuilds for free."""
+    min_weight = min(shares)
+    if min_weight <= 0:
+        return (), ()
+    scale = min(math.ceil(min_weight * min_size) / min_weight, float(max_size))
+    points: list[tuple[int, int]] = []
+    current = 0.0
+    target = 0.0
+    for owner, (key, share) in enumerate(zip(keys, shares, strict=True)):
+        prefix = key + "_"
+        target += scale * share
+        i = 0
+        while current < target:
+            points.append((_xxh64((prefix + str(i)).encode()), owner))
+            i += 1
+            current += 1
+    points.sort(key=lambda p: p[0])
+    return tuple(p[0] for p in points), tuple(p[1] for p in points)
+
+
+@functools.lru_cache(maxsize=8)
+def _maglev_layout(keys: tuple[str, ...], shares: tuple[float, ...], size: int) -> tuple[int, ...]:
+    """Owner index of each of the ``size`` slots (cached like :func:`_ring_layout`)."""
+    max_weight = max(shares)
+    offsets: list[int] = []
+    skips: list[int] = []
+    for key in keys:
+        data = key.encode()
+        offsets.append(_xxh64(data) % size)
+        skips.append(_xxh64(data, 1) % (size - 1) + 1)
+    # positions[i] = offset + skip * next (mod size), advanced by adding skip
+    positions = offsets
+    targets = [0.0] * len(keys)
+    slots = [-1] * size
+    filled = 0
+    iteration = 1
+    count = len(keys)
+    while filled < size:
+        for i in range(count):
+            if filled >= size:
+                break
+            if iteration * shares[i] < targets[i]:
+                continue
+            targets[i] += max_weight
+            skip = skips[i]
+            c = positions[i]
+            while slots[c] >= 0:
+                c += skip
+                if c >= size:
+                    c -= size
+            slots[c] = i
+            c += skip
+            positions[i] = c - size if c >= size else c
+            filled += 1
+        iteration += 1
+    return tuple(slots)
+
+
 class Ring:
     """Envoy's hash ring: each host gets ``scale * share`` points hashed from
-    ``"<hash key>_<i>"`` with xxHash64; a hash maps to the first point at or after it."""
+    ``"<hash key>_<i>"`` with xxHash64, where ``scale`` gives the least-weighted host
+    ``ceil(share * min_ring_size)`` points (capped by ``max_ring_size``); a hash maps to the
+    first point at or after it, wrapping around."""
 
     __slots__ = ("hashes", "hosts")
 
     def __init__(self, weights: Sequence[tuple[Host, float]], config: RingHash) -> None:
-        self.hashes: list[int] = []
+        self.hashes: tuple[int, ...] = ()
         self.hosts: list[Host] = []
         if not weights:
             return
-        min_weight = min(w for _, w in weights)
-        if min_weight <= 0:
-            return
-        scale = min(
-            math.ceil(min_weight * config.min_ring_size) / min_weight,
-            float(config.max_ring_size),
+        hashes, owners = _ring_layout(
+            tuple(host_hash_key(h) for h, _ in weights),
+            tuple(w for _, w in weights),
+            config.min_ring_size,
+            config.max_ring_size,
         )
-        points: list[tuple[int, Host]] = []
-        current = 0.0
-        target = 0.0
-        for host, weight in weights:
-            prefix = host_hash_key(host) + "_"
-            target += scale * weight
-            i = 0
-            while current < target:
-                points.append((_xxh64((prefix + str(i)).encode()), host))
-                i += 1
-                current += 1
-        points.sort(key=lambda p: p[0])
-        self.hashes = [p[0] for p in points]
-        self.hosts = [p[1] for p in points]
+        self.hashes = hashes
+        self.hosts = [weights[i][0] for i in owners]
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -127,51 +180,23 @@ class Ring:
 class MaglevTable:
     """Envoy's Maglev lookup table (``table_size`` prime, default 65537): each host fills
     slots along its permutation ``(offset + skip * j) % M`` with ``offset = xxh64(key) % M``
-    and ``skip = xxh64(key, seed=1) % (M - 1) + 1``, taking turns in proportion to weight."""
+    and ``skip = xxh64(key, seed=1) % (M - 1) + 1``, taking turns in proportion to weight
+    (a host whose share is a third of the largest fills a slot every third round)."""
 
     __slots__ = ("size", "table")
 
     def __init__(self, weights: Sequence[tuple[Host, float]], config: Maglev) -> None:
-        size = config.table_size
-        self.size = size
+        self.size = config.table_size
         self.table: list[Host] = []
         if not weights:
             return
-        max_weight = max(w for _, w in weights)
-        hosts = [h for h, _ in weights]
-        shares = [w for _, w in weights]
-        offsets: list[int] = []
-        skips: list[int] = []
-        for h in hosts:
-            key = host_hash_key(h).encode()
-            offsets.append(_xxh64(key) % size)
-            skips.append(_xxh64(key, 1) % (size - 1) + 1)
-        # positions[i] = offset + skip * next (mod size), advanced by adding skip
-        positions = offsets
-        targets = [0.0] * len(hosts)
-        slots: list[Host | None] = [None] * size
-        filled = 0
-        iteration = 1
-        count = len(hosts)
-        while filled < size:
-            for i in range(count):
-                if filled >= size:
-                    break
-                if iteration * shares[i] < targets[i]:
-                    continue
-                targets[i] += max_weight
-                skip = skips[i]
-                c = positions[i]
-                while slots[c] is not None:
-                    c += skip
-                    if c >= size:
-                        c -= size
-                slots[c] = hosts[i]
-                c += skip
-                positions[i] = c - size if c >= size else c
-                filled += 1
-            iteration += 1
-        self.table = [h for h in slots if h is not None]
+        # Envoy fills in hash-key order, so the table does not depend on endpoint order.
+        ordered = sorted(((host_hash_key(h), h, w) for h, w in weights), key=lambda t: t[0])
+        owners = _maglev_layout(
+            tuple(k for k, _, _ in ordered), tuple(w for _, _, w in ordered), self.size
+        )
+        hosts = [h for _, h, _ in ordered]
+        self.table = [hosts[i] for i in owners]
 
     def choose(self, hash_value: int, attempt: int) -> Host | None:
         if not self.table:
