@@ -181,3 +181,14 @@ def test_active_faults_counter() -> None:
     for _ in range(5):
         counter.end()
     assert counter.count == 0
+
+
+def test_docs_faults_examples_run() -> None:
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[3] / "docs" / "faults.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), {})

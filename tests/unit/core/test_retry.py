@@ -276,3 +276,14 @@ def test_with_cluster_limits_budget() -> None:
     assert limits.retries == 2 and limits.retry_overflow == 1
     limits.end_retry()
     assert isinstance(calls[2].should_retry(S503, budget_ok=limits.try_start_retry), Retry)
+
+
+def test_docs_resilience_examples_run() -> None:
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[3] / "docs" / "resilience.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert len(blocks) >= 4
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), {})
