@@ -257,6 +257,7 @@ def test_csds_on_a_grpc_aio_server(xds: tuple[XdsTestServer, XdsClient, Watcher]
                 await stream_call.write(csds_pb2.ClientStatusRequest())
                 streamed = await stream_call.read()
                 await stream_call.done_writing()
+                assert await stream_call.read() is grpc.aio.EOF  # the server ends the stream
                 return fetched, streamed
         finally:
             await server.stop(None)

@@ -26,6 +26,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import any_pb2
 
 from pymesh.bootstrap import parse_bootstrap
+from pymesh.errors import XdsError
 from pymesh.model.snapshot import (
     ClusterConfig,
     ClusterError,
@@ -496,3 +497,34 @@ def test_aggregate_cluster_over_real_ads(server: XdsTestServer, sotw_client: Xds
         assert isinstance(err, TargetSnapshot) and V1 not in err.clusters
     finally:
         handle.close()
+
+
+def test_listener_never_sent_is_does_not_exist_after_15_s_fake_time(
+    server: XdsTestServer,
+) -> None:
+    from pymesh.xds.clock import FakeClock
+
+    clock = FakeClock()
+    with XdsClient(server.bootstrap(), clock=clock) as xds:
+        handle = watch_target(xds, TARGET)
+        rec = Recorder()
+        handle.subscribe(rec)
+        try:
+            server.wait_for_request(
+                lambda r: r.type_url == LDS and TARGET in r.request.resource_names
+            )
+            xds.resource_statuses()  # barrier: the request was sent, the timer armed
+            clock.advance(14.0)
+            assert handle.state() is None
+            clock.advance(1.5)
+            err = rec.wait_for(lambda i: isinstance(i, TargetError))
+            assert isinstance(err, TargetError) and err.kind is ErrorKind.DOES_NOT_EXIST
+            with pytest.raises(XdsError, match="listener does not exist"):
+                handle.wait_ready(1)
+            # The listener appears later: the target becomes usable without a new handle.
+            serve(server, V1)
+            snap = rec.wait_for(lambda i: isinstance(i, TargetSnapshot))
+            assert isinstance(snap, TargetSnapshot) and handle.current() is snap
+            assert endpoints_of(snap, V1) == ["10.0.0.1:9080"]
+        finally:
+            handle.close()
