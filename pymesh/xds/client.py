@@ -35,6 +35,7 @@ serializer. An exception raised by a watcher is logged and does not affect the o
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import random
@@ -186,10 +187,16 @@ class XdsClient:
 
     @classmethod
     def shared(cls) -> XdsClient:
-        """The process-wide client, built on first use from ``load_bootstrap()``."""
+        """The process-wide client, built on first use from ``load_bootstrap()``.
+
+        It is closed at interpreter exit (streams cancelled before grpcio shuts down).
+        Raises :class:`~pymesh.errors.BootstrapError` if the bootstrap is missing or bad.
+        """
         with cls._shared_lock:
             if cls._shared is None or cls._shared._closed:
-                cls._shared = cls(load_bootstrap())
+                client = cls(load_bootstrap())
+                atexit.register(client.close)
+                cls._shared = client
             return cls._shared
 
     # -- public API ------------------------------------------------------------------------
@@ -248,6 +255,7 @@ class XdsClient:
         """Stop: cancel every stream and timer, join the work thread. Idempotent."""
         if self._closed:
             return
+        atexit.unregister(self.close)
         try:
             self._serializer.run_sync(self._shutdown)
         except XdsError:

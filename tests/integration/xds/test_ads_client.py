@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -772,3 +774,29 @@ def test_reconnect_waits_for_the_backoff_on_the_fake_clock(clock: FakeClock) -> 
             assert rec.wait_for(lambda e: e[0] == "changed") == ("changed", "c1", 1)
         finally:
             server.stop()
+
+
+def test_a_process_using_the_shared_client_exits_cleanly(
+    server: XdsTestServer, python_exe: str
+) -> None:
+    server.set_resources(EDS, {"e1": cla("e1")})
+    code = (
+        "from pymesh.xds.client import get_client\n"
+        "from pymesh.xds.resource_types import ResourceType\n"
+        "from tests.xdsserver import WatchRecorder\n"
+        "rec = WatchRecorder()\n"
+        "get_client().watch(ResourceType.CLUSTER_LOAD_ASSIGNMENT, 'e1', rec)\n"
+        "print(rec.wait_for(lambda e: True)[0])\n"
+    )
+    env = {
+        **os.environ,
+        "GRPC_XDS_BOOTSTRAP_CONFIG": json.dumps(server.bootstrap_dict()),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[3]),
+    }
+    env.pop("GRPC_XDS_BOOTSTRAP", None)
+    out = subprocess.run(
+        [python_exe, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "changed"
+    assert "Traceback" not in out.stderr and "Exception" not in out.stderr, out.stderr
