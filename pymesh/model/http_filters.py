@@ -98,6 +98,9 @@ class FaultConfig:
 
 
 class RbacAction(enum.Enum):
+    """``ALLOW``: only matching requests pass; ``DENY``: matching requests are refused;
+    ``LOG``: Envoy only records the decision, gRPC ignores the filter (A41)."""
+
     ALLOW = 0
     DENY = 1
     LOG = 2

@@ -7,6 +7,10 @@ because the httpx data plane implements Envoy's route semantics. A supported fie
 unsupported value raises :class:`ResourceError` naming the dotted field; fields we do not
 implement are ignored.
 
+Routes whose match uses ``tls_context``, ``dynamic_metadata`` or ``filter_state`` are
+dropped (they never match here), as are routes naming an optional cluster specifier plugin
+(gRPC's rule): ignoring such criteria would route more requests than Envoy does.
+
 Resolution done here, once, so the data plane never has to: a route without its own retry
 policy gets its virtual host's (Envoy: the route's policy replaces the vhost's entirely).
 Envoy has no virtual-host-level hash policy, so hash policies are per route only.
@@ -691,6 +695,10 @@ def _route(
     if not r.HasField("match"):
         raise ctx.error(join(path, "match"), "route without match")
     match = _route_match(r.match, ctx, join(path, "match"))
+    if r.match.HasField("tls_context") or r.match.dynamic_metadata or r.match.filter_state:
+        # Criteria we cannot evaluate: such a route never matches (dropping it is the same
+        # thing), rather than matching more requests than Envoy would.
+        return None
     kind = r.WhichOneof("action")
     apath = join(path, kind or "action")
     action: RouteActionType

@@ -551,6 +551,26 @@ def test_istio_sidecar_fixture_fields() -> None:
     assert DEFAULT_ROUTE_TIMEOUT == 15.0
 
 
+def test_routes_with_unevaluable_match_criteria_are_dropped() -> None:
+    d = base(
+        {"match": {"prefix": "/", "tlsContext": {"presented": True}}, "route": {"cluster": "a"}}
+    )
+    d["virtualHosts"][0]["routes"] += [
+        {
+            "match": {
+                "prefix": "/",
+                "dynamicMetadata": [
+                    {"filter": "f", "path": [{"key": "k"}], "value": {"presentMatch": True}}
+                ],
+            },
+            "route": {"cluster": "b"},
+        },
+        {"match": {"prefix": "/"}, "route": {"cluster": "c"}},
+    ]
+    routes = decode(d).virtual_hosts[0].routes
+    assert [r.action.cluster for r in routes] == ["c"]  # type: ignore[union-attr]
+
+
 def test_cluster_specifier_plugin_optional_route_dropped() -> None:
     d = base({"match": {"prefix": "/"}, "route": {"clusterSpecifierPlugin": "rls"}})
     d["virtualHosts"][0]["routes"].append({"match": {"prefix": "/"}, "route": {"cluster": "c"}})
