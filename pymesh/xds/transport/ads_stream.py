@@ -148,17 +148,25 @@ class AdsStream:
                 return
             self._opened = True
             method = DELTA_METHOD if self.delta else SOTW_METHOD
-            multicallable = self._channel.stream_stream(
-                method,
-                request_serializer=_identity,
-                response_deserializer=_identity,
-            )
-            self._call = multicallable(self._request_iterator())
-            self._reader = threading.Thread(
-                target=self._read, name=f"pymesh-xds-reader {self.server.uri}", daemon=True
-            )
-            self._reader.start()
+            try:
+                multicallable = self._channel.stream_stream(
+                    method,
+                    request_serializer=_identity,
+                    response_deserializer=_identity,
+                )
+                self._call = multicallable(self._request_iterator())
+            except Exception as exc:  # e.g. the channel went away under us
+                failure: str | None = f"cannot start the ADS call: {exc!r}"
+            else:
+                failure = None
+                self._reader = threading.Thread(
+                    target=self._read, name=f"pymesh-xds-reader {self.server.uri}", daemon=True
+                )
+                self._reader.start()
         self._stop_watching()
+        if failure is not None:
+            self._report_closed(failure)
+            return
         try:
             self._on_connected()
         except Exception:
