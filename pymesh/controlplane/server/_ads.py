@@ -41,7 +41,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         conn = self._hub.open(context.peer(), delta=delta)
         reader = asyncio.create_task(self._read(conn, context))
         try:
-            for _ in iter(int, 1):  # until the reader or a Close ends the stream
+            while True:  # until the reader or a Close ends the stream
                 item = await conn.queue.get()
                 if item is None:
                     return
@@ -55,7 +55,7 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
 
     async def _read(self, conn: Connection, context: _Context) -> None:
         try:
-            for _ in iter(int, 1):
+            while True:  # until the client half-closes or the stream breaks
                 msg = await context.read()
                 if msg is _EOF:
                     return
