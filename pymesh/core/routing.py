@@ -118,10 +118,12 @@ class _Req:
 
     __slots__ = ("_lower_path", "_query", "_rng", "_rv", "path_only", "request")
 
-    def __init__(self, request: RequestInfo, rng: random.Random | None) -> None:
+    def __init__(
+        self, request: RequestInfo, rng: random.Random | None, path_only: str, lower: str | None
+    ) -> None:
         self.request = request
-        self.path_only = _strip_query(request.path)
-        self._lower_path: str | None = None
+        self.path_only = path_only
+        self._lower_path = lower
         self._query: dict[str, str] | None = None
         self._rng = rng
         self._rv: int | None = None
@@ -314,11 +316,27 @@ def _path_pred(m: RouteMatch) -> _Pred | None:
     return lambda r: r.request.method == "CONNECT"
 
 
-def _route_pred(route: Route) -> _Pred:
+# Path kinds the matching loop tests inline (no call): most routes fail on the path.
+_ANY, _PREFIX, _EXACT, _PREFIX_CI, _EXACT_CI = range(5)
+
+
+def _route_entry(route: Route) -> tuple[int, str, _Pred | None, Route]:
+    """``(path kind, path value, predicate for the rest or None, route)``."""
     m = route.match
     preds: list[_Pred] = []
-    path = _path_pred(m)
-    if path is not None:
+    kind, value = _ANY, ""
+    if m.path_kind is PathMatchKind.PREFIX:
+        if not m.path:
+            kind = _ANY
+        else:
+            kind = _PREFIX if m.case_sensitive else _PREFIX_CI
+            value = m.path if m.case_sensitive else _lower(m.path)
+    elif m.path_kind is PathMatchKind.PATH:
+        kind = _EXACT if m.case_sensitive else _EXACT_CI
+        value = m.path if m.case_sensitive else _lower(m.path)
+    else:
+        path = _path_pred(m)
+        assert path is not None
         preds.append(path)
     if m.grpc:
         preds.append(lambda r: is_grpc_request(r.request))
@@ -328,25 +346,18 @@ def _route_pred(route: Route) -> _Pred:
     if fraction is not None:
         # Last: the random draw is made only when everything else matched.
         preds.append(lambda r: fraction.hits(r.random_value()))
+    pred: _Pred | None
     if not preds:
-        return lambda r: True
-    if len(preds) == 1:
-        return preds[0]
-    if len(preds) == 2:
+        pred = None
+    elif len(preds) == 1:
+        pred = preds[0]
+    elif len(preds) == 2:
         a, b = preds
-        return lambda r: a(r) and b(r)
-    all_preds = tuple(preds)
-
-    def check(r: _Req) -> bool:
-        return all(p(r) for p in all_preds)
-
-    return check
-
-
-@dataclass(frozen=True, slots=True)
-class _CompiledVhost:
-    vhost: VirtualHost
-    entries: tuple[tuple[Route, _Pred], ...]
+        pred = lambda r: a(r) and b(r)  # noqa: E731
+    else:
+        all_preds = tuple(preds)
+        pred = lambda r: all(p(r) for p in all_preds)  # noqa: E731
+    return kind, value, pred, route
 
 
 _compiled: dict[tuple[int, str], tuple[object, Any]] = {}
@@ -366,8 +377,19 @@ def _cached(key_obj: object, build: Callable[[], Any], tag: str = "") -> Any:
     return value
 
 
-def _compile_vhost(vhost: VirtualHost) -> _CompiledVhost:
-    return _CompiledVhost(vhost, tuple((r, _route_pred(r)) for r in vhost.routes))
+_vhosts: dict[int, tuple[VirtualHost, tuple[tuple[int, str, _Pred | None, Route], ...]]] = {}
+"""Compiled route tables by ``id`` of the (immutable, kept alive here) virtual host."""
+
+
+def _entries(vhost: VirtualHost) -> tuple[tuple[int, str, _Pred | None, Route], ...]:
+    hit = _vhosts.get(id(vhost))
+    if hit is not None and hit[0] is vhost:
+        return hit[1]
+    entries = tuple(_route_entry(r) for r in vhost.routes)
+    if len(_vhosts) >= _MAX_CACHE:
+        _vhosts.clear()
+    _vhosts[id(vhost)] = (vhost, entries)
+    return entries
 
 
 # --------------------------------------------------------------------------- matching
@@ -378,9 +400,29 @@ def route_request(
 ) -> Route | None:
     """The first route of ``vhost`` matching ``request`` (Envoy order), or ``None``
     (Envoy answers 404 ``route_not_found``). ``rng`` feeds ``runtime_fraction``."""
-    compiled: _CompiledVhost = _cached(vhost, lambda: _compile_vhost(vhost))
-    r = _Req(request, rng)
-    for route, pred in compiled.entries:
+    path = request.path
+    path_only = _strip_query(path) if ("?" in path or "#" in path) else path
+    lower: str | None = None
+    r: _Req | None = None
+    for kind, value, pred, route in _entries(vhost):
+        if kind == _PREFIX:
+            if not path_only.startswith(value):
+                continue
+        elif kind == _EXACT:
+            if path_only != value:
+                continue
+        elif kind != _ANY:
+            if lower is None:
+                lower = _lower(path_only)
+            if kind == _PREFIX_CI:
+                if not lower.startswith(value):
+                    continue
+            elif lower != value:
+                continue
+        if pred is None:
+            return route
+        if r is None:
+            r = _Req(request, rng, path_only, lower)
         if pred(r):
             return route
     return None
@@ -502,7 +544,9 @@ def pick_cluster(
     clusters = action.weighted_clusters
     if not clusters:
         return ClusterChoice("")
-    total = _cached(action, lambda: sum(c.weight for c in clusters), "total")
+    total = 0
+    for c in clusters:
+        total += c.weight
     draw = (rng if rng is not None else random).getrandbits(64) % total
     end = 0
     chosen = clusters[-1]
@@ -553,7 +597,7 @@ def request_header_ops(
         return compile_header_ops(levels, response=False)
 
     return _cached_ops(
-        route=route, vhost=vhost, config=config, weighted=weighted, side="req", build=build
+        route=route, vhost=vhost, config=config, weighted=weighted, response=False, build=build
     )
 
 
@@ -572,8 +616,11 @@ def response_header_ops(
         return compile_header_ops(levels, response=True)
 
     return _cached_ops(
-        route=route, vhost=vhost, config=config, weighted=weighted, side="resp", build=build
+        route=route, vhost=vhost, config=config, weighted=weighted, response=True, build=build
     )
+
+
+_ops: dict[tuple[int, int, int, int, bool], tuple[tuple[object, ...], HeaderOps]] = {}
 
 
 def _cached_ops(
@@ -582,12 +629,20 @@ def _cached_ops(
     vhost: VirtualHost,
     config: RouteConfiguration | None,
     weighted: WeightedCluster | None,
-    side: str,
+    response: bool,
     build: Callable[[], HeaderOps],
 ) -> HeaderOps:
-    # Keyed on the route; the other levels are part of the tag (by identity).
-    tag = f"{side}:{id(vhost)}:{id(config)}:{id(weighted)}"
-    ops: HeaderOps = _cached(route, build, tag)
+    key = (id(route), id(vhost), id(config), id(weighted), response)
+    hit = _ops.get(key)
+    if hit is not None:
+        o = hit[0]
+        if o[0] is route and o[1] is vhost and o[2] is config and o[3] is weighted:
+            return hit[1]
+    ops = build()
+    if len(_ops) >= _MAX_CACHE:
+        _ops.clear()
+    # The objects stay alive in the entry, so their ids cannot be reused while it exists.
+    _ops[key] = ((route, vhost, config, weighted), ops)
     return ops
 
 
