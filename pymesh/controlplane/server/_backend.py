@@ -181,7 +181,24 @@ class IstioBackend:
         return generator
 
     def describe(self, config: Any) -> object:
-        return to_jsonable(config)
+        return {
+            name: to_jsonable(getattr(config, name))
+            for name in _CONFIG_PARTS
+            if hasattr(config, name)
+        }
+
+
+_CONFIG_PARTS = (
+    "version",
+    "files",
+    "services",
+    "virtual_services",
+    "destination_rules",
+    "workload_entries",
+    "workload_groups",
+    "peer_authentications",
+    "authorization_policies",
+)
 
 
 def _group_template(group: Any) -> GroupTemplate:

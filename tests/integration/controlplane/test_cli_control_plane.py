@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -61,6 +62,9 @@ def test_control_plane_command(tmp_path: Path, sig: signal.Signals) -> None:
         assert m, f"no banner; exit {proc.poll()}"
         xds, admin = m.group(1), m.group(2)
         assert http_get(admin + "/ready") == (200, "ready\n")
+        configz = json.loads(http_get(admin + "/debug/configz")[1])
+        (service,) = configz["config"]["services"]
+        assert service["hostname"] == "web.default.svc.cluster.local"
         client = RawAds(xds)
         try:
             client.send(node=make_node("envoy-cli"), type_url=CDS)
