@@ -75,7 +75,7 @@ class ClusterError:
         return f"cluster {self.cluster_name!r}: {self.message}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class ClusterConfig:
     """A usable cluster and what it resolves to.
 
@@ -91,6 +91,15 @@ class ClusterConfig:
     leaf_clusters: tuple[str, ...] = ()
     resolution_note: str = ""
 
+    def __repr__(self) -> str:  # compact: a cluster can hold thousands of endpoints
+        if self.is_aggregate:
+            detail = f"leaf_clusters={self.leaf_clusters!r}"
+        elif self.endpoints is None:
+            detail = f"endpoints=None, resolution_note={self.resolution_note!r}"
+        else:
+            detail = f"endpoints={len(self.endpoints.all_endpoints())}"
+        return f"ClusterConfig({self.cluster.name!r}, {self.cluster.kind.name}, {detail})"
+
     @property
     def name(self) -> str:
         return self.cluster.name
@@ -100,7 +109,7 @@ class ClusterConfig:
         return self.cluster.kind.name == "AGGREGATE"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class TargetSnapshot:
     """A complete, consistent view of one client target (gRFC A74 ``XdsConfig``).
 
@@ -117,6 +126,13 @@ class TargetSnapshot:
     virtual_host: VirtualHost
     clusters: Mapping[str, ClusterConfig | ClusterError]
     version: int
+
+    def __repr__(self) -> str:  # compact: the full structure is huge
+        return (
+            f"TargetSnapshot(target={self.target!r}, version={self.version}, "
+            f"listener={self.listener_name!r}, route_config={self.route_config.name!r}, "
+            f"virtual_host={self.virtual_host.name!r}, clusters={dict(self.clusters)!r})"
+        )
 
     def cluster(self, name: str) -> ClusterConfig | ClusterError:
         """The config of a cluster a route names; a ``ClusterError`` if it is not usable."""
@@ -173,7 +189,7 @@ class RouteConfigError:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class ServerSnapshot:
     """The inbound listener of an xDS-managed server and its route configurations by name.
 
@@ -186,6 +202,16 @@ class ServerSnapshot:
     listener: Listener
     route_configs: Mapping[str, RouteConfiguration | RouteConfigError]
     version: int
+
+    def __repr__(self) -> str:
+        configs = {
+            name: rc if isinstance(rc, RouteConfigError) else "RouteConfiguration"
+            for name, rc in self.route_configs.items()
+        }
+        return (
+            f"ServerSnapshot(listener={self.listener_name!r}, version={self.version}, "
+            f"route_configs={configs!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)

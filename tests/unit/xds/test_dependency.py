@@ -1015,6 +1015,10 @@ def test_snapshots_are_immutable(client: FakeXdsClient) -> None:
     config = snap.clusters[V1]
     with pytest.raises(AttributeError):
         config.endpoints = None  # type: ignore[misc]
+    # Compact reprs (logs, assertion messages): names and counts, not every endpoint.
+    assert repr(config) == f"ClusterConfig({V1!r}, EDS, endpoints=1)"
+    assert repr(snap).startswith(f"TargetSnapshot(target={TARGET!r}, version=1, ")
+    assert len(repr(snap)) < 600
 
 
 def test_public_names_are_pinned() -> None:
