@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -616,3 +617,11 @@ def test_vhost_index_agrees_with_the_model(
     for host in hosts:
         want = select_virtual_host(config.virtual_hosts, host, ignore_port=ignore_port)
         assert select_vhost(config, host) is want, host
+
+
+def test_routing_doc_example_runs() -> None:
+    doc = Path(__file__).resolve().parents[3] / "docs" / "routing.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), {})
