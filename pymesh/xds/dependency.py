@@ -39,6 +39,11 @@ later aggregate, so an aggregate's leaves depend on the visiting order (a leaf a
 names, a diamond); here every aggregate lists each of its usable leaves once, as Envoy's
 aggregate cluster does.
 
+:class:`ServerDependencyManager` does the same for an xDS-managed server (gRFC A36): its
+inbound listener (which must be a server listener on the server's address) and every route
+configuration its filter chains name; a missing route configuration is an error of the chains
+using it, a missing listener stops the server from serving.
+
 Everything here runs on the client's work-serializer thread (callbacks, ``start``, ``stop``),
 so no state is locked; the only thing that crosses threads is the published immutable object.
 """
