@@ -49,6 +49,9 @@ from pymesh.xds.resource_types import ResourceType
 FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "fixtures" / "xds"
 RDS = ResourceType.ROUTE_CONFIGURATION.type_url
 FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+PREVIOUS_HOSTS = (
+    "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+)
 URI_TEMPLATE = (
     "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig"
 )
@@ -546,6 +549,12 @@ def test_istio_sidecar_fixture_fields() -> None:
     assert isinstance(mirror, RouteAction) and mirror.regex_rewrite is not None
     assert mirror.request_mirror_policies[0].runtime_fraction == FractionalPercent(50, 100)
     assert vh.routes[3].action == DirectResponseAction(200, b"ok")
+    default = vh.routes[4].action
+    assert isinstance(default, RouteAction) and default.retry_policy is not None
+    assert default.retry_policy.retry_host_predicates == (
+        "envoy.retry_host_predicates.previous_hosts",
+    )
+    assert default.retry_policy.num_retries == 2  # its own policy, not the vhost's
     other = rc.select_virtual_host("example.com")
     assert other is not None and other.name == "allow_any"
     assert DEFAULT_ROUTE_TIMEOUT == 15.0
@@ -1104,5 +1113,9 @@ def test_envoy_oracle_agrees_with_rejections_and_fixtures(
     assert disagreements == []
     sidecar = fixture("rds_sidecar_9080.yaml")
     del sidecar["virtualHosts"][0]["routes"][0]["typedPerFilterConfig"]["istio.stats"]
+    # Today's Envoy needs typed_config on extensions that older istiod named only.
+    for route in sidecar["virtualHosts"][0]["routes"]:
+        for pred in route.get("route", {}).get("retryPolicy", {}).get("retryHostPredicate", []):
+            pred.setdefault("typedConfig", {"@type": PREVIOUS_HOSTS})
     for rc in (sidecar, fixture("rds_grpc_reviews.yaml")):
         assert _envoy_accepts(envoy_bin, tmp_path, rc)
