@@ -121,10 +121,17 @@ class AdsStream:
             self._open()
         elif state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
             with self._lock:
-                opened = self._opened
-            if not opened:
-                self._report_closed(f"cannot connect to xDS server {self.server.uri}")
-                self._stop_watching()
+                if self._opened:
+                    return
+                self._opened = True  # no call will be made on this channel
+            self._stop_watching()
+            self._report_closed(f"cannot connect to xDS server {self.server.uri}")
+            # Close the channel here, on grpcio's delivery thread: waiting for its poller
+            # must not hold up the client's work serializer (which starts the next attempt).
+            with self._lock:
+                channel, self._channel = self._channel, None
+            if channel is not None:
+                close_channel(channel)
 
     def _stop_watching(self) -> None:
         channel = self._channel
