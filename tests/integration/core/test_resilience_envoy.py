@@ -1,0 +1,655 @@
+"""Retry, timeout and fault decisions against a real Envoy (compare against a real peer).
+
+ONE ``RouteConfiguration`` (a proto, serialized once) goes to both sides: Envoy runs it in a
+static bootstrap in front of a scripted upstream; pymesh decodes the same bytes and feeds the
+resolved retry policy, timeouts and fault config to ``RetryState``, ``call_deadlines`` and
+``decide_fault``. The upstream answers each attempt of a request from a script carried in a
+request header (a status, a reset, a slow answer, response headers) and counts attempts; for
+every case the number of attempts Envoy made and the status the client got must be what the
+pymesh policies predict.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2,
+)
+from google.protobuf import json_format
+
+from pymesh.core.deadline import call_deadlines
+from pymesh.core.fault import decide_fault
+from pymesh.core.retry import Retry, RetryState
+from pymesh.core.types import Headers, Outcome, RequestInfo, ResetKind
+from pymesh.model.http_filters import FaultConfig
+from pymesh.model.route import RouteAction, RouteConfiguration
+from pymesh.xds.codec import decode_resource
+from pymesh.xds.resource_types import ResourceType
+
+pytestmark = pytest.mark.envoy
+
+_REGISTERED = (router_pb2, http_connection_manager_pb2, fault_pb2)
+
+HCM = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+FAULT_FILTER = "envoy.filters.http.fault"
+FAST_BACKOFF = {"base_interval": "0.001s", "max_interval": "0.002s"}
+
+# --------------------------------------------------------------------------- route table
+
+
+def _retry_route(name: str, **policy: Any) -> dict[str, Any]:
+    action: dict[str, Any] = {"cluster": "up", "timeout": "10s"}
+    if policy:
+        action["retry_policy"] = {"retry_back_off": FAST_BACKOFF, **policy}
+    return {"name": name, "match": {"prefix": f"/{name}"}, "route": action}
+
+
+def _fault_route(name: str, **fault: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "match": {"prefix": f"/{name}"},
+        "route": {"cluster": "up", "timeout": "10s"},
+        "typed_per_filter_config": {FAULT_FILTER: {"@type": FAULT, **fault}},
+    }
+
+
+def _pct(n: int) -> dict[str, Any]:
+    return {"numerator": n, "denominator": "HUNDRED"}
+
+
+ROUTES: list[dict[str, Any]] = [
+    _retry_route("none"),
+    _retry_route("r5xx", retry_on="5xx", num_retries=2),
+    _retry_route("gw", retry_on="gateway-error", num_retries=3),
+    _retry_route("reset", retry_on="reset", num_retries=2),
+    _retry_route("cf", retry_on="connect-failure", num_retries=2),
+    _retry_route("r4xx", retry_on="retriable-4xx", num_retries=2),
+    _retry_route("codes", retry_on="retriable-status-codes", retriable_status_codes=[418]),
+    _retry_route(
+        "hdrs",
+        retry_on="retriable-headers",
+        num_retries=2,
+        retriable_headers=[{"name": "x-upstream-retry", "string_match": {"exact": "yes"}}],
+    ),
+    _retry_route("grpc", retry_on="unavailable,cancelled", num_retries=2),
+    _retry_route(
+        "reqhdr",
+        retry_on="5xx",
+        num_retries=2,
+        retriable_request_headers=[{"name": "x-retry-me", "present_match": True}],
+    ),
+    _retry_route(
+        "istio",
+        retry_on="connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+        num_retries=2,
+        retriable_status_codes=[503],
+    ),
+    _retry_route("rl", retry_on="envoy-ratelimited,5xx", num_retries=2),
+    _retry_route("pertry", retry_on="5xx", num_retries=2, per_try_timeout="0.15s"),
+    {
+        "name": "short",
+        "match": {"prefix": "/short"},
+        "route": {"cluster": "up", "timeout": "0.2s"},
+    },
+    _fault_route(
+        "fhdr",
+        abort={"header_abort": {}, "percentage": _pct(100)},
+        delay={"header_delay": {}, "percentage": _pct(100)},
+    ),
+    _fault_route("ffixed", abort={"http_status": 418, "percentage": _pct(100)}),
+    _fault_route("fgrpc", abort={"grpc_status": 14, "percentage": _pct(100)}),
+    _fault_route("fzero", abort={"header_abort": {}, "percentage": _pct(0)}),
+    _fault_route(
+        "fmatch",
+        abort={"http_status": 500, "percentage": _pct(100)},
+        headers=[{"name": "x-user", "string_match": {"exact": "jason"}}],
+    ),
+    _fault_route("fdelay", delay={"fixed_delay": "0.2s", "percentage": _pct(100)}),
+]
+
+
+def route_configuration() -> route_pb2.RouteConfiguration:
+    rc = {
+        "name": "resilience",
+        "virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": ROUTES}],
+    }
+    return json_format.ParseDict(rc, route_pb2.RouteConfiguration())
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Case:
+    route: str
+    script: tuple[str, ...]
+    """One action per attempt (the last repeats): ``503`` a status, ``reset`` close without
+    answering, ``g14`` 200 with ``grpc-status: 14``, ``rl503`` 503 with
+    ``x-envoy-ratelimited``, ``h200`` 200 with ``x-upstream-retry: yes``, ``s400`` answer 200
+    after 400 ms."""
+    headers: tuple[tuple[str, str], ...] = ()
+    grpc: bool = False
+
+
+def _cases() -> list[Case]:
+    c: list[Case] = []
+    add = c.append
+    statuses = ("503", "500", "502", "504", "409", "418", "404", "200")
+    for route in ("none", "r5xx", "gw", "r4xx", "codes", "istio", "rl", "reset"):
+        for s in statuses:
+            add(Case(route, (s,)))
+            add(Case(route, (s, "200")))
+    for route in ("none", "r5xx", "gw", "reset", "cf", "istio"):
+        add(Case(route, ("reset",)))
+        add(Case(route, ("reset", "200")))
+    for route in ("grpc", "istio", "r5xx"):
+        for g in ("g14", "g1", "g13", "g4"):
+            add(Case(route, (g,)))
+            add(Case(route, (g, "200")))
+    add(Case("hdrs", ("h200",)))
+    add(Case("hdrs", ("h200", "200")))
+    add(Case("hdrs", ("503",)))
+    add(Case("rl", ("rl503",)))
+    add(Case("r5xx", ("rl503",)))
+    add(Case("reqhdr", ("503",)))
+    add(Case("reqhdr", ("503",), (("x-retry-me", "1"),)))
+    # Request headers: enable, extend, count.
+    add(Case("none", ("503",), (("x-envoy-retry-on", "5xx"),)))
+    add(Case("none", ("503",), (("x-envoy-retry-on", "5xx"), ("x-envoy-max-retries", "3"))))
+    add(Case("none", ("503",), (("x-envoy-max-retries", "3"),)))
+    add(Case("none", ("503", "503", "200"), (("x-envoy-retry-on", "gateway-error,bogus"),)))
+    add(Case("none", ("g14",), (("x-envoy-retry-grpc-on", "unavailable"),)))
+    add(Case("none", ("409",), (("x-envoy-retry-on", "retriable-4xx"),)))
+    add(Case("r5xx", ("503",), (("x-envoy-max-retries", "0"),)))
+    add(Case("r5xx", ("503",), (("x-envoy-max-retries", "5"),)))
+    add(Case("r5xx", ("503",), (("x-envoy-max-retries", "x"),)))
+    add(Case("r4xx", ("503",), (("x-envoy-retry-on", "5xx"),)))
+    add(Case("codes", ("419",), (("x-envoy-retriable-status-codes", "419,420"),)))
+    add(Case("r5xx", ("419",), (("x-envoy-retriable-status-codes", "419"),)))
+    add(
+        Case(
+            "none",
+            ("419",),
+            (
+                ("x-envoy-retry-on", "retriable-status-codes"),
+                ("x-envoy-retriable-status-codes", "419"),
+            ),
+        )
+    )
+    add(
+        Case(
+            "none",
+            ("h200",),
+            (
+                ("x-envoy-retry-on", "retriable-headers"),
+                ("x-envoy-retriable-header-names", "x-upstream-retry"),
+            ),
+        )
+    )
+    # Timeouts: per-try timeout retried under 5xx; the route timeout ends the call with 504.
+    add(Case("pertry", ("s400", "s400", "200")))
+    add(Case("pertry", ("s400",)))
+    add(Case("r5xx", ("s400", "200"), (("x-envoy-upstream-rq-per-try-timeout-ms", "150"),)))
+    add(Case("none", ("s400",), (("x-envoy-upstream-rq-timeout-ms", "150"),)))
+    add(Case("short", ("s400",)))
+    add(Case("short", ("s400",), (("x-envoy-upstream-rq-timeout-ms", "2000"),)))
+    # Faults.
+    add(Case("fhdr", ("200",)))
+    for code in ("503", "429", "200", "199", "600", "abc"):
+        add(Case("fhdr", ("200",), (("x-envoy-fault-abort-request", code),)))
+    add(
+        Case(
+            "fhdr",
+            ("200",),
+            (
+                ("x-envoy-fault-abort-request", "503"),
+                ("x-envoy-fault-abort-request-percentage", "0"),
+            ),
+        )
+    )
+    add(
+        Case(
+            "fhdr",
+            ("200",),
+            (
+                ("x-envoy-fault-abort-request", "503"),
+                ("x-envoy-fault-abort-request-percentage", "100"),
+            ),
+        )
+    )
+    add(
+        Case(
+            "fhdr",
+            ("200",),
+            (
+                ("x-envoy-fault-abort-request", "503"),
+                ("x-envoy-fault-abort-request-percentage", "junk"),
+            ),
+        )
+    )
+    add(Case("fhdr", ("200",), (("x-envoy-fault-abort-grpc-request", "14"),), grpc=True))
+    add(
+        Case(
+            "fhdr",
+            ("200",),
+            (("x-envoy-fault-abort-request", "503"), ("x-envoy-fault-abort-grpc-request", "14")),
+            grpc=True,
+        )
+    )
+    add(Case("fhdr", ("200",), (("x-envoy-fault-delay-request", "250"),)))
+    add(Case("fhdr", ("200",), (("x-envoy-fault-delay-request", "abc"),)))
+    add(
+        Case(
+            "fhdr",
+            ("200",),
+            (
+                ("x-envoy-fault-delay-request", "250"),
+                ("x-envoy-fault-delay-request-percentage", "0"),
+            ),
+        )
+    )
+    add(Case("ffixed", ("200",)))
+    add(Case("fgrpc", ("200",), grpc=True))
+    add(Case("fzero", ("200",), (("x-envoy-fault-abort-request", "503"),)))
+    add(Case("fmatch", ("200",)))
+    add(Case("fmatch", ("200",), (("x-user", "jason"),)))
+    add(Case("fdelay", ("200",)))
+    return c
+
+
+CASES = _cases()
+
+# --------------------------------------------------------------------------- upstream
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.attempts: dict[str, int] = {}
+
+    def next(self, test_id: str) -> int:
+        with self.lock:
+            n = self.attempts.get(test_id, 0)
+            self.attempts[test_id] = n + 1
+            return n
+
+
+COUNTS = _Counts()
+
+
+class _Scripted(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        if length:
+            self.rfile.read(length)
+        test_id = self.headers.get("x-test-id") or ""
+        script = (self.headers.get("x-test-script") or "200").split(",")
+        n = COUNTS.next(test_id)
+        action = script[min(n, len(script) - 1)]
+        extra: list[tuple[str, str]] = []
+        if action == "reset":
+            # Abortive close (RST), no response.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.connection.close()
+            return
+        if action.startswith("s"):
+            time.sleep(int(action[1:]) / 1000)
+            status = 200
+        elif action.startswith("g"):
+            status = 200
+            extra = [("grpc-status", action[1:]), ("content-type", "application/grpc")]
+        elif action.startswith("rl"):
+            status = int(action[2:])
+            extra = [("x-envoy-ratelimited", "true")]
+        elif action.startswith("h"):
+            status = int(action[1:])
+            extra = [("x-upstream-retry", "yes")]
+        else:
+            status = int(action)
+        try:
+            self.send_response(status)
+            for k, v in extra:
+                self.send_header(k, v)
+            self.send_header("x-attempt", str(n))
+            self.send_header("content-length", "0")
+            self.end_headers()
+        except OSError:
+            self.close_connection = True
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def upstream_port() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def _bootstrap(rc: route_pb2.RouteConfiguration, port: int) -> str:
+    endpoint = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
+    boot = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "resilience",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": HCM,
+                                        "stat_prefix": "resilience",
+                                        # The app is in-process: its requests are internal, so
+                                        # Envoy keeps the x-envoy-* control headers (an external
+                                        # request would have them stripped).
+                                        "use_remote_address": True,
+                                        "internal_address_config": {
+                                            "cidr_ranges": [
+                                                {"address_prefix": "127.0.0.0", "prefix_len": 8}
+                                            ]
+                                        },
+                                        "route_config": json.loads(json_format.MessageToJson(rc)),
+                                        "http_filters": [
+                                            {
+                                                "name": FAULT_FILTER,
+                                                "typed_config": {"@type": FAULT},
+                                            },
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {"@type": ROUTER},
+                                            },
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "up",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    # Outlier detection and breakers stay out of the way of the retry count.
+                    "circuit_breakers": {"thresholds": [{"max_retries": 1000}]},
+                    "load_assignment": {
+                        "cluster_name": "up",
+                        "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+                    },
+                }
+            ],
+        },
+    }
+    json_format.ParseDict(boot, bootstrap_pb2.Bootstrap())
+    return json.dumps(boot)
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class EnvoyHandle:
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] = field(repr=False)
+
+
+@pytest.fixture
+def envoy(
+    tmp_path: Path, envoy_bin: Path, upstream_port: int
+) -> Iterator[tuple[EnvoyHandle, bytes]]:
+    data = route_configuration().SerializeToString()
+    same = route_pb2.RouteConfiguration.FromString(data)
+    config = tmp_path / "envoy.json"
+    config.write_text(_bootstrap(same, upstream_port))
+    admin_path = tmp_path / "admin.txt"
+    log_path = tmp_path / "envoy.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        [
+            str(envoy_bin),
+            "-c",
+            str(config),
+            "--base-id",
+            str(random.randint(10_000, 60_000)),
+            "--admin-address-path",
+            str(admin_path),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def admin_ready() -> bool:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            return admin_path.exists() and bool(admin_path.read_text().strip())
+
+        _wait(admin_ready, 30, "envoy admin")
+        host, _, port = admin_path.read_text().strip().rpartition(":")
+
+        def listener_port() -> int | None:
+            conn = http.client.HTTPConnection(host, int(port), timeout=5)
+            try:
+                conn.request("GET", "/listeners?format=json")
+                statuses = json.loads(conn.getresponse().read()).get("listener_statuses") or []
+            finally:
+                conn.close()
+            for s in statuses:
+                p = s["local_address"]["socket_address"].get("port_value")
+                if p:
+                    return int(p)
+            return None
+
+        _wait(lambda: listener_port() is not None, 30, "envoy listener")
+        lp = listener_port()
+        assert lp is not None
+        yield EnvoyHandle(lp, log_path, proc), data
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+@dataclass(frozen=True)
+class Seen:
+    attempts: int
+    status: int
+    grpc_status: str | None = None
+    body: str = ""
+    delayed: bool = False
+
+
+def _request(case: Case) -> RequestInfo:
+    headers = list(case.headers)
+    if case.grpc:
+        headers.append(("content-type", "application/grpc"))
+    return RequestInfo(
+        "POST" if case.grpc else "GET", "svc", f"/{case.route}", Headers(headers), grpc=case.grpc
+    )
+
+
+def _envoy(port: int, case: Case, test_id: str) -> Seen:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        start = time.monotonic()
+        method = "POST" if case.grpc else "GET"
+        conn.putrequest(method, f"/{case.route}", skip_accept_encoding=True)
+        for k, v in case.headers:
+            conn.putheader(k, v)
+        if case.grpc:
+            conn.putheader("content-type", "application/grpc")
+            conn.putheader("te", "trailers")
+        conn.putheader("x-test-id", test_id)
+        conn.putheader("x-test-script", ",".join(case.script))
+        conn.putheader("content-length", "0")
+        conn.endheaders()
+        resp = conn.getresponse()
+        body = resp.read().decode(errors="replace")
+        elapsed = time.monotonic() - start
+    finally:
+        conn.close()
+    with COUNTS.lock:
+        attempts = COUNTS.attempts.get(test_id, 0)
+    # Only fault routes are checked for delays (retried timeouts are slow too).
+    delayed = case.route.startswith("f") and elapsed >= 0.18
+    return Seen(attempts, resp.status, resp.getheader("grpc-status"), body, delayed)
+
+
+_HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+
+
+def _outcome(action: str, per_try: float | None) -> Outcome | None:
+    """The outcome of one scripted attempt as pymesh's adapter reports it (``None``: the
+    overall deadline passes during this attempt)."""
+    if action == "reset":
+        return Outcome(reset=ResetKind.RESET)
+    if action.startswith("s"):
+        if per_try is not None and per_try < int(action[1:]) / 1000:
+            return Outcome(reset=ResetKind.PER_TRY_TIMEOUT)
+        return Outcome(status=200)
+    if action.startswith("g"):
+        return Outcome(
+            status=200, grpc_status=int(action[1:]), headers=Headers([("grpc-status", action[1:])])
+        )
+    if action.startswith("rl"):
+        return Outcome(status=int(action[2:]), headers=Headers([("x-envoy-ratelimited", "true")]))
+    if action.startswith("h"):
+        return Outcome(status=int(action[1:]), headers=Headers([("x-upstream-retry", "yes")]))
+    return Outcome(status=int(action))
+
+
+def _pymesh(config: RouteConfiguration, case: Case) -> Seen:
+    rng = random.Random(0)
+    request = _request(case)
+    vhost = config.virtual_hosts[0]
+    route = next(r for r in vhost.routes if r.name == case.route)
+    action = route.action
+    assert isinstance(action, RouteAction)
+    # Faults first (per-route override of the fault filter).
+    override = route.typed_per_filter_config.get(FAULT_FILTER)
+    if override is not None:
+        assert isinstance(override.config, FaultConfig)
+        fault = decide_fault(override.config, request, rng=rng, active_faults=0, cluster="up")
+        delayed = fault.delay is not None
+        if fault.abort_status is not None:
+            if case.grpc:
+                # A gRPC local reply: HTTP 200, the gRPC status (or the HTTP status mapped).
+                grpc = fault.abort_grpc_status
+                if grpc is None:
+                    grpc = _HTTP_TO_GRPC.get(fault.abort_status, 2)
+                return Seen(0, 200, str(grpc), "", delayed)
+            return Seen(0, fault.abort_status, None, "fault filter abort", delayed)
+    else:
+        delayed = False
+    deadlines = call_deadlines(
+        action, action.retry_policy, request, now=0.0, max_stream_duration=None
+    )
+    state = RetryState(action.retry_policy, request, rng=rng)
+    overall = deadlines.overall
+    attempts = 0
+    for i in range(50):
+        attempts += 1
+        act = case.script[min(i, len(case.script) - 1)]
+        if (
+            act.startswith("s")
+            and overall is not None
+            and overall < int(act[1:]) / 1000
+            and (deadlines.per_try is None or deadlines.per_try >= overall)
+        ):
+            return Seen(attempts, 504, None, "upstream request timeout", delayed)
+        outcome = _outcome(act, deadlines.per_try)
+        assert outcome is not None
+        if not isinstance(state.should_retry(outcome, budget_ok=True), Retry):
+            break
+    if outcome.reset is ResetKind.PER_TRY_TIMEOUT:
+        return Seen(attempts, 504, None, "upstream request timeout", delayed)
+    if outcome.reset is not None:
+        return Seen(attempts, 503, None, "", delayed)
+    grpc = outcome.headers.get("grpc-status")
+    return Seen(attempts, outcome.status or 0, grpc, "", delayed)
+
+
+def test_case_count() -> None:
+    assert len(CASES) >= 150
+
+
+def test_pymesh_policies_decide_what_envoy_does(envoy: tuple[EnvoyHandle, bytes]) -> None:
+    handle, data = envoy
+    config = decode_resource(ResourceType.ROUTE_CONFIGURATION.type_url, data).value
+    assert isinstance(config, RouteConfiguration)
+    mismatches = []
+    for i, case in enumerate(CASES):
+        got = _envoy(handle.port, case, f"case-{i}-{random.random()}")
+        want = _pymesh(config, case)
+        same = (got.attempts, got.status, got.grpc_status, got.delayed) == (
+            want.attempts,
+            want.status,
+            want.grpc_status,
+            want.delayed,
+        )
+        if want.body and want.body not in got.body:
+            same = False
+        if not same:
+            mismatches.append(f"{case}: envoy {got} pymesh {want}")
+    assert not mismatches, "\n".join(mismatches[:40])
