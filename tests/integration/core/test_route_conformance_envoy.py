@@ -41,6 +41,7 @@ from pymesh.core.routing import (
     ClusterChoice,
     pick_cluster,
     redirect_location,
+    response_header_ops,
     rewrite_request,
     route_request,
     select_vhost,
@@ -302,6 +303,9 @@ ROUTES: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
                             "name": "echo",
                             "weight": 5,
                             "request_headers_to_add": [{"header": {"key": "x-t-wc", "value": "w"}}],
+                            "response_headers_to_add": [
+                                {"header": {"key": "x-r-wc", "value": "w"}}
+                            ],
                             "host_rewrite_literal": "weighted.example",
                         },
                     ]
@@ -313,7 +317,15 @@ ROUTES: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
 ]
 """Routes of the ``main`` virtual host, in order."""
 
-ROUTE_HEADERS = {
+
+def _r_level(level: str) -> dict[str, Any]:
+    return {
+        "header": {"key": "x-r-level", "value": level},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+    }
+
+
+ROUTE_HEADERS: dict[str, dict[str, Any]] = {
     # Header mutations at the route level (the config and vhost levels are below).
     "fwd-plain": {
         "request_headers_to_add": [
@@ -329,16 +341,24 @@ ROUTE_HEADERS = {
             {"header": {"key": "x-t-pct", "value": "100%%"}},
         ],
         "request_headers_to_remove": ["x-t-remove"],
-    }
+        "response_headers_to_add": [_r_level("route")],
+    },
+    "exact": {"response_headers_to_add": [_r_level("route")]},
+    "fwd-weighted": {"response_headers_to_add": [_r_level("route")]},
 }
 
 
-def route_configuration() -> route_pb2.RouteConfiguration:
+def route_configuration(*, most_specific: bool = False) -> route_pb2.RouteConfiguration:
+    """The table; ``most_specific`` sets ``most_specific_header_mutations_wins``."""
     routes = []
     for name, match, action in ROUTES:
         r: dict[str, Any] = {"name": name, "match": match, **(action or _ok(name))}
-        r["response_headers_to_add"] = [{"header": {"key": "x-route", "value": name}}]
-        r.update(ROUTE_HEADERS.get(name, {}))
+        extra = ROUTE_HEADERS.get(name, {})
+        r.update(extra)
+        r["response_headers_to_add"] = [
+            {"header": {"key": "x-route", "value": name}},
+            *extra.get("response_headers_to_add", []),
+        ]
         routes.append(r)
 
     def single(vh: str, domains: list[str]) -> dict[str, Any]:
@@ -357,6 +377,11 @@ def route_configuration() -> route_pb2.RouteConfiguration:
 
     config = {
         "name": "conformance",
+        "most_specific_header_mutations_wins": most_specific,
+        "response_headers_to_add": [
+            _r_level("config"),
+            {"header": {"key": "x-r-config", "value": "c"}},
+        ],
         "request_headers_to_add": [
             {
                 "header": {"key": "x-t-level", "value": "config"},
@@ -379,6 +404,10 @@ def route_configuration() -> route_pb2.RouteConfiguration:
                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
                     },
                     {"header": {"key": "x-t-vhost", "value": "v"}},
+                ],
+                "response_headers_to_add": [
+                    _r_level("vhost"),
+                    {"header": {"key": "x-r-vhost", "value": "v"}},
                 ],
             },
         ],
@@ -797,9 +826,11 @@ class EnvoyHandle:
     proc: subprocess.Popen[bytes] = field(repr=False)
 
 
-@pytest.fixture
-def envoy(tmp_path: Path, envoy_bin: Path, echo_port: int) -> Iterator[tuple[EnvoyHandle, bytes]]:
-    rc = route_configuration()
+@pytest.fixture(params=[False, True], ids=["least-specific-wins", "most-specific-wins"])
+def envoy(
+    request: pytest.FixtureRequest, tmp_path: Path, envoy_bin: Path, echo_port: int
+) -> Iterator[tuple[EnvoyHandle, bytes]]:
+    rc = route_configuration(most_specific=request.param)
     data = rc.SerializeToString()
     # Envoy gets the proto parsed back from the very bytes pymesh decodes.
     same = route_pb2.RouteConfiguration.FromString(data)
@@ -871,6 +902,7 @@ class Seen:
     status: int
     location: str | None = None
     upstream: dict[str, Any] | None = None
+    response_headers: tuple[tuple[str, str], ...] = ()
 
 
 def _send(conn: http.client.HTTPConnection, case: Case) -> Seen:
@@ -886,7 +918,17 @@ def _send(conn: http.client.HTTPConnection, case: Case) -> Seen:
     upstream = None
     if resp.getheader("content-type") == "application/json":
         upstream = json.loads(body)
-    return Seen(resp.getheader("x-route"), resp.status, resp.getheader("location"), upstream)
+    mutated = _mutated(resp.getheaders())
+    return Seen(
+        resp.getheader("x-route"), resp.status, resp.getheader("location"), upstream, mutated
+    )
+
+
+def _mutated(headers: Any) -> tuple[tuple[str, str], ...]:
+    """The response headers the route configuration adds."""
+    return tuple(
+        sorted((k.lower(), v) for k, v in headers if k.lower().startswith(("x-r-", "x-route")))
+    )
 
 
 def _test_headers(headers: Any) -> list[tuple[str, str]]:
@@ -912,19 +954,21 @@ def _pymesh(config: RouteConfiguration, case: Case, rng: random.Random) -> Seen:
     if route is None:
         return Seen(None, 404)
     action = route.action
-    if isinstance(action, DirectResponseAction):
-        return Seen(route.name, action.status)
-    if isinstance(action, RedirectAction):
-        return Seen(
-            route.name, action.response_code, redirect_location(action, request, route=route)
-        )
+    if isinstance(action, DirectResponseAction | RedirectAction):
+        mutated = _mutated(response_header_ops(route, vhost, config).apply(Headers(), request))
+        if isinstance(action, DirectResponseAction):
+            return Seen(route.name, action.status, response_headers=mutated)
+        location = redirect_location(action, request, route=route)
+        return Seen(route.name, action.response_code, location, response_headers=mutated)
     assert isinstance(action, RouteAction)
     choice: ClusterChoice = pick_cluster(action, request, rng=rng)
     out = rewrite_request(route, action, vhost, config, request, choice)
+    ops = response_header_ops(route, vhost, config, choice.weighted)
     return Seen(
         route.name,
         200,
         upstream={"path": out.path, "host": out.authority, "headers": list(out.headers)},
+        response_headers=_mutated(ops.apply(Headers(), request)),
     )
 
 
@@ -958,6 +1002,7 @@ def test_pymesh_picks_the_route_envoy_picks(envoy: tuple[EnvoyHandle, bytes]) ->
                     and want.upstream["host"] == got.upstream["host"]
                     and _test_headers(want.upstream["headers"])
                     == _test_headers(got.upstream["headers"])
+                    and want.response_headers == got.response_headers
                 )
                 if not same:
                     mismatches.append(
@@ -965,9 +1010,10 @@ def test_pymesh_picks_the_route_envoy_picks(envoy: tuple[EnvoyHandle, bytes]) ->
                         f"{want.upstream['host']} "
                         f"{_test_headers(want.upstream['headers'])}; pymesh {got.route} "
                         f"{got.upstream['path']} {got.upstream['host']} "
-                        f"{_test_headers(got.upstream['headers'])}"
+                        f"{_test_headers(got.upstream['headers'])}; response headers envoy "
+                        f"{want.response_headers} pymesh {got.response_headers}"
                     )
-            elif (want.route, want.status, want.location) != (got.route, got.status, got.location):
+            elif want != got:
                 mismatches.append(f"{case}: envoy {want}; pymesh {got}")
     finally:
         conn.close()
