@@ -8,6 +8,11 @@ parameter, terminal policies, Envoy's combination), priority choice by ``hash % 
 overprovisioning factor, health classes, weight normalisation (with locality shares), the ring
 layout and lookup, and the Maglev permutation fill. pymesh computes the expected endpoint from
 the same endpoint list; every case must match Envoy exactly.
+
+Three round-robin clusters compare distributions instead (Envoy draws the priority at
+random): the share each endpoint gets through Envoy must fit pymesh's shares (chi-square,
+p = 0.001, 2,000 requests), covering degraded load, partial panic and locality weights
+scaled by locality health.
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ import pytest
 from pymesh.core.hashing import request_hash
 from pymesh.core.lb import build_hosts, build_load_balancer
 from pymesh.core.types import Headers, PickContext, RequestInfo
-from pymesh.model.cluster import Cluster, ClusterKind, CommonLbConfig, LbPolicy, Maglev, RingHash
+from pymesh.model.cluster import (
+    Cluster,
+    ClusterKind,
+    CommonLbConfig,
+    LbPolicy,
+    Maglev,
+    RingHash,
+    RoundRobin,
+)
 from pymesh.model.common import Locality, SocketAddress
 from pymesh.model.endpoint import (
     ClusterLoadAssignment,
@@ -71,6 +84,51 @@ CLUSTERS: dict[str, tuple[LbPolicy, bool]] = {
     "maglev_small": (Maglev(table_size=251), True),
 }
 
+# Round robin through Envoy vs pymesh: distributions (Envoy draws the priority at random).
+RR_ZONE_WEIGHTS = {"a": 1, "b": 3, "c": 2}
+RR_CLUSTERS: dict[str, tuple[Layout, bool]] = {
+    # P0 health 35 + degraded 35, P1 health 46: 35% P0 healthy, 46% P1, 19% P0 degraded;
+    # P1 (33% usable) is not in panic because availability reaches 100
+    "rr_degraded": (
+        [
+            (0, 1, HealthStatus.HEALTHY, 0, "a"),
+            (1, 1, HealthStatus.UNHEALTHY, 0, "a"),
+            (2, 1, HealthStatus.UNHEALTHY, 0, "a"),
+            (3, 1, HealthStatus.DEGRADED, 0, "a"),
+            (4, 1, HealthStatus.HEALTHY, 1, "a"),
+            (5, 1, HealthStatus.UNHEALTHY, 1, "a"),
+            (6, 1, HealthStatus.UNHEALTHY, 1, "a"),
+        ],
+        False,
+    ),
+    # P0 20% healthy (health 28, in panic: all five hosts), P1 health 70: availability 98
+    "rr_panic": (
+        [
+            (0, 1, HealthStatus.HEALTHY, 0, "a"),
+            (1, 1, HealthStatus.UNHEALTHY, 0, "a"),
+            (2, 1, HealthStatus.UNHEALTHY, 0, "a"),
+            (3, 1, HealthStatus.UNHEALTHY, 0, "a"),
+            (4, 1, HealthStatus.UNHEALTHY, 0, "a"),
+            (5, 1, HealthStatus.HEALTHY, 1, "a"),
+            (6, 1, HealthStatus.UNHEALTHY, 1, "a"),
+        ],
+        False,
+    ),
+    # locality-weighted: a (w1, all healthy) vs b (w3, half healthy -> 2.1) for healthy load,
+    # c (w2) only for the degraded share; host weights inside a locality
+    "rr_locality": (
+        [
+            (0, 1, HealthStatus.HEALTHY, 0, "a"),
+            (1, 3, HealthStatus.HEALTHY, 0, "a"),
+            (2, 1, HealthStatus.HEALTHY, 0, "b"),
+            (3, 1, HealthStatus.UNHEALTHY, 0, "b"),
+            (4, 1, HealthStatus.UNHEALTHY, 0, "c"),
+            (5, 1, HealthStatus.DEGRADED, 0, "c"),
+        ],
+        True,
+    ),
+}
+
 POLICIES: dict[str, tuple[HashPolicy, ...]] = {
     "all": (HeaderHash("x-key"), CookieHash("sess"), QueryParameterHash("q")),
     "terminal": (HeaderHash("x-key", terminal=True), QueryParameterHash("q")),
@@ -86,9 +144,18 @@ def _envoy_hash_policy(policy: HashPolicy) -> dict[str, Any]:
     return {"query_parameter": {"name": policy.name}, "terminal": policy.terminal}
 
 
-def _assignment(name: str, ports: list[int], locality_weighted: bool) -> ClusterLoadAssignment:
+Layout = list[tuple[int, int, HealthStatus, int, str]]
+
+
+def _assignment(
+    name: str,
+    ports: list[int],
+    locality_weighted: bool,
+    layout: Layout = LAYOUT,
+    zone_weights: dict[str, int] = ZONE_WEIGHTS,
+) -> ClusterLoadAssignment:
     groups: dict[tuple[int, str], list[LbEndpoint]] = {}
-    for index, weight, health, priority, zone in LAYOUT:
+    for index, weight, health, priority, zone in layout:
         groups.setdefault((priority, zone), []).append(
             LbEndpoint(
                 SocketAddress("127.0.0.1", ports[index]),
@@ -100,7 +167,7 @@ def _assignment(name: str, ports: list[int], locality_weighted: bool) -> Cluster
         LocalityLbEndpoints(
             Locality("r", zone),
             priority=priority,
-            load_balancing_weight=ZONE_WEIGHTS[zone] if locality_weighted else None,
+            load_balancing_weight=zone_weights[zone] if locality_weighted else None,
             endpoints=tuple(eps),
         )
         for (priority, zone), eps in sorted(groups.items())
@@ -146,14 +213,16 @@ def _envoy_cluster(
             ],
         },
     }
-    if isinstance(policy, RingHash):
+    if isinstance(policy, RoundRobin):
+        out["lb_policy"] = "ROUND_ROBIN"
+    elif isinstance(policy, RingHash):
         out["lb_policy"] = "RING_HASH"
         out["ring_hash_lb_config"] = {
             "minimum_ring_size": policy.min_ring_size,
             "maximum_ring_size": policy.max_ring_size,
         }
     else:
-        assert isinstance(policy, Maglev)
+        assert isinstance(policy, Maglev), policy
         out["lb_policy"] = "MAGLEV"
         out["maglev_lb_config"] = {"table_size": policy.table_size}
     if lw:
@@ -208,6 +277,10 @@ def front_port(
     tmp = tmp_path_factory.mktemp("lb_oracle")
     routes = []
     clusters = []
+    for name, (layout, lw) in RR_CLUSTERS.items():
+        a = _assignment(name, upstream_ports, lw, layout, RR_ZONE_WEIGHTS)
+        clusters.append(_envoy_cluster(name, a, RoundRobin(), lw))
+        routes.append({"match": {"prefix": f"/{name}/"}, "route": {"cluster": name}})
     for name, (policy, lw) in CLUSTERS.items():
         clusters.append(_envoy_cluster(name, _assignment(name, upstream_ports, lw), policy, lw))
         for pname, policies in POLICIES.items():
@@ -351,7 +424,7 @@ def test_same_endpoint_as_envoy(front_port: int, upstream_ports: list[int]) -> N
             hosts = build_hosts(a, {})
             lb = build_load_balancer(c, list(hosts.values()), a, now=0.0, rng=random.Random(0))
             for pname, policies in POLICIES.items():
-                for headers, query in _cases(rng, 40):
+                for headers, query in _cases(rng, 60):
                     path = f"/{name}/{pname}/x{query}"
                     request = RequestInfo("GET", "lb", path, Headers(headers))
                     h = request_hash(policies, request)
@@ -379,3 +452,45 @@ def test_same_endpoint_as_envoy(front_port: int, upstream_ports: list[int]) -> N
     assert compared >= 250
     assert p1_seen > 20  # the priority split by hash is exercised
     assert not mismatches, f"{len(mismatches)}/{compared}:\n" + "\n".join(mismatches[:20])
+
+
+CHI2_999 = {2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46}
+
+
+@pytest.mark.parametrize("name", list(RR_CLUSTERS))
+def test_round_robin_distribution_as_envoy(
+    name: str, front_port: int, upstream_ports: list[int]
+) -> None:
+    """Envoy's and pymesh's shares per endpoint agree (chi-square, p = 0.001): priority
+    load, degraded share, panic, locality weights and host weights."""
+    layout, lw = RR_CLUSTERS[name]
+    a = _assignment(name, upstream_ports, lw, layout, RR_ZONE_WEIGHTS)
+    c = Cluster(
+        name,
+        ClusterKind.STATIC,
+        lb_policy=RoundRobin(),
+        common_lb_config=CommonLbConfig(locality_weighted=lw),
+    )
+    hosts = build_hosts(a, {})
+    lb = build_load_balancer(c, list(hosts.values()), a, now=0.0, rng=random.Random(5))
+    ours: dict[int, int] = {}
+    for _ in range(100_000):
+        h = lb.pick(PickContext(now=0.0))
+        assert h is not None
+        ours[h.address.port] = ours.get(h.address.port, 0) + 1
+    n = 2000
+    theirs: dict[int, int] = {}
+    conn = http.client.HTTPConnection("127.0.0.1", front_port, timeout=10)
+    try:
+        for _ in range(n):
+            conn.request("GET", f"/{name}/x", headers={"Host": "lb"})
+            resp = conn.getresponse()
+            body = resp.read().decode()
+            assert resp.status == 200, (resp.status, body)
+            theirs[int(body)] = theirs.get(int(body), 0) + 1
+    finally:
+        conn.close()
+    assert set(theirs) <= set(ours), (theirs, ours)
+    expected = {port: n * count / 100_000 for port, count in ours.items()}
+    stat = sum((theirs.get(p, 0) - e) ** 2 / e for p, e in expected.items())
+    assert stat < CHI2_999[len(expected) - 1], (stat, theirs, expected)
