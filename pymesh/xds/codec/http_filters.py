@@ -213,7 +213,7 @@ def _rbac_header(m: route_components_pb2.HeaderMatcher, ctx: Ctx, path: str) -> 
 
 def _url_path(m: object, ctx: Ctx, path: str) -> UrlPathRule:
     if m.WhichOneof("rule") != "path":  # type: ignore[attr-defined]
-        raise ctx.error(path, "url_path needs a path matcher")
+        raise ctx.error(join(path, "path"), "url_path needs a path matcher")
     return UrlPathRule(decode_string_matcher(m.path, ctx, join(path, "path")))  # type: ignore[attr-defined]
 
 

@@ -365,7 +365,7 @@ RBAC_REJECTED: list[tuple[Any, str, str]] = [
         f"{P}.permissions[0].destination_ip.address_prefix",
         "invalid IP",
     ),
-    (_policy({"urlPath": {}}), f"{P}.permissions[0].url_path", "needs a path"),
+    (_policy({"urlPath": {}}), f"{P}.permissions[0].url_path.path", "needs a path"),
     (
         _policy(
             {

@@ -46,6 +46,7 @@ HCM = TG + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConn
 TCP_PROXY = TG + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 DOWNSTREAM_TLS = TG + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 FAULT = TG + "envoy.extensions.filters.http.fault.v3.HTTPFault"
+RBAC = TG + "envoy.extensions.filters.http.rbac.v3.RBAC"
 ROUTER = {
     "name": "envoy.filters.http.router",
     "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -641,6 +642,7 @@ def test_grpc_oracle_client_listeners_and_routes() -> None:
     """gRPC accepts the Istio-shaped client LDS/RDS fixtures; every client listener we NACK,
     gRPC NACKs at the same field; every route configuration gRPC NACKs, we NACK at the
     same field (the reverse need not hold: we also decode Envoy-only features)."""
+    from tests.unit.codec import test_http_filters as filter_tests
     from tests.unit.codec import test_route as rds_tests
     from tests.xdsserver import LDS as LDS_URL
     from tests.xdsserver import RDS as RDS_URL
@@ -651,6 +653,9 @@ def test_grpc_oracle_client_listeners_and_routes() -> None:
     listeners[ok["name"]] = ok
     for i, d in enumerate(CLIENT_GRPC_REJECTED):
         listeners[f"bad{i}"] = {**copy.deepcopy(d), "name": f"bad{i}"}
+    for i, (cfg, _field, _msg) in enumerate(filter_tests.FAULT_REJECTED):
+        fault_filter = {"name": "f", "typedConfig": {"@type": FAULT, **cfg}}
+        listeners[f"fault{i}"] = {**client(httpFilters=[fault_filter, ROUTER]), "name": f"fault{i}"}
     routes: dict[str, Any] = {}
     rc_ok = rds_tests.fixture("rds_grpc_reviews.yaml")
     routes[rc_ok["name"]] = rc_ok
@@ -709,6 +714,7 @@ def test_grpc_oracle_server_listeners() -> None:
     """xDS-enabled grpcio servers accept the Istio-shaped inbound listeners and NACK, at the
     same field, the A36/A39/A41 rules we apply (gRPC-prefixed and :scheme headers in RBAC,
     CEL conditions, non-HCM network filters, overlapping chains, duplicate filter names)."""
+    from tests.unit.codec import test_http_filters as filter_tests
     from tests.xdsserver import LDS as LDS_URL
     from tests.xdsserver import XdsTestServer
 
@@ -723,7 +729,8 @@ def test_grpc_oracle_server_listeners() -> None:
         }
         return d
 
-    cases: dict[str, tuple[dict[str, Any], bool]] = {
+    # valid: True = both accept, False = both NACK, None = compare fields if gRPC NACKs.
+    cases: dict[str, tuple[dict[str, Any], bool | None]] = {
         "strict": (strict, True),
         "plaintext": (fixture("lds_grpc_inbound_plaintext.yaml"), True),
         "grpc_header": (
@@ -757,6 +764,9 @@ def test_grpc_oracle_server_listeners() -> None:
         ),
         "dup_names": (server(chain("a", httpFilters=[_FAULT_F, _FAULT_F, ROUTER])), False),
     }
+    for i, (cfg, _field, _msg) in enumerate(filter_tests.RBAC_REJECTED):
+        rbac_filter = {"name": "r", "typedConfig": {"@type": RBAC, **cfg}}
+        cases[f"rbac{i}"] = (server(chain("a", httpFilters=[rbac_filter, ROUTER])), None)
     ports = {}
     for name in cases:
         with socket.socket() as s:
@@ -791,6 +801,6 @@ def test_grpc_oracle_server_listeners() -> None:
         ours = _ours(LDS, msgs[lname])
         if valid:
             assert lname not in nacks and ours is None, name
-        else:
+        elif valid is False or lname in nacks:
             assert lname in nacks, f"gRPC accepts {name}"
             _assert_same_field(name, ours, nacks[lname])
