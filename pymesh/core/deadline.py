@@ -94,37 +94,47 @@ def parse_grpc_timeout(value: str | None) -> float | None:
     return millis / 1000.0
 
 
-def _header_ms(headers: Headers, name: str) -> float | None:
-    values = headers.get_all(name)
-    if not values:
+def _ms(value: str | None) -> float | None:
+    if value is None:
         return None
-    value = values[0].strip()
+    value = value.strip()
     return int(value) / 1000.0 if value.isdigit() else None
 
 
-def _router_timeout(action: RouteAction | None, request: RequestInfo, new_timeouts: bool) -> float:
-    """Envoy's ``global_timeout_`` in seconds (0 = none)."""
+def _timeout_headers(headers: Headers) -> tuple[str | None, str | None, str | None]:
+    """First values of the router timeout, per-try timeout and ``grpc-timeout`` headers, in
+    one pass over the request's headers (names are stored lower-case)."""
+    rq = per_try = grpc = None
+    for name, value in headers:
+        if name == HEADER_RQ_TIMEOUT:
+            rq = value if rq is None else rq
+        elif name == HEADER_PER_TRY_TIMEOUT:
+            per_try = value if per_try is None else per_try
+        elif name == "grpc-timeout":
+            grpc = value if grpc is None else grpc
+    return rq, per_try, grpc
+
+
+def _router_timeout(action: RouteAction | None, grpc: bool, grpc_timeout: float | None) -> float:
+    """Envoy's ``global_timeout_`` in seconds (0 = none), before the request header."""
     if action is None:
         return DEFAULT_ROUTE_TIMEOUT
-    if new_timeouts:
-        return 0.0
-    if request.grpc and action.max_grpc_timeout is not None:
-        grpc_timeout = parse_grpc_timeout(request.headers.get("grpc-timeout")) or 0.0
+    if grpc and action.max_grpc_timeout is not None:
+        timeout = grpc_timeout or 0.0
         offset = action.grpc_timeout_offset
-        if offset is not None and offset < grpc_timeout:
-            grpc_timeout -= offset
+        if offset is not None and offset < timeout:
+            timeout -= offset
         cap = action.max_grpc_timeout
-        if cap != 0 and (grpc_timeout == 0 or grpc_timeout > cap):
-            grpc_timeout = cap
-        return grpc_timeout
+        if cap != 0 and (timeout == 0 or timeout > cap):
+            timeout = cap
+        return timeout
     return DEFAULT_ROUTE_TIMEOUT if action.timeout is None else action.timeout
 
 
 def _stream_duration(
-    action: RouteAction | None, request: RequestInfo, listener_max: float | None
+    action: RouteAction | None, grpc_timeout: float | None, listener_max: float | None
 ) -> float | None:
     """Envoy's stream duration limit in seconds (``None`` = none)."""
-    grpc_timeout = parse_grpc_timeout(request.headers.get("grpc-timeout"))
     header_max = action.grpc_timeout_header_max if action is not None else None
     if grpc_timeout is None or header_max is None:
         if action is not None and action.max_stream_duration is not None:
@@ -153,23 +163,24 @@ def call_deadlines(
     ``action`` is the matched route's action (``None``: Envoy's defaults), ``retry`` the
     resolved retry policy, ``max_stream_duration`` the listener's (HCM) limit.
     """
-    headers = request.headers
+    rq_header, per_try_header, grpc_header = _timeout_headers(request.headers)
+    grpc_timeout = parse_grpc_timeout(grpc_header)
     new_timeouts = action is not None and (
         action.max_stream_duration is not None
         or action.grpc_timeout_header_max is not None
         or action.grpc_timeout_header_offset is not None
     )
-    router = _router_timeout(action, request, new_timeouts)
-    header_timeout = _header_ms(headers, HEADER_RQ_TIMEOUT)
+    router = 0.0 if new_timeouts else _router_timeout(action, request.grpc, grpc_timeout)
+    header_timeout = _ms(rq_header)
     if header_timeout is not None:
         router = header_timeout
     per_try = retry.per_try_timeout if retry is not None else None
-    header_per_try = _header_ms(headers, HEADER_PER_TRY_TIMEOUT)
+    header_per_try = _ms(per_try_header)
     if header_per_try is not None:
         per_try = header_per_try
     if per_try is not None and (per_try == 0 or (router != 0 and per_try >= router)):
         per_try = None
-    stream = _stream_duration(action, request, max_stream_duration)
+    stream = _stream_duration(action, grpc_timeout, max_stream_duration)
     overall: float | None = None
     from_stream = False
     if router > 0:

@@ -202,6 +202,82 @@ def _uint(value: str | None) -> int | None:
     return int(value)
 
 
+class _Compiled:
+    """What a :class:`RetryPolicy` says, precomputed once per policy object (the hot path
+    builds a :class:`RetryState` per call)."""
+
+    __slots__ = (
+        "base",
+        "codes",
+        "grpc_retry_on",
+        "host_selection_attempts",
+        "max",
+        "num_retries",
+        "per_try_timeout",
+        "policy",
+        "predicate_previous",
+        "restrict",
+        "retriable_headers",
+        "retry_on",
+    )
+
+    def __init__(self, policy: RetryPolicy | None) -> None:
+        self.policy = policy
+        if policy is None:
+            self.retry_on: frozenset[str] = frozenset()
+            self.num_retries = 1
+            self.codes: frozenset[int] = frozenset()
+            self.retriable_headers: tuple[HeaderMatcher, ...] = ()
+            self.restrict: tuple[HeaderMatcher, ...] = ()
+            self.base = 0.025
+            self.max = 0.25
+            self.predicate_previous = False
+            self.host_selection_attempts = 1
+            self.per_try_timeout: float | None = None
+        else:
+            self.retry_on = policy.retry_on
+            self.num_retries = policy.num_retries
+            self.codes = frozenset(policy.retriable_status_codes)
+            self.retriable_headers = policy.retriable_headers
+            self.restrict = policy.retriable_request_headers
+            self.base = policy.base_interval
+            self.max = policy.max_interval
+            self.predicate_previous = PREVIOUS_HOSTS_PREDICATE in policy.retry_host_predicates
+            self.host_selection_attempts = (
+                policy.host_selection_retry_max_attempts if self.predicate_previous else 1
+            )
+            self.per_try_timeout = policy.per_try_timeout
+        self.grpc_retry_on = self.retry_on & _GRPC_TOKENS
+
+
+_GRPC_TOKENS = frozenset(GRPC_RETRY_ON)
+_COMPILED: dict[int, _Compiled] = {}
+_COMPILED_MAX = 4096
+_NO_POLICY = _Compiled(None)
+
+
+def _compiled(policy: RetryPolicy | None) -> _Compiled:
+    if policy is None:
+        return _NO_POLICY
+    c = _COMPILED.get(id(policy))
+    if c is None or c.policy is not policy:
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.clear()  # bounded: config churn must not grow it forever
+        c = _COMPILED[id(policy)] = _Compiled(policy)
+    return c
+
+
+def _control_headers(headers: Headers) -> dict[str, str] | None:
+    """The request's ``x-envoy-*`` headers (repeated values joined with ``,``), or None."""
+    found: dict[str, str] | None = None
+    for name, value in headers:
+        if name.startswith("x-envoy-"):
+            if found is None:
+                found = {}
+            found[name] = f"{found[name]},{value}" if name in found else value
+    return found
+
+
 class RetryState:
     """The retry decisions of one call (Envoy ``RetryStateImpl``; gRFC A44 for gRPC).
 
@@ -213,12 +289,20 @@ class RetryState:
 
     __slots__ = (
         "_base",
+        "_codes",
         "_grpc",
+        "_grpc_codes",
         "_hosts",
         "_max",
+        "_on_5xx",
+        "_on_409",
+        "_on_codes",
+        "_on_gateway",
+        "_on_headers",
+        "_on_ratelimited",
+        "_on_reset",
         "_predicate_previous",
         "_retriable_headers",
-        "_retriable_status_codes",
         "_retry_index",
         "_rng",
         "host_selection_attempts",
@@ -236,56 +320,67 @@ class RetryState:
         rng: random.Random,
         is_grpc: bool = False,
     ) -> None:
+        c = _compiled(policy)
         self._rng = rng
         self._grpc = is_grpc
         self._hosts: frozenset[str] = frozenset()
         self._retry_index = 0
         self.retries_done = 0
-        headers = request.headers
-        retry_on: set[str] = set(policy.retry_on) if policy is not None else set()
-        remaining = policy.num_retries if policy is not None else 1
-        codes: list[int] = list(policy.retriable_status_codes) if policy is not None else []
-        retriable: list[HeaderMatcher] = (
-            list(policy.retriable_headers) if policy is not None else []
-        )
+        self._base = c.base
+        self._max = c.max
+        self.per_try_timeout = c.per_try_timeout
+        retry_on = c.retry_on
+        remaining = c.num_retries
+        codes = c.codes
+        retriable = c.retriable_headers
         if is_grpc:
             # A44: only the gRPC conditions, no headers; A6: at most 5 attempts.
-            retry_on &= set(GRPC_RETRY_ON)
+            retry_on = c.grpc_retry_on
             remaining = min(remaining, _GRPC_MAX_ATTEMPTS - 1)
+            self._predicate_previous = False
+            self.host_selection_attempts = 1
         else:
-            retry_on |= _tokens(headers.get("x-envoy-retry-on")) & _HTTP_RETRY_ON
-            retry_on |= _tokens(headers.get("x-envoy-retry-grpc-on")) & set(GRPC_RETRY_ON)
+            self._predicate_previous = c.predicate_previous
+            self.host_selection_attempts = c.host_selection_attempts
+            ctl = _control_headers(request.headers)
+            if ctl is not None:
+                retry_on = (
+                    retry_on
+                    | (_tokens(ctl.get("x-envoy-retry-on")) & _HTTP_RETRY_ON)
+                    | (_tokens(ctl.get("x-envoy-retry-grpc-on")) & _GRPC_TOKENS)
+                )
             # The route may restrict retries to requests matching one of these.
-            restrict = policy.retriable_request_headers if policy is not None else ()
-            if restrict and not any(request_header_matches(m, request) for m in restrict):
-                retry_on = set()
-            if retry_on:
-                max_retries = _uint(headers.get("x-envoy-max-retries"))
-                if max_retries is not None:
-                    remaining = max_retries
-            for token in _tokens(headers.get("x-envoy-retriable-status-codes")):
-                code = _uint(token)
-                if code is not None:
-                    codes.append(code)
-            for name in _tokens(headers.get("x-envoy-retriable-header-names")):
-                retriable.append(HeaderMatcher(name=name.lower(), present_match=True))
-        self.retry_on: frozenset[str] = frozenset(retry_on)
+            if c.restrict and not any(request_header_matches(m, request) for m in c.restrict):
+                retry_on = frozenset()
+            if ctl is not None:
+                if retry_on:
+                    max_retries = _uint(ctl.get("x-envoy-max-retries"))
+                    if max_retries is not None:
+                        remaining = max_retries
+                extra_codes = [
+                    code
+                    for code in map(_uint, _tokens(ctl.get("x-envoy-retriable-status-codes")))
+                    if code is not None
+                ]
+                if extra_codes:
+                    codes = codes | frozenset(extra_codes)
+                names = _tokens(ctl.get("x-envoy-retriable-header-names"))
+                if names:
+                    retriable = retriable + tuple(
+                        HeaderMatcher(name=n.lower(), present_match=True) for n in sorted(names)
+                    )
+        self.retry_on: frozenset[str] = retry_on
         self.remaining = remaining
-        self._retriable_status_codes = frozenset(codes)
-        self._retriable_headers = tuple(retriable)
-        self._base = policy.base_interval if policy is not None else 0.025
-        self._max = policy.max_interval if policy is not None else 10 * self._base
-        self._predicate_previous = (
-            policy is not None
-            and not is_grpc
-            and PREVIOUS_HOSTS_PREDICATE in policy.retry_host_predicates
-        )
-        self.host_selection_attempts = (
-            policy.host_selection_retry_max_attempts
-            if policy is not None and self._predicate_previous
-            else 1
-        )
-        self.per_try_timeout = policy.per_try_timeout if policy is not None else None
+        self._codes = codes
+        self._retriable_headers = retriable
+        self._on_5xx = "5xx" in retry_on
+        self._on_gateway = "gateway-error" in retry_on
+        self._on_409 = "retriable-4xx" in retry_on
+        self._on_codes = "retriable-status-codes" in retry_on
+        self._on_headers = "retriable-headers" in retry_on
+        self._on_ratelimited = "envoy-ratelimited" in retry_on
+        self._on_reset = bool(retry_on & _RESET_TOKENS)
+        self._grpc_codes = frozenset(GRPC_RETRY_ON[t] for t in retry_on & _GRPC_TOKENS)
 
     @property
     def enabled(self) -> bool:
@@ -303,50 +398,42 @@ class RetryState:
 
     def would_retry(self, outcome: Outcome) -> bool:
         """Whether ``retry_on`` covers this outcome (ignoring the retry count and budget)."""
-        retry_on = self.retry_on
-        if not retry_on:
+        if not self.retry_on:
             return False
-        if outcome.reset is not None:
-            return self._would_retry_reset(outcome.reset)
+        reset = outcome.reset
+        if reset is not None:
+            if self._grpc:
+                # A44 retries on status codes only; a per-try deadline or a reset fails the
+                # call (the transport reports those as a status, e.g. UNAVAILABLE).
+                return False
+            if reset is ResetKind.CONNECT_FAILURE and "connect-failure" in self.retry_on:
+                return True
+            if reset is ResetKind.REFUSED_STREAM and "refused-stream" in self.retry_on:
+                return True
+            # Envoy: any reset, including a per-try timeout, under 5xx / gateway-error / reset.
+            return self._on_reset
+        grpc_status = outcome.grpc_status
         if self._grpc:
-            return self._grpc_status_retriable(outcome.grpc_status)
-        headers = outcome.headers
-        if "x-envoy-ratelimited" in headers:
-            return "envoy-ratelimited" in retry_on
+            return grpc_status is not None and grpc_status in self._grpc_codes
         status = outcome.status
-        if status is None:
-            return False
-        if "5xx" in retry_on and 500 <= status <= 599:
-            return True
-        if "gateway-error" in retry_on and status in (502, 503, 504):
-            return True
-        if "retriable-4xx" in retry_on and status == 409:
-            return True
-        if "retriable-status-codes" in retry_on and status in self._retriable_status_codes:
-            return True
-        if "retriable-headers" in retry_on and any(
-            header_matches(m, headers) for m in self._retriable_headers
-        ):
-            return True
-        return self._grpc_status_retriable(outcome.grpc_status)
-
-    def _grpc_status_retriable(self, grpc_status: int | None) -> bool:
-        if grpc_status is None:
-            return False
-        return any(GRPC_RETRY_ON[t] == grpc_status for t in self.retry_on if t in GRPC_RETRY_ON)
-
-    def _would_retry_reset(self, reset: ResetKind) -> bool:
-        retry_on = self.retry_on
-        if self._grpc:
-            # A44 retries on status codes only; a per-try deadline or a reset fails the call
-            # (the transport reports those as a status, e.g. UNAVAILABLE, when it has one).
-            return False
-        if reset is ResetKind.CONNECT_FAILURE and "connect-failure" in retry_on:
-            return True
-        if reset is ResetKind.REFUSED_STREAM and "refused-stream" in retry_on:
-            return True
-        # Envoy: any reset, including a per-try timeout, under 5xx / gateway-error / reset.
-        return bool(retry_on & {"5xx", "gateway-error", "reset"})
+        would = False
+        if status is not None:
+            if status >= 500:
+                would = self._on_5xx or (self._on_gateway and status in (502, 503, 504))
+            if not would and status == 409:
+                would = self._on_409
+            if not would and self._on_codes:
+                would = status in self._codes
+            if not would and self._on_headers:
+                headers = outcome.headers
+                would = any(header_matches(m, headers) for m in self._retriable_headers)
+        if not would and grpc_status is not None:
+            would = grpc_status in self._grpc_codes
+        # Envoy checks this first: a response from an upstream Envoy's rate limiter is
+        # retried only under ``envoy-ratelimited``, whatever else applies.
+        if (would or self._on_ratelimited) and "x-envoy-ratelimited" in outcome.headers:
+            return self._on_ratelimited
+        return would
 
     def should_retry(
         self, outcome: Outcome, *, budget_ok: bool | Callable[[], bool]
@@ -356,15 +443,15 @@ class RetryState:
         when a retry is otherwise allowed, which is Envoy's order and takes the retry slot
         only when it is used."""
         if not self.retry_on:
-            return GiveUp(_GIVE_UP_DISABLED)
+            return _DISABLED
         if not self.would_retry(outcome):
-            return GiveUp(_GIVE_UP_NOT_RETRIABLE)
+            return _NOT_RETRIABLE
         if self.remaining <= 0:
-            return GiveUp(_GIVE_UP_LIMIT)
+            return _LIMIT
         self.remaining -= 1
         ok = budget_ok() if callable(budget_ok) else budget_ok
         if not ok:
-            return GiveUp(_GIVE_UP_OVERFLOW)
+            return _OVERFLOW
         self.retries_done += 1
         return Retry(self._next_delay())
 
@@ -377,6 +464,13 @@ class RetryState:
         if ceiling_ms <= 0:
             return 0.0
         return self._rng.randrange(ceiling_ms) / 1000.0
+
+
+_RESET_TOKENS = frozenset({"5xx", "gateway-error", "reset"})
+_DISABLED = GiveUp(_GIVE_UP_DISABLED)
+_NOT_RETRIABLE = GiveUp(_GIVE_UP_NOT_RETRIABLE)
+_LIMIT = GiveUp(_GIVE_UP_LIMIT)
+_OVERFLOW = GiveUp(_GIVE_UP_OVERFLOW)
 
 
 def strip_consumed(headers: Headers, names: Sequence[str] = CONSUMED_REQUEST_HEADERS) -> Headers:
