@@ -1,10 +1,15 @@
 """Oracle: grpcio's own C-core xDS client and pymesh's client, side by side on one server.
 
 Both subscribe (C-core through a real ``xds:///`` channel making RPCs to a real backend,
-pymesh through a watch) to the same ClusterLoadAssignment on one ``XdsTestServer``. The
-server pushes a good version, then one C-core rejects (a sparse priority list), then a good
-one again. The EDS requests each client sends must agree: ACK of "1", NACK carrying "1",
-ACK of "3"; and C-core keeps routing RPCs on the last good config meanwhile.
+pymesh through a watch) to the same resources on one ``XdsTestServer``, which then does
+the same thing to both streams:
+
+- a good EDS version, one C-core rejects (a sparse priority list), a good one again: the EDS
+  requests of both clients must be ACK "1", NACK carrying "1", ACK "3" (and C-core keeps
+  routing on the last good config meanwhile);
+- streams killed: both resubscribe with the version they hold and no nonce;
+- the cluster removed from CDS: both drop it (C-core fails RPCs, pymesh says
+  does-not-exist), unless the server has ``ignore_resource_deletion``: both keep it.
 """
 
 from __future__ import annotations
@@ -41,8 +46,12 @@ CLIENT = textwrap.dedent(
     channel = grpc.insecure_channel("xds:///" + sys.argv[1])
     call = channel.unary_unary("/echo.Echo/Who", request_serializer=None,
                                response_deserializer=None)
-    for line in sys.stdin:
-        print(call(b"hi", timeout=20, wait_for_ready=True).decode(), flush=True)
+    for line in sys.stdin:  # "wait": wait for the channel to be ready; "now": fail fast
+        try:
+            answer = call(b"hi", timeout=20, wait_for_ready=line.strip() == "wait").decode()
+        except grpc.RpcError as exc:
+            answer = "ERR:" + exc.code().name
+        print(answer, flush=True)
     channel.close()
     """
 )
@@ -129,7 +138,7 @@ def test_pymesh_acks_and_nacks_like_grpc_core(
                 rec = WatchRecorder()
                 client.watch(ResourceType.CLUSTER_LOAD_ASSIGNMENT, CLUSTER, rec)
                 rec.wait_for(lambda e: e[0] == "changed")
-                core.stdin.write("call\n")
+                core.stdin.write("wait\n")
                 core.stdin.flush()
                 assert core.stdout.readline().strip() == "backend"
                 core_stream = server.wait_for_request(lambda r: r.type_url == LDS).stream
@@ -140,7 +149,7 @@ def test_pymesh_acks_and_nacks_like_grpc_core(
                 server.set_resources(EDS, {CLUSTER: endpoints(backend, priority=1)})  # v2
                 for stream in (core_stream, ours):
                     server.wait_for_request(lambda r, s=stream: r.stream == s and r.is_nack)
-                core.stdin.write("call\n")  # still served by the last good config
+                core.stdin.write("now\n")  # still served by the last good config
                 core.stdin.flush()
                 assert core.stdout.readline().strip() == "backend"
                 server.set_resources(EDS, {CLUSTER: endpoints(backend)})  # v3
@@ -173,3 +182,118 @@ def test_pymesh_acks_and_nacks_like_grpc_core(
 
 def _nack(server: XdsTestServer, stream: int) -> Received:
     return next(r for r in server.requests if r.stream == stream and r.is_nack)
+
+
+def _start_core(
+    server: XdsTestServer, python_exe: str, features: list[str]
+) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "GRPC_XDS_BOOTSTRAP_CONFIG": json.dumps(server.bootstrap_dict(server_features=features)),
+    }
+    env.pop("GRPC_XDS_BOOTSTRAP", None)
+    return subprocess.Popen(
+        [python_exe, "-c", CLIENT, TARGET],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _stop_core(core: subprocess.Popen[str]) -> None:
+    assert core.stdin is not None and core.stdout is not None and core.stderr is not None
+    core.stdin.close()
+    try:
+        core.wait(20)
+    finally:
+        if core.poll() is None:
+            core.kill()
+            core.wait(5)
+        core.stdout.close()
+        core.stderr.close()
+
+
+def _call(core: subprocess.Popen[str], mode: str = "wait") -> str:
+    assert core.stdin is not None and core.stdout is not None
+    core.stdin.write(mode + "\n")
+    core.stdin.flush()
+    return core.stdout.readline().strip()
+
+
+def test_reconnect_resends_the_versions_held_like_grpc_core(backend: int, python_exe: str) -> None:
+    with XdsTestServer() as server:
+        server.set_resources(LDS, {TARGET: listener()})
+        server.set_resources(CDS, {CLUSTER: cluster()})
+        server.set_resources(EDS, {CLUSTER: endpoints(backend)})
+        core = _start_core(server, python_exe, ["xds_v3"])
+        try:
+            with XdsClient(server.bootstrap()) as client:
+                rec = WatchRecorder()
+                client.watch(ResourceType.CLUSTER_LOAD_ASSIGNMENT, CLUSTER, rec)
+                rec.wait_for(lambda e: e[0] == "changed")
+                assert _call(core) == "backend"
+                first_streams = {r.stream for r in server.requests}
+                assert len(first_streams) == 2
+                count = len(server.requests)
+                server.kill_streams()
+                resent = {}
+                for _ in range(2):
+                    r = server.wait_for_request(
+                        lambda r: (
+                            r.type_url == EDS
+                            and r.stream not in first_streams
+                            and r.stream not in resent
+                        ),
+                        start=count,
+                    )
+                    resent[r.stream] = r.request
+                versions = sorted((q.version_info, q.response_nonce) for q in resent.values())
+                assert versions == [("1", ""), ("1", "")]  # both: the version held, no nonce
+                assert _call(core) == "backend"
+                assert rec.kinds() == ["changed"]
+        finally:
+            _stop_core(core)
+
+
+@pytest.mark.parametrize("ignore", [False, True], ids=["delete", "ignore_resource_deletion"])
+def test_cds_deletion_like_grpc_core(backend: int, python_exe: str, ignore: bool) -> None:
+    features = ["xds_v3", "ignore_resource_deletion"] if ignore else ["xds_v3"]
+    with XdsTestServer() as server:
+        server.set_resources(LDS, {TARGET: listener()})
+        server.set_resources(CDS, {CLUSTER: cluster()})
+        server.set_resources(EDS, {CLUSTER: endpoints(backend)})
+        core = _start_core(server, python_exe, features)
+        try:
+            bootstrap = server.bootstrap(server_features=features)
+            with XdsClient(bootstrap) as client:
+                rec = WatchRecorder()
+                client.watch(ResourceType.CLUSTER, CLUSTER, rec)
+                rec.wait_for(lambda e: e[0] == "changed")
+                assert _call(core) == "backend"
+                streams = {r.stream for r in server.requests}
+                assert len(streams) == 2
+                version = server.remove_resources(CDS, [CLUSTER])
+                for stream in streams:
+                    server.wait_for_request(
+                        lambda r, s=stream: (
+                            r.stream == s
+                            and r.type_url == CDS
+                            and r.request.version_info == version
+                        )
+                    )
+                if ignore:
+                    assert _call(core, "now") == "backend"  # C-core keeps the cluster
+                    assert rec.kinds() == ["changed"]  # and so do we
+                else:
+                    rec.wait_for(lambda e: e == ("does_not_exist", CLUSTER))
+                    assert client.resource_statuses()[0].status == "DOES_NOT_EXIST"
+                    answers = []
+                    for _ in range(50):  # C-core applies the deletion asynchronously
+                        answers.append(_call(core, "now"))
+                        if answers[-1] != "backend":
+                            break
+                    assert answers[-1] == "ERR:UNAVAILABLE", answers
+        finally:
+            _stop_core(core)
