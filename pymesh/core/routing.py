@@ -42,10 +42,10 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pymesh.core.headers_ops import HeaderOps, compile_header_ops
-from pymesh.core.types import RequestInfo
+from pymesh.core.types import Headers, RequestInfo
 from pymesh.model.matcher import MatchKind, StringMatcher
 from pymesh.model.route import (
     HeaderMatcher,
@@ -65,10 +65,12 @@ __all__ = [
     "ClusterChoice",
     "RouteResult",
     "choose_cluster",
+    "header_matches",
     "is_grpc_request",
     "match_route",
     "pick_cluster",
     "redirect_location",
+    "request_header_matches",
     "request_header_ops",
     "response_header_ops",
     "rewrite_request",
@@ -231,7 +233,23 @@ def _atoi_in(r_start: int, r_end: int) -> _StrPred:
     return check
 
 
-def _header_pred(hm: HeaderMatcher) -> _Pred:
+class _HeaderSource(Protocol):
+    def header_values(self, name: str) -> list[str]: ...
+
+
+class _HeadersOnly:
+    """Header matching over a bare header list (e.g. a response's, ``:status`` included)."""
+
+    __slots__ = ("headers",)
+
+    def __init__(self, headers: Headers) -> None:
+        self.headers = headers
+
+    def header_values(self, name: str) -> list[str]:
+        return self.headers.get_all(name)
+
+
+def _header_pred(hm: HeaderMatcher) -> Callable[[_HeaderSource], bool]:
     name = hm.name
     invert = hm.invert_match
     missing_empty = hm.treat_missing_header_as_empty
@@ -251,7 +269,7 @@ def _header_pred(hm: HeaderMatcher) -> _Pred:
     # match, and then exactly when ``present_match == invert_match``.
     missing_result = present_kind and present == invert
 
-    def check(r: _Req) -> bool:
+    def check(r: _HeaderSource) -> bool:
         values = r.header_values(name)
         if not values:
             if not missing_empty:
@@ -390,6 +408,36 @@ def _entries(vhost: VirtualHost) -> tuple[tuple[int, str, _Pred | None, Route], 
         _vhosts.clear()
     _vhosts[id(vhost)] = (vhost, entries)
     return entries
+
+
+_matchers: dict[int, tuple[HeaderMatcher, Callable[[_HeaderSource], bool]]] = {}
+
+
+def _compiled_matcher(matcher: HeaderMatcher) -> Callable[[_HeaderSource], bool]:
+    hit = _matchers.get(id(matcher))
+    if hit is not None and hit[0] is matcher:
+        return hit[1]
+    pred = _header_pred(matcher)
+    if len(_matchers) >= _MAX_CACHE:
+        _matchers.clear()
+    _matchers[id(matcher)] = (matcher, pred)
+    return pred
+
+
+def request_header_matches(matcher: HeaderMatcher, request: RequestInfo) -> bool:
+    """Envoy's ``HeaderUtility::matchHeaders`` for one matcher against a request, exactly as
+    route matching does it (checked against Envoy): any value of a repeated header may
+    match, pseudo-headers and ``host`` come from the request's fields. For the route
+    conditions of other filters (retriable request headers, fault headers, RBAC)."""
+    path = request.path
+    view = _Req(request, None, _strip_query(path), None)
+    return _compiled_matcher(matcher)(view)
+
+
+def header_matches(matcher: HeaderMatcher, headers: Headers) -> bool:
+    """:func:`request_header_matches` over a bare header list (a response's, with
+    ``:status`` if the caller puts it there: retriable response headers)."""
+    return _compiled_matcher(matcher)(_HeadersOnly(headers))
 
 
 # --------------------------------------------------------------------------- matching

@@ -625,3 +625,18 @@ def test_routing_doc_example_runs() -> None:
     assert blocks
     for block in blocks:
         exec(compile(block, str(doc), "exec"), {})
+
+
+def test_header_match_helpers_share_the_route_semantics() -> None:
+    from pymesh.core.routing import header_matches, request_header_matches
+
+    exact_b = HeaderMatcher("x", string_match=StringMatcher.exact("b"))
+    assert request_header_matches(exact_b, req("/", ("x", "a"), ("x", "b")))
+    assert not request_header_matches(exact_b, req("/", ("x", "a")))
+    method = HeaderMatcher(":method", string_match=StringMatcher.exact("POST"))
+    assert request_header_matches(method, req("/", method="POST"))
+    status = HeaderMatcher(":status", range_match=Int64Range(500, 600))
+    assert header_matches(status, Headers([(":status", "503")]))
+    assert not header_matches(status, Headers([(":status", "200")]))
+    absent = HeaderMatcher("x-gone", present_match=False)
+    assert header_matches(absent, Headers())
