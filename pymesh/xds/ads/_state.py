@@ -42,16 +42,16 @@ subscription is sent on a connected stream and is cancelled when the stream is l
 restarts in full when the subscription is resent, as gRPC does). RDS/EDS SotW responses are
 not full state: absence means nothing.
 
-Every response of a type we asked for is answered: an ACK (SotW: the response's version and nonce; Delta: the
-nonce) when every resource in it decoded, else a NACK (SotW: the previously ACKed version,
-the response's nonce) whose ``error_detail`` names each bad resource and field. The good
-resources of a partly bad SotW response are still accepted (gRPC behaviour); the bad ones
-keep their previous good value. A decoder that raises something other than
-``ResourceError`` (garbage bytes) is a NACK too, never an exception out of here. A
-response of an unknown type URL is NACKed; one of a known type never requested on this
-client is ignored (answering it would be a first, empty, request of that type: a wildcard
-subscription). For the same reason an empty SotW request is only ever sent to unsubscribe
-the last name of a type already requested on the stream.
+Every response of a type we asked for is answered: an ACK (SotW: the response's version and
+nonce; Delta: the nonce) when every resource in it decoded, else a NACK (SotW: the
+previously ACKed version, the response's nonce) whose ``error_detail`` names each bad
+resource and field. The good resources of a partly bad SotW response are still accepted
+(gRPC behaviour); the bad ones keep their previous good value. A decoder that raises
+something other than ``ResourceError`` (garbage bytes) is a NACK too, never an exception out
+of here. A response of an unknown type URL is NACKed; one of a known type never requested on
+this client is ignored (answering it would be a first, empty, request of that type: a
+wildcard subscription). For the same reason an empty SotW request is only ever sent to
+unsubscribe the last name of a type already requested on the stream.
 """
 
 from __future__ import annotations
