@@ -56,6 +56,7 @@ from __future__ import annotations
 import enum
 import math
 import random
+import threading
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -113,7 +114,8 @@ class EjectionType(enum.Enum):
 
 
 class OutlierListener(Protocol):
-    """Telemetry hooks (like pybreaker's listeners). Called synchronously; must not block."""
+    """Telemetry hooks (like pybreaker's listeners). Called synchronously, under the
+    detector's lock: they must not block or call back into the detector."""
 
     def on_eject(self, host: Host, kind: EjectionType, enforced: bool, now: float) -> None:
         """A detection fired; ``enforced`` False when the enforcing percentage skipped it."""
@@ -194,6 +196,9 @@ class OutlierDetector:
         self._config = config
         self._rng = rng
         self._listener = listener
+        # Calls record outcomes from many threads (sync adapters): every state change is
+        # made under this lock, so counters and the ejection cap stay exact.
+        self._lock = threading.Lock()
         self._monitors: dict[str, _Monitor] = {}
         self._started = now is not None
         self.next_sweep: float = (now + config.interval) if now is not None else 0.0
@@ -218,6 +223,10 @@ class OutlierDetector:
 
     def update_hosts(self, hosts: Sequence[Host]) -> bool:
         """Track the cluster's current hosts. Returns True if an ejected host left."""
+        with self._lock:
+            return self._update_hosts(hosts)
+
+    def _update_hosts(self, hosts: Sequence[Host]) -> bool:
         changed = False
         keep: dict[str, _Monitor] = {}
         for host in hosts:
@@ -237,13 +246,18 @@ class OutlierDetector:
 
     def ejected_hosts(self) -> frozenset[str]:
         """Keys of the hosts currently ejected."""
-        return frozenset(k for k, m in self._monitors.items() if m.ejected)
+        with self._lock:
+            return frozenset(k for k, m in self._monitors.items() if m.ejected)
 
     def num_ejections(self, host: Host) -> int:
         monitor = self._monitors.get(host.key)
         return monitor.num_ejections if monitor is not None else 0
 
     def stats(self) -> OutlierStats:
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> OutlierStats:
         return OutlierStats(
             ejections_active=sum(1 for m in self._monitors.values() if m.ejected),
             ejections_enforced_total=self._enforced_total,
@@ -256,6 +270,10 @@ class OutlierDetector:
 
     def record(self, host: Host, outcome: Outcome, now: float) -> bool:
         """Count one attempt's outcome on ``host``. True if a host was ejected."""
+        with self._lock:
+            return self._record(host, outcome, now)
+
+    def _record(self, host: Host, outcome: Outcome, now: float) -> bool:
         if not self._started:
             self._start(now)
         monitor = self._monitors.get(host.key)
@@ -392,7 +410,11 @@ class OutlierDetector:
         is up, decay the backoff of healthy ones, then success-rate and failure-percentage
         ejections over the requests since the last tick. Returns True if ejections changed.
         Called early, it only syncs the host set."""
-        changed = self.update_hosts(hosts)
+        with self._lock:
+            return self._sweep(hosts, now)
+
+    def _sweep(self, hosts: Sequence[Host], now: float) -> bool:
+        changed = self._update_hosts(hosts)
         if not self._started:
             self._start(now)
             return changed

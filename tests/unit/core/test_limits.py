@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import threading
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from pymesh.core.limits import ClusterLimits
 from pymesh.model.cluster import UNLIMITED, CircuitBreakers, RetryBudget
 
@@ -117,3 +120,43 @@ def test_threads_never_exceed_threshold() -> None:
     assert peak[0] <= 7
     assert limits.requests == 0
     assert admitted[0] + limits.rq_overflow == 16000
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    max_requests=st.integers(0, 5),
+    max_pending=st.integers(0, 5),
+    ops=st.lists(st.sampled_from(["rq+", "rq-", "pd+", "pd-", "rt+", "rt-"]), max_size=80),
+)
+def test_counts_follow_a_simple_model(max_requests: int, max_pending: int, ops: list[str]) -> None:
+    limits = ClusterLimits(
+        CircuitBreakers(max_requests=max_requests, max_pending_requests=max_pending, max_retries=2)
+    )
+    model = {"rq": 0, "pd": 0, "rt": 0}
+    caps = {"rq": max_requests, "pd": max_pending, "rt": 2}
+    overflow = {"rq": 0, "pd": 0, "rt": 0}
+    start = {
+        "rq": limits.try_start_request,
+        "pd": limits.try_start_pending,
+        "rt": limits.try_start_retry,
+    }
+    end = {"rq": limits.end_request, "pd": limits.end_pending, "rt": limits.end_retry}
+    for op in ops:
+        kind, sign = op[:2], op[2]
+        if sign == "+":
+            ok = start[kind]()
+            assert ok == (model[kind] < caps[kind])
+            if ok:
+                model[kind] += 1
+            else:
+                overflow[kind] += 1
+        else:
+            end[kind]()
+            model[kind] = max(0, model[kind] - 1)
+    s = limits.stats()
+    assert (s.requests, s.pending, s.retries) == (model["rq"], model["pd"], model["rt"])
+    assert (s.rq_overflow, s.pending_overflow, s.retry_overflow) == (
+        overflow["rq"],
+        overflow["pd"],
+        overflow["rt"],
+    )

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from pymesh.core.outlier import EjectionType, OutlierDetector, grpc_to_http_status
 from pymesh.core.types import Host, Outcome, ResetKind
 from pymesh.model.cluster import OutlierDetection
@@ -345,3 +348,94 @@ def test_schedule_starts_lazily_and_early_sweeps_do_nothing() -> None:
     assert d.next_sweep == 105.0
     assert not d.sweep(hs, 105.0)
     assert d.next_sweep == 110.0
+
+
+def test_threads_respect_the_ejection_cap() -> None:
+    """Many threads recording failures at once: the 10% cap of 20 hosts holds exactly."""
+    import threading
+
+    d, hs = detector(20)
+    barrier = threading.Barrier(8)
+
+    def worker(offset: int) -> None:
+        barrier.wait()
+        for i in range(400):
+            d.record(hs[(i + offset) % 20], E503, 1.0)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert all(not t.is_alive() for t in threads)
+    s = d.stats()
+    assert s.ejections_active == 2
+    assert sum(h.is_ejected(1.0) for h in hs) == 2
+    assert s.ejections_overflow > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_hosts=st.integers(1, 12),
+    max_percent=st.sampled_from([0, 10, 34, 50, 100]),
+    always_one=st.booleans(),
+    events=st.lists(
+        st.tuples(
+            st.integers(0, 11),
+            st.sampled_from(["ok", "500", "503", "reset", "timeout"]),
+            st.floats(0, 7),
+        ),
+        max_size=300,
+    ),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_invariants_under_random_traffic(
+    n_hosts: int,
+    max_percent: int,
+    always_one: bool,
+    events: list[tuple[int, str, float]],
+    seed: int,
+) -> None:
+    config = OutlierDetection(
+        consecutive_5xx=3,
+        consecutive_gateway_failure=2,
+        enforcing_consecutive_gateway_failure=50,
+        max_ejection_percent=max_percent,
+        always_eject_one_host=always_one,
+        interval=5.0,
+        base_ejection_time=7.0,
+        max_ejection_time=20.0,
+        success_rate_minimum_hosts=2,
+        success_rate_request_volume=5,
+        failure_percentage_minimum_hosts=2,
+        failure_percentage_request_volume=5,
+        enforcing_failure_percentage=100,
+    )
+    hs = hosts(n_hosts)
+    d = OutlierDetector(config, rng=random.Random(seed), hosts=hs, now=0.0)
+    outcomes = {
+        "ok": OK,
+        "500": E500,
+        "503": E503,
+        "reset": Outcome(reset=ResetKind.RESET),
+        "timeout": Outcome(reset=ResetKind.PER_TRY_TIMEOUT),
+    }
+    now = 0.0
+    allowed = max(int(max_percent * n_hosts // 100), 1 if always_one else 0)
+    for index, kind, dt in events:
+        now += dt
+        if now >= d.next_sweep:
+            d.sweep(hs, now)
+        d.record(hs[index % n_hosts], outcomes[kind], now)
+        ejected = d.ejected_hosts()
+        assert len(ejected) <= allowed
+        for h in hs:
+            if h.key in ejected:
+                assert h.ejected_until is not None
+                # Sweeps keep to the schedule here, so an ejected host's time is not up yet.
+                assert h.is_ejected(now)
+                # The return time is an interval tick (ticks at multiples of 5 s).
+                assert abs(h.ejected_until / 5.0 - round(h.ejected_until / 5.0)) < 1e-6
+            else:
+                assert h.ejected_until is None
+        assert d.stats().ejections_active == len(ejected)

@@ -6,6 +6,8 @@ import random
 
 import pytest
 import tenacity
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pymesh.core.limits import ClusterLimits
 from pymesh.core.retry import (
@@ -287,3 +289,66 @@ def test_docs_resilience_examples_run() -> None:
     assert len(blocks) >= 4
     for block in blocks:
         exec(compile(block, str(doc), "exec"), {})
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    retry_on=st.frozensets(
+        st.sampled_from(
+            [
+                "5xx",
+                "gateway-error",
+                "reset",
+                "connect-failure",
+                "retriable-4xx",
+                "unavailable",
+                "bogus",
+            ]
+        )
+    ),
+    num_retries=st.integers(0, 6),
+    base_ms=st.integers(1, 100),
+    factor=st.integers(1, 20),
+    outcomes=st.lists(
+        st.sampled_from(
+            [
+                Outcome(status=503),
+                Outcome(status=500),
+                Outcome(status=409),
+                Outcome(status=200),
+                Outcome(status=200, grpc_status=14),
+                Outcome(reset=ResetKind.RESET),
+                Outcome(reset=ResetKind.CONNECT_FAILURE),
+            ]
+        ),
+        max_size=12,
+    ),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_retry_state_invariants(
+    *,
+    retry_on: frozenset[str],
+    num_retries: int,
+    base_ms: int,
+    factor: int,
+    outcomes: list[Outcome],
+    seed: int,
+) -> None:
+    base = base_ms / 1000
+    policy = RetryPolicy(
+        retry_on=retry_on, num_retries=num_retries, base_interval=base, max_interval=base * factor
+    )
+    s = RetryState(policy, req(), rng=random.Random(seed))
+    retries = 0
+    for outcome in outcomes:
+        d = s.should_retry(outcome, budget_ok=True)
+        if isinstance(d, Retry):
+            ceiling = backoff_ceiling(base, base * factor, retries)
+            assert 0 <= d.delay < ceiling + 1e-9
+            assert s.would_retry(outcome)
+            retries += 1
+        else:
+            assert d.reason in ("not-retriable", "retry-limit-exceeded", "no-retry-policy")
+            assert (d.reason == "not-retriable") == (s.enabled and not s.would_retry(outcome))
+    assert retries <= num_retries
+    assert s.retries_done == retries
