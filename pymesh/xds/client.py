@@ -337,8 +337,7 @@ class XdsClient:
         for group in self._groups.values():
             effects = group.state.flush(now)
             if effects:
-                self._apply(group, effects)
-            self._rearm_dne(group)
+                self._apply(group, effects)  # re-arms the does-not-exist timer
 
     def _apply(self, group: _Group, effects: list[Effect]) -> None:
         for effect in effects:
