@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 from pymesh.core.hashing import request_hash
 from pymesh.core.lb import build_hosts, build_load_balancer
+from pymesh.core.lb._edf import EdfScheduler, edf_sequence
+from pymesh.core.lb._hash import _maglev_layout, _ring_layout
 from pymesh.core.types import Headers, PickContext, RequestInfo
 from pymesh.model.cluster import (
     Cluster,
@@ -147,6 +149,29 @@ def main() -> None:
     for name, lb, c in variants:
         rows.append((name, _time(_pick_loop(lb.pick, c), picks, repeat)))  # type: ignore[attr-defined]
 
+    # the scheduler alone: the heap (locked, as used) against the precomputed period table
+    weights = [float((i % 5) + 1) for i in range(n)]
+    heap = EdfScheduler(weights)
+    table = edf_sequence([int(w) for w in weights])
+    period = len(table)
+
+    def heap_run(k: int) -> None:
+        pick = heap.pick
+        for _ in range(k):
+            pick()
+
+    position = [0]
+
+    def table_run(k: int) -> None:
+        i = position[0]
+        for _ in range(k):
+            table[i]
+            i = i + 1 if i + 1 < period else 0
+        position[0] = i
+
+    rows.append(("EDF scheduler alone: heap + lock", _time(heap_run, picks, repeat)))
+    rows.append(("EDF scheduler alone: period table", _time(table_run, picks, repeat)))
+
     request = RequestInfo(
         "GET", "svc", "/p?q=1", Headers([("x-user", "alice"), ("cookie", "a=1; sess=abc")])
     )
@@ -169,17 +194,26 @@ def main() -> None:
 
     print()
     print("build cost (ms): what an EDS update or an ejection start/end costs")
-    print(f"{'hosts':>6} {'round robin':>12} {'least req':>10} {'ring hash':>10} {'maglev':>8}")
+    print("(ring/maglev: first build, then a rebuild of the same membership from the cache)")
+    print(
+        f"{'hosts':>6} {'round robin':>12} {'least req':>10} {'ring hash':>10} "
+        f"{'ring again':>10} {'maglev':>8} {'maglev again':>12}"
+    )
     for count in (3, 10, 100, 1000):
         a = _assignment(count)
         hosts = list(build_hosts(a, {}).values())
+        _ring_layout.cache_clear()
+        _maglev_layout.cache_clear()
         cells = []
-        for policy in (RoundRobin(), LeastRequest(), RingHash(), Maglev()):
+        for policy in (RoundRobin(), LeastRequest(), RingHash(), RingHash(), Maglev(), Maglev()):
             c = Cluster("c", ClusterKind.EDS, lb_policy=policy)
             t = time.perf_counter()
             build_load_balancer(c, hosts, a, now=0.0, rng=random.Random(0))
             cells.append((time.perf_counter() - t) * 1e3)
-        print(f"{count:>6} {cells[0]:>12.2f} {cells[1]:>10.2f} {cells[2]:>10.2f} {cells[3]:>8.2f}")
+        print(
+            f"{count:>6} {cells[0]:>12.2f} {cells[1]:>10.2f} {cells[2]:>10.2f} "
+            f"{cells[3]:>10.2f} {cells[4]:>8.2f} {cells[5]:>12.2f}"
+        )
 
 
 def _pyver() -> str:
