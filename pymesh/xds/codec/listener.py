@@ -213,7 +213,10 @@ def decode_listener(lst: listener_pb2.Listener, ctx: Ctx) -> Listener:
     if lst.HasField("default_filter_chain"):
         default = _filter_chain(lst.default_filter_chain, ctx, "default_filter_chain")
     if not chains and default is None:
-        raise ctx.error("filter_chains", "a server listener needs a filter chain")
+        # gRPC names the missing default chain; so do we.
+        raise ctx.error(
+            "default_filter_chain", "a server listener needs filter_chains or a default chain"
+        )
     return Listener(
         name=lst.name, address=address, filter_chains=chains, default_filter_chain=default
     )
