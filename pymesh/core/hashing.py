@@ -47,6 +47,8 @@ _xxh64 = xxhash.xxh64_intdigest
 def cookie_value(request: RequestInfo, name: str) -> str | None:
     """The value of cookie ``name`` as Envoy's ``parseCookieValue`` reads it, or ``None``."""
     for header in request.headers.get_all("cookie"):
+        if name not in header:  # cheap pre-check: most requests carry other cookies
+            continue
         for part in header.split(";"):
             part = part.strip(" ")
             key, sep, value = part.partition("=")

@@ -167,3 +167,11 @@ def test_no_hosts_gives_none() -> None:
     for policy in (RoundRobin(), LeastRequest(), Random(), PickFirst()):
         lb = build_load_balancer(cluster(policy), [], None, now=0.0, rng=random.Random(0))
         assert lb.pick(CTX) is None
+
+
+def test_public_surface_is_pinned() -> None:
+    import pymesh.core.hashing
+    import pymesh.core.lb
+
+    assert pymesh.core.lb.__all__ == ["build_hosts", "build_load_balancer"]
+    assert pymesh.core.hashing.__all__ == ["cookie_value", "query_parameter", "request_hash"]
