@@ -12,6 +12,12 @@ Rules that NACK (besides every sub-decoder's):
 * Server listeners: missing/invalid ``address``; non-empty ``listener_filters`` or
   ``use_original_dst`` (A36); a filter chain whose filters are not exactly one HCM; two
   filter chains with the same match criteria (gRPC's overlap check).
+
+Checked against grpcio's C-core (tests/unit/codec/test_listener.py, gRPC oracle): it NACKs
+the same listeners at the same fields, except that C-core accepts ``listener_filters`` (we
+keep A36's rule: chains matching on what listener filters learn would never be chosen) and
+that the fault filter is accepted on server listeners here (gRPC supports it on clients
+only; pymesh's server applies fault injection like Envoy's inbound sidecar does).
 """
 
 from __future__ import annotations

@@ -11,6 +11,14 @@ Routes whose match uses ``tls_context``, ``dynamic_metadata`` or ``filter_state`
 dropped (they never match here), as are routes naming an optional cluster specifier plugin
 (gRPC's rule): ignoring such criteria would route more requests than Envoy does.
 
+Each rejection in the test tables is backed by a real peer (Envoy ``--mode validate``,
+grpcio's C-core xDS client), except two deliberate ones: an empty resource name, and
+direct-response bodies read from a file (a control plane must not make us read files).
+Where Envoy is lenient we are too (deprecated ``total_weight`` that does not add up,
+non-strict header names, a ``*`` inside a domain, which is then literal). Regexes are RE2:
+``\\z`` and ``\\Q..\\E`` are translated for :mod:`re`; Unicode classes (``\\pL``) are not
+supported and NACKed.
+
 Resolution done here, once, so the data plane never has to: a route without its own retry
 policy gets its virtual host's (Envoy: the route's policy replaces the vhost's entirely).
 Envoy has no virtual-host-level hash policy, so hash policies are per route only.
