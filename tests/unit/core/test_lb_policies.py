@@ -175,3 +175,41 @@ def test_public_surface_is_pinned() -> None:
 
     assert pymesh.core.lb.__all__ == ["build_hosts", "build_load_balancer"]
     assert pymesh.core.hashing.__all__ == ["cookie_value", "query_parameter", "request_hash"]
+
+
+def test_edf_schedule_survives_concurrent_picks() -> None:
+    """Sync adapters pick from many threads: the heap must neither lose nor duplicate
+    entries (switch interval shrunk so that threads interleave inside picks)."""
+    import sys
+    import threading
+
+    weights = [3.0, 1.0, 2.0, 2.0]
+    heap = EdfScheduler(weights)
+
+    def weight_of(index: int) -> float:  # a Python call inside the pick, as least request
+        return weights[index]
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    seen: Counter[int | None] = Counter()
+    lock = threading.Lock()
+
+    def work() -> None:
+        local: Counter[int | None] = Counter(heap.pick(weight_of) for _ in range(20_000))
+        with lock:
+            seen.update(local)
+
+    try:
+        threads = [threading.Thread(target=work) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(old)
+    assert len(heap) == 4
+    assert sorted(i for _, _, i in heap._heap) == [0, 1, 2, 3]
+    total = sum(seen.values())
+    assert total == 120_000 and None not in seen
+    for index, weight in enumerate([3, 1, 2, 2]):
+        assert abs(seen[index] - total * weight / 8) <= 6, seen
