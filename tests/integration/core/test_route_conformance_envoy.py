@@ -14,12 +14,14 @@ redirects (status and ``location`` against ``redirect_location``) and forwarded 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import random
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -870,6 +872,15 @@ def envoy(
     request: pytest.FixtureRequest, tmp_path: Path, envoy_bin: Path, echo_port: int
 ) -> Iterator[tuple[EnvoyHandle, bytes]]:
     rc = route_configuration(most_specific=request.param)
+    with run_envoy(tmp_path, envoy_bin, rc, echo_port) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def run_envoy(
+    tmp_path: Path, envoy_bin: Path, rc: route_pb2.RouteConfiguration, echo_port: int
+) -> Iterator[tuple[EnvoyHandle, bytes]]:
+    """Envoy serving ``rc`` on a loopback listener; always stopped on exit."""
     data = rc.SerializeToString()
     # Envoy gets the proto parsed back from the very bytes pymesh decodes.
     same = route_pb2.RouteConfiguration.FromString(data)
@@ -918,7 +929,11 @@ def envoy(
                     return int(p)
             return None
 
-        _wait(lambda: listener_port() is not None, 30, "envoy listener")
+        def listening() -> bool:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            return listener_port() is not None
+
+        _wait(listening, 30, "envoy listener")
         lp = listener_port()
         assert lp is not None
         yield EnvoyHandle(lp, log_path, proc), data
@@ -1075,3 +1090,166 @@ def test_pymesh_picks_the_route_envoy_picks(envoy: tuple[EnvoyHandle, bytes]) ->
     names = {name for name, _, _ in ROUTES}
     unused = names - chosen
     assert unused <= {"rf-0", "regex-nocase-flag"}, unused
+
+
+# --------------------------------------------------------------------------- random tables
+#
+# Hand-written cases find what one expects to be tricky; a seeded random table over a small
+# alphabet finds the rest: paths, header values and query values are drawn from the same few
+# tokens as the matchers, so routes match (and nearly match) often.
+
+_SEGMENTS = ["a", "b", "ab", "A", "1", "a.b"]
+_VALUES = ["", "a", "ab", "ba", "abc", "A", "Ab", "1", "15", "-3", "a,b"]
+_NAMES = ["x-a", "x-b", "x-c"]
+_REGEXES = ["/a/.*", "/[ab]+", "/a/[0-9]+", "/(a|b)/b.*", ".*b", "/A.*", "/a(/b)?"]
+_TEMPLATES = ["/{x}", "/a/{x}", "/{x}/**", "/*/b", "/a/{x=*/b}", "/{x}.b", "/**"]
+_VALUE_REGEXES = ["a.*", "[ab]+", "[0-9]+", "b?", "A|a"]
+
+
+def _random_string_match(rnd: random.Random) -> dict[str, Any]:
+    kind = rnd.choice(["exact", "prefix", "suffix", "contains", "safe_regex"])
+    if kind == "safe_regex":
+        return {"safe_regex": {"regex": rnd.choice(_VALUE_REGEXES)}}
+    value = rnd.choice([v for v in _VALUES if v or kind == "exact"])
+    return {kind: value, "ignore_case": rnd.random() < 0.3}
+
+
+def _random_header(rnd: random.Random) -> dict[str, Any]:
+    h: dict[str, Any] = {"name": rnd.choice(_NAMES)}
+    kind = rnd.choice(["string", "string", "string", "range", "present", "legacy"])
+    if kind == "string":
+        h["string_match"] = _random_string_match(rnd)
+    elif kind == "range":
+        start = rnd.randint(-5, 15)
+        h["range_match"] = {"start": start, "end": start + rnd.randint(1, 20)}
+    elif kind == "present":
+        h["present_match"] = rnd.random() < 0.7
+    else:
+        h[rnd.choice(["prefix_match", "suffix_match", "contains_match"])] = rnd.choice(
+            [v for v in _VALUES if v]
+        )
+    if rnd.random() < 0.2:
+        h["invert_match"] = True
+    if rnd.random() < 0.15:
+        h["treat_missing_header_as_empty"] = True
+    return h
+
+
+def _random_path(rnd: random.Random) -> str:
+    return "/" + "/".join(rnd.choice(_SEGMENTS) for _ in range(rnd.randint(1, 3)))
+
+
+def _random_route(rnd: random.Random, name: str) -> dict[str, Any]:
+    kind = rnd.choice(["prefix", "prefix", "path", "path_separated_prefix", "regex", "template"])
+    match: dict[str, Any]
+    if kind == "prefix":
+        match = {"prefix": rnd.choice(["/", _random_path(rnd), _random_path(rnd) + "/"])}
+    elif kind == "path":
+        match = {"path": _random_path(rnd)}
+    elif kind == "path_separated_prefix":
+        match = {"path_separated_prefix": _random_path(rnd)}
+    elif kind == "regex":
+        match = {"safe_regex": {"regex": rnd.choice(_REGEXES)}}
+    else:
+        match = _tpl(rnd.choice(_TEMPLATES))
+    if rnd.random() < 0.3:
+        match["case_sensitive"] = False
+    n_headers = rnd.choice([0, 0, 1, 1, 2])
+    template = match.get("path_match_policy", {}).get("typed_config", {}).get("path_template")
+    if match.get("prefix") == "/" or template in ("/**", "/{x}/**"):
+        n_headers = max(n_headers, 1)  # keep catch-alls from swallowing the rest
+    if n_headers:
+        match["headers"] = [_random_header(rnd) for _ in range(n_headers)]
+    if rnd.random() < 0.25:
+        q: dict[str, Any] = {"name": rnd.choice(["k", "j"])}
+        if rnd.random() < 0.5:
+            q["string_match"] = _random_string_match(rnd)
+        else:
+            q["present_match"] = rnd.random() < 0.7
+        match["query_parameters"] = [q]
+    if rnd.random() < 0.05:
+        match["grpc"] = {}
+    return {
+        "name": name,
+        "match": match,
+        **_ok(name),
+        "response_headers_to_add": [{"header": {"key": "x-route", "value": name}}],
+    }
+
+
+def _random_case(rnd: random.Random) -> Case:
+    path = _random_path(rnd) + rnd.choice(["", "", "/"])
+    if rnd.random() < 0.3:
+        params = [
+            rnd.choice(["k", "j", "z"]) + rnd.choice(["", "=", "=" + rnd.choice(_VALUES[1:])])
+            for _ in range(rnd.randint(1, 2))
+        ]
+        path += "?" + "&".join(params)
+    headers = [
+        (rnd.choice(_NAMES), rnd.choice(_VALUES)) for _ in range(rnd.choice([0, 1, 1, 2, 3]))
+    ]
+    if rnd.random() < 0.05:
+        headers.append(("content-type", "application/grpc"))
+    return Case(
+        path,
+        tuple(headers),
+        method=rnd.choice(["GET", "POST"]),
+        authority=f"t{rnd.randrange(_TABLES)}",
+    )
+
+
+_TABLES = 8
+"""Independent route tables (virtual hosts ``t0``..``t7``): a catch-all only hides the rest
+of its own table."""
+
+
+def random_table(
+    seed: int, routes: int, cases: int
+) -> tuple[route_pb2.RouteConfiguration, list[Case]]:
+    """``routes`` random routes per virtual host, and ``cases`` random requests."""
+    rnd = random.Random(seed)
+    config = {
+        "name": f"random-{seed}",
+        "virtual_hosts": [
+            {
+                "name": f"t{t}",
+                "domains": [f"t{t}"],
+                "routes": [_random_route(rnd, f"t{t}-r{i}") for i in range(routes)],
+            }
+            for t in range(_TABLES)
+        ],
+    }
+    rc = json_format.ParseDict(config, route_pb2.RouteConfiguration())
+    return rc, [_random_case(rnd) for _ in range(cases)]
+
+
+@pytest.mark.parametrize("seed", [20261121, 1, 2])
+def test_random_tables_route_as_envoy(
+    seed: int, tmp_path: Path, envoy_bin: Path, echo_port: int
+) -> None:
+    """Seeded random tables (8 x 25 routes) and 1,200 random requests: Envoy and pymesh choose
+    the same route (or none) for every request."""
+    rc, cases = random_table(seed=seed, routes=25, cases=1200)
+    with run_envoy(tmp_path, envoy_bin, rc, echo_port) as (handle, data):
+        decoded = decode_resource(ResourceType.ROUTE_CONFIGURATION.type_url, data).value
+        assert isinstance(decoded, RouteConfiguration)
+        rng = random.Random(3)
+        conn = http.client.HTTPConnection("127.0.0.1", handle.port, timeout=10)
+        mismatches = []
+        chosen = Counter[str | None]()
+        try:
+            for case in cases:
+                want = _send(conn, case)
+                got = _pymesh(decoded, case, rng)
+                chosen[want.route] += 1
+                # Routes only: Envoy answers gRPC requests' local replies the gRPC way.
+                if want.route != got.route:
+                    mismatches.append(f"{case}: envoy {want.route}; pymesh {got.route}")
+        finally:
+            conn.close()
+    assert not mismatches, f"{len(mismatches)} of {len(cases)} differ:\n" + "\n".join(
+        mismatches[:40]
+    )
+    # The table is not degenerate: many routes are chosen, and some requests match nothing.
+    assert len(chosen) > 60, chosen
+    assert chosen[None] > 0, chosen
