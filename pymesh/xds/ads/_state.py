@@ -26,7 +26,7 @@ Each subscribed resource is in one of these states (``ResourceStatus.status``)::
     --------------  ------------------------------------------  --------------  -------------
     REQUESTED       valid resource received                     ACKED           Changed
     REQUESTED       invalid resource received                   NACKED          AmbientError
-    REQUESTED       15 s since the request was sent, connected  DOES_NOT_EXIST  DoesNotExist
+    REQUESTED       15 s connected since the request was sent   DOES_NOT_EXIST  DoesNotExist
     ACKED           valid, bytes differ                         ACKED           Changed
     ACKED           valid, same bytes                           ACKED           -
     ACKED, NACKED   invalid resource received                   NACKED          AmbientError
@@ -37,10 +37,12 @@ Each subscribed resource is in one of these states (``ResourceStatus.status``)::
     any             named in a Delta removed_resources          DOES_NOT_EXIST  DoesNotExist
     any             stream lost before a response on it         unchanged       AmbientError
 
-The does-not-exist timer runs only for a resource that was never received, starts when its
-subscription is sent on a connected stream and is cancelled when the stream is lost (it
-restarts in full when the subscription is resent, as gRPC does). RDS/EDS SotW responses are
-not full state: absence means nothing.
+The does-not-exist timer runs only for a resource that was never received. It starts when
+its subscription is sent on a connected stream and pauses when the stream is lost: when
+the subscription is resent on the next stream it resumes with the time it had left (gRPC
+restarts it in full; pausing means a flapping stream cannot postpone the verdict forever,
+while time spent disconnected never counts). RDS/EDS SotW responses are not full state:
+absence means nothing.
 
 Every response of a type we asked for is answered: an ACK (SotW: the response's version and
 nonce; Delta: the nonce) when every resource in it decoded, else a NACK (SotW: the
@@ -163,6 +165,7 @@ class _Resource:
     __slots__ = (
         "deletion_ignored",
         "dne_deadline",
+        "dne_remaining",
         "error",
         "failed_version",
         "last_updated",
@@ -181,6 +184,7 @@ class _Resource:
         self.error: str | None = None
         self.failed_version: str | None = None
         self.dne_deadline: float | None = None
+        self.dne_remaining: float | None = None  # paused timer: what was left of it
         self.deletion_ignored = False  # logged once per deletion, not once per response
 
     @property
@@ -407,7 +411,9 @@ class AdsState:
         for rtype, ts in self._types.items():
             ts.nonce = ""
             for name, r in ts.resources.items():
-                r.dne_deadline = None
+                if r.dne_deadline is not None:  # pause: keep what is left
+                    r.dne_remaining = max(0.0, r.dne_deadline - now)
+                    r.dne_deadline = None
                 if not saw_response:
                     effects.append(AmbientError(rtype, name, f"xDS stream error: {error}"))
         return effects
@@ -470,7 +476,9 @@ class AdsState:
         for name in names:
             r = ts.resources.get(name)
             if r is not None and r.status == REQUESTED and not r.cached:
-                r.dne_deadline = now + self._timeout
+                left = r.dne_remaining
+                r.dne_deadline = now + (self._timeout if left is None else left)
+                r.dne_remaining = None
 
     def _reject_unknown_type(self, message: DiscoveryResponse | DeltaDiscoveryResponse) -> Send:
         detail = f"unexpected resource type {message.type_url!r}: not subscribed"
@@ -561,7 +569,7 @@ class AdsState:
         wall: float,
     ) -> Effect | None:
         changed = r.raw != data or r.status == DOES_NOT_EXIST
-        r.dne_deadline = None
+        r.dne_deadline = r.dne_remaining = None
         r.deletion_ignored = False
         r.version = version
         if changed or r.status != ACKED:
@@ -576,7 +584,7 @@ class AdsState:
     def _reject(
         self, rtype: ResourceType, name: str, r: _Resource, *, error: str, version: str, wall: float
     ) -> Effect:
-        r.dne_deadline = None
+        r.dne_deadline = r.dne_remaining = None
         r.status = NACKED
         r.error = error
         r.failed_version = version
@@ -595,7 +603,7 @@ class AdsState:
             )
 
     def _delete(self, rtype: ResourceType, name: str, r: _Resource, wall: float) -> Effect:
-        r.dne_deadline = None
+        r.dne_deadline = r.dne_remaining = None
         r.status = DOES_NOT_EXIST
         r.raw = None
         r.value = None

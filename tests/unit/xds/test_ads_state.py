@@ -348,8 +348,12 @@ def test_does_not_exist_timer_needs_a_connected_stream() -> None:
     assert effects == [AmbientError(EDS, "a", "xDS stream error: UNAVAILABLE")]
     assert state.next_deadline() is None
     assert state.tick(1000.0) == []
-    state.connected(2000.0, SERVER)  # restarts in full on the new stream
-    assert state.next_deadline() == 2015.0
+    state.connected(2000.0, SERVER)  # resumes with the 5 s it had left
+    assert state.next_deadline() == 2005.0
+    state.disconnected(2004.0, "again")
+    state.connected(3000.0, SERVER)
+    assert state.next_deadline() == 3001.0
+    assert state.tick(3001.0) == [DoesNotExist(EDS, "a")]
 
 
 def test_received_resource_cancels_the_timer() -> None:
