@@ -34,6 +34,7 @@ With locality-weighted LB, a source picks a locality first (EDF over
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -133,7 +134,8 @@ def compute_priority_state(
             buckets[h.priority].append(h)
     weights = _locality_weights(assignment)
     factor = overprovisioning_factor
-    threshold = min(100.0, max(0.0, panic_threshold))
+    # Envoy rounds the percentage to an integer (PROTOBUF_PERCENT_TO_ROUNDED_INTEGER)
+    threshold = float(min(100, max(0, math.floor(panic_threshold + 0.5))))
 
     drafts: list[tuple[int, tuple[Host, ...], tuple[Host, ...], tuple[Host, ...]]] = []
     health: list[int] = []

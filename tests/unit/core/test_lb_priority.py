@@ -196,3 +196,12 @@ def test_every_policy_honours_priorities_and_health(policy: object) -> None:
     assert observed[4] + observed[10] + observed[11] == 4000
     # 35% to P0's only healthy host (bounded deviation: 4 sigma of a binomial)
     assert abs(observed[4] - 1400) < 4 * (4000 * 0.35 * 0.65) ** 0.5, observed
+
+
+def test_panic_threshold_is_rounded_to_a_whole_percent_as_envoy() -> None:
+    # 1 of 3 healthy = 33.33% usable: threshold 33.4 rounds to 33 -> not in panic
+    a = cla(loc(ep(1), ep(2, health=U), ep(3, health=U)))
+    lb, _ = balancer(cluster(RoundRobin(), panic=33.4), a)
+    assert counts(lb, 30) == {1: 30}
+    lb, _ = balancer(cluster(RoundRobin(), panic=33.5), a)  # rounds to 34 -> panic
+    assert counts(lb, 30) == {1: 10, 2: 10, 3: 10}
