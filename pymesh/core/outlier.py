@@ -34,9 +34,11 @@ enforcing percentage does not enforce still resets its consecutive counter.
 What an attempt counts as (Envoy's router and ``putResult``): a response counts its status
 code (a gRPC status in the response is mapped to its HTTP code first). Without
 ``split_external_local_origin_errors`` a connect failure or reset counts as 503 and a timeout
-as 504, so both feed the 5xx and gateway-failure counters. With the split, those are
-local-origin failures (their own counter and success rate) and a response is a local-origin
-success plus its status code.
+as 504, so both feed the 5xx and gateway-failure counters. With the split, every attempt that
+got a stream first counts a local-origin success (Envoy's router reports it when the pool
+hands over the stream); a response then counts its status code, while a reset or timeout
+counts a local-origin failure. So only connect failures can make a *run* of local-origin
+failures, as in Envoy.
 
 Why not pybreaker
 -----------------
@@ -280,24 +282,31 @@ class OutlierDetector:
         if monitor is None:
             monitor = self._monitors[host.key] = _Monitor(host)
         config = self._config
-        if outcome.reset is not None:
-            if config.split_external_local_origin_errors:
-                return self._local_origin_failure(monitor, now)
-            code = 504 if outcome.reset is ResetKind.PER_TRY_TIMEOUT else 503
-            return self._http_code(monitor, code, now)
+        split = config.split_external_local_origin_errors
+        reset = outcome.reset
+        if reset is not None:
+            if not split:
+                code = 504 if reset is ResetKind.PER_TRY_TIMEOUT else 503
+                return self._http_code(monitor, code, now)
+            if reset is not ResetKind.CONNECT_FAILURE:
+                # The attempt got a stream before it failed: Envoy's router reports the
+                # connection's success first (restarting the local-origin run).
+                self._local_origin_success(monitor)
+            return self._local_origin_failure(monitor, now)
         if outcome.status is None:
             return False
-        changed = False
-        if config.split_external_local_origin_errors:
-            # The connection worked: a local-origin success.
-            monitor.local_total += 1
-            monitor.local_success += 1
-            monitor.consecutive_local = 0
+        if split:
+            self._local_origin_success(monitor)
         code = outcome.status
         if outcome.grpc_status is not None:
             code = grpc_to_http_status(outcome.grpc_status)
-        changed |= self._http_code(monitor, code, now)
-        return changed
+        return self._http_code(monitor, code, now)
+
+    @staticmethod
+    def _local_origin_success(monitor: _Monitor) -> None:
+        monitor.local_total += 1
+        monitor.local_success += 1
+        monitor.consecutive_local = 0
 
     def _http_code(self, monitor: _Monitor, code: int, now: float) -> bool:
         config = self._config

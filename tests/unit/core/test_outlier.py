@@ -209,16 +209,20 @@ def test_split_local_origin_errors() -> None:
         10, split_external_local_origin_errors=True, consecutive_local_origin_failure=3
     )
     h = hs[0]
-    # Local failures do not touch the 5xx counter.
+    # Connect failures make a run; they do not touch the 5xx counter.
     assert not d.record(h, Outcome(reset=ResetKind.CONNECT_FAILURE), 1.0)
-    assert not d.record(h, Outcome(reset=ResetKind.PER_TRY_TIMEOUT), 1.0)
-    # A response (even a 5xx) is a local-origin success: the local run restarts.
+    assert not d.record(h, Outcome(reset=ResetKind.CONNECT_FAILURE), 1.0)
+    # A response (even a 5xx) is a local-origin success: the run restarts.
     assert not d.record(h, E503, 1.0)
-    assert not d.record(h, Outcome(reset=ResetKind.RESET), 1.0)
-    assert not d.record(h, Outcome(reset=ResetKind.RESET), 1.0)
-    assert d.record(h, Outcome(reset=ResetKind.RESET), 1.0)
+    # A reset or timeout after a connection: success, then failure (Envoy) -> never a run.
+    for _ in range(10):
+        assert not d.record(h, Outcome(reset=ResetKind.RESET), 1.0)
+        assert not d.record(h, Outcome(reset=ResetKind.PER_TRY_TIMEOUT), 1.0)
+    # The last timeout left a run of one: two connect failures make three.
+    assert not d.record(h, Outcome(reset=ResetKind.CONNECT_FAILURE), 1.0)
+    assert d.record(h, Outcome(reset=ResetKind.CONNECT_FAILURE), 1.0)
     assert d.stats().enforced[EjectionType.CONSECUTIVE_LOCAL_ORIGIN_FAILURE] == 1
-    # Without the split, the same resets are 5xx.
+    # Without the split, resets are 5xx.
     d2, hs2 = detector(10, consecutive_local_origin_failure=3)
     for _ in range(4):
         assert not d2.record(hs2[0], Outcome(reset=ResetKind.RESET), 1.0)

@@ -1,0 +1,497 @@
+"""Outlier detection decisions against a real Envoy (compare against a real peer).
+
+Each scenario is a cluster of its own in one Envoy (``ORIGINAL_DST`` with the target taken
+from the ``x-envoy-original-dst-host`` header, so the test chooses the endpoint of every
+request), with its own ``outlier_detection``. The test sends a scripted sequence of
+(endpoint, answer) events through Envoy and feeds the same sequence to pymesh's
+``OutlierDetector``; Envoy's ``outlier_detection.*`` statistics (detections, enforced
+ejections, overflows, active ejections) must equal pymesh's.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2,
+)
+from google.protobuf import json_format
+
+from pymesh.core.outlier import EjectionType, OutlierDetector
+from pymesh.core.types import Host, Outcome, ResetKind
+from pymesh.model.cluster import OutlierDetection
+from pymesh.model.common import SocketAddress
+
+pytestmark = pytest.mark.envoy
+
+_REGISTERED = (router_pb2, http_connection_manager_pb2)
+
+HCM = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+N_HOSTS = 20
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    config: dict[str, Any]
+    """``outlier_detection`` as Envoy JSON (durations as strings)."""
+    events: tuple[tuple[int, str], ...]
+    """(endpoint index, answer): a status, ``reset`` (RST after the request), ``g14`` (200
+    with ``grpc-status: 14``, asked as a gRPC request), ``refused`` (index -1: the endpoint
+    where nothing listens, a connect failure). Each endpoint first answers one 200 (so Envoy
+    knows it before the scenario starts; the detector sees that answer too)."""
+    hosts: int = 1
+    refused: bool = False
+    """A ``STATIC`` cluster whose one endpoint refuses connections (instead of
+    ``ORIGINAL_DST``)."""
+
+
+def _rounds(n_hosts: int, rounds: int, answer: str) -> tuple[tuple[int, str], ...]:
+    return tuple((h, answer) for _ in range(rounds) for h in range(n_hosts))
+
+
+SCENARIOS = [
+    Scenario("cap9", {}, _rounds(9, 5, "503"), 9),
+    Scenario("cap10", {}, _rounds(10, 5, "503"), 10),
+    Scenario("cap20", {}, _rounds(20, 6, "503"), 20),
+    Scenario("always9", {"always_eject_one_host": True}, _rounds(9, 5, "503"), 9),
+    Scenario(
+        "half4",
+        {"max_ejection_percent": 50},
+        _rounds(4, 5, "500"),
+        4,
+    ),
+    Scenario(
+        "gw",
+        {
+            "max_ejection_percent": 100,
+            "consecutive_gateway_failure": 3,
+            "enforcing_consecutive_gateway_failure": 100,
+            "consecutive_5xx": 100,
+        },
+        tuple((0, s) for s in ("502", "502", "500", "502", "502", "504")),
+    ),
+    Scenario(
+        "gw_not_enforced",
+        {"max_ejection_percent": 100, "consecutive_5xx": 100},
+        tuple((0, s) for s in ("503",) * 11),
+    ),
+    Scenario(
+        "default_5xx_and_gw",
+        {"max_ejection_percent": 100},
+        tuple((0, s) for s in ("503",) * 5),
+    ),
+    Scenario(
+        "5xx_run",
+        {"max_ejection_percent": 100, "consecutive_5xx": 3},
+        tuple((0, s) for s in ("500", "500", "200", "500", "404", "500", "500", "500")),
+    ),
+    Scenario(
+        "resets_no_split",
+        {"max_ejection_percent": 100, "consecutive_5xx": 3},
+        ((0, "reset"), (0, "reset"), (0, "reset")),
+    ),
+    Scenario(
+        "refused_no_split",
+        {"max_ejection_percent": 100, "consecutive_5xx": 3},
+        ((-1, "refused"), (-1, "refused"), (-1, "refused")),
+        refused=True,
+    ),
+    Scenario(
+        "resets_split",
+        {
+            "max_ejection_percent": 100,
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 2,
+            "consecutive_5xx": 2,
+        },
+        ((0, "reset"), (0, "reset"), (0, "reset"), (0, "503"), (0, "reset")),
+    ),
+    Scenario(
+        "refused_split",
+        {
+            "max_ejection_percent": 100,
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 3,
+        },
+        ((-1, "refused"), (-1, "refused"), (-1, "refused")),
+        refused=True,
+    ),
+    Scenario(
+        "split_5xx_ignores_resets",
+        {
+            "max_ejection_percent": 100,
+            "split_external_local_origin_errors": True,
+            "consecutive_5xx": 3,
+        },
+        tuple((0, a) for a in ("503", "reset", "503", "reset", "503")),
+    ),
+    Scenario(
+        "grpc_status",
+        {"max_ejection_percent": 100, "consecutive_5xx": 3},
+        tuple((0, a) for a in ("g14", "g14", "g14")),
+    ),
+    Scenario(
+        "enforcing_zero",
+        {"max_ejection_percent": 100, "consecutive_5xx": 2, "enforcing_consecutive_5xx": 0},
+        tuple((0, "500") for _ in range(6)),
+    ),
+]
+
+
+def _model_config(config: dict[str, Any]) -> OutlierDetection:
+    kw = dict(config)
+    for key in ("interval", "base_ejection_time", "max_ejection_time"):
+        if key in kw:
+            kw[key] = float(kw[key].rstrip("s"))
+    return OutlierDetection(**kw)
+
+
+def _envoy_config(config: dict[str, Any]) -> dict[str, Any]:
+    # Long interval: these scenarios are about the per-request detections only.
+    return {"interval": "300s", "base_ejection_time": "300s", **config}
+
+
+# --------------------------------------------------------------------------- upstreams
+
+
+class _Scripted(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("content-length") or 0)
+        if length:
+            self.rfile.read(length)
+        action = self.headers.get("x-test-action") or "200"
+        if action == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.connection.close()
+            return
+        if action.startswith("g"):
+            self.send_response(200)
+            self.send_header("content-type", "application/grpc")
+            self.send_header("grpc-status", action[1:])
+        else:
+            self.send_response(int(action))
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def upstreams() -> Iterator[list[str]]:
+    """``N_HOSTS`` HTTP servers on 127.0.0.2, 127.0.0.3, ...; returns their ``ip:port``."""
+    servers = []
+    threads = []
+    try:
+        for i in range(N_HOSTS):
+            server = ThreadingHTTPServer((f"127.0.0.{i + 2}", 0), _Scripted)
+            server.daemon_threads = True
+            t = threading.Thread(target=server.serve_forever, daemon=True)
+            t.start()
+            servers.append(server)
+            threads.append(t)
+        yield [f"{s.server_address[0]}:{s.server_address[1]}" for s in servers]
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+        for t in threads:
+            t.join(5)
+
+
+@pytest.fixture
+def refused_address() -> str:
+    """An address where nothing listens (connect fails at once)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"127.0.0.1:{port}"
+
+
+def _bootstrap(refused: str) -> str:
+    clusters: list[dict[str, Any]] = []
+    routes = []
+    ip, port = refused.split(":")
+    for sc in SCENARIOS:
+        cluster: dict[str, Any] = {
+            "name": sc.name,
+            "connect_timeout": "1s",
+            "outlier_detection": _envoy_config(sc.config),
+        }
+        if sc.refused:
+            endpoint = {"address": {"socket_address": {"address": ip, "port_value": int(port)}}}
+            cluster["type"] = "STATIC"
+            cluster["load_assignment"] = {
+                "cluster_name": sc.name,
+                "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+            }
+        else:
+            cluster["type"] = "ORIGINAL_DST"
+            cluster["lb_policy"] = "CLUSTER_PROVIDED"
+            cluster["cleanup_interval"] = "600s"
+            cluster["original_dst_lb_config"] = {"use_http_header": True}
+        clusters.append(cluster)
+        routes.append(
+            {
+                "match": {"prefix": f"/{sc.name}/"},
+                "route": {"cluster": sc.name, "timeout": "5s"},
+            }
+        )
+    boot = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "outlier",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": HCM,
+                                        "stat_prefix": "outlier",
+                                        "use_remote_address": True,
+                                        "internal_address_config": {
+                                            "cidr_ranges": [
+                                                {"address_prefix": "127.0.0.0", "prefix_len": 8}
+                                            ]
+                                        },
+                                        "route_config": {
+                                            "name": "r",
+                                            "virtual_hosts": [
+                                                {"name": "v", "domains": ["*"], "routes": routes}
+                                            ],
+                                        },
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {"@type": ROUTER},
+                                            }
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": clusters,
+        },
+    }
+    json_format.ParseDict(boot, bootstrap_pb2.Bootstrap())
+    return json.dumps(boot)
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@dataclass
+class EnvoyHandle:
+    port: int
+    admin: tuple[str, int]
+    log: Path
+    proc: subprocess.Popen[bytes] = field(repr=False)
+
+
+@pytest.fixture
+def envoy(tmp_path: Path, envoy_bin: Path, refused_address: str) -> Iterator[EnvoyHandle]:
+    config = tmp_path / "envoy.json"
+    config.write_text(_bootstrap(refused_address))
+    admin_path = tmp_path / "admin.txt"
+    log_path = tmp_path / "envoy.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        [
+            str(envoy_bin),
+            "-c",
+            str(config),
+            "--base-id",
+            str(random.randint(10_000, 60_000)),
+            "--admin-address-path",
+            str(admin_path),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def admin_ready() -> bool:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            return admin_path.exists() and bool(admin_path.read_text().strip())
+
+        _wait(admin_ready, 30, "envoy admin")
+        host, _, port = admin_path.read_text().strip().rpartition(":")
+        admin = (host, int(port))
+
+        def listener_port() -> int | None:
+            body = _get(admin, "/listeners?format=json")
+            for s in json.loads(body).get("listener_statuses") or []:
+                p = s["local_address"]["socket_address"].get("port_value")
+                if p:
+                    return int(p)
+            return None
+
+        _wait(lambda: listener_port() is not None, 30, "envoy listener")
+        lp = listener_port()
+        assert lp is not None
+        yield EnvoyHandle(lp, admin, log_path, proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+
+def _get(addr: tuple[str, int], path: str) -> str:
+    conn = http.client.HTTPConnection(addr[0], addr[1], timeout=5)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- comparing
+
+_STATS = {
+    "ejections_active": None,
+    "ejections_overflow": None,
+    "ejections_enforced_total": None,
+    **{f"ejections_detected_{t.value}": t for t in EjectionType},
+    **{f"ejections_enforced_{t.value}": t for t in EjectionType},
+}
+
+
+def _envoy_stats(admin: tuple[str, int], cluster: str) -> dict[str, int]:
+    body = _get(admin, f"/stats?filter=^cluster\\.{cluster}\\.outlier_detection\\.")
+    out = {}
+    prefix = f"cluster.{cluster}.outlier_detection."
+    for line in body.splitlines():
+        name, _, value = line.partition(": ")
+        name = name.removeprefix(prefix)
+        if name in _STATS:
+            out[name] = int(value)
+    return out
+
+
+def _pymesh_stats(d: OutlierDetector) -> dict[str, int]:
+    s = d.stats()
+    out = {
+        "ejections_active": s.ejections_active,
+        "ejections_overflow": s.ejections_overflow,
+        "ejections_enforced_total": s.ejections_enforced_total,
+    }
+    for t in EjectionType:
+        out[f"ejections_detected_{t.value}"] = s.detected[t]
+        out[f"ejections_enforced_{t.value}"] = s.enforced[t]
+    return out
+
+
+def _send(port: int, scenario: str, target: str, action: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"x-envoy-original-dst-host": target, "x-test-action": action}
+    if action.startswith("g"):
+        headers["content-type"] = "application/grpc"
+    try:
+        conn.request("POST" if action.startswith("g") else "GET", f"/{scenario}/x", headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def _outcome(action: str) -> Outcome:
+    if action == "reset":
+        return Outcome(reset=ResetKind.RESET)
+    if action == "refused":
+        return Outcome(reset=ResetKind.CONNECT_FAILURE)
+    if action.startswith("g"):
+        return Outcome(status=200, grpc_status=int(action[1:]))
+    return Outcome(status=int(action))
+
+
+def test_detector_counts_what_envoy_counts(
+    envoy: EnvoyHandle, upstreams: list[str], refused_address: str
+) -> None:
+    mismatches = []
+    for sc in SCENARIOS:
+        targets = upstreams[: sc.hosts]
+        addresses = {refused_address: -1} | {t: i for i, t in enumerate(targets)}
+        hosts = {
+            i: Host(SocketAddress(a.split(":")[0], int(a.split(":")[1])))
+            for a, i in addresses.items()
+        }
+        used = sorted({i for i, _ in sc.events})
+        # Every answer is known: enforcement percentages are 0 or 100, the RNG never decides.
+        detector = OutlierDetector(
+            _model_config(sc.config), rng=random.Random(0), hosts=[hosts[i] for i in used], now=0.0
+        )
+        warm = [i for i in used if i >= 0]
+        for i in warm:
+            _send(envoy.port, sc.name, targets[i], "200")
+            detector.record(hosts[i], Outcome(status=200), 1.0)
+        if warm:
+            time.sleep(0.3)  # ORIGINAL_DST adds new endpoints on Envoy's main thread
+        for index, action in sc.events:
+            target = refused_address if index < 0 else targets[index]
+            _send(envoy.port, sc.name, target, action)
+            detector.record(hosts[index], _outcome(action), 1.0)
+        want = _pymesh_stats(detector)
+
+        def settled(name: str = sc.name, want: dict[str, int] = want) -> bool:
+            return _envoy_stats(envoy.admin, name) == want
+
+        try:
+            _wait(settled, 2.0, sc.name)
+        except AssertionError:
+            got = _envoy_stats(envoy.admin, sc.name)
+            diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+            mismatches.append(f"{sc.name}: (envoy, pymesh) {diff}")
+    assert not mismatches, "\n".join(mismatches)
