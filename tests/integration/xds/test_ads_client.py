@@ -10,6 +10,7 @@ import datetime
 import ipaddress
 import json
 import os
+import random
 import socket
 import subprocess
 import threading
@@ -29,6 +30,7 @@ from hypothesis import strategies as st
 
 from pymesh.bootstrap import parse_bootstrap
 from pymesh.errors import BootstrapError, ResourceError, XdsError
+from pymesh.xds.ads import Backoff
 from pymesh.xds.client import XdsClient, get_client
 from pymesh.xds.clock import FakeClock
 from pymesh.xds.codec import Decoded
@@ -800,3 +802,33 @@ def test_a_process_using_the_shared_client_exits_cleanly(
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "changed"
     assert "Traceback" not in out.stderr and "Exception" not in out.stderr, out.stderr
+
+
+def test_does_not_exist_timer_resumes_after_an_outage(
+    server: XdsTestServer, clock: FakeClock
+) -> None:
+    backoff, rng = Backoff(), random.Random(7)
+    delays = [backoff.next_delay(rng) for _ in range(2)]  # what the client will draw
+    client = XdsClient(
+        server.bootstrap(), clock=clock, decoder=decode_cluster, rng=random.Random(7)
+    )
+    try:
+        rec = WatchRecorder()
+        client.watch(EDS_TYPE, "missing", rec)
+        server.wait_for_request(lambda r: r.type_url == EDS)
+        clock.advance(10)  # 10 of the 15 s pass while connected
+        server.stop()
+        rec.wait_for(lambda e: e[0] == "ambient_error")  # retry in delays[0]
+        clock.advance(100)  # disconnected: does not count; one retry, failing
+        wait_until(lambda: rec.kinds().count("ambient_error") == 2)  # next in delays[1]
+        server.start()
+        clock.advance(delays[1] - 0.05)
+        assert not client.connection_state().connected
+        clock.advance(0.1)  # the retry: connects, resends, the timer resumes with 5 s
+        wait_until(lambda: client.connection_state().connected)
+        clock.advance(4.9)
+        assert "does_not_exist" not in rec.kinds()
+        clock.advance(0.2)
+        assert rec.events[-1] == ("does_not_exist", "missing")
+    finally:
+        client.close()
