@@ -63,10 +63,11 @@ def _source(
     fail_on_panic: bool,
 ) -> Source:
     if level.panic:
-        # Envoy: a level in panic picks among all its hosts (no locality weighting).
-        if fail_on_panic or not level.all:
+        # Envoy: a level in panic picks among all its hosts, even draining ones (no
+        # locality weighting).
+        if fail_on_panic or not level.panic_hosts:
             return _NOTHING
-        return factory(level.all, rng)
+        return factory(level.panic_hosts, rng)
     hosts = level.degraded if degraded else level.healthy
     if not hosts:
         return _NOTHING

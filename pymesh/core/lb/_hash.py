@@ -3,8 +3,8 @@
 Both are Envoy's "thread-aware" balancers: the request hash (``PickContext.hash_key``, or a
 random 64-bit value when the route has no hash policy) first chooses the priority level
 (``hash % 100`` against the priority load table), then that level's ring or table chooses the
-host. A level's ring/table holds its healthy hosts (all non-draining hosts when the level is
-in panic); host weights are normalised per level (times the locality weight share when
+host. A level's ring/table holds its healthy hosts (every host, draining included, when the level
+is in panic, as Envoy); host weights are normalised per level (times the locality weight share when
 locality-weighted LB is on), and each host is hashed by its ``envoy.lb`` ``hash_key``
 metadata if set, else its address ``ip:port`` (``[ip6]:port``), exactly as Envoy, so a
 client and an Envoy sidecar with the same endpoints map a hash to the same host.
@@ -56,8 +56,8 @@ def _normalize_hosts(hosts: Sequence[Host], share: float, out: list[tuple[Host, 
 def normalized_weights(level: PriorityLevel, locality_weighted: bool) -> list[tuple[Host, float]]:
     """Envoy ``normalizeWeights``: (host, share) pairs whose shares sum to at most 1."""
     in_panic = level.panic
-    hosts = level.all if in_panic else level.healthy
-    per_locality = level.all_per_locality if in_panic else level.healthy_per_locality
+    hosts = level.panic_hosts if in_panic else level.healthy
+    per_locality = level.panic_per_locality if in_panic else level.healthy_per_locality
     if not in_panic and not hosts and level.degraded:
         hosts, per_locality = level.degraded, level.degraded_per_locality
     out: list[tuple[Host, float]] = []

@@ -10,9 +10,14 @@ host state                            class      effect
 HEALTHY, UNKNOWN, not ejected         healthy    picked normally
 DEGRADED, not ejected                 degraded   picked only with the load healthy hosts lack
 UNHEALTHY, TIMEOUT, or ejected        unhealthy  counted in the level's size; picked in panic
-DRAINING                              excluded   neither counted nor picked (Envoy's
-                                                 ``exclude_host_in_eds_status_draining``)
+DRAINING                              excluded   not counted in health or panic shares
+                                                 (Envoy's ``exclude_host_in_eds_status_draining``)
+                                                 but, as Envoy, picked in panic (Envoy's panic
+                                                 source is every host of the level)
 ====================================  =========  ==============================================
+
+(The DRAINING rows were checked against Envoy 1.40: a level in panic sends traffic to its
+draining hosts, total panic counts them, the panic test itself does not.)
 
 Per priority level, with ``n`` = non-excluded hosts and ``F`` = the overprovisioning factor
 (percent, default 140): ``health = min(100, F * healthy // n)`` and
@@ -24,9 +29,9 @@ any healthy (else degraded) availability.
 
 A level is in *panic* when ``100 * (healthy + degraded) / n < healthy_panic_threshold``
 (never when ``A == 100``): it then picks among all its hosts, healthy or not. When every level
-is in panic, load goes by host count (``100 * n_i // total``, remainder to the first non-empty
-level). A panic threshold of 0 disables panic: with nothing available, P0 gets all load and
-finds no host (503 ``no healthy upstream``).
+is in panic, load goes by host count, draining included (``100 * n_i // total``, remainder to
+the first non-empty level). A panic threshold of 0 disables panic: with nothing available,
+P0 gets all load and finds no host (503 ``no healthy upstream``).
 
 With locality-weighted LB, a source picks a locality first (EDF over
 ``weight * min(1, F/100 * eligible / n_locality)``); a locality without a weight gets 0.
@@ -53,11 +58,15 @@ class PriorityLevel:
 
     priority: int
     all: tuple[Host, ...]
+    """Every counted (non-draining) host."""
+    panic_hosts: tuple[Host, ...]
+    """What a level in panic picks from: every host, draining included (Envoy ``hosts()``)."""
     healthy: tuple[Host, ...]
     degraded: tuple[Host, ...]
     localities: tuple[Locality, ...]
     locality_weights: tuple[int, ...]
     all_per_locality: tuple[tuple[Host, ...], ...]
+    panic_per_locality: tuple[tuple[Host, ...], ...]
     healthy_per_locality: tuple[tuple[Host, ...], ...]
     degraded_per_locality: tuple[tuple[Host, ...], ...]
     health: int
@@ -129,7 +138,9 @@ def compute_priority_state(
     docstring for the rules)."""
     count = max((h.priority for h in hosts), default=0) + 1
     buckets: list[list[Host]] = [[] for _ in range(count)]
+    every: list[list[Host]] = [[] for _ in range(count)]
     for h in hosts:
+        every[h.priority].append(h)
         if h.health is not HealthStatus.DRAINING:
             buckets[h.priority].append(h)
     weights = _locality_weights(assignment)
@@ -185,7 +196,7 @@ def compute_priority_state(
             usable = 100.0 * (len(healthy) + len(degraded)) / n if n else 0.0
             panic[i] = usable < threshold
         if all(panic):
-            total = sum(len(d[1]) for d in drafts)
+            total = sum(len(level) for level in every)
             healthy_load = [0] * count
             degraded_load = [0] * count
             if total == 0:
@@ -193,25 +204,28 @@ def compute_priority_state(
             else:
                 left = 100
                 first = -1
-                for i, d in enumerate(drafts):
-                    if first < 0 and d[1]:
+                for i, level in enumerate(every):
+                    if first < 0 and level:
                         first = i
-                    healthy_load[i] = 100 * len(d[1]) // total
+                    healthy_load[i] = 100 * len(level) // total
                     left -= healthy_load[i]
                 healthy_load[first] += left
 
     levels: list[PriorityLevel] = []
     for i, (priority, level_hosts, healthy, degraded) in enumerate(drafts):
-        localities = tuple(dict.fromkeys(h.locality for h in level_hosts))
+        panic_hosts = tuple(every[i])
+        localities = tuple(dict.fromkeys(h.locality for h in panic_hosts))
         levels.append(
             PriorityLevel(
                 priority=priority,
                 all=level_hosts,
+                panic_hosts=panic_hosts,
                 healthy=healthy,
                 degraded=degraded,
                 localities=localities,
                 locality_weights=tuple(weights.get((priority, loc), 0) for loc in localities),
                 all_per_locality=_group(level_hosts, localities),
+                panic_per_locality=_group(panic_hosts, localities),
                 healthy_per_locality=_group(healthy, localities),
                 degraded_per_locality=_group(degraded, localities),
                 health=health[i],

@@ -130,6 +130,27 @@ RR_CLUSTERS: dict[str, tuple[Layout, bool] | tuple[Layout, bool, LbPolicy]] = {
         ],
         True,
     ),
+    # DRAINING: not counted for health or panic, yet a level in panic picks it, and total
+    # panic splits by host count including it (checked against Envoy 1.40)
+    "rr_panic_draining": (
+        [
+            (0, 1, HealthStatus.HEALTHY, 0, "a"),
+            (1, 1, HealthStatus.UNHEALTHY, 0, "a"),
+            (2, 1, HealthStatus.UNHEALTHY, 0, "a"),
+            (3, 1, HealthStatus.DRAINING, 0, "a"),
+        ],
+        False,
+    ),
+    "rr_total_panic_draining": (
+        [
+            (0, 1, HealthStatus.UNHEALTHY, 0, "a"),
+            (1, 1, HealthStatus.DRAINING, 0, "a"),
+            (2, 1, HealthStatus.UNHEALTHY, 1, "a"),
+            (3, 1, HealthStatus.UNHEALTHY, 1, "a"),
+            (4, 1, HealthStatus.UNHEALTHY, 1, "a"),
+        ],
+        False,
+    ),
     # least request with unequal weights and one request at a time: EDF by weight
     "lr_weighted": (
         [

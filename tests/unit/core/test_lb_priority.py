@@ -129,14 +129,24 @@ def test_fail_traffic_on_panic() -> None:
     assert counts(lb, 5) == {None: 5}
 
 
-def test_draining_hosts_are_excluded_even_in_panic() -> None:
-    # 1 healthy of 2 counted hosts (the draining one does not count): 70% -> no P1 traffic
-    # would be 140*1//3 = 46 if draining counted
+def test_draining_hosts_do_not_count_but_panic_picks_them_as_envoy() -> None:
+    # 1 healthy of 2 counted hosts (the draining one does not count): 70% -> 30% to P1;
+    # it would be 140*1//3 = 46 if draining counted
     a = cla(loc(ep(1), ep(2, health=U), ep(3, health=X)), *_level(2000, 1, 0, 1))
     assert _loads(a)[0] == (70, 30)
+    lb, _ = balancer(cluster(RoundRobin()), a)
+    assert 3 not in counts(lb, 200)
+    # not counted in the panic test either: 1 of 2 counted = 50%, not below 50%
+    calm = cla(loc(ep(1), ep(2, health=U), ep(3, health=X), ep(4, health=X)))
+    lb, _ = balancer(cluster(RoundRobin()), calm)
+    assert counts(lb, 20) == {1: 20}
+    # but a level in panic picks among every host, draining ones included (Envoy 1.40)
     only_bad = cla(loc(ep(1, health=U), ep(2, health=X)))
     lb, _ = balancer(cluster(RoundRobin()), only_bad)
-    assert counts(lb, 20) == {1: 20}
+    assert counts(lb, 20) == {1: 10, 2: 10}
+    # and total panic splits by host count, draining included: 2/5 and 3/5
+    total = cla(loc(ep(1, health=U), ep(2, health=X)), *_level(2000, 0, 3, 1))
+    assert _loads(total)[0] == (40, 60)
 
 
 def test_ejected_hosts_count_as_unhealthy_until_their_time() -> None:
