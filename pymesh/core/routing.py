@@ -797,7 +797,30 @@ def _regex_replace_all(pattern: StringMatcher, substitution: str, value: str) ->
             i += 1
         return "".join(out)
 
-    return rx.sub(expand, value)
+    # RE2's GlobalReplace, not re.sub: an empty match right where the previous match ended
+    # is skipped (re.sub takes it: "b*" -> "-" turns "ab" into "-a--", RE2 into "-a-").
+    out: list[str] = []
+    pos, n, last_end, count = 0, len(value), -1, 0
+    while pos <= n:
+        m = rx.search(value, pos)
+        if m is None:
+            break
+        start, end = m.span()
+        if pos < start:
+            out.append(value[pos:start])
+        if start == end and start == last_end:
+            if start < n:
+                out.append(value[start])
+            pos = start + 1
+            continue
+        out.append(expand(m))
+        pos = last_end = end
+        count += 1
+    if count == 0:
+        return value
+    if pos < n:
+        out.append(value[pos:])
+    return "".join(out)
 
 
 def _request_host(request: RequestInfo, new_scheme: str, new_port: str) -> str:

@@ -640,3 +640,26 @@ def test_header_match_helpers_share_the_route_semantics() -> None:
     assert not header_matches(status, Headers([(":status", "200")]))
     absent = HeaderMatcher("x-gone", present_match=False)
     assert header_matches(absent, Headers())
+
+
+@pytest.mark.parametrize(
+    ("pattern", "substitution", "value", "expected"),
+    [
+        # RE2 GlobalReplace skips an empty match where the previous match ended (re.sub
+        # would give "-/-a--"); found by the random tables against Envoy.
+        ("b*", "-", "/ab", "-/-a-"),
+        ("x*", "-", "ab", "-a-b-"),
+        ("^/(.*)$", "/w/\\1", "/a/b", "/w/a/b"),
+        ("a", "\\0\\0", "/a", "/aa"),
+        ("a", "\\\\", "/a", "/\\"),
+        ("z", "y", "/a", "/a"),
+    ],
+)
+def test_regex_rewrite_follows_re2_global_replace(
+    pattern: str, substitution: str, value: str, expected: str
+) -> None:
+    action = RouteAction(
+        cluster="c", regex_rewrite=RegexRewrite(StringMatcher.regex(pattern), substitution)
+    )
+    r = route("r", prefix("/"), action)
+    assert rewrite_request(r, action, vhost(r), None, req(value)).path == expected
