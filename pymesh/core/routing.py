@@ -53,6 +53,7 @@ from pymesh.model.route import (
     PathMatchKind,
     QueryParameterMatcher,
     RedirectAction,
+    RegexRewrite,
     Route,
     RouteAction,
     RouteConfiguration,
@@ -70,6 +71,7 @@ __all__ = [
     "match_route",
     "pick_cluster",
     "redirect_location",
+    "regex_substitute",
     "request_header_matches",
     "request_header_ops",
     "response_header_ops",
@@ -821,6 +823,13 @@ def _regex_replace_all(pattern: StringMatcher, substitution: str, value: str) ->
     if pos < n:
         out.append(value[pos:])
     return "".join(out)
+
+
+def regex_substitute(rewrite: RegexRewrite, value: str) -> str:
+    """Apply a ``RegexMatchAndSubstitute`` to ``value`` as Envoy does (RE2 ``GlobalReplace``
+    semantics; see the routing docs). Also what the header hash policy's ``regex_rewrite``
+    needs."""
+    return _regex_replace_all(rewrite.pattern, rewrite.substitution, value)
 
 
 def _request_host(request: RequestInfo, new_scheme: str, new_port: str) -> str:

@@ -663,3 +663,9 @@ def test_regex_rewrite_follows_re2_global_replace(
     )
     r = route("r", prefix("/"), action)
     assert rewrite_request(r, action, vhost(r), None, req(value)).path == expected
+
+
+def test_regex_substitute_is_public_for_other_policies() -> None:
+    from pymesh.core.routing import regex_substitute
+
+    assert regex_substitute(RegexRewrite(StringMatcher.regex("b*"), "-"), "ab") == "-a-"
