@@ -11,8 +11,16 @@ from __future__ import annotations
 __all__ = [
     "BootstrapError",
     "ConfigError",
+    "FaultAbortError",
+    "MeshError",
+    "NoHealthyUpstreamError",
+    "NoRouteError",
+    "NotInMeshError",
     "PymeshError",
     "ResourceError",
+    "UpstreamConnectError",
+    "UpstreamOverflowError",
+    "UpstreamTimeoutError",
     "XdsError",
 ]
 
@@ -69,3 +77,58 @@ class ResourceError(ConfigError):
 
 class XdsError(PymeshError):
     """A problem talking to the control plane (transient: the last good config keeps serving)."""
+
+
+# --------------------------------------------------------------------------- data plane
+
+
+class MeshError(PymeshError):
+    """A request the mesh refused or could not complete, raised instead of Envoy's local
+    reply when an adapter is built with ``raise_on_mesh_error=True``.
+
+    ``status`` and ``body`` are the local reply Envoy would have sent, ``flags`` its response
+    flags (``UH``, ``UO``, ...), ``target`` the mesh target (``HOST:PORT``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        flags: tuple[str, ...] = (),
+        body: bytes = b"",
+        target: str = "",
+    ) -> None:
+        self.status = status
+        self.flags = flags
+        self.body = body
+        self.target = target
+        super().__init__(f"{target}: {message}" if target else message)
+
+
+class NoRouteError(MeshError):
+    """No route matched the request, or the route's cluster does not exist (``NR``/``NC``)."""
+
+
+class NoHealthyUpstreamError(MeshError):
+    """The cluster has no usable endpoint (503 ``no healthy upstream``, ``UH``)."""
+
+
+class UpstreamOverflowError(MeshError):
+    """A circuit breaker refused the request (503 + ``x-envoy-overloaded``, ``UO``)."""
+
+
+class UpstreamTimeoutError(MeshError):
+    """The route or per-try timeout expired (504 ``upstream request timeout``, ``UT``)."""
+
+
+class UpstreamConnectError(MeshError):
+    """Connecting to, or talking to, the endpoint failed before a response (``UF``/``UC``)."""
+
+
+class FaultAbortError(MeshError):
+    """Fault injection aborted the request (``FI``)."""
+
+
+class NotInMeshError(MeshError):
+    """The host is not a mesh service and the outbound policy is ``REGISTRY_ONLY``."""

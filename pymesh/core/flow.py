@@ -1,0 +1,812 @@
+"""The per-call flow: one generator that decides, and runners that act (STYLE.md #2, #3).
+
+:func:`call_flow` is the whole client-side life of one request under the mesh, written once.
+It never does I/O: it *yields* what it needs (:class:`Sleep`, :class:`Send`, :class:`Mirror`,
+:class:`Discard`) and is *sent* the answers (an :class:`AttemptResult` for a ``Send``). The
+sync runner :func:`drive_sync` and the async runner :func:`drive_async` drive the same
+generator; adapters (httpx now, grpc later) supply the actual sending. Tests drive it by hand
+on a fake clock.
+
+The layer order, and why each layer sits where it does (Finagle ``StackClient`` style; the
+order is Envoy's HTTP connection manager: filters in order, then the router):
+
+1. **Snapshot**, read once by the adapter: every decision of this call uses one consistent
+   view of the config, even if an update lands mid-call (DESIGN.md #2).
+2. **Route** (vhost already chosen for the target; routes in order). Nothing can be decided
+   before the route: faults, timeouts, retries and clusters are all per route.
+   No route -> 404 ``NR``. Direct responses and redirects end the call here.
+3. **Cluster choice** (weighted, ``cluster_header``): once per request, *before* faults and
+   retries, as Envoy resolves a weighted route entry once; retries stay on that cluster.
+   Missing cluster -> ``cluster_not_found_response_code`` ``NC``; unusable -> 503 ``UH``.
+4. **Fault filter** (delay, then abort): it runs before the router in Envoy, so an injected
+   delay is *not* counted in the route timeout, and an abort never touches limits, the load
+   balancer or outlier detection. ``max_active_faults`` counts faults in progress.
+5. **Rewrite** (path/host rewrites, request header mutations): the router finalises the
+   upstream request after the filters, so fault header matchers saw the original request.
+6. **Deadlines** start here (when the router starts), covering all attempts and backoffs.
+7. **Mirror**: shadow requests go out once, when the router starts, never per retry.
+8. **Attempts**, each: overall deadline check -> host pick (previous-hosts predicate on
+   retries; no host -> 503 ``UH``) -> circuit-breaker limits (requests, pending; overflow ->
+   503 ``UO`` + ``x-envoy-overloaded``, never retried) -> ``Send`` with
+   ``min(per-try, remaining overall)`` -> outlier detection records the outcome (it must see
+   every attempt, retried or not) -> retry decision (retry budget / ``max_retries`` checked
+   first; backoff is a ``Sleep`` bounded by the overall deadline).
+
+Host pick comes before the limits because Envoy checks ``max_requests`` / pending in the
+cluster's connection pool, which is per host; a request that finds no host must not be
+counted as overflow.
+
+Theory of operation of one call (``call_flow``):
+
+===============  ==========================  ============================================
+state            event                       next
+===============  ==========================  ============================================
+ROUTING          no route / direct / redir.  DONE (local reply)
+ROUTING          route action                FAULT
+FAULT            delay drawn                 yield Sleep(delay), then abort check
+FAULT            abort drawn                 DONE (fault abort, ``FI``)
+FAULT            nothing                     ATTEMPT
+ATTEMPT          overall deadline passed     DONE (504 ``UT``)
+ATTEMPT          no host                     DONE (503 ``UH``)
+ATTEMPT          limits overflow             DONE (503 ``UO``)
+ATTEMPT          Send -> outcome             DECIDE
+DECIDE           final (no retry wanted)     DONE (upstream response, or local reply
+                                             for a reset / per-try timeout)
+DECIDE           overall deadline passed     DONE (504 ``UT``)
+DECIDE           Retry(delay)                yield Discard, Sleep(delay) -> ATTEMPT
+===============  ==========================  ============================================
+
+Every path through the loop ends: attempts are bounded by the retry policy and a hard cap of
+:data:`MAX_ATTEMPTS`.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pymesh.core.deadline import CONSUMED_REQUEST_HEADERS as TIMEOUT_HEADERS
+from pymesh.core.deadline import call_deadlines
+from pymesh.core.fault import decide_fault
+from pymesh.core.hashing import request_hash
+from pymesh.core.headers_ops import HeaderOps
+from pymesh.core.retry import CONSUMED_REQUEST_HEADERS as RETRY_HEADERS
+from pymesh.core.retry import GiveUp, Retry, RetryState, strip_consumed
+from pymesh.core.routing import (
+    pick_cluster,
+    redirect_location,
+    response_header_ops,
+    rewrite_request,
+    route_request,
+)
+from pymesh.core.types import Headers, Host, Outcome, PickContext, RequestInfo, ResetKind
+from pymesh.model.cluster import UpstreamProtocol
+from pymesh.model.http_filters import FaultConfig
+from pymesh.model.route import (
+    DirectResponseAction,
+    FilterConfigOverride,
+    RedirectAction,
+    RequestMirrorPolicy,
+    Route,
+    RouteAction,
+)
+from pymesh.model.snapshot import ClusterConfig, ClusterError, TargetSnapshot
+
+if TYPE_CHECKING:
+    from pymesh.core.runtime import ClusterRuntime, MeshRuntime
+
+__all__ = [
+    "MAX_ATTEMPTS",
+    "Action",
+    "AttemptResult",
+    "CallResult",
+    "Discard",
+    "LocalReply",
+    "Mirror",
+    "ReplyKind",
+    "Send",
+    "Sleep",
+    "call_flow",
+    "drive_async",
+    "drive_sync",
+]
+
+_CONSUMED = (*RETRY_HEADERS, *TIMEOUT_HEADERS)
+
+MAX_ATTEMPTS = 100
+"""Hard cap on attempts of one call, whatever the retry policy says (bounded loops)."""
+
+FAULT_FILTER_TYPE = "envoy.filters.http.fault"
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Wait ``seconds`` (fault delay, retry backoff), then resume the flow (sent ``None``)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``request`` to ``host`` of ``cluster``; answer with an :class:`AttemptResult`.
+
+    ``timeout`` (seconds, ``None`` = none) bounds the attempt until the response headers;
+    when it elapses the runner answers ``Outcome(reset=ResetKind.PER_TRY_TIMEOUT)``.
+    ``attempt`` counts from 1.
+    """
+
+    cluster: ClusterRuntime
+    host: Host
+    request: RequestInfo
+    timeout: float | None
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Mirror:
+    """Fire-and-forget a shadow copy of the request (``-shadow`` authority); the runner
+    must not wait for it and ignores its result. Sent ``None``."""
+
+    cluster: ClusterRuntime
+    host: Host
+    request: RequestInfo
+    timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """The flow drops the response of an attempt it will retry: close it. Sent ``None``."""
+
+    response: object
+
+
+Action = Sleep | Send | Mirror | Discard
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What a runner sends back for a :class:`Send`: the outcome as the policies see it and
+    the adapter's own response object (``None`` when the attempt failed without one)."""
+
+    outcome: Outcome
+    response: object | None = None
+
+
+# --------------------------------------------------------------------------- results
+
+
+class ReplyKind:
+    """Why the mesh answered locally (the ``kind`` of a :class:`LocalReply`)."""
+
+    NO_ROUTE = "no_route"
+    DIRECT_RESPONSE = "direct_response"
+    REDIRECT = "redirect"
+    CLUSTER_NOT_FOUND = "cluster_not_found"
+    NO_HEALTHY_UPSTREAM = "no_healthy_upstream"
+    OVERFLOW = "overflow"
+    TIMEOUT = "timeout"
+    UPSTREAM_RESET = "upstream_reset"
+    FAULT_ABORT = "fault_abort"
+    UNSUPPORTED_ROUTE = "unsupported_route"
+
+
+# Failures the mesh produced (what ``raise_on_mesh_error`` turns into exceptions); direct
+# responses and redirects are configured answers, not failures.
+MESH_FAILURES = frozenset(
+    {
+        ReplyKind.NO_ROUTE,
+        ReplyKind.CLUSTER_NOT_FOUND,
+        ReplyKind.NO_HEALTHY_UPSTREAM,
+        ReplyKind.OVERFLOW,
+        ReplyKind.TIMEOUT,
+        ReplyKind.UPSTREAM_RESET,
+        ReplyKind.FAULT_ABORT,
+        ReplyKind.UNSUPPORTED_ROUTE,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalReply:
+    """An answer the mesh made itself, byte for byte what Envoy would send."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+    kind: str
+    grpc_status: int | None = None
+
+
+def _release_nothing() -> None:
+    return None
+
+
+@dataclass(slots=True)
+class CallResult:
+    """The end of one call: an upstream ``response`` (the adapter's object) or a
+    ``local_reply``, plus what telemetry and access logs need.
+
+    ``release`` must be called once the upstream response is finished (body read or closed):
+    the request stays counted as active on its host and cluster until then, as in Envoy.
+    It is idempotent and a no-op for local replies.
+    """
+
+    response: object | None
+    local_reply: LocalReply | None
+    flags: tuple[str, ...] = ()
+    """Envoy response flags (``UH``, ``UF``, ``UT``, ``UO``, ``FI``, ``DI``, ``NR``, ``URX``,
+    ``NC``, ``UC``, ``UR``) in the order they happened."""
+    attempts: int = 0
+    route: Route | None = None
+    cluster: str | None = None
+    host: Host | None = None
+    upstream_request: RequestInfo | None = None
+    response_headers_to_add: tuple[tuple[str, str], ...] = ()
+    """Extra response headers the router adds (``x-envoy-attempt-count``)."""
+    response_ops: HeaderOps | None = None
+    """The route's response header mutations (``ops.apply(headers, upstream_request)``), or
+    ``None`` when there are none; local replies already carry theirs."""
+    release: Callable[[], None] = field(default=_release_nothing)
+
+
+# --------------------------------------------------------------------------- local replies
+
+_TEXT = (("content-type", "text/plain"),)
+_OVERLOADED = (("content-type", "text/plain"), ("x-envoy-overloaded", "true"))
+_RESET_REASON = {
+    ResetKind.CONNECT_FAILURE: "connection failure",
+    ResetKind.RESET: "connection termination",
+    ResetKind.REFUSED_STREAM: "remote refused stream reset",
+}
+_RESET_FLAG = {
+    ResetKind.CONNECT_FAILURE: "UF",
+    ResetKind.RESET: "UC",
+    ResetKind.REFUSED_STREAM: "UR",
+}
+
+
+class _Ctx:
+    """What a local reply reports about the call so far (mutated as the call proceeds)."""
+
+    __slots__ = ("attempts", "cluster", "extra", "host", "ops", "route", "sent")
+
+    def __init__(self, route: Route | None = None, cluster: str | None = None) -> None:
+        self.route = route
+        self.cluster = cluster
+        self.attempts = 0
+        self.extra: tuple[tuple[str, str], ...] = ()
+        self.host: Host | None = None
+        self.sent: RequestInfo | None = None
+        self.ops: HeaderOps | None = None
+
+
+_NO_CTX = _Ctx()
+
+
+def _local(
+    status: int,
+    body: bytes,
+    kind: str,
+    flags: list[str],
+    headers: tuple[tuple[str, str], ...] = (),
+    *,
+    ctx: _Ctx = _NO_CTX,
+) -> CallResult:
+    if body and not headers:
+        headers = _TEXT
+    reply = LocalReply(status, body, headers, kind)
+    return CallResult(
+        None,
+        reply,
+        tuple(flags),
+        ctx.attempts,
+        ctx.route,
+        ctx.cluster,
+        ctx.host,
+        ctx.sent,
+        ctx.extra,
+        ctx.ops,
+    )
+
+
+def _no_healthy_upstream(flags: list[str], ctx: _Ctx) -> CallResult:
+    flags.append("UH")
+    body = b"no healthy upstream"
+    return _local(503, body, ReplyKind.NO_HEALTHY_UPSTREAM, flags, _TEXT, ctx=ctx)
+
+
+def _timeout(
+    flags: list[str], ctx: _Ctx, body: bytes = b"upstream request timeout", flag: str = "UT"
+) -> CallResult:
+    flags.append(flag)
+    return _local(504, body, ReplyKind.TIMEOUT, flags, _TEXT, ctx=ctx)
+
+
+_OVERFLOW_BODY = (
+    b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
+)
+
+
+def _overflow(flags: list[str], ctx: _Ctx) -> CallResult:
+    flags.append("UO")
+    return _local(503, _OVERFLOW_BODY, ReplyKind.OVERFLOW, flags, _OVERLOADED, ctx=ctx)
+
+
+def _reset_reply(reset: ResetKind, flags: list[str], ctx: _Ctx) -> CallResult:
+    reason = _RESET_REASON.get(reset, "connection termination")
+    if ctx.attempts > 1:
+        text = f"retried and the latest reset reason: {reason}"
+    else:
+        text = f"reset reason: {reason}"
+    body = f"upstream connect error or disconnect/reset before headers. {text}".encode()
+    return _local(503, body, ReplyKind.UPSTREAM_RESET, flags, _TEXT, ctx=ctx)
+
+
+def _fault_abort(status: int | None, grpc_status: int | None) -> LocalReply:
+    if grpc_status is not None:
+        # A gRPC abort: a trailers-only response carrying the status, as Envoy sends it.
+        headers = (
+            ("content-type", "application/grpc"),
+            ("grpc-status", str(grpc_status)),
+            ("grpc-message", "fault filter abort"),
+        )
+        return LocalReply(status or 200, b"", headers, ReplyKind.FAULT_ABORT, grpc_status)
+    assert status is not None
+    return LocalReply(status, b"fault filter abort", _TEXT, ReplyKind.FAULT_ABORT, grpc_status)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _fault_config(snapshot: TargetSnapshot, route: Route) -> FaultConfig | None:
+    """The fault filter config that applies to ``route``: the most specific
+    ``typed_per_filter_config`` override (route > virtual host > route config) of a fault
+    filter of the listener's HCM, else that filter's own config. ``None`` = no fault."""
+    hcm = snapshot.listener.api_listener
+    if hcm is None:
+        return None
+    for f in hcm.http_filters:
+        base = f.config
+        if not isinstance(base, FaultConfig) or f.disabled:
+            continue
+        override: FilterConfigOverride | None = (
+            route.typed_per_filter_config.get(f.name)
+            or snapshot.virtual_host.typed_per_filter_config.get(f.name)
+            or snapshot.route_config.typed_per_filter_config.get(f.name)
+        )
+        if override is not None:
+            if override.disabled:
+                continue
+            if isinstance(override.config, FaultConfig):
+                base = override.config
+        if base.delay is not None or base.abort is not None:
+            return base
+    return None
+
+
+def _mirror_policies(
+    snapshot: TargetSnapshot, action: RouteAction
+) -> tuple[RequestMirrorPolicy, ...]:
+    # Envoy: the most specific level that has mirror policies wins (route > vhost > config).
+    return (
+        action.request_mirror_policies
+        or snapshot.virtual_host.request_mirror_policies
+        or snapshot.route_config.request_mirror_policies
+    )
+
+
+def _shadow_authority(authority: str) -> str:
+    """Envoy's shadow host: ``-shadow`` appended to the host, before any port."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        return authority[: end + 1] + "-shadow" + authority[end + 1 :]
+    host, sep, port = authority.rpartition(":")
+    if sep and port.isdigit() and host:
+        return f"{host}-shadow:{port}"
+    return authority + "-shadow"
+
+
+def _request_id(rng: random.Random) -> str:
+    # A UUID4 drawn from the injected RNG (Envoy's UUID request id).
+    n = rng.getrandbits(128)
+    n = (n & ~(0xF000 << 64)) | (0x4000 << 64)
+    n = (n & ~(0xC000 << 48)) | (0x8000 << 48)
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# --------------------------------------------------------------------------- the flow
+
+
+def call_flow(
+    runtime: MeshRuntime,
+    snapshot: TargetSnapshot,
+    request: RequestInfo,
+    *,
+    clock: Callable[[], float],
+) -> Generator[Action, AttemptResult | None, CallResult]:
+    """The life of one request under ``snapshot`` (see the module docstring for the order).
+
+    ``clock`` returns monotonic seconds (the runner's clock; a fake one in tests). The
+    generator's return value is the :class:`CallResult`.
+    """
+    rng = runtime.rng
+    flags: list[str] = []
+    vhost = snapshot.virtual_host
+
+    # 2. route
+    route = route_request(vhost, request, rng=rng)
+    if route is None:
+        flags.append("NR")
+        return _local(404, b"", ReplyKind.NO_ROUTE, flags)
+    action = route.action
+    ctx = _Ctx(route)
+    if not isinstance(action, RouteAction):
+        ctx.ops = response_header_ops(route, vhost, snapshot.route_config) or None
+        if isinstance(action, DirectResponseAction):
+            body = action.body or b""
+            return _local(action.status, body, ReplyKind.DIRECT_RESPONSE, flags, ctx=ctx)
+        if isinstance(action, RedirectAction):
+            location = (("location", redirect_location(action, request)),)
+            code = action.response_code
+            return _local(code, b"", ReplyKind.REDIRECT, flags, location, ctx=ctx)
+        flags.append("NR")
+        return _local(404, b"", ReplyKind.UNSUPPORTED_ROUTE, flags, ctx=ctx)
+
+    # 3. cluster choice, once per request
+    choice = pick_cluster(action, request, rng=rng)
+    cluster_name = choice.name
+    ctx.cluster = cluster_name
+    entry = snapshot.clusters.get(cluster_name) if cluster_name else None
+    if entry is None:
+        flags.append("NC")
+        code = action.cluster_not_found_response_code
+        return _local(code, b"", ReplyKind.CLUSTER_NOT_FOUND, flags, ctx=ctx)
+    if isinstance(entry, ClusterError):
+        return _no_healthy_upstream(flags, ctx)
+
+    # 4. fault filter
+    fault = _fault_config(snapshot, route)
+    if fault is not None:
+        faults = runtime.active_faults
+        injected = decide_fault(
+            fault, request, rng=rng, active_faults=faults.count, cluster=cluster_name
+        )
+        abort = injected.abort_status is not None
+        if injected.active:
+            faults.start()
+            try:
+                if injected.delay is not None and injected.delay > 0:
+                    flags.append("DI")
+                    yield Sleep(injected.delay)
+            finally:
+                faults.end()
+            if abort:
+                flags.append("FI")
+                reply = _fault_abort(injected.abort_status, injected.abort_grpc_status)
+                return CallResult(None, reply, tuple(flags), 0, route, cluster_name)
+
+    # 5. rewrite
+    upstream = rewrite_request(route, action, vhost, snapshot.route_config, request, choice)
+    headers = strip_consumed(upstream.headers, _CONSUMED)
+    if headers is not upstream.headers:
+        upstream = _with_headers(upstream, headers)
+    response_ops = response_header_ops(route, vhost, snapshot.route_config, choice.weighted)
+    ctx.ops = response_ops or None
+    if "x-request-id" not in upstream.headers:
+        request_id = _request_id(rng)
+        upstream = _with_headers(upstream, upstream.headers.with_added("x-request-id", request_id))
+
+    # 6. deadlines
+    now = clock()
+    hcm = snapshot.listener.api_listener
+    retry_policy = action.retry_policy
+    deadlines = call_deadlines(
+        action,
+        retry_policy,
+        request,
+        now=now,
+        max_stream_duration=hcm.max_stream_duration if hcm is not None else None,
+    )
+    overall = deadlines.overall
+    per_try = deadlines.per_try
+    timeout_body = deadlines.timeout_body.encode()
+    # The router's timeout is UT; the connection manager's stream duration limit is DT.
+    timeout_flag = "DT" if deadlines.stream_duration else "UT"
+
+    # 7. mirrors
+    for policy in _mirror_policies(snapshot, action):
+        mirror = _mirror(runtime, snapshot, policy, upstream, now=now, overall=overall)
+        if mirror is not None:
+            yield mirror
+
+    # 8. attempts
+    retry: RetryState | None = RetryState(retry_policy, request, rng=rng, is_grpc=request.grpc)
+    if retry is not None and not retry.enabled:
+        retry = None
+    hash_key = request_hash(action.hash_policies, request) if action.hash_policies else None
+    count_header = vhost.include_request_attempt_count
+    count_response = vhost.include_attempt_count_in_response
+    attempt = 0
+    inflight: _Attempt | None = None  # what the attempt in progress holds
+    retry_slot: ClusterRuntime | None = None  # whose retry slot the next attempt holds
+    try:
+        while attempt < MAX_ATTEMPTS:
+            attempt += 1
+            ctx.attempts = attempt
+            if count_response:
+                ctx.extra = (("x-envoy-attempt-count", str(attempt)),)
+            now = clock()
+            if overall is not None and now >= overall:
+                return _timeout(flags, ctx, timeout_body, timeout_flag)
+            cluster = runtime.leaf_for(snapshot, entry, now)
+            host = None
+            if cluster is not None:
+                if retry is not None and retry.previous_hosts:
+                    excluded = retry.previous_hosts
+                    pick = PickContext(now, hash_key, excluded, retry.host_selection_attempts)
+                else:
+                    pick = PickContext(now, hash_key)
+                host = cluster.pick(pick)
+            if cluster is None or host is None:
+                return _no_healthy_upstream(flags, ctx)
+            limits = cluster.limits
+            if not limits.try_start_request():
+                return _overflow(flags, ctx)
+            pending = False
+            if (
+                cluster.protocol is UpstreamProtocol.HTTP1
+                and cluster.active_requests >= cluster.max_connections
+            ):
+                # HTTP/1.1: every request in flight holds a connection; past max_connections
+                # a request waits for one, i.e. it is pending (Envoy's pool semantics).
+                if not limits.try_start_pending():
+                    limits.end_request()
+                    return _overflow(flags, ctx)
+                pending = True
+            inflight = _Attempt(cluster, host, pending, retry_slot)
+            retry_slot = None
+            if retry is not None:
+                retry.record_host(host.key)
+            timeout = per_try
+            if overall is not None:
+                remaining = overall - now
+                timeout = remaining if timeout is None else min(timeout, remaining)
+            sent = upstream
+            if count_header:
+                count = str(attempt)
+                sent = _with_headers(
+                    upstream, upstream.headers.with_set("x-envoy-attempt-count", count)
+                )
+            ctx.host = host
+            ctx.sent = sent
+            result = yield Send(cluster, host, sent, timeout, attempt)
+            if not isinstance(result, AttemptResult):
+                raise TypeError(f"Send must be answered with an AttemptResult, got {result!r}")
+            outcome = result.outcome
+            now = clock()
+            detector = cluster.outlier
+            if detector is not None and detector.record(host, outcome, now):
+                cluster.ejections_changed(now)
+
+            if (
+                outcome.reset is ResetKind.PER_TRY_TIMEOUT
+                and overall is not None
+                and now >= overall
+            ):
+                inflight.release()
+                inflight = None
+                return _timeout(flags, ctx, timeout_body, timeout_flag)
+
+            decision: Retry | GiveUp
+            if retry is None:
+                decision = _NO_RETRY
+            else:
+                budget = functools.partial(limits.try_start_retry, cluster.active_requests)
+                decision = retry.should_retry(outcome, budget_ok=budget)
+                if isinstance(decision, Retry):
+                    retry_slot = cluster  # the slot try_start_retry took
+                elif decision.overflow:
+                    flags.append("UO")  # the retry breaker / budget said no
+                elif decision.limit_exceeded:
+                    flags.append("URX")
+
+            if isinstance(decision, GiveUp):
+                if outcome.reset is not None:
+                    inflight.release()
+                    inflight = None
+                    if outcome.reset is ResetKind.PER_TRY_TIMEOUT:
+                        return _timeout(flags, ctx, timeout_body, timeout_flag)
+                    flags.append(_RESET_FLAG.get(outcome.reset, "UC"))
+                    return _reset_reply(outcome.reset, flags, ctx)
+                done, inflight = inflight, None
+                return CallResult(
+                    result.response,
+                    None,
+                    tuple(flags),
+                    attempt,
+                    route,
+                    cluster_name,
+                    host,
+                    sent,
+                    ctx.extra,
+                    ctx.ops,
+                    done.release,
+                )
+
+            # Retry: drop this attempt's response, back off (bounded by the deadline).
+            inflight.release()
+            inflight = None
+            if result.response is not None:
+                yield Discard(result.response)
+            now = clock()
+            delay = decision.delay
+            if overall is not None and now + delay >= overall:
+                if overall > now:
+                    yield Sleep(overall - now)
+                return _timeout(flags, ctx, timeout_body, timeout_flag)
+            if delay > 0:
+                yield Sleep(delay)
+        return _overflow(flags, ctx)
+    finally:
+        # Also runs when the caller closes the generator mid-attempt (cancellation).
+        if inflight is not None:
+            inflight.release()
+        if retry_slot is not None:
+            retry_slot.limits.end_retry()
+
+
+def _mirror(
+    runtime: MeshRuntime,
+    snapshot: TargetSnapshot,
+    policy: RequestMirrorPolicy,
+    upstream: RequestInfo,
+    *,
+    now: float,
+    overall: float | None,
+) -> Mirror | None:
+    fraction = policy.runtime_fraction
+    if fraction is not None and not fraction.hits(runtime.rng.getrandbits(32)):
+        return None
+    entry = snapshot.clusters.get(policy.cluster)
+    if not isinstance(entry, ClusterConfig):
+        return None
+    cluster = runtime.leaf_for(snapshot, entry, now)
+    host = cluster.pick(PickContext(now)) if cluster is not None else None
+    if cluster is None or host is None:
+        return None
+    shadow = RequestInfo(
+        upstream.method,
+        _shadow_authority(upstream.authority),
+        upstream.path,
+        upstream.headers,
+        upstream.scheme,
+        upstream.source_ip,
+        upstream.grpc,
+    )
+    return Mirror(cluster, host, shadow, None if overall is None else max(overall - now, 0.0))
+
+
+_NO_RETRY = GiveUp("no retry policy")
+
+
+class _Attempt:
+    """What one attempt holds until its response is finished: a request on the cluster
+    and the host, maybe a pending slot and a retry slot. ``release`` is idempotent."""
+
+    __slots__ = ("cluster", "done", "host", "pending", "retry_of")
+
+    def __init__(
+        self, cluster: ClusterRuntime, host: Host, pending: bool, retry_of: ClusterRuntime | None
+    ) -> None:
+        self.cluster = cluster
+        self.host = host
+        self.pending = pending
+        self.retry_of = retry_of
+        self.done = False
+        host.active_requests += 1
+        cluster.active_requests += 1
+
+    def release(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.host.active_requests -= 1
+        cluster = self.cluster
+        cluster.active_requests -= 1
+        cluster.limits.end_request()
+        if self.pending:
+            cluster.limits.end_pending()
+        if self.retry_of is not None:
+            self.retry_of.limits.end_retry()
+
+
+def _with_headers(request: RequestInfo, headers: Headers) -> RequestInfo:
+    return RequestInfo(
+        request.method,
+        request.authority,
+        request.path,
+        headers,
+        request.scheme,
+        request.source_ip,
+        request.grpc,
+    )
+
+
+# --------------------------------------------------------------------------- runners
+
+Flow = Generator[Action, AttemptResult | None, CallResult]
+
+
+def drive_sync(
+    flow: Flow,
+    *,
+    send: Callable[[Send], AttemptResult],
+    sleep: Callable[[float], None],
+    mirror: Callable[[Mirror], None],
+    discard: Callable[[object], None],
+) -> CallResult:
+    """Run ``flow`` to its end with blocking I/O callbacks; returns the :class:`CallResult`.
+
+    If a callback raises (or the thread is interrupted), the flow is closed first so that
+    whatever the attempt in progress holds (limits, active counts) is given back.
+    """
+    reply: AttemptResult | None = None
+    try:
+        action = next(flow)
+        while True:
+            if type(action) is Send:
+                reply = send(action)
+            else:
+                reply = None
+                if type(action) is Sleep:
+                    sleep(action.seconds)
+                elif type(action) is Discard:
+                    discard(action.response)
+                elif type(action) is Mirror:
+                    mirror(action)
+            action = flow.send(reply)
+    except StopIteration as stop:
+        result: CallResult = stop.value
+        return result
+    except BaseException:
+        flow.close()
+        raise
+
+
+async def drive_async(
+    flow: Flow,
+    *,
+    send: Callable[[Send], Awaitable[AttemptResult]],
+    sleep: Callable[[float], Awaitable[object]],
+    mirror: Callable[[Mirror], None],
+    discard: Callable[[object], Awaitable[object]],
+) -> CallResult:
+    """:func:`drive_sync` for an event loop: same flow, awaited callbacks. ``mirror`` must
+    only schedule the shadow request (fire-and-forget), never await it."""
+    reply: AttemptResult | None = None
+    try:
+        action = next(flow)
+        while True:
+            if type(action) is Send:
+                reply = await send(action)
+            else:
+                reply = None
+                if type(action) is Sleep:
+                    await sleep(action.seconds)
+                elif type(action) is Discard:
+                    await discard(action.response)
+                elif type(action) is Mirror:
+                    mirror(action)
+            action = flow.send(reply)
+    except StopIteration as stop:
+        result: CallResult = stop.value
+        return result
+    except BaseException:
+        flow.close()
+        raise

@@ -1,0 +1,97 @@
+"""``Client`` / ``AsyncClient``: real httpx clients with the mesh transport mounted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from pymesh.core.runtime import MeshRuntime
+from pymesh.httpx._transport import AsyncMeshTransport, MeshTransport, OutboundTrafficPolicy
+from pymesh.xds.client import XdsClient
+
+__all__ = ["AsyncClient", "Client"]
+
+
+class Client(httpx.Client):
+    """An ``httpx.Client`` whose requests to mesh hosts go through the mesh.
+
+    Every httpx argument works as usual; ``transport=`` (if given) becomes the pass-through
+    transport for non-mesh hosts. The mesh arguments are :class:`MeshTransport`'s.
+    """
+
+    def __init__(
+        self,
+        *,
+        xds_client: XdsClient | None = None,
+        runtime: MeshRuntime | None = None,
+        outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY",
+        raise_on_mesh_error: bool = False,
+        namespace: str | None = None,
+        cluster_domain: str = "cluster.local",
+        mesh_wait: float = 5.0,
+        external_wait: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        passthrough = kwargs.pop("transport", None)
+        if passthrough is None:
+            passthrough = httpx.HTTPTransport(
+                verify=kwargs.get("verify", True),
+                cert=kwargs.get("cert"),
+                trust_env=kwargs.get("trust_env", True),
+                http1=kwargs.get("http1", True),
+                http2=kwargs.get("http2", False),
+                limits=kwargs.get("limits", httpx.Limits()),
+            )
+        self.mesh_transport = MeshTransport(
+            xds_client,
+            runtime=runtime,
+            outbound_traffic_policy=outbound_traffic_policy,
+            raise_on_mesh_error=raise_on_mesh_error,
+            namespace=namespace,
+            cluster_domain=cluster_domain,
+            mesh_wait=mesh_wait,
+            external_wait=external_wait,
+            passthrough=passthrough,
+        )
+        super().__init__(transport=self.mesh_transport, **kwargs)
+
+
+class AsyncClient(httpx.AsyncClient):
+    """The ``httpx.AsyncClient`` counterpart of :class:`Client`."""
+
+    def __init__(
+        self,
+        *,
+        xds_client: XdsClient | None = None,
+        runtime: MeshRuntime | None = None,
+        outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY",
+        raise_on_mesh_error: bool = False,
+        namespace: str | None = None,
+        cluster_domain: str = "cluster.local",
+        mesh_wait: float = 5.0,
+        external_wait: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        passthrough = kwargs.pop("transport", None)
+        if passthrough is None:
+            passthrough = httpx.AsyncHTTPTransport(
+                verify=kwargs.get("verify", True),
+                cert=kwargs.get("cert"),
+                trust_env=kwargs.get("trust_env", True),
+                http1=kwargs.get("http1", True),
+                http2=kwargs.get("http2", False),
+                limits=kwargs.get("limits", httpx.Limits()),
+            )
+        self.mesh_transport = AsyncMeshTransport(
+            xds_client,
+            runtime=runtime,
+            outbound_traffic_policy=outbound_traffic_policy,
+            raise_on_mesh_error=raise_on_mesh_error,
+            namespace=namespace,
+            cluster_domain=cluster_domain,
+            mesh_wait=mesh_wait,
+            external_wait=external_wait,
+            passthrough=passthrough,
+        )
+        super().__init__(transport=self.mesh_transport, **kwargs)

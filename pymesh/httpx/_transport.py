@@ -1,0 +1,777 @@
+"""``MeshTransport`` / ``AsyncMeshTransport``: httpx transports that route through the mesh.
+
+Both drive the same :func:`pymesh.core.flow.call_flow` generator (STYLE.md #2); this module
+only does what the flow asks: send an attempt on the endpoint's pooled connection, sleep,
+fire a mirror, drop a response. Everything shared by the two transports (request and
+response conversion, error translation, the mesh verdict) lives in :class:`_MeshCore`.
+
+Connections: one ``httpcore`` connection pool per endpoint (``HOST:PORT``) and protocol
+(HTTP/1.1, or HTTP/2 with prior knowledge when the cluster's protocol options say so),
+keep-alive, idle expiry from the cluster's ``idle_timeout``. When EDS removes an endpoint
+from every cluster, its pool is drained: no new request uses it, and it is closed once its
+connections are idle (checked at the start of each request, so the check costs nothing when
+nothing was removed).
+
+Errors: ``httpcore`` exceptions during an attempt become the flow's outcomes (connect
+failure, reset, per-try timeout) so retries and outlier detection see them; a timeout that
+was the *application's own* httpx timeout (shorter than the mesh's) is raised as the httpx
+exception, as it would be behind a sidecar. Errors while the application reads a body are
+raised as the matching httpx exceptions. With ``raise_on_mesh_error=True`` the mesh's local
+replies are raised as :class:`~pymesh.errors.MeshError` subclasses instead of returned.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Literal
+
+import anyio
+import httpcore
+import httpx
+
+from pymesh.core.flow import (
+    MESH_FAILURES,
+    AttemptResult,
+    CallResult,
+    Mirror,
+    ReplyKind,
+    Send,
+    call_flow,
+    drive_async,
+    drive_sync,
+)
+from pymesh.core.runtime import MeshRuntime
+from pymesh.core.types import Headers, Outcome, RequestInfo, ResetKind
+from pymesh.errors import (
+    FaultAbortError,
+    MeshError,
+    NoHealthyUpstreamError,
+    NoRouteError,
+    NotInMeshError,
+    UpstreamConnectError,
+    UpstreamOverflowError,
+    UpstreamTimeoutError,
+)
+from pymesh.httpx._targets import TargetResolver, Verdict
+from pymesh.model.cluster import UpstreamProtocol
+from pymesh.model.snapshot import TargetError
+from pymesh.xds.client import XdsClient
+
+__all__ = ["RESULT_EXTENSION", "AsyncMeshTransport", "MeshTransport", "OutboundTrafficPolicy"]
+
+_log = logging.getLogger("pymesh.httpx")
+
+OutboundTrafficPolicy = Literal["ALLOW_ANY", "REGISTRY_ONLY"]
+
+RESULT_EXTENSION = "pymesh.result"
+"""``response.extensions[RESULT_EXTENSION]`` is the call's :class:`~pymesh.core.flow.
+CallResult` (flags, attempts, cluster, host) for mesh-routed responses."""
+
+_MAX_MIRRORS_IN_FLIGHT = 64
+_DISCARD_READ_LIMIT = 64 * 1024
+
+_ERRORS: dict[str, type[MeshError]] = {
+    ReplyKind.NO_ROUTE: NoRouteError,
+    ReplyKind.CLUSTER_NOT_FOUND: NoRouteError,
+    ReplyKind.UNSUPPORTED_ROUTE: NoRouteError,
+    ReplyKind.NO_HEALTHY_UPSTREAM: NoHealthyUpstreamError,
+    ReplyKind.OVERFLOW: UpstreamOverflowError,
+    ReplyKind.TIMEOUT: UpstreamTimeoutError,
+    ReplyKind.UPSTREAM_RESET: UpstreamConnectError,
+    ReplyKind.FAULT_ABORT: FaultAbortError,
+}
+
+# httpcore -> httpx, most specific first (the edge translation, STYLE.md #10).
+_HTTPX_ERRORS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+    (httpcore.NetworkError, httpx.NetworkError),
+)
+
+
+def _to_httpx(exc: Exception) -> Exception:
+    for src, dst in _HTTPX_ERRORS:
+        if isinstance(exc, src):
+            new = dst(str(exc))
+            new.__cause__ = exc
+            return new
+    return exc
+
+
+def _reset_of(exc: Exception) -> ResetKind | None:
+    """The flow's view of an attempt that failed with ``exc`` (``None``: not ours)."""
+    if isinstance(exc, httpcore.ConnectTimeout | httpcore.ConnectError):
+        return ResetKind.CONNECT_FAILURE
+    if isinstance(exc, httpcore.TimeoutException):
+        return ResetKind.PER_TRY_TIMEOUT
+    if isinstance(exc, httpcore.RemoteProtocolError | httpcore.ReadError | httpcore.WriteError):
+        return ResetKind.RESET
+    return None
+
+
+class _Timeouts:
+    """The httpcore timeouts of one attempt and whose each one is: the mesh's (route or
+    per-try timeout), the cluster's ``connect_timeout``, or the application's own httpx
+    timeout when that is shorter."""
+
+    __slots__ = ("app_bound", "connect_source", "value")
+
+    def __init__(self, send: Send, app: dict[str, float | None]) -> None:
+        t = send.timeout
+        values: dict[str, float | None] = {}
+        app_bound = False
+        for phase in ("read", "write", "pool"):
+            mine = app.get(phase)
+            if mine is not None and (t is None or mine < t):
+                values[phase] = mine
+                app_bound = True
+            else:
+                values[phase] = t
+        connect = send.cluster.config.cluster.connect_timeout
+        source = "cluster"
+        if t is not None and t < connect:
+            connect, source = t, "mesh"
+        app_connect = app.get("connect")
+        if app_connect is not None and app_connect < connect:
+            connect, source = app_connect, "app"
+        values["connect"] = connect
+        self.value = values
+        self.app_bound = app_bound
+        self.connect_source = source
+
+
+class _MeshCore:
+    """The transport half shared by sync and async: no I/O."""
+
+    def __init__(
+        self,
+        xds_client: XdsClient | None,
+        *,
+        runtime: MeshRuntime | None,
+        outbound_traffic_policy: OutboundTrafficPolicy,
+        raise_on_mesh_error: bool,
+        namespace: str | None,
+        cluster_domain: str,
+        mesh_wait: float,
+        external_wait: float,
+    ) -> None:
+        if outbound_traffic_policy not in ("ALLOW_ANY", "REGISTRY_ONLY"):
+            raise ValueError(
+                "outbound_traffic_policy must be 'ALLOW_ANY' or 'REGISTRY_ONLY', "
+                f"not {outbound_traffic_policy!r}"
+            )
+        if runtime is None:
+            runtime = MeshRuntime.for_client(xds_client or XdsClient.shared())
+        self.runtime = runtime
+        client = runtime.client
+        if namespace is None:
+            namespace = (client.bootstrap.node.namespace if client is not None else "") or "default"
+        self.registry_only = outbound_traffic_policy == "REGISTRY_ONLY"
+        self.raise_on_mesh_error = raise_on_mesh_error
+        self.resolver = TargetResolver(
+            runtime.watch,
+            runtime.unwatch,
+            namespace=namespace,
+            cluster_domain=cluster_domain,
+            mesh_wait=mesh_wait,
+            external_wait=external_wait,
+        )
+        self.removed: collections.deque[frozenset[str]] = collections.deque()
+        self._remove_listener = runtime.add_hosts_removed_listener(self.removed.append)
+        self.clock = time.monotonic
+
+    def close(self) -> None:
+        self._remove_listener()
+        self.resolver.close()
+
+    # -- requests -------------------------------------------------------------------------
+
+    @staticmethod
+    def port_of(url: httpx.URL) -> int:
+        port = url.port
+        if port is None:
+            return 443 if url.scheme == "https" else 80
+        return port
+
+    @staticmethod
+    def request_info(request: httpx.Request) -> RequestInfo:
+        url = request.url
+        authority = ""
+        items: list[tuple[str, str]] = []
+        for k, v in request.headers.raw:
+            name = k.decode("latin-1")
+            if name.lower() == "host":
+                authority = v.decode("latin-1")
+            else:
+                items.append((name, v.decode("latin-1")))
+        return RequestInfo(
+            request.method,
+            authority or url.netloc.decode("ascii"),
+            url.raw_path.decode("ascii"),
+            Headers(items),
+            url.scheme,
+        )
+
+    @staticmethod
+    def upstream_request(
+        send: Send | Mirror, body: bytes, extensions: dict[str, Any]
+    ) -> httpcore.Request:
+        info = send.request
+        address = send.host.address
+        headers: list[tuple[bytes, bytes]] = [(b"host", info.authority.encode("latin-1"))]
+        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in info.headers]
+        scheme = info.scheme.encode("ascii")
+        if info.scheme == "https":
+            host = info.authority.rsplit(":", 1)[0] if "]" not in info.authority else ""
+            if host:
+                extensions = {**extensions, "sni_hostname": host}
+        return httpcore.Request(
+            info.method.encode("ascii"),
+            httpcore.URL(
+                scheme=scheme,
+                host=address.host.encode("ascii"),
+                port=address.port,
+                target=info.path.encode("ascii"),
+            ),
+            headers=headers,
+            content=body,
+            extensions=extensions,
+        )
+
+    @staticmethod
+    def outcome_of(response: httpcore.Response) -> Outcome:
+        headers = Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers)
+        grpc = headers.get("grpc-status")
+        grpc_status = int(grpc) if grpc is not None and grpc.isdigit() else None
+        return Outcome(status=response.status, grpc_status=grpc_status, headers=headers)
+
+    def failure(self, exc: Exception, timeouts: _Timeouts) -> AttemptResult:
+        """An attempt failed with ``exc``: the flow's outcome, or raise (the app's own
+        timeout, or a bug of the request itself)."""
+        reset = _reset_of(exc)
+        if reset is None:
+            raise _to_httpx(exc) from exc
+        if isinstance(exc, httpcore.ConnectTimeout):
+            if timeouts.connect_source == "app":
+                raise _to_httpx(exc) from exc
+            if timeouts.connect_source == "mesh":
+                reset = ResetKind.PER_TRY_TIMEOUT
+        elif reset is ResetKind.PER_TRY_TIMEOUT and timeouts.app_bound:
+            raise _to_httpx(exc) from exc
+        return AttemptResult(Outcome(reset=reset))
+
+    # -- responses ------------------------------------------------------------------------
+
+    def response_headers(
+        self, raw: list[tuple[bytes, bytes]], result: CallResult
+    ) -> list[tuple[bytes, bytes]]:
+        ops = result.response_ops
+        extra = result.response_headers_to_add
+        if ops is None and not extra:
+            return raw
+        headers = Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
+        if ops is not None:
+            headers = ops.apply(headers, result.upstream_request)
+        for k, v in extra:
+            headers = headers.with_set(k, v)
+        return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+    def local_response(
+        self, result: CallResult, request: httpx.Request, target: str
+    ) -> httpx.Response:
+        reply = result.local_reply
+        assert reply is not None
+        if self.raise_on_mesh_error and reply.kind in MESH_FAILURES:
+            error = _ERRORS.get(reply.kind, MeshError)
+            message = reply.body.decode("utf-8", "replace") or f"HTTP {reply.status}"
+            raise error(
+                message, status=reply.status, flags=result.flags, body=reply.body, target=target
+            )
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
+        raw.append((b"content-length", str(len(reply.body)).encode("ascii")))
+        raw = self.response_headers(raw, result)
+        return httpx.Response(
+            reply.status,
+            headers=raw,
+            content=reply.body,
+            request=request,
+            extensions={RESULT_EXTENSION: result},
+        )
+
+    def refused(self, request: httpx.Request, target: str, why: str) -> httpx.Response:
+        """REGISTRY_ONLY and the host is not a mesh service: Istio's BlackHoleCluster (502)."""
+        if self.raise_on_mesh_error:
+            raise NotInMeshError(why, status=502, target=target)
+        return httpx.Response(502, content=b"", request=request)
+
+    def broken(self, request: httpx.Request, target: str, error: TargetError) -> httpx.Response:
+        """A mesh service whose config is unusable: 503 as a sidecar with that config."""
+        if self.raise_on_mesh_error:
+            raise NoHealthyUpstreamError(str(error), status=503, flags=("UH",), target=target)
+        body = b"no healthy upstream"
+        return httpx.Response(
+            503,
+            headers=[(b"content-type", b"text/plain")],
+            content=body,
+            request=request,
+        )
+
+
+class _SyncPools:
+    """One httpcore pool per (endpoint, HTTP/2?); draining pools close once idle."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[str, bool, bool], httpcore.ConnectionPool] = {}
+        self._draining: list[httpcore.ConnectionPool] = []
+        self._lock = threading.Lock()
+
+    def get(self, send: Send | Mirror) -> httpcore.ConnectionPool:
+        h2 = send.cluster.protocol is UpstreamProtocol.HTTP2
+        tls = send.request.scheme == "https"
+        key = (send.host.key, h2, tls)
+        pool = self._pools.get(key)
+        if pool is None:
+            with self._lock:
+                pool = self._pools.get(key)
+                if pool is None:
+                    pool = httpcore.ConnectionPool(
+                        ssl_context=httpx.create_ssl_context() if tls else None,
+                        max_connections=None,
+                        max_keepalive_connections=None,
+                        keepalive_expiry=send.cluster.config.cluster.http_protocol_options.idle_timeout,
+                        http1=not h2,
+                        http2=h2,
+                    )
+                    self._pools[key] = pool
+        return pool
+
+    def drain(self, removed: collections.deque[frozenset[str]]) -> None:
+        with self._lock:
+            while removed:
+                keys = removed.popleft()
+                for k in [k for k in self._pools if k[0] in keys]:
+                    self._draining.append(self._pools.pop(k))
+            still: list[httpcore.ConnectionPool] = []
+            for pool in self._draining:
+                if all(c.is_idle() or c.is_closed() for c in pool.connections):
+                    pool.close()
+                else:
+                    still.append(pool)
+            self._draining = still
+
+    def close(self) -> None:
+        with self._lock:
+            pools = [*self._pools.values(), *self._draining]
+            self._pools.clear()
+            self._draining = []
+        for pool in pools:
+            pool.close()
+
+
+class _AsyncPools:
+    def __init__(self) -> None:
+        self._pools: dict[tuple[str, bool, bool], httpcore.AsyncConnectionPool] = {}
+        self._draining: list[httpcore.AsyncConnectionPool] = []
+
+    def get(self, send: Send | Mirror) -> httpcore.AsyncConnectionPool:
+        h2 = send.cluster.protocol is UpstreamProtocol.HTTP2
+        tls = send.request.scheme == "https"
+        key = (send.host.key, h2, tls)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = httpcore.AsyncConnectionPool(
+                ssl_context=httpx.create_ssl_context() if tls else None,
+                max_connections=None,
+                max_keepalive_connections=None,
+                keepalive_expiry=send.cluster.config.cluster.http_protocol_options.idle_timeout,
+                http1=not h2,
+                http2=h2,
+            )
+            self._pools[key] = pool
+        return pool
+
+    async def drain(self, removed: collections.deque[frozenset[str]]) -> None:
+        while removed:
+            keys = removed.popleft()
+            for k in [k for k in self._pools if k[0] in keys]:
+                self._draining.append(self._pools.pop(k))
+        still: list[httpcore.AsyncConnectionPool] = []
+        for pool in self._draining:
+            if all(c.is_idle() or c.is_closed() for c in pool.connections):
+                await pool.aclose()
+            else:
+                still.append(pool)
+        self._draining = still
+
+    async def aclose(self) -> None:
+        pools = [*self._pools.values(), *self._draining]
+        self._pools.clear()
+        self._draining = []
+        for pool in pools:
+            await pool.aclose()
+
+
+class _SyncStream(httpx.SyncByteStream):
+    """The upstream body; closing it ends the request's accounting (``release``)."""
+
+    def __init__(self, stream: Any, release: Callable[[], None]) -> None:
+        self._stream = stream
+        self._release = release
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._stream
+        except Exception as exc:
+            raise _to_httpx(exc) from exc
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._stream, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._release()
+
+
+class _AsyncStream(httpx.AsyncByteStream):
+    def __init__(self, stream: Any, release: Callable[[], None]) -> None:
+        self._stream = stream
+        self._release = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for part in self._stream:
+                yield part
+        except Exception as exc:
+            raise _to_httpx(exc) from exc
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self._stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            self._release()
+
+
+class MeshTransport(httpx.BaseTransport):
+    """An httpx transport that sends mesh hosts through the mesh (see the module docs).
+
+    ``xds_client``: the :class:`~pymesh.xds.client.XdsClient` (default: the process-wide
+    one from the bootstrap). ``outbound_traffic_policy``: what to do with hosts the control
+    plane does not know: ``"ALLOW_ANY"`` sends them with ``passthrough`` (a plain
+    ``httpx.HTTPTransport`` by default), ``"REGISTRY_ONLY"`` answers 502 as Istio's
+    BlackHoleCluster. ``raise_on_mesh_error`` raises :class:`~pymesh.errors.MeshError`
+    subclasses instead of returning Envoy's local replies. ``namespace`` (default: the
+    bootstrap node's) expands short host names; ``mesh_wait`` / ``external_wait`` bound the
+    first request's wait for the control plane's listener for a cluster-domain / other host
+    (see :mod:`pymesh.httpx._targets`).
+    """
+
+    def __init__(
+        self,
+        xds_client: XdsClient | None = None,
+        *,
+        runtime: MeshRuntime | None = None,
+        outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY",
+        raise_on_mesh_error: bool = False,
+        namespace: str | None = None,
+        cluster_domain: str = "cluster.local",
+        mesh_wait: float = 5.0,
+        external_wait: float = 0.5,
+        passthrough: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._core = _MeshCore(
+            xds_client,
+            runtime=runtime,
+            outbound_traffic_policy=outbound_traffic_policy,
+            raise_on_mesh_error=raise_on_mesh_error,
+            namespace=namespace,
+            cluster_domain=cluster_domain,
+            mesh_wait=mesh_wait,
+            external_wait=external_wait,
+        )
+        self._passthrough = passthrough
+        self._pools = _SyncPools()
+        self._mirrors: concurrent.futures.ThreadPoolExecutor | None = None
+        self._mirrors_in_flight = 0
+
+    @property
+    def runtime(self) -> MeshRuntime:
+        return self._core.runtime
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        core = self._core
+        url = request.url
+        mt = core.resolver.lookup(url.host, core.port_of(url))
+        target, handle = mt.name, mt.handle
+        verdict = mt.verdict()
+        if verdict is Verdict.UNKNOWN:
+            verdict = mt.wait_sync()
+        state = handle.state()
+        if verdict is not Verdict.MESH:
+            if verdict is Verdict.BROKEN and isinstance(state, TargetError):
+                return core.broken(request, target, state)
+            if core.registry_only:
+                return core.refused(request, target, "not a mesh service (REGISTRY_ONLY)")
+            return self._pass(request)
+        snapshot = handle.current()
+        if snapshot is None:  # raced with an update to an error state
+            return self._pass(request)
+        if core.removed:
+            self._pools.drain(core.removed)
+        body = request.read()
+        app_timeouts = request.extensions.get("timeout", {})
+        extensions = {k: v for k, v in request.extensions.items() if k != "timeout"}
+
+        def send(action: Send) -> AttemptResult:
+            timeouts = _Timeouts(action, app_timeouts)
+            req = core.upstream_request(action, body, {**extensions, "timeout": timeouts.value})
+            try:
+                resp = self._pools.get(action).handle_request(req)
+            except httpcore.TimeoutException as exc:
+                return core.failure(exc, timeouts)
+            except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
+                return core.failure(exc, timeouts)
+            return AttemptResult(core.outcome_of(resp), resp)
+
+        flow = call_flow(core.runtime, snapshot, core.request_info(request), clock=core.clock)
+        result = drive_sync(
+            flow,
+            send=send,
+            sleep=time.sleep,
+            mirror=lambda m: self._mirror(m, body),
+            discard=_discard_sync,
+        )
+        if result.local_reply is not None:
+            return core.local_response(result, request, target)
+        resp = result.response
+        assert isinstance(resp, httpcore.Response)
+        return httpx.Response(
+            resp.status,
+            headers=core.response_headers(resp.headers, result),
+            stream=_SyncStream(resp.stream, result.release),
+            extensions={**resp.extensions, RESULT_EXTENSION: result},
+        )
+
+    def _pass(self, request: httpx.Request) -> httpx.Response:
+        if self._passthrough is None:
+            self._passthrough = httpx.HTTPTransport()
+        return self._passthrough.handle_request(request)
+
+    def _mirror(self, action: Mirror, body: bytes) -> None:
+        if self._mirrors_in_flight >= _MAX_MIRRORS_IN_FLIGHT:
+            return  # shadowing must never slow or queue the real traffic
+        if self._mirrors is None:
+            self._mirrors = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="pymesh-mirror"
+            )
+        self._mirrors_in_flight += 1
+        timeout = action.timeout
+        req = self._core.upstream_request(
+            action,
+            body,
+            {"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
+        )
+        pool = self._pools.get(action)
+
+        def run() -> None:
+            try:
+                resp = pool.handle_request(req)
+                try:
+                    resp.read()
+                finally:
+                    resp.close()
+            except Exception as exc:  # fire and forget
+                _log.debug("mirror to %s failed: %r", action.host.key, exc)
+            finally:
+                self._mirrors_in_flight -= 1
+
+        self._mirrors.submit(run)
+
+    def close(self) -> None:
+        if self._mirrors is not None:
+            self._mirrors.shutdown(wait=True)
+        self._pools.close()
+        if self._passthrough is not None:
+            self._passthrough.close()
+        self._core.close()
+
+
+def _discard_sync(response: object) -> None:
+    assert isinstance(response, httpcore.Response)
+    try:
+        length = int(dict(response.headers).get(b"content-length", b"0") or 0)
+        if length <= _DISCARD_READ_LIMIT:
+            response.read()  # keeps the connection reusable
+    except Exception:
+        pass
+    finally:
+        response.close()
+
+
+async def _discard_async(response: object) -> None:
+    assert isinstance(response, httpcore.Response)
+    try:
+        length = int(dict(response.headers).get(b"content-length", b"0") or 0)
+        if length <= _DISCARD_READ_LIMIT:
+            await response.aread()
+    except Exception:
+        pass
+    finally:
+        await response.aclose()
+
+
+async def _sleep(seconds: float) -> None:
+    # anyio (an httpx dependency) so that asyncio and trio both work.
+    await anyio.sleep(seconds)
+
+
+class AsyncMeshTransport(httpx.AsyncBaseTransport):
+    """The asyncio/trio twin of :class:`MeshTransport` (same arguments, same flow)."""
+
+    def __init__(
+        self,
+        xds_client: XdsClient | None = None,
+        *,
+        runtime: MeshRuntime | None = None,
+        outbound_traffic_policy: OutboundTrafficPolicy = "ALLOW_ANY",
+        raise_on_mesh_error: bool = False,
+        namespace: str | None = None,
+        cluster_domain: str = "cluster.local",
+        mesh_wait: float = 5.0,
+        external_wait: float = 0.5,
+        passthrough: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._core = _MeshCore(
+            xds_client,
+            runtime=runtime,
+            outbound_traffic_policy=outbound_traffic_policy,
+            raise_on_mesh_error=raise_on_mesh_error,
+            namespace=namespace,
+            cluster_domain=cluster_domain,
+            mesh_wait=mesh_wait,
+            external_wait=external_wait,
+        )
+        self._passthrough = passthrough
+        self._pools = _AsyncPools()
+        self._mirror_tasks: set[Any] = set()
+
+    @property
+    def runtime(self) -> MeshRuntime:
+        return self._core.runtime
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        core = self._core
+        url = request.url
+        mt = core.resolver.lookup(url.host, core.port_of(url))
+        target, handle = mt.name, mt.handle
+        verdict = mt.verdict()
+        # Bounded wait for the first answer, without blocking the event loop (a poll: it
+        # happens only for a host's first requests).
+        while verdict is Verdict.UNKNOWN and time.monotonic() < mt.wait_until:
+            await _sleep(0.005)
+            verdict = mt.verdict()
+        state = handle.state()
+        if verdict is not Verdict.MESH:
+            if verdict is Verdict.BROKEN and isinstance(state, TargetError):
+                return core.broken(request, target, state)
+            if core.registry_only:
+                return core.refused(request, target, "not a mesh service (REGISTRY_ONLY)")
+            return await self._pass(request)
+        snapshot = handle.current()
+        if snapshot is None:
+            return await self._pass(request)
+        if core.removed:
+            await self._pools.drain(core.removed)
+        body = await request.aread()
+        app_timeouts = request.extensions.get("timeout", {})
+        extensions = {k: v for k, v in request.extensions.items() if k != "timeout"}
+
+        async def send(action: Send) -> AttemptResult:
+            timeouts = _Timeouts(action, app_timeouts)
+            req = core.upstream_request(action, body, {**extensions, "timeout": timeouts.value})
+            try:
+                resp = await self._pools.get(action).handle_async_request(req)
+            except httpcore.TimeoutException as exc:
+                return core.failure(exc, timeouts)
+            except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
+                return core.failure(exc, timeouts)
+            return AttemptResult(core.outcome_of(resp), resp)
+
+        flow = call_flow(core.runtime, snapshot, core.request_info(request), clock=core.clock)
+        result = await drive_async(
+            flow,
+            send=send,
+            sleep=_sleep,
+            mirror=lambda m: self._mirror(m, body),
+            discard=_discard_async,
+        )
+        if result.local_reply is not None:
+            return core.local_response(result, request, target)
+        resp = result.response
+        assert isinstance(resp, httpcore.Response)
+        return httpx.Response(
+            resp.status,
+            headers=core.response_headers(resp.headers, result),
+            stream=_AsyncStream(resp.stream, result.release),
+            extensions={**resp.extensions, RESULT_EXTENSION: result},
+        )
+
+    async def _pass(self, request: httpx.Request) -> httpx.Response:
+        if self._passthrough is None:
+            self._passthrough = httpx.AsyncHTTPTransport()
+        return await self._passthrough.handle_async_request(request)
+
+    def _mirror(self, action: Mirror, body: bytes) -> None:
+        import sniffio
+
+        if len(self._mirror_tasks) >= _MAX_MIRRORS_IN_FLIGHT:
+            return
+        if sniffio.current_async_library() != "asyncio":
+            return  # fire-and-forget needs a task spawner; trio has no global one
+        import asyncio
+
+        timeout = action.timeout
+        req = self._core.upstream_request(
+            action,
+            body,
+            {"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
+        )
+        pool = self._pools.get(action)
+
+        async def run() -> None:
+            try:
+                resp = await pool.handle_async_request(req)
+                try:
+                    await resp.aread()
+                finally:
+                    await resp.aclose()
+            except Exception as exc:
+                _log.debug("mirror to %s failed: %r", action.host.key, exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._mirror_tasks.add(task)
+        task.add_done_callback(self._mirror_tasks.discard)
+
+    async def aclose(self) -> None:
+        for task in list(self._mirror_tasks):
+            task.cancel()
+        await self._pools.aclose()
+        if self._passthrough is not None:
+            await self._passthrough.aclose()
+        self._core.close()
