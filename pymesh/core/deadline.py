@@ -76,6 +76,12 @@ class Deadlines:
         return self.overall is not None and now >= self.overall
 
     @property
+    def timeout_grpc_status(self) -> int:
+        """The gRPC status of that local reply to a gRPC request: ``DEADLINE_EXCEEDED`` (4)
+        for the stream duration limit, else the router's 504 mapped to ``UNAVAILABLE`` (14)."""
+        return 4 if self.stream_duration else 14
+
+    @property
     def timeout_body(self) -> str:
         """The body of Envoy's local 504 when ``overall`` passes."""
         return "downstream duration timeout" if self.stream_duration else "upstream request timeout"

@@ -64,13 +64,13 @@ def _retry_route(name: str, **policy: Any) -> dict[str, Any]:
     action: dict[str, Any] = {"cluster": "up", "timeout": "10s"}
     if policy:
         action["retry_policy"] = {"retry_back_off": FAST_BACKOFF, **policy}
-    return {"name": name, "match": {"prefix": f"/{name}"}, "route": action}
+    return {"name": name, "match": {"prefix": f"/{name}/"}, "route": action}
 
 
 def _fault_route(name: str, **fault: Any) -> dict[str, Any]:
     return {
         "name": name,
-        "match": {"prefix": f"/{name}"},
+        "match": {"prefix": f"/{name}/"},
         "route": {"cluster": "up", "timeout": "10s"},
         "typed_per_filter_config": {FAULT_FILTER: {"@type": FAULT, **fault}},
     }
@@ -110,8 +110,36 @@ ROUTES: list[dict[str, Any]] = [
     _retry_route("rl", retry_on="envoy-ratelimited,5xx", num_retries=2),
     _retry_route("pertry", retry_on="5xx", num_retries=2, per_try_timeout="0.15s"),
     {
+        "name": "gmax",  # Istio's sidecar routes: no timeout, gRPC timeout header uncapped
+        "match": {"prefix": "/gmax/"},
+        "route": {"cluster": "up", "timeout": "0s", "max_grpc_timeout": "0s"},
+    },
+    {
+        "name": "gcap",
+        "match": {"prefix": "/gcap/"},
+        "route": {"cluster": "up", "timeout": "5s", "max_grpc_timeout": "0.15s"},
+    },
+    {
+        "name": "msd",
+        "match": {"prefix": "/msd/"},
+        "route": {
+            "cluster": "up",
+            "timeout": "5s",
+            "max_stream_duration": {"max_stream_duration": "0.15s"},
+        },
+    },
+    {
+        "name": "gmsd",
+        "match": {"prefix": "/gmsd/"},
+        "route": {
+            "cluster": "up",
+            "timeout": "0.1s",
+            "max_stream_duration": {"grpc_timeout_header_max": "0.15s"},
+        },
+    },
+    {
         "name": "short",
-        "match": {"prefix": "/short"},
+        "match": {"prefix": "/short/"},
         "route": {"cluster": "up", "timeout": "0.2s"},
     },
     _fault_route(
@@ -216,6 +244,20 @@ def _cases() -> list[Case]:
     add(Case("none", ("s400",), (("x-envoy-upstream-rq-timeout-ms", "150"),)))
     add(Case("short", ("s400",)))
     add(Case("short", ("s400",), (("x-envoy-upstream-rq-timeout-ms", "2000"),)))
+    # gRPC timeouts: the router's (UNAVAILABLE) and the stream duration (DEADLINE_EXCEEDED).
+    add(Case("gmax", ("s400",), (("grpc-timeout", "150m"),), grpc=True))
+    add(Case("gmax", ("s400",), (("grpc-timeout", "2S"),), grpc=True))
+    add(Case("gmax", ("s400",), grpc=True))
+    add(Case("gcap", ("s400",), grpc=True))
+    add(Case("gcap", ("s400",), (("grpc-timeout", "5S"),), grpc=True))
+    add(Case("gcap", ("s400",)))  # not gRPC: the route's 5 s
+    add(Case("msd", ("s400",)))
+    add(Case("msd", ("s400",), grpc=True))
+    add(Case("gmsd", ("s400",), (("grpc-timeout", "2S"),), grpc=True))
+    add(Case("gmsd", ("s400",), grpc=True))  # no header: no limit, and no route timeout
+    add(Case("gmsd", ("s400",)))
+    # An upstream Envoy's overload answer.
+    add(Case("r5xx", ("ov503", "200")))
     # Faults.
     add(Case("fhdr", ("200",)))
     for code in ("503", "429", "200", "199", "600", "abc"):
@@ -324,6 +366,9 @@ class _Scripted(BaseHTTPRequestHandler):
         elif action.startswith("g"):
             status = 200
             extra = [("grpc-status", action[1:]), ("content-type", "application/grpc")]
+        elif action.startswith("ov"):
+            status = int(action[2:])
+            extra = [("x-envoy-overloaded", "true")]
         elif action.startswith("rl"):
             status = int(action[2:])
             extra = [("x-envoy-ratelimited", "true")]
@@ -525,7 +570,7 @@ def _request(case: Case) -> RequestInfo:
     if case.grpc:
         headers.append(("content-type", "application/grpc"))
     return RequestInfo(
-        "POST" if case.grpc else "GET", "svc", f"/{case.route}", Headers(headers), grpc=case.grpc
+        "POST" if case.grpc else "GET", "svc", f"/{case.route}/x", Headers(headers), grpc=case.grpc
     )
 
 
@@ -534,7 +579,7 @@ def _envoy(port: int, case: Case, test_id: str) -> Seen:
     try:
         start = time.monotonic()
         method = "POST" if case.grpc else "GET"
-        conn.putrequest(method, f"/{case.route}", skip_accept_encoding=True)
+        conn.putrequest(method, f"/{case.route}/x", skip_accept_encoding=True)
         for k, v in case.headers:
             conn.putheader(k, v)
         if case.grpc:
@@ -574,6 +619,8 @@ def _outcome(action: str, per_try: float | None) -> Outcome | None:
         )
     if action.startswith("rl"):
         return Outcome(status=int(action[2:]), headers=Headers([("x-envoy-ratelimited", "true")]))
+    if action.startswith("ov"):
+        return Outcome(status=int(action[2:]), headers=Headers([("x-envoy-overloaded", "true")]))
     if action.startswith("h"):
         return Outcome(status=int(action[1:]), headers=Headers([("x-upstream-retry", "yes")]))
     return Outcome(status=int(action))
@@ -617,7 +664,11 @@ def _pymesh(config: RouteConfiguration, case: Case) -> Seen:
             and overall < int(act[1:]) / 1000
             and (deadlines.per_try is None or deadlines.per_try >= overall)
         ):
-            return Seen(attempts, 504, None, "upstream request timeout", delayed)
+            if case.grpc:
+                # A gRPC local reply: the router's 504 maps to UNAVAILABLE; the stream
+                # duration limit answers DEADLINE_EXCEEDED.
+                return Seen(attempts, 200, str(deadlines.timeout_grpc_status), "", delayed)
+            return Seen(attempts, 504, None, deadlines.timeout_body, delayed)
         outcome = _outcome(act, deadlines.per_try)
         assert outcome is not None
         if not isinstance(state.should_retry(outcome, budget_ok=True), Retry):

@@ -110,6 +110,7 @@ def test_stream_duration_new_timeouts() -> None:
     d = dl(a)
     assert d.overall == NOW + 4.0 and d.stream_duration
     assert d.timeout_body == "downstream duration timeout"
+    assert d.timeout_grpc_status == 4
     assert dl(RouteAction(cluster="c", max_stream_duration=0.0)).overall is None
     # grpc_timeout_header_max caps the grpc-timeout header; 0 = uncapped.
     g = RouteAction(cluster="c", max_stream_duration=10.0, grpc_timeout_header_max=2.0)
@@ -121,6 +122,7 @@ def test_stream_duration_new_timeouts() -> None:
     h = dl(a, request=req(("x-envoy-upstream-rq-timeout-ms", "500")))
     assert h.overall == NOW + 0.5 and not h.stream_duration
     assert h.timeout_body == "upstream request timeout"
+    assert h.timeout_grpc_status == 14
 
 
 def test_listener_max_stream_duration() -> None:
