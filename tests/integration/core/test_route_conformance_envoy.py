@@ -1329,3 +1329,91 @@ def test_random_tables_route_as_envoy(
     # The table is not degenerate: many routes are chosen, and some requests match nothing.
     assert len(chosen) > 60, chosen
     assert chosen[None] > 0, chosen
+
+
+_LABELS = ["a", "b", "ab", "a-b", "B"]
+_PORTS = ["", "", ":80", ":8080"]
+
+
+def _random_host(rnd: random.Random) -> str:
+    return ".".join(rnd.choice(_LABELS) for _ in range(rnd.randint(1, 3)))
+
+
+def _random_domain(rnd: random.Random) -> str:
+    host = _random_host(rnd).lower()
+    kind = rnd.choice(["exact", "exact", "suffix-dot", "suffix", "prefix-dot", "prefix"])
+    if kind == "suffix-dot":
+        host = "*." + host
+    elif kind == "suffix":
+        host = "*" + host
+    elif kind == "prefix-dot":
+        host = host + ".*"
+    elif kind == "prefix":
+        host = host + "*"
+    return host + (rnd.choice(_PORTS) if not kind.startswith("prefix") else "")
+
+
+def random_vhosts(seed: int, ignore_port: bool) -> tuple[route_pb2.RouteConfiguration, list[Case]]:
+    """Virtual hosts with random exact/suffix/prefix domains (one route each, named after
+    the virtual host) and random authorities."""
+    rnd = random.Random(seed)
+    seen: set[str] = set()
+    vhosts = []
+    for i in range(40):
+        domains = [d for d in {_random_domain(rnd) for _ in range(rnd.randint(1, 3))} - seen]
+        seen.update(domains)
+        if rnd.random() < 0.02 and "*" not in seen:
+            domains.append("*")
+            seen.add("*")
+        if not domains:
+            continue
+        vhosts.append(
+            {
+                "name": f"vh{i}",
+                "domains": sorted(domains),
+                "routes": [
+                    {
+                        "name": f"vh{i}",
+                        "match": {"prefix": "/"},
+                        **_ok(f"vh{i}"),
+                        "response_headers_to_add": [
+                            {"header": {"key": "x-route", "value": f"vh{i}"}}
+                        ],
+                    }
+                ],
+            }
+        )
+    config = {
+        "name": f"vhosts-{seed}",
+        "ignore_port_in_host_matching": ignore_port,
+        "virtual_hosts": vhosts,
+    }
+    cases = [Case("/", authority=_random_host(rnd) + rnd.choice(_PORTS)) for _ in range(800)]
+    return json_format.ParseDict(config, route_pb2.RouteConfiguration()), cases
+
+
+@pytest.mark.parametrize("ignore_port", [False, True], ids=["port-matters", "ignore-port"])
+def test_random_virtual_hosts_as_envoy(
+    ignore_port: bool, tmp_path: Path, envoy_bin: Path, echo_port: int
+) -> None:
+    """Random domains (exact, ``*.x``, ``*x``, ``x.*``, ``x*``, with and without ports) and
+    random authorities: the virtual host chosen agrees with Envoy's."""
+    rc, cases = random_vhosts(seed=7, ignore_port=ignore_port)
+    with run_envoy(tmp_path, envoy_bin, rc, echo_port) as (handle, data):
+        decoded = decode_resource(ResourceType.ROUTE_CONFIGURATION.type_url, data).value
+        assert isinstance(decoded, RouteConfiguration)
+        conn = http.client.HTTPConnection("127.0.0.1", handle.port, timeout=10)
+        mismatches = []
+        chosen = Counter[str | None]()
+        try:
+            for case in cases:
+                want = _send(conn, case).route
+                vhost = select_vhost(decoded, case.authority)
+                got = None if vhost is None else vhost.name
+                chosen[want] += 1
+                if want != got:
+                    mismatches.append(f"{case.authority!r}: envoy {want}; pymesh {got}")
+        finally:
+            conn.close()
+    assert not mismatches, "\n".join(mismatches[:40])
+    assert len(chosen) > 10 and chosen[None] > 0, chosen
