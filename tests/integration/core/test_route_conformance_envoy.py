@@ -1417,3 +1417,55 @@ def test_random_virtual_hosts_as_envoy(
             conn.close()
     assert not mismatches, "\n".join(mismatches[:40])
     assert len(chosen) > 10 and chosen[None] > 0, chosen
+
+
+def test_runtime_fractions_share_one_draw_like_envoy(
+    tmp_path: Path, envoy_bin: Path, echo_port: int
+) -> None:
+    """``runtime_fraction`` routes 30 % then 60 % then a catch-all: with one random value
+    per request shared by all routes (Envoy's stream id), the second route takes the draws in
+    [30, 60) only: about 30/30/40, where independent draws would give 30/42/28. Envoy's
+    split and pymesh's must both show it."""
+
+    def fraction_route(name: str, numerator: int | None) -> dict[str, Any]:
+        match: dict[str, Any] = {"prefix": "/"}
+        if numerator is not None:
+            match["runtime_fraction"] = {"default_value": {"numerator": numerator}}
+        return {
+            "name": name,
+            "match": match,
+            **_ok(name),
+            "response_headers_to_add": [{"header": {"key": "x-route", "value": name}}],
+        }
+
+    config = {
+        "name": "fractions",
+        "virtual_hosts": [
+            {
+                "name": "main",
+                "domains": ["*"],
+                "routes": [
+                    fraction_route("p30", 30),
+                    fraction_route("p60", 60),
+                    fraction_route("rest", None),
+                ],
+            }
+        ],
+    }
+    rc = json_format.ParseDict(config, route_pb2.RouteConfiguration())
+    n = 1000
+    with run_envoy(tmp_path, envoy_bin, rc, echo_port) as (handle, data):
+        decoded = decode_resource(ResourceType.ROUTE_CONFIGURATION.type_url, data).value
+        assert isinstance(decoded, RouteConfiguration)
+        conn = http.client.HTTPConnection("127.0.0.1", handle.port, timeout=10)
+        try:
+            envoy_split = Counter(_send(conn, Case("/")).route for _ in range(n))
+        finally:
+            conn.close()
+    rng = random.Random(5)
+    pymesh_split = Counter(_pymesh(decoded, Case("/"), rng).route for _ in range(n))
+    for split in (envoy_split, pymesh_split):
+        # Shares 0.3/0.3/0.4; 5 points is > 3 standard deviations at n = 1000.
+        assert abs(split["p30"] / n - 0.3) < 0.05, split
+        assert abs(split["p60"] / n - 0.3) < 0.05, split
+        assert abs(split["rest"] / n - 0.4) < 0.05, split
