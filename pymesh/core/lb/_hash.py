@@ -9,8 +9,8 @@ locality-weighted LB is on), and each host is hashed by its ``envoy.lb`` ``hash_
 metadata if set, else its address ``ip:port`` (``[ip6]:port``), exactly as Envoy, so a
 client and an Envoy sidecar with the same endpoints map a hash to the same host.
 
-One deliberate difference: a level that is not in panic but has only DEGRADED hosts builds
-its ring from them (Envoy leaves the ring empty and answers 503).
+As in Envoy, DEGRADED hosts are never on a ring or table: the share of load that the
+priority arithmetic gives to a level's degraded hosts finds no host there (503).
 """
 
 from __future__ import annotations
@@ -58,8 +58,6 @@ def normalized_weights(level: PriorityLevel, locality_weighted: bool) -> list[tu
     in_panic = level.panic
     hosts = level.panic_hosts if in_panic else level.healthy
     per_locality = level.panic_per_locality if in_panic else level.healthy_per_locality
-    if not in_panic and not hosts and level.degraded:
-        hosts, per_locality = level.degraded, level.degraded_per_locality
     out: list[tuple[Host, float]] = []
     if not locality_weighted or not level.localities:
         _normalize_hosts(hosts, 1.0, out)

@@ -87,7 +87,19 @@ CLUSTERS: dict[str, tuple[LbPolicy, bool]] = {
     "maglev_small": (Maglev(table_size=251), True),
     "maglev_ovp": (Maglev(table_size=251), False),
     "ring_ovp": (RingHash(min_ring_size=64), False),
+    "ring_degraded": (RingHash(min_ring_size=64), False),
+    "maglev_degraded": (Maglev(table_size=251), False),
 }
+# P0 holds only a DEGRADED host: 54% of hashes go to P0's degraded share, where a hashing
+# balancer (Envoy and pymesh alike) has no host: 503 "no healthy upstream"
+DEGRADED_LAYOUT: Layout = [
+    (0, 1, HealthStatus.DEGRADED, 0, "a"),
+    (1, 1, HealthStatus.UNHEALTHY, 0, "a"),
+    (2, 1, HealthStatus.HEALTHY, 1, "a"),
+    (3, 1, HealthStatus.UNHEALTHY, 1, "a"),
+    (4, 1, HealthStatus.UNHEALTHY, 1, "a"),
+]
+LAYOUTS = {"ring_degraded": DEGRADED_LAYOUT, "maglev_degraded": DEGRADED_LAYOUT}
 # overprovisioning factor per cluster (default 140): 100 -> P0 gets 50%, 200 -> P0 gets 100%
 FACTORS = {"maglev_ovp": 100, "ring_ovp": 200}
 
@@ -350,7 +362,8 @@ def front_port(
         clusters.append(_envoy_cluster(name, a, rr_policy, lw))
         routes.append({"match": {"prefix": f"/{name}/"}, "route": {"cluster": name}})
     for name, (policy, lw) in CLUSTERS.items():
-        clusters.append(_envoy_cluster(name, _assignment(name, upstream_ports, lw), policy, lw))
+        a = _assignment(name, upstream_ports, lw, LAYOUTS.get(name, LAYOUT))
+        clusters.append(_envoy_cluster(name, a, policy, lw))
         for pname, policies in POLICIES.items():
             routes.append(
                 {
@@ -480,9 +493,10 @@ def test_same_endpoint_as_envoy(front_port: int, upstream_ports: list[int]) -> N
     mismatches: list[str] = []
     compared = 0
     p1_seen = 0
+    no_host = 0
     try:
         for name, (policy, lw) in CLUSTERS.items():
-            a = _assignment(name, upstream_ports, lw)
+            a = _assignment(name, upstream_ports, lw, LAYOUTS.get(name, LAYOUT))
             c = Cluster(
                 name,
                 ClusterKind.STATIC,
@@ -499,7 +513,6 @@ def test_same_endpoint_as_envoy(front_port: int, upstream_ports: list[int]) -> N
                     if h is None:
                         continue
                     expected = lb.pick(PickContext(now=0.0, hash_key=h))
-                    assert expected is not None
                     conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
                     conn.putheader("Host", "lb")
                     for k, v in headers:
@@ -507,18 +520,24 @@ def test_same_endpoint_as_envoy(front_port: int, upstream_ports: list[int]) -> N
                     conn.endheaders()
                     resp = conn.getresponse()
                     body = resp.read().decode()
-                    assert resp.status == 200, (resp.status, body)
                     compared += 1
+                    if expected is None:
+                        no_host += 1
+                        if resp.status != 503:
+                            mismatches.append(f"{path} {headers}: envoy {body}, pymesh no host")
+                        continue
+                    assert resp.status in (200, 503), (resp.status, body)
                     if expected.priority == 1:
                         p1_seen += 1
                     if body != str(expected.address.port):
                         mismatches.append(
-                            f"{path} {headers}: envoy {body}, pymesh {expected.address.port}"
+                            f"{path} {headers}: envoy {body!r}, pymesh {expected.address.port}"
                         )
     finally:
         conn.close()
     assert compared >= 250
     assert p1_seen > 20  # the priority split by hash is exercised
+    assert no_host > 20  # and the degraded-only levels
     assert not mismatches, f"{len(mismatches)}/{compared}:\n" + "\n".join(mismatches[:20])
 
 
