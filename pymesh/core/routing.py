@@ -169,8 +169,10 @@ class _Req:
     def random_value(self) -> int:
         rv = self._rv
         if rv is None:
-            rng = self._rng if self._rng is not None else random
-            rv = self._rv = rng.getrandbits(64)
+            # Never None here: only request_header_matches builds a view without an RNG,
+            # and header matchers draw nothing.
+            assert self._rng is not None
+            rv = self._rv = self._rng.getrandbits(64)
         return rv
 
 
@@ -446,7 +448,7 @@ def header_matches(matcher: HeaderMatcher, headers: Headers) -> bool:
 
 
 def route_request(
-    vhost: VirtualHost, request: RequestInfo, *, rng: random.Random | None = None
+    vhost: VirtualHost, request: RequestInfo, *, rng: random.Random
 ) -> Route | None:
     """The first route of ``vhost`` matching ``request`` (Envoy order), or ``None``
     (Envoy answers 404 ``route_not_found``). ``rng`` feeds ``runtime_fraction``."""
@@ -552,7 +554,7 @@ def select_vhost(config: RouteConfiguration, authority: str) -> VirtualHost | No
 
 
 def match_route(
-    config: RouteConfiguration, request: RequestInfo, *, rng: random.Random | None = None
+    config: RouteConfiguration, request: RequestInfo, *, rng: random.Random
 ) -> RouteResult | None:
     """Virtual host by authority, then the route: ``None`` when either is missing."""
     vhost = select_vhost(config, request.authority)
@@ -582,7 +584,7 @@ def _first_header(request: RequestInfo, name: str) -> str:
 
 
 def pick_cluster(
-    action: RouteAction, request: RequestInfo, *, rng: random.Random | None = None
+    action: RouteAction, request: RequestInfo, *, rng: random.Random
 ) -> ClusterChoice:
     """Envoy's choice: the cluster, the first value of ``cluster_header``, or for
     ``weighted_clusters`` a value drawn uniformly in ``[0, sum of weights)`` located in the
@@ -597,7 +599,7 @@ def pick_cluster(
     total = 0
     for c in clusters:
         total += c.weight
-    draw = (rng if rng is not None else random).getrandbits(64) % total
+    draw = rng.getrandbits(64) % total
     end = 0
     chosen = clusters[-1]
     for c in clusters:
@@ -611,7 +613,7 @@ def pick_cluster(
 
 
 def choose_cluster(
-    action: RouteAction, request: RequestInfo, *, rng: random.Random | None = None
+    action: RouteAction, request: RequestInfo, *, rng: random.Random
 ) -> str:
     """The cluster name :func:`pick_cluster` chooses."""
     return pick_cluster(action, request, rng=rng).name

@@ -146,11 +146,11 @@ def test_match_route_selects_the_virtual_host_first() -> None:
             VirtualHost("other", ("*",), (route("o", prefix("/")),)),
         ),
     )
-    found = match_route(config, req("/", authority="api.example"))
+    found = match_route(config, req("/", authority="api.example"), rng=random.Random(1))
     assert found is not None and found.route.name == "e" and found.vhost.name == "exact"
-    found = match_route(config, req("/", authority="elsewhere"))
+    found = match_route(config, req("/", authority="elsewhere"), rng=random.Random(1))
     assert found is not None and found.route.name == "o"
-    assert match_route(RouteConfiguration("rc"), req("/")) is None
+    assert match_route(RouteConfiguration("rc"), req("/"), rng=random.Random(1)) is None
 
 
 # --------------------------------------------------------------------------- headers
@@ -336,12 +336,14 @@ def test_weighted_clusters_follow_their_weights() -> None:
 
 
 def test_cluster_header_and_weighted_cluster_header() -> None:
-    assert choose_cluster(RouteAction(cluster="c"), req()) == "c"
+    rng = random.Random(1)
+    assert choose_cluster(RouteAction(cluster="c"), req(), rng=rng) == "c"
     action = RouteAction(cluster_header="x-c")
-    assert choose_cluster(action, req("/", ("x-c", "one"), ("x-c", "two"))) == "one"
-    assert choose_cluster(action, req("/")) == ""
+    assert choose_cluster(action, req("/", ("x-c", "one"), ("x-c", "two")), rng=rng) == "one"
+    assert choose_cluster(action, req("/"), rng=rng) == ""
     wc = WeightedCluster("", 1, cluster_header="x-w")
-    choice = pick_cluster(RouteAction(weighted_clusters=(wc,)), req("/", ("x-w", "dyn")))
+    weighted = RouteAction(weighted_clusters=(wc,))
+    choice = pick_cluster(weighted, req("/", ("x-w", "dyn")), rng=rng)
     assert choice == ClusterChoice("dyn", wc)
 
 
@@ -497,7 +499,7 @@ def test_weighted_cluster_mutations_apply_first() -> None:
         ),
     )
     vh = vhost(r)
-    choice = pick_cluster(action, req())
+    choice = pick_cluster(action, req(), rng=random.Random(1))
     out = rewrite_request(r, action, vh, None, req(), choice)
     assert out.authority == "wc.host"
     assert out.headers.get_all("x-wc") == ["1"]
