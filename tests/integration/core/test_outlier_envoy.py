@@ -160,6 +160,42 @@ SCENARIOS = [
 ]
 
 
+@dataclass(frozen=True)
+class IntervalScenario:
+    """The interval algorithms (success rate, failure percentage): five endpoints answer
+    their own pattern (cycled) for a few 1 s intervals."""
+
+    name: str
+    config: dict[str, Any]
+    patterns: tuple[tuple[str, ...], ...]
+
+
+_INTERVAL = {
+    "interval": "1s",
+    "base_ejection_time": "300s",
+    "max_ejection_percent": 100,
+    # Only the interval algorithms may act (500 is no gateway error).
+    "consecutive_5xx": 100000,
+    "success_rate_minimum_hosts": 5,
+    "success_rate_request_volume": 20,
+    "failure_percentage_minimum_hosts": 5,
+    "failure_percentage_request_volume": 20,
+}
+_OK = ("200",)
+INTERVAL_SCENARIOS = [
+    # Rates {25, 100, 100, 100, 100}: threshold 85 - 1.9 * 30 = 28 -> the 25 % host is ejected.
+    IntervalScenario("sr_one", _INTERVAL, (("500", "500", "500", "200"), _OK, _OK, _OK, _OK)),
+    # Rates {0, 50, 100, 100, 100}: threshold 70 - 1.9 * 40 < 0 -> nobody.
+    IntervalScenario("sr_two", _INTERVAL, (("500",), ("500", "200"), _OK, _OK, _OK)),
+    # Failures {90 %, 75 %}: only the first passes the 85 % threshold.
+    IntervalScenario(
+        "fp",
+        {**_INTERVAL, "enforcing_success_rate": 0, "enforcing_failure_percentage": 100},
+        (("500",) * 9 + ("200",), ("500", "500", "500", "200"), _OK, _OK, _OK),
+    ),
+]
+
+
 def _model_config(config: dict[str, Any]) -> OutlierDetection:
     kw = dict(config)
     for key in ("interval", "base_ejection_time", "max_ejection_time"):
@@ -240,13 +276,14 @@ def _bootstrap(refused: str) -> str:
     clusters: list[dict[str, Any]] = []
     routes = []
     ip, port = refused.split(":")
-    for sc in SCENARIOS:
+    for sc in [*SCENARIOS, *INTERVAL_SCENARIOS]:
+        refused_cluster = isinstance(sc, Scenario) and sc.refused
         cluster: dict[str, Any] = {
             "name": sc.name,
             "connect_timeout": "1s",
             "outlier_detection": _envoy_config(sc.config),
         }
-        if sc.refused:
+        if refused_cluster:
             endpoint = {"address": {"socket_address": {"address": ip, "port_value": int(port)}}}
             cluster["type"] = "STATIC"
             cluster["load_assignment"] = {
@@ -490,6 +527,52 @@ def test_detector_counts_what_envoy_counts(
 
         try:
             _wait(settled, 2.0, sc.name)
+        except AssertionError:
+            got = _envoy_stats(envoy.admin, sc.name)
+            diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+            mismatches.append(f"{sc.name}: (envoy, pymesh) {diff}")
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_interval_algorithms_match_envoy(envoy: EnvoyHandle, upstreams: list[str]) -> None:
+    targets = upstreams[:5]
+    for sc in INTERVAL_SCENARIOS:
+        for t in targets:
+            _send(envoy.port, sc.name, t, "200")
+    time.sleep(0.3)
+    # Traffic for several of Envoy's 1 s ticks; every window holds whole pattern cycles'
+    # worth of rates, far from any threshold, whatever the alignment.
+    end = time.monotonic() + 2.8
+    rounds = 0
+    while time.monotonic() < end and rounds < 2000:
+        for sc in INTERVAL_SCENARIOS:
+            for i, pattern in enumerate(sc.patterns):
+                _send(envoy.port, sc.name, targets[i], pattern[rounds % len(pattern)])
+        rounds += 1
+    assert rounds >= 60, f"too little traffic for the volume thresholds ({rounds} rounds)"
+    mismatches = []
+    for sc in INTERVAL_SCENARIOS:
+        hosts = [Host(SocketAddress(t.split(":")[0], int(t.split(":")[1]))) for t in targets]
+        detector = OutlierDetector(
+            _model_config(sc.config), rng=random.Random(0), hosts=hosts, now=0.0
+        )
+        for tick in (1.0, 2.0, 3.0):
+            for r in range(40):
+                for h, pattern in zip(hosts, sc.patterns, strict=True):
+                    detector.record(h, _outcome(pattern[r % len(pattern)]), tick - 0.5)
+            detector.sweep(hosts, tick)
+        want = _pymesh_stats(detector)
+        # The scenarios mean what their comments say.
+        expected = {"sr_one": "success_rate", "sr_two": None, "fp": "failure_percentage"}[sc.name]
+        assert want["ejections_active"] == (expected is not None)
+        if expected is not None:
+            assert want[f"ejections_enforced_{expected}"] == 1
+
+        def settled(name: str = sc.name, want: dict[str, int] = want) -> bool:
+            return _envoy_stats(envoy.admin, name) == want
+
+        try:
+            _wait(settled, 2.5, sc.name)
         except AssertionError:
             got = _envoy_stats(envoy.admin, sc.name)
             diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
