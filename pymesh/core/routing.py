@@ -65,6 +65,7 @@ from pymesh.model.route import (
 __all__ = [
     "ClusterChoice",
     "RouteResult",
+    "auto_host_rewrite",
     "choose_cluster",
     "header_matches",
     "is_grpc_request",
@@ -447,9 +448,7 @@ def header_matches(matcher: HeaderMatcher, headers: Headers) -> bool:
 # --------------------------------------------------------------------------- matching
 
 
-def route_request(
-    vhost: VirtualHost, request: RequestInfo, *, rng: random.Random
-) -> Route | None:
+def route_request(vhost: VirtualHost, request: RequestInfo, *, rng: random.Random) -> Route | None:
     """The first route of ``vhost`` matching ``request`` (Envoy order), or ``None``
     (Envoy answers 404 ``route_not_found``). ``rng`` feeds ``runtime_fraction``."""
     path = request.path
@@ -583,9 +582,7 @@ def _first_header(request: RequestInfo, name: str) -> str:
     return values[0] if values else ""
 
 
-def pick_cluster(
-    action: RouteAction, request: RequestInfo, *, rng: random.Random
-) -> ClusterChoice:
+def pick_cluster(action: RouteAction, request: RequestInfo, *, rng: random.Random) -> ClusterChoice:
     """Envoy's choice: the cluster, the first value of ``cluster_header``, or for
     ``weighted_clusters`` a value drawn uniformly in ``[0, sum of weights)`` located in the
     cumulative weights (clusters of weight 0 are never chosen)."""
@@ -612,9 +609,7 @@ def pick_cluster(
     return ClusterChoice(chosen.name, chosen)
 
 
-def choose_cluster(
-    action: RouteAction, request: RequestInfo, *, rng: random.Random
-) -> str:
+def choose_cluster(action: RouteAction, request: RequestInfo, *, rng: random.Random) -> str:
     """The cluster name :func:`pick_cluster` chooses."""
     return pick_cluster(action, request, rng=rng).name
 
@@ -767,6 +762,23 @@ def rewrite_request(  # noqa: PLR0917 - the positional order is the shared inter
         authority=authority,
         path=path,
         headers=headers,
+        scheme=request.scheme,
+        source_ip=request.source_ip,
+        grpc=request.grpc,
+    )
+
+
+def auto_host_rewrite(action: RouteAction, request: RequestInfo, hostname: str) -> RequestInfo:
+    """``auto_host_rewrite``: once the attempt's endpoint is chosen, its ``hostname`` (EDS
+    ``Endpoint.hostname``, or the DNS name of a DNS cluster) becomes the authority; an empty
+    hostname keeps the request's (Envoy does the same)."""
+    if not action.auto_host_rewrite or not hostname or hostname == request.authority:
+        return request
+    return RequestInfo(
+        method=request.method,
+        authority=hostname,
+        path=request.path,
+        headers=request.headers,
         scheme=request.scheme,
         source_ip=request.source_ip,
         grpc=request.grpc,

@@ -671,3 +671,13 @@ def test_regex_substitute_is_public_for_other_policies() -> None:
     from pymesh.core.routing import regex_substitute
 
     assert regex_substitute(RegexRewrite(StringMatcher.regex("b*"), "-"), "ab") == "-a-"
+
+
+def test_auto_host_rewrite_uses_the_endpoint_hostname() -> None:
+    from pymesh.core.routing import auto_host_rewrite
+
+    on = RouteAction(cluster="c", auto_host_rewrite=True)
+    request = req("/x")
+    assert auto_host_rewrite(on, request, "ep.example").authority == "ep.example"
+    assert auto_host_rewrite(on, request, "") is request
+    assert auto_host_rewrite(RouteAction(cluster="c"), request, "ep.example") is request
