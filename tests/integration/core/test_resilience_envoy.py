@@ -156,6 +156,9 @@ ROUTES: list[dict[str, Any]] = [
         headers=[{"name": "x-user", "string_match": {"exact": "jason"}}],
     ),
     _fault_route("fdelay", delay={"fixed_delay": "0.2s", "percentage": _pct(100)}),
+    _fault_route(
+        "fmax", delay={"fixed_delay": "0.5s", "percentage": _pct(100)}, max_active_faults=2
+    ),
 ]
 
 
@@ -704,3 +707,43 @@ def test_pymesh_policies_decide_what_envoy_does(envoy: tuple[EnvoyHandle, bytes]
         if not same:
             mismatches.append(f"{case}: envoy {got} pymesh {want}")
     assert not mismatches, "\n".join(mismatches[:40])
+
+
+def test_max_active_faults_as_envoy(envoy: tuple[EnvoyHandle, bytes]) -> None:
+    """Four requests at once on a route delaying every request 0.5 s with at most 2 active
+    faults: Envoy delays two, and decide_fault (with the in-flight count) agrees."""
+    handle, data = envoy
+    config = decode_resource(ResourceType.ROUTE_CONFIGURATION.type_url, data).value
+    route = next(r for r in config.virtual_hosts[0].routes if r.name == "fmax")
+    fault = route.typed_per_filter_config[FAULT_FILTER].config
+    assert isinstance(fault, FaultConfig)
+    rng = random.Random(0)
+    active = 0
+    predicted = []
+    for _ in range(4):
+        d = decide_fault(
+            fault, _request(Case("fmax", ("200",))), rng=rng, active_faults=active, cluster="up"
+        )
+        active += d.active
+        predicted.append(d.delay is not None)
+
+    results: list[float] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(4)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        start = time.monotonic()
+        _envoy(handle.port, Case("fmax", ("200",)), f"fmax-{i}-{random.random()}")
+        with lock:
+            results.append(time.monotonic() - start)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(results) == 4
+    delayed = sum(r >= 0.45 for r in results)
+    assert delayed == sum(predicted) == 2
+    assert sum(r < 0.3 for r in results) == 2
