@@ -41,6 +41,7 @@ from google.protobuf import json_format
 
 from pymesh.core.routing import (
     ClusterChoice,
+    auto_host_rewrite,
     pick_cluster,
     redirect_location,
     response_header_ops,
@@ -107,6 +108,9 @@ def _sm(**spec: Any) -> dict[str, Any]:
 
 
 # (name, match, action-or-None for a 200 direct response)
+NAMED_CLUSTER, NAMED_HOST = "echo-named", "ep.example"
+"""A cluster whose endpoint has a hostname (for ``auto_host_rewrite``)."""
+
 ROUTES: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
     ("exact", {"path": "/exact"}, None),
     ("exact-ci", {"path": "/CaseLess", "case_sensitive": False}, None),
@@ -316,6 +320,16 @@ ROUTES: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = [
         },
     ),
     ("fwd-clusterhdr", {"prefix": "/fwd/ch/"}, {"route": {"cluster_header": "x-cluster"}}),
+    (
+        "fwd-auto-host",
+        {"prefix": "/fwd/auto/"},
+        {"route": {"cluster": "echo-named", "auto_host_rewrite": True}},
+    ),
+    (
+        "fwd-auto-host-empty",
+        {"prefix": "/fwd/auto-empty/"},
+        {"route": {"cluster": "echo", "auto_host_rewrite": True}},
+    ),
     ("fwd-psp-rewrite", {"path_separated_prefix": "/fwd/psp"}, _fwd(prefix_rewrite="/p")),
     (
         "fwd-regex-prefix",
@@ -727,6 +741,8 @@ def _cases() -> list[Case]:
     add(Case("/fwd/ch/x", (("x-cluster", "echo"),)))
     add(Case("/fwd/ch/x", (("x-cluster", "echo2"),)))
     add(Case("/fwd/plain/y?q=1", (("x-in", "value"),)))
+    add(Case("/fwd/auto/x"))
+    add(Case("/fwd/auto-empty/x"))
     for p in ["/fwd/psp", "/fwd/psp/a?x=1", "/fwd/pspx", "/fwd/rp/abc?k=v", "/fwd/exact?z"]:
         add(Case(p))
     for p in ["/rps/a?x=1", "/rq/aqb?q=q", "/rpq", "/rpq?b=2"]:
@@ -787,7 +803,7 @@ def echo_port() -> Iterator[int]:
 
 
 def _bootstrap(rc: route_pb2.RouteConfiguration, echo_port: int) -> str:
-    def cluster(name: str) -> dict[str, Any]:
+    def cluster(name: str, hostname: str = "") -> dict[str, Any]:
         return {
             "name": name,
             "type": "STATIC",
@@ -804,7 +820,8 @@ def _bootstrap(rc: route_pb2.RouteConfiguration, echo_port: int) -> str:
                                             "address": "127.0.0.1",
                                             "port_value": echo_port,
                                         }
-                                    }
+                                    },
+                                    "hostname": hostname,
                                 }
                             }
                         ]
@@ -844,7 +861,11 @@ def _bootstrap(rc: route_pb2.RouteConfiguration, echo_port: int) -> str:
                     ],
                 }
             ],
-            "clusters": [cluster("echo"), cluster("echo2")],
+            "clusters": [
+                cluster("echo"),
+                cluster("echo2"),
+                cluster(NAMED_CLUSTER, NAMED_HOST),
+            ],
         },
     }
     # Validate the whole bootstrap against the protos before Envoy sees it.
@@ -1035,6 +1056,8 @@ def _pymesh(config: RouteConfiguration, case: Case, rng: random.Random) -> Seen:
     assert isinstance(action, RouteAction)
     choice: ClusterChoice = pick_cluster(action, request, rng=rng)
     out = rewrite_request(route, action, vhost, config, request, choice)
+    # The endpoint the attempt loop would pick: the test's clusters have one each.
+    out = auto_host_rewrite(action, out, NAMED_HOST if choice.name == NAMED_CLUSTER else "")
     ops = response_header_ops(route, vhost, config, choice.weighted)
     return Seen(
         route.name,
