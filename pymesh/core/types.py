@@ -32,8 +32,11 @@ __all__ = [
 class Headers:
     """An ordered, case-insensitive, multi-valued header list (names stored lower-case).
 
-    ``get`` joins repeated values with ``","`` as Envoy does before matching a header.
-    Immutable: the ``with_*`` methods return a new object.
+    ``get`` joins repeated values with ``","`` (the single-string view of a header, as for a
+    hash key). Route header *matching* is not done on that view: Envoy 1.40 matches a repeated
+    header when any one of its values matches (see ``pymesh.core.routing``, checked against a
+    real Envoy), so matchers use ``get_all``. Immutable: the ``with_*`` methods return a new
+    object.
     """
 
     __slots__ = ("_items",)
