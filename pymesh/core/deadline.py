@@ -40,9 +40,12 @@ __all__ = [
     "CONSUMED_REQUEST_HEADERS",
     "Deadlines",
     "call_deadlines",
+    "format_grpc_timeout",
     "parse_grpc_timeout",
 ]
 
+DEFAULT_STREAM_IDLE_TIMEOUT = 300.0
+"""Envoy's HCM ``stream_idle_timeout`` when unset (seconds)."""
 HEADER_RQ_TIMEOUT = "x-envoy-upstream-rq-timeout-ms"
 HEADER_PER_TRY_TIMEOUT = "x-envoy-upstream-rq-per-try-timeout-ms"
 CONSUMED_REQUEST_HEADERS = (HEADER_RQ_TIMEOUT, HEADER_PER_TRY_TIMEOUT)
@@ -64,6 +67,40 @@ class Deadlines:
     per_try: float | None
     per_try_idle: float | None = None
     stream_duration: bool = False
+    idle: float | None = None
+    """Seconds the stream may stay without activity: the route's ``idle_timeout``, else the
+    listener's ``stream_idle_timeout`` (Envoy's default 300 s); 0 = none. When it passes
+    before the response starts, Envoy answers 504 ``stream timeout``."""
+    router_timeout: float | None = None
+    """The router's own timeout (route, ``x-envoy-upstream-rq-timeout-ms`` or gRPC
+    ``max_grpc_timeout``), seconds; ``None`` = none."""
+    rewrite_grpc_timeout: bool = False
+    """A gRPC request on a ``max_grpc_timeout`` route: each attempt's ``grpc-timeout`` header
+    is rewritten to the time it has (Envoy's router does so)."""
+
+    def attempt_headers(
+        self, elapsed: float, *, expected_timeout_header: bool = True
+    ) -> tuple[tuple[str, str], ...]:
+        """Headers to set on an attempt starting ``elapsed`` seconds into the call, as
+        Envoy's router sets them (``setTimeoutHeaders``): ``x-envoy-expected-rq-timeout-ms``
+        (the per-try timeout, else the router timeout, capped by what is left of the router
+        timeout; omitted when the router config has ``suppress_envoy_headers``), and the
+        rewritten ``grpc-timeout`` (see :attr:`rewrite_grpc_timeout`)."""
+        global_ms = round(self.router_timeout * 1000) if self.router_timeout else 0
+        expected = round(self.per_try * 1000) if self.per_try else 0
+        if expected == 0:
+            expected = global_ms
+        if expected <= 0:
+            return ()
+        if global_ms > 0:
+            used = int(elapsed * 1000)
+            expected = 1 if used >= global_ms else min(expected, global_ms - used)
+        out: list[tuple[str, str]] = []
+        if expected_timeout_header:
+            out.append(("x-envoy-expected-rq-timeout-ms", str(expected)))
+        if self.rewrite_grpc_timeout:
+            out.append(("grpc-timeout", format_grpc_timeout(expected)))
+        return tuple(out)
 
     def attempt_deadline(self, now: float) -> float | None:
         """The monotonic deadline of an attempt starting at ``now``."""
@@ -85,6 +122,23 @@ class Deadlines:
     def timeout_body(self) -> str:
         """The body of Envoy's local 504 when ``overall`` passes."""
         return "downstream duration timeout" if self.stream_duration else "upstream request timeout"
+
+
+def format_grpc_timeout(millis: int) -> str:
+    """A ``grpc-timeout`` header value for ``millis`` ms as Envoy writes it: milliseconds,
+    or (truncating) seconds, minutes, hours when more than 8 digits are needed."""
+    value, unit = max(0, millis), "m"
+    if value > _GRPC_MAX_VALUE:
+        value, unit = value // 1000, "S"
+    while value > _GRPC_MAX_VALUE:
+        if unit == "H":
+            value = _GRPC_MAX_VALUE
+        else:
+            value, unit = value // 60, "M" if unit == "S" else "H"
+    return f"{value}{unit}"
+
+
+_GRPC_MAX_VALUE = 99_999_999
 
 
 def parse_grpc_timeout(value: str | None) -> float | None:
@@ -163,11 +217,13 @@ def call_deadlines(
     *,
     now: float,
     max_stream_duration: float | None,
+    stream_idle_timeout: float | None = None,
 ) -> Deadlines:
     """The deadlines of a call starting at ``now`` (monotonic seconds).
 
     ``action`` is the matched route's action (``None``: Envoy's defaults), ``retry`` the
-    resolved retry policy, ``max_stream_duration`` the listener's (HCM) limit.
+    resolved retry policy, ``max_stream_duration`` and ``stream_idle_timeout`` the
+    listener's (HCM) settings (``None`` = unset).
     """
     rq_header, per_try_header, grpc_header = _timeout_headers(request.headers)
     grpc_timeout = parse_grpc_timeout(grpc_header)
@@ -195,4 +251,21 @@ def call_deadlines(
         overall = now + stream
         from_stream = True
     per_try_idle = retry.per_try_idle_timeout if retry is not None else None
-    return Deadlines(overall, per_try, per_try_idle or None, from_stream)
+    idle = action.idle_timeout if action is not None else None
+    if idle is None:
+        idle = DEFAULT_STREAM_IDLE_TIMEOUT if stream_idle_timeout is None else stream_idle_timeout
+    rewrite = (
+        request.grpc
+        and not new_timeouts
+        and action is not None
+        and action.max_grpc_timeout is not None
+    )
+    return Deadlines(
+        overall,
+        per_try,
+        per_try_idle or None,
+        from_stream,
+        idle or None,
+        router or None,
+        rewrite,
+    )

@@ -406,7 +406,10 @@ class RetryState:
                 # A44 retries on status codes only; a per-try deadline or a reset fails the
                 # call (the transport reports those as a status, e.g. UNAVAILABLE).
                 return False
-            if reset is ResetKind.CONNECT_FAILURE and "connect-failure" in self.retry_on:
+            if reset is ResetKind.CONNECT_FAILURE and (
+                "connect-failure" in self.retry_on or "reset-before-request" in self.retry_on
+            ):
+                # A connect failure is also a reset before any request byte went upstream.
                 return True
             if reset is ResetKind.REFUSED_STREAM and "refused-stream" in self.retry_on:
                 return True

@@ -259,6 +259,16 @@ def _cases() -> list[Case]:
     add(Case("gmsd", ("s400",), (("grpc-timeout", "2S"),), grpc=True))
     add(Case("gmsd", ("s400",), grpc=True))  # no header: no limit, and no route timeout
     add(Case("gmsd", ("s400",)))
+    # The timeout headers the upstream sees (x-envoy-expected-rq-timeout-ms, grpc-timeout).
+    add(Case("pertry", ("200",)))
+    add(Case("r5xx", ("200",), (("x-envoy-upstream-rq-per-try-timeout-ms", "150"),)))
+    add(Case("none", ("200",), (("x-envoy-upstream-rq-timeout-ms", "3000"),)))
+    add(Case("none", ("200",), (("x-envoy-upstream-rq-timeout-ms", "0"),)))
+    add(Case("gcap", ("200",), grpc=True))
+    add(Case("gcap", ("200",), (("grpc-timeout", "100m"),), grpc=True))
+    add(Case("gcap", ("200",)))
+    add(Case("msd", ("200",)))
+    add(Case("short", ("200",)))
     # An upstream Envoy's overload answer.
     add(Case("r5xx", ("ov503", "200")))
     # Faults.
@@ -385,6 +395,10 @@ class _Scripted(BaseHTTPRequestHandler):
             for k, v in extra:
                 self.send_header(k, v)
             self.send_header("x-attempt", str(n))
+            for name in ("x-envoy-expected-rq-timeout-ms", "grpc-timeout"):
+                value = self.headers.get(name)
+                if value is not None:
+                    self.send_header(f"x-seen-{name}", value)
             self.send_header("content-length", "0")
             self.end_headers()
         except OSError:
@@ -566,6 +580,8 @@ class Seen:
     grpc_status: str | None = None
     body: str = ""
     delayed: bool = False
+    timeout_headers: tuple[tuple[str, str], ...] | None = None
+    """The timeout headers the (last) upstream attempt carried; ``None`` = not compared."""
 
 
 def _request(case: Case) -> RequestInfo:
@@ -601,7 +617,12 @@ def _envoy(port: int, case: Case, test_id: str) -> Seen:
         attempts = COUNTS.attempts.get(test_id, 0)
     # Only fault routes are checked for delays (retried timeouts are slow too).
     delayed = case.route.startswith("f") and elapsed >= 0.18
-    return Seen(attempts, resp.status, resp.getheader("grpc-status"), body, delayed)
+    seen = tuple(
+        (name, v)
+        for name in ("x-envoy-expected-rq-timeout-ms", "grpc-timeout")
+        if (v := resp.getheader(f"x-seen-{name}")) is not None
+    )
+    return Seen(attempts, resp.status, resp.getheader("grpc-status"), body, delayed, seen)
 
 
 _HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
@@ -681,7 +702,9 @@ def _pymesh(config: RouteConfiguration, case: Case) -> Seen:
     if outcome.reset is not None:
         return Seen(attempts, 503, None, "", delayed)
     grpc = outcome.headers.get("grpc-status")
-    return Seen(attempts, outcome.status or 0, grpc, "", delayed)
+    # Envoy's timeout headers on the first attempt (later ones depend on elapsed time).
+    headers = deadlines.attempt_headers(0.0) if attempts == 1 else None
+    return Seen(attempts, outcome.status or 0, grpc, "", delayed, headers)
 
 
 def test_case_count() -> None:
@@ -703,6 +726,8 @@ def test_pymesh_policies_decide_what_envoy_does(envoy: tuple[EnvoyHandle, bytes]
             want.delayed,
         )
         if want.body and want.body not in got.body:
+            same = False
+        if want.timeout_headers is not None and want.timeout_headers != got.timeout_headers:
             same = False
         if not same:
             mismatches.append(f"{case}: envoy {got} pymesh {want}")

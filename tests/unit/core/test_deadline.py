@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pymesh.core.deadline import Deadlines, call_deadlines, parse_grpc_timeout
+from pymesh.core.deadline import Deadlines, call_deadlines, format_grpc_timeout, parse_grpc_timeout
 from pymesh.core.types import Headers, RequestInfo
 from pymesh.model.route import RetryPolicy, RouteAction
 
@@ -137,3 +137,82 @@ def test_expired() -> None:
     d = dl(RouteAction(cluster="c", timeout=1.0))
     assert not d.expired(NOW + 0.999) and d.expired(NOW + 1.0)
     assert not Deadlines(None, None).expired(1e12)
+
+
+def test_idle_timeout() -> None:
+    assert dl(RouteAction(cluster="c")).idle == 300.0  # Envoy's stream_idle_timeout default
+    assert dl(RouteAction(cluster="c", idle_timeout=2.0)).idle == 2.0
+    assert dl(RouteAction(cluster="c", idle_timeout=0.0)).idle is None
+    hcm = call_deadlines(
+        RouteAction(cluster="c"),
+        None,
+        req(),
+        now=NOW,
+        max_stream_duration=None,
+        stream_idle_timeout=7.0,
+    )
+    assert hcm.idle == 7.0
+    off = call_deadlines(
+        RouteAction(cluster="c"),
+        None,
+        req(),
+        now=NOW,
+        max_stream_duration=None,
+        stream_idle_timeout=0.0,
+    )
+    assert off.idle is None
+
+
+@pytest.mark.parametrize(
+    ("millis", "text"),
+    [
+        (150, "150m"),
+        (0, "0m"),
+        (99_999_999, "99999999m"),
+        (100_000_000, "100000S"),
+        (99_999_999_999, "99999999S"),
+        (100_000_000_000, "1666666M"),
+        (10**14, "27777777H"),
+        (10**20, "99999999H"),
+    ],
+)
+def test_format_grpc_timeout(millis: int, text: str) -> None:
+    assert format_grpc_timeout(millis) == text
+    # Round trip within the unit's precision.
+    parsed = parse_grpc_timeout(text)
+    assert parsed is not None and parsed <= millis / 1000 + 1e-9
+
+
+def test_attempt_headers_as_envoys_set_timeout_headers() -> None:
+    r = RetryPolicy(retry_on=frozenset({"5xx"}), per_try_timeout=0.25)
+    d = dl(RouteAction(cluster="c", timeout=1.0), r)
+    assert d.attempt_headers(0.0) == (("x-envoy-expected-rq-timeout-ms", "250"),)
+    # Late in the call the rest of the router timeout is the cap; past it, 1 ms.
+    assert d.attempt_headers(0.9) == (("x-envoy-expected-rq-timeout-ms", "100"),)
+    assert d.attempt_headers(1.5) == (("x-envoy-expected-rq-timeout-ms", "1"),)
+    assert d.attempt_headers(0.0, expected_timeout_header=False) == ()
+    # No per-try timeout: the router timeout; no timeout at all: nothing.
+    assert dl(RouteAction(cluster="c", timeout=2.0)).attempt_headers(0.5) == (
+        ("x-envoy-expected-rq-timeout-ms", "1500"),
+    )
+    assert dl(RouteAction(cluster="c", timeout=0.0)).attempt_headers(0.0) == ()
+    # Per-try timeout without a router timeout: uncapped.
+    assert dl(RouteAction(cluster="c", timeout=0.0), r).attempt_headers(9.0) == (
+        ("x-envoy-expected-rq-timeout-ms", "250"),
+    )
+    # gRPC on a max_grpc_timeout route: grpc-timeout is rewritten too.
+    g = dl(
+        RouteAction(cluster="c", timeout=0.0, max_grpc_timeout=0.0),
+        request=req(("grpc-timeout", "3S"), grpc=True),
+    )
+    assert g.rewrite_grpc_timeout
+    assert g.attempt_headers(1.0) == (
+        ("x-envoy-expected-rq-timeout-ms", "2000"),
+        ("grpc-timeout", "2000m"),
+    )
+    # Not with Envoy's new timeouts (max_stream_duration).
+    n = dl(
+        RouteAction(cluster="c", max_grpc_timeout=0.0, max_stream_duration=5.0),
+        request=req(("grpc-timeout", "3S"), grpc=True),
+    )
+    assert not n.rewrite_grpc_timeout and n.attempt_headers(0.0) == ()
