@@ -8,7 +8,7 @@ Usage::
         server.set_resources(CDS, {"c1": cluster_proto})     # version "1", pushed to streams
         bootstrap = server.bootstrap()              # a pymesh Bootstrap pointing at it
         ...
-        ack = server.wait_for_request(lambda r: r.type_url == CDS and r.version_info == "1")
+        ack = server.wait_for_ack(CDS, "1")         # or wait_for_request(predicate)
         nack = server.wait_for_nack(CDS)            # a request with error_detail
         server.stop(); server.start()               # restart on the same port
         server.kill_streams()                       # abort every open stream (UNAVAILABLE)
@@ -38,6 +38,13 @@ Behaviour, kept simple and predictable:
   request as a proto) and can be waited for. ``delay`` seconds are slept before each response.
 - ``wrap_in_resource=True`` sends SotW resources inside ``envoy.service.discovery.v3.Resource``
   wrappers (as some servers do).
+- ``unix_path=`` serves on a ``unix:`` socket instead; ``tls=(key_pem, chain_pem)`` serves
+  TLS (then pass ``channel_creds={"type": "tls", "config": {...}}`` to ``bootstrap()``).
+- ``bootstrap(extra_servers=[...])`` lists fallback servers after this one;
+  ``bootstrap(server_features=[...])`` sets e.g. ``ignore_resource_deletion`` or
+  ``pymesh.delta``.
+- ``push_raw(type_url, [(type_url, bytes)])`` sends one hand-made SotW response;
+  ``auto_respond = False`` stops all automatic responses.
 """
 
 from __future__ import annotations
