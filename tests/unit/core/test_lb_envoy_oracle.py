@@ -205,6 +205,7 @@ def _rr(name: str) -> tuple[Layout, bool, LbPolicy]:
 POLICIES: dict[str, tuple[HashPolicy, ...]] = {
     "all": (HeaderHash("x-key"), CookieHash("sess"), QueryParameterHash("q")),
     "terminal": (HeaderHash("x-key", terminal=True), QueryParameterHash("q")),
+    "sticky": (CookieHash("sess", ttl=60.0, path="/"),),
 }
 
 
@@ -212,7 +213,12 @@ def _envoy_hash_policy(policy: HashPolicy) -> dict[str, Any]:
     if isinstance(policy, HeaderHash):
         return {"header": {"header_name": policy.header_name}, "terminal": policy.terminal}
     if isinstance(policy, CookieHash):
-        return {"cookie": {"name": policy.name}, "terminal": policy.terminal}
+        cookie: dict[str, Any] = {"name": policy.name}
+        if policy.ttl is not None:
+            cookie["ttl"] = f"{policy.ttl:g}s"
+        if policy.path:
+            cookie["path"] = policy.path
+        return {"cookie": cookie, "terminal": policy.terminal}
     assert isinstance(policy, QueryParameterHash)
     return {"query_parameter": {"name": policy.name}, "terminal": policy.terminal}
 
@@ -584,3 +590,56 @@ def test_round_robin_distribution_as_envoy(
     expected = {port: n * count / 100_000 for port, count in ours.items()}
     stat = sum((theirs.get(p, 0) - e) ** 2 / e for p, e in expected.items())
     assert stat < CHI2_999[len(expected) - 1], (stat, theirs, expected)
+
+
+@pytest.mark.parametrize("name", ["ring", "maglev"])
+def test_generated_sticky_cookie_as_envoy(
+    name: str, front_port: int, upstream_ports: list[int]
+) -> None:
+    """Cookie hash with a ttl and no cookie: Envoy answers with the same Set-Cookie that
+    ``request_hash(..., set_cookies=...)`` produces (value seeded by the client address),
+    routes by it, and the cookie then keeps the client on that endpoint."""
+    policy, lw = CLUSTERS[name]
+    a = _assignment(name, upstream_ports, lw, LAYOUTS.get(name, LAYOUT))
+    c = Cluster(
+        name,
+        ClusterKind.STATIC,
+        lb_policy=policy,
+        common_lb_config=CommonLbConfig(locality_weighted=lw),
+    )
+    hosts = build_hosts(a, {})
+    lb = build_load_balancer(c, list(hosts.values()), a, now=0.0, rng=random.Random(0))
+    policies = POLICIES["sticky"]
+    for _ in range(3):  # new connections: new client ports, new cookie values
+        conn = http.client.HTTPConnection("127.0.0.1", front_port, timeout=10)
+        try:
+            conn.connect()
+            assert conn.sock is not None
+            ip, port = conn.sock.getsockname()[:2]
+            path = f"/{name}/sticky/x"
+            request = RequestInfo("GET", "lb", path)
+            set_cookies: list[str] = []
+            h = request_hash(
+                policies,
+                request,
+                set_cookies=set_cookies,
+                cookie_seed=f"{ip}:{port}127.0.0.1:{front_port}",  # Envoy: remote + local
+            )
+            assert h is not None and len(set_cookies) == 1
+            expected = lb.pick(PickContext(now=0.0, hash_key=h))
+            assert expected is not None
+            conn.request("GET", path, headers={"Host": "lb"})
+            resp = conn.getresponse()
+            body = resp.read().decode()
+            assert resp.status == 200, body
+            assert resp.getheader("set-cookie") == set_cookies[0]
+            assert body == str(expected.address.port)
+            # the cookie pins later requests, in pymesh as in Envoy
+            cookie = set_cookies[0].split(";", 1)[0]
+            again = RequestInfo("GET", "lb", path, Headers([("cookie", cookie)]))
+            assert request_hash(policies, again) == h
+            conn.request("GET", path, headers={"Host": "lb", "Cookie": cookie})
+            resp = conn.getresponse()
+            assert resp.read().decode() == body and resp.getheader("set-cookie") is None
+        finally:
+            conn.close()

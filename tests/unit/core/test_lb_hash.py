@@ -229,3 +229,25 @@ def test_policies_combine_and_terminal_stops() -> None:
     # terminal with a hash stops; terminal without one does not
     assert request_hash((HeaderHash("a", terminal=True), b), r) == x("1")
     assert request_hash((HeaderHash("zz", terminal=True), b), r) == x("2")
+
+
+def test_generated_cookie_when_missing_with_ttl() -> None:
+    policies = (CookieHash("sess", ttl=3600.0, path="/api"),)
+    r = _req(ip="10.1.1.1")
+    # without a list for Set-Cookie values the policy cannot generate: no hash
+    assert request_hash(policies, r) is None
+    out: list[str] = []
+    h = request_hash(policies, r, set_cookies=out)
+    value = f"{x('10.1.1.1'):016x}"
+    assert out == [f'sess="{value}"; Max-Age=3600; Path=/api; HttpOnly']
+    assert h == x(value)
+    # the client sends it back: same hash, nothing more to set
+    back = _req([("cookie", out[0].split(";", 1)[0])], ip="10.1.1.1")
+    more: list[str] = []
+    assert request_hash(policies, back, set_cookies=more) == h and more == []
+    # an explicit seed (Envoy: remote + local address), a session cookie (ttl 0), no path
+    out = []
+    request_hash((CookieHash("s", ttl=0.0),), _req(), set_cookies=out, cookie_seed="a:1b:2")
+    assert out == [f's="{x("a:1b:2"):016x}"; HttpOnly']
+    # an empty cookie counts as missing (Envoy)
+    assert request_hash((CookieHash("sess"),), _req([("cookie", "sess=")])) is None

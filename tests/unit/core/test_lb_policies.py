@@ -174,7 +174,12 @@ def test_public_surface_is_pinned() -> None:
     import pymesh.core.lb
 
     assert pymesh.core.lb.__all__ == ["build_hosts", "build_load_balancer"]
-    assert pymesh.core.hashing.__all__ == ["cookie_value", "query_parameter", "request_hash"]
+    assert pymesh.core.hashing.__all__ == [
+        "cookie_value",
+        "query_parameter",
+        "request_hash",
+        "set_cookie_value",
+    ]
 
 
 def test_edf_schedule_survives_concurrent_picks() -> None:
