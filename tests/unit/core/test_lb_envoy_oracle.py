@@ -52,7 +52,13 @@ from pymesh.model.endpoint import (
     LbEndpoint,
     LocalityLbEndpoints,
 )
-from pymesh.model.route import CookieHash, HashPolicy, HeaderHash, QueryParameterHash
+from pymesh.model.route import (
+    ConnectionSourceIpHash,
+    CookieHash,
+    HashPolicy,
+    HeaderHash,
+    QueryParameterHash,
+)
 
 pytestmark = pytest.mark.envoy
 
@@ -206,6 +212,7 @@ POLICIES: dict[str, tuple[HashPolicy, ...]] = {
     "all": (HeaderHash("x-key"), CookieHash("sess"), QueryParameterHash("q")),
     "terminal": (HeaderHash("x-key", terminal=True), QueryParameterHash("q")),
     "sticky": (CookieHash("sess", ttl=60.0, path="/"),),
+    "ip": (HeaderHash("x-key", terminal=True), ConnectionSourceIpHash()),
 }
 
 
@@ -219,6 +226,8 @@ def _envoy_hash_policy(policy: HashPolicy) -> dict[str, Any]:
         if policy.path:
             cookie["path"] = policy.path
         return {"cookie": cookie, "terminal": policy.terminal}
+    if isinstance(policy, ConnectionSourceIpHash):
+        return {"connection_properties": {"source_ip": True}, "terminal": policy.terminal}
     assert isinstance(policy, QueryParameterHash)
     return {"query_parameter": {"name": policy.name}, "terminal": policy.terminal}
 
@@ -514,7 +523,9 @@ def test_same_endpoint_as_envoy(front_port: int, upstream_ports: list[int]) -> N
             for pname, policies in POLICIES.items():
                 for headers, query in _cases(rng, 60):
                     path = f"/{name}/{pname}/x{query}"
-                    request = RequestInfo("GET", "lb", path, Headers(headers))
+                    request = RequestInfo(
+                        "GET", "lb", path, Headers(headers), source_ip="127.0.0.1"
+                    )
                     h = request_hash(policies, request)
                     if h is None:
                         continue
