@@ -35,9 +35,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from google.protobuf import json_format
 
+from pymesh.core.deadline import CONSUMED_REQUEST_HEADERS as TIMEOUT_HEADERS
 from pymesh.core.deadline import call_deadlines
 from pymesh.core.fault import decide_fault
-from pymesh.core.retry import Retry, RetryState
+from pymesh.core.retry import CONSUMED_REQUEST_HEADERS as RETRY_HEADERS
+from pymesh.core.retry import Retry, RetryState, strip_consumed
 from pymesh.core.types import Headers, Outcome, RequestInfo, ResetKind
 from pymesh.model.http_filters import FaultConfig
 from pymesh.model.route import RouteAction, RouteConfiguration
@@ -353,6 +355,11 @@ class _Counts:
 
 
 COUNTS = _Counts()
+CONTROL_HEADERS = frozenset(RETRY_HEADERS + TIMEOUT_HEADERS) | {
+    "x-envoy-fault-abort-request",
+    "x-envoy-fault-delay-request",
+}
+"""Request headers whose forwarding upstream is compared (Envoy consumes the first group)."""
 
 
 class _Scripted(BaseHTTPRequestHandler):
@@ -399,6 +406,8 @@ class _Scripted(BaseHTTPRequestHandler):
                 value = self.headers.get(name)
                 if value is not None:
                     self.send_header(f"x-seen-{name}", value)
+            control = sorted(k.lower() for k in self.headers if k.lower() in CONTROL_HEADERS)
+            self.send_header("x-seen-control", ",".join(control))
             self.send_header("content-length", "0")
             self.end_headers()
         except OSError:
@@ -582,6 +591,8 @@ class Seen:
     delayed: bool = False
     timeout_headers: tuple[tuple[str, str], ...] | None = None
     """The timeout headers the (last) upstream attempt carried; ``None`` = not compared."""
+    forwarded_control: str | None = None
+    """Which of ``CONTROL_HEADERS`` reached the upstream; ``None`` = not compared."""
 
 
 def _request(case: Case) -> RequestInfo:
@@ -622,7 +633,15 @@ def _envoy(port: int, case: Case, test_id: str) -> Seen:
         for name in ("x-envoy-expected-rq-timeout-ms", "grpc-timeout")
         if (v := resp.getheader(f"x-seen-{name}")) is not None
     )
-    return Seen(attempts, resp.status, resp.getheader("grpc-status"), body, delayed, seen)
+    return Seen(
+        attempts,
+        resp.status,
+        resp.getheader("grpc-status"),
+        body,
+        delayed,
+        seen,
+        resp.getheader("x-seen-control"),
+    )
 
 
 _HTTP_TO_GRPC = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
@@ -704,7 +723,9 @@ def _pymesh(config: RouteConfiguration, case: Case) -> Seen:
     grpc = outcome.headers.get("grpc-status")
     # Envoy's timeout headers on the first attempt (later ones depend on elapsed time).
     headers = deadlines.attempt_headers(0.0) if attempts == 1 else None
-    return Seen(attempts, outcome.status or 0, grpc, "", delayed, headers)
+    forwarded = strip_consumed(request.headers, RETRY_HEADERS + TIMEOUT_HEADERS)
+    control = ",".join(sorted(k for k, _ in forwarded if k in CONTROL_HEADERS))
+    return Seen(attempts, outcome.status or 0, grpc, "", delayed, headers, control)
 
 
 def test_case_count() -> None:
@@ -728,6 +749,8 @@ def test_pymesh_policies_decide_what_envoy_does(envoy: tuple[EnvoyHandle, bytes]
         if want.body and want.body not in got.body:
             same = False
         if want.timeout_headers is not None and want.timeout_headers != got.timeout_headers:
+            same = False
+        if want.forwarded_control is not None and want.forwarded_control != got.forwarded_control:
             same = False
         if not same:
             mismatches.append(f"{case}: envoy {got} pymesh {want}")
