@@ -115,6 +115,7 @@ __all__ = [
 ]
 
 _CONSUMED = (*RETRY_HEADERS, *TIMEOUT_HEADERS)
+_CONSUMED_SET = frozenset(_CONSUMED)
 
 MAX_ATTEMPTS = 100
 """Hard cap on attempts of one call, whatever the retry policy says (bounded loops)."""
@@ -493,12 +494,12 @@ def call_flow(
 
     # 5. rewrite
     upstream = rewrite_request(route, action, vhost, snapshot.route_config, request, choice)
-    headers = strip_consumed(upstream.headers, _CONSUMED)
-    if headers is not upstream.headers:
-        upstream = _with_headers(upstream, headers)
+    names = {k for k, _ in upstream.headers}
+    if not names.isdisjoint(_CONSUMED_SET):
+        upstream = _with_headers(upstream, strip_consumed(upstream.headers, _CONSUMED))
     response_ops = response_header_ops(route, vhost, snapshot.route_config, choice.weighted)
     ctx.ops = response_ops or None
-    if "x-request-id" not in upstream.headers:
+    if "x-request-id" not in names:
         request_id = _request_id(rng)
         upstream = _with_headers(upstream, upstream.headers.with_added("x-request-id", request_id))
 

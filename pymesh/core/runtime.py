@@ -48,7 +48,7 @@ from pymesh.core.lb import build_hosts, build_load_balancer
 from pymesh.core.limits import ClusterLimits
 from pymesh.core.outlier import OutlierDetector
 from pymesh.core.types import Host, LoadBalancer, PickContext
-from pymesh.model.cluster import UpstreamProtocol
+from pymesh.model.cluster import ClusterKind, UpstreamProtocol
 from pymesh.model.common import Locality
 from pymesh.model.snapshot import ClusterConfig, TargetError, TargetSnapshot
 
@@ -352,7 +352,10 @@ class MeshRuntime:
     ) -> ClusterRuntime | None:
         """The cluster runtime to send to: ``entry`` itself, or for an aggregate cluster the
         first leaf (in priority order) with a usable host (else the first leaf)."""
-        if not entry.is_aggregate:
+        if entry.cluster.kind is not ClusterKind.AGGREGATE:
+            rt = self._clusters.get(entry.name)
+            if rt is not None and rt.config is entry:
+                return rt
             return self.cluster_for(entry, now)
         first: ClusterRuntime | None = None
         for name in entry.leaf_clusters:

@@ -154,6 +154,28 @@ class _Timeouts:
         self.connect_source = source
 
 
+class _RawHeaders(Headers):
+    """Response headers decoded only if a policy looks at them (most never do: a 200 is
+    final without reading a header), saving a decode per request on the hot path.
+
+    ``Headers`` keeps its items in the ``_items`` slot; this subclass leaves it unset and
+    fills it on first access (``__getattr__`` runs only for an attribute not found).
+    ``tests/unit/core/test_flow.py`` checks it behaves as a ``Headers``.
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "_items":
+            raise AttributeError(name)
+        items = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in self._raw)
+        self._items = items
+        return items
+
+
 class _MeshCore:
     """The transport half shared by sync and async: no I/O."""
 
@@ -254,10 +276,13 @@ class _MeshCore:
 
     @staticmethod
     def outcome_of(response: httpcore.Response) -> Outcome:
-        headers = Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers)
-        grpc = headers.get("grpc-status")
-        grpc_status = int(grpc) if grpc is not None and grpc.isdigit() else None
-        return Outcome(status=response.status, grpc_status=grpc_status, headers=headers)
+        raw = response.headers
+        grpc_status = None
+        for k, v in raw:
+            if k.lower() == b"grpc-status" and v.isdigit():
+                grpc_status = int(v)
+                break
+        return Outcome(status=response.status, grpc_status=grpc_status, headers=_RawHeaders(raw))
 
     def failure(self, exc: Exception, timeouts: _Timeouts) -> AttemptResult:
         """An attempt failed with ``exc``: the flow's outcome, or raise (the app's own

@@ -475,3 +475,16 @@ def test_flow_yields_only_known_actions(rt: MeshRuntime, clock: FakeClock) -> No
     with pytest.raises(TypeError):
         flow.send("not an AttemptResult")
     idle(rt)
+
+
+def test_lazy_response_headers_behave_as_headers() -> None:
+    from pymesh.httpx._transport import _RawHeaders
+
+    raw = [(b"Content-Type", b"text/plain"), (b"X-A", b"1"), (b"x-a", b"2")]
+    lazy = _RawHeaders(raw)
+    eager = Headers([("content-type", "text/plain"), ("x-a", "1"), ("x-a", "2")])
+    assert lazy.get("x-a") == "1,2"
+    assert lazy.get_all("X-A") == ["1", "2"]
+    assert "content-type" in lazy and "nope" not in lazy
+    assert lazy == eager and list(lazy) == list(eager) and len(lazy) == 3
+    assert lazy.with_set("x-a", "3").get("x-a") == "3"

@@ -1,0 +1,250 @@
+"""Plain httpx vs pymesh.httpx against the same upstream on loopback (not a timed test).
+
+The upstream is uvicorn in a subprocess (so it does not share the client's GIL), serving a
+tiny body. pymesh runs with the embedded control plane in-process and a config that turns
+on what the issue asks for: routing (a VirtualService with a match and a 100% weighted
+route), round-robin LB, a retry policy, circuit-breaker limits and outlier detection.
+
+Rounds are interleaved (plain, pymesh, plain, pymesh, ...) so both see the same machine
+noise; the table reports medians over rounds of throughput, of per-request latency
+percentiles and of the client thread's CPU time per request (``time.thread_time``: the
+least noisy measure of what pymesh adds on a shared machine), and the ratios.
+
+    python bench/httpx_bench.py [--requests 2000] [--rounds 7] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+
+import pymesh.httpx
+from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
+from pymesh.controlplane import ControlPlane
+from pymesh.xds.client import XdsClient
+
+HOST = "bench.default.svc.cluster.local"
+PORT = 8080
+
+APP = textwrap.dedent(
+    """
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"hello from the upstream"})
+    """
+)
+
+
+def mesh_yaml(port: int) -> str:
+    return textwrap.dedent(
+        f"""
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {{name: bench, namespace: default}}
+        spec:
+          hosts: [{HOST}]
+          location: MESH_INTERNAL
+          resolution: STATIC
+          ports: [{{number: {PORT}, name: http, protocol: HTTP}}]
+          endpoints:
+          - {{address: 127.0.0.1, ports: {{http: {port}}}, labels: {{version: v1}}}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {{name: bench, namespace: default}}
+        spec:
+          host: {HOST}
+          trafficPolicy:
+            loadBalancer: {{simple: ROUND_ROBIN}}
+            connectionPool:
+              tcp: {{maxConnections: 1000}}
+              http: {{http1MaxPendingRequests: 1000, http2MaxRequests: 1000, maxRetries: 10}}
+            outlierDetection: {{consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}}
+          subsets:
+          - {{name: v1, labels: {{version: v1}}}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {{name: bench, namespace: default}}
+        spec:
+          hosts: [{HOST}]
+          http:
+          - match: [{{uri: {{prefix: /nope}}}}]
+            route: [{{destination: {{host: {HOST}, subset: v1}}}}]
+          - route:
+            - destination: {{host: {HOST}, subset: v1}}
+              weight: 100
+            retries: {{attempts: 2, retryOn: "5xx,connect-failure"}}
+            timeout: 10s
+        """
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_upstream(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    (tmp / "benchapp.py").write_text(APP)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(tmp), "benchapp:app",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+         "--no-access-log"],
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+            return proc, port
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("upstream did not start")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+Round = tuple[float, list[float], float]
+"""(requests per second, per-request latencies in s, client-thread CPU s per request)"""
+
+
+def sync_round(client: httpx.Client, url: str, n: int) -> Round:
+    lat: list[float] = []
+    t0 = time.perf_counter()
+    c0 = time.thread_time()
+    for _ in range(n):
+        s = time.perf_counter()
+        r = client.get(url)
+        lat.append(time.perf_counter() - s)
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: {r.status_code} {r.text}")
+    cpu = (time.thread_time() - c0) / n
+    return n / (time.perf_counter() - t0), lat, cpu
+
+
+async def async_round(client: httpx.AsyncClient, url: str, n: int, concurrency: int) -> Round:
+    lat: list[float] = []
+    left = n
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            s = time.perf_counter()
+            r = await client.get(url)
+            lat.append(time.perf_counter() - s)
+            if r.status_code != 200:
+                raise RuntimeError(f"{url}: {r.status_code} {r.text}")
+
+    t0 = time.perf_counter()
+    c0 = time.thread_time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    cpu = (time.thread_time() - c0) / n
+    return n / (time.perf_counter() - t0), lat, cpu
+
+
+def summarize(name: str, plain: list[Round], mesh: list[Round]) -> list[str]:
+    def med(rounds: list[Round], f: str) -> float:
+        if f == "rps":
+            return statistics.median(r[0] for r in rounds)
+        if f == "cpu":
+            return statistics.median(r[2] for r in rounds) * 1e6
+        q = {"p50": 0.5, "p90": 0.9, "p99": 0.99}[f]
+        return statistics.median(pct(r[1], q) for r in rounds) * 1e6
+
+    rows = []
+    p_rps, m_rps = med(plain, "rps"), med(mesh, "rps")
+    rows.append(f"{name:<22} {'req/s':>8} {p_rps:>12.0f} {m_rps:>12.0f} {m_rps / p_rps:>9.3f}x")
+    for f in ("p50", "p90", "p99", "cpu"):
+        p, m = med(plain, f), med(mesh, f)
+        label = "cpu µs/rq" if f == "cpu" else f + " µs"
+        rows.append(f"{'':<22} {label:>8} {p:>12.1f} {m:>12.1f} {m - p:>+9.1f}µs")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--concurrency", type=int, default=16)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        proc, port = start_upstream(tmp)
+        mesh_dir = tmp / "mesh"
+        mesh_dir.mkdir()
+        (mesh_dir / "bench.yaml").write_text(mesh_yaml(port))
+        cp = ControlPlane([mesh_dir], xds_address="127.0.0.1:0", admin_port=None).start()
+        data = generate_bootstrap(xds_address=cp.address, namespace="default")
+        xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
+        plain_url = f"http://127.0.0.1:{port}/"
+        mesh_url = f"http://{HOST}:{PORT}/"
+        try:
+            # -- sync, sequential
+            plain_sync: list[Round] = []
+            mesh_sync: list[Round] = []
+            with httpx.Client() as plain, pymesh.httpx.Client(xds_client=xds) as meshc:
+                sync_round(plain, plain_url, 200)  # warm up: connections, config, caches
+                sync_round(meshc, mesh_url, 200)
+                for _ in range(args.rounds):
+                    plain_sync.append(sync_round(plain, plain_url, args.requests))
+                    mesh_sync.append(sync_round(meshc, mesh_url, args.requests))
+
+            # -- async, N in flight
+            async def run_async() -> tuple[list[Round], list[Round]]:
+                pa: list[Round] = []
+                ma: list[Round] = []
+                limits = httpx.Limits(max_connections=args.concurrency)
+                async with (
+                    httpx.AsyncClient(limits=limits) as plain,
+                    pymesh.httpx.AsyncClient(xds_client=xds) as meshc,
+                ):
+                    await async_round(plain, plain_url, 200, args.concurrency)
+                    await async_round(meshc, mesh_url, 200, args.concurrency)
+                    for _ in range(args.rounds):
+                        pa.append(await async_round(plain, plain_url, args.requests,
+                                                    args.concurrency))  # fmt: skip
+                        ma.append(await async_round(meshc, mesh_url, args.requests,
+                                                    args.concurrency))  # fmt: skip
+                return pa, ma
+
+            plain_async, mesh_async = asyncio.run(run_async())
+        finally:
+            xds.close()
+            cp.stop()
+            proc.terminate()
+            proc.wait(10)
+
+    print(f"loopback, {args.rounds} interleaved rounds of {args.requests} requests, "
+          f"medians over rounds; cpu count {os.cpu_count()}")  # fmt: skip
+    print(f"{'':<22} {'':>8} {'plain httpx':>12} {'pymesh':>12} {'ratio/added':>10}")
+    for line in summarize("sync sequential", plain_sync, mesh_sync):
+        print(line)
+    for line in summarize(f"async {args.concurrency} in flight", plain_async, mesh_async):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
