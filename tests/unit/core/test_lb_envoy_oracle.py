@@ -52,12 +52,14 @@ from pymesh.model.endpoint import (
     LbEndpoint,
     LocalityLbEndpoints,
 )
+from pymesh.model.matcher import StringMatcher
 from pymesh.model.route import (
     ConnectionSourceIpHash,
     CookieHash,
     HashPolicy,
     HeaderHash,
     QueryParameterHash,
+    RegexRewrite,
 )
 
 pytestmark = pytest.mark.envoy
@@ -213,12 +215,24 @@ POLICIES: dict[str, tuple[HashPolicy, ...]] = {
     "terminal": (HeaderHash("x-key", terminal=True), QueryParameterHash("q")),
     "sticky": (CookieHash("sess", ttl=60.0, path="/"),),
     "ip": (HeaderHash("x-key", terminal=True), ConnectionSourceIpHash()),
+    "rewrite": (
+        HeaderHash("x-key", regex_rewrite=RegexRewrite(StringMatcher.regex("[0-9]+"), "N")),
+        HeaderHash(
+            "x-key", regex_rewrite=RegexRewrite(StringMatcher.regex("([a-z])[a-z]*"), r"<\1>")
+        ),
+    ),
 }
 
 
 def _envoy_hash_policy(policy: HashPolicy) -> dict[str, Any]:
     if isinstance(policy, HeaderHash):
-        return {"header": {"header_name": policy.header_name}, "terminal": policy.terminal}
+        header: dict[str, Any] = {"header_name": policy.header_name}
+        if policy.regex_rewrite is not None:
+            header["regex_rewrite"] = {
+                "pattern": {"regex": policy.regex_rewrite.pattern.pattern},
+                "substitution": policy.regex_rewrite.substitution,
+            }
+        return {"header": header, "terminal": policy.terminal}
     if isinstance(policy, CookieHash):
         cookie: dict[str, Any] = {"name": policy.name}
         if policy.ttl is not None:
