@@ -19,7 +19,7 @@ from pymesh.core.hashing import request_hash
 from pymesh.core.lb import build_hosts, build_load_balancer
 from pymesh.core.lb._edf import EdfScheduler, edf_sequence
 from pymesh.core.lb._hash import _maglev_layout, _ring_layout
-from pymesh.core.types import Headers, PickContext, RequestInfo
+from pymesh.core.types import Headers, LoadBalancer, PickContext, RequestInfo
 from pymesh.model.cluster import (
     Cluster,
     ClusterKind,
@@ -108,7 +108,7 @@ def main() -> None:
 
     def lb_for(
         policy: LbPolicy, a: ClusterLoadAssignment, *, locality_weighted: bool = False
-    ) -> object:
+    ) -> LoadBalancer:
         hosts = build_hosts(a, {})
         c = Cluster(
             "c",
@@ -121,7 +121,7 @@ def main() -> None:
     plain = _assignment(n)
     weighted = _assignment(n, weighted=True)
     ctx = PickContext(now=0.0)
-    variants: list[tuple[str, object, PickContext]] = [
+    variants: list[tuple[str, LoadBalancer, PickContext]] = [
         ("round robin, equal weights (rotation)", lb_for(RoundRobin(), plain), ctx),
         ("round robin, weights 1..5 (EDF period table)", lb_for(RoundRobin(), weighted), ctx),
         ("least request P2C, equal weights", lb_for(LeastRequest(), plain), ctx),
@@ -147,7 +147,7 @@ def main() -> None:
         ),
     ]
     for name, lb, c in variants:
-        rows.append((name, _time(_pick_loop(lb.pick, c), picks, repeat)))  # type: ignore[attr-defined]
+        rows.append((name, _time(_pick_loop(lb.pick, c), picks, repeat)))
 
     # the scheduler alone: the heap (locked, as used) against the precomputed period table
     weights = [float((i % 5) + 1) for i in range(n)]
