@@ -206,9 +206,9 @@ def main() -> None:
         _maglev_layout.cache_clear()
         cells = []
         for policy in (RoundRobin(), LeastRequest(), RingHash(), RingHash(), Maglev(), Maglev()):
-            c = Cluster("c", ClusterKind.EDS, lb_policy=policy)
+            cl = Cluster("c", ClusterKind.EDS, lb_policy=policy)
             t = time.perf_counter()
-            build_load_balancer(c, hosts, a, now=0.0, rng=random.Random(0))
+            build_load_balancer(cl, hosts, a, now=0.0, rng=random.Random(0))
             cells.append((time.perf_counter() - t) * 1e3)
         print(
             f"{count:>6} {cells[0]:>12.2f} {cells[1]:>10.2f} {cells[2]:>10.2f} "
