@@ -181,7 +181,9 @@ class OutlierDetector:
     """Envoy outlier detection for one cluster, on injected time and randomness.
 
     ``hosts`` seeds the host set (the ejection cap counts all of the cluster's hosts, so keep it
-    current with :meth:`update_hosts` on every EDS change; :meth:`sweep` also syncs it).
+    current with :meth:`update_hosts` on every EDS change; :meth:`sweep` also syncs it). Once
+    a host set is known, results of hosts outside it are dropped, as Envoy drops those of
+    removed hosts.
     ``now`` starts the interval schedule; without it the first :meth:`record` or
     :meth:`sweep` starts it.
     """
@@ -202,6 +204,9 @@ class OutlierDetector:
         # made under this lock, so counters and the ejection cap stay exact.
         self._lock = threading.Lock()
         self._monitors: dict[str, _Monitor] = {}
+        self._hosts_known = False
+        """Whether the host set was given (then results for other hosts are dropped);
+        until then, every host that reports a result is monitored."""
         self._started = now is not None
         self.next_sweep: float = (now + config.interval) if now is not None else 0.0
         """Monotonic time of the next interval tick; call :meth:`sweep` once ``now`` reaches
@@ -229,6 +234,7 @@ class OutlierDetector:
             return self._update_hosts(hosts)
 
     def _update_hosts(self, hosts: Sequence[Host]) -> bool:
+        self._hosts_known = True
         changed = False
         keep: dict[str, _Monitor] = {}
         for host in hosts:
@@ -280,6 +286,10 @@ class OutlierDetector:
             self._start(now)
         monitor = self._monitors.get(host.key)
         if monitor is None:
+            if self._hosts_known:
+                # The host left the cluster while its request was in flight: Envoy drops
+                # the result (the detector no longer monitors it).
+                return False
             monitor = self._monitors[host.key] = _Monitor(host)
         config = self._config
         split = config.split_external_local_origin_errors

@@ -443,3 +443,16 @@ def test_invariants_under_random_traffic(
             else:
                 assert h.ejected_until is None
         assert d.stats().ejections_active == len(ejected)
+
+
+def test_results_of_hosts_outside_the_set_are_dropped() -> None:
+    d, _ = detector(10)
+    stranger = Host(SocketAddress("10.9.9.9", 80))
+    for _ in range(10):
+        assert not d.record(stranger, E503, 1.0)
+    assert d.stats().detected[EjectionType.CONSECUTIVE_5XX] == 0
+    # Without a known host set, every reporting host is monitored.
+    lazy = OutlierDetector(OutlierDetection(max_ejection_percent=100), rng=random.Random(1))
+    for _ in range(4):
+        assert not lazy.record(stranger, E503, 1.0)
+    assert lazy.record(stranger, E503, 1.0)
