@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pymesh.errors import ResourceError
@@ -562,7 +562,7 @@ def mutations(draw: st.DrawFn, data: bytes) -> bytes:
     return bytes(out)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_mutated_resources_are_acked_or_nacked_and_last_good_stays(data: st.DataObject) -> None:
     rtype, name, good = data.draw(
