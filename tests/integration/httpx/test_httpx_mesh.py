@@ -306,3 +306,56 @@ def test_endpoint_removed_by_eds_is_drained(mesh: Mesh, upstreams: Make) -> None
         transport = client.mesh_transport
         pools = transport._pools._pools
         assert all(k[0] != f"127.0.0.1:{u1.port}" for k in pools)
+
+
+def test_mirror_is_shadowed_with_the_shadow_host(mesh: Mesh, upstreams: Make) -> None:
+    primary, u1 = upstreams("v1")
+    shadow, u2 = upstreams("v2")
+    vs = f"""\
+http:
+- route:
+  - destination: {{host: {HOST}, subset: v1}}
+  mirror: {{host: {HOST}, subset: v2}}
+  mirrorPercentage: {{value: 100}}
+"""
+    mesh.write(service_yaml({"v1": u1.port, "v2": u2.port}, virtual_service=vs))
+    mesh.start()
+    with pymesh.httpx.Client(xds_client=mesh.client, mesh_wait=10) as client:
+        assert names(client, 20) == {"v1": 20}  # the application only sees the primary
+        deadline = time.monotonic() + 5
+        while shadow.count < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert primary.count == 20
+    assert shadow.count == 20
+    assert shadow.seen_headers[0]["host"] == f"{HOST}-shadow:{PORT}"
+    assert primary.seen_headers[0]["host"] == f"{HOST}:{PORT}"
+
+
+def test_outlier_detection_ejects_a_failing_endpoint(mesh: Mesh, upstreams: Make) -> None:
+    bad, u1 = upstreams("bad")
+    _good, u2 = upstreams("good")
+    bad.status = 500
+    dr = """\
+trafficPolicy:
+  outlierDetection:
+    consecutive5xxErrors: 3
+    interval: 1s
+    baseEjectionTime: 60s
+    maxEjectionPercent: 100
+"""
+    vs = f"""\
+http:
+- route:
+  - destination: {{host: {HOST}}}
+  retries: {{attempts: 0}}
+"""
+    mesh.write(
+        service_yaml({"v1": u1.port, "v2": u2.port}, destination_rule=dr, virtual_service=vs)
+    )
+    mesh.start()
+    with pymesh.httpx.Client(xds_client=mesh.client, mesh_wait=10) as client:
+        first = collections.Counter(client.get(URL + "/").status_code for _ in range(20))
+        assert first[500] == 3, first  # three consecutive 5xx, then the host is ejected
+        after = collections.Counter(client.get(URL + "/").status_code for _ in range(50))
+    assert after == {200: 50}
+    assert bad.count == 3
