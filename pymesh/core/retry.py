@@ -40,7 +40,9 @@ schedules agree where they overlap.
 gRPC (``is_grpc=True``) follows gRFC A44, as grpcio's own xDS client does: only the gRPC
 status conditions of ``retry_on`` count (``cancelled``, ``deadline-exceeded``, ``internal``,
 ``resource-exhausted``, ``unavailable``), request headers are ignored, at most 5 attempts
-(gRFC A6's cap), and the back-off is ``random(0, ceiling)`` in seconds.
+(gRFC A6's cap), the back-off is ``random(0, ceiling)`` in seconds, and the server's
+``grpc-retry-pushback-ms`` (in ``Outcome.headers``: the trailing metadata) sets the next
+delay or forbids the retry (gRFC A6).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ __all__ = [
     "CONSUMED_REQUEST_HEADERS",
     "GRPC_RETRY_ON",
     "PREVIOUS_HOSTS_PREDICATE",
+    "PUSHBACK_HEADER",
     "GiveUp",
     "Retry",
     "RetryDecision",
@@ -109,6 +112,8 @@ _GIVE_UP_NOT_RETRIABLE = "not-retriable"
 _GIVE_UP_LIMIT = "retry-limit-exceeded"
 _GIVE_UP_OVERFLOW = "retry-overflow"
 _GIVE_UP_DISABLED = "no-retry-policy"
+_GIVE_UP_PUSHBACK = "server-pushback"
+PUSHBACK_HEADER = "grpc-retry-pushback-ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +126,9 @@ class Retry:
 @dataclass(frozen=True, slots=True)
 class GiveUp:
     """Do not retry. ``reason`` is one of ``no-retry-policy``, ``not-retriable``,
-    ``retry-limit-exceeded`` (Envoy flag ``URX``) or ``retry-overflow`` (``UO``: the retry
-    circuit breaker or budget refused; the last outcome is what the caller sees)."""
+    ``retry-limit-exceeded`` (Envoy flag ``URX``), ``retry-overflow`` (``UO``: the retry
+    circuit breaker or budget refused; the last outcome is what the caller sees) or, for gRPC,
+    ``server-pushback`` (the server's ``grpc-retry-pushback-ms`` said not to)."""
 
     reason: str
 
@@ -451,11 +457,24 @@ class RetryState:
             return _NOT_RETRIABLE
         if self.remaining <= 0:
             return _LIMIT
+        pushback: float | None = None
+        if self._grpc:
+            # gRFC A6: the server may set the next delay, or forbid the retry (a negative
+            # or unreadable value); after a pushback the back-off starts over.
+            value = outcome.headers.get(PUSHBACK_HEADER)
+            if value is not None:
+                millis = _uint(value)
+                if millis is None:
+                    return _PUSHBACK
+                pushback = millis / 1000.0
         self.remaining -= 1
         ok = budget_ok() if callable(budget_ok) else budget_ok
         if not ok:
             return _OVERFLOW
         self.retries_done += 1
+        if pushback is not None:
+            self._retry_index = 0
+            return Retry(pushback)
         return Retry(self._next_delay())
 
     def _next_delay(self) -> float:
@@ -474,6 +493,7 @@ _DISABLED = GiveUp(_GIVE_UP_DISABLED)
 _NOT_RETRIABLE = GiveUp(_GIVE_UP_NOT_RETRIABLE)
 _LIMIT = GiveUp(_GIVE_UP_LIMIT)
 _OVERFLOW = GiveUp(_GIVE_UP_OVERFLOW)
+_PUSHBACK = GiveUp(_GIVE_UP_PUSHBACK)
 
 
 def strip_consumed(headers: Headers, names: Sequence[str] = CONSUMED_REQUEST_HEADERS) -> Headers:

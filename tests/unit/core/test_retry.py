@@ -355,3 +355,30 @@ def test_retry_state_invariants(
             assert (d.reason == "not-retriable") == (s.enabled and not s.would_retry(outcome))
     assert retries <= num_retries
     assert s.retries_done == retries
+
+
+def test_grpc_server_pushback() -> None:
+    p = RetryPolicy(retry_on=frozenset({"unavailable"}), num_retries=4)
+    unavailable = Outcome(status=200, grpc_status=14)
+
+    def pushed(value: str) -> Outcome:
+        return Outcome(
+            status=200, grpc_status=14, headers=Headers([("grpc-retry-pushback-ms", value)])
+        )
+
+    s = state(p, is_grpc=True)
+    assert s.should_retry(pushed("1500"), budget_ok=True) == Retry(1.5)
+    # After a pushback the back-off starts over from the first ceiling.
+    d = s.should_retry(unavailable, budget_ok=True)
+    assert isinstance(d, Retry) and d.delay <= 0.025
+    assert s.should_retry(pushed("-1"), budget_ok=True) == GiveUp("server-pushback")
+    assert state(p, is_grpc=True).should_retry(pushed("soon"), budget_ok=True) == GiveUp(
+        "server-pushback"
+    )
+    # A pushback on a status that is not retriable changes nothing; Envoy mode ignores it.
+    assert state(p, is_grpc=True).should_retry(
+        Outcome(status=200, grpc_status=13, headers=Headers([("grpc-retry-pushback-ms", "5")])),
+        budget_ok=True,
+    ) == GiveUp("not-retriable")
+    envoy_mode = state(p).should_retry(pushed("-1"), budget_ok=True)
+    assert isinstance(envoy_mode, Retry)
