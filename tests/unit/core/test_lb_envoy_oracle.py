@@ -70,6 +70,10 @@ HCM = (
 )
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 UPSTREAMS = 9
+PREVIOUS_HOSTS = (
+    "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+)
+RETRY_HOST_ATTEMPTS = 3
 
 # (upstream index, weight, health, priority, zone) per endpoint; zones matter when
 # locality-weighted (zone weights below). P0: 6 hosts, 3 healthy + 1 degraded -> health
@@ -340,8 +344,10 @@ def _envoy_cluster(
 
 class _Answer(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        body = str(self.server.server_address[1]).encode()
-        self.send_response(200)
+        port = str(self.server.server_address[1])
+        body = port.encode()
+        # the retry test makes one chosen endpoint fail
+        self.send_response(503 if self.headers.get("x-fail-port") == port else 200)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -403,6 +409,26 @@ def front_port(
                     },
                 }
             )
+        routes.append(
+            {
+                "match": {"prefix": f"/{name}/retry/"},
+                "route": {
+                    "cluster": name,
+                    "hash_policy": [_envoy_hash_policy(HeaderHash("x-key"))],
+                    "retry_policy": {
+                        "retry_on": "5xx",
+                        "num_retries": 1,
+                        "retry_host_predicate": [
+                            {
+                                "name": "envoy.retry_host_predicates.previous_hosts",
+                                "typed_config": {"@type": PREVIOUS_HOSTS},
+                            }
+                        ],
+                        "host_selection_retry_max_attempts": RETRY_HOST_ATTEMPTS,
+                    },
+                },
+            }
+        )
     boot = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
@@ -668,3 +694,60 @@ def test_generated_sticky_cookie_as_envoy(
             assert resp.read().decode() == body and resp.getheader("set-cookie") is None
         finally:
             conn.close()
+
+
+@pytest.mark.parametrize("name", ["ring", "ring_small", "maglev", "maglev_small"])
+def test_retry_avoids_the_previous_host_as_envoy(
+    name: str, front_port: int, upstream_ports: list[int]
+) -> None:
+    """The first endpoint answers 503; Envoy retries with the previous-hosts predicate and
+    host_selection_retry_max_attempts = 3. The endpoint it lands on is the one pymesh picks
+    with ``excluded={first}`` and ``host_selection_attempts=3`` (ring: next points;
+    Maglev: the hash with its bits flipped)."""
+    policy, lw = CLUSTERS[name]
+    a = _assignment(name, upstream_ports, lw, LAYOUTS.get(name, LAYOUT))
+    c = Cluster(
+        name,
+        ClusterKind.STATIC,
+        lb_policy=policy,
+        common_lb_config=CommonLbConfig(locality_weighted=lw),
+    )
+    hosts = build_hosts(a, {})
+    lb = build_load_balancer(c, list(hosts.values()), a, now=0.0, rng=random.Random(0))
+    policies = (HeaderHash("x-key"),)
+    rng = random.Random(99)
+    conn = http.client.HTTPConnection("127.0.0.1", front_port, timeout=10)
+    mismatches = []
+    moved = 0
+    try:
+        for _ in range(40):
+            key = f"user{rng.randrange(10**6)}"
+            path = f"/{name}/retry/x"
+            h = request_hash(policies, RequestInfo("GET", "lb", path, Headers([("x-key", key)])))
+            assert h is not None
+            first = lb.pick(PickContext(now=0.0, hash_key=h))
+            assert first is not None
+            second = lb.pick(
+                PickContext(
+                    now=0.0,
+                    hash_key=h,
+                    excluded=frozenset({first.key}),
+                    host_selection_attempts=RETRY_HOST_ATTEMPTS,
+                )
+            )
+            assert second is not None
+            moved += second is not first
+            conn.request(
+                "GET",
+                path,
+                headers={"Host": "lb", "x-key": key, "x-fail-port": str(first.address.port)},
+            )
+            resp = conn.getresponse()
+            body = resp.read().decode()
+            want = (503 if second is first else 200, str(second.address.port))
+            if (resp.status, body) != want:
+                mismatches.append(f"{key}: envoy {resp.status} {body}, pymesh {want}")
+    finally:
+        conn.close()
+    assert not mismatches, "\n".join(mismatches)
+    assert moved >= 20  # mostly a different endpoint (a ring's next points may share one)
