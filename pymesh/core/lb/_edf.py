@@ -2,8 +2,8 @@
 
 Each entry has a deadline; a pick takes the entry with the earliest deadline and moves it
 ``1 / weight`` later, so an entry of weight ``w`` is picked ``w`` times per unit of virtual
-time, spread out rather than in bursts (weights 5:1 give ``a a b a a a`` patterns, never
-``a a a a a b`` bursts at scale). Ties go to the entry added first.
+time, interleaved rather than in blocks: weights 3:2:1 give ``a b a a b c`` (a block
+schedule would give ``a a a b b c``). Ties go to the entry added first.
 
 Two forms: :class:`EdfScheduler` (a heap; weights may change at each pick, as least-request
 needs) and :func:`edf_sequence` (the whole period of a static schedule precomputed, so a

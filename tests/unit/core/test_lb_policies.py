@@ -218,3 +218,7 @@ def test_edf_schedule_survives_concurrent_picks() -> None:
     assert total == 120_000 and None not in seen
     for index, weight in enumerate([3, 1, 2, 2]):
         assert abs(seen[index] - total * weight / 8) <= 6, seen
+
+
+def test_edf_interleaves_weights() -> None:
+    assert edf_sequence([3, 2, 1]) == [0, 1, 0, 0, 1, 2]
