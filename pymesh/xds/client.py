@@ -16,9 +16,12 @@ has one :class:`~pymesh.xds.ads.AdsState` (the I/O-free protocol) and at most on
 
 - The first watch of a group starts a stream to its first server.
 - A stream that fails before any response (the server cannot be reached) is followed at
-  once by a stream to the next server in the list, if any (gRFC A71 fallback); after the
-  last one, the group waits a jittered exponential backoff (1 s, x1.6, 20 %, 120 s cap) and
-  starts again from the first server.
+  once by a stream to the next server in the list, if any, provided some watched resource
+  is not cached yet (gRFC A71: "does not exist" counts as cached; with everything cached the
+  client keeps serving its cache and retries the primary). After the last server, or when
+  nothing is missing, the group waits a jittered exponential backoff (1 s, x1.6, 20 %,
+  120 s cap) and starts again from the first server; a watch of an uncached resource during
+  that wait falls back at once.
 - A stream that ends after a response (server restart, max connection age) is restarted at
   once with the backoff reset, primary first, and resends every subscription with the
   versions held, so the server need not resend; cached resources keep being served and
@@ -305,6 +308,17 @@ class XdsClient:
         group.state.subscribe(w.rtype, w.name)
         if group.stream is None and group.retry_timer is None:
             self._start_stream(group, 0)
+        elif (
+            group.stream is None
+            and group.index == 0
+            and len(group.servers) > 1
+            and group.state.has_unanswered()
+        ):
+            # The primary is unreachable (we are waiting out its backoff) and this resource
+            # is not cached: that is when gRFC A71 falls back.
+            assert group.retry_timer is not None
+            group.retry_timer.cancel()
+            self._start_stream(group, 1)
         status = group.state.status(w.rtype, w.name)
         effect: Effect | None = None
         if status is not None and status.raw is not None:
@@ -475,7 +489,7 @@ class XdsClient:
         if group.saw_response:
             group.backoff.reset()
             self._start_stream(group, 0)
-        elif group.index + 1 < len(group.servers):
+        elif group.index + 1 < len(group.servers) and group.state.has_unanswered():
             self._start_stream(group, group.index + 1)
         else:
             delay = group.backoff.next_delay(self._rng)

@@ -258,6 +258,15 @@ class AdsState:
     def has_subscriptions(self) -> bool:
         return any(ts.resources for ts in self._types.values())
 
+    def has_unanswered(self) -> bool:
+        """Whether some subscribed resource was never answered for: neither received (valid
+        or not) nor known not to exist. gRFC A71 falls back to another server only then."""
+        return any(
+            r.status == REQUESTED and not r.cached
+            for ts in self._types.values()
+            for r in ts.resources.values()
+        )
+
     def status(self, rtype: ResourceType, name: str) -> ResourceStatus | None:
         ts = self._types.get(rtype)
         r = ts.resources.get(name) if ts else None

@@ -624,17 +624,26 @@ def test_shared_client_from_the_environment(
     get_client().close()
 
 
-def test_fallback_when_the_primary_dies_after_serving(clock: FakeClock) -> None:
+def test_no_fallback_while_everything_is_cached_then_fallback_for_a_new_resource(
+    clock: FakeClock,
+) -> None:
+    """gRFC A71: fall back only if the primary is unreachable *and* a watched resource is
+    not cached."""
     with XdsTestServer() as primary, XdsTestServer() as secondary:
         primary.set_resources(CDS, {"c1": cluster("c1", 1)})
-        secondary.set_resources(CDS, {"c1": cluster("c1", 1)})
+        secondary.set_resources(CDS, {"c1": cluster("c1", 1), "c2": cluster("c2", 2)})
         bootstrap = primary.bootstrap(extra_servers=[secondary.address])
         with XdsClient(bootstrap, clock=clock, decoder=decode_cluster) as client:
             rec = WatchRecorder()
             client.watch(CLUSTER, "c1", rec)
             rec.wait_for(lambda e: e[0] == "changed")
             primary.stop()
-            secondary.wait_for_ack(CDS, "1")
+            rec.wait_for(lambda e: e[0] == "ambient_error")  # the retry failed: no fallback
+            assert client.connection_state().server_uri == primary.address
+            assert secondary.requests == []
+            rec2 = WatchRecorder()
+            client.watch(CLUSTER, "c2", rec2)  # not cached: now fall back
+            assert rec2.wait_for(lambda e: e[0] == "changed") == ("changed", "c2", 2)
             assert client.connection_state().server_uri == secondary.address
             secondary.set_resources(CDS, {"c1": cluster("c1", 5)})
             rec.wait_for(lambda e: e == ("changed", "c1", 5))

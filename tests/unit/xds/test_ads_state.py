@@ -644,3 +644,16 @@ def test_no_empty_first_request_which_would_mean_wildcard() -> None:
     assert one_send(state.flush(1.0)).resource_names == ("l",)
     state.unsubscribe(LDS, "l")
     assert one_send(state.flush(2.0)).resource_names == ()  # a real unsubscription
+
+
+def test_has_unanswered_counts_does_not_exist_and_nacks_as_answered() -> None:
+    state = connected_state()
+    assert not state.has_unanswered()
+    for name in ("ok", "bad", "gone"):
+        state.subscribe(EDS, name)
+    state.flush(0.0)
+    assert state.has_unanswered()
+    state.response(sotw(EDS, "v1", "n1", "ok=1", "bad!"), 1.0)
+    assert state.has_unanswered()  # "gone" still unanswered
+    state.tick(15.0)  # "gone" does not exist: that is an answer too
+    assert not state.has_unanswered()
