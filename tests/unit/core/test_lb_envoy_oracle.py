@@ -359,7 +359,10 @@ class _Answer(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def upstream_ports() -> Iterator[list[int]]:
     servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Answer) for _ in range(UPSTREAMS)]
-    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
+    threads = [
+        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        for s in servers
+    ]
     for t in threads:
         t.start()
     try:
