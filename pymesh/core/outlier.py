@@ -257,6 +257,14 @@ class OutlierDetector:
         with self._lock:
             return frozenset(k for k, m in self._monitors.items() if m.ejected)
 
+    def ejection_length(self, host: Host) -> float | None:
+        """How long the host's current ejection lasts (``min(base * backoff, max)`` plus
+        jitter; it returns at the first interval tick after that), ``None`` when it is not
+        ejected."""
+        with self._lock:
+            monitor = self._monitors.get(host.key)
+            return monitor.duration if monitor is not None and monitor.ejected else None
+
     def num_ejections(self, host: Host) -> int:
         monitor = self._monitors.get(host.key)
         return monitor.num_ejections if monitor is not None else 0

@@ -196,6 +196,20 @@ INTERVAL_SCENARIOS = [
 ]
 
 
+# Ejection and return times on Envoy's real 1 s interval timer.
+TIMING = IntervalScenario(
+    "timing",
+    {
+        "interval": "1s",
+        "base_ejection_time": "1s",
+        "max_ejection_time": "10s",
+        "max_ejection_percent": 100,
+        "consecutive_5xx": 3,
+    },
+    (),
+)
+
+
 def _model_config(config: dict[str, Any]) -> OutlierDetection:
     kw = dict(config)
     for key in ("interval", "base_ejection_time", "max_ejection_time"):
@@ -240,7 +254,7 @@ class _Scripted(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def upstreams() -> Iterator[list[str]]:
     """``N_HOSTS`` HTTP servers on 127.0.0.2, 127.0.0.3, ...; returns their ``ip:port``."""
     servers = []
@@ -262,7 +276,7 @@ def upstreams() -> Iterator[list[str]]:
             t.join(5)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def refused_address() -> str:
     """An address where nothing listens (connect fails at once)."""
     s = socket.socket()
@@ -276,7 +290,7 @@ def _bootstrap(refused: str) -> str:
     clusters: list[dict[str, Any]] = []
     routes = []
     ip, port = refused.split(":")
-    for sc in [*SCENARIOS, *INTERVAL_SCENARIOS]:
+    for sc in [*SCENARIOS, *INTERVAL_SCENARIOS, TIMING]:
         refused_cluster = isinstance(sc, Scenario) and sc.refused
         cluster: dict[str, Any] = {
             "name": sc.name,
@@ -369,8 +383,12 @@ class EnvoyHandle:
     proc: subprocess.Popen[bytes] = field(repr=False)
 
 
-@pytest.fixture
-def envoy(tmp_path: Path, envoy_bin: Path, refused_address: str) -> Iterator[EnvoyHandle]:
+@pytest.fixture(scope="module")
+def envoy(
+    tmp_path_factory: pytest.TempPathFactory, envoy_bin: Path, refused_address: str
+) -> Iterator[EnvoyHandle]:
+    # One Envoy for the module: every scenario has a cluster of its own.
+    tmp_path = tmp_path_factory.mktemp("outlier-envoy")
     config = tmp_path / "envoy.json"
     config.write_text(_bootstrap(refused_address))
     admin_path = tmp_path / "admin.txt"
@@ -578,3 +596,60 @@ def test_interval_algorithms_match_envoy(envoy: EnvoyHandle, upstreams: list[str
             diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
             mismatches.append(f"{sc.name}: (envoy, pymesh) {diff}")
     assert not mismatches, "\n".join(mismatches)
+
+
+def _ejected(admin: tuple[str, int], cluster: str) -> bool:
+    body = json.loads(_get(admin, "/clusters?format=json"))
+    for status in body.get("cluster_statuses", []):
+        if status["name"] == cluster:
+            return any(
+                h.get("health_status", {}).get("failed_outlier_check")
+                for h in status.get("host_statuses", [])
+            )
+    return False
+
+
+def test_ejection_times_as_envoy(envoy: EnvoyHandle, upstreams: list[str]) -> None:
+    """Ejected for base x backoff, back at the first interval tick after that: Envoy's
+    observed ejection lengths fall in the windows pymesh's detector computes on a fake
+    clock (same tick phase), and the backoff grows then decays the same way."""
+    target = upstreams[0]
+    _send(envoy.port, TIMING.name, target, "200")
+    time.sleep(0.3)
+    host = Host(SocketAddress(*target.split(":")[:1], int(target.split(":")[1])))
+    model = OutlierDetector(
+        _model_config(TIMING.config), rng=random.Random(0), hosts=[host], now=0.0
+    )
+
+    def eject_and_time() -> float:
+        for _ in range(3):
+            _send(envoy.port, TIMING.name, target, "503")
+        start = time.monotonic()
+        _wait(lambda: _ejected(envoy.admin, TIMING.name), 2.0, "ejection")
+        _wait(lambda: not _ejected(envoy.admin, TIMING.name), 15.0, "return")
+        return time.monotonic() - start
+
+    def model_length(now: float) -> tuple[float, float]:
+        for _ in range(3):
+            model.record(host, Outcome(status=503), now)
+        length = model.ejection_length(host)
+        assert host.ejected_until is not None and length is not None
+        return host.ejected_until - now, length
+
+    # 1st ejection: 1 s (back at the next tick after 1 s: between 1 and 2 s).
+    observed = eject_and_time()
+    _, duration = model_length(0.5)
+    assert duration == 1.0 and 0.9 <= observed <= duration + 1.0 + 0.3, observed
+    model.sweep([host], 1.0)
+    model.sweep([host], 2.0)  # back
+    # Again at once: the backoff doubles it.
+    observed = eject_and_time()
+    _, duration = model_length(2.2)
+    assert duration == 2.0 and 1.9 <= observed <= duration + 1.0 + 0.3, observed
+    for tick in (3.0, 4.0, 5.0, 6.0, 7.0):
+        model.sweep([host], tick)
+    # Three healthy ticks bring the backoff from 2 down to 0: base time again.
+    time.sleep(3.2)
+    observed = eject_and_time()
+    _, duration = model_length(7.5)
+    assert duration == 1.0 and 0.9 <= observed <= duration + 1.0 + 0.3, observed

@@ -419,7 +419,7 @@ class _Scripted(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def upstream_port() -> Iterator[int]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
     server.daemon_threads = True
@@ -515,10 +515,12 @@ class EnvoyHandle:
     proc: subprocess.Popen[bytes] = field(repr=False)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def envoy(
-    tmp_path: Path, envoy_bin: Path, upstream_port: int
+    tmp_path_factory: pytest.TempPathFactory, envoy_bin: Path, upstream_port: int
 ) -> Iterator[tuple[EnvoyHandle, bytes]]:
+    # One Envoy for the module (cases are told apart by their test id).
+    tmp_path = tmp_path_factory.mktemp("resilience-envoy")
     data = route_configuration().SerializeToString()
     same = route_pb2.RouteConfiguration.FromString(data)
     config = tmp_path / "envoy.json"

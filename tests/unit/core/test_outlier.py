@@ -110,7 +110,9 @@ def test_ejection_time_grows_with_backoff_capped_and_decays() -> None:
 
     # Ejected at a tick boundary + 0 (t=0 is a tick start; next ticks 10, 20, ...).
     assert eject(0.0) == 10.0
+    assert d.ejection_length(h) == 10.0
     assert run_ticks(d, [h], 10.0) == [10.0]
+    assert d.ejection_length(h) is None
     assert eject(10.0) == 20.0  # second time in a row: base * 2
     assert run_ticks(d, [h], 30.0) == [30.0]
     assert eject(30.0) == 30.0  # base * 3 = 30 capped at 25, returns at the 60 s tick
