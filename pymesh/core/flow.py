@@ -78,6 +78,7 @@ from pymesh.core.retry import GiveUp, Retry, RetryState, strip_consumed
 from pymesh.core.routing import (
     pick_cluster,
     redirect_location,
+    request_header_ops,
     response_header_ops,
     rewrite_request,
     route_request,
@@ -125,14 +126,14 @@ FAULT_FILTER_TYPE = "envoy.filters.http.fault"
 # --------------------------------------------------------------------------- actions
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Sleep:
     """Wait ``seconds`` (fault delay, retry backoff), then resume the flow (sent ``None``)."""
 
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     """Send ``request`` to ``host`` of ``cluster``; answer with an :class:`AttemptResult`.
 
@@ -148,7 +149,7 @@ class Send:
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Mirror:
     """Fire-and-forget a shadow copy of the request (``-shadow`` authority); the runner
     must not wait for it and ignores its result. Sent ``None``."""
@@ -159,7 +160,7 @@ class Mirror:
     timeout: float | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Discard:
     """The flow drops the response of an attempt it will retry: close it. Sent ``None``."""
 
@@ -169,7 +170,7 @@ class Discard:
 Action = Sleep | Send | Mirror | Discard
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AttemptResult:
     """What a runner sends back for a :class:`Send`: the outcome as the policies see it and
     the adapter's own response object (``None`` when the attempt failed without one)."""
@@ -421,6 +422,66 @@ def _request_id(rng: random.Random) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+class _RoutePlan:
+    """What the flow derives from a route alone, once per route object (routes are
+    immutable; a new snapshot's new route objects get new plans)."""
+
+    __slots__ = (
+        "fault",
+        "listener",
+        "mirrors",
+        "plain_rewrite",
+        "response_ops",
+        "route",
+        "route_config",
+        "vhost",
+        "weighted_headers",
+    )
+
+    def __init__(self, snapshot: TargetSnapshot, route: Route, action: RouteAction) -> None:
+        vhost, config = snapshot.virtual_host, snapshot.route_config
+        self.route = route
+        self.vhost = vhost
+        self.route_config = config
+        self.listener = snapshot.listener
+        self.fault = _fault_config(snapshot, route)
+        self.mirrors = _mirror_policies(snapshot, action)
+        self.weighted_headers = any(
+            wc.headers or wc.host_rewrite_literal for wc in action.weighted_clusters
+        )
+        self.plain_rewrite = not (
+            self.weighted_headers
+            or action.prefix_rewrite is not None
+            or action.regex_rewrite is not None
+            or action.path_template_rewrite is not None
+            or action.host_rewrite_literal
+            or action.host_rewrite_header is not None
+            or request_header_ops(route, vhost, config)
+        )
+        self.response_ops = response_header_ops(route, vhost, config) or None
+
+
+_PLANS: dict[int, _RoutePlan] = {}
+_MAX_PLANS = 4096
+
+
+def _plan(snapshot: TargetSnapshot, route: Route, action: RouteAction) -> _RoutePlan:
+    plan = _PLANS.get(id(route))
+    if (
+        plan is not None
+        and plan.route is route
+        and plan.vhost is snapshot.virtual_host
+        and plan.route_config is snapshot.route_config
+        and plan.listener is snapshot.listener
+    ):
+        return plan
+    plan = _RoutePlan(snapshot, route, action)
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[id(route)] = plan
+    return plan
+
+
 # --------------------------------------------------------------------------- the flow
 
 
@@ -472,7 +533,8 @@ def call_flow(
         return _no_healthy_upstream(flags, ctx)
 
     # 4. fault filter
-    fault = _fault_config(snapshot, route)
+    plan = _plan(snapshot, route, action)
+    fault = plan.fault
     if fault is not None:
         faults = runtime.active_faults
         injected = decide_fault(
@@ -493,12 +555,18 @@ def call_flow(
                 return CallResult(None, reply, tuple(flags), 0, route, cluster_name)
 
     # 5. rewrite
-    upstream = rewrite_request(route, action, vhost, snapshot.route_config, request, choice)
+    if plan.plain_rewrite:
+        upstream = request  # nothing to rewrite on this route (checked once per route)
+    else:
+        upstream = rewrite_request(route, action, vhost, snapshot.route_config, request, choice)
     names = {k for k, _ in upstream.headers}
     if not names.isdisjoint(_CONSUMED_SET):
         upstream = _with_headers(upstream, strip_consumed(upstream.headers, _CONSUMED))
-    response_ops = response_header_ops(route, vhost, snapshot.route_config, choice.weighted)
-    ctx.ops = response_ops or None
+    if plan.weighted_headers and choice.weighted is not None:
+        ops = response_header_ops(route, vhost, snapshot.route_config, choice.weighted)
+        ctx.ops = ops or None
+    else:
+        ctx.ops = plan.response_ops
     if "x-request-id" not in names:
         request_id = _request_id(rng)
         upstream = _with_headers(upstream, upstream.headers.with_added("x-request-id", request_id))
@@ -521,7 +589,7 @@ def call_flow(
     timeout_flag = "DT" if deadlines.stream_duration else "UT"
 
     # 7. mirrors
-    for policy in _mirror_policies(snapshot, action):
+    for policy in plan.mirrors:
         mirror = _mirror(runtime, snapshot, policy, upstream, now=now, overall=overall)
         if mirror is not None:
             yield mirror

@@ -154,6 +154,18 @@ class _Timeouts:
         self.connect_source = source
 
 
+class _Origin:
+    """The application's request headers (minus ``host``): as the core saw them, and as
+    bytes, so an unchanged prefix is sent without re-encoding."""
+
+    __slots__ = ("count", "items", "raw")
+
+    def __init__(self, items: tuple[tuple[str, str], ...], raw: list[tuple[bytes, bytes]]) -> None:
+        self.items = items
+        self.count = len(items)
+        self.raw = raw
+
+
 class _RawHeaders(Headers):
     """Response headers decoded only if a policy looks at them (most never do: a 200 is
     final without reading a header), saving a decode per request on the hot path.
@@ -230,32 +242,46 @@ class _MeshCore:
         return port
 
     @staticmethod
-    def request_info(request: httpx.Request) -> RequestInfo:
+    def request_info(request: httpx.Request) -> tuple[RequestInfo, _Origin]:
+        """The request as the policy core sees it, and its original header bytes."""
         url = request.url
         authority = ""
+        raw: list[tuple[bytes, bytes]] = []
         items: list[tuple[str, str]] = []
         for k, v in request.headers.raw:
-            name = k.decode("latin-1")
-            if name.lower() == "host":
+            name = k.decode("latin-1").lower()
+            if name == "host":
                 authority = v.decode("latin-1")
             else:
+                raw.append((k, v))
                 items.append((name, v.decode("latin-1")))
-        return RequestInfo(
+        headers = Headers(items)
+        info = RequestInfo(
             request.method,
             authority or url.netloc.decode("ascii"),
             url.raw_path.decode("ascii"),
-            Headers(items),
+            headers,
             url.scheme,
         )
+        return info, _Origin(tuple(headers), raw)
 
     @staticmethod
     def upstream_request(
-        send: Send | Mirror, body: bytes, extensions: dict[str, Any]
+        send: Send | Mirror,
+        body: bytes,
+        extensions: dict[str, Any],
+        origin: _Origin | None = None,
     ) -> httpcore.Request:
         info = send.request
         address = send.host.address
         headers: list[tuple[bytes, bytes]] = [(b"host", info.authority.encode("latin-1"))]
-        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in info.headers]
+        items = tuple(info.headers)
+        if origin is not None and items[: origin.count] == origin.items:
+            # The usual case: the application's headers, plus what the mesh appended
+            # (x-request-id, ...): reuse the original bytes, encode only the additions.
+            headers += origin.raw
+            items = items[origin.count :]
+        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in items]
         scheme = info.scheme.encode("ascii")
         if info.scheme == "https":
             host = info.authority.rsplit(":", 1)[0] if "]" not in info.authority else ""
@@ -565,7 +591,9 @@ class MeshTransport(httpx.BaseTransport):
 
         def send(action: Send) -> AttemptResult:
             timeouts = _Timeouts(action, app_timeouts)
-            req = core.upstream_request(action, body, {**extensions, "timeout": timeouts.value})
+            req = core.upstream_request(
+                action, body, {**extensions, "timeout": timeouts.value}, origin
+            )
             try:
                 resp = self._pools.get(action).handle_request(req)
             except httpcore.TimeoutException as exc:
@@ -574,7 +602,8 @@ class MeshTransport(httpx.BaseTransport):
                 return core.failure(exc, timeouts)
             return AttemptResult(core.outcome_of(resp), resp)
 
-        flow = call_flow(core.runtime, snapshot, core.request_info(request), clock=core.clock)
+        info, origin = core.request_info(request)
+        flow = call_flow(core.runtime, snapshot, info, clock=core.clock)
         result = drive_sync(
             flow,
             send=send,
@@ -729,7 +758,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
 
         async def send(action: Send) -> AttemptResult:
             timeouts = _Timeouts(action, app_timeouts)
-            req = core.upstream_request(action, body, {**extensions, "timeout": timeouts.value})
+            req = core.upstream_request(
+                action, body, {**extensions, "timeout": timeouts.value}, origin
+            )
             try:
                 resp = await self._pools.get(action).handle_async_request(req)
             except httpcore.TimeoutException as exc:
@@ -738,7 +769,8 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 return core.failure(exc, timeouts)
             return AttemptResult(core.outcome_of(resp), resp)
 
-        flow = call_flow(core.runtime, snapshot, core.request_info(request), clock=core.clock)
+        info, origin = core.request_info(request)
+        flow = call_flow(core.runtime, snapshot, info, clock=core.clock)
         result = await drive_async(
             flow,
             send=send,
