@@ -21,8 +21,12 @@ Each resource is one counter ``count`` with a threshold ``max``::
 
 The retry threshold is ``max_retries`` unless a retry budget is configured; then it is
 ``max(budget_percent% of (active + pending requests), min_retry_concurrency)`` computed at the
-moment of the check (Envoy ``RetryBudgetImpl``). A retry slot is held from the decision to
-retry until the retried attempt ends (Envoy keeps it through the back-off).
+moment of the check (Envoy ``RetryBudgetImpl``). Envoy decides a retry while the failed
+attempt's request still counts as active (a lone request may retry under a 100 % budget with
+no floor; the Envoy oracle test checks it), so ask :meth:`ClusterLimits.try_start_retry`
+before ending that attempt's request. A retry slot is held from the decision to retry until
+the next decision or the end of the call (Envoy keeps it through the back-off and the retried
+attempt).
 
 Counts change under a lock: the check-and-increment must be atomic for threads, or concurrent
 calls could all pass a threshold of 1. The lock is uncontended in an event loop.

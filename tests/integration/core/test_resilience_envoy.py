@@ -38,11 +38,13 @@ from google.protobuf import json_format
 from pymesh.core.deadline import CONSUMED_REQUEST_HEADERS as TIMEOUT_HEADERS
 from pymesh.core.deadline import call_deadlines
 from pymesh.core.fault import decide_fault
+from pymesh.core.limits import ClusterLimits
 from pymesh.core.retry import CONSUMED_REQUEST_HEADERS as RETRY_HEADERS
 from pymesh.core.retry import Retry, RetryState, strip_consumed
 from pymesh.core.types import Headers, Outcome, RequestInfo, ResetKind
+from pymesh.model.cluster import CircuitBreakers, RetryBudget
 from pymesh.model.http_filters import FaultConfig
-from pymesh.model.route import RouteAction, RouteConfiguration
+from pymesh.model.route import RetryPolicy, RouteAction, RouteConfiguration
 from pymesh.xds.codec import decode_resource
 from pymesh.xds.resource_types import ResourceType
 
@@ -162,6 +164,29 @@ ROUTES: list[dict[str, Any]] = [
         "fmax", delay={"fixed_delay": "0.5s", "percentage": _pct(100)}, max_active_faults=2
     ),
 ]
+
+
+BUDGET_CLUSTERS = {
+    # 100 % of the active requests, no floor: is the retrying request itself still active?
+    "budget_all": {"budget_percent": {"value": 100.0}, "min_retry_concurrency": 0},
+    "budget_none": {"budget_percent": {"value": 0.0}, "min_retry_concurrency": 0},
+}
+for _name in BUDGET_CLUSTERS:
+    ROUTES.append(
+        {
+            "name": _name,
+            "match": {"prefix": f"/{_name}/"},
+            "route": {
+                "cluster": _name,
+                "timeout": "10s",
+                "retry_policy": {
+                    "retry_on": "5xx",
+                    "num_retries": 3,
+                    "retry_back_off": FAST_BACKOFF,
+                },
+            },
+        }
+    )
 
 
 def route_configuration() -> route_pb2.RouteConfiguration:
@@ -488,7 +513,20 @@ def _bootstrap(rc: route_pb2.RouteConfiguration, port: int) -> str:
                         "cluster_name": "up",
                         "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
                     },
-                }
+                },
+                *(
+                    {
+                        "name": name,
+                        "type": "STATIC",
+                        "connect_timeout": "1s",
+                        "circuit_breakers": {"thresholds": [{"retry_budget": budget}]},
+                        "load_assignment": {
+                            "cluster_name": name,
+                            "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+                        },
+                    }
+                    for name, budget in BUDGET_CLUSTERS.items()
+                ),
             ],
         },
     }
@@ -797,3 +835,39 @@ def test_max_active_faults_as_envoy(envoy: tuple[EnvoyHandle, bytes]) -> None:
     delayed = sum(r >= 0.45 for r in results)
     assert delayed == sum(predicted) == 2
     assert sum(r < 0.3 for r in results) == 2
+
+
+def test_retry_budget_counts_the_retrying_request(envoy: tuple[EnvoyHandle, bytes]) -> None:
+    """A retry budget of 100 % of the active requests with no floor: Envoy's retry decision
+    still counts the failed attempt's own request as active, so a lone request may retry;
+    with 0 % it may not. ClusterLimits gives the same answers when asked before the failed
+    attempt's request slot is released (the order the attempt loop must keep)."""
+    handle, _ = envoy
+    for name, budget in BUDGET_CLUSTERS.items():
+        got = _envoy(handle.port, Case(name, ("503",)), f"{name}-{random.random()}")
+        limits = ClusterLimits(
+            CircuitBreakers(
+                retry_budget=RetryBudget(
+                    budget["budget_percent"]["value"], budget["min_retry_concurrency"]
+                )
+            )
+        )
+        state = RetryState(
+            RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=3),
+            _request(Case(name, ())),
+            rng=random.Random(0),
+        )
+        attempts = 0
+        retry_slot = False
+        for _ in range(10):
+            attempts += 1
+            assert limits.try_start_request()
+            if retry_slot:
+                limits.end_retry()  # Envoy frees the slot at the next decision
+                retry_slot = False
+            decision = state.should_retry(Outcome(status=503), budget_ok=limits.try_start_retry)
+            limits.end_request()
+            if not isinstance(decision, Retry):
+                break
+            retry_slot = True
+        assert (got.attempts, got.status) == (attempts, 503), name
