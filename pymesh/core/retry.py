@@ -12,11 +12,14 @@ Theory of operation
 
 One state per call; ``remaining`` starts at ``num_retries`` (or ``x-envoy-max-retries``)::
 
-    after an attempt      condition                              decision
+    after an attempt      condition (checked in this order)      decision
     --------------------  -------------------------------------  -------------------------
+    outcome               retry_on empty (no policy, no header)  GiveUp(no-retry-policy)
     outcome               retry_on does not cover it             GiveUp(not-retriable)
     outcome               remaining == 0                         GiveUp(retry-limit-exceeded)
+    outcome (gRPC only)   pushback negative or unreadable        GiveUp(server-pushback)
     outcome               remaining -= 1, breaker/budget refuses GiveUp(retry-overflow)
+    outcome (gRPC only)   pushback N ms                          Retry(N ms), back-off reset
     outcome               otherwise                              Retry(jittered back-off)
 
 The order is Envoy's: a retry that the limit forbids does not consult the breaker, and one the
