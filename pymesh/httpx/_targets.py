@@ -11,11 +11,11 @@ declares a listener it never received "does not exist" only after its does-not-e
 (15 s, gRFC A27: a server may simply not have it yet), far too long to hold a request. So the
 first request to a host waits a *bounded* time for the listener, once:
 
-- ``mesh_wait`` (5 s) for names under the cluster domain (``*.svc.cluster.local``, and short
-  names, which expand to it): they are meant to be mesh services, and failing over to plain
+- ``mesh_wait`` (5 s) for one-label names and names under the cluster domain
+  (``*.svc.cluster.local``): they are meant to be mesh services, and failing over to plain
   DNS would fail anyway;
-- ``external_wait`` (0.5 s) for any other host (external names, IP literals): a warm control
-  plane answers a known ServiceEntry host in milliseconds.
+- ``external_wait`` (0.5 s) for any other host (external names, two-label names, IP
+  literals): a warm control plane answers a known host in milliseconds.
 
 If no listener arrived by then, that request goes out as a non-mesh request (pass-through or
 refused). The watch stays open (a bounded LRU of ``max_hosts``), so later requests read the
@@ -47,7 +47,14 @@ from pymesh.errors import XdsError
 from pymesh.model.snapshot import ErrorKind, TargetError, TargetSnapshot
 from pymesh.xds.watch import TargetHandle
 
-__all__ = ["MeshTarget", "TargetResolver", "Verdict", "expand_host", "verdict_of"]
+__all__ = [
+    "MeshTarget",
+    "TargetResolver",
+    "Verdict",
+    "candidate_hosts",
+    "expand_host",
+    "verdict_of",
+]
 
 
 class Verdict(enum.Enum):
@@ -58,23 +65,35 @@ class Verdict(enum.Enum):
 
 
 def expand_host(host: str, namespace: str, cluster_domain: str = "cluster.local") -> str:
-    """The FQDN Kubernetes DNS search gives ``host`` from ``namespace``.
+    """The first name Kubernetes DNS search tries for ``host`` from ``namespace``.
 
     ``reviews`` -> ``reviews.NS.svc.DOMAIN``; ``reviews.other`` -> ``reviews.other.svc.DOMAIN``
     (service.namespace); ``reviews.other.svc`` -> ``reviews.other.svc.DOMAIN``. Anything else
     (more labels, IP literals, ``localhost``) is used as is.
     """
+    return candidate_hosts(host, namespace, cluster_domain)[0]
+
+
+def candidate_hosts(
+    host: str, namespace: str, cluster_domain: str = "cluster.local"
+) -> tuple[str, ...]:
+    """The names ``host`` may mean, in the order DNS search tries them.
+
+    A two-label name is ambiguous: ``reviews.other`` is service ``reviews`` in namespace
+    ``other``, but ``httpbin.org`` is an external host (a ServiceEntry host in Istio's
+    examples). Both are candidates; the first the control plane has a listener for wins.
+    """
     host = host.lower().rstrip(".")
     if not host or host == "localhost" or _is_ip(host):
-        return host
+        return (host,)
     labels = host.split(".")
     if len(labels) == 1:
-        return f"{host}.{namespace}.svc.{cluster_domain}" if namespace else host
+        return (f"{host}.{namespace}.svc.{cluster_domain}",) if namespace else (host,)
     if len(labels) == 2:
-        return f"{host}.svc.{cluster_domain}"
+        return (f"{host}.svc.{cluster_domain}", host)
     if len(labels) == 3 and labels[2] == "svc":
-        return f"{host}.{cluster_domain}"
-    return host
+        return (f"{host}.{cluster_domain}",)
+    return (host,)
 
 
 def _is_ip(host: str) -> bool:
@@ -98,30 +117,56 @@ def verdict_of(state: TargetSnapshot | TargetError | None) -> Verdict:
 
 
 class MeshTarget:
-    """One URL ``host:port``'s target: its name, handle, and until when (monotonic) its
-    first requests may wait for the control plane's listener."""
+    """One URL ``host:port``: its candidate targets (usually one) with their handles, and
+    until when (monotonic) its first requests may wait for the control plane's answer."""
 
-    __slots__ = ("handle", "name", "wait_until")
+    __slots__ = ("handles", "name", "wait_until")
 
-    def __init__(self, name: str, handle: TargetHandle, wait_until: float) -> None:
-        self.name = name
-        self.handle = handle
+    def __init__(self, handles: tuple[tuple[str, TargetHandle], ...], wait_until: float) -> None:
+        self.handles = handles
+        self.name = handles[0][0]
         self.wait_until = wait_until
 
+    def current(self) -> tuple[str, TargetSnapshot] | None:
+        """The first candidate with a usable snapshot, and its target name."""
+        for name, handle in self.handles:
+            snapshot = handle.current()
+            if snapshot is not None:
+                return name, snapshot
+        return None
+
     def verdict(self) -> Verdict:
-        return verdict_of(self.handle.state())
+        verdicts = [verdict_of(h.state()) for _, h in self.handles]
+        if Verdict.MESH in verdicts:
+            return Verdict.MESH
+        if Verdict.UNKNOWN in verdicts:
+            return Verdict.UNKNOWN
+        if Verdict.BROKEN in verdicts:
+            return Verdict.BROKEN
+        return Verdict.NOT_MESH
+
+    def error(self) -> TargetError | None:
+        """The error of a broken candidate (for the 503 it answers)."""
+        for _, handle in self.handles:
+            state = handle.state()
+            if isinstance(state, TargetError) and verdict_of(state) is Verdict.BROKEN:
+                return state
+        return None
 
     def wait_sync(self) -> Verdict:
         """The verdict, blocking until ``wait_until`` at most while it is unknown."""
-        verdict = verdict_of(self.handle.state())
-        if verdict is Verdict.UNKNOWN:
+        verdict = self.verdict()
+        if verdict is Verdict.UNKNOWN and len(self.handles) == 1:
             remaining = self.wait_until - time.monotonic()
             if remaining > 0:
                 try:
-                    self.handle.wait_ready(remaining)
+                    self.handles[0][1].wait_ready(remaining)
                 except XdsError:
                     pass
-                verdict = verdict_of(self.handle.state())
+                verdict = self.verdict()
+        while verdict is Verdict.UNKNOWN and time.monotonic() < self.wait_until:
+            time.sleep(0.005)  # several candidates: poll (first requests of a host only)
+            verdict = self.verdict()
         return verdict
 
 
@@ -154,38 +199,42 @@ class TargetResolver:
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, int], MeshTarget] = OrderedDict()
 
-    def target_name(self, host: str, port: int) -> str:
-        fqdn = expand_host(host, self.namespace, self.cluster_domain)
-        if ":" in fqdn:  # IPv6 literal
-            fqdn = f"[{fqdn.strip('[]')}]"
-        return f"{fqdn}:{port}"
+    def target_names(self, host: str, port: int) -> tuple[str, ...]:
+        out = []
+        for fqdn in candidate_hosts(host, self.namespace, self.cluster_domain):
+            if ":" in fqdn:  # IPv6 literal
+                fqdn = f"[{fqdn.strip('[]')}]"
+            out.append(f"{fqdn}:{port}")
+        return tuple(out)
 
     def lookup(self, host: str, port: int) -> MeshTarget:
-        """The target of ``host:port`` (starting its watch on first use; never blocks)."""
+        """The target of ``host:port`` (starting its watches on first use; never blocks)."""
         key = (host, port)
         found = self._cache.get(key)
         if found is not None:
             return found
-        name = self.target_name(host, port)
-        evicted: list[str] = []
+        names = self.target_names(host, port)
+        evicted: list[MeshTarget] = []
         with self._lock:
             found = self._cache.get(key)
             if found is not None:
                 return found
-            wait = self.mesh_wait if self._mesh_suffix in name else self.external_wait
-            found = MeshTarget(name, self._watch(name), time.monotonic() + wait)
+            # Names meant for the cluster may wait longer for a slow control plane.
+            expected = len(names) == 1 and self._mesh_suffix in names[0]
+            wait = self.mesh_wait if expected else self.external_wait
+            found = MeshTarget(tuple((n, self._watch(n)) for n in names), time.monotonic() + wait)
             self._cache[key] = found
             while len(self._cache) > self._max:
-                _, old = self._cache.popitem(last=False)
-                evicted.append(old.name)
-        for t in evicted:
-            self._unwatch(t)
+                evicted.append(self._cache.popitem(last=False)[1])
+        for old in evicted:
+            for n, _ in old.handles:
+                self._unwatch(n)
         return found
 
     def close(self) -> None:
         """Release every watch this resolver holds."""
         with self._lock:
-            targets = [t.name for t in self._cache.values()]
+            targets = [n for t in self._cache.values() for n, _ in t.handles]
             self._cache.clear()
-        for t in targets:
-            self._unwatch(t)
+        for n in targets:
+            self._unwatch(n)

@@ -57,7 +57,7 @@ from pymesh.errors import (
     UpstreamOverflowError,
     UpstreamTimeoutError,
 )
-from pymesh.httpx._targets import TargetResolver, Verdict
+from pymesh.httpx._targets import MeshTarget, TargetResolver, Verdict
 from pymesh.model.cluster import UpstreamProtocol
 from pymesh.model.snapshot import TargetError
 from pymesh.xds.client import XdsClient
@@ -363,6 +363,17 @@ class _MeshCore:
             extensions={RESULT_EXTENSION: result},
         )
 
+    def not_mesh(
+        self, request: httpx.Request, mt: MeshTarget, verdict: Verdict
+    ) -> httpx.Response | None:
+        """The answer for a host without a usable snapshot; ``None``: pass it through."""
+        error = mt.error() if verdict is Verdict.BROKEN else None
+        if error is not None:
+            return self.broken(request, mt.name, error)
+        if self.registry_only:
+            return self.refused(request, mt.name, "not a mesh service (REGISTRY_ONLY)")
+        return None
+
     def refused(self, request: httpx.Request, target: str, why: str) -> httpx.Response:
         """REGISTRY_ONLY and the host is not a mesh service: Istio's BlackHoleCluster (502)."""
         if self.raise_on_mesh_error:
@@ -569,20 +580,15 @@ class MeshTransport(httpx.BaseTransport):
         core = self._core
         url = request.url
         mt = core.resolver.lookup(url.host, core.port_of(url))
-        target, handle = mt.name, mt.handle
-        verdict = mt.verdict()
-        if verdict is Verdict.UNKNOWN:
-            verdict = mt.wait_sync()
-        state = handle.state()
-        if verdict is not Verdict.MESH:
-            if verdict is Verdict.BROKEN and isinstance(state, TargetError):
-                return core.broken(request, target, state)
-            if core.registry_only:
-                return core.refused(request, target, "not a mesh service (REGISTRY_ONLY)")
-            return self._pass(request)
-        snapshot = handle.current()
-        if snapshot is None:  # raced with an update to an error state
-            return self._pass(request)
+        found = mt.current()
+        if found is None:
+            verdict = mt.verdict()
+            if verdict is Verdict.UNKNOWN:
+                verdict = mt.wait_sync()
+            found = mt.current()
+            if found is None:
+                return self._not_mesh(request, mt, verdict)
+        target, snapshot = found
         if core.removed:
             self._pools.drain(core.removed)
         body = request.read()
@@ -621,6 +627,10 @@ class MeshTransport(httpx.BaseTransport):
             stream=_SyncStream(resp.stream, result.release),
             extensions={**resp.extensions, RESULT_EXTENSION: result},
         )
+
+    def _not_mesh(self, request: httpx.Request, mt: MeshTarget, verdict: Verdict) -> httpx.Response:
+        local = self._core.not_mesh(request, mt, verdict)
+        return local if local is not None else self._pass(request)
 
     def _pass(self, request: httpx.Request) -> httpx.Response:
         if self._passthrough is None:
@@ -733,23 +743,19 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         core = self._core
         url = request.url
         mt = core.resolver.lookup(url.host, core.port_of(url))
-        target, handle = mt.name, mt.handle
-        verdict = mt.verdict()
-        # Bounded wait for the first answer, without blocking the event loop (a poll: it
-        # happens only for a host's first requests).
-        while verdict is Verdict.UNKNOWN and time.monotonic() < mt.wait_until:
-            await _sleep(0.005)
+        found = mt.current()
+        if found is None:
             verdict = mt.verdict()
-        state = handle.state()
-        if verdict is not Verdict.MESH:
-            if verdict is Verdict.BROKEN and isinstance(state, TargetError):
-                return core.broken(request, target, state)
-            if core.registry_only:
-                return core.refused(request, target, "not a mesh service (REGISTRY_ONLY)")
-            return await self._pass(request)
-        snapshot = handle.current()
-        if snapshot is None:
-            return await self._pass(request)
+            # Bounded wait for the first answer, without blocking the event loop (a poll:
+            # it happens only for a host's first requests).
+            while verdict is Verdict.UNKNOWN and time.monotonic() < mt.wait_until:
+                await _sleep(0.005)
+                verdict = mt.verdict()
+            found = mt.current()
+            if found is None:
+                local = core.not_mesh(request, mt, verdict)
+                return local if local is not None else await self._pass(request)
+        target, snapshot = found
         if core.removed:
             await self._pools.drain(core.removed)
         body = await request.aread()

@@ -359,3 +359,33 @@ http:
         after = collections.Counter(client.get(URL + "/").status_code for _ in range(50))
     assert after == {200: 50}
     assert bad.count == 3
+
+
+def test_two_label_names_mean_service_namespace_or_an_external_host(
+    mesh: Mesh, upstreams: Make
+) -> None:
+    _echo, u1 = upstreams("echo")
+    _ext, u2 = upstreams("external")
+    external = f"""\
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: external, namespace: default}}
+spec:
+  hosts: [httpbin.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: {PORT}, name: http, protocol: HTTP}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {u2.port}}}}}
+"""
+    mesh.write(service_yaml({"v1": u1.port}, extra=external))
+    mesh.start()
+    with pymesh.httpx.Client(xds_client=mesh.client, mesh_wait=10) as client:
+        r = client.get(f"http://echo.default:{PORT}/")  # service.namespace
+        assert r.json()["name"] == "echo"
+        assert r.extensions[pymesh.httpx.RESULT_EXTENSION].cluster.endswith(HOST)
+        r = client.get(f"http://httpbin.test:{PORT}/")  # an external ServiceEntry host
+        assert r.json()["name"] == "external"
+        result = r.extensions[pymesh.httpx.RESULT_EXTENSION]
+        assert result.cluster == f"outbound|{PORT}||httpbin.test"

@@ -488,3 +488,160 @@ def test_lazy_response_headers_behave_as_headers() -> None:
     assert "content-type" in lazy and "nope" not in lazy
     assert lazy == eager and list(lazy) == list(eager) and len(lazy) == 3
     assert lazy.with_set("x-a", "3").get("x-a") == "3"
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def test_async_runner_drives_the_same_flow(rt: MeshRuntime, clock: FakeClock) -> None:
+    import asyncio
+
+    from pymesh.core.flow import drive_async, drive_sync
+
+    policy = RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=2, base_interval=0.001)
+    snap = snapshot([route(RouteAction(cluster="a", retry_policy=policy))], [cluster("a", [1])])
+    log: list[str] = []
+
+    def answer(action: Send) -> AttemptResult:
+        log.append(f"send{action.attempt}")
+        return AttemptResult(Outcome(status=503 if action.attempt == 1 else 200), "body")
+
+    async def asend(action: Send) -> AttemptResult:
+        return answer(action)
+
+    async def asleep(seconds: float) -> None:
+        log.append("sleep")
+
+    async def adiscard(response: object) -> None:
+        log.append("discard")
+
+    sync_log_start = len(log)
+    r1 = drive_sync(
+        call_flow(rt, snap, request(), clock=clock),
+        send=answer,
+        sleep=lambda s: log.append("sleep"),
+        mirror=lambda m: None,
+        discard=lambda r: log.append("discard"),
+    )
+    sync_log = log[sync_log_start:]
+    log.clear()
+    r2 = asyncio.run(
+        drive_async(
+            call_flow(rt, snap, request(), clock=clock),
+            send=asend,
+            sleep=asleep,
+            mirror=lambda m: None,
+            discard=adiscard,
+        )
+    )
+    assert log == sync_log
+    assert sync_log[:2] == ["send1", "discard"] and sync_log[-1] == "send2"
+    assert (r1.attempts, r2.attempts) == (2, 2)
+    r1.release()
+    r2.release()
+    idle(rt)
+
+
+def test_a_runner_error_closes_the_flow_and_gives_back_its_slots(
+    rt: MeshRuntime, clock: FakeClock
+) -> None:
+    from pymesh.core.flow import drive_sync
+
+    snap = snapshot([route(RouteAction(cluster="a"))], [cluster("a", [1])])
+
+    def boom(action: Send) -> AttemptResult:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        drive_sync(
+            call_flow(rt, snap, request(), clock=clock),
+            send=boom,
+            sleep=lambda s: None,
+            mirror=lambda m: None,
+            discard=lambda r: None,
+        )
+    idle(rt)
+    assert rt.clusters()["a"].limits.try_start_request()
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+def test_runtime_keeps_hosts_and_counts_across_updates(rt: MeshRuntime, clock: FakeClock) -> None:
+    first = cluster("a", [1, 2], breakers=CircuitBreakers(max_requests=5))
+    c = rt.cluster_for(first, clock.now)
+    host1 = c.hosts["127.0.0.1:1"]
+    assert c.limits.try_start_request()
+    host1.active_requests = 3
+    # EDS: port 2 leaves, port 3 arrives; CDS: new thresholds.
+    second = ClusterConfig(
+        Cluster("a", ClusterKind.EDS, circuit_breakers=CircuitBreakers(max_requests=1)),
+        assignment("a", [1, 3]),
+    )
+    removed: list[frozenset[str]] = []
+    rt.add_hosts_removed_listener(removed.append)
+    assert rt.cluster_for(second, clock.now) is c
+    assert c.hosts["127.0.0.1:1"] is host1 and host1.active_requests == 3
+    assert set(c.hosts) == {"127.0.0.1:1", "127.0.0.1:3"}
+    assert removed == [frozenset({"127.0.0.1:2"})]
+    assert not c.limits.try_start_request()  # the held request counts against the new limit
+    c.limits.end_request()
+    assert c.limits.try_start_request()
+    c.limits.end_request()
+    host1.active_requests = 0
+
+
+def test_hosts_shared_by_subsets_are_reported_only_when_gone_from_all(
+    rt: MeshRuntime, clock: FakeClock
+) -> None:
+    removed: list[frozenset[str]] = []
+    rt.add_hosts_removed_listener(removed.append)
+    rt.cluster_for(cluster("all", [1, 2]), clock.now)
+    rt.cluster_for(cluster("v1", [1]), clock.now)
+    rt.cluster_for(cluster("all", [2]), clock.now)  # port 1 left "all" but "v1" has it
+    assert removed == []
+    rt.cluster_for(cluster("v1", [2]), clock.now)
+    assert removed == [frozenset({"127.0.0.1:1"})]
+
+
+def test_clusters_no_target_uses_are_released(rt: MeshRuntime, clock: FakeClock) -> None:
+    removed: list[frozenset[str]] = []
+    rt.add_hosts_removed_listener(removed.append)
+    one = snapshot([route(RouteAction(cluster="a"))], [cluster("a", [1]), cluster("b", [2])])
+    rt.on_target_state("svc:80", one)
+    assert set(rt.clusters()) == {"a", "b"}
+    two = snapshot([route(RouteAction(cluster="a"))], [cluster("a", [1])], version=2)
+    rt.on_target_state("svc:80", two)
+    assert set(rt.clusters()) == {"a"}
+    assert removed == [frozenset({"127.0.0.1:2"})]
+
+
+def test_ejection_end_rebuilds_the_balancer_at_pick_time(rt: MeshRuntime, clock: FakeClock) -> None:
+    od = OutlierDetection(consecutive_5xx=1, base_ejection_time=10.0, max_ejection_percent=100)
+    c = rt.cluster_for(cluster("a", [1], outlier=od), clock.now)
+    host = c.hosts["127.0.0.1:1"]
+    from pymesh.core.types import PickContext
+
+    assert c.outlier is not None and c.outlier.record(host, Outcome(status=500), clock.now)
+    c.ejections_changed(clock.now)
+    # A single ejected host: Envoy's panic mode may still route to it, so check the state.
+    assert host.is_ejected(clock.now)
+    assert c.usable_hosts == 0
+    clock.now += 11.0
+    assert c.pick(PickContext(clock.now)) is host
+    assert c.usable_hosts == 1
+
+
+def test_aggregate_cluster_uses_the_first_leaf_with_hosts(
+    rt: MeshRuntime, clock: FakeClock
+) -> None:
+    agg = ClusterConfig(
+        Cluster("agg", ClusterKind.AGGREGATE, aggregate_clusters=("p", "s")),
+        leaf_clusters=("p", "s"),
+    )
+    snap = snapshot([route(RouteAction(cluster="agg"))], [agg, cluster("p", []), cluster("s", [7])])
+    d = Driver(rt, clock)
+    result = d.run(snap, request(), ok)
+    assert result.local_reply is None
+    assert d.sends()[0].host.address.port == 7
+    result.release()
