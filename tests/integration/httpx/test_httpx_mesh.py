@@ -389,3 +389,88 @@ spec:
         assert r.json()["name"] == "external"
         result = r.extensions[pymesh.httpx.RESULT_EXTENSION]
         assert result.cluster == f"outbound|{PORT}||httpbin.test"
+
+
+def test_envoy_request_headers_are_honoured_and_consumed(mesh: Mesh, upstreams: Make) -> None:
+    flaky, u1 = upstreams("flaky")
+    flaky.fail_every = 2
+    vs = f"""\
+http:
+- route:
+  - destination: {{host: {HOST}}}
+  retries: {{attempts: 0}}
+"""
+    mesh.write(service_yaml({"v1": u1.port}, virtual_service=vs))
+    mesh.start()
+    with pymesh.httpx.Client(xds_client=mesh.client, mesh_wait=10) as client:
+        # No retries configured: half the calls fail ...
+        plain = collections.Counter(client.get(URL + "/").status_code for _ in range(20))
+        assert plain == {200: 10, 503: 10}
+        # ... unless the request asks for retries, as Envoy's x-envoy-* headers allow.
+        ask = {"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "3"}
+        asked = collections.Counter(
+            client.get(URL + "/", headers=ask).status_code for _ in range(20)
+        )
+        assert asked == {200: 20}
+        assert "x-envoy-retry-on" not in flaky.seen_headers[-1]  # consumed, not forwarded
+        start = time.monotonic()
+        r = client.get(URL + "/sleep/2000", headers={"x-envoy-upstream-rq-timeout-ms": "200"})
+        assert r.status_code == 504
+        assert time.monotonic() - start < 1.5
+
+
+def test_route_rewrites_headers_redirects_and_direct_responses(mesh: Mesh, upstreams: Make) -> None:
+    backend, u1 = upstreams("v1")
+    vs = f"""\
+http:
+- match: [{{uri: {{prefix: /old}}}}]
+  redirect: {{uri: /new, redirectCode: 302}}
+- match: [{{uri: {{prefix: /static}}}}]
+  directResponse: {{status: 418, body: {{string: teapot}}}}
+- match: [{{uri: {{prefix: /api/}}}}]
+  rewrite: {{uri: /v2/}}
+  headers:
+    request: {{set: {{x-added: "yes"}}}}
+    response: {{set: {{x-served-by: mesh}}}}
+  route:
+  - destination: {{host: {HOST}}}
+"""
+    mesh.write(service_yaml({"v1": u1.port}, virtual_service=vs))
+    mesh.start()
+    with pymesh.httpx.Client(xds_client=mesh.client, mesh_wait=10) as client:
+        r = client.get(URL + "/api/items?x=1")
+        assert r.status_code == 200
+        assert r.json()["path"] == "/v2/items"
+        assert r.headers["x-served-by"] == "mesh"
+        assert backend.seen_headers[-1]["x-added"] == "yes"
+        r = client.get(URL + "/old/page")
+        assert r.status_code == 302
+        assert r.headers["location"].endswith("/new")
+        r = client.get(URL + "/static")
+        assert (r.status_code, r.text) == (418, "teapot")
+        assert client.get(URL + "/nothing").status_code == 404
+
+
+def test_async_cancellation_gives_back_the_request_slot(mesh: Mesh, upstreams: Make) -> None:
+    _backend, u1 = upstreams("v1")
+    dr = """\
+trafficPolicy:
+  connectionPool:
+    http: {http2MaxRequests: 1}
+"""
+    mesh.write(service_yaml({"v1": u1.port}, destination_rule=dr))
+    mesh.start()
+
+    async def main() -> list[int]:
+        async with pymesh.httpx.AsyncClient(xds_client=mesh.client, mesh_wait=10) as client:
+            assert (await client.get(URL + "/")).status_code == 200
+            slow = asyncio.ensure_future(client.get(URL + "/sleep/5000"))
+            await asyncio.sleep(0.3)
+            busy = (await client.get(URL + "/")).status_code  # the only slot is taken
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            after = (await client.get(URL + "/")).status_code  # and given back
+            return [busy, after]
+
+    assert asyncio.run(main()) == [503, 200]
