@@ -193,6 +193,21 @@ INTERVAL_SCENARIOS = [
         {**_INTERVAL, "enforcing_success_rate": 0, "enforcing_failure_percentage": 100},
         (("500",) * 9 + ("200",), ("500", "500", "500", "200"), _OK, _OK, _OK),
     ),
+    # Split local-origin failure percentage. Refused connections are 100 % local failures;
+    # a reset after connecting counts a local success first, so an endpoint that always
+    # resets sits at 50 %: only the refused endpoint passes the 85 % threshold.
+    IntervalScenario(
+        "fp_local",
+        {
+            **_INTERVAL,
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 100000,
+            "enforcing_success_rate": 0,
+            "enforcing_local_origin_success_rate": 0,
+            "enforcing_failure_percentage_local_origin": 100,
+        },
+        (("refused",), ("reset",), _OK, _OK, _OK),
+    ),
 ]
 
 
@@ -552,11 +567,18 @@ def test_detector_counts_what_envoy_counts(
     assert not mismatches, "\n".join(mismatches)
 
 
-def test_interval_algorithms_match_envoy(envoy: EnvoyHandle, upstreams: list[str]) -> None:
-    targets = upstreams[:5]
+def test_interval_algorithms_match_envoy(
+    envoy: EnvoyHandle, upstreams: list[str], refused_address: str
+) -> None:
+    def targets(sc: IntervalScenario) -> list[str]:
+        return [
+            refused_address if pattern == ("refused",) else upstreams[i]
+            for i, pattern in enumerate(sc.patterns)
+        ]
+
     for sc in INTERVAL_SCENARIOS:
-        for t in targets:
-            _send(envoy.port, sc.name, t, "200")
+        for t, pattern in zip(targets(sc), sc.patterns, strict=True):
+            _send(envoy.port, sc.name, t, pattern[0] if pattern == ("refused",) else "200")
     time.sleep(0.3)
     # Traffic for several of Envoy's 1 s ticks; every window holds whole pattern cycles'
     # worth of rates, far from any threshold, whatever the alignment.
@@ -564,13 +586,13 @@ def test_interval_algorithms_match_envoy(envoy: EnvoyHandle, upstreams: list[str
     rounds = 0
     while time.monotonic() < end and rounds < 2000:
         for sc in INTERVAL_SCENARIOS:
-            for i, pattern in enumerate(sc.patterns):
-                _send(envoy.port, sc.name, targets[i], pattern[rounds % len(pattern)])
+            for t, pattern in zip(targets(sc), sc.patterns, strict=True):
+                _send(envoy.port, sc.name, t, pattern[rounds % len(pattern)])
         rounds += 1
     assert rounds >= 60, f"too little traffic for the volume thresholds ({rounds} rounds)"
     mismatches = []
     for sc in INTERVAL_SCENARIOS:
-        hosts = [Host(SocketAddress(t.split(":")[0], int(t.split(":")[1]))) for t in targets]
+        hosts = [Host(SocketAddress(t.split(":")[0], int(t.split(":")[1]))) for t in targets(sc)]
         detector = OutlierDetector(
             _model_config(sc.config), rng=random.Random(0), hosts=hosts, now=0.0
         )
@@ -581,7 +603,12 @@ def test_interval_algorithms_match_envoy(envoy: EnvoyHandle, upstreams: list[str
             detector.sweep(hosts, tick)
         want = _pymesh_stats(detector)
         # The scenarios mean what their comments say.
-        expected = {"sr_one": "success_rate", "sr_two": None, "fp": "failure_percentage"}[sc.name]
+        expected = {
+            "sr_one": "success_rate",
+            "sr_two": None,
+            "fp": "failure_percentage",
+            "fp_local": "local_origin_failure_percentage",
+        }[sc.name]
         assert want["ejections_active"] == (expected is not None)
         if expected is not None:
             assert want[f"ejections_enforced_{expected}"] == 1
