@@ -1,0 +1,13 @@
+"""Mesh-managed gRPC: ``pymesh.grpc.insecure_channel("xds:///HOST:PORT")`` and friends.
+
+Same signatures as grpcio's constructors; ``xds:`` targets are routed by the mesh (the same
+policy core as the httpx adapter), any other target is handed to grpcio unchanged. The
+asyncio twins live in :mod:`pymesh.grpc.aio`.
+"""
+
+from __future__ import annotations
+
+from pymesh.grpc._channel import MeshChannel, insecure_channel, secure_channel
+from pymesh.grpc._errors import MeshRpcError
+
+__all__ = ["MeshChannel", "MeshRpcError", "insecure_channel", "secure_channel"]

@@ -1,0 +1,951 @@
+"""Mesh-managed grpcio channels (sync): ``pymesh.grpc.insecure_channel("xds:///HOST:PORT")``.
+
+A :class:`MeshChannel` is a ``grpc.Channel``: generated stubs work on it unchanged. Each call
+reads the target's snapshot once, builds the policy core's ``RequestInfo`` (``POST``,
+``:path`` = ``/package.Service/Method``, metadata as headers, ``:authority`` = the target's
+``HOST:PORT``, ``grpc=True``) and drives the same :func:`~pymesh.core.flow.call_flow` as the
+httpx adapter (routing, weighted clusters, faults, retries, deadlines, limits, outlier
+detection). This module only does what the flow asks: a ``Send`` becomes a real grpcio call
+on the endpoint's pooled channel (:mod:`pymesh.grpc._subchannels`) with the attempt's timeout
+as its deadline.
+
+The edge translation (STYLE.md #10), attempt by attempt:
+
+=================================================  ==========================================
+grpcio result of an attempt                        the flow's ``Outcome``
+=================================================  ==========================================
+response (unary) / first message (streaming)       ``status=200`` (committed: the call is
+                                                   never retried after the first message)
+RpcError ``UNAVAILABLE`` "failed to connect ..."   ``reset=CONNECT_FAILURE``
+RpcError ``UNAVAILABLE`` socket closed / reset     ``reset=RESET``
+``DEADLINE_EXCEEDED`` of the mesh's attempt        ``reset=PER_TRY_TIMEOUT``
+``DEADLINE_EXCEEDED`` of the caller's ``timeout``  raised to the caller at once
+any other status (also a stream ending empty)      ``status=200, grpc_status=N``
+=================================================  ==========================================
+
+Deadlines: the caller's ``timeout`` is the call's deadline (as in grpcio); it is also shown to
+the route as a ``grpc-timeout`` header, so ``grpc_timeout_header_max`` / ``max_grpc_timeout``
+apply as in Envoy. Each attempt's grpcio deadline is ``min(flow timeout, caller deadline)``;
+backoffs and fault delays stop at the caller's deadline. Streaming request iterators are
+buffered so a retry can replay what was sent (gRPC's retry buffer; unbounded here).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import grpc
+
+from pymesh.core.deadline import format_grpc_timeout
+from pymesh.core.flow import (
+    AttemptResult,
+    CallResult,
+    Mirror,
+    Send,
+    call_flow,
+    drive_sync,
+)
+from pymesh.core.runtime import MeshRuntime
+from pymesh.core.types import Headers, Outcome, RequestInfo, ResetKind
+from pymesh.errors import XdsError
+from pymesh.grpc._errors import MeshRpcError, error_of_reply
+from pymesh.grpc._subchannels import SubchannelPool
+from pymesh.model.snapshot import TargetError, TargetSnapshot
+from pymesh.xds.client import XdsClient
+from pymesh.xds.watch import TargetHandle, parse_target
+
+__all__ = [
+    "CONFIG_WAIT",
+    "MeshChannel",
+    "insecure_channel",
+    "is_xds_target",
+    "secure_channel",
+]
+
+CONFIG_WAIT = 20.0
+"""How long a call without a deadline waits for the target's first xDS config (C-core
+queues such calls until the resolver answers; we bound it)."""
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+OK = Outcome(status=200, grpc_status=0)
+_COMMITTED = Outcome(status=200)
+_END = object()  # a stream that ended before its first message
+
+_CONNECT_FAILURE = ("failed to connect", "connection refused", "failed to connect to remote")
+_RESET = ("socket closed", "connection reset", "broken pipe", "stream removed", "goaway")
+
+
+def is_xds_target(target: str) -> bool:
+    """``xds:///HOST:PORT`` or ``xds://AUTHORITY/HOST:PORT`` (anything else is grpcio's)."""
+    return target.startswith("xds:")
+
+
+# --------------------------------------------------------------------------- shared core
+
+
+class _CallError(Exception):
+    """Ends a call from inside a runner callback with ``error`` (the flow is closed)."""
+
+    def __init__(self, error: grpc.RpcError) -> None:
+        super().__init__()
+        self.error = error
+
+
+def classify(error: Any, caller_bound: bool) -> AttemptResult:
+    """The flow's outcome of an attempt that ended with grpcio error ``error``.
+
+    ``caller_bound``: the attempt's deadline was the caller's own (its expiry is raised,
+    not retried). Raises :class:`_CallError` for errors that end the call as they are.
+    """
+    code = error.code()
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        if caller_bound:
+            raise _CallError(error)
+        return AttemptResult(Outcome(reset=ResetKind.PER_TRY_TIMEOUT))
+    if code is grpc.StatusCode.UNAVAILABLE:
+        details = (error.details() or "").lower()
+        if any(s in details for s in _CONNECT_FAILURE):
+            return AttemptResult(Outcome(reset=ResetKind.CONNECT_FAILURE))
+        if any(s in details for s in _RESET):
+            return AttemptResult(Outcome(reset=ResetKind.RESET))
+    return AttemptResult(Outcome(status=200, grpc_status=code.value[0]), error)
+
+
+def attempt_metadata(headers: Headers) -> Metadata:
+    """The metadata grpcio sends for an attempt: the flow's headers without the reserved
+    ones (grpcio sets ``grpc-timeout``, ``content-type``, ``te`` itself), ``-bin`` values back
+    to bytes."""
+    out: list[tuple[str, str | bytes]] = []
+    for k, v in headers:
+        if k.startswith(("grpc-", ":")) or k in _RESERVED:
+            continue
+        if k.endswith("-bin"):
+            out.append((k, base64.b64decode(v + "=" * (-len(v) % 4))))
+        else:
+            out.append((k, v))
+    return tuple(out)
+
+
+_RESERVED = frozenset({"te", "content-type", "user-agent", "host"})
+
+
+class MeshTarget:
+    """What every call of a mesh channel shares: the target, its handle and runtime, the
+    subchannel pool and the options of the grpcio channels it opens. No I/O of its own."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        runtime: MeshRuntime | None,
+        xds_client: XdsClient | None,
+        secure: bool,
+    ) -> None:
+        _, host_port = parse_target(target)
+        if runtime is None:
+            runtime = MeshRuntime.for_client(xds_client or XdsClient.shared())
+        self.runtime = runtime
+        self.target = target
+        self.authority = host_port
+        self.scheme = "https" if secure else "http"
+        self.handle: TargetHandle = runtime.watch(target)
+        self.clock: Callable[[], float] = time.monotonic
+        self._closed = False
+
+    def request_info(
+        self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None, timeout: float | None
+    ) -> RequestInfo:
+        items: list[tuple[str, str]] = []
+        if metadata:
+            for k, v in metadata:
+                if isinstance(v, bytes):
+                    items.append((k, base64.b64encode(v).decode("ascii").rstrip("=")))
+                else:
+                    items.append((k, v))
+        if timeout is not None:
+            items.append(("grpc-timeout", format_grpc_timeout(math.ceil(timeout * 1000))))
+        return RequestInfo("POST", self.authority, method, Headers(items), self.scheme, None, True)
+
+    def snapshot_now(self) -> TargetSnapshot | None:
+        return self.handle.current()
+
+    def unusable(self) -> MeshRpcError:
+        """The error of a call that found no usable config."""
+        state = self.handle.state()
+        why = str(state) if isinstance(state, TargetError) else "no xDS configuration yet"
+        return MeshRpcError(grpc.StatusCode.UNAVAILABLE, f"{self.target}: {why}")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.runtime.unwatch(self.target)
+
+
+def subchannel_options(
+    options: Iterable[tuple[str, Any]] | None, authority: str
+) -> list[tuple[str, Any]]:
+    opts = [(k, v) for k, v in (options or ()) if k != "grpc.default_authority"]
+    opts.append(("grpc.default_authority", authority))
+    return opts
+
+
+def connectivity_of(state: object) -> grpc.ChannelConnectivity:
+    if isinstance(state, TargetSnapshot):
+        return grpc.ChannelConnectivity.READY
+    if isinstance(state, TargetError) and not state.ambient:
+        return grpc.ChannelConnectivity.TRANSIENT_FAILURE
+    return grpc.ChannelConnectivity.CONNECTING
+
+
+# --------------------------------------------------------------------------- sync calls
+
+
+class _Replay:
+    """A request iterator that later attempts can replay (thread-safe; gRPC's retry buffer)."""
+
+    __slots__ = ("_buf", "_done", "_lock", "_src")
+
+    def __init__(self, source: Iterable[Any]) -> None:
+        self._src = iter(source)
+        self._buf: list[Any] = []
+        self._lock = threading.Lock()
+        self._done = False
+
+    def attempt(self) -> Iterator[Any]:
+        i = 0
+        while True:
+            with self._lock:
+                if i < len(self._buf):
+                    item = self._buf[i]
+                elif self._done:
+                    return
+                else:
+                    try:
+                        item = next(self._src)
+                    except StopIteration:
+                        self._done = True
+                        return
+                    self._buf.append(item)
+            i += 1
+            yield item
+
+
+class _State:
+    """One call's cancellation state (shared with its ``Future`` / response iterator)."""
+
+    __slots__ = ("cancelled", "current", "event")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.current: Any = None
+        self.event = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.event.set()
+        current = self.current
+        if current is not None:
+            current.cancel()
+
+
+_CANCELLED = "Locally cancelled by application!"
+
+
+class _Spec:
+    """One mesh multicallable: the method and how to build grpcio's multicallable for it."""
+
+    __slots__ = ("key", "make", "method", "streaming_request", "streaming_response")
+
+    def __init__(  # noqa: PLR0917
+        self,
+        method: str,
+        streaming_request: bool,
+        streaming_response: bool,
+        request_serializer: Any,
+        response_deserializer: Any,
+        registered: Any,
+    ) -> None:
+        self.method = method
+        self.streaming_request = streaming_request
+        self.streaming_response = streaming_response
+        self.key = (method, streaming_request, streaming_response, id(self))
+        kwargs: dict[str, Any] = {
+            "request_serializer": request_serializer,
+            "response_deserializer": response_deserializer,
+        }
+        if registered is not None:
+            kwargs["_registered_method"] = registered
+        name = ("stream_" if streaming_request else "unary_") + (
+            "stream" if streaming_response else "unary"
+        )
+
+        def make(channel: Any) -> Any:
+            return getattr(channel, name)(method, **kwargs)
+
+        self.make = make
+
+
+class MeshChannel(grpc.Channel):
+    """A ``grpc.Channel`` whose calls go through the mesh (see the module docstring)."""
+
+    def __init__(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Iterable[tuple[str, Any]] | None = None,
+        compression: grpc.Compression | None = None,
+        *,
+        xds_client: XdsClient | None = None,
+        runtime: MeshRuntime | None = None,
+    ) -> None:
+        self._mesh = MeshTarget(
+            target, runtime=runtime, xds_client=xds_client, secure=credentials is not None
+        )
+        opts = subchannel_options(options, self._mesh.authority)
+
+        def open_channel(key: str) -> grpc.Channel:
+            if credentials is None:
+                return grpc.insecure_channel(key, opts, compression)
+            return grpc.secure_channel(key, credentials, opts, compression)
+
+        self._pool: SubchannelPool[grpc.Channel] = SubchannelPool(open_channel, lambda c: c.close())
+        self._remove_listener = self._mesh.runtime.add_hosts_removed_listener(
+            self._pool.hosts_removed
+        )
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        self._subscriptions: dict[Callable[[grpc.ChannelConnectivity], None], Any] = {}
+        self._closed = False
+
+    @property
+    def runtime(self) -> MeshRuntime:
+        return self._mesh.runtime
+
+    # -- grpc.Channel ---------------------------------------------------------------------
+
+    def unary_unary(  # type: ignore[override]
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: Any = None,
+    ) -> _UnaryUnary:
+        spec = _Spec(
+            method, False, False, request_serializer, response_deserializer, _registered_method
+        )
+        return _UnaryUnary(self, spec)
+
+    def unary_stream(  # type: ignore[override]
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: Any = None,
+    ) -> _UnaryStream:
+        spec = _Spec(
+            method, False, True, request_serializer, response_deserializer, _registered_method
+        )
+        return _UnaryStream(self, spec)
+
+    def stream_unary(  # type: ignore[override]
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: Any = None,
+    ) -> _StreamUnary:
+        spec = _Spec(
+            method, True, False, request_serializer, response_deserializer, _registered_method
+        )
+        return _StreamUnary(self, spec)
+
+    def stream_stream(  # type: ignore[override]
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: Any = None,
+    ) -> _StreamStream:
+        spec = _Spec(
+            method, True, True, request_serializer, response_deserializer, _registered_method
+        )
+        return _StreamStream(self, spec)
+
+    def subscribe(
+        self,
+        callback: Callable[[grpc.ChannelConnectivity], None],
+        try_to_connect: bool = False,
+    ) -> None:
+        """Call ``callback`` with the channel's connectivity now and at every change: READY
+        once the target's config is usable, TRANSIENT_FAILURE while it is in error."""
+        del try_to_connect
+        last: list[grpc.ChannelConnectivity | None] = [None]
+
+        def on_state(state: object) -> None:
+            conn = connectivity_of(state)
+            if conn is not last[0]:
+                last[0] = conn
+                callback(conn)
+
+        if self._mesh.handle.state() is None:
+            last[0] = grpc.ChannelConnectivity.CONNECTING
+            callback(grpc.ChannelConnectivity.CONNECTING)
+        self._subscriptions[callback] = self._mesh.handle.subscribe(on_state)
+
+    def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
+        cancel = self._subscriptions.pop(callback, None)
+        if cancel is not None:
+            cancel()
+
+    def close(self) -> None:
+        """Close every endpoint channel and release the target's watch."""
+        if self._closed:
+            return
+        self._closed = True
+        for cancel in self._subscriptions.values():
+            cancel()
+        self._subscriptions.clear()
+        self._remove_listener()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
+        self._mesh.close()
+
+    def __enter__(self) -> MeshChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed:
+                self.close()
+        except Exception:
+            pass
+
+    # -- the call -------------------------------------------------------------------------
+
+    def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        if self._executor is None:
+            with self._executor_lock:
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        max_workers=64, thread_name_prefix="pymesh-grpc-future"
+                    )
+        return self._executor.submit(fn)
+
+    def _call(  # noqa: PLR0917 - grpcio's signature
+        self,
+        spec: _Spec,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+        state: _State,
+    ) -> tuple[Any, CallResult]:
+        """Run one call through the flow; returns (response, result) where response is
+        ``(value, grpc_call)`` (unary response) or ``(iterator, first)`` (streaming).
+        Raises ``grpc.RpcError``."""
+        if self._closed:
+            raise ValueError("Cannot invoke RPC: Channel closed!")
+        mesh = self._mesh
+        clock = mesh.clock
+        start = clock()
+        deadline = None if timeout is None else start + timeout
+        snapshot = mesh.handle.current()
+        if snapshot is None:
+            wait = CONFIG_WAIT if timeout is None else timeout
+            try:
+                snapshot = mesh.handle.wait_ready(wait)
+            except XdsError as exc:
+                raise MeshRpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        info = mesh.request_info(spec.method, metadata, timeout)
+        replay = _Replay(request) if spec.streaming_request else None
+        pool = self._pool
+
+        def send(action: Send) -> AttemptResult:
+            if state.cancelled:
+                raise _CallError(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED))
+            t = action.timeout
+            caller_bound = False
+            if deadline is not None:
+                remaining = deadline - clock()
+                if remaining <= 0:
+                    raise _CallError(_deadline_error())
+                if t is None or remaining <= t:
+                    t, caller_bound = remaining, True
+            mc = pool.get(action.host.key).multicallable(spec.key, spec.make)
+            md = attempt_metadata(action.request.headers)
+            payload = replay.attempt() if replay is not None else request
+            try:
+                if spec.streaming_response:
+                    it = mc(
+                        payload,
+                        timeout=t,
+                        metadata=md,
+                        credentials=credentials,
+                        wait_for_ready=wait_for_ready,
+                        compression=compression,
+                    )
+                    state.current = it
+                    try:
+                        first = next(it)
+                    except StopIteration:
+                        return AttemptResult(OK, (it, _END))
+                    return AttemptResult(_COMMITTED, (it, first))
+                fut = mc.future(
+                    payload,
+                    timeout=t,
+                    metadata=md,
+                    credentials=credentials,
+                    wait_for_ready=wait_for_ready,
+                    compression=compression,
+                )
+                state.current = fut
+                return AttemptResult(OK, (fut.result(), fut))
+            except grpc.FutureCancelledError:
+                raise _CallError(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED)) from None
+            except grpc.RpcError as error:
+                if state.cancelled:
+                    raise _CallError(error) from None
+                return classify(error, caller_bound)
+
+        def sleep(seconds: float) -> None:
+            if deadline is not None and clock() + seconds >= deadline:
+                state.event.wait(max(0.0, deadline - clock()))
+                if not state.cancelled:
+                    raise _CallError(_deadline_error())
+            else:
+                state.event.wait(seconds)
+            if state.cancelled:
+                raise _CallError(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED))
+
+        flow = call_flow(mesh.runtime, snapshot, info, clock=clock)
+        try:
+            result = drive_sync(flow, send=send, sleep=sleep, mirror=_no_mirror, discard=_discard)
+        except _CallError as stop:
+            raise stop.error from None
+        if result.local_reply is not None:
+            raise error_of_reply(result, mesh.target)
+        response = result.response
+        if isinstance(response, grpc.RpcError):
+            result.release()
+            raise response
+        return response, result
+
+
+def _deadline_error() -> MeshRpcError:
+    return MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
+def _no_mirror(action: Mirror) -> None:
+    """Shadow requests are not sent for gRPC (C-core does not mirror either)."""
+
+
+def _discard(response: object) -> None:
+    if isinstance(response, tuple):
+        call = response[0]
+        cancel = getattr(call, "cancel", None)
+        if cancel is not None:
+            cancel()
+
+
+# --------------------------------------------------------------------------- multicallables
+
+
+class _Multi:
+    __slots__ = ("_channel", "_spec")
+
+    def __init__(self, channel: MeshChannel, spec: _Spec) -> None:
+        self._channel = channel
+        self._spec = spec
+
+
+class _UnaryUnary(_Multi, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc,type-arg]
+    def __call__(  # noqa: PLR0917 - grpcio's signature
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
+        (value, _), result = self._channel._call(
+            self._spec,
+            request,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
+            _State(),
+        )
+        result.release()
+        return value
+
+    def with_call(  # noqa: PLR0917 - grpcio's signature
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> tuple[Any, grpc.Call]:
+        (value, call), result = self._channel._call(
+            self._spec,
+            request,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
+            _State(),
+        )
+        result.release()
+        return value, call
+
+    def future(  # type: ignore[override]  # noqa: PLR0917
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> MeshFuture:  # type: ignore[override]
+        state = _State()
+        channel = self._channel
+        spec = self._spec
+
+        def run() -> tuple[Any, grpc.Call | None]:
+            (value, call), result = channel._call(
+                spec, request, timeout, metadata, credentials, wait_for_ready, compression, state
+            )
+            result.release()
+            return value, call
+
+        return MeshFuture(channel._submit(run), state)
+
+
+class _StreamUnary(_UnaryUnary, grpc.StreamUnaryMultiCallable):  # type: ignore[misc,type-arg]
+    """Same as unary-unary with a request iterator (buffered for retries)."""
+
+
+class _UnaryStream(_Multi, grpc.UnaryStreamMultiCallable):  # type: ignore[misc,type-arg]
+    def __call__(  # type: ignore[override]  # noqa: PLR0917
+        self,
+        request: Any,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> MeshResponseIterator:  # type: ignore[override]
+        state = _State()
+        try:
+            (it, first), result = self._channel._call(
+                self._spec,
+                request,
+                timeout,
+                metadata,
+                credentials,
+                wait_for_ready,
+                compression,
+                state,
+            )
+        except grpc.RpcError as error:
+            return MeshResponseIterator(None, _END, None, state, error)
+        return MeshResponseIterator(it, first, result, state, None)
+
+
+class _StreamStream(_UnaryStream, grpc.StreamStreamMultiCallable):  # type: ignore[misc,type-arg]
+    """Same as unary-stream with a request iterator (buffered until the first response)."""
+
+
+# --------------------------------------------------------------------------- call objects
+
+
+class MeshFuture(grpc.Future, grpc.Call):  # type: ignore[misc,type-arg]
+    """The ``grpc.Future`` (and ``grpc.Call``) of a unary-response call run by the mesh."""
+
+    def __init__(self, future: concurrent.futures.Future[Any], state: _State) -> None:
+        self._future = future
+        self._state = state
+
+    def _call(self) -> Any:
+        try:
+            return self._future.result()[1]
+        except grpc.RpcError as error:
+            return error
+        except concurrent.futures.CancelledError:
+            return None
+
+    def cancel(self) -> bool:
+        if self._future.done():
+            return False
+        self._state.cancel()
+        self._future.cancel()
+        return True
+
+    def cancelled(self) -> bool:
+        if self._future.cancelled():
+            return True
+        if not self._future.done():
+            return False
+        error = self._future.exception()
+        return (
+            isinstance(error, grpc.RpcError)
+            and (
+                error.code() is grpc.StatusCode.CANCELLED  # type: ignore[attr-defined]
+            )
+            and self._state.cancelled
+        )
+
+    def running(self) -> bool:
+        return not self._future.done()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return self._future.result(timeout)[0]
+        except concurrent.futures.TimeoutError:
+            raise grpc.FutureTimeoutError() from None
+        except concurrent.futures.CancelledError:
+            raise grpc.FutureCancelledError() from None
+        except grpc.RpcError as error:
+            if self._state.cancelled:
+                raise grpc.FutureCancelledError() from None
+            raise error from None
+
+    def exception(self, timeout: float | None = None) -> Any:
+        try:
+            self.result(timeout)
+        except grpc.RpcError as error:
+            return error
+        return None
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        try:
+            self.result(timeout)
+        except grpc.RpcError as error:
+            return error.__traceback__
+        return None
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        self._future.add_done_callback(lambda _: fn(self))
+
+    # grpc.Call
+    def _delegate(self, name: str, default: Any) -> Any:
+        self._future.exception()  # wait for the end
+        call = self._call()
+        return getattr(call, name)() if call is not None else default
+
+    def initial_metadata(self) -> Any:
+        return self._delegate("initial_metadata", ())
+
+    def trailing_metadata(self) -> Any:
+        return self._delegate("trailing_metadata", ())
+
+    def code(self) -> grpc.StatusCode:
+        if self.cancelled():
+            return grpc.StatusCode.CANCELLED
+        code: grpc.StatusCode = self._delegate("code", grpc.StatusCode.CANCELLED)
+        return code
+
+    def details(self) -> str:
+        details: str = self._delegate("details", _CANCELLED)
+        return details
+
+    def is_active(self) -> bool:
+        return not self._future.done()
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        if self._future.done():
+            return False
+        self._future.add_done_callback(lambda _: callback())
+        return True
+
+    def time_remaining(self) -> float | None:  # type: ignore[override]
+        return None
+
+
+class MeshResponseIterator(grpc.Call, grpc.Future):  # type: ignore[misc,type-arg]
+    """The response iterator (and ``grpc.Call``) of a streaming-response call: the first
+    message the attempt committed on, then the rest of the winning attempt's stream."""
+
+    def __init__(
+        self,
+        it: Any,
+        first: Any,
+        result: CallResult | None,
+        state: _State,
+        error: grpc.RpcError | None,
+    ) -> None:
+        self._it = it
+        self._first = first
+        self._result = result
+        self._state = state
+        self._error = error
+        self._done = error is not None or first is _END
+        if self._done:
+            self._release()
+
+    def _release(self) -> None:
+        if self._result is not None:
+            self._result.release()
+
+    def __iter__(self) -> MeshResponseIterator:
+        return self
+
+    def __next__(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        first = self._first
+        if first is not _END:
+            self._first = _END
+            return first
+        if self._done:
+            raise StopIteration
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._done = True
+            self._release()
+            raise
+        except grpc.RpcError:
+            self._done = True
+            self._release()
+            raise
+
+    next = __next__
+
+    def cancel(self) -> bool:
+        if self._done and self._first is _END:
+            return False
+        self._state.cancel()
+        self._done = True
+        self._first = _END
+        self._release()
+        if self._it is not None:
+            self._it.cancel()
+        else:
+            self._error = MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED)
+        return True
+
+    def _target(self) -> Any:
+        return self._it if self._it is not None else self._error
+
+    def initial_metadata(self) -> Any:
+        return self._target().initial_metadata()
+
+    def trailing_metadata(self) -> Any:
+        return self._target().trailing_metadata()
+
+    def code(self) -> grpc.StatusCode:
+        code: grpc.StatusCode = self._target().code()
+        return code
+
+    def details(self) -> str:
+        details: str = self._target().details()
+        return details
+
+    def is_active(self) -> bool:
+        return not self._done
+
+    def time_remaining(self) -> float | None:  # type: ignore[override]
+        it = self._it
+        return it.time_remaining() if it is not None else None
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        it = self._it
+        return bool(it.add_callback(callback)) if it is not None else False
+
+    # grpc.Future (as grpcio's _MultiThreadedRendezvous)
+    def cancelled(self) -> bool:
+        return self._state.cancelled
+
+    def running(self) -> bool:
+        return not self._done
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self, timeout: float | None = None) -> Any:
+        del timeout
+        if self._error is not None:
+            raise self._error
+        return self._it.result() if self._it is not None else None
+
+    def exception(self, timeout: float | None = None) -> Any:
+        del timeout
+        if self._error is not None:
+            return self._error
+        return self._it.exception() if self._it is not None else None
+
+    def traceback(self, timeout: float | None = None) -> Any:
+        del timeout
+        return None
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        if self._it is not None:
+            self._it.add_done_callback(lambda _: fn(self))
+        else:
+            fn(self)
+
+
+# --------------------------------------------------------------------------- constructors
+
+
+def _opts(options: Iterable[tuple[str, Any]] | None) -> list[tuple[str, Any]] | None:
+    return None if options is None else list(options)
+
+
+def insecure_channel(
+    target: str,
+    options: Iterable[tuple[str, Any]] | None = None,
+    compression: grpc.Compression | None = None,
+    *,
+    xds_client: XdsClient | None = None,
+    runtime: MeshRuntime | None = None,
+) -> grpc.Channel:
+    """``grpc.insecure_channel`` that routes ``xds:///HOST:PORT`` targets through the mesh.
+
+    Other targets are passed to grpcio unchanged. ``xds_client`` (default: the process-wide
+    client from the bootstrap) or ``runtime`` (a :class:`~pymesh.core.runtime.MeshRuntime`,
+    shared with the httpx adapter) choose the mesh.
+    """
+    if not is_xds_target(target):
+        return grpc.insecure_channel(target, _opts(options), compression)
+    return MeshChannel(target, None, options, compression, xds_client=xds_client, runtime=runtime)
+
+
+def secure_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials,
+    options: Iterable[tuple[str, Any]] | None = None,
+    compression: grpc.Compression | None = None,
+    *,
+    xds_client: XdsClient | None = None,
+    runtime: MeshRuntime | None = None,
+) -> grpc.Channel:
+    """``grpc.secure_channel`` that routes ``xds:///HOST:PORT`` targets through the mesh: each
+    endpoint connection uses ``credentials`` (other targets go to grpcio unchanged)."""
+    if not is_xds_target(target):
+        return grpc.secure_channel(target, credentials, _opts(options), compression)
+    return MeshChannel(
+        target, credentials, options, compression, xds_client=xds_client, runtime=runtime
+    )

@@ -1,0 +1,565 @@
+"""Mesh-managed ``grpc.aio`` channels: ``pymesh.grpc.aio.insecure_channel("xds:///HOST:PORT")``.
+
+The asyncio twin of :mod:`pymesh.grpc._channel`: the same flow (driven by
+:func:`~pymesh.core.flow.drive_async`), the same translation of grpcio results into outcomes
+and of mesh replies into statuses, the same subchannel pool. A call object is returned at
+once (as grpc.aio does) and runs the flow in a task; awaiting it (or iterating it, for
+streaming responses) gives the winning attempt's answer. Errors are raised as
+``grpc.aio.AioRpcError`` (a ``grpc.RpcError``) with the status a proxyless client produces.
+Interceptors given to the channel run on every attempt (they wrap the endpoint channels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from pymesh.core.flow import AttemptResult, CallResult, Mirror, Send, call_flow, drive_async
+from pymesh.core.runtime import MeshRuntime
+from pymesh.errors import XdsError
+from pymesh.grpc._channel import (
+    _CANCELLED,
+    _COMMITTED,
+    _END,
+    CONFIG_WAIT,
+    OK,
+    MeshTarget,
+    _CallError,
+    _deadline_error,
+    _opts,
+    _Spec,
+    attempt_metadata,
+    classify,
+    connectivity_of,
+    is_xds_target,
+    subchannel_options,
+)
+from pymesh.grpc._errors import MeshRpcError, error_of_reply
+from pymesh.grpc._subchannels import SubchannelPool
+from pymesh.xds.client import XdsClient
+
+__all__ = ["AioMeshChannel", "insecure_channel", "secure_channel"]
+
+_EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009 - missing from the type stubs
+
+
+def _aio_error(error: Any) -> grpc.aio.AioRpcError:
+    """grpc.aio's error type for a mesh error (application code may catch AioRpcError)."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return error
+    trailing = grpc.aio.Metadata(*error.trailing_metadata())
+    return grpc.aio.AioRpcError(
+        error.code(), grpc.aio.Metadata(), trailing, error.details(), error.debug_error_string()
+    )
+
+
+class _AsyncReplay:
+    """A request stream (sync or async iterable) that later attempts can replay."""
+
+    __slots__ = ("_buf", "_done", "_lock", "_src")
+
+    def __init__(self, source: Any) -> None:
+        if hasattr(source, "__aiter__"):
+            self._src: Any = source.__aiter__()
+        else:
+            self._src = _aiter_sync(source)
+        self._buf: list[Any] = []
+        self._done = False
+        self._lock = asyncio.Lock()
+
+    async def attempt(self) -> AsyncIterator[Any]:
+        i = 0
+        while True:
+            async with self._lock:
+                if i < len(self._buf):
+                    item = self._buf[i]
+                elif self._done:
+                    return
+                else:
+                    try:
+                        item = await self._src.__anext__()
+                    except StopAsyncIteration:
+                        self._done = True
+                        return
+                    self._buf.append(item)
+            i += 1
+            yield item
+
+
+async def _aiter_sync(items: Iterable[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
+
+
+class _Writer:
+    """The request stream of a call without a request iterator (``write``/``done_writing``)."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        while True:
+            item = await self.queue.get()
+            if item is _EOF:
+                return
+            yield item
+
+
+class AioMeshChannel(grpc.aio.Channel):
+    """A ``grpc.aio.Channel`` whose calls go through the mesh."""
+
+    def __init__(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Iterable[tuple[str, Any]] | None = None,
+        compression: grpc.Compression | None = None,
+        interceptors: Any = None,
+        *,
+        xds_client: XdsClient | None = None,
+        runtime: MeshRuntime | None = None,
+    ) -> None:
+        self._mesh = MeshTarget(
+            target, runtime=runtime, xds_client=xds_client, secure=credentials is not None
+        )
+        opts = subchannel_options(options, self._mesh.authority)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+        def open_channel(key: str) -> grpc.aio.Channel:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            if credentials is None:
+                return grpc.aio.insecure_channel(key, opts, compression, interceptors)
+            return grpc.aio.secure_channel(key, credentials, opts, compression, interceptors)
+
+        def close_channel(channel: grpc.aio.Channel) -> None:
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(lambda: loop.create_task(channel.close(None)))
+
+        self._pool: SubchannelPool[grpc.aio.Channel] = SubchannelPool(open_channel, close_channel)
+        self._remove_listener = self._mesh.runtime.add_hosts_removed_listener(
+            self._pool.hosts_removed
+        )
+        self._closed = False
+
+    @property
+    def runtime(self) -> MeshRuntime:
+        return self._mesh.runtime
+
+    # -- grpc.aio.Channel -----------------------------------------------------------------
+
+    def unary_unary(  # type: ignore[override]
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: Any = False,
+    ) -> _Multi:
+        return _Multi(
+            self,
+            _Spec(
+                method, False, False, request_serializer, response_deserializer, _registered_method
+            ),
+        )
+
+    def unary_stream(  # type: ignore[override]
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: Any = False,
+    ) -> _Multi:
+        return _Multi(
+            self,
+            _Spec(
+                method, False, True, request_serializer, response_deserializer, _registered_method
+            ),
+        )
+
+    def stream_unary(  # type: ignore[override]
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: Any = False,
+    ) -> _Multi:
+        return _Multi(
+            self,
+            _Spec(
+                method, True, False, request_serializer, response_deserializer, _registered_method
+            ),
+        )
+
+    def stream_stream(  # type: ignore[override]
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: Any = False,
+    ) -> _Multi:
+        return _Multi(
+            self,
+            _Spec(
+                method, True, True, request_serializer, response_deserializer, _registered_method
+            ),
+        )
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        """READY once the target's config is usable, TRANSIENT_FAILURE while it is in
+        error, CONNECTING before the first answer."""
+        del try_to_connect
+        return connectivity_of(self._mesh.handle.state())
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        while self.get_state() is last_observed_state and not self._closed:
+            await asyncio.sleep(0.01)
+
+    async def channel_ready(self) -> None:
+        while self.get_state() is not grpc.ChannelConnectivity.READY:
+            await self.wait_for_state_change(self.get_state())
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close every endpoint channel (``grace`` as grpc.aio) and release the watch."""
+        if self._closed:
+            return
+        self._closed = True
+        self._remove_listener()
+        channels = self._pool.close(close_channels=False)
+        for channel in channels:
+            await channel.close(grace)
+        self._mesh.close()
+
+    async def __aenter__(self) -> AioMeshChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close(None)
+
+    # -- the call -------------------------------------------------------------------------
+
+    async def _call(  # noqa: PLR0917
+        self,
+        spec: _Spec,
+        request: Any,
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        metadata: Any,
+        on_attempt: Callable[[Any], None],
+    ) -> tuple[Any, CallResult]:
+        if self._closed:
+            raise grpc.aio.UsageError("Channel is closed.")
+        mesh = self._mesh
+        clock = mesh.clock
+        deadline = None if timeout is None else clock() + timeout
+        snapshot = mesh.handle.current()
+        if snapshot is None:
+            wait = CONFIG_WAIT if timeout is None else timeout
+            loop = asyncio.get_running_loop()
+            try:
+                snapshot = await loop.run_in_executor(None, mesh.handle.wait_ready, wait)
+            except XdsError as exc:
+                raise _aio_error(MeshRpcError(grpc.StatusCode.UNAVAILABLE, str(exc))) from None
+        info = mesh.request_info(spec.method, metadata, timeout)
+        replay = _AsyncReplay(request) if spec.streaming_request else None
+        pool = self._pool
+
+        async def send(action: Send) -> AttemptResult:
+            t = action.timeout
+            caller_bound = False
+            if deadline is not None:
+                remaining = deadline - clock()
+                if remaining <= 0:
+                    raise _CallError(_deadline_error())
+                if t is None or remaining <= t:
+                    t, caller_bound = remaining, True
+            mc = pool.get(action.host.key).multicallable(spec.key, spec.make)
+            md = attempt_metadata(action.request.headers)
+            payload = replay.attempt() if replay is not None else request
+            call = mc(payload, timeout=t, metadata=md, **kwargs)
+            on_attempt(call)
+            try:
+                if spec.streaming_response:
+                    first = await call.read()
+                    if first is _EOF:
+                        return AttemptResult(OK, (call, _END))
+                    return AttemptResult(_COMMITTED, (call, first))
+                return AttemptResult(OK, (await call, call))
+            except grpc.RpcError as error:
+                return classify(error, caller_bound)
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+
+        async def sleep(seconds: float) -> None:
+            if deadline is not None and clock() + seconds >= deadline:
+                await asyncio.sleep(max(0.0, deadline - clock()))
+                raise _CallError(_deadline_error())
+            await asyncio.sleep(seconds)
+
+        flow = call_flow(mesh.runtime, snapshot, info, clock=clock)
+        try:
+            result = await drive_async(
+                flow, send=send, sleep=sleep, mirror=_no_mirror, discard=_discard
+            )
+        except _CallError as stop:
+            raise _aio_error(stop.error) from None
+        if result.local_reply is not None:
+            raise _aio_error(error_of_reply(result, mesh.target))
+        response = result.response
+        if isinstance(response, grpc.RpcError):
+            result.release()
+            raise response
+        return response, result
+
+
+def _no_mirror(action: Mirror) -> None:
+    """Shadow requests are not sent for gRPC (C-core does not mirror either)."""
+
+
+async def _discard(response: object) -> None:
+    if isinstance(response, tuple):
+        cancel = getattr(response[0], "cancel", None)
+        if cancel is not None:
+            cancel()
+
+
+class _Multi:
+    """A grpc.aio multicallable of any shape (the shape is in the spec)."""
+
+    __slots__ = ("_channel", "_spec")
+
+    def __init__(self, channel: AioMeshChannel, spec: _Spec) -> None:
+        self._channel = channel
+        self._spec = spec
+
+    def __call__(
+        self,
+        request: Any = None,
+        *,
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> MeshAioCall:
+        kwargs = {
+            "credentials": credentials,
+            "wait_for_ready": wait_for_ready,
+            "compression": compression,
+        }
+        writer = None
+        if self._spec.streaming_request and request is None:
+            writer = _Writer()
+            request = writer
+        return MeshAioCall(self._channel, self._spec, request, kwargs, timeout, metadata, writer)
+
+
+class MeshAioCall:
+    """The call object of every shape: awaitable (unary response), async-iterable and
+    ``read()`` (streaming response), ``write()`` / ``done_writing()`` (streaming request
+    without an iterator), and grpc.aio's ``Call`` methods."""
+
+    def __init__(  # noqa: PLR0917
+        self,
+        channel: AioMeshChannel,
+        spec: _Spec,
+        request: Any,
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        metadata: Any,
+        writer: _Writer | None,
+    ) -> None:
+        self._spec = spec
+        self._writer = writer
+        self._attempt: Any = None
+        self._first: Any = _END
+        self._result: CallResult | None = None
+        self._released = False
+        self._task = asyncio.get_running_loop().create_task(
+            channel._call(spec, request, kwargs, timeout, metadata, self._set_attempt)
+        )
+
+    def _set_attempt(self, call: Any) -> None:
+        self._attempt = call
+
+    def _release(self) -> None:
+        if not self._released and self._result is not None:
+            self._released = True
+            self._result.release()
+
+    async def _settle(self) -> Any:
+        """Wait for the flow; returns the winning grpcio call (raises its error)."""
+        try:
+            (value, call), result = await self._task
+        except asyncio.CancelledError:
+            raise _aio_error(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED)) from None
+        if self._result is None:
+            self._result = result
+            if self._spec.streaming_response:
+                self._first = call
+                self._attempt = value
+            else:
+                self._release()
+        return value
+
+    # unary response
+    def __await__(self) -> Any:
+        async def run() -> Any:
+            value = await self._settle()
+            return value
+
+        return run().__await__()
+
+    # streaming response
+    async def read(self) -> Any:
+        attempt = await self._settle()
+        first = self._first
+        if first is not _END:
+            self._first = _END
+            return first
+        try:
+            item = await attempt.read()
+        except BaseException:
+            self._release()
+            raise
+        if item is _EOF:
+            self._release()
+        return item
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            item = await self.read()
+            if item is _EOF:
+                return
+            yield item
+
+    # streaming request without an iterator
+    async def write(self, request: Any) -> None:
+        if self._writer is None:
+            raise grpc.aio.UsageError("write() needs a call made without a request iterator")
+        await self._writer.queue.put(request)
+
+    async def done_writing(self) -> None:
+        if self._writer is None:
+            raise grpc.aio.UsageError("done_writing() needs a call without a request iterator")
+        await self._writer.queue.put(_EOF)
+
+    # grpc.aio.Call
+    def cancel(self) -> bool:
+        if self._task.done():
+            attempt = self._attempt
+            if self._spec.streaming_response and attempt is not None and not attempt.done():
+                self._release()
+                return bool(attempt.cancel())
+            return False
+        self._task.cancel()
+        return True
+
+    def cancelled(self) -> bool:
+        return self._task.cancelled() or (
+            self._attempt is not None and bool(self._attempt.cancelled())
+        )
+
+    def done(self) -> bool:
+        if not self._task.done():
+            return False
+        attempt = self._attempt
+        return attempt is None or bool(attempt.done())
+
+    def time_remaining(self) -> float | None:
+        attempt = self._attempt
+        return attempt.time_remaining() if attempt is not None else None
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._task.add_done_callback(lambda _: callback(self))
+
+    async def _winner(self) -> Any:
+        try:
+            await self._settle()
+        except grpc.RpcError as error:
+            return error
+        return self._attempt
+
+    async def initial_metadata(self) -> Any:
+        w = await self._winner()
+        return (
+            await w.initial_metadata()
+            if not isinstance(w, grpc.aio.AioRpcError)
+            else (w.initial_metadata())
+        )
+
+    async def trailing_metadata(self) -> Any:
+        w = await self._winner()
+        if isinstance(w, grpc.aio.AioRpcError):
+            return w.trailing_metadata()
+        return await w.trailing_metadata()
+
+    async def code(self) -> grpc.StatusCode:
+        w = await self._winner()
+        if isinstance(w, grpc.aio.AioRpcError):
+            return w.code()
+        code: grpc.StatusCode = await w.code()
+        return code
+
+    async def details(self) -> str:
+        w = await self._winner()
+        if isinstance(w, grpc.aio.AioRpcError):
+            return w.details() or ""
+        details: str = await w.details()
+        return details
+
+    async def wait_for_connection(self) -> None:
+        await asyncio.wait({self._task})
+
+
+def insecure_channel(
+    target: str,
+    options: Iterable[tuple[str, Any]] | None = None,
+    compression: grpc.Compression | None = None,
+    interceptors: Any = None,
+    *,
+    xds_client: XdsClient | None = None,
+    runtime: MeshRuntime | None = None,
+) -> grpc.aio.Channel:
+    """``grpc.aio.insecure_channel`` that routes ``xds:`` targets through the mesh (other
+    targets go to grpc.aio unchanged)."""
+    if not is_xds_target(target):
+        return grpc.aio.insecure_channel(target, _opts(options), compression, interceptors)
+    return AioMeshChannel(
+        target, None, options, compression, interceptors, xds_client=xds_client, runtime=runtime
+    )
+
+
+def secure_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials,
+    options: Iterable[tuple[str, Any]] | None = None,
+    compression: grpc.Compression | None = None,
+    interceptors: Any = None,
+    *,
+    xds_client: XdsClient | None = None,
+    runtime: MeshRuntime | None = None,
+) -> grpc.aio.Channel:
+    """``grpc.aio.secure_channel`` that routes ``xds:`` targets through the mesh, each
+    endpoint connection with ``credentials``."""
+    if not is_xds_target(target):
+        return grpc.aio.secure_channel(
+            target, credentials, _opts(options), compression, interceptors
+        )
+    return AioMeshChannel(
+        target,
+        credentials,
+        options,
+        compression,
+        interceptors,
+        xds_client=xds_client,
+        runtime=runtime,
+    )
