@@ -62,7 +62,6 @@ Every path through the loop ends: attempts are bounded by the retry policy and a
 
 from __future__ import annotations
 
-import functools
 import random
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
@@ -603,7 +602,9 @@ def call_flow(
     count_response = vhost.include_attempt_count_in_response
     attempt = 0
     inflight: _Attempt | None = None  # what the attempt in progress holds
-    retry_slot: ClusterRuntime | None = None  # whose retry slot the next attempt holds
+    # Whose retry slot we hold: taken when a retry is decided, given back at the next
+    # decision or when the call ends (Envoy's RetryStateImpl::resetRetry).
+    retry_slot: ClusterRuntime | None = None
     try:
         while attempt < MAX_ATTEMPTS:
             attempt += 1
@@ -627,19 +628,17 @@ def call_flow(
             limits = cluster.limits
             if not limits.try_start_request():
                 return _overflow(flags, ctx)
-            pending = False
-            if (
-                cluster.protocol is UpstreamProtocol.HTTP1
-                and cluster.active_requests >= cluster.max_connections
-            ):
-                # HTTP/1.1: every request in flight holds a connection; past max_connections
-                # a request waits for one, i.e. it is pending (Envoy's pool semantics).
-                if not limits.try_start_pending():
-                    limits.end_request()
-                    return _overflow(flags, ctx)
-                pending = True
-            inflight = _Attempt(cluster, host, pending, retry_slot)
-            retry_slot = None
+            conn = pending = False
+            if cluster.protocol is UpstreamProtocol.HTTP1:
+                # HTTP/1.1: a request in flight holds a connection; past max_connections a
+                # request waits for one, i.e. it is pending (Envoy's pool semantics).
+                conn = limits.try_open_connection()
+                if not conn:
+                    if not limits.try_start_pending():
+                        limits.end_request()
+                        return _overflow(flags, ctx)
+                    pending = True
+            inflight = _Attempt(cluster, host, conn, pending)
             if retry is not None:
                 retry.record_host(host.key)
             timeout = per_try
@@ -676,8 +675,11 @@ def call_flow(
             if retry is None:
                 decision = _NO_RETRY
             else:
-                budget = functools.partial(limits.try_start_retry, cluster.active_requests)
-                decision = retry.should_retry(outcome, budget_ok=budget)
+                if retry_slot is not None:  # the previous retry's slot ends at this decision
+                    retry_slot.limits.end_retry()
+                    retry_slot = None
+                # Asked while this attempt still counts as active (the budget sees it).
+                decision = retry.should_retry(outcome, budget_ok=limits.try_start_retry)
                 if isinstance(decision, Retry):
                     retry_slot = cluster  # the slot try_start_retry took
                 elif decision.overflow:
@@ -766,33 +768,30 @@ _NO_RETRY = GiveUp("no retry policy")
 
 class _Attempt:
     """What one attempt holds until its response is finished: a request on the cluster
-    and the host, maybe a pending slot and a retry slot. ``release`` is idempotent."""
+    (and the host's active count), and for HTTP/1.1 a connection or a pending slot.
+    ``release`` is idempotent."""
 
-    __slots__ = ("cluster", "done", "host", "pending", "retry_of")
+    __slots__ = ("cluster", "conn", "done", "host", "pending")
 
-    def __init__(
-        self, cluster: ClusterRuntime, host: Host, pending: bool, retry_of: ClusterRuntime | None
-    ) -> None:
+    def __init__(self, cluster: ClusterRuntime, host: Host, conn: bool, pending: bool) -> None:
         self.cluster = cluster
         self.host = host
+        self.conn = conn
         self.pending = pending
-        self.retry_of = retry_of
         self.done = False
         host.active_requests += 1
-        cluster.active_requests += 1
 
     def release(self) -> None:
         if self.done:
             return
         self.done = True
         self.host.active_requests -= 1
-        cluster = self.cluster
-        cluster.active_requests -= 1
-        cluster.limits.end_request()
+        limits = self.cluster.limits
+        limits.end_request()
+        if self.conn:
+            limits.close_connection()
         if self.pending:
-            cluster.limits.end_pending()
-        if self.retry_of is not None:
-            self.retry_of.limits.end_retry()
+            limits.end_pending()
 
 
 def _with_headers(request: RequestInfo, headers: Headers) -> RequestInfo:

@@ -81,8 +81,8 @@ _NO_HOSTS = _NoHosts()
 class ClusterRuntime:
     """Runtime state of one cluster: hosts, load balancer, limits, outlier detection.
 
-    ``active_requests`` counts requests in flight on the cluster (attempts being sent and
-    upstream responses not yet finished); the flow maintains it.
+    Requests in flight are counted by ``limits`` (``limits.requests``: attempts being sent
+    and upstream responses not yet finished), under its lock.
     """
 
     def __init__(
@@ -106,9 +106,7 @@ class ClusterRuntime:
             if cluster.outlier_detection is not None
             else None
         )
-        self.active_requests = 0
         self.protocol = UpstreamProtocol.HTTP1
-        self.max_connections = cluster.circuit_breakers.max_connections
         self._lb: LoadBalancer = _NO_HOSTS
         self._next_check = _INF
         self.usable_hosts = 0
@@ -160,7 +158,6 @@ class ClusterRuntime:
         self.protocol = (
             UpstreamProtocol.HTTP2 if protocol is UpstreamProtocol.HTTP2 else UpstreamProtocol.HTTP1
         )
-        self.max_connections = cluster.circuit_breakers.max_connections
         removed: frozenset[str] = frozenset()
         if first or config.endpoints is not old.endpoints or cluster != old.cluster:
             assignment = config.endpoints

@@ -164,7 +164,8 @@ def rt(clock: FakeClock) -> MeshRuntime:
 def idle(rt: MeshRuntime) -> None:
     """Every counter is back to zero."""
     for c in rt.clusters().values():
-        assert c.active_requests == 0, c
+        assert c.limits.requests == 0, c
+        assert c.limits.connections == c.limits.pending == c.limits.retries == 0, c
         for h in c.hosts.values():
             assert h.active_requests == 0, h
 
@@ -241,7 +242,7 @@ def test_success_holds_counters_until_release(rt: MeshRuntime, clock: FakeClock)
     (send,) = d.sends()
     assert send.request.headers.get("x-request-id")
     c = rt.clusters()["a"]
-    assert c.active_requests == 1  # the body is still being read
+    assert c.limits.requests == 1  # the body is still being read
     result.release()
     result.release()  # idempotent
     idle(rt)
@@ -645,3 +646,37 @@ def test_aggregate_cluster_uses_the_first_leaf_with_hosts(
     assert result.local_reply is None
     assert d.sends()[0].host.address.port == 7
     result.release()
+
+
+def test_one_retry_slot_is_enough_for_sequential_retries(rt: MeshRuntime, clock: FakeClock) -> None:
+    # Envoy gives the previous retry's slot back at the next decision (resetRetry), so
+    # max_retries=1 still allows every retry of one call, one at a time.
+    policy = RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=3, base_interval=0.001)
+    snap = snapshot(
+        [route(RouteAction(cluster="a", retry_policy=policy))],
+        [cluster("a", [1], breakers=CircuitBreakers(max_retries=1))],
+    )
+    result = Driver(rt, clock).run(snap, request(), lambda s: (Outcome(status=503), 0.001))
+    assert result.attempts == 4
+    assert "UO" not in result.flags and "URX" in result.flags
+    result.release()
+    idle(rt)
+
+
+def test_a_second_call_cannot_retry_while_one_holds_the_only_retry_slot(
+    rt: MeshRuntime, clock: FakeClock
+) -> None:
+    policy = RetryPolicy(retry_on=frozenset({"5xx"}), num_retries=3, base_interval=0.001)
+    snap = snapshot(
+        [route(RouteAction(cluster="a", retry_policy=policy))],
+        [cluster("a", [1], breakers=CircuitBreakers(max_retries=1))],
+    )
+    holder = call_flow(rt, snap, request(), clock=clock)
+    assert isinstance(next(holder), Send)
+    action = holder.send(AttemptResult(Outcome(status=503), "r1"))
+    assert isinstance(action, Discard)  # it decided to retry: it holds the retry slot
+    other = Driver(rt, clock).run(snap, request(), lambda s: (Outcome(status=503), 0.001))
+    assert other.attempts == 1 and "UO" in other.flags  # its retry overflowed
+    other.release()
+    holder.close()
+    idle(rt)
