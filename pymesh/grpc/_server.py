@@ -1,0 +1,562 @@
+"""xDS-managed gRPC servers (gRFC A36): ``pymesh.grpc.server(...)``, grpcio's API.
+
+:class:`XdsServer` wraps a ``grpc.Server``. When it starts, it watches its inbound listener
+(``server_listener_resource_name_template`` of the bootstrap with the bound ``IP:PORT``;
+Istio: ``xds.istio.io/grpc/lds/inbound/IP:PORT``) through the shared xDS client, and an
+interceptor placed first applies the listener's filter chain (``_inbound.decide``) to every
+RPC, reading the current snapshot once per RPC (one attribute read, no lock).
+
+Theory of operation — serving state (:class:`ServingCore`):
+
+=====================  ===========================  =========================================
+state                  event                        next state / action
+=====================  ===========================  =========================================
+NOT_SERVING (start)    listener snapshot            SERVING (callback, health SERVING)
+NOT_SERVING            listener error (not ambient) NOT_SERVING, message updated (callback)
+SERVING                listener snapshot            SERVING, new config for *new* RPCs only
+SERVING                ambient error (xDS down,     SERVING with the last good listener
+                       NACKed update)
+SERVING                listener removed / invalid   NOT_SERVING (callback, health NOT_SERVING)
+any                    snapshot whose chains all    NOT_SERVING: no certificate provider for
+                       demand TLS, plaintext port   the listener's mTLS (callback)
+=====================  ===========================  =========================================
+
+While NOT_SERVING, every RPC fails UNAVAILABLE with the reason (A36 closes connections;
+grpcio gives Python no hook for that, so RPCs are refused instead). RPCs already running are
+never interrupted: a listener update applies to RPCs that start after it. The health service
+(``grpc.health.v1``) and reflection bypass the NOT_SERVING gate so that probes can read the
+state; while SERVING they go through the filter chain like any RPC, as behind a sidecar.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from pymesh.core.rbac import PeerInfo
+from pymesh.core.types import Headers, RequestInfo
+from pymesh.errors import PymeshError
+from pymesh.grpc import _inbound
+from pymesh.model.snapshot import ServerError, ServerSnapshot
+from pymesh.xds.client import XdsClient
+from pymesh.xds.watch import ServerHandle, watch_server
+
+__all__ = ["ServingCore", "ServingStatus", "XdsServer", "server"]
+
+_log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+REFLECTION_SERVICES = (
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+_UNGATED_PREFIXES = tuple(f"/{s}/" for s in (HEALTH_SERVICE, *REFLECTION_SERVICES))
+_WILDCARDS = {"", "0.0.0.0", "::", "[::]", "*"}
+
+
+@dataclass(frozen=True, slots=True)
+class ServingStatus:
+    """What ``xds_serving_callback`` receives on every change of serving mode (and of the
+    reason while not serving): the listening ``address`` (``IP:PORT``), whether it serves,
+    and why not (``message``)."""
+
+    address: str
+    serving: bool
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """The one object an RPC reads: swapped whole on every change."""
+
+    snapshot: ServerSnapshot | None
+    serving: bool
+    message: str
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` / ``[V6]:PORT`` / ``:PORT`` into (host without brackets, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise PymeshError(f"server address {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def listener_host(host: str) -> str:
+    """The IP an xDS server names its listener with: the bound IP; a wildcard bind
+    (``""``, ``[::]``, ``0.0.0.0``) as grpcio's xDS server names it (``[::]`` for the
+    IPv6/dual-stack wildcard and ``""``, ``0.0.0.0`` for the IPv4 one); ``localhost`` as
+    ``127.0.0.1``."""
+    if host in ("", "::", "*"):
+        return "::"
+    if host == "localhost":
+        return "127.0.0.1"
+    return host
+
+
+def parse_peer(peer: str) -> str | None:
+    """The IP of a grpcio peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
+    kind, _, rest = peer.partition(":")
+    rest = urllib.parse.unquote(rest)
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or None
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]") or None
+    return None
+
+
+def _auth_peer(auth: Mapping[str, Any] | None, peer: PeerInfo) -> PeerInfo:
+    """Fill the TLS identity of ``peer`` from grpcio's ``auth_context()``."""
+    if not auth:
+        return peer
+    security = b"".join(auth.get("transport_security_type", ()))
+    if security != b"ssl":
+        return peer
+    pem = list(auth.get("x509_pem_cert", ()))
+    uri: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+    subject = ""
+    if pem:
+        try:
+            from cryptography import x509
+
+            cert = x509.load_pem_x509_certificate(pem[0])
+            try:
+                san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                uri = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+                dns = tuple(san.get_values_for_type(x509.DNSName))
+            except x509.ExtensionNotFound:
+                pass
+            subject = cert.subject.rfc4514_string()
+        except ValueError:
+            _log.warning("peer certificate could not be parsed for RBAC")
+    return PeerInfo(
+        source_ip=peer.source_ip,
+        destination_ip=peer.destination_ip,
+        destination_port=peer.destination_port,
+        tls=True,
+        uri_sans=uri,
+        dns_sans=dns,
+        subject=subject,
+    )
+
+
+class ServingCore:
+    """The sync/async-neutral part of an xDS server: the listener watch, the serving state
+    (module table), the health status it drives, and the per-RPC verdict."""
+
+    def __init__(
+        self,
+        *,
+        xds_client: XdsClient | None,
+        xds_serving_callback: Callable[[ServingStatus], None] | None,
+        set_health: Callable[[bool], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._client = xds_client
+        self._callback = xds_serving_callback
+        self._set_health = set_health
+        self.inbound = _inbound.InboundState(rng)
+        self._view = _View(None, False, "waiting for the xDS listener")
+        self._handle: ServerHandle | None = None
+        self._cancel: Callable[[], None] | None = None
+        self._address: tuple[str, int] | None = None
+        self._secure = False
+        self._reported: tuple[bool, str] | None = None
+        self._lock = threading.Lock()
+
+    # -- setup --------------------------------------------------------------------------
+
+    def add_port(self, address: str, port: int, *, secure: bool) -> None:
+        """Record the (only) port this server serves under xDS control."""
+        if self._address is not None:
+            raise PymeshError(
+                "a pymesh xDS server serves one port (its listener is named after it); "
+                f"already bound to {self.address}"
+            )
+        host, _ = split_address(address)
+        self._address = (listener_host(host), port)
+        self._secure = secure
+
+    @property
+    def address(self) -> str:
+        if self._address is None:
+            return ""
+        host, port = self._address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def listener_name(self) -> str | None:
+        return None if self._handle is None else self._handle.listener_name
+
+    def start(self) -> None:
+        """Start watching the listener (call after the port is bound)."""
+        if self._address is None:
+            raise PymeshError("add a port before starting an xDS server")
+        client = self._client or XdsClient.shared()
+        self._set_health(False)
+        host, port = self._address
+        self._handle = watch_server(client, host, port)
+        self._cancel = self._handle.subscribe(self._on_update)
+
+    def close(self) -> None:
+        if self._cancel is not None:
+            self._cancel()
+            self._cancel = None
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        self._view = _View(None, False, "server stopped")
+
+    # -- state (xDS work thread) --------------------------------------------------------
+
+    def _on_update(self, item: ServerSnapshot | ServerError) -> None:
+        current = self._view
+        if isinstance(item, ServerSnapshot):
+            why = _inbound.tls_only_message(item.listener, secure=self._secure)
+            if why is None:
+                view = _View(item, True, "")
+            else:
+                view = _View(None, False, why)
+        elif item.ambient and current.serving:
+            _log.warning("xDS server %s keeps its last listener: %s", self.address, item)
+            return
+        else:
+            view = _View(None, False, str(item))
+        self._view = view
+        self._report(view)
+
+    def _report(self, view: _View) -> None:
+        key = (view.serving, view.message)
+        with self._lock:
+            if key == self._reported:
+                return
+            changed_mode = self._reported is None or self._reported[0] != view.serving
+            self._reported = key
+        if changed_mode:
+            self._set_health(view.serving)
+        if view.serving:
+            _log.info("xDS server %s: SERVING", self.address)
+        else:
+            _log.warning("xDS server %s: NOT_SERVING: %s", self.address, view.message)
+        if self._callback is not None:
+            try:
+                self._callback(ServingStatus(self.address, view.serving, view.message))
+            except Exception:
+                _log.exception("xds_serving_callback raised")
+
+    # -- per RPC (any thread, lock-free) ------------------------------------------------
+
+    @property
+    def serving(self) -> bool:
+        return self._view.serving
+
+    @property
+    def status(self) -> ServingStatus:
+        view = self._view
+        return ServingStatus(self.address, view.serving, view.message)
+
+    def request_info(
+        self, method: str, metadata: Sequence[tuple[str, Any]] | None, authority: str | None
+    ) -> RequestInfo:
+        items = [(k, v) for k, v in (metadata or ()) if isinstance(v, str)]
+        return RequestInfo(
+            method="POST",
+            authority=authority or self.address,
+            path=method,
+            headers=Headers([("content-type", "application/grpc"), *items]),
+            scheme="https" if self._secure else "http",
+            grpc=True,
+        )
+
+    def peer_info(self, peer: str, auth: Mapping[str, Any] | None) -> PeerInfo:
+        host, port = self._address or ("", 0)
+        base = PeerInfo(
+            source_ip=parse_peer(peer),
+            destination_ip=None if host in _WILDCARDS else host,
+            destination_port=port,
+        )
+        return _auth_peer(auth, base) if self._secure else base
+
+    def decide(self, method: str, request: RequestInfo, peer: PeerInfo) -> _inbound.InboundDecision:
+        """The verdict for one RPC on the current view (read once)."""
+        view = self._view
+        if view.snapshot is None:
+            if method.startswith(_UNGATED_PREFIXES):
+                return _inbound.SERVE
+            return _inbound.InboundDecision(
+                code=_inbound.UNAVAILABLE, message=f"xDS server not serving: {view.message}"
+            )
+        return _inbound.decide(view.snapshot, request, peer, self.inbound, secure=self._secure)
+
+
+# --------------------------------------------------------------------------- sync
+
+
+def _host_of(context: grpc.ServicerContext) -> str | None:
+    # grpcio's sync server keeps the request's :authority in its private call details; the
+    # public API has no accessor. Fall back to the listening address.
+    try:
+        host = context._rpc_event.call_details.host  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
+    if isinstance(host, bytes):
+        host = host.decode("ascii", "replace")
+    return host if isinstance(host, str) and host else None
+
+
+class _Interceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """Applies the inbound filter chain before the application's handler runs."""
+
+    def __init__(self, core: ServingCore) -> None:
+        self._core = core
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        core = self._core
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        metadata = handler_call_details.invocation_metadata  # type: ignore[attr-defined]
+
+        def admit(context: grpc.ServicerContext) -> _inbound.InboundDecision:
+            request = core.request_info(method, metadata, _host_of(context))
+            peer = core.peer_info(context.peer(), context.auth_context())
+            decision = core.decide(method, request, peer)
+            if decision.delay:
+                remaining = context.time_remaining()
+                time.sleep(decision.delay if remaining is None else min(decision.delay, remaining))
+            if decision.code is not None:
+                if decision.fault is not None:
+                    decision.fault.end()
+                context.abort(status_code(decision.code), decision.message)
+            return decision
+
+        def wrap_unary(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
+            def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+                decision = admit(context)
+                try:
+                    return fn(request, context)
+                finally:
+                    if decision.fault is not None:
+                        decision.fault.end()
+
+            return behavior
+
+        def wrap_stream(fn: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Any:
+            def behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                decision = admit(context)
+                try:
+                    yield from fn(request, context)
+                finally:
+                    if decision.fault is not None:
+                        decision.fault.end()
+
+            return behavior
+
+        return _rewrap(handler, wrap_unary, wrap_stream)
+
+
+_STATUS_BY_CODE = {member.value[0]: member for member in grpc.StatusCode}
+
+
+def status_code(code: int) -> grpc.StatusCode:
+    """The ``grpc.StatusCode`` of a numeric gRPC status."""
+    return _STATUS_BY_CODE.get(code, grpc.StatusCode.UNKNOWN)
+
+
+def _rewrap(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    wrap_unary: Callable[[Any], Any],
+    wrap_stream: Callable[[Any], Any],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler with its behaviour wrapped (unary or streaming response)."""
+    h: Any = handler
+    kwargs = {
+        "request_deserializer": h.request_deserializer,
+        "response_serializer": h.response_serializer,
+    }
+    if h.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(wrap_unary(h.unary_unary), **kwargs)
+    if h.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(wrap_stream(h.unary_stream), **kwargs)
+    if h.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(wrap_unary(h.stream_unary), **kwargs)
+    return grpc.stream_stream_rpc_method_handler(wrap_stream(h.stream_stream), **kwargs)
+
+
+def service_names_of(handlers: Sequence[Any]) -> list[str]:
+    names = []
+    for h in handlers:
+        service_name = getattr(h, "service_name", None)
+        if callable(service_name):
+            name = service_name()
+            if isinstance(name, str):
+                names.append(name)
+    return names
+
+
+class XdsServer(grpc.Server):
+    """A ``grpc.Server`` whose RPCs pass the xDS inbound filter chain (see the module docs).
+
+    Same API as grpcio's server; ``serving`` / ``serving_status`` tell the xDS state and
+    ``listener_name`` the watched listener.
+    """
+
+    def __init__(
+        self,
+        inner: grpc.Server,
+        core: ServingCore,
+        health: Any,
+        *,
+        reflection: bool,
+    ) -> None:
+        self._inner = inner
+        self._core = core
+        self._health = health
+        self._reflection = reflection
+        self._services: list[str] = []
+        self._started = False
+
+    # -- grpc.Server --------------------------------------------------------------------
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[Any]) -> None:
+        generic_rpc_handlers = list(generic_rpc_handlers)
+        self._services.extend(service_names_of(generic_rpc_handlers))
+        self._inner.add_generic_rpc_handlers(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
+        self._services.append(service_name)
+        self._inner.add_registered_method_handlers(service_name, method_handlers)  # type: ignore[attr-defined]
+
+    def add_insecure_port(self, address: str) -> int:
+        port = self._inner.add_insecure_port(address)
+        self._core.add_port(address, port, secure=False)
+        return port
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        port = self._inner.add_secure_port(address, server_credentials)
+        self._core.add_port(address, port, secure=True)
+        return port
+
+    def start(self) -> None:
+        if self._reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            names = [*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME]
+            reflection.enable_server_reflection(names, self._inner)
+        self._core.start()
+        self._inner.start()
+        self._started = True
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        self._core.close()
+        self._health.enter_graceful_shutdown()
+        return self._inner.stop(grace)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._inner.wait_for_termination(timeout)
+
+    # -- xDS ----------------------------------------------------------------------------
+
+    @property
+    def serving(self) -> bool:
+        """Whether the server currently serves under a valid xDS listener."""
+        return self._core.serving
+
+    @property
+    def serving_status(self) -> ServingStatus:
+        return self._core.status
+
+    @property
+    def listener_name(self) -> str | None:
+        return self._core.listener_name
+
+    def wait_for_serving(self, timeout: float) -> bool:
+        """Block until SERVING (True) or ``timeout`` seconds pass (False). For tests and
+        start-up scripts; the callback is the event-driven way."""
+        deadline = time.monotonic() + timeout
+        while not self._core.serving:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+
+def _sync_health() -> tuple[Any, Callable[[bool], None]]:
+    from grpc_health.v1 import health, health_pb2
+
+    servicer = health.HealthServicer()
+
+    def set_health(serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        servicer.set("", status)
+
+    return servicer, set_health
+
+
+def server(  # noqa: PLR0917 - grpcio's positional signature
+    thread_pool: futures.ThreadPoolExecutor | None = None,
+    handlers: Sequence[grpc.GenericRpcHandler[Any, Any]] | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] | None = None,
+    options: Sequence[tuple[str, Any]] | None = None,
+    maximum_concurrent_rpcs: int | None = None,
+    compression: grpc.Compression | None = None,
+    *,
+    xds_serving_callback: Callable[[ServingStatus], None] | None = None,
+    xds_client: XdsClient | None = None,
+    health: bool = True,
+    reflection: bool = True,
+    rng: random.Random | None = None,
+) -> XdsServer:
+    """An xDS-managed ``grpc.Server`` (grpcio's ``grpc.server`` signature, plus keywords).
+
+    ``xds_serving_callback(ServingStatus)`` is called on the xDS thread on every change of
+    serving mode; ``xds_client`` defaults to ``XdsClient.shared()`` (the bootstrap from
+    ``GRPC_XDS_BOOTSTRAP``); ``health`` registers ``grpc.health.v1`` (overall status
+    following the serving state), ``reflection`` the reflection service.
+    """
+    servicer, set_health = _sync_health()
+    core = ServingCore(
+        xds_client=xds_client,
+        xds_serving_callback=xds_serving_callback,
+        set_health=set_health if health else _no_health,
+        rng=rng,
+    )
+    inner = grpc.server(
+        thread_pool or futures.ThreadPoolExecutor(max_workers=16),
+        handlers=None,
+        interceptors=[_Interceptor(core), *(interceptors or ())],
+        options=options,
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+        compression=compression,
+    )
+    wrapper = XdsServer(inner, core, servicer, reflection=reflection)
+    if health:
+        from grpc_health.v1 import health_pb2_grpc
+
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, wrapper)
+    if handlers:
+        wrapper.add_generic_rpc_handlers(handlers)
+    return wrapper
+
+
+def _no_health(serving: bool) -> None:
+    return None
