@@ -871,3 +871,89 @@ def test_retry_budget_counts_the_retrying_request(envoy: tuple[EnvoyHandle, byte
                 break
             retry_slot = True
         assert (got.attempts, got.status) == (attempts, 503), name
+
+
+# --------------------------------------------------------------------------- end to end
+
+MESH_HOST = "svc.default.svc.cluster.local:80"
+KNOWN_BODIES = (
+    "upstream request timeout",
+    "downstream duration timeout",
+    "fault filter abort",
+)
+
+
+def _mesh_resources(
+    rc: route_pb2.RouteConfiguration, upstream_port: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same route table and clusters as Envoy's bootstrap, as LDS and CDS resources."""
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.listener.v3 import listener_pb2
+
+    boot = json.loads(_bootstrap(rc, upstream_port))
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    listener = {
+        "name": MESH_HOST,
+        "api_listener": {"api_listener": hcm},
+    }
+    lds = {MESH_HOST: json_format.ParseDict(listener, listener_pb2.Listener())}
+    cds = {
+        c["name"]: json_format.ParseDict(c, cluster_pb2.Cluster())
+        for c in boot["static_resources"]["clusters"]
+    }
+    return lds, cds
+
+
+def test_pymesh_httpx_answers_like_envoy(
+    envoy: tuple[EnvoyHandle, bytes], upstream_port: int
+) -> None:
+    """The whole data plane, end to end: every non-gRPC case goes through Envoy and through
+    ``pymesh.httpx.Client`` (same route table and clusters over ADS, same upstream); the
+    attempts the upstream saw, the status, the body of local replies and the injected delay
+    must agree."""
+    import pymesh.httpx
+    from pymesh.xds.client import XdsClient
+    from tests.xdsserver import CDS, LDS, XdsTestServer
+
+    handle, data = envoy
+    lds, cds = _mesh_resources(route_pb2.RouteConfiguration.FromString(data), upstream_port)
+    mismatches = []
+    retried = aborted = compared = 0
+    with XdsTestServer() as server:
+        server.set_resources(LDS, lds)
+        server.set_resources(CDS, cds)
+        with (
+            XdsClient(server.bootstrap()) as xds,
+            pymesh.httpx.Client(xds_client=xds, timeout=20) as client,
+        ):
+            for i, case in enumerate(CASES):
+                if case.grpc:
+                    continue  # gRPC goes through the gRPC adapter, not httpx
+                got = _envoy(handle.port, case, f"e2e-envoy-{i}-{random.random()}")
+                test_id = f"e2e-mesh-{i}-{random.random()}"
+                start = time.monotonic()
+                resp = client.get(
+                    f"http://svc/{case.route}/x",
+                    headers=[
+                        *case.headers,
+                        ("x-test-id", test_id),
+                        ("x-test-script", ",".join(case.script)),
+                    ],
+                )
+                elapsed = time.monotonic() - start
+                with COUNTS.lock:
+                    attempts = COUNTS.attempts.get(test_id, 0)
+                delayed = case.route.startswith("f") and elapsed >= 0.18
+                compared += 1
+                retried += attempts > 1
+                aborted += "fault filter abort" in resp.text
+                ours = (attempts, resp.status_code, delayed)
+                theirs = (got.attempts, got.status, got.delayed)
+                body_ok = all((b in resp.text) == (b in got.body) for b in KNOWN_BODIES)
+                if ours != theirs or not body_ok:
+                    mismatches.append(
+                        f"{case}: envoy {theirs} {got.body[:40]!r} pymesh {ours} {resp.text[:40]!r}"
+                    )
+    assert not mismatches, "\n".join(mismatches[:40])
+    # The mesh really handled them (retries, fault aborts), not a pass-through.
+    assert compared >= 180 and retried >= 30 and aborted >= 5, (compared, retried, aborted)
