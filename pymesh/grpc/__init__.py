@@ -9,5 +9,14 @@ from __future__ import annotations
 
 from pymesh.grpc._channel import MeshChannel, insecure_channel, secure_channel
 from pymesh.grpc._errors import MeshRpcError
+from pymesh.grpc._server import ServingStatus, XdsServer, server
 
-__all__ = ["MeshChannel", "MeshRpcError", "insecure_channel", "secure_channel"]
+__all__ = [
+    "MeshChannel",
+    "MeshRpcError",
+    "ServingStatus",
+    "XdsServer",
+    "insecure_channel",
+    "secure_channel",
+    "server",
+]
