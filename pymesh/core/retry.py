@@ -42,8 +42,10 @@ schedules agree where they overlap.
 
 gRPC (``is_grpc=True``) follows gRFC A44, as grpcio's own xDS client does: only the gRPC
 status conditions of ``retry_on`` count (``cancelled``, ``deadline-exceeded``, ``internal``,
-``resource-exhausted``, ``unavailable``), request headers are ignored, at most 5 attempts
-(gRFC A6's cap), the back-off is ``random(0, ceiling)`` in seconds, and the server's
+``resource-exhausted``, ``unavailable``; a connect failure or reset counts as
+``UNAVAILABLE`` and an attempt's deadline as ``DEADLINE_EXCEEDED``, as grpcio sees them),
+request headers are ignored, at most 5 attempts (gRFC A6's cap), the back-off is
+``random(0, ceiling)`` in seconds, and the server's
 ``grpc-retry-pushback-ms`` (in ``Outcome.headers``: the trailing metadata) sets the next
 delay or forbids the retry (gRFC A6).
 """
@@ -412,9 +414,11 @@ class RetryState:
         reset = outcome.reset
         if reset is not None:
             if self._grpc:
-                # A44 retries on status codes only; a per-try deadline or a reset fails the
-                # call (the transport reports those as a status, e.g. UNAVAILABLE).
-                return False
+                # A44 retries on status codes only. grpcio sees a failed connection or a
+                # reset stream as UNAVAILABLE and an attempt's deadline as DEADLINE_EXCEEDED,
+                # and retries them when those codes are retriable: so do we.
+                code = 4 if reset is ResetKind.PER_TRY_TIMEOUT else 14
+                return code in self._grpc_codes
             if reset is ResetKind.CONNECT_FAILURE and (
                 "connect-failure" in self.retry_on or "reset-before-request" in self.retry_on
             ):

@@ -219,7 +219,13 @@ def test_grpc_a44_semantics() -> None:
     s = state(p, req(x_envoy_retry_on="5xx", x_envoy_max_retries="20"), is_grpc=True)
     assert s.retry_on == frozenset({"unavailable"})
     assert not s.would_retry(Outcome(status=503))
-    assert not s.would_retry(Outcome(reset=ResetKind.RESET))
+    # Transport failures are UNAVAILABLE to grpcio, an attempt's deadline DEADLINE_EXCEEDED.
+    assert s.would_retry(Outcome(reset=ResetKind.RESET))
+    assert s.would_retry(Outcome(reset=ResetKind.CONNECT_FAILURE))
+    assert not s.would_retry(Outcome(reset=ResetKind.PER_TRY_TIMEOUT))
+    deadline = state(RetryPolicy(retry_on=frozenset({"deadline-exceeded"})), is_grpc=True)
+    assert deadline.would_retry(Outcome(reset=ResetKind.PER_TRY_TIMEOUT))
+    assert not deadline.would_retry(Outcome(reset=ResetKind.RESET))
     results = [
         s.should_retry(Outcome(status=200, grpc_status=14), budget_ok=True) for _ in range(5)
     ]
