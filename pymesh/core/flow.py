@@ -260,7 +260,7 @@ class CallResult:
 _TEXT = (("content-type", "text/plain"),)
 _OVERLOADED = (("content-type", "text/plain"), ("x-envoy-overloaded", "true"))
 _RESET_REASON = {
-    ResetKind.CONNECT_FAILURE: "connection failure",
+    ResetKind.CONNECT_FAILURE: "remote connection failure",  # as Envoy words it
     ResetKind.RESET: "connection termination",
     ResetKind.REFUSED_STREAM: "remote refused stream reset",
 }

@@ -308,7 +308,7 @@ def test_connect_failure_without_retry_is_envoys_503(rt: MeshRuntime, clock: Fak
     assert result.local_reply.status == 503
     assert result.local_reply.body == (
         b"upstream connect error or disconnect/reset before headers. "
-        b"reset reason: connection failure"
+        b"reset reason: remote connection failure"
     )
     assert result.flags == ("UF",)
     idle(rt)
