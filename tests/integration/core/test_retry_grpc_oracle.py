@@ -272,3 +272,63 @@ def test_grpc_core_retries_as_pymesh_predicts(
                 core.stdout.close()
                 core.stderr.close()
         assert not mismatches, "\n".join(mismatches)
+
+
+ADAPTER_GAPS = (
+    # pymesh.grpc does not hand the trailing metadata to the attempt loop yet, so the
+    # server's grpc-retry-pushback-ms is not seen (it retries anyway).
+    Case("R1", ("14p-1", "0")),
+    Case("R1", ("14pabc", "0")),
+    # pymesh.grpc takes a DEADLINE_EXCEEDED sent by the server for the caller's own deadline
+    # and ends the call instead of retrying it as grpc-core does.
+    Case("R5", ("4",)),
+)
+"""Cases where ``pymesh.grpc`` (not the policy core) still differs from grpc-core; listed,
+not hidden: the first test checks them against grpc-core, this list shrinks as the adapter
+is fixed."""
+
+
+def test_pymesh_grpc_channel_retries_as_grpc_core(backend: tuple[int, _Backend]) -> None:
+    """End to end: the same cases through ``pymesh.grpc.insecure_channel`` (same resources
+    over ADS, same backend) make the attempts and end with the status predicted above, which
+    grpc-core matches (previous test) — except the listed :data:`ADAPTER_GAPS`."""
+    import pymesh.grpc
+    from pymesh.xds.client import XdsClient
+
+    assert set(ADAPTER_GAPS) <= set(CASES)
+    port, state = backend
+    rc = route_configuration()
+    data = rc.SerializeToString()
+    config = decode_resource(ResourceType.ROUTE_CONFIGURATION.type_url, data).value
+    assert isinstance(config, RouteConfiguration)
+    mismatches = []
+    retried = 0
+    with XdsTestServer() as server:
+        server.set_resources(LDS, {TARGET: listener(route_pb2.RouteConfiguration.FromString(data))})
+        server.set_resources(CDS, {CLUSTER: cluster()})
+        server.set_resources(EDS, {CLUSTER: endpoints(port)})
+        with XdsClient(server.bootstrap()) as xds:
+            channel = pymesh.grpc.insecure_channel(f"xds:///{TARGET}", xds_client=xds)
+            try:
+                for i, case in enumerate(CASES):
+                    if case in ADAPTER_GAPS:
+                        continue
+                    call_id = f"mesh-{i}-{random.random()}"
+                    call = channel.unary_unary(f"/echo.Echo/{case.method}")
+                    metadata = [("x-id", call_id), ("x-script", ",".join(case.script))]
+                    metadata += list(case.metadata)
+                    try:
+                        call(b"hi", timeout=20, wait_for_ready=True, metadata=metadata)
+                        answer = "OK"
+                    except grpc.RpcError as exc:
+                        answer = exc.code().name
+                    with state.lock:
+                        attempts = state.attempts.get(call_id, 0)
+                    retried += attempts > 1
+                    want = _predict(config, case)
+                    if (attempts, answer) != want:
+                        mismatches.append(f"{case}: pymesh.grpc {(attempts, answer)} want {want}")
+            finally:
+                channel.close()
+    assert not mismatches, "\n".join(mismatches)
+    assert retried >= 8
