@@ -16,12 +16,17 @@ grpcio result of an attempt                        the flow's ``Outcome``
 =================================================  ==========================================
 response (unary) / first message (streaming)       ``status=200`` (committed: the call is
                                                    never retried after the first message)
-RpcError ``UNAVAILABLE`` "failed to connect ..."   ``reset=CONNECT_FAILURE``
-RpcError ``UNAVAILABLE`` socket closed / reset     ``reset=RESET``
 ``DEADLINE_EXCEEDED`` of the mesh's attempt        ``reset=PER_TRY_TIMEOUT``
 ``DEADLINE_EXCEEDED`` of the caller's ``timeout``  raised to the caller at once
 any other status (also a stream ending empty)      ``status=200, grpc_status=N``
 =================================================  ==========================================
+
+Connection failures and resets are *not* reported as resets: grpcio's transport reports them
+as the status ``UNAVAILABLE`` ("failed to connect to all addresses"), and that is what a
+proxyless client's retry policy sees (gRFC A44: ``retry_on`` gRPC conditions only; the core's
+``RetryState(is_grpc=True)`` ignores resets, checked against grpcio's C-core). So a dead
+endpoint is retried under ``unavailable`` (Istio's default retry policy has it) with the
+previous-hosts predicate, and outlier detection counts it as a 503 (Envoy's gRPC mapping).
 
 Deadlines: the caller's ``timeout`` is the call's deadline (as in grpcio); it is also shown to
 the route as a ``grpc-timeout`` header, so ``grpc_timeout_header_max`` / ``max_grpc_timeout``
@@ -78,9 +83,6 @@ OK = Outcome(status=200, grpc_status=0)
 _COMMITTED = Outcome(status=200)
 _END = object()  # a stream that ended before its first message
 
-_CONNECT_FAILURE = ("failed to connect", "connection refused", "failed to connect to remote")
-_RESET = ("socket closed", "connection reset", "broken pipe", "stream removed", "goaway")
-
 
 def is_xds_target(target: str) -> bool:
     """``xds:///HOST:PORT`` or ``xds://AUTHORITY/HOST:PORT`` (anything else is grpcio's)."""
@@ -109,12 +111,6 @@ def classify(error: Any, caller_bound: bool) -> AttemptResult:
         if caller_bound:
             raise _CallError(error)
         return AttemptResult(Outcome(reset=ResetKind.PER_TRY_TIMEOUT))
-    if code is grpc.StatusCode.UNAVAILABLE:
-        details = (error.details() or "").lower()
-        if any(s in details for s in _CONNECT_FAILURE):
-            return AttemptResult(Outcome(reset=ResetKind.CONNECT_FAILURE))
-        if any(s in details for s in _RESET):
-            return AttemptResult(Outcome(reset=ResetKind.RESET))
     return AttemptResult(Outcome(status=200, grpc_status=code.value[0]), error)
 
 
@@ -700,18 +696,7 @@ class MeshFuture(grpc.Future, grpc.Call):  # type: ignore[misc,type-arg]
         return True
 
     def cancelled(self) -> bool:
-        if self._future.cancelled():
-            return True
-        if not self._future.done():
-            return False
-        error = self._future.exception()
-        return (
-            isinstance(error, grpc.RpcError)
-            and (
-                error.code() is grpc.StatusCode.CANCELLED  # type: ignore[attr-defined]
-            )
-            and self._state.cancelled
-        )
+        return self._state.cancelled or self._future.cancelled()
 
     def running(self) -> bool:
         return not self._future.done()
@@ -837,7 +822,6 @@ class MeshResponseIterator(grpc.Call, grpc.Future):  # type: ignore[misc,type-ar
         if self._done and self._first is _END:
             return False
         self._state.cancel()
-        self._done = True
         self._first = _END
         self._release()
         if self._it is not None:

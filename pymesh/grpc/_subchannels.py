@@ -87,7 +87,8 @@ class SubchannelPool(Generic[C]):
         self._close_all(retired)
         return found
 
-    def keys(self) -> Sequence[str]:
+    def endpoint_keys(self) -> Sequence[str]:
+        """The endpoints with an open subchannel now."""
         return tuple(self._subchannels)
 
     def hosts_removed(self, keys: frozenset[str]) -> None:

@@ -1,0 +1,175 @@
+"""Mesh-managed gRPC channels, sync and aio, against real grpcio servers on loopback and the
+embedded control plane: the four call shapes, metadata, errors, ``with_call``, ``future``,
+cancellation, deadlines, connectivity, and plain targets passed to grpcio unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import grpc
+import grpc.aio
+import pytest
+
+import pymesh.grpc
+import pymesh.grpc.aio
+from tests.integration.grpc._client_mesh import (
+    CHAT,
+    COLLECT,
+    STREAM,
+    TARGET,
+    WHO,
+    EchoServer,
+    GrpcMesh,
+    echo_servers,
+    grpc_mesh,
+    mesh_yaml,
+)
+
+__all__ = ["echo_servers", "grpc_mesh"]  # fixtures used by name
+
+
+@pytest.fixture
+def two(
+    grpc_mesh: GrpcMesh, echo_servers: Callable[[str], EchoServer]
+) -> Iterator[tuple[GrpcMesh, EchoServer, EchoServer]]:
+    a, b = echo_servers("v1"), echo_servers("v2")
+    grpc_mesh.write(mesh_yaml({"v1": a.port, "v2": b.port}))
+    grpc_mesh.start()
+    yield grpc_mesh, a, b
+
+
+def test_sync_call_shapes(two: tuple[GrpcMesh, EchoServer, EchoServer]) -> None:
+    mesh, a, b = two
+    with pymesh.grpc.insecure_channel(TARGET, xds_client=mesh.client) as channel:
+        who = channel.unary_unary(WHO)
+        seen = Counter(who(b"x", timeout=10) for _ in range(100))
+        assert seen == {b"v1": 50, b"v2": 50}  # round robin over both endpoints
+        stream = list(channel.unary_stream(STREAM)(b"4", timeout=10))
+        assert len(stream) == 4 and stream[0].endswith(b":0") and stream[3].endswith(b":3")
+        collected = channel.stream_unary(COLLECT)(iter([b"a", b"b", b"c"]), timeout=10)
+        assert collected.split(b":")[1] == b"a,b,c"
+        chat = list(channel.stream_stream(CHAT)(iter([b"p", b"q"]), timeout=10))
+        assert [m.split(b":")[1] for m in chat] == [b"p", b"q"]
+        # with_call and future give grpc.Call objects
+        value, call = who.with_call(b"x", timeout=10)
+        assert value in (b"v1", b"v2") and call.code() is grpc.StatusCode.OK
+        future = who.future(b"x", timeout=10)
+        assert future.result(10) in (b"v1", b"v2")
+        assert future.done() and future.code() is grpc.StatusCode.OK
+        future = channel.stream_unary(COLLECT).future(iter([b"z"]), timeout=10)
+        assert future.result(10).endswith(b":z")
+    assert a.count + b.count == 100 + 1 + 1 + 1 + 1 + 1 + 1
+
+
+def test_sync_metadata_and_upstream_errors(two: tuple[GrpcMesh, EchoServer, EchoServer]) -> None:
+    mesh, a, b = two
+    with pymesh.grpc.insecure_channel(TARGET, xds_client=mesh.client) as channel:
+        who = channel.unary_unary(WHO)
+        who(b"x", metadata=[("x-user", "alice"), ("x-blob-bin", b"\x00\x01\xff")], timeout=10)
+        md = (a.seen_metadata + b.seen_metadata)[-1]
+        assert md["x-user"] == "alice"
+        assert md["x-blob-bin"] == b"\x00\x01\xff"  # binary metadata survives the flow
+        # A non-retriable upstream status comes back as grpcio's own error, unchanged.
+        with pytest.raises(grpc.RpcError) as info:
+            who(b"x", metadata=[("x-fail", "PERMISSION_DENIED")], timeout=10)
+        assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "x-fail" in info.value.details()
+        # Errors in a stream come from iterating it.
+        it = channel.unary_stream(STREAM)(b"2", metadata=[("x-fail", "NOT_FOUND")], timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            list(it)
+        assert info.value.code() is grpc.StatusCode.NOT_FOUND
+        assert it.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_sync_deadline_and_cancel(two: tuple[GrpcMesh, EchoServer, EchoServer]) -> None:
+    mesh, _, _ = two
+    with pymesh.grpc.insecure_channel(TARGET, xds_client=mesh.client) as channel:
+        who = channel.unary_unary(WHO)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            who(b"x", metadata=[("x-sleep-ms", "2000")], timeout=0.3)
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - start < 1.5  # the caller's deadline, not retried
+        future = who.future(b"x", metadata=[("x-sleep-ms", "3000")], timeout=10)
+        time.sleep(0.3)
+        assert future.cancel()
+        assert future.cancelled()
+        with pytest.raises(grpc.FutureCancelledError):
+            future.result(5)
+        it = channel.unary_stream(STREAM)(b"1000", timeout=10)
+        assert next(it)
+        assert it.cancel()
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in it:
+                pass
+        assert info.value.code() is grpc.StatusCode.CANCELLED
+
+
+def test_sync_subscribe_and_plain_target(two: tuple[GrpcMesh, EchoServer, EchoServer]) -> None:
+    mesh, a, _ = two
+    channel = pymesh.grpc.insecure_channel(TARGET, xds_client=mesh.client)
+    states: list[grpc.ChannelConnectivity] = []
+    channel.subscribe(states.append)
+    deadline = time.monotonic() + 10
+    while grpc.ChannelConnectivity.READY not in states and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert states[-1] is grpc.ChannelConnectivity.READY
+    channel.unsubscribe(states.append)
+    channel.close()
+    with pytest.raises(ValueError):
+        channel.unary_unary(WHO)(b"x")
+    # A plain target is grpcio's own channel.
+    plain = pymesh.grpc.insecure_channel(f"127.0.0.1:{a.port}")
+    assert not isinstance(plain, pymesh.grpc.MeshChannel)
+    assert plain.unary_unary(WHO)(b"x", timeout=10) == b"v1"
+    plain.close()
+
+
+def test_aio_call_shapes(two: tuple[GrpcMesh, EchoServer, EchoServer]) -> None:
+    mesh, a, b = two
+
+    async def main() -> None:
+        async with pymesh.grpc.aio.insecure_channel(TARGET, xds_client=mesh.client) as channel:
+            await asyncio.wait_for(channel.channel_ready(), 10)
+            assert channel.get_state() is grpc.ChannelConnectivity.READY
+            who = channel.unary_unary(WHO)
+            seen = Counter(await asyncio.gather(*(who(b"x", timeout=10) for _ in range(40))))
+            assert seen == {b"v1": 20, b"v2": 20}
+            call = channel.unary_stream(STREAM)(b"3", timeout=10)
+            items = [m async for m in call]
+            assert len(items) == 3
+            assert await call.code() is grpc.StatusCode.OK
+            out = await channel.stream_unary(COLLECT)(iter([b"a", b"b"]), timeout=10)
+            assert out.endswith(b":a,b")
+
+            async def gen() -> object:
+                for m in (b"x", b"y"):
+                    yield m
+
+            chat = [m async for m in channel.stream_stream(CHAT)(gen(), timeout=10)]
+            assert [m.split(b":")[1] for m in chat] == [b"x", b"y"]
+            # write()/done_writing() without a request iterator
+            call = channel.stream_stream(CHAT)(timeout=10)
+            await call.write(b"w")
+            assert (await call.read()).endswith(b":w")
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+            # errors are grpc.aio.AioRpcError
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await who(b"x", metadata=[("x-fail", "ALREADY_EXISTS")], timeout=10)
+            assert info.value.code() is grpc.StatusCode.ALREADY_EXISTS
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await who(b"x", metadata=[("x-sleep-ms", "2000")], timeout=0.3)
+            assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            slow = who(b"x", metadata=[("x-sleep-ms", "3000")], timeout=10)
+            await asyncio.sleep(0.2)
+            assert slow.cancel()
+            with pytest.raises((asyncio.CancelledError, grpc.RpcError)):
+                await slow
+
+    asyncio.run(main())
+    assert a.count + b.count >= 40 + 6
