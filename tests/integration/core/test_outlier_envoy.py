@@ -177,9 +177,10 @@ _INTERVAL = {
     # Only the interval algorithms may act (500 is no gateway error).
     "consecutive_5xx": 100000,
     "success_rate_minimum_hosts": 5,
-    "success_rate_request_volume": 20,
+    # Low volumes: a loaded machine may send only a few rounds per 1 s window.
+    "success_rate_request_volume": 5,
     "failure_percentage_minimum_hosts": 5,
-    "failure_percentage_request_volume": 20,
+    "failure_percentage_request_volume": 5,
 }
 _OK = ("200",)
 INTERVAL_SCENARIOS = [
@@ -582,14 +583,16 @@ def test_interval_algorithms_match_envoy(
     time.sleep(0.3)
     # Traffic for several of Envoy's 1 s ticks; every window holds whole pattern cycles'
     # worth of rates, far from any threshold, whatever the alignment.
-    end = time.monotonic() + 2.8
+    start = time.monotonic()
     rounds = 0
-    while time.monotonic() < end and rounds < 2000:
+    while rounds < 2000 and (
+        time.monotonic() - start < 2.8 or (rounds < 30 and time.monotonic() - start < 15)
+    ):
         for sc in INTERVAL_SCENARIOS:
             for t, pattern in zip(targets(sc), sc.patterns, strict=True):
                 _send(envoy.port, sc.name, t, pattern[rounds % len(pattern)])
         rounds += 1
-    assert rounds >= 60, f"too little traffic for the volume thresholds ({rounds} rounds)"
+    assert rounds >= 30, f"too little traffic for the volume thresholds ({rounds} rounds)"
     mismatches = []
     for sc in INTERVAL_SCENARIOS:
         hosts = [Host(SocketAddress(t.split(":")[0], int(t.split(":")[1]))) for t in targets(sc)]
