@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "pymesh"
 
 PROTO_ROOTS = ("envoy", "xds", "udpa", "validate", "google")
-PROTO_ALLOWED = ("xds/codec/", "controlplane/")
+PROTO_ALLOWED = ("xds/codec/", "controlplane/", "security/")
 GRPC_ALLOWED = ("xds/transport/", "controlplane/", "grpc/", "security/")
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
+from pymesh.controlplane.ca import CertificateAuthority, add_ca_service, lazy_authority
 from pymesh.controlplane.server._admin import AdminServer
 from pymesh.controlplane.server._ads import AdsServicer
 from pymesh.controlplane.server._backend import Backend, IstioBackend
@@ -36,6 +37,10 @@ class ControlPlane:
     ``debounce`` is the quiet time merging config events into one push (at most
     ``max_debounce`` after the first); ``registration_grace`` how long an auto-registered
     workload stays after its stream ends. ``backend`` replaces the Istio config side (tests).
+    ``ca``: the CA served on the xDS port (Istio's ``IstioCertificateService``): ``True``
+    (default) creates/loads one in ``ca_dir`` (default :func:`pymesh.controlplane.ca.
+    default_ca_dir`) at the first certificate request; a ``CertificateAuthority`` is used as
+    is; ``False`` serves no CA.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
@@ -52,6 +57,8 @@ class ControlPlane:
         registration_grace: float = 10.0,
         poll_interval: float = 0.2,
         backend: Backend | None = None,
+        ca: CertificateAuthority | bool = True,
+        ca_dir: str | Path | None = None,
     ) -> None:
         if isinstance(config_paths, str | Path):
             config_paths = [config_paths]
@@ -72,6 +79,11 @@ class ControlPlane:
         self._stop: asyncio.Event | None = None
         self._bound: str | None = None
         self._admin: AdminServer | None = None
+        self._ca: Any = None
+        if isinstance(ca, CertificateAuthority):
+            self._ca = ca
+        elif ca:
+            self._ca = lazy_authority(**({"state_dir": ca_dir} if ca_dir is not None else {}))
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -196,6 +208,8 @@ class ControlPlane:
             ]
         )
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServicer(self.hub), server)
+        if self._ca is not None:
+            add_ca_service(server, self._ca, aio=True)
         try:
             port = server.add_insecure_port(self._xds_address)
         except RuntimeError as exc:

@@ -1,0 +1,352 @@
+"""The embedded CA: roots, intermediates, token checks and CSR signing (no I/O but files).
+
+State directory (created on first start; private keys mode 0600)::
+
+    root-cert.pem   root-key.pem      the self-signed root (generated mode)
+    previous-roots.pem                roots still trusted during a root rotation overlap
+    token-key.pem                     P-256 key signing and verifying workload tokens
+
+Plugged-in mode, Istio's ``cacerts`` layout: when ``ca-cert.pem`` exists in the directory the
+CA signs with ``ca-cert.pem``/``ca-key.pem`` (an intermediate), returns
+``cert-chain.pem`` after the leaf and trusts ``root-cert.pem``; it never writes those files.
+
+The chain a caller gets is ``[leaf, intermediates..., root]`` (as istiod's), followed by any
+previous roots still in the trust bundle during a rotation overlap: a client takes the
+certificates up to the first self-signed one as its chain and every self-signed one as a
+trust anchor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from pymesh.errors import ConfigError, PymeshError
+from pymesh.security._pki import (
+    PrivateKey,
+    cert_pem,
+    certs_from_pem,
+    generate_key,
+    issue_cert,
+    key_from_pem,
+    key_pem,
+    make_root,
+    same_public_key,
+    write_private,
+)
+from pymesh.security._spiffe import SpiffeId
+from pymesh.security._token import TokenError, issue_token, verify_token
+
+__all__ = ["CaRefused", "CertificateAuthority"]
+
+log = logging.getLogger("pymesh.ca")
+
+DEFAULT_CERT_TTL = 3600.0
+MIN_CERT_TTL = 30.0
+MAX_CERT_TTL = 90 * 86400.0
+ROOT_TTL = 10 * 365 * 86400.0
+TOKEN_ISSUER = "pymesh-ca"
+
+
+class CaRefused(PymeshError):
+    """The CA refused a request. ``reason`` is a short counter key, ``code`` a gRPC code name."""
+
+    def __init__(self, message: str, *, reason: str, code: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class _Signer:
+    cert: x509.Certificate
+    key: PrivateKey
+    chain: tuple[x509.Certificate, ...]  # ``cert``, the intermediates above it, the root
+    roots: tuple[x509.Certificate, ...]  # the trust bundle (current root first)
+
+
+def _dt(ts: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(ts, tz=datetime.UTC)
+
+
+class CertificateAuthority:
+    """Issues X.509-SVIDs to workloads that prove their identity with a token.
+
+    ``insecure_skip_token=True`` (dev mode) signs any CSR for an identity in the trust domain
+    without a token; it is off by default and logs a warning on every use.
+    ``clock`` returns the current time in seconds (injected for tests).
+    """
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        *,
+        trust_domain: str = "cluster.local",
+        default_ttl: float = DEFAULT_CERT_TTL,
+        max_ttl: float = MAX_CERT_TTL,
+        insecure_skip_token: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        SpiffeId(trust_domain, "default", "default")  # validates the trust domain
+        self.trust_domain = trust_domain
+        self.default_ttl = default_ttl
+        self.max_ttl = max_ttl
+        self.insecure_skip_token = insecure_skip_token
+        self._clock = clock
+        self._dir = Path(state_dir)
+        self._lock = threading.Lock()
+        self.stats: Counter[str] = Counter()
+        self.plugged_in = (self._dir / "ca-cert.pem").exists()
+        if not self.plugged_in:
+            self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._signer = self._load_plugged() if self.plugged_in else self._load_or_create_root()
+        self._token_key = self._load_or_create_token_key()
+        if insecure_skip_token:
+            log.warning(
+                "INSECURE: the CA signs certificates WITHOUT checking workload tokens "
+                "(dev mode); never use this outside a development machine"
+            )
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _load_plugged(self) -> _Signer:
+        d = self._dir
+        try:
+            cert = certs_from_pem((d / "ca-cert.pem").read_bytes())[0]
+            key = key_from_pem((d / "ca-key.pem").read_bytes())
+            roots = certs_from_pem((d / "root-cert.pem").read_bytes())
+            chain_path = d / "cert-chain.pem"
+            chain = certs_from_pem(chain_path.read_bytes()) if chain_path.exists() else (cert,)
+        except (OSError, ValueError, IndexError) as exc:
+            raise ConfigError(f"cannot load the CA certificates: {exc}", source=str(d)) from exc
+        if not same_public_key(cert.public_key(), key.public_key()):
+            raise ConfigError("ca-key.pem does not match ca-cert.pem", source=str(d))
+        # cert-chain.pem starts with ca-cert.pem (Istio's layout); keep what is above it.
+        above = tuple(c for c in chain if c != cert and c not in roots)
+        return _Signer(cert, key, (cert, *above, roots[0]), roots)
+
+    def _load_or_create_root(self) -> _Signer:
+        d = self._dir
+        cert_path, key_path = d / "root-cert.pem", d / "root-key.pem"
+        if cert_path.exists() and key_path.exists():
+            cert = certs_from_pem(cert_path.read_bytes())[0]
+            key = key_from_pem(key_path.read_bytes())
+        else:
+            cert, key = self._new_root()
+            write_private(key_path, key_pem(key))
+            cert_path.write_bytes(cert_pem(cert))
+            log.info("created CA root for trust domain %s in %s", self.trust_domain, d)
+        previous: tuple[x509.Certificate, ...] = ()
+        prev_path = d / "previous-roots.pem"
+        if prev_path.exists():
+            now = _dt(self._clock())
+            previous = tuple(
+                c for c in certs_from_pem(prev_path.read_bytes()) if c.not_valid_after_utc > now
+            )
+        return _Signer(cert, key, (cert,), (cert, *previous))
+
+    def _new_root(self) -> tuple[x509.Certificate, PrivateKey]:
+        key = generate_key()
+        cert = make_root(
+            key,
+            org=self.trust_domain,
+            now=_dt(self._clock()),
+            lifetime=datetime.timedelta(seconds=ROOT_TTL),
+        )
+        return cert, key
+
+    def _load_or_create_token_key(self) -> ec.EllipticCurvePrivateKey:
+        path = self._dir / "token-key.pem"
+        if path.exists():
+            key = key_from_pem(path.read_bytes())
+        else:
+            key = generate_key()
+            write_private(path, key_pem(key))
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError("token-key.pem must be an EC P-256 key", source=str(path))
+        return key
+
+    # -- trust ---------------------------------------------------------------------------
+
+    @property
+    def roots(self) -> tuple[x509.Certificate, ...]:
+        """The trust bundle: the current root first, then roots kept during an overlap."""
+        return self._signer.roots
+
+    def trust_bundle_pem(self) -> bytes:
+        return cert_pem(self._signer.roots)
+
+    def rotate_root(self) -> None:
+        """Start signing with a new root; keep the old one trusted until :meth:`retire`.
+
+        New workload certificates chain to the new root; both roots stay in every trust
+        bundle handed out, so old and new certificates verify each other during the overlap.
+        """
+        if self.plugged_in:
+            raise PymeshError("a plugged-in CA (cacerts) is rotated by replacing its files")
+        with self._lock:
+            old = self._signer
+            cert, key = self._new_root()
+            previous = old.roots
+            write_private(self._dir / "root-key.pem", key_pem(key))
+            (self._dir / "root-cert.pem").write_bytes(cert_pem(cert))
+            (self._dir / "previous-roots.pem").write_bytes(cert_pem(previous))
+            self._signer = _Signer(cert, key, (cert,), (cert, *previous))
+        log.info("CA root rotated; %d previous root(s) still trusted", len(previous))
+
+    def retire_previous_roots(self) -> None:
+        """End the overlap: only the current root stays trusted."""
+        with self._lock:
+            s = self._signer
+            self._signer = _Signer(s.cert, s.key, s.chain, s.roots[:1])
+            (self._dir / "previous-roots.pem").unlink(missing_ok=True)
+
+    # -- tokens --------------------------------------------------------------------------
+
+    def create_token(self, namespace: str, service_account: str, *, ttl: float = 86400.0) -> str:
+        """A workload token for ``NS/SA`` (what ``pymesh token create`` prints)."""
+        SpiffeId(self.trust_domain, namespace, service_account)
+        return issue_token(
+            self._token_key,
+            namespace=namespace,
+            service_account=service_account,
+            issuer=TOKEN_ISSUER,
+            now=self._clock(),
+            ttl=ttl,
+        )
+
+    def authenticate(self, metadata: Mapping[str, str]) -> SpiffeId | None:
+        """The caller's identity from ``authorization: Bearer <jwt>``.
+
+        ``None`` only in insecure dev mode without a token. Raises :class:`CaRefused`.
+        """
+        header = metadata.get("authorization", "")
+        if not header:
+            if self.insecure_skip_token:
+                log.warning("INSECURE: signing without a workload token (dev mode)")
+                return None
+            raise self._refuse("no bearer token in 'authorization'", "no_token", "UNAUTHENTICATED")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise self._refuse(
+                "authorization is not 'Bearer <token>'", "bad_token", "UNAUTHENTICATED"
+            )
+        try:
+            ident = verify_token(
+                token.strip(),
+                (self._token_key.public_key(),),
+                issuer=TOKEN_ISSUER,
+                now=self._clock(),
+            )
+        except TokenError as exc:
+            raise self._refuse(str(exc), "bad_token", "UNAUTHENTICATED") from exc
+        try:
+            return SpiffeId(self.trust_domain, ident.namespace, ident.service_account)
+        except ConfigError as exc:
+            raise self._refuse(str(exc), "bad_token", "UNAUTHENTICATED") from exc
+
+    # -- signing -------------------------------------------------------------------------
+
+    def _refuse(self, message: str, reason: str, code: str) -> CaRefused:
+        self.stats[f"refused_{reason}"] += 1
+        log.warning("CA refused a request: %s", message)
+        return CaRefused(message, reason=reason, code=code)
+
+    def sign(self, csr_pem: str, validity: float, caller: SpiffeId | None) -> tuple[str, ...]:
+        """Sign ``csr_pem`` for ``caller`` and return the PEM chain (see the module doc).
+
+        Refused (:class:`CaRefused`): unparsable CSR or bad signature, anything but exactly
+        one URI SAN, a SPIFFE ID other than the caller's (or outside the trust domain in dev
+        mode), CA:true, a weak key, a validity above ``max_ttl``.
+        """
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise self._refuse(f"unparsable CSR: {exc}", "bad_csr", "INVALID_ARGUMENT") from exc
+        try:
+            ok = csr.is_signature_valid
+        except (ValueError, InvalidSignature):
+            ok = False
+        if not ok:
+            raise self._refuse("CSR signature does not verify", "bad_csr", "INVALID_ARGUMENT")
+        public = csr.public_key()
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            if public.curve.name not in ("secp256r1", "secp384r1"):
+                raise self._refuse("CSR key curve not allowed", "bad_csr", "INVALID_ARGUMENT")
+        elif isinstance(public, rsa.RSAPublicKey):
+            if public.key_size < 2048:
+                raise self._refuse("CSR RSA key below 2048 bits", "bad_csr", "INVALID_ARGUMENT")
+        else:
+            raise self._refuse("CSR key type not allowed", "bad_csr", "INVALID_ARGUMENT")
+        try:
+            bc = csr.extensions.get_extension_for_class(x509.BasicConstraints)
+            if bc.value.ca:
+                raise self._refuse("CSR asks for CA:true", "ca_requested", "PERMISSION_DENIED")
+        except x509.ExtensionNotFound:
+            pass
+        try:
+            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            raise self._refuse("CSR has no SAN", "bad_csr", "INVALID_ARGUMENT") from None
+        if len(san) != 1 or not isinstance(san[0], x509.UniformResourceIdentifier):
+            raise self._refuse(
+                "CSR must carry exactly one URI SAN (the SPIFFE ID), nothing else",
+                "extra_sans",
+                "PERMISSION_DENIED",
+            )
+        uri = san[0].value
+        try:
+            requested = SpiffeId.parse(uri)
+        except ConfigError as exc:
+            raise self._refuse(str(exc), "bad_identity", "PERMISSION_DENIED") from exc
+        if requested.trust_domain != self.trust_domain:
+            raise self._refuse(
+                f"CSR trust domain {requested.trust_domain!r} is not {self.trust_domain!r}",
+                "wrong_identity",
+                "PERMISSION_DENIED",
+            )
+        if caller is not None and requested != caller:
+            raise self._refuse(
+                f"CSR asks for {uri} but the token proves {caller.uri}",
+                "wrong_identity",
+                "PERMISSION_DENIED",
+            )
+        ttl = float(validity) if validity > 0 else self.default_ttl
+        if ttl > self.max_ttl:
+            raise self._refuse(
+                f"requested validity {ttl:.0f}s exceeds the maximum {self.max_ttl:.0f}s",
+                "bad_ttl",
+                "INVALID_ARGUMENT",
+            )
+        ttl = max(ttl, MIN_CERT_TTL)
+        signer = self._signer
+        now = self._clock()
+        not_after = min(_dt(now + ttl), signer.cert.not_valid_after_utc)
+        leaf = issue_cert(
+            public,
+            uri,
+            issuer=signer.cert,
+            issuer_key=signer.key,
+            not_before=_dt(now - 60.0),
+            not_after=not_after,
+        )
+        self.stats["issued"] += 1
+        extra_roots = tuple(r for r in signer.roots if r not in signer.chain)
+        return tuple(cert_pem(c).decode("ascii") for c in (leaf, *signer.chain, *extra_roots))
+
+    def create_certificate(
+        self, csr_pem: str, validity: float, metadata: Mapping[str, str]
+    ) -> tuple[str, ...]:
+        """Authenticate from gRPC ``metadata`` then :meth:`sign`."""
+        caller = self.authenticate(metadata)
+        return self.sign(csr_pem, validity, caller)
