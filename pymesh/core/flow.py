@@ -85,6 +85,7 @@ from pymesh.core.routing import (
 from pymesh.core.types import Headers, Host, Outcome, PickContext, RequestInfo, ResetKind
 from pymesh.model.cluster import UpstreamProtocol
 from pymesh.model.http_filters import FaultConfig
+from pymesh.model.listener import HttpConnectionManager
 from pymesh.model.route import (
     DirectResponseAction,
     FilterConfigOverride,
@@ -138,7 +139,11 @@ class Send:
 
     ``timeout`` (seconds, ``None`` = none) bounds the attempt until the response headers;
     when it elapses the runner answers ``Outcome(reset=ResetKind.PER_TRY_TIMEOUT)``.
-    ``attempt`` counts from 1.
+    ``attempt`` counts from 1. ``idle`` bounds each wait for data from the upstream (the
+    stream idle timeout: route ``idle_timeout``, else the listener's
+    ``stream_idle_timeout``, else Envoy's 5 minutes); when it fires the runner answers a
+    per-try timeout with ``stream_idle=True``. ``per_try_idle`` is the retry policy's
+    per-try idle timeout (a plain, retriable per-try timeout when it fires).
     """
 
     cluster: ClusterRuntime
@@ -146,6 +151,8 @@ class Send:
     request: RequestInfo
     timeout: float | None
     attempt: int
+    idle: float | None = None
+    per_try_idle: float | None = None
 
 
 @dataclass(slots=True)
@@ -176,6 +183,8 @@ class AttemptResult:
 
     outcome: Outcome
     response: object | None = None
+    stream_idle: bool = False
+    """The stream idle timeout fired (not retried: 504 ``stream timeout``, flag ``SI``)."""
 
 
 # --------------------------------------------------------------------------- results
@@ -583,6 +592,8 @@ def call_flow(
     )
     overall = deadlines.overall
     per_try = deadlines.per_try
+    per_try_idle = deadlines.per_try_idle
+    idle = _stream_idle_timeout(action, hcm)
     timeout_body = deadlines.timeout_body.encode()
     # The router's timeout is UT; the connection manager's stream duration limit is DT.
     timeout_flag = "DT" if deadlines.stream_duration else "UT"
@@ -653,7 +664,7 @@ def call_flow(
                 )
             ctx.host = host
             ctx.sent = sent
-            result = yield Send(cluster, host, sent, timeout, attempt)
+            result = yield Send(cluster, host, sent, timeout, attempt, idle, per_try_idle)
             if not isinstance(result, AttemptResult):
                 raise TypeError(f"Send must be answered with an AttemptResult, got {result!r}")
             outcome = result.outcome
@@ -661,6 +672,13 @@ def call_flow(
             detector = cluster.outlier
             if detector is not None and detector.record(host, outcome, now):
                 cluster.ejections_changed(now)
+
+            if result.stream_idle:
+                # The connection manager's idle timer: the whole stream ends, no retry.
+                inflight.release()
+                inflight = None
+                flags.append("SI")
+                return _local(504, b"stream timeout", ReplyKind.TIMEOUT, flags, _TEXT, ctx=ctx)
 
             if (
                 outcome.reset is ResetKind.PER_TRY_TIMEOUT
@@ -792,6 +810,21 @@ class _Attempt:
             limits.close_connection()
         if self.pending:
             limits.end_pending()
+
+
+_DEFAULT_STREAM_IDLE_TIMEOUT = 300.0
+"""Envoy's ``stream_idle_timeout`` when the listener sets none (5 minutes)."""
+
+
+def _stream_idle_timeout(action: RouteAction, hcm: HttpConnectionManager | None) -> float | None:
+    """The route's ``idle_timeout``, else the listener's ``stream_idle_timeout``, else
+    Envoy's default; ``0`` disables it (``None``)."""
+    idle = action.idle_timeout
+    if idle is None:
+        idle = hcm.stream_idle_timeout if hcm is not None else None
+    if idle is None:
+        idle = _DEFAULT_STREAM_IDLE_TIMEOUT
+    return idle if idle > 0 else None
 
 
 def _with_headers(request: RequestInfo, headers: Headers) -> RequestInfo:

@@ -123,35 +123,53 @@ def _reset_of(exc: Exception) -> ResetKind | None:
     return None
 
 
+def _phase(exc: Exception) -> str:
+    if isinstance(exc, httpcore.WriteTimeout):
+        return "write"
+    if isinstance(exc, httpcore.PoolTimeout):
+        return "pool"
+    return ""
+
+
 class _Timeouts:
     """The httpcore timeouts of one attempt and whose each one is: the mesh's (route or
-    per-try timeout), the cluster's ``connect_timeout``, or the application's own httpx
-    timeout when that is shorter."""
+    per-try timeout, stream or per-try idle timeout), the cluster's ``connect_timeout``, or
+    the application's own httpx timeout when that is shorter."""
 
-    __slots__ = ("app_bound", "connect_source", "value")
+    __slots__ = ("app_phases", "connect_source", "read_source", "value")
 
     def __init__(self, send: Send, app: dict[str, float | None]) -> None:
         t = send.timeout
-        values: dict[str, float | None] = {}
-        app_bound = False
-        for phase in ("read", "write", "pool"):
+        # Reads: the earliest of the attempt's deadline, the idle timeouts and the app's.
+        read, source = t, "mesh"
+        for value, name in (
+            (send.per_try_idle, "mesh"),
+            (send.idle, "idle"),
+            (app.get("read"), "app"),
+        ):
+            if value is not None and (read is None or value < read):
+                read, source = value, name
+        values: dict[str, float | None] = {"read": read}
+        app_phases: set[str] = set()
+        for phase in ("write", "pool"):
             mine = app.get(phase)
             if mine is not None and (t is None or mine < t):
                 values[phase] = mine
-                app_bound = True
+                app_phases.add(phase)
             else:
                 values[phase] = t
         connect = send.cluster.config.cluster.connect_timeout
-        source = "cluster"
+        connect_source = "cluster"
         if t is not None and t < connect:
-            connect, source = t, "mesh"
+            connect, connect_source = t, "mesh"
         app_connect = app.get("connect")
         if app_connect is not None and app_connect < connect:
-            connect, source = app_connect, "app"
+            connect, connect_source = app_connect, "app"
         values["connect"] = connect
         self.value = values
-        self.app_bound = app_bound
-        self.connect_source = source
+        self.read_source = source
+        self.connect_source = connect_source
+        self.app_phases = app_phases
 
 
 class _Origin:
@@ -321,7 +339,12 @@ class _MeshCore:
                 raise _to_httpx(exc) from exc
             if timeouts.connect_source == "mesh":
                 reset = ResetKind.PER_TRY_TIMEOUT
-        elif reset is ResetKind.PER_TRY_TIMEOUT and timeouts.app_bound:
+        elif isinstance(exc, httpcore.ReadTimeout):
+            if timeouts.read_source == "app":
+                raise _to_httpx(exc) from exc
+            if timeouts.read_source == "idle":
+                return AttemptResult(Outcome(reset=reset), stream_idle=True)
+        elif _phase(exc) in timeouts.app_phases:  # the app's own write / pool timeout
             raise _to_httpx(exc) from exc
         return AttemptResult(Outcome(reset=reset))
 

@@ -474,3 +474,18 @@ trafficPolicy:
             return [busy, after]
 
     assert asyncio.run(main()) == [503, 200]
+
+
+def test_the_applications_own_timeout_raises_as_httpx_does(mesh: Mesh, upstreams: Make) -> None:
+    _backend, u1 = upstreams("v1")
+    mesh.write(service_yaml({"v1": u1.port}))  # Istio's default route: no mesh timeout
+    mesh.start()
+    with pymesh.httpx.Client(xds_client=mesh.client, mesh_wait=10, timeout=0.3) as client:
+        assert client.get(URL + "/").status_code == 200
+        start = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            client.get(URL + "/sleep/2000")
+        assert time.monotonic() - start < 1.5  # not retried by the mesh
+        clusters = client.mesh_transport.runtime.clusters().values()
+        assert all(c.limits.requests == 0 for c in clusters)  # the attempt was given back
+        assert client.get(URL + "/").status_code == 200

@@ -680,3 +680,38 @@ def test_a_second_call_cannot_retry_while_one_holds_the_only_retry_slot(
     other.release()
     holder.close()
     idle(rt)
+
+
+def test_stream_idle_timeout_is_504_stream_timeout_not_retried(
+    rt: MeshRuntime, clock: FakeClock
+) -> None:
+    policy = RetryPolicy(retry_on=frozenset({"5xx", "reset"}), num_retries=3)
+    action = RouteAction(cluster="a", retry_policy=policy, idle_timeout=2.0)
+    snap = snapshot([route(action)], [cluster("a", [1])])
+    flow = call_flow(rt, snap, request(), clock=clock)
+    send = next(flow)
+    assert isinstance(send, Send) and send.idle == 2.0
+    clock.now += 2.0
+    with pytest.raises(StopIteration) as stop:
+        flow.send(AttemptResult(Outcome(reset=ResetKind.PER_TRY_TIMEOUT), stream_idle=True))
+    result: CallResult = stop.value.value
+    assert result.local_reply is not None
+    assert (result.local_reply.status, result.local_reply.body) == (504, b"stream timeout")
+    assert result.flags == ("SI",)
+    idle(rt)
+
+
+def test_default_stream_idle_timeout_is_envoys_five_minutes(
+    rt: MeshRuntime, clock: FakeClock
+) -> None:
+    snap = snapshot([route(RouteAction(cluster="a"))], [cluster("a", [1])])
+    flow = call_flow(rt, snap, request(), clock=clock)
+    send = next(flow)
+    assert isinstance(send, Send) and send.idle == 300.0
+    flow.close()
+    off = snapshot([route(RouteAction(cluster="a", idle_timeout=0.0))], [cluster("a", [1])])
+    flow = call_flow(rt, off, request(), clock=clock)
+    send = next(flow)
+    assert isinstance(send, Send) and send.idle is None
+    flow.close()
+    idle(rt)
