@@ -160,3 +160,48 @@ def test_counts_follow_a_simple_model(max_requests: int, max_pending: int, ops: 
         overflow["pd"],
         overflow["rt"],
     )
+
+
+def test_resilience_public_surface_is_pinned() -> None:
+    """The resilience modules' public names (STYLE.md #12): changing them is a decision."""
+    import pymesh.core.deadline
+    import pymesh.core.fault
+    import pymesh.core.limits
+    import pymesh.core.outlier
+    import pymesh.core.retry
+
+    pinned = {
+        pymesh.core.retry: {
+            "CONSUMED_REQUEST_HEADERS",
+            "GRPC_RETRY_ON",
+            "GiveUp",
+            "PREVIOUS_HOSTS_PREDICATE",
+            "PUSHBACK_HEADER",
+            "Retry",
+            "RetryDecision",
+            "RetryState",
+            "backoff_ceiling",
+            "header_matches",
+            "request_header_matches",
+            "strip_consumed",
+        },
+        pymesh.core.limits: {"ClusterLimits", "LimitsStats"},
+        pymesh.core.outlier: {
+            "EjectionType",
+            "OutlierDetector",
+            "OutlierListener",
+            "OutlierStats",
+            "grpc_to_http_status",
+        },
+        pymesh.core.fault: {"ActiveFaults", "FaultDecision", "NO_FAULT", "decide_fault"},
+        pymesh.core.deadline: {
+            "CONSUMED_REQUEST_HEADERS",
+            "Deadlines",
+            "call_deadlines",
+            "format_grpc_timeout",
+            "parse_grpc_timeout",
+        },
+    }
+    for module, names in pinned.items():
+        assert set(module.__all__) == names, module.__name__
+        assert all(hasattr(module, n) for n in names), module.__name__
