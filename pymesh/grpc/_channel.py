@@ -61,6 +61,7 @@ from pymesh.core.types import Headers, Outcome, RequestInfo, ResetKind
 from pymesh.errors import XdsError
 from pymesh.grpc._errors import MeshRpcError, error_of_reply
 from pymesh.grpc._subchannels import SubchannelPool
+from pymesh.model.route import RouteAction
 from pymesh.model.snapshot import TargetError, TargetSnapshot
 from pymesh.xds.client import XdsClient
 from pymesh.xds.watch import TargetHandle, parse_target
@@ -154,9 +155,15 @@ class MeshTarget:
         self.handle: TargetHandle = runtime.watch(target)
         self.clock: Callable[[], float] = time.monotonic
         self._closed = False
+        self._timeout_snapshot: TargetSnapshot | None = None
+        self._timeout_used = False
 
     def request_info(
-        self, method: str, metadata: Iterable[tuple[str, str | bytes]] | None, timeout: float | None
+        self,
+        method: str,
+        metadata: Iterable[tuple[str, str | bytes]] | None,
+        timeout: float | None,
+        snapshot: TargetSnapshot,
     ) -> RequestInfo:
         items: list[tuple[str, str]] = []
         if metadata:
@@ -165,12 +172,26 @@ class MeshTarget:
                     items.append((k, base64.b64encode(v).decode("ascii").rstrip("=")))
                 else:
                     items.append((k, v))
-        if timeout is not None:
+        if timeout is not None and self._reads_grpc_timeout(snapshot):
             items.append(("grpc-timeout", format_grpc_timeout(math.ceil(timeout * 1000))))
         return RequestInfo("POST", self.authority, method, Headers(items), self.scheme, None, True)
 
-    def snapshot_now(self) -> TargetSnapshot | None:
-        return self.handle.current()
+    def _reads_grpc_timeout(self, snapshot: TargetSnapshot) -> bool:
+        """Whether a route of ``snapshot`` looks at the ``grpc-timeout`` header
+        (``grpc_timeout_header_max`` / ``max_grpc_timeout``); cached per snapshot, so calls
+        on other routes skip formatting and parsing it."""
+        if snapshot is self._timeout_snapshot:
+            return self._timeout_used
+        used = False
+        for route in snapshot.virtual_host.routes:
+            action = route.action
+            if isinstance(action, RouteAction) and (
+                action.grpc_timeout_header_max is not None or action.max_grpc_timeout is not None
+            ):
+                used = True
+                break
+        self._timeout_snapshot, self._timeout_used = snapshot, used
+        return used
 
     def unusable(self) -> MeshRpcError:
         """The error of a call that found no usable config."""
@@ -236,9 +257,12 @@ class _Replay:
 class _State:
     """One call's cancellation state (shared with its ``Future`` / response iterator)."""
 
-    __slots__ = ("cancelled", "current", "event")
+    __slots__ = ("cancellable", "cancelled", "current", "event")
 
-    def __init__(self) -> None:
+    def __init__(self, cancellable: bool = True) -> None:
+        self.cancellable = cancellable
+        """False for blocking calls nobody can cancel: attempts use grpcio's blocking call
+        (``future()`` would start a channel-spin thread per call)."""
         self.cancelled = False
         self.current: Any = None
         self.event = threading.Event()
@@ -252,6 +276,10 @@ class _State:
 
 
 _CANCELLED = "Locally cancelled by application!"
+# Shared states of blocking calls (never cancelled, never waited on): ``_VALUE_ONLY`` for
+# ``__call__`` (grpcio's plain blocking call), ``_NOT_CANCELLABLE`` for ``with_call``.
+_NOT_CANCELLABLE = _State(cancellable=False)
+_VALUE_ONLY = _State(cancellable=False)
 
 
 class _Spec:
@@ -465,7 +493,7 @@ class MeshChannel(grpc.Channel):
                 snapshot = mesh.handle.wait_ready(wait)
             except XdsError as exc:
                 raise MeshRpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-        info = mesh.request_info(spec.method, metadata, timeout)
+        info = mesh.request_info(spec.method, metadata, timeout, snapshot)
         replay = _Replay(request) if spec.streaming_request else None
         pool = self._pool
 
@@ -499,6 +527,26 @@ class MeshChannel(grpc.Channel):
                     except StopIteration:
                         return AttemptResult(OK, (it, _END))
                     return AttemptResult(_COMMITTED, (it, first))
+                if state is _VALUE_ONLY:
+                    value = mc(
+                        payload,
+                        timeout=t,
+                        metadata=md,
+                        credentials=credentials,
+                        wait_for_ready=wait_for_ready,
+                        compression=compression,
+                    )
+                    return AttemptResult(OK, (value, None))
+                if not state.cancellable:
+                    value, call = mc.with_call(
+                        payload,
+                        timeout=t,
+                        metadata=md,
+                        credentials=credentials,
+                        wait_for_ready=wait_for_ready,
+                        compression=compression,
+                    )
+                    return AttemptResult(OK, (value, call))
                 fut = mc.future(
                     payload,
                     timeout=t,
@@ -585,7 +633,7 @@ class _UnaryUnary(_Multi, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc,ty
             credentials,
             wait_for_ready,
             compression,
-            _State(),
+            _VALUE_ONLY,
         )
         result.release()
         return value
@@ -607,7 +655,7 @@ class _UnaryUnary(_Multi, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc,ty
             credentials,
             wait_for_ready,
             compression,
-            _State(),
+            _NOT_CANCELLABLE,
         )
         result.release()
         return value, call

@@ -264,7 +264,7 @@ class AioMeshChannel(grpc.aio.Channel):
                 snapshot = await loop.run_in_executor(None, mesh.handle.wait_ready, wait)
             except XdsError as exc:
                 raise _aio_error(MeshRpcError(grpc.StatusCode.UNAVAILABLE, str(exc))) from None
-        info = mesh.request_info(spec.method, metadata, timeout)
+        info = mesh.request_info(spec.method, metadata, timeout, snapshot)
         replay = _AsyncReplay(request) if spec.streaming_request else None
         pool = self._pool
 
@@ -409,11 +409,7 @@ class MeshAioCall:
 
     # unary response
     def __await__(self) -> Any:
-        async def run() -> Any:
-            value = await self._settle()
-            return value
-
-        return run().__await__()
+        return self._settle().__await__()
 
     # streaming response
     async def read(self) -> Any:

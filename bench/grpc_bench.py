@@ -1,0 +1,205 @@
+"""Benchmark: plain grpcio channel vs grpcio's C-core ``xds:///`` channel vs pymesh's channel.
+
+Run: ``/work/venv/bin/python bench/grpc_bench.py [--rounds 5] [--calls 2000]``
+
+One backend (a grpcio server in a subprocess, so its CPU is not the client's) behind the
+embedded control plane (a ServiceEntry with that one endpoint, Istio's default routes). Three
+clients call the same unary method:
+
+- ``plain``: ``grpc.insecure_channel("127.0.0.1:PORT")``, no mesh at all;
+- ``cxds``: ``grpc.insecure_channel("xds:///echo...:7070")``, grpcio's own xDS client;
+- ``pymesh``: ``pymesh.grpc.insecure_channel("xds:///echo...:7070")``.
+
+Two workloads: sync sequential unary calls, and grpc.aio with 16 calls in flight. Rounds are
+interleaved (plain, cxds, pymesh, plain, ...) so machine noise hits all three alike; the
+report gives per client the median throughput over rounds, p50/p99 latency, and the ratios
+pymesh/plain (target >= 0.85) and pymesh/cxds (target >= 0.90).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HOST = "echo.default.svc.cluster.local"
+PORT = 7070
+METHOD = "/echo.Echo/Who"
+
+SERVER = textwrap.dedent(
+    """
+    import sys, grpc
+    from concurrent import futures
+    def who(request, context):
+        return b"ok"
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "echo.Echo", {"Who": grpc.unary_unary_rpc_method_handler(who)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    sys.stdin.read()
+    server.stop(None)
+    """
+)
+
+MESH = textwrap.dedent(
+    f"""
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {{name: echo, namespace: default}}
+    spec:
+      hosts: [{HOST}]
+      location: MESH_INTERNAL
+      resolution: STATIC
+      ports: [{{number: {PORT}, name: grpc, protocol: GRPC}}]
+      endpoints:
+      - {{address: 127.0.0.1, ports: {{grpc: BACKEND_PORT}}}}
+    """
+)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def sync_round(call: Callable[..., Any], calls: int) -> tuple[float, list[float]]:
+    latencies = []
+    clock = time.perf_counter
+    start = clock()
+    for _ in range(calls):
+        t = clock()
+        call(b"hi", timeout=10)
+        latencies.append(clock() - t)
+    return calls / (clock() - start), latencies
+
+
+async def aio_round(call: Any, calls: int, concurrency: int) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    clock = time.perf_counter
+    per_worker = calls // concurrency
+
+    async def worker() -> None:
+        for _ in range(per_worker):
+            t = clock()
+            await call(b"hi", timeout=10)
+            latencies.append(clock() - t)
+
+    start = clock()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return per_worker * concurrency / (clock() - start), latencies
+
+
+def report(title: str, results: dict[str, tuple[list[float], list[float]]]) -> None:
+    print(f"\n{title}")
+    print(f"{'client':8} {'calls/s (median)':>17} {'p50 us':>8} {'p99 us':>8}")
+    medians = {}
+    for name, (rates, lats) in results.items():
+        medians[name] = statistics.median(rates)
+        print(
+            f"{name:8} {medians[name]:17.0f} {_percentile(lats, 0.5) * 1e6:8.0f} "
+            f"{_percentile(lats, 0.99) * 1e6:8.0f}"
+        )
+    print(
+        f"pymesh/plain = {medians['pymesh'] / medians['plain']:.2f}  "
+        f"pymesh/cxds = {medians['pymesh'] / medians['cxds']:.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert server.stdout is not None and server.stdin is not None
+    backend_port = int(server.stdout.readline())
+    tmp = Path(tempfile.mkdtemp(prefix="grpc-bench-"))
+    (tmp / "mesh").mkdir()
+    (tmp / "mesh" / "echo.yaml").write_text(MESH.replace("BACKEND_PORT", str(backend_port)))
+
+    import grpc
+    import grpc.aio
+
+    import pymesh.grpc
+    import pymesh.grpc.aio
+    from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
+    from pymesh.controlplane import ControlPlane
+    from pymesh.xds.client import XdsClient
+
+    cp = ControlPlane([tmp / "mesh"], xds_address="127.0.0.1:0", admin_port=None).start()
+    bootstrap = generate_bootstrap(xds_address=cp.address, namespace="default")
+    (tmp / "bootstrap.json").write_text(json.dumps(bootstrap))
+    # grpcio's xDS client reads the bootstrap when its first xds: channel is created.
+    os.environ["GRPC_XDS_BOOTSTRAP"] = str(tmp / "bootstrap.json")
+    client = XdsClient(parse_bootstrap(json.dumps(bootstrap), source="bench"))
+    target = f"xds:///{HOST}:{PORT}"
+    try:
+        channels = {
+            "plain": grpc.insecure_channel(f"127.0.0.1:{backend_port}"),
+            "cxds": grpc.insecure_channel(target),
+            "pymesh": pymesh.grpc.insecure_channel(target, xds_client=client),
+        }
+        calls = {n: c.unary_unary(METHOD, None, None) for n, c in channels.items()}
+        for call in calls.values():  # warm up (config, connections)
+            for _ in range(200):
+                call(b"hi", timeout=20)
+        results: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in calls}
+        for _ in range(args.rounds):
+            for name, call in calls.items():
+                rate, lats = sync_round(call, args.calls)
+                results[name][0].append(rate)
+                results[name][1].extend(lats)
+        report(f"sync sequential unary ({args.rounds} rounds x {args.calls} calls)", results)
+        for ch in channels.values():
+            ch.close()
+
+        async def aio_main() -> None:
+            achannels = {
+                "plain": grpc.aio.insecure_channel(f"127.0.0.1:{backend_port}"),
+                "cxds": grpc.aio.insecure_channel(target),
+                "pymesh": pymesh.grpc.aio.insecure_channel(target, xds_client=client),
+            }
+            acalls = {n: c.unary_unary(METHOD, None, None) for n, c in achannels.items()}
+            for call in acalls.values():
+                for _ in range(200):
+                    await call(b"hi", timeout=20)
+            res: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in acalls}
+            for _ in range(args.rounds):
+                for name, call in acalls.items():
+                    rate, lats = await aio_round(call, args.calls, args.concurrency)
+                    res[name][0].append(rate)
+                    res[name][1].extend(lats)
+            report(
+                f"aio unary, {args.concurrency} in flight "
+                f"({args.rounds} rounds x {args.calls} calls)",
+                res,
+            )
+            for ch in achannels.values():
+                await ch.close(None)
+
+        asyncio.run(aio_main())
+    finally:
+        client.close()
+        cp.stop()
+        server.stdin.close()
+        server.wait(10)
+
+
+if __name__ == "__main__":
+    main()
