@@ -114,13 +114,14 @@ class _VerifyingObject(ssl.SSLObject):
 def peer_identity(obj: Any) -> str | None:
     """The verified peer identity of an ``SSLSocket``/``SSLObject`` made by our contexts.
 
-    Falls back to the first URI SAN of the peer certificate for other TLS objects.
+    Falls back to the first URI SAN of the peer certificate for other TLS objects
+    (httpx's ``network_stream.get_extra_info("ssl_object")``, asyncio transports' ...).
     """
     ident = getattr(obj, "pymesh_peer_identity", None)
     if ident is not None:
         return str(ident)
     try:
-        der = obj.getpeercert(binary_form=True)
+        der = obj.getpeercert(True)  # positional: httpcore hands out the C-level _SSLSocket
     except (AttributeError, ValueError):
         return None
     if not der:

@@ -3,6 +3,7 @@
 State directory (created on first start; private keys mode 0600)::
 
     root-cert.pem   root-key.pem      the self-signed root (generated mode)
+    next-root-cert.pem next-root-key.pem   a root trusted but not signing yet (rotation phase 1)
     previous-roots.pem                roots still trusted during a root rotation overlap
     token-key.pem                     P-256 key signing and verifying workload tokens
 
@@ -105,6 +106,7 @@ class CertificateAuthority:
         self._clock = clock
         self._dir = Path(state_dir)
         self._lock = threading.Lock()
+        self._next: tuple[x509.Certificate, PrivateKey] | None = None
         self.stats: Counter[str] = Counter()
         self.plugged_in = (self._dir / "ca-cert.pem").exists()
         if not self.plugged_in:
@@ -146,11 +148,20 @@ class CertificateAuthority:
             write_private(key_path, key_pem(key))
             cert_path.write_bytes(cert_pem(cert))
             log.info("created CA root for trust domain %s in %s", self.trust_domain, d)
+        self._next = None
+        next_cert, next_key = d / "next-root-cert.pem", d / "next-root-key.pem"
+        if next_cert.exists() and next_key.exists():
+            self._next = (
+                certs_from_pem(next_cert.read_bytes())[0],
+                key_from_pem(next_key.read_bytes()),
+            )
         previous: tuple[x509.Certificate, ...] = ()
+        if self._next is not None:
+            previous = (self._next[0],)
         prev_path = d / "previous-roots.pem"
         if prev_path.exists():
             now = _dt(self._clock())
-            previous = tuple(
+            previous += tuple(
                 c for c in certs_from_pem(prev_path.read_bytes()) if c.not_valid_after_utc > now
             )
         return _Signer(cert, key, (cert,), (cert, *previous))
@@ -186,29 +197,61 @@ class CertificateAuthority:
     def trust_bundle_pem(self) -> bytes:
         return cert_pem(self._signer.roots)
 
-    def rotate_root(self) -> None:
-        """Start signing with a new root; keep the old one trusted until :meth:`retire`.
+    def add_next_root(self) -> x509.Certificate:
+        """Root rotation, phase 1: create the next root and trust it (it does not sign yet).
 
-        New workload certificates chain to the new root; both roots stay in every trust
-        bundle handed out, so old and new certificates verify each other during the overlap.
+        Every answer now carries it in the trust bundle; once all workloads renewed (one
+        certificate lifetime), :meth:`activate_next_root` makes it the signer.
         """
-        if self.plugged_in:
-            raise PymeshError("a plugged-in CA (cacerts) is rotated by replacing its files")
+        self._check_rotatable()
         with self._lock:
+            if self._next is None:
+                cert, key = self._new_root()
+                write_private(self._dir / "next-root-key.pem", key_pem(key))
+                (self._dir / "next-root-cert.pem").write_bytes(cert_pem(cert))
+                self._next = (cert, key)
+                s = self._signer
+                self._signer = _Signer(s.cert, s.key, s.chain, (s.roots[0], cert, *s.roots[1:]))
+            log.info("CA next root added to the trust bundle")
+            return self._next[0]
+
+    def activate_next_root(self) -> None:
+        """Root rotation, phase 2: sign with the next root; the old one stays trusted until
+        :meth:`retire_previous_roots` (after one more certificate lifetime)."""
+        self._check_rotatable()
+        if self._next is None:
+            self.add_next_root()
+        with self._lock:
+            assert self._next is not None
+            cert, key = self._next
             old = self._signer
-            cert, key = self._new_root()
-            previous = old.roots
+            previous = tuple(r for r in old.roots if r != cert)
             write_private(self._dir / "root-key.pem", key_pem(key))
             (self._dir / "root-cert.pem").write_bytes(cert_pem(cert))
             (self._dir / "previous-roots.pem").write_bytes(cert_pem(previous))
+            (self._dir / "next-root-cert.pem").unlink(missing_ok=True)
+            (self._dir / "next-root-key.pem").unlink(missing_ok=True)
+            self._next = None
             self._signer = _Signer(cert, key, (cert,), (cert, *previous))
         log.info("CA root rotated; %d previous root(s) still trusted", len(previous))
 
+    def rotate_root(self) -> None:
+        """Both phases at once (a workload that has not renewed yet will not trust peers
+        signed by the new root; prefer :meth:`add_next_root` then
+        :meth:`activate_next_root` a certificate lifetime later)."""
+        self.add_next_root()
+        self.activate_next_root()
+
+    def _check_rotatable(self) -> None:
+        if self.plugged_in:
+            raise PymeshError("a plugged-in CA (cacerts) is rotated by replacing its files")
+
     def retire_previous_roots(self) -> None:
-        """End the overlap: only the current root stays trusted."""
+        """End the overlap: only the current (and a pending next) root stay trusted."""
         with self._lock:
             s = self._signer
-            self._signer = _Signer(s.cert, s.key, s.chain, s.roots[:1])
+            keep = (s.roots[0],) + ((self._next[0],) if self._next is not None else ())
+            self._signer = _Signer(s.cert, s.key, s.chain, keep)
             (self._dir / "previous-roots.pem").unlink(missing_ok=True)
 
     # -- tokens --------------------------------------------------------------------------

@@ -238,3 +238,26 @@ def test_plugged_in_key_mismatch(tmp_path: Path) -> None:
     (tmp_path / "root-cert.pem").write_bytes(cert_pem(root))
     with pytest.raises(Exception, match="does not match"):
         CertificateAuthority(tmp_path)
+
+
+def test_two_phase_root_rotation(tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path)
+    old_root = ca.roots[0]
+    nxt = ca.add_next_root()
+    assert ca.roots == (old_root, nxt)
+    chain, roots = split_chain(
+        ca.create_certificate(_csr(spiffe("default", "a")), 600, _bearer(ca, sa="a"))
+    )
+    chain[0].verify_directly_issued_by(old_root)  # phase 1: still signed by the old root
+    assert roots == [old_root, nxt]  # ... but the next root is already trusted
+    assert CertificateAuthority(tmp_path).roots == (old_root, nxt)  # persisted
+    ca.activate_next_root()
+    assert ca.roots == (nxt, old_root)
+    chain, roots = split_chain(
+        ca.create_certificate(_csr(spiffe("default", "a")), 600, _bearer(ca, sa="a"))
+    )
+    chain[0].verify_directly_issued_by(nxt)
+    assert roots == [nxt, old_root]
+    assert CertificateAuthority(tmp_path).roots == (nxt, old_root)
+    ca.retire_previous_roots()
+    assert ca.roots == (nxt,)
