@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -48,6 +49,7 @@ from pymesh.core.flow import (
 from pymesh.core.runtime import MeshRuntime
 from pymesh.core.types import Headers, Outcome, RequestInfo, ResetKind
 from pymesh.errors import (
+    ConfigError,
     FaultAbortError,
     MeshError,
     NoHealthyUpstreamError,
@@ -58,6 +60,7 @@ from pymesh.errors import (
     UpstreamTimeoutError,
 )
 from pymesh.httpx._targets import MeshTarget, TargetResolver, Verdict
+from pymesh.httpx._tls import UpstreamTls, endpoint_tls
 from pymesh.model.cluster import UpstreamProtocol
 from pymesh.model.snapshot import TargetError
 from pymesh.xds.client import XdsClient
@@ -172,6 +175,19 @@ class _Timeouts:
         self.app_phases = app_phases
 
 
+class _Link:
+    """How an attempt reaches its endpoint: TLS context (``None``: plaintext) and SNI."""
+
+    __slots__ = ("sni", "ssl_context")
+
+    def __init__(self, ssl_context: ssl.SSLContext | None, sni: str | None = None) -> None:
+        self.ssl_context = ssl_context
+        self.sni = sni
+
+
+_PLAINTEXT = _Link(None)
+
+
 class _Origin:
     """The application's request headers (minus ``host``): as the core saw them, and as
     bytes, so an unchanged prefix is sent without re-encoding."""
@@ -242,6 +258,9 @@ class _MeshCore:
             mesh_wait=mesh_wait,
             external_wait=external_wait,
         )
+        self.tls = UpstreamTls(client.bootstrap if client is not None else None)
+        self._app_tls: ssl.SSLContext | None = None
+        self._tls_errors: set[str] = set()
         self.removed: collections.deque[frozenset[str]] = collections.deque()
         self._remove_listener = runtime.add_hosts_removed_listener(self.removed.append)
         self.clock = time.monotonic
@@ -249,6 +268,16 @@ class _MeshCore:
     def close(self) -> None:
         self._remove_listener()
         self.resolver.close()
+        self.tls.close()
+
+    def tls_failure(self, send: Send, error: ConfigError) -> AttemptResult:
+        """TLS settings we cannot honour fail the attempt as a connection failure (what a
+        sidecar without the secret does); logged once per cluster."""
+        name = send.cluster.name
+        if name not in self._tls_errors:
+            self._tls_errors.add(name)
+            _log.error("cluster %s: upstream TLS unavailable: %s", name, error)
+        return AttemptResult(Outcome(reset=ResetKind.CONNECT_FAILURE))
 
     # -- requests -------------------------------------------------------------------------
 
@@ -283,12 +312,35 @@ class _MeshCore:
         )
         return info, _Origin(tuple(headers), raw)
 
+    def link(self, send: Send | Mirror) -> _Link:
+        """How to reach ``send.host``: mesh mTLS when the cluster says so for this endpoint,
+        else the application's own scheme (``https``: TLS to the endpoint with the URL's
+        host as SNI), else plaintext. Raises :class:`ConfigError` for TLS settings we cannot
+        honour."""
+        cluster = send.cluster.config.cluster
+        if cluster.tls is not None or cluster.transport_socket_matches:
+            tls = endpoint_tls(cluster, send.host)
+            if tls is not None:
+                return _Link(self.tls.context(tls), tls.sni or None)
+        if send.request.scheme == "https":
+            authority = send.request.authority
+            host = authority.rsplit(":", 1)[0] if not authority.startswith("[") else ""
+            return _Link(self.app_tls(), host or None)
+        return _PLAINTEXT
+
+    def app_tls(self) -> ssl.SSLContext:
+        ctx = self._app_tls
+        if ctx is None:
+            ctx = self._app_tls = httpx.create_ssl_context()
+        return ctx
+
     @staticmethod
     def upstream_request(
         send: Send | Mirror,
         body: bytes,
         extensions: dict[str, Any],
         origin: _Origin | None = None,
+        link: _Link | None = None,
     ) -> httpcore.Request:
         info = send.request
         address = send.host.address
@@ -300,11 +352,11 @@ class _MeshCore:
             headers += origin.raw
             items = items[origin.count :]
         headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in items]
-        scheme = info.scheme.encode("ascii")
-        if info.scheme == "https":
-            host = info.authority.rsplit(":", 1)[0] if "]" not in info.authority else ""
-            if host:
-                extensions = {**extensions, "sni_hostname": host}
+        scheme = b"http"
+        if link is not None and link.ssl_context is not None:
+            scheme = b"https"
+            if link.sni:
+                extensions = {**extensions, "sni_hostname": link.sni}
         return httpcore.Request(
             info.method.encode("ascii"),
             httpcore.URL(
@@ -420,21 +472,20 @@ class _SyncPools:
     """One httpcore pool per (endpoint, HTTP/2?); draining pools close once idle."""
 
     def __init__(self) -> None:
-        self._pools: dict[tuple[str, bool, bool], httpcore.ConnectionPool] = {}
+        self._pools: dict[tuple[str, bool, int], httpcore.ConnectionPool] = {}
         self._draining: list[httpcore.ConnectionPool] = []
         self._lock = threading.Lock()
 
-    def get(self, send: Send | Mirror) -> httpcore.ConnectionPool:
+    def get(self, send: Send | Mirror, link: _Link) -> httpcore.ConnectionPool:
         h2 = send.cluster.protocol is UpstreamProtocol.HTTP2
-        tls = send.request.scheme == "https"
-        key = (send.host.key, h2, tls)
+        key = (send.host.key, h2, id(link.ssl_context))
         pool = self._pools.get(key)
         if pool is None:
             with self._lock:
                 pool = self._pools.get(key)
                 if pool is None:
                     pool = httpcore.ConnectionPool(
-                        ssl_context=httpx.create_ssl_context() if tls else None,
+                        ssl_context=link.ssl_context,
                         max_connections=None,
                         max_keepalive_connections=None,
                         keepalive_expiry=send.cluster.config.cluster.http_protocol_options.idle_timeout,
@@ -469,17 +520,16 @@ class _SyncPools:
 
 class _AsyncPools:
     def __init__(self) -> None:
-        self._pools: dict[tuple[str, bool, bool], httpcore.AsyncConnectionPool] = {}
+        self._pools: dict[tuple[str, bool, int], httpcore.AsyncConnectionPool] = {}
         self._draining: list[httpcore.AsyncConnectionPool] = []
 
-    def get(self, send: Send | Mirror) -> httpcore.AsyncConnectionPool:
+    def get(self, send: Send | Mirror, link: _Link) -> httpcore.AsyncConnectionPool:
         h2 = send.cluster.protocol is UpstreamProtocol.HTTP2
-        tls = send.request.scheme == "https"
-        key = (send.host.key, h2, tls)
+        key = (send.host.key, h2, id(link.ssl_context))
         pool = self._pools.get(key)
         if pool is None:
             pool = httpcore.AsyncConnectionPool(
-                ssl_context=httpx.create_ssl_context() if tls else None,
+                ssl_context=link.ssl_context,
                 max_connections=None,
                 max_keepalive_connections=None,
                 keepalive_expiry=send.cluster.config.cluster.http_protocol_options.idle_timeout,
@@ -619,12 +669,16 @@ class MeshTransport(httpx.BaseTransport):
         extensions = {k: v for k, v in request.extensions.items() if k != "timeout"}
 
         def send(action: Send) -> AttemptResult:
+            try:
+                link = core.link(action)
+            except ConfigError as exc:
+                return core.tls_failure(action, exc)
             timeouts = _Timeouts(action, app_timeouts)
             req = core.upstream_request(
-                action, body, {**extensions, "timeout": timeouts.value}, origin
+                action, body, {**extensions, "timeout": timeouts.value}, origin, link
             )
             try:
-                resp = self._pools.get(action).handle_request(req)
+                resp = self._pools.get(action, link).handle_request(req)
             except httpcore.TimeoutException as exc:
                 return core.failure(exc, timeouts)
             except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
@@ -667,14 +721,20 @@ class MeshTransport(httpx.BaseTransport):
             self._mirrors = concurrent.futures.ThreadPoolExecutor(
                 max_workers=2, thread_name_prefix="pymesh-mirror"
             )
+        try:
+            link = self._core.link(action)
+        except ConfigError:
+            return
         self._mirrors_in_flight += 1
         timeout = action.timeout
         req = self._core.upstream_request(
             action,
             body,
             {"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
+            None,
+            link,
         )
-        pool = self._pools.get(action)
+        pool = self._pools.get(action, link)
 
         def run() -> None:
             try:
@@ -786,12 +846,16 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         extensions = {k: v for k, v in request.extensions.items() if k != "timeout"}
 
         async def send(action: Send) -> AttemptResult:
+            try:
+                link = core.link(action)
+            except ConfigError as exc:
+                return core.tls_failure(action, exc)
             timeouts = _Timeouts(action, app_timeouts)
             req = core.upstream_request(
-                action, body, {**extensions, "timeout": timeouts.value}, origin
+                action, body, {**extensions, "timeout": timeouts.value}, origin, link
             )
             try:
-                resp = await self._pools.get(action).handle_async_request(req)
+                resp = await self._pools.get(action, link).handle_async_request(req)
             except httpcore.TimeoutException as exc:
                 return core.failure(exc, timeouts)
             except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
@@ -833,12 +897,18 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         import asyncio
 
         timeout = action.timeout
+        try:
+            link = self._core.link(action)
+        except ConfigError:
+            return
         req = self._core.upstream_request(
             action,
             body,
             {"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
+            None,
+            link,
         )
-        pool = self._pools.get(action)
+        pool = self._pools.get(action, link)
 
         async def run() -> None:
             try:

@@ -83,7 +83,7 @@ class Backend:
 class Upstream:
     """One uvicorn server in a thread, bound to 127.0.0.1 on a free port."""
 
-    def __init__(self, app: Any, *, http2: bool = False) -> None:
+    def __init__(self, app: Any, **config: Any) -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -92,10 +92,16 @@ class Upstream:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
-        config = uvicorn.Config(
-            app, log_level="error", lifespan="off", access_log=False, timeout_keep_alive=30
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                log_level="error",
+                lifespan="off",
+                access_log=False,
+                timeout_keep_alive=30,
+                **config,
+            )
         )
-        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )
@@ -117,13 +123,13 @@ class Upstream:
 
 
 @pytest.fixture
-def upstreams() -> Iterator[Callable[[str], tuple[Backend, Upstream]]]:
+def upstreams() -> Iterator[Callable[..., tuple[Backend, Upstream]]]:
     """A factory of started backends; all stopped at the end."""
     started: list[Upstream] = []
 
-    def make(name: str) -> tuple[Backend, Upstream]:
+    def make(name: str, **config: Any) -> tuple[Backend, Upstream]:
         backend = Backend(name)
-        up = Upstream(backend).start()
+        up = Upstream(backend, **config).start()
         started.append(up)
         return backend, up
 
@@ -206,7 +212,7 @@ class Mesh:
         tmp.write_text(text)
         tmp.replace(path)
 
-    def start(self) -> Mesh:
+    def start(self, **bootstrap: Any) -> Mesh:
         self.cp = ControlPlane(
             [self.dir],
             xds_address="127.0.0.1:0",
@@ -214,7 +220,7 @@ class Mesh:
             debounce=0.02,
             poll_interval=0.05,
         ).start()
-        data = generate_bootstrap(xds_address=self.cp.address, namespace="default")
+        data = generate_bootstrap(xds_address=self.cp.address, namespace="default", **bootstrap)
         self.client = XdsClient(parse_bootstrap(json.dumps(data), source="test"))
         return self
 
