@@ -12,8 +12,10 @@ clients call the same unary method:
 
 Two workloads: sync sequential unary calls, and grpc.aio with 16 calls in flight. Rounds are
 interleaved (plain, cxds, pymesh, plain, ...) so machine noise hits all three alike; the
-report gives per client the median throughput over rounds, p50/p99 latency, and the ratios
-pymesh/plain (target >= 0.85) and pymesh/cxds (target >= 0.90).
+report gives per client the median throughput over rounds, the median client CPU time per
+call (``time.process_time``: less sensitive than wall-clock throughput to other processes on
+a shared machine), p50/p99 latency, and the ratios pymesh/plain (target >= 0.85) and
+pymesh/cxds (target >= 0.90).
 """
 
 from __future__ import annotations
@@ -74,18 +76,23 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def sync_round(call: Callable[..., Any], calls: int) -> tuple[float, list[float]]:
+Result = tuple[float, float, list[float]]  # calls/s, client CPU s per call, latencies
+
+
+def sync_round(call: Callable[..., Any], calls: int) -> Result:
     latencies = []
     clock = time.perf_counter
+    cpu = time.process_time()
     start = clock()
     for _ in range(calls):
         t = clock()
         call(b"hi", timeout=10)
         latencies.append(clock() - t)
-    return calls / (clock() - start), latencies
+    elapsed = clock() - start
+    return calls / elapsed, (time.process_time() - cpu) / calls, latencies
 
 
-async def aio_round(call: Any, calls: int, concurrency: int) -> tuple[float, list[float]]:
+async def aio_round(call: Any, calls: int, concurrency: int) -> Result:
     latencies: list[float] = []
     clock = time.perf_counter
     per_worker = calls // concurrency
@@ -96,24 +103,34 @@ async def aio_round(call: Any, calls: int, concurrency: int) -> tuple[float, lis
             await call(b"hi", timeout=10)
             latencies.append(clock() - t)
 
+    cpu = time.process_time()
     start = clock()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return per_worker * concurrency / (clock() - start), latencies
+    n = per_worker * concurrency
+    return n / (clock() - start), (time.process_time() - cpu) / n, latencies
 
 
-def report(title: str, results: dict[str, tuple[list[float], list[float]]]) -> None:
+Results = dict[str, tuple[list[float], list[float], list[float]]]
+
+
+def report(title: str, results: Results) -> None:
     print(f"\n{title}")
-    print(f"{'client':8} {'calls/s (median)':>17} {'p50 us':>8} {'p99 us':>8}")
-    medians = {}
-    for name, (rates, lats) in results.items():
-        medians[name] = statistics.median(rates)
+    print(f"{'client':8} {'calls/s (median)':>17} {'CPU us/call':>12} {'p50 us':>8} {'p99 us':>8}")
+    rate, cpu = {}, {}
+    for name, (rates, cpus, lats) in results.items():
+        rate[name] = statistics.median(rates)
+        cpu[name] = statistics.median(cpus)
         print(
-            f"{name:8} {medians[name]:17.0f} {_percentile(lats, 0.5) * 1e6:8.0f} "
-            f"{_percentile(lats, 0.99) * 1e6:8.0f}"
+            f"{name:8} {rate[name]:17.0f} {cpu[name] * 1e6:12.0f} "
+            f"{_percentile(lats, 0.5) * 1e6:8.0f} {_percentile(lats, 0.99) * 1e6:8.0f}"
         )
     print(
-        f"pymesh/plain = {medians['pymesh'] / medians['plain']:.2f}  "
-        f"pymesh/cxds = {medians['pymesh'] / medians['cxds']:.2f}"
+        f"throughput: pymesh/plain = {rate['pymesh'] / rate['plain']:.2f}  "
+        f"pymesh/cxds = {rate['pymesh'] / rate['cxds']:.2f}"
+    )
+    print(
+        f"CPU per call (inverse ratio): plain/pymesh = {cpu['plain'] / cpu['pymesh']:.2f}  "
+        f"cxds/pymesh = {cpu['cxds'] / cpu['pymesh']:.2f}"
     )
 
 
@@ -159,12 +176,13 @@ def main() -> None:
         for call in calls.values():  # warm up (config, connections)
             for _ in range(200):
                 call(b"hi", timeout=20)
-        results: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in calls}
+        results: Results = {n: ([], [], []) for n in calls}
         for _ in range(args.rounds):
             for name, call in calls.items():
-                rate, lats = sync_round(call, args.calls)
+                rate, cpu, lats = sync_round(call, args.calls)
                 results[name][0].append(rate)
-                results[name][1].extend(lats)
+                results[name][1].append(cpu)
+                results[name][2].extend(lats)
         report(f"sync sequential unary ({args.rounds} rounds x {args.calls} calls)", results)
         for ch in channels.values():
             ch.close()
@@ -179,12 +197,13 @@ def main() -> None:
             for call in acalls.values():
                 for _ in range(200):
                     await call(b"hi", timeout=20)
-            res: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in acalls}
+            res: Results = {n: ([], [], []) for n in acalls}
             for _ in range(args.rounds):
                 for name, call in acalls.items():
-                    rate, lats = await aio_round(call, args.calls, args.concurrency)
+                    rate, cpu, lats = await aio_round(call, args.calls, args.concurrency)
                     res[name][0].append(rate)
-                    res[name][1].extend(lats)
+                    res[name][1].append(cpu)
+                    res[name][2].extend(lats)
             report(
                 f"aio unary, {args.concurrency} in flight "
                 f"({args.rounds} rounds x {args.calls} calls)",

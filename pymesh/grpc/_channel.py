@@ -115,19 +115,24 @@ def classify(error: Any, caller_bound: bool) -> AttemptResult:
     return AttemptResult(Outcome(status=200, grpc_status=code.value[0]), error)
 
 
-def attempt_metadata(headers: Headers) -> Metadata:
+def attempt_metadata(headers: Headers, original: RequestInfo) -> Metadata | None:
     """The metadata grpcio sends for an attempt: the flow's headers without the reserved
     ones (grpcio sets ``grpc-timeout``, ``content-type``, ``te`` itself), ``-bin`` values back
-    to bytes."""
+    to bytes. The ``x-request-id`` the flow generates (Envoy's) is not sent unless the caller
+    gave one: a proxyless gRPC client does not add it, and metadata costs grpcio time per
+    call. ``None`` when there is nothing to send."""
     out: list[tuple[str, str | bytes]] = []
+    keep_id = "x-request-id" in original.headers
     for k, v in headers:
         if k.startswith(("grpc-", ":")) or k in _RESERVED:
+            continue
+        if k == "x-request-id" and not keep_id:
             continue
         if k.endswith("-bin"):
             out.append((k, base64.b64decode(v + "=" * (-len(v) % 4))))
         else:
             out.append((k, v))
-    return tuple(out)
+    return tuple(out) if out else None
 
 
 _RESERVED = frozenset({"te", "content-type", "user-agent", "host"})
@@ -509,7 +514,7 @@ class MeshChannel(grpc.Channel):
                 if t is None or remaining <= t:
                     t, caller_bound = remaining, True
             mc = pool.get(action.host.key).multicallable(spec.key, spec.make)
-            md = attempt_metadata(action.request.headers)
+            md = attempt_metadata(action.request.headers, info)
             payload = replay.attempt() if replay is not None else request
             try:
                 if spec.streaming_response:

@@ -278,7 +278,7 @@ class AioMeshChannel(grpc.aio.Channel):
                 if t is None or remaining <= t:
                     t, caller_bound = remaining, True
             mc = pool.get(action.host.key).multicallable(spec.key, spec.make)
-            md = attempt_metadata(action.request.headers)
+            md = attempt_metadata(action.request.headers, info)
             payload = replay.attempt() if replay is not None else request
             call = mc(payload, timeout=t, metadata=md, **kwargs)
             on_attempt(call)
