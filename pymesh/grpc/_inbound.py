@@ -305,7 +305,8 @@ def tls_only_message(listener: Listener, *, secure: bool) -> str | None:
         chains.append(listener.default_filter_chain)
     if chains and all(c.tls is not None for c in chains):
         return (
-            f"listener {listener.name!r} requires TLS (mTLS per PeerAuthentication) and no "
-            "certificate provider is available to this server"
+            f"listener {listener.name!r} requires TLS (mTLS per PeerAuthentication) but the "
+            "port is plaintext: no certificate provider serves it (bind it with "
+            "add_secure_port(address, pymesh.grpc.mesh_server_credentials()))"
         )
     return None

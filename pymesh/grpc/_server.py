@@ -50,7 +50,7 @@ from pymesh.model.snapshot import ServerError, ServerSnapshot
 from pymesh.xds.client import XdsClient
 from pymesh.xds.watch import ServerHandle, watch_server
 
-__all__ = ["ServingCore", "ServingStatus", "XdsServer", "server"]
+__all__ = ["ServingCore", "ServingStatus", "XdsServer", "mesh_server_credentials", "server"]
 
 _log = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ class ServingCore:
         self._secure = False
         self._reported: tuple[bool, str] | None = None
         self._lock = threading.Lock()
+        self._owned: list[Callable[[], None]] = []
 
     # -- setup --------------------------------------------------------------------------
 
@@ -208,7 +209,15 @@ class ServingCore:
         self._handle = watch_server(client, host, port)
         self._cancel = self._handle.subscribe(self._on_update)
 
+    def own(self, close: Callable[[], None] | None) -> None:
+        """Call ``close`` when the server closes (a certificate provider it owns)."""
+        if close is not None:
+            self._owned.append(close)
+
     def close(self) -> None:
+        for close in self._owned:
+            close()
+        self._owned.clear()
         if self._cancel is not None:
             self._cancel()
             self._cancel = None
@@ -450,6 +459,7 @@ class XdsServer(grpc.Server):
     def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
         port = self._inner.add_secure_port(address, server_credentials)
         self._core.add_port(address, port, secure=True)
+        self._core.own(close_owned_provider(server_credentials))
         return port
 
     def start(self) -> None:
@@ -560,3 +570,39 @@ def server(  # noqa: PLR0917 - grpcio's positional signature
 
 def _no_health(serving: bool) -> None:
     return None
+
+
+def mesh_server_credentials(
+    *,
+    xds_client: XdsClient | None = None,
+    instance: str = "default",
+    require_client_cert: bool = True,
+) -> grpc.ServerCredentials:
+    """mTLS server credentials from the bootstrap's ``file_watcher`` certificate provider
+    ``instance`` (Istio's agent writes ``default``): the workload certificate, key and
+    trust bundle, re-read when the files change (rotation without restart).
+
+    For ``add_secure_port`` of an xDS server whose listener demands mTLS (STRICT). Raises
+    :class:`~pymesh.errors.PymeshError` when the bootstrap has no such provider.
+    """
+    from pymesh.security import FileWatcherProvider, server_credentials
+
+    bootstrap = (xds_client or XdsClient.shared()).bootstrap
+    entry = bootstrap.certificate_providers.get(instance)
+    if entry is None or entry.file_watcher is None:
+        raise PymeshError(
+            f"the bootstrap has no file_watcher certificate provider {instance!r}: "
+            "no certificate for an mTLS server port"
+        )
+    provider = FileWatcherProvider.from_config(entry.file_watcher)
+    creds = server_credentials(provider, require_client_cert=require_client_cert)
+    # The server that binds these credentials closes the provider (its file poller) on stop.
+    creds._pymesh_provider = provider  # type: ignore[attr-defined]
+    return creds
+
+
+def close_owned_provider(creds: grpc.ServerCredentials) -> Callable[[], None] | None:
+    """The ``close`` of the certificate provider :func:`mesh_server_credentials` attached."""
+    provider = getattr(creds, "_pymesh_provider", None)
+    close = getattr(provider, "close", None)
+    return close if callable(close) else None

@@ -23,6 +23,7 @@ from pymesh.grpc._server import (
     HEALTH_SERVICE,
     ServingCore,
     ServingStatus,
+    close_owned_provider,
     service_names_of,
     status_code,
 )
@@ -152,6 +153,7 @@ class AioXdsServer(grpc.aio.Server):
     def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
         port = self._inner.add_secure_port(address, server_credentials)
         self._core.add_port(address, port, secure=True)
+        self._core.own(close_owned_provider(server_credentials))
         return port
 
     async def start(self) -> None:

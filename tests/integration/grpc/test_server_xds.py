@@ -195,6 +195,10 @@ def echo_handlers() -> list[grpc.GenericRpcHandler]:
 
 
 def make_bootstrap(ads: XdsTestServer) -> Bootstrap:
+    return parse_bootstrap(json.dumps(make_bootstrap_dict(ads)), source="test")
+
+
+def make_bootstrap_dict(ads: XdsTestServer) -> dict[str, Any]:
     data = ads.bootstrap_dict()
     data["server_listener_resource_name_template"] = TEMPLATE
     # What Istio's agent writes; the files need not exist until TLS is used.
@@ -209,7 +213,7 @@ def make_bootstrap(ads: XdsTestServer) -> Bootstrap:
             },
         }
     }
-    return parse_bootstrap(json.dumps(data), source="test")
+    return data
 
 
 class StatusRecorder:
