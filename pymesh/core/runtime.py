@@ -229,7 +229,9 @@ class MeshRuntime:
         clock: Callable[[], float] | None = None,
         local_locality: Locality | None = None,
     ) -> None:
-        self.client = client
+        # Weak: for_client() keys a WeakKeyDictionary by the client, so a strong reference
+        # from the value would keep every client (and its runtime) alive forever.
+        self._client = weakref.ref(client) if client is not None else None
         self.rng = rng or random.Random()
         if clock is None:
             import time
@@ -248,6 +250,11 @@ class MeshRuntime:
         # target -> [handle, cancel subscription, references]
         self._handles: dict[str, list[Any]] = {}
 
+    @property
+    def client(self) -> XdsClient | None:
+        """The xDS client this runtime follows (``None``: none, or it was collected)."""
+        return self._client() if self._client is not None else None
+
     @classmethod
     def for_client(cls, client: XdsClient) -> MeshRuntime:
         """The runtime shared by every adapter of ``client`` (created on first use)."""
@@ -265,14 +272,15 @@ class MeshRuntime:
         snapshots. Reference-counted: pair every call with one :meth:`unwatch`."""
         from pymesh.xds.watch import watch_target
 
-        if self.client is None:
-            raise RuntimeError("this MeshRuntime has no xDS client")
+        client = self.client
+        if client is None:
+            raise RuntimeError("this MeshRuntime has no (live) xDS client")
         with self._lock:
             found = self._handles.get(target)
             if found is not None:
                 found[2] += 1
                 return found[0]  # type: ignore[no-any-return]
-            handle = watch_target(self.client, target)
+            handle = watch_target(client, target)
             self._handles[target] = [handle, _noop, 1]
 
         def on_state(state: TargetSnapshot | TargetError, t: str = target) -> None:

@@ -246,6 +246,7 @@ class _MeshCore:
             runtime = MeshRuntime.for_client(xds_client or XdsClient.shared())
         self.runtime = runtime
         client = runtime.client
+        self.client = client  # the runtime only holds it weakly: keep it alive while we live
         if namespace is None:
             namespace = (client.bootstrap.node.namespace if client is not None else "") or "default"
         self.registry_only = outbound_traffic_policy == "REGISTRY_ONLY"
