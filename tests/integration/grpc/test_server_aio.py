@@ -182,3 +182,37 @@ def test_aio_100_concurrent_streams_survive_a_listener_update(
             await srv.stop(None)
 
     asyncio.run(main())
+
+
+def test_aio_registered_methods_and_denied_streams(
+    ads: XdsTestServer, xds_client: XdsClient
+) -> None:
+    async def main() -> None:
+        srv = aio_server(handlers=_handlers(), xds_client=xds_client)
+        srv.add_registered_method_handlers(
+            "test.Registered", {"Ping": grpc.unary_unary_rpc_method_handler(_unary)}
+        )
+        port = srv.add_insecure_port("127.0.0.1:0")
+        await srv.start()
+        try:
+            _serve(
+                ads, port, filters=[rbac_filter("DENY", {"bad": header_policy("x-user", "bad")})]
+            )
+            assert await srv.wait_for_serving(10)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                ping = channel.unary_unary("/test.Registered/Ping")
+                assert await ping(b"a", timeout=5) == b"echo:a"
+                with pytest.raises(grpc.aio.AioRpcError) as denied:
+                    await ping(b"a", timeout=5, metadata=[("x-user", "bad")])
+                assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+                chat = channel.stream_stream(f"/{SERVICE}/Chat")
+                call = chat(timeout=5, metadata=[("x-user", "bad")])
+                with pytest.raises(grpc.aio.AioRpcError) as denied:
+                    await call.write(b"1")
+                    await call.read()
+                assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+                assert denied.value.details() == "RBAC: access denied"
+        finally:
+            await srv.stop(None)
+
+    asyncio.run(main())

@@ -471,3 +471,42 @@ def test_listener_update_keeps_established_streams(ads: XdsTestServer, running: 
         assert next(responses) == f"echo:{i}".encode()
     send(b"")
     assert list(responses) == []
+
+
+def test_registered_methods_and_streams_pass_the_chain(
+    ads: XdsTestServer, xds_client: XdsClient
+) -> None:
+    """Handlers added with ``add_registered_method_handlers`` (what newer generated code
+    calls) and streaming RPCs are filtered like any other."""
+    statuses = StatusRecorder()
+    srv = xds_server.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        handlers=echo_handlers(),
+        xds_serving_callback=statuses,
+        xds_client=xds_client,
+    )
+    srv.add_registered_method_handlers(
+        "test.Registered", {"Ping": grpc.unary_unary_rpc_method_handler(_unary)}
+    )
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    r = Running(srv, port, statuses)
+    try:
+        serve_listener(
+            ads, r, filters=[rbac_filter("DENY", {"bad": header_policy("x-user", "bad")})]
+        )
+        r.statuses.wait_for(lambda s: s.serving)
+        ping = r.channel.unary_unary("/test.Registered/Ping", _registered_method=True)
+        assert ping(b"a", timeout=5) == b"echo:a"
+        with pytest.raises(grpc.RpcError) as denied:
+            ping(b"a", timeout=5, metadata=[("x-user", "bad")])
+        assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        chat = r.channel.stream_stream(f"/{SERVICE}/Chat")
+        assert list(chat(iter([b"1", b"2"]), timeout=5)) == [b"echo:1", b"echo:2"]
+        with pytest.raises(grpc.RpcError) as denied:
+            list(chat(iter([b"1"]), timeout=5, metadata=[("x-user", "bad")]))
+        assert denied.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert denied.value.details() == "RBAC: access denied"
+    finally:
+        r.channel.close()
+        srv.stop(None).wait(5)
