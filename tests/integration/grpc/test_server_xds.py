@@ -39,7 +39,7 @@ from pymesh.bootstrap import Bootstrap, parse_bootstrap
 from pymesh.controlplane.translate._clusters import common_tls_context
 from pymesh.grpc._server import ServingStatus
 from pymesh.xds.client import XdsClient
-from tests.xdsserver import LDS, XdsTestServer
+from tests.xdsserver import LDS, RDS, XdsTestServer
 
 TEMPLATE = "xds.istio.io/grpc/lds/inbound/%s"
 SERVICE = "test.Echo"
@@ -117,25 +117,18 @@ def inbound_listener(
     forward_prefixes: Sequence[str] = (),
     tls: bool = False,
     host: str = "127.0.0.1",
+    rds: str | None = None,
 ) -> listener_pb2.Listener:
-    """An Istio-style inbound listener for ``host:port``: one chain, inline routes; routes
-    for ``forward_prefixes`` carry a (client-side) route action, everything else is
-    ``non_forwarding_action``."""
-    vh = route_components_pb2.VirtualHost(name="inbound", domains=["*"])
-    for prefix in forward_prefixes:
-        vh.routes.add(
-            match=route_components_pb2.RouteMatch(prefix=prefix),
-            route=route_components_pb2.RouteAction(cluster="somewhere"),
-        )
-    vh.routes.add(
-        match=route_components_pb2.RouteMatch(prefix="/"),
-        non_forwarding_action=route_components_pb2.NonForwardingAction(),
-    )
+    """An Istio-style inbound listener for ``host:port``: one chain, inline routes (or the
+    RDS resource ``rds``, see :func:`inbound_routes`)."""
     hcm = hcm_pb2.HttpConnectionManager(
-        stat_prefix="inbound",
-        route_config=route_pb2.RouteConfiguration(name="inbound", virtual_hosts=[vh]),
-        http_filters=[*filters, router_filter()],
+        stat_prefix="inbound", http_filters=[*filters, router_filter()]
     )
+    if rds is None:
+        hcm.route_config.CopyFrom(inbound_routes("inbound", forward_prefixes))
+    else:
+        hcm.rds.config_source.ads.SetInParent()
+        hcm.rds.route_config_name = rds
     chain = listener_components_pb2.FilterChain(
         name="inbound-plaintext" if not tls else "inbound-mtls",
         filters=[
@@ -157,6 +150,24 @@ def inbound_listener(
         ),
         filter_chains=[chain],
     )
+
+
+def inbound_routes(
+    name: str, forward_prefixes: Sequence[str] = (), domains: Sequence[str] = ("*",)
+) -> route_pb2.RouteConfiguration:
+    """Routes for ``forward_prefixes`` carry a (client-side) route action; everything else
+    is ``non_forwarding_action``."""
+    vh = route_components_pb2.VirtualHost(name="inbound", domains=list(domains))
+    for prefix in forward_prefixes:
+        vh.routes.add(
+            match=route_components_pb2.RouteMatch(prefix=prefix),
+            route=route_components_pb2.RouteAction(cluster="somewhere"),
+        )
+    vh.routes.add(
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        non_forwarding_action=route_components_pb2.NonForwardingAction(),
+    )
+    return route_pb2.RouteConfiguration(name=name, virtual_hosts=[vh])
 
 
 def listener_name(host: str, port: int) -> str:
@@ -266,6 +277,9 @@ class Running:
     def unary(self, payload: bytes = b"hi", method: str = "Unary", **kw: Any) -> bytes:
         fn = self.channel.unary_unary(f"/{SERVICE}/{method}")
         return fn(payload, timeout=5, **kw)  # type: ignore[no-any-return]
+
+    def serving_status_ok(self) -> bool:
+        return self.server.serving and self.server.serving_status.message == ""
 
     def code_of(self, method: str = "Unary", **kw: Any) -> tuple[grpc.StatusCode, str]:
         try:
@@ -510,3 +524,36 @@ def test_registered_methods_and_streams_pass_the_chain(
     finally:
         r.channel.close()
         srv.stop(None).wait(5)
+
+
+def test_rds_route_configuration(ads: XdsTestServer, running: Running) -> None:
+    """A listener naming an RDS route configuration: served once it arrives; an update of
+    the route configuration alone applies to new RPCs; a virtual host that does not match
+    the RPC's :authority gives UNAVAILABLE."""
+    r = running
+    ads.set_resources(RDS, {"inbound-rds": inbound_routes("inbound-rds")})
+    serve_listener(ads, r, rds="inbound-rds")
+    r.statuses.wait_for(lambda s: s.serving)
+    assert r.unary() == b"echo:hi"
+    ads.set_resources(
+        RDS, {"inbound-rds": inbound_routes("inbound-rds", forward_prefixes=[f"/{SERVICE}/"])}
+    )
+    deadline = time.monotonic() + 10
+    while r.code_of()[0] is not grpc.StatusCode.UNAVAILABLE:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # Virtual hosts are chosen by the RPC's :authority (the channel target here).
+    ads.set_resources(RDS, {"inbound-rds": inbound_routes("inbound-rds", domains=["echo.mesh"])})
+    deadline = time.monotonic() + 10
+    while "virtual host" not in r.code_of()[1]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ads.set_resources(
+        RDS,
+        {"inbound-rds": inbound_routes("inbound-rds", domains=[f"127.0.0.1:{r.port}"])},
+    )
+    deadline = time.monotonic() + 10
+    while r.code_of()[0] is not grpc.StatusCode.OK:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert r.serving_status_ok()
