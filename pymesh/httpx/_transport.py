@@ -582,6 +582,10 @@ class _SyncStream(httpx.SyncByteStream):
         finally:
             self._release()
 
+    def __del__(self) -> None:
+        # A response dropped without close() must not hold its breaker slot forever.
+        self._release()
+
 
 class _AsyncStream(httpx.AsyncByteStream):
     def __init__(self, stream: Any, release: Callable[[], None]) -> None:
@@ -602,6 +606,9 @@ class _AsyncStream(httpx.AsyncByteStream):
                 await aclose()
         finally:
             self._release()
+
+    def __del__(self) -> None:
+        self._release()  # see _SyncStream.__del__
 
 
 class MeshTransport(httpx.BaseTransport):

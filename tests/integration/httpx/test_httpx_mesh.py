@@ -489,3 +489,23 @@ def test_the_applications_own_timeout_raises_as_httpx_does(mesh: Mesh, upstreams
         clusters = client.mesh_transport.runtime.clusters().values()
         assert all(c.limits.requests == 0 for c in clusters)  # the attempt was given back
         assert client.get(URL + "/").status_code == 200
+
+
+def test_a_dropped_streaming_response_gives_its_slot_back(mesh: Mesh, upstreams: Make) -> None:
+    import gc
+
+    _backend, u1 = upstreams("v1")
+    dr = """\
+trafficPolicy:
+  connectionPool:
+    http: {http2MaxRequests: 1}
+"""
+    mesh.write(service_yaml({"v1": u1.port}, destination_rule=dr))
+    mesh.start()
+    with pymesh.httpx.Client(xds_client=mesh.client, mesh_wait=10) as client:
+        request = client.build_request("GET", URL + "/")
+        streamed = client.send(request, stream=True)  # holds the only request slot
+        assert client.get(URL + "/").status_code == 503
+        del streamed
+        gc.collect()
+        assert client.get(URL + "/").status_code == 200
