@@ -165,3 +165,30 @@ def test_ca_down_backs_off_on_fake_clock() -> None:
             provider.current()
     finally:
         provider.close()
+
+
+def test_control_plane_serves_a_ca_by_default(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    ca_dir = tmp_path / "state"
+    with ControlPlane(
+        tmp_path / "config", xds_address="127.0.0.1:0", admin_port=None, ca_dir=ca_dir
+    ) as cp:
+        assert not ca_dir.exists()  # nothing on disk until a workload asks
+        token = CertificateAuthority(ca_dir).create_token("default", "reviews")  # the CLI's path
+        client = CaClient(cp.address)
+        try:
+            chain = client.create_certificate(build_csr(generate_key(), ME).decode(), 600, token)
+        finally:
+            client.close()
+    assert len(chain) == 2
+    assert (ca_dir / "root-cert.pem").read_text() == chain[-1]
+    with ControlPlane(
+        tmp_path / "config", xds_address="127.0.0.1:0", admin_port=None, ca=False
+    ) as cp:
+        client = CaClient(cp.address)
+        try:
+            with pytest.raises(CaError) as err:
+                client.create_certificate(build_csr(generate_key(), ME).decode(), 600, token)
+            assert err.value.code == "UNIMPLEMENTED"
+        finally:
+            client.close()
