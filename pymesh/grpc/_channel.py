@@ -230,33 +230,51 @@ def connectivity_of(state: object) -> grpc.ChannelConnectivity:
 
 
 class _Replay:
-    """A request iterator that later attempts can replay (thread-safe; gRPC's retry buffer)."""
+    """A request iterator that later attempts can replay (gRPC's retry buffer).
 
-    __slots__ = ("_buf", "_done", "_lock", "_src")
+    Items are read from the application's iterator once, by whichever attempt needs the next
+    one first; the others wait for that read (never holding a lock while the application's
+    iterator blocks, so a retry can replay what is buffered while an abandoned attempt's
+    reader still waits for the next item).
+    """
+
+    __slots__ = ("_buf", "_cond", "_done", "_fetching", "_src")
 
     def __init__(self, source: Iterable[Any]) -> None:
         self._src = iter(source)
         self._buf: list[Any] = []
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._done = False
+        self._fetching = False
 
     def attempt(self) -> Iterator[Any]:
         i = 0
+        buf = self._buf
         while True:
-            with self._lock:
-                if i < len(self._buf):
-                    item = self._buf[i]
-                elif self._done:
-                    return
-                else:
-                    try:
-                        item = next(self._src)
-                    except StopIteration:
-                        self._done = True
+            fetch = False
+            with self._cond:
+                while i >= len(buf):
+                    if self._done:
                         return
-                    self._buf.append(item)
+                    if not self._fetching:
+                        self._fetching = fetch = True
+                        break
+                    self._cond.wait()
+            if fetch:
+                try:
+                    item = next(self._src)
+                except BaseException:  # StopIteration or the iterator's own error
+                    with self._cond:
+                        self._done = True
+                        self._fetching = False
+                        self._cond.notify_all()
+                    return
+                with self._cond:
+                    buf.append(item)
+                    self._fetching = False
+                    self._cond.notify_all()
+            yield buf[i]
             i += 1
-            yield item
 
 
 class _State:

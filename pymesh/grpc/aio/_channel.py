@@ -12,6 +12,7 @@ Interceptors given to the channel run on every attempt (they wrap the endpoint c
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -20,6 +21,7 @@ import grpc.aio
 
 from pymesh.core.flow import AttemptResult, CallResult, Mirror, Send, call_flow, drive_async
 from pymesh.core.runtime import MeshRuntime
+from pymesh.core.types import Outcome
 from pymesh.errors import XdsError
 from pymesh.grpc._channel import (
     _CANCELLED,
@@ -44,6 +46,7 @@ from pymesh.xds.client import XdsClient
 
 __all__ = ["AioMeshChannel", "insecure_channel", "secure_channel"]
 
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 _EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009 - missing from the type stubs
 
 
@@ -58,9 +61,11 @@ def _aio_error(error: Any) -> grpc.aio.AioRpcError:
 
 
 class _AsyncReplay:
-    """A request stream (sync or async iterable) that later attempts can replay."""
+    """A request stream (sync or async iterable) that later attempts can replay: each item
+    is read from the application's stream once, by a shared fetch that a cancelled attempt
+    does not cancel (a retry replays the buffer while the fetch still waits)."""
 
-    __slots__ = ("_buf", "_done", "_lock", "_src")
+    __slots__ = ("_buf", "_done", "_fetch", "_src")
 
     def __init__(self, source: Any) -> None:
         if hasattr(source, "__aiter__"):
@@ -69,25 +74,29 @@ class _AsyncReplay:
             self._src = _aiter_sync(source)
         self._buf: list[Any] = []
         self._done = False
-        self._lock = asyncio.Lock()
+        self._fetch: asyncio.Future[None] | None = None
+
+    async def _next(self) -> None:
+        try:
+            self._buf.append(await self._src.__anext__())
+        except StopAsyncIteration:
+            self._done = True
+        finally:
+            self._fetch = None
 
     async def attempt(self) -> AsyncIterator[Any]:
         i = 0
+        buf = self._buf
         while True:
-            async with self._lock:
-                if i < len(self._buf):
-                    item = self._buf[i]
-                elif self._done:
+            while i >= len(buf):
+                if self._done:
                     return
-                else:
-                    try:
-                        item = await self._src.__anext__()
-                    except StopAsyncIteration:
-                        self._done = True
-                        return
-                    self._buf.append(item)
+                fetch = self._fetch
+                if fetch is None:
+                    fetch = self._fetch = asyncio.ensure_future(self._next())
+                await asyncio.shield(fetch)
+            yield buf[i]
             i += 1
-            yield item
 
 
 async def _aiter_sync(items: Iterable[Any]) -> AsyncIterator[Any]:
@@ -279,8 +288,13 @@ class AioMeshChannel(grpc.aio.Channel):
                     t, caller_bound = remaining, True
             mc = pool.get(action.host.key).multicallable(spec.key, spec.make)
             md = attempt_metadata(action.request.headers, info)
-            payload = replay.attempt() if replay is not None else request
-            call = mc(payload, timeout=t, metadata=md, **kwargs)
+            if replay is None:
+                call = mc(request, timeout=t, metadata=md, **kwargs)
+            else:
+                # Pump the buffered stream ourselves (grpc.aio's own consumer turns a write
+                # racing the end of a failed attempt into INTERNAL, hiding its real status).
+                call = mc(None, timeout=t, metadata=md, **kwargs)
+                _pump(call, replay)
             on_attempt(call)
             try:
                 if spec.streaming_response:
@@ -290,6 +304,11 @@ class AioMeshChannel(grpc.aio.Channel):
                     return AttemptResult(_COMMITTED, (call, first))
                 return AttemptResult(OK, (await call, call))
             except grpc.RpcError as error:
+                if replay is not None and _lost_status(call, error):
+                    # The server's real status is lost; the stream ended before it took all
+                    # our messages: a reset before any response, which a proxyless client
+                    # sees as UNAVAILABLE.
+                    return AttemptResult(Outcome(status=200, grpc_status=UNAVAILABLE), error)
                 return classify(error, caller_bound)
             except asyncio.CancelledError:
                 call.cancel()
@@ -315,6 +334,36 @@ class AioMeshChannel(grpc.aio.Channel):
             result.release()
             raise response
         return response, result
+
+
+_PUMPS: set[asyncio.Task[None]] = set()
+_LOST_STATUS: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Attempts whose server ended the call while we were still writing: grpc.aio then reports
+``INTERNAL`` ("Internal error from Core", its failed send) instead of the server's status."""
+
+
+def _lost_status(call: Any, error: Any) -> bool:
+    return call in _LOST_STATUS and error.code() is grpc.StatusCode.INTERNAL
+
+
+def _pump(call: Any, replay: _AsyncReplay) -> None:
+    """Write ``replay``'s items to ``call`` in a task; a failed write ends it quietly (the
+    call's status says why)."""
+
+    async def run() -> None:
+        try:
+            async for item in replay.attempt():
+                if call.done():
+                    return
+                await call.write(item)
+            if not call.done():
+                await call.done_writing()
+        except Exception:  # the attempt ended (failed or cancelled): its status tells
+            _LOST_STATUS.add(call)
+
+    task = asyncio.get_running_loop().create_task(run())
+    _PUMPS.add(task)
+    task.add_done_callback(_PUMPS.discard)
 
 
 def _no_mirror(action: Mirror) -> None:

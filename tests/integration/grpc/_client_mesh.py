@@ -37,7 +37,8 @@ class EchoServer:
 
     ``fail_code`` (a ``grpc.StatusCode``) with ``fail_every`` N: every Nth call fails with it
     (1 = every call). ``delay`` seconds before answering. Metadata ``x-sleep-ms`` sleeps,
-    ``x-fail`` (a code name) fails. Counts calls and the highest concurrency.
+    ``x-fail`` (a code name) fails, ``x-fail-after-first`` makes ``Stream`` fail UNAVAILABLE
+    after its first message. Counts calls and the highest concurrency.
     """
 
     def __init__(self, name: str, port: int = 0) -> None:
@@ -104,9 +105,12 @@ class EchoServer:
 
     def _stream(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         self._enter(context)
+        fail_after = "x-fail-after-first" in dict(context.invocation_metadata())
         try:
             for i in range(int(request or b"3")):
                 yield f"{self.name}:{i}".encode()
+                if fail_after:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} mid-stream")
         finally:
             self._leave()
 
