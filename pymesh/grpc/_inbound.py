@@ -96,14 +96,34 @@ class InboundDecision:
 SERVE = InboundDecision()
 
 
+_CHAIN_CACHE_MAX = 4096
+
+
 class InboundState:
     """What a server keeps across RPCs: the active-fault counters per fault filter name
-    (``max_active_faults``) and the random source of fault draws."""
+    (``max_active_faults``), the random source of fault draws, and the filter chain chosen
+    per (listener, source IP, destination IP) — a connection's chain only depends on those,
+    so it is computed once instead of on every RPC."""
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
         self._faults: dict[str, ActiveFaults] = {}
         self._lock = threading.Lock()
+        self._chains: dict[
+            tuple[int, str | None, str | None], tuple[Listener, FilterChain | None]
+        ] = {}
+
+    def filter_chain(self, listener: Listener, peer: PeerInfo) -> FilterChain | None:
+        """:func:`select_filter_chain`, memoized (benign races: same answer either way)."""
+        key = (id(listener), peer.source_ip, peer.destination_ip)
+        hit = self._chains.get(key)
+        if hit is not None and hit[0] is listener:
+            return hit[1]
+        chain = select_filter_chain(listener, peer)
+        if len(self._chains) >= _CHAIN_CACHE_MAX:
+            self._chains.clear()
+        self._chains[key] = (listener, chain)
+        return chain
 
     def active_faults(self, name: str) -> ActiveFaults:
         found = self._faults.get(name)
@@ -239,7 +259,7 @@ def decide(
 ) -> InboundDecision:
     """The inbound verdict for one RPC (see the module's order). ``secure``: the port the
     RPC came on is a TLS port (so a chain demanding TLS is satisfied)."""
-    chain = select_filter_chain(snapshot.listener, peer)
+    chain = state.filter_chain(snapshot.listener, peer)
     if chain is None:
         return _fail(UNAVAILABLE, "no matching filter chain in the xDS listener")
     if chain.tls is not None and not secure:

@@ -270,6 +270,11 @@ class ServingCore:
         return self._view.serving
 
     @property
+    def secure(self) -> bool:
+        """Whether the port is a TLS port (peer certificates matter to RBAC)."""
+        return self._secure
+
+    @property
     def status(self) -> ServingStatus:
         view = self._view
         return ServingStatus(self.address, view.serving, view.message)
@@ -343,7 +348,7 @@ class _Interceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
         def admit(context: grpc.ServicerContext) -> _inbound.InboundDecision:
             request = core.request_info(method, metadata, _host_of(context))
-            peer = core.peer_info(context.peer(), context.auth_context())
+            peer = core.peer_info(context.peer(), context.auth_context() if core.secure else None)
             decision = core.decide(method, request, peer)
             if decision.delay:
                 remaining = context.time_remaining()

@@ -58,7 +58,7 @@ class _AioInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         async def admit(context: grpc.aio.ServicerContext[Any, Any]) -> _inbound.InboundDecision:
             # grpc.aio exposes no :authority to handlers: the listening address stands in.
             request = core.request_info(method, metadata, None)
-            peer = core.peer_info(context.peer(), context.auth_context())
+            peer = core.peer_info(context.peer(), context.auth_context() if core.secure else None)
             decision = core.decide(method, request, peer)
             if decision.delay:
                 remaining = context.time_remaining()
