@@ -437,12 +437,13 @@ class XdsServer(grpc.Server):
         health: Any,
         *,
         reflection: bool,
+        services: list[str] | None = None,
     ) -> None:
         self._inner = inner
         self._core = core
         self._health = health
         self._reflection = reflection
-        self._services: list[str] = []
+        self._services: list[str] = services if services is not None else []
         self._started = False
 
     # -- grpc.Server --------------------------------------------------------------------
@@ -471,7 +472,7 @@ class XdsServer(grpc.Server):
         if self._reflection:
             from grpc_reflection.v1alpha import reflection
 
-            names = [*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME]
+            names = list(dict.fromkeys([*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME]))
             reflection.enable_server_reflection(names, self._inner)
         self._core.start()
         self._inner.start()
@@ -511,7 +512,9 @@ class XdsServer(grpc.Server):
         return True
 
 
-def _sync_health() -> tuple[Any, Callable[[bool], None]]:
+def _sync_health(services: list[str]) -> tuple[Any, Callable[[bool], None]]:
+    """The health servicer and the setter the serving state drives: the overall status
+    (``""``) and every service registered on the server follow it."""
     from grpc_health.v1 import health, health_pb2
 
     servicer = health.HealthServicer()
@@ -522,7 +525,8 @@ def _sync_health() -> tuple[Any, Callable[[bool], None]]:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        servicer.set("", status)
+        for name in dict.fromkeys(["", *services]):
+            servicer.set(name, status)
 
     return servicer, set_health
 
@@ -548,7 +552,8 @@ def server(  # noqa: PLR0917 - grpcio's positional signature
     ``GRPC_XDS_BOOTSTRAP``); ``health`` registers ``grpc.health.v1`` (overall status
     following the serving state), ``reflection`` the reflection service.
     """
-    servicer, set_health = _sync_health()
+    services: list[str] = []
+    servicer, set_health = _sync_health(services)
     core = ServingCore(
         xds_client=xds_client,
         xds_serving_callback=xds_serving_callback,
@@ -563,7 +568,7 @@ def server(  # noqa: PLR0917 - grpcio's positional signature
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         compression=compression,
     )
-    wrapper = XdsServer(inner, core, servicer, reflection=reflection)
+    wrapper = XdsServer(inner, core, servicer, reflection=reflection, services=services)
     if health:
         from grpc_health.v1 import health_pb2_grpc
 

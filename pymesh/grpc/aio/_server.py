@@ -129,12 +129,13 @@ class AioXdsServer(grpc.aio.Server):
         health: Any,
         *,
         reflection: bool,
+        services: list[str] | None = None,
     ) -> None:
         self._inner = inner
         self._core = core
         self._health = health
         self._reflection = reflection
-        self._services: list[str] = []
+        self._services: list[str] = services if services is not None else []
 
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[Any]) -> None:
         generic_rpc_handlers = list(generic_rpc_handlers)
@@ -160,7 +161,7 @@ class AioXdsServer(grpc.aio.Server):
         if self._reflection:
             from grpc_reflection.v1alpha import reflection
 
-            names = [*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME]
+            names = list(dict.fromkeys([*self._services, HEALTH_SERVICE, reflection.SERVICE_NAME]))
             reflection.enable_server_reflection(names, self._inner)
         _LOOPS[id(self._core)] = asyncio.get_running_loop()
         self._core.start()
@@ -222,6 +223,7 @@ def server(  # noqa: PLR0917 - grpcio's positional signature
 
     servicer = health_aio.HealthServicer()
     holder: list[ServingCore] = []
+    services: list[str] = []
 
     def set_health(serving: bool) -> None:
         if not health or not holder:
@@ -234,7 +236,8 @@ def server(  # noqa: PLR0917 - grpcio's positional signature
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        asyncio.run_coroutine_threadsafe(servicer.set("", status), loop)
+        for name in dict.fromkeys(["", *services]):
+            asyncio.run_coroutine_threadsafe(servicer.set(name, status), loop)
 
     core = ServingCore(
         xds_client=xds_client,
@@ -251,7 +254,7 @@ def server(  # noqa: PLR0917 - grpcio's positional signature
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         compression=compression,
     )
-    wrapper = AioXdsServer(inner, core, servicer, reflection=reflection)
+    wrapper = AioXdsServer(inner, core, servicer, reflection=reflection, services=services)
     if health:
         health_pb2_grpc.add_HealthServicer_to_server(servicer, wrapper)
     if handlers:

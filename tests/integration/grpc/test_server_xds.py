@@ -310,9 +310,9 @@ def serve_listener(ads: XdsTestServer, r: Running, **kw: Any) -> None:
     ads.set_resources(LDS, {listener_name("127.0.0.1", r.port): inbound_listener(r.port, **kw)})
 
 
-def health_status(channel: grpc.Channel) -> int:
+def health_status(channel: grpc.Channel, service: str = "") -> int:
     stub = health_pb2_grpc.HealthStub(channel)
-    return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status  # type: ignore[no-any-return]
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- tests
@@ -333,12 +333,15 @@ def test_serving_state_follows_the_listener(ads: XdsTestServer, running: Running
     r.statuses.wait_for(lambda s: s.serving)
     assert r.unary(b"x") == b"echo:x"
     assert health_status(r.channel) == health_pb2.HealthCheckResponse.SERVING
+    # Each registered service follows the serving state too.
+    assert health_status(r.channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
     # Removed: NOT_SERVING again.
     n = len(r.statuses.items)
     ads.remove_resources(LDS, [listener_name("127.0.0.1", r.port)])
     r.statuses.wait_for(lambda s: not s.serving, start=n)
     assert r.code_of()[0] is grpc.StatusCode.UNAVAILABLE
     assert health_status(r.channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert health_status(r.channel, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
     # The callback saw exactly the mode changes, in order.
     modes = [s.serving for s in r.statuses.items]
     assert modes == [False, True, False], r.statuses.items
@@ -557,3 +560,21 @@ def test_rds_route_configuration(ads: XdsTestServer, running: Running) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert r.serving_status_ok()
+
+
+def test_control_plane_outage_keeps_serving(ads: XdsTestServer, running: Running) -> None:
+    """An ambient error (the ADS server goes away) keeps the last good listener: still
+    SERVING, RPCs still filtered by it; the control plane's return changes nothing."""
+    r = running
+    serve_listener(ads, r, filters=[rbac_filter("DENY", {"bad": header_policy("x-user", "bad")})])
+    r.statuses.wait_for(lambda s: s.serving)
+    n = len(r.statuses.items)
+    ads.stop()
+    time.sleep(1.0)  # the xDS stream fails and retries with backoff meanwhile
+    assert r.server.serving
+    assert r.unary() == b"echo:hi"
+    assert r.code_of(metadata=[("x-user", "bad")])[0] is grpc.StatusCode.PERMISSION_DENIED
+    ads.start()
+    time.sleep(0.5)
+    assert r.server.serving and r.unary() == b"echo:hi"
+    assert r.statuses.items[n:] == [], r.statuses.items[n:]
