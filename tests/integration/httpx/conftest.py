@@ -99,6 +99,7 @@ class Upstream:
                 lifespan="off",
                 access_log=False,
                 timeout_keep_alive=30,
+                timeout_graceful_shutdown=0.5,  # tests leave slow requests behind
                 **config,
             )
         )
