@@ -177,13 +177,17 @@ class ServingCore:
 
     # -- setup --------------------------------------------------------------------------
 
-    def add_port(self, address: str, port: int, *, secure: bool) -> None:
-        """Record the (only) port this server serves under xDS control."""
+    def check_no_port(self) -> None:
+        """Raise before binding a second port (the listener is named after the one port)."""
         if self._address is not None:
             raise PymeshError(
                 "a pymesh xDS server serves one port (its listener is named after it); "
                 f"already bound to {self.address}"
             )
+
+    def add_port(self, address: str, port: int, *, secure: bool) -> None:
+        """Record the (only) port this server serves under xDS control."""
+        self.check_no_port()
         host, _ = split_address(address)
         self._address = (listener_host(host), port)
         self._secure = secure
@@ -458,11 +462,13 @@ class XdsServer(grpc.Server):
         self._inner.add_registered_method_handlers(service_name, method_handlers)  # type: ignore[attr-defined]
 
     def add_insecure_port(self, address: str) -> int:
+        self._core.check_no_port()
         port = self._inner.add_insecure_port(address)
         self._core.add_port(address, port, secure=False)
         return port
 
     def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        self._core.check_no_port()
         port = self._inner.add_secure_port(address, server_credentials)
         self._core.add_port(address, port, secure=True)
         self._core.own(close_owned_provider(server_credentials))

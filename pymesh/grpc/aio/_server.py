@@ -147,11 +147,13 @@ class AioXdsServer(grpc.aio.Server):
         self._inner.add_registered_method_handlers(service_name, method_handlers)  # type: ignore[attr-defined]
 
     def add_insecure_port(self, address: str) -> int:
+        self._core.check_no_port()
         port = self._inner.add_insecure_port(address)
         self._core.add_port(address, port, secure=False)
         return port
 
     def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        self._core.check_no_port()
         port = self._inner.add_secure_port(address, server_credentials)
         self._core.add_port(address, port, secure=True)
         self._core.own(close_owned_provider(server_credentials))

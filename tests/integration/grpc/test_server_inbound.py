@@ -297,3 +297,29 @@ def test_listener_names_match_grpcio_xds_server(tmp_path: Path) -> None:
             finally:
                 client.close()
             assert core == {ours}, (address, core, ours)
+
+
+def test_bootstrap_without_server_template_and_second_port() -> None:
+    from pymesh.errors import BootstrapError, PymeshError
+    from pymesh.grpc import server
+
+    with XdsTestServer() as ads:
+        client = XdsClient(ads.bootstrap())  # no server_listener_resource_name_template
+        srv = server(xds_client=client)
+        try:
+            srv.add_insecure_port("127.0.0.1:0")
+            try:
+                srv.add_insecure_port("127.0.0.1:0")
+            except PymeshError as e:
+                assert "one port" in str(e)
+            else:
+                raise AssertionError("a second port was accepted")
+            try:
+                srv.start()
+            except BootstrapError as e:
+                assert "server_listener_resource_name_template" in str(e)
+            else:
+                raise AssertionError("started without a listener name template")
+        finally:
+            srv.stop(None)
+            client.close()
