@@ -26,11 +26,13 @@ order is Envoy's HTTP connection manager: filters in order, then the router):
 6. **Deadlines** start here (when the router starts), covering all attempts and backoffs.
 7. **Mirror**: shadow requests go out once, when the router starts, never per retry.
 8. **Attempts**, each: overall deadline check -> host pick (previous-hosts predicate on
-   retries; no host -> 503 ``UH``) -> circuit-breaker limits (requests, pending; overflow ->
-   503 ``UO`` + ``x-envoy-overloaded``, never retried) -> ``Send`` with
-   ``min(per-try, remaining overall)`` -> outlier detection records the outcome (it must see
-   every attempt, retried or not) -> retry decision (retry budget / ``max_retries`` checked
-   first; backoff is a ``Sleep`` bounded by the overall deadline).
+   retries; no host -> 503 ``UH``) -> circuit-breaker limits (requests; for HTTP/1.1 a
+   connection slot, else pending; overflow -> 503 ``UO`` + ``x-envoy-overloaded``, never
+   retried) -> ``Send`` with ``min(per-try, remaining overall)`` and the stream idle
+   timeout -> outlier detection records the outcome (it must see every attempt, retried or
+   not) -> retry decision, asked while the attempt still counts as active (the retry
+   budget sees it); the previous retry's slot is given back first, as Envoy's
+   ``resetRetry``; the backoff is a ``Sleep`` bounded by the overall deadline.
 
 Host pick comes before the limits because Envoy checks ``max_requests`` / pending in the
 cluster's connection pool, which is per host; a request that finds no host must not be
@@ -46,13 +48,15 @@ ROUTING          route action                FAULT
 FAULT            delay drawn                 yield Sleep(delay), then abort check
 FAULT            abort drawn                 DONE (fault abort, ``FI``)
 FAULT            nothing                     ATTEMPT
-ATTEMPT          overall deadline passed     DONE (504 ``UT``)
+ATTEMPT          overall deadline passed     DONE (504 ``UT``; ``DT`` when the stream
+                                             duration limit is the deadline)
 ATTEMPT          no host                     DONE (503 ``UH``)
 ATTEMPT          limits overflow             DONE (503 ``UO``)
 ATTEMPT          Send -> outcome             DECIDE
+DECIDE           stream idle timeout         DONE (504 ``stream timeout``, ``SI``)
 DECIDE           final (no retry wanted)     DONE (upstream response, or local reply
                                              for a reset / per-try timeout)
-DECIDE           overall deadline passed     DONE (504 ``UT``)
+DECIDE           overall deadline passed     DONE (504 ``UT`` / ``DT``)
 DECIDE           Retry(delay)                yield Discard, Sleep(delay) -> ATTEMPT
 ===============  ==========================  ============================================
 
