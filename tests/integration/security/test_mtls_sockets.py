@@ -218,3 +218,39 @@ def serial_of_pem(pem: bytes) -> int:
     from cryptography import x509
 
     return x509.load_pem_x509_certificates(pem)[0].serial_number
+
+
+def test_root_rotation_keeps_mtls_working(
+    ca: CertificateAuthority, servers: list[EchoServer]
+) -> None:
+    """Two-phase root rotation over real TLS: at every step, peers renewed at different
+    times still authenticate each other; after retirement the old root is refused."""
+    sp = StaticProvider(ca_bundle(ca, "default", "server"))
+    cp = StaticProvider(ca_bundle(ca, "default", "client"))
+    server = _serve(servers, server_ssl_context(sp))
+    cctx = client_ssl_context(cp, [StringMatcher.exact(SERVER)])
+    stale_client = ca_bundle(ca, "default", "client")  # under the old root, never renewed
+    assert _exchange(cctx, server.port) == b"PING\n"
+    ca.add_next_root()
+    cp.update(ca_bundle(ca, "default", "client"))  # client renewed: trusts both roots
+    assert _exchange(cctx, server.port) == b"PING\n"
+    ca.activate_next_root()
+    sp.update(ca_bundle(ca, "default", "server"))  # server: new-root cert, trusts both
+    assert _exchange(cctx, server.port) == b"PING\n"  # old-root client cert still accepted
+    cp.update(ca_bundle(ca, "default", "client"))
+    assert _exchange(cctx, server.port) == b"PING\n"
+    ca.retire_previous_roots()
+    sp.update(ca_bundle(ca, "default", "server"))
+    cp.update(ca_bundle(ca, "default", "client"))
+    assert _exchange(cctx, server.port) == b"PING\n"
+    # a workload still holding an old-root certificate is refused now
+    old = client_ssl_context(
+        StaticProvider(
+            CertificateBundle.from_pem(
+                stale_client.chain_pem, stale_client.key_pem, cp.current().roots_pem
+            )
+        ),
+        [StringMatcher.exact(SERVER)],
+    )
+    with pytest.raises((ssl.SSLError, OSError)):
+        _exchange(old, server.port)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,68 @@ def test_token_cli(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 1 and "invalid namespace" in bad.stderr
+
+
+def test_file_watcher_thread_picks_up_a_rewrite(tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path / "ca")
+    _write(tmp_path, ca_bundle(ca, "default", "a"))
+    p = FileWatcherProvider(
+        certificate_file=str(tmp_path / "cert-chain.pem"),
+        private_key_file=str(tmp_path / "key.pem"),
+        ca_certificate_file=str(tmp_path / "root-cert.pem"),
+        refresh_interval=0.02,
+    )
+    try:
+        changed = threading.Event()
+        p.subscribe(lambda b: changed.set())
+        _write(tmp_path, ca_bundle(ca, "default", "b"))
+        for f in ("cert-chain.pem", "key.pem"):
+            _bump(tmp_path / f)
+        assert changed.wait(10)
+        assert p.current().identity == "spiffe://cluster.local/ns/default/sa/b"
+    finally:
+        p.close()
+
+
+def test_public_surface_is_pinned() -> None:
+    import pymesh.controlplane.ca as ca_mod
+    import pymesh.security as sec
+
+    assert sorted(sec.__all__) == [
+        "CaClient",
+        "CaClientProvider",
+        "CaError",
+        "CertificateBundle",
+        "CertificateProvider",
+        "FileWatcherProvider",
+        "MeshSSLContext",
+        "PeerVerifier",
+        "SpiffeId",
+        "StaticProvider",
+        "TokenError",
+        "TokenIdentity",
+        "build_csr",
+        "channel_credentials",
+        "client_ssl_context",
+        "generate_key",
+        "issue_token",
+        "peer_identity",
+        "renewal_time",
+        "retry_delay",
+        "server_credentials",
+        "server_ssl_context",
+        "split_chain",
+        "uri_sans",
+        "verify_token",
+    ]
+    assert sorted(ca_mod.__all__) == [
+        "CaRefused",
+        "CertificateAuthority",
+        "add_ca_service",
+        "ca_handler",
+        "default_ca_dir",
+        "lazy_authority",
+    ]
+    for mod in (sec, ca_mod):
+        for name in mod.__all__:
+            assert getattr(mod, name).__doc__, name
