@@ -83,6 +83,7 @@ class PeerInfo:
     """
 
     source_ip: str | None = None
+    source_port: int | None = None
     destination_ip: str | None = None
     destination_port: int | None = None
     tls: bool = False

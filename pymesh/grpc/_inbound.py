@@ -9,9 +9,10 @@ after a fault delay) or fail with a gRPC status. The sync and asyncio intercepto
 The order, written down once (each step says why it sits there):
 
 1. **filter chain** for the connection (A36: destination IP prefix, source type, source IP
-   prefix, source port — most specific wins; chains using fields gRPC cannot match are never
-   chosen; else the default chain). No chain: UNAVAILABLE (A36 closes the connection). A
-   chain that demands TLS on a plaintext port: UNAVAILABLE (no certificate provider here).
+   prefix, source port — most specific wins, memoized per peer; chains using fields gRPC
+   cannot match are never chosen; else the default chain). No chain: UNAVAILABLE (A36
+   closes the connection). A chain that demands TLS on a plaintext port: UNAVAILABLE (no
+   certificate provider here).
 2. **route configuration** of the chain's HCM: inline, or the RDS one from the snapshot
    (missing/invalid: UNAVAILABLE, A36).
 3. **virtual host** by ``:authority``, then the **route** on the method path. No match, or a
@@ -110,12 +111,15 @@ class InboundState:
         self._faults: dict[str, ActiveFaults] = {}
         self._lock = threading.Lock()
         self._chains: dict[
-            tuple[int, str | None, str | None], tuple[Listener, FilterChain | None]
+            tuple[int, str | None, str | None, int | None], tuple[Listener, FilterChain | None]
         ] = {}
 
     def filter_chain(self, listener: Listener, peer: PeerInfo) -> FilterChain | None:
         """:func:`select_filter_chain`, memoized (benign races: same answer either way)."""
-        key = (id(listener), peer.source_ip, peer.destination_ip)
+        # The source port only matters to listeners with chains listing ports (then the
+        # cache holds one entry per connection, bounded by _CHAIN_CACHE_MAX).
+        port = peer.source_port if _uses_source_ports(listener) else None
+        key = (id(listener), peer.source_ip, peer.destination_ip, port)
         hit = self._chains.get(key)
         if hit is not None and hit[0] is listener:
             return hit[1]
@@ -134,6 +138,10 @@ class InboundState:
 
 
 # --------------------------------------------------------------------------- filter chains
+
+
+def _uses_source_ports(listener: Listener) -> bool:
+    return any(c.match.source_ports for c in listener.filter_chains)
 
 
 def _is_local(source: str, destination: str | None) -> bool:
@@ -187,15 +195,17 @@ def select_filter_chain(listener: Listener, peer: PeerInfo) -> FilterChain | Non
     def source_rank(c: FilterChain) -> int | None:
         return _prefix_rank(c.match.source_prefix_ranges, src)
 
-    for rank in (dest_rank, type_rank, source_rank):
+    def port_rank(c: FilterChain) -> int | None:
+        ports = c.match.source_ports
+        if not ports:
+            return 0
+        return 1 if peer.source_port in ports else None
+
+    for rank in (dest_rank, type_rank, source_rank, port_rank):
         chains = _narrow(chains, rank)
         if not chains:
             return listener.default_filter_chain
-    # Source ports are never known to pymesh (grpcio does not expose the peer port to a
-    # handler reliably before the call); chains listing ports are less preferred than none.
-    no_ports = [c for c in chains if not c.match.source_ports]
-    chains = no_ports or chains
-    return chains[0] if chains else listener.default_filter_chain
+    return chains[0]
 
 
 # --------------------------------------------------------------------------- decision

@@ -105,13 +105,16 @@ def listener_host(host: str) -> str:
 
 def parse_peer(peer: str) -> str | None:
     """The IP of a grpcio peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
+    return parse_peer_address(peer)[0]
+
+
+def parse_peer_address(peer: str) -> tuple[str | None, int | None]:
+    """(IP, port) of a grpcio peer string; ``(None, None)`` for other kinds (``unix:``)."""
     kind, _, rest = peer.partition(":")
-    rest = urllib.parse.unquote(rest)
-    if kind == "ipv4":
-        return rest.rpartition(":")[0] or None
-    if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]") or None
-    return None
+    if kind not in ("ipv4", "ipv6"):
+        return None, None
+    host, _, port = urllib.parse.unquote(rest).rpartition(":")
+    return (host.strip("[]") or None), (int(port) if port.isdigit() else None)
 
 
 def _auth_peer(auth: Mapping[str, Any] | None, peer: PeerInfo) -> PeerInfo:
@@ -141,6 +144,7 @@ def _auth_peer(auth: Mapping[str, Any] | None, peer: PeerInfo) -> PeerInfo:
             _log.warning("peer certificate could not be parsed for RBAC")
     return PeerInfo(
         source_ip=peer.source_ip,
+        source_port=peer.source_port,
         destination_ip=peer.destination_ip,
         destination_port=peer.destination_port,
         tls=True,
@@ -298,8 +302,10 @@ class ServingCore:
 
     def peer_info(self, peer: str, auth: Mapping[str, Any] | None) -> PeerInfo:
         host, port = self._address or ("", 0)
+        source_ip, source_port = parse_peer_address(peer)
         base = PeerInfo(
-            source_ip=parse_peer(peer),
+            source_ip=source_ip,
+            source_port=source_port,
             destination_ip=None if host in _WILDCARDS else host,
             destination_port=port,
         )

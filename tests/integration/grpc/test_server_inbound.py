@@ -18,7 +18,7 @@ from types import MappingProxyType
 from pymesh.core.rbac import PeerInfo
 from pymesh.core.types import Headers, RequestInfo
 from pymesh.grpc import _inbound
-from pymesh.grpc._server import listener_host, parse_peer, split_address
+from pymesh.grpc._server import listener_host, parse_peer, parse_peer_address, split_address
 from pymesh.model.common import SocketAddress
 from pymesh.model.http_filters import (
     AnyRule,
@@ -152,6 +152,22 @@ def test_chain_selection_source_type_then_source_prefix() -> None:
     assert _inbound.select_filter_chain(listener, PeerInfo(source_ip="8.8.8.8")).name == "external"  # type: ignore[union-attr]
 
 
+def test_chain_selection_source_ports_last() -> None:
+    listener = _snapshot(
+        _chain("any-port"),
+        _chain("port-5555", source_ports=(5555, 6666)),
+    ).listener
+    state = _inbound.InboundState(random.Random(1))
+    at = PeerInfo(source_ip="10.0.0.7", source_port=5555)
+    other = PeerInfo(source_ip="10.0.0.7", source_port=7777)
+    assert state.filter_chain(listener, at).name == "port-5555"  # type: ignore[union-attr]
+    assert state.filter_chain(listener, other).name == "any-port"  # type: ignore[union-attr]
+    # Memoized per port for such listeners: asking again gives the same answers.
+    assert state.filter_chain(listener, at).name == "port-5555"  # type: ignore[union-attr]
+    only = _snapshot(_chain("port-5555", source_ports=(5555,))).listener
+    assert _inbound.select_filter_chain(only, other) is None
+
+
 def test_unmatchable_chains_fall_back_to_default_or_fail() -> None:
     # Istio PERMISSIVE: a "tls" chain gRPC cannot match, and a raw_buffer plaintext one.
     permissive = _snapshot(
@@ -242,6 +258,8 @@ def test_peer_and_listener_host_parsing() -> None:
     assert parse_peer("ipv6:[::1]:5555") == "::1"
     assert parse_peer("ipv6:%5B::1%5D:5555") == "::1"
     assert parse_peer("unix:/tmp/x") is None
+    assert parse_peer_address("ipv6:[::1]:5555") == ("::1", 5555)
+    assert parse_peer_address("ipv4:10.0.0.1:80") == ("10.0.0.1", 80)
     assert listener_host("0.0.0.0") == "0.0.0.0"
     assert listener_host("::") == "::"
     assert listener_host("localhost") == "127.0.0.1"
