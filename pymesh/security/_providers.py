@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from pymesh.bootstrap import FileWatcherConfig
 from pymesh.errors import ConfigError, PymeshError
 from pymesh.security._pki import (
     PrivateKey,
@@ -247,16 +248,15 @@ class FileWatcherProvider(CertificateProvider):
         self._poller = _Poller("pymesh-cert-file-watcher", self._step) if start else None
 
     @classmethod
-    def from_config(cls, config: object, *, start: bool = True) -> FileWatcherProvider:
-        """From the bootstrap's ``FileWatcherConfig`` (``pymesh.bootstrap``)."""
-        ca = getattr(config, "ca_certificate_file", None)
-        if ca is None:
+    def from_config(cls, config: FileWatcherConfig, *, start: bool = True) -> FileWatcherProvider:
+        """From the bootstrap's ``certificate_providers`` ``file_watcher`` config."""
+        if config.ca_certificate_file is None:
             raise ConfigError("file_watcher: ca_certificate_file is required for mTLS")
         return cls(
-            certificate_file=getattr(config, "certificate_file", None),
-            private_key_file=getattr(config, "private_key_file", None),
-            ca_certificate_file=ca,
-            refresh_interval=float(getattr(config, "refresh_interval", 1.0)),
+            certificate_file=config.certificate_file,
+            private_key_file=config.private_key_file,
+            ca_certificate_file=config.ca_certificate_file,
+            refresh_interval=config.refresh_interval,
             start=start,
         )
 
