@@ -397,8 +397,15 @@ class CaClientProvider(CertificateProvider):
         """One ``CreateCertificate`` round trip; raises :class:`PymeshError`."""
         key: PrivateKey = generate_key(self._key_kind)
         csr = build_csr(key, self.identity).decode("ascii")
-        pems = self._client.create_certificate(csr, int(self.ttl), _read_token(self._token))
-        chain, roots = split_chain(pems)
+        try:
+            token = _read_token(self._token)
+        except OSError as exc:  # e.g. the token file is not mounted yet: retried
+            raise PymeshError(f"cannot read the workload token: {exc}") from exc
+        pems = self._client.create_certificate(csr, int(self.ttl), token)
+        try:
+            chain, roots = split_chain(pems)
+        except ValueError as exc:
+            raise PymeshError(f"CA returned unparsable certificates: {exc}") from exc
         roots_pem = self._trust_override or cert_pem(roots)
         bundle = CertificateBundle.from_pem(cert_pem(chain), key_pem(key), roots_pem)
         if bundle.identity != self.identity:

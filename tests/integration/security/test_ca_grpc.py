@@ -192,3 +192,21 @@ def test_control_plane_serves_a_ca_by_default(tmp_path: Path) -> None:
             assert err.value.code == "UNIMPLEMENTED"
         finally:
             client.close()
+
+
+def test_token_file_appearing_later_is_picked_up(
+    plane: tuple[ControlPlane, CertificateAuthority], tmp_path: Path
+) -> None:
+    cp, ca = plane
+    token_file = tmp_path / "token"
+    provider = CaClientProvider(cp.address, ME, token=token_file, rng=random.Random(2), start=False)
+    try:
+        now = time.time()
+        retry_at = provider.step(now)  # no token file yet: a failure, retried with backoff
+        assert provider.failures == 1 and "token" in (provider.last_error or "")
+        assert now < retry_at <= now + 1.0
+        token_file.write_text(ca.create_token("default", "reviews") + "\n")
+        provider.step(retry_at)
+        assert provider.failures == 0 and provider.current().identity == ME.uri
+    finally:
+        provider.close()
