@@ -61,6 +61,7 @@ class SubchannelPool(Generic[C]):
         *,
         grace: float = CLOSE_GRACE,
         clock: Callable[[], float] = time.monotonic,
+        schedule: Callable[[float, Callable[[], None]], Callable[[], None]] | None = None,
     ) -> None:
         self._open = open_channel
         self._close = close_channel
@@ -70,6 +71,8 @@ class SubchannelPool(Generic[C]):
         self._retired: list[tuple[float, C]] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._schedule = schedule or _timer
+        self._timers: list[Callable[[], None]] = []  # cancel functions of pending sweeps
 
     def get(self, key: str) -> Subchannel[C]:
         """The subchannel of endpoint ``key`` (``HOST:PORT``), opened on first use."""
@@ -92,13 +95,24 @@ class SubchannelPool(Generic[C]):
         return tuple(self._subchannels)
 
     def hosts_removed(self, keys: frozenset[str]) -> None:
-        """EDS removed ``keys`` from every cluster: retire their channels (closed after the
-        grace period, at the next subchannel creation or at :meth:`close`)."""
+        """EDS removed ``keys`` from every cluster: retire their channels (closed by a timer
+        after the grace period, or earlier at :meth:`close`)."""
         now = self._clock()
         with self._lock:
-            for key in keys & self._subchannels.keys():
+            gone = keys & self._subchannels.keys()
+            for key in gone:
                 sub = self._subchannels.pop(key)
                 self._retired.append((now + self._grace, sub.channel))
+            retired = self._due_retired()
+        self._close_all(retired)
+        if gone:
+            cancel = self._schedule(self._grace, self.sweep)
+            with self._lock:
+                self._timers = [*self._timers[-8:], cancel]
+
+    def sweep(self) -> None:
+        """Close the retired channels whose grace period is over."""
+        with self._lock:
             retired = self._due_retired()
         self._close_all(retired)
 
@@ -112,6 +126,9 @@ class SubchannelPool(Generic[C]):
             channels += [c for _, c in self._retired]
             self._subchannels.clear()
             self._retired = []
+            timers, self._timers = self._timers, []
+        for cancel in timers:
+            cancel()
         if close_channels:
             self._close_all(channels)
         return channels
@@ -130,3 +147,10 @@ class SubchannelPool(Generic[C]):
                 self._close(channel)
             except Exception:  # closing must never break a call or an update
                 pass
+
+
+def _timer(delay: float, fn: Callable[[], None]) -> Callable[[], None]:
+    timer = threading.Timer(delay + 0.01, fn)
+    timer.daemon = True
+    timer.start()
+    return timer.cancel

@@ -173,3 +173,76 @@ def test_aio_call_shapes(two: tuple[GrpcMesh, EchoServer, EchoServer]) -> None:
 
     asyncio.run(main())
     assert a.count + b.count >= 40 + 6
+
+
+def _self_signed(host: str) -> tuple[bytes, bytes]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def test_secure_channel_uses_the_credentials_per_endpoint(grpc_mesh: GrpcMesh) -> None:
+    # A TLS server whose certificate names the mesh host: the endpoint channels must use
+    # the given credentials and verify the target's HOST (the :authority), not 127.0.0.1.
+    from concurrent import futures
+
+    def who(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return b"secure"
+
+    cert, key = _self_signed("echo.default.svc.cluster.local")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "echo.Echo", {"Who": grpc.unary_unary_rpc_method_handler(who)}
+            ),
+        )
+    )
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+    server.start()
+    try:
+        grpc_mesh.write(mesh_yaml({"v1": port}))
+        grpc_mesh.start()
+        tls = grpc.ssl_channel_credentials(root_certificates=cert)
+        with pymesh.grpc.secure_channel(TARGET, tls, xds_client=grpc_mesh.client) as channel:
+            assert channel.unary_unary(WHO)(b"x", timeout=10) == b"secure"
+
+        async def aio() -> bytes:
+            async with pymesh.grpc.aio.secure_channel(
+                TARGET, tls, xds_client=grpc_mesh.client
+            ) as ch:
+                value: bytes = await ch.unary_unary(WHO)(b"x", timeout=10)
+                return value
+
+        assert asyncio.run(aio()) == b"secure"
+        with pymesh.grpc.insecure_channel(TARGET, xds_client=grpc_mesh.client) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary(WHO)(b"x", timeout=10)
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE  # plaintext to TLS
+    finally:
+        server.stop(None).wait(5)
