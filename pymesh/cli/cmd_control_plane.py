@@ -56,6 +56,20 @@ def register(subparsers: Any) -> None:
         help="seconds an auto-registered workload stays after its stream ends (10)",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--ca-dir",
+        default=None,
+        help="CA state directory (default $PYMESH_CA_DIR or ~/.local/state/pymesh/ca; "
+        "Istio's cacerts files there plug in your own intermediate)",
+    )
+    parser.add_argument(
+        "--no-ca", action="store_true", help="do not serve the CA (IstioCertificateService)"
+    )
+    parser.add_argument(
+        "--ca-insecure-skip-token",
+        action="store_true",
+        help="DEV ONLY: sign certificates without checking workload tokens",
+    )
     parser.set_defaults(func=run)
 
 
@@ -82,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         admin_host=args.admin_host,
         debounce=args.debounce,
         registration_grace=args.registration_grace,
+        **_ca_options(args),
     )
     try:
         plane.start()
@@ -94,3 +109,24 @@ def run(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _ca_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``ControlPlane`` CA arguments from the ``--ca-*`` flags."""
+    if getattr(args, "no_ca", False):
+        return {"ca": False}
+    ca_dir = getattr(args, "ca_dir", None)
+    if getattr(args, "ca_insecure_skip_token", False):
+        from pymesh.controlplane.ca import default_ca_dir, lazy_authority
+
+        logging.getLogger("pymesh.ca").warning(
+            "INSECURE: --ca-insecure-skip-token: the CA will sign certificates for any "
+            "identity WITHOUT checking workload tokens (development only)"
+        )
+        return {
+            "ca": lazy_authority(
+                state_dir=Path(ca_dir) if ca_dir else default_ca_dir(),
+                insecure_skip_token=True,
+            )
+        }
+    return {"ca_dir": Path(ca_dir)} if ca_dir else {}

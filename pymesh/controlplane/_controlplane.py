@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -39,8 +39,8 @@ class ControlPlane:
     workload stays after its stream ends. ``backend`` replaces the Istio config side (tests).
     ``ca``: the CA served on the xDS port (Istio's ``IstioCertificateService``): ``True``
     (default) creates/loads one in ``ca_dir`` (default :func:`pymesh.controlplane.ca.
-    default_ca_dir`) at the first certificate request; a ``CertificateAuthority`` is used as
-    is; ``False`` serves no CA.
+    default_ca_dir`) at the first certificate request; a ``CertificateAuthority`` (or a
+    factory of one, called at the first request) is used as is; ``False`` serves no CA.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
@@ -57,7 +57,7 @@ class ControlPlane:
         registration_grace: float = 10.0,
         poll_interval: float = 0.2,
         backend: Backend | None = None,
-        ca: CertificateAuthority | bool = True,
+        ca: CertificateAuthority | Callable[[], CertificateAuthority] | bool = True,
         ca_dir: str | Path | None = None,
     ) -> None:
         if isinstance(config_paths, str | Path):
@@ -80,7 +80,7 @@ class ControlPlane:
         self._bound: str | None = None
         self._admin: AdminServer | None = None
         self._ca: Any = None
-        if isinstance(ca, CertificateAuthority):
+        if isinstance(ca, CertificateAuthority) or (callable(ca) and not isinstance(ca, bool)):
             self._ca = ca
         elif ca:
             self._ca = lazy_authority(**({"state_dir": ca_dir} if ca_dir is not None else {}))
