@@ -8,6 +8,10 @@ subprocess (C-core, ``GRPC_XDS_BOOTSTRAP`` set before grpc starts) and through
 (or fail with the same status code), the split must agree within 5 points over 1,000 calls
 (and both be within 5 points of the configured weight), and both must delay by the fault's
 delay.
+
+Where pymesh deliberately goes beyond C-core, the same harness shows the difference: a
+LEAST_REQUEST cluster (C-core NACKs it, every call UNAVAILABLE; pymesh serves it) and
+consecutive-5xx outlier ejection on gRPC statuses (C-core keeps calling the failing endpoint).
 """
 
 from __future__ import annotations
@@ -109,11 +113,12 @@ RUNNER = textwrap.dedent(
 )
 
 
-def _run_pymesh(channel: grpc.Channel) -> dict[str, Any]:
+def _run_pymesh_cases(channel: grpc.Channel, cases: Any) -> dict[str, Any]:
+    """The same runner code as the C-core subprocess, on a pymesh channel."""
     namespace: dict[str, Any] = {"__name__": "runner"}
     exec(RUNNER, namespace)
     run: Callable[[grpc.Channel, Any], dict[str, Any]] = namespace["run"]
-    return run(channel, json.loads(json.dumps(CASES)))
+    return run(channel, json.loads(json.dumps(cases)))
 
 
 def test_same_decisions_as_grpcio_cxds(
@@ -138,7 +143,7 @@ def test_same_decisions_as_grpcio_cxds(
     try:
         with pymesh.grpc.insecure_channel(TARGET, xds_client=grpc_mesh.client) as channel:
             channel.unary_unary(WHO)(b"hi", timeout=20)
-            ours = _run_pymesh(channel)
+            ours = _run_pymesh_cases(channel, CASES)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -168,3 +173,66 @@ def test_same_decisions_as_grpcio_cxds(
     assert ours["delay"]["seen"] == {"v3": 3}
     assert ours["delay"]["min_latency"] >= 0.24
     assert theirs["delay"]["min_latency"] >= 0.24
+
+
+def _run_cxds(tmp_path: Path, mesh: GrpcMesh, cases: list[Any]) -> dict[str, Any]:
+    path = tmp_path / "bootstrap.json"
+    path.write_text(json.dumps(mesh.bootstrap))
+    env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(path)}
+    env.pop("GRPC_XDS_BOOTSTRAP_CONFIG", None)
+    runner = RUNNER.replace('channel.unary_unary("/echo.Echo/Who")(b"hi", timeout=20)', "pass")
+    out = subprocess.run(
+        [sys.executable, "-c", runner, TARGET, json.dumps(cases)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def test_beyond_cxds_least_request(
+    tmp_path: Path, grpc_mesh: GrpcMesh, echo_servers: Callable[[str], EchoServer]
+) -> None:
+    """C-core NACKs a LEAST_REQUEST cluster ("LB policy is not supported": every call fails
+    UNAVAILABLE); pymesh serves it."""
+    servers = {v: echo_servers(v) for v in ("v1", "v2")}
+    dr = "trafficPolicy:\n  loadBalancer: {simple: LEAST_REQUEST}\n"
+    grpc_mesh.write(mesh_yaml({v: s.port for v, s in servers.items()}, destination_rule=dr))
+    grpc_mesh.start()
+    cases = [["calls", WHO, [], 20]]
+    theirs = _run_cxds(tmp_path, grpc_mesh, cases)
+    assert theirs["calls"]["seen"] == {"error:UNAVAILABLE": 20}
+    with pymesh.grpc.insecure_channel(TARGET, xds_client=grpc_mesh.client) as channel:
+        ours = _run_pymesh_cases(channel, cases)
+    assert set(ours["calls"]["seen"]) <= {"v1", "v2"}
+    assert sum(ours["calls"]["seen"].values()) == 20
+
+
+def test_beyond_cxds_consecutive_5xx_ejection(
+    tmp_path: Path, grpc_mesh: GrpcMesh, echo_servers: Callable[[str], EchoServer]
+) -> None:
+    """C-core's outlier detection has only success-rate and failure-percentage ejection
+    (gRFC A50): with consecutive 5xx only, it keeps sending to a failing endpoint. pymesh
+    ejects it after 3 consecutive INTERNALs (Envoy's gRPC-to-HTTP mapping: 500)."""
+    bad, good = echo_servers("v1"), echo_servers("v2")
+    bad.fail_code = grpc.StatusCode.INTERNAL
+    dr = (
+        "trafficPolicy:\n  outlierDetection:\n"
+        "    {consecutive5xxErrors: 3, interval: 30s, baseEjectionTime: 60s, "
+        "maxEjectionPercent: 100}\n"
+    )
+    vs = f"http:\n- route:\n  - destination: {{host: {HOST}}}\n  retries: {{attempts: 0}}\n"
+    grpc_mesh.write(
+        mesh_yaml({"v1": bad.port, "v2": good.port}, destination_rule=dr, virtual_service=vs)
+    )
+    grpc_mesh.start()
+    cases = [["calls", WHO, [], 40]]
+    theirs = _run_cxds(tmp_path, grpc_mesh, cases)
+    assert theirs["calls"]["seen"].get("error:INTERNAL", 0) >= 15  # round robin keeps v1
+    with pymesh.grpc.insecure_channel(TARGET, xds_client=grpc_mesh.client) as channel:
+        ours = _run_pymesh_cases(channel, cases)
+    assert ours["calls"]["seen"] == {"error:INTERNAL": 3, "v2": 37}
