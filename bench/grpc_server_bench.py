@@ -178,7 +178,7 @@ def main() -> None:
         mesh = Path(tmp) / "mesh"
         mesh.mkdir()
         (mesh / "mesh.yaml").write_text(MESH if args.no_policies else MESH + "---\n" + POLICIES)
-        with ControlPlane([mesh], xds_address="127.0.0.1:0") as cp:
+        with ControlPlane([mesh], xds_address="127.0.0.1:0", admin_port=None) as cp:
             data = generate_bootstrap(
                 xds_address=cp.address, namespace="default", labels={"app": "echo"}
             )

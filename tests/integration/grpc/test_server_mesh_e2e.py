@@ -65,7 +65,7 @@ def mesh_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def control_plane(mesh_dir: Path) -> Iterator[ControlPlane]:
-    with ControlPlane([mesh_dir], xds_address="127.0.0.1:0") as cp:
+    with ControlPlane([mesh_dir], xds_address="127.0.0.1:0", admin_port=None) as cp:
         yield cp
 
 
