@@ -411,7 +411,14 @@ class _Multi:
 class MeshAioCall:
     """The call object of every shape: awaitable (unary response), async-iterable and
     ``read()`` (streaming response), ``write()`` / ``done_writing()`` (streaming request
-    without an iterator), and grpc.aio's ``Call`` methods."""
+    without an iterator), and grpc.aio's ``Call`` methods.
+
+    A unary-response call awaited at once (``await stub.Method(request)``, the common case)
+    runs its flow inline in the awaiting task: no task of its own, which saves about a sixth
+    of the client CPU per call. Any other use (``add_done_callback``, ``code()`` before the
+    await, streaming responses) runs the flow in a task, as grpc.aio does. One difference
+    from grpc.aio: a unary call object that is never awaited nor used never starts.
+    """
 
     def __init__(  # noqa: PLR0917
         self,
@@ -429,9 +436,19 @@ class MeshAioCall:
         self._first: Any = _END
         self._result: CallResult | None = None
         self._released = False
-        self._task = asyncio.get_running_loop().create_task(
-            channel._call(spec, request, kwargs, timeout, metadata, self._set_attempt)
-        )
+        self._channel = channel
+        self._args = (spec, request, kwargs, timeout, metadata, self._set_attempt)
+        self._loop = asyncio.get_running_loop()
+        self._fut: asyncio.Future[Any] | None = None
+        self._inline: asyncio.Task[Any] | None = None
+        if spec.streaming_response or writer is not None:
+            self._start()
+
+    def _start(self) -> asyncio.Future[Any]:
+        fut = self._fut
+        if fut is None:
+            fut = self._fut = self._loop.create_task(self._channel._call(*self._args))
+        return fut
 
     def _set_attempt(self, call: Any) -> None:
         self._attempt = call
@@ -441,12 +458,8 @@ class MeshAioCall:
             self._released = True
             self._result.release()
 
-    async def _settle(self) -> Any:
-        """Wait for the flow; returns the winning grpcio call (raises its error)."""
-        try:
-            (value, call), result = await self._task
-        except asyncio.CancelledError:
-            raise _aio_error(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED)) from None
+    def _settled(self, out: Any) -> Any:
+        (value, call), result = out
         if self._result is None:
             self._result = result
             if self._spec.streaming_response:
@@ -456,8 +469,41 @@ class MeshAioCall:
                 self._release()
         return value
 
+    async def _settle(self) -> Any:
+        """Wait for the flow; returns the response (unary) or the winning grpcio call
+        (streaming); raises the call's error."""
+        fut = self._start()
+        try:
+            out = await fut
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the awaiting task itself is being cancelled
+            raise _aio_error(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED)) from None
+        return self._settled(out)
+
+    async def _run_inline(self) -> Any:
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._fut = fut
+        self._inline = asyncio.current_task()
+        try:
+            out = await self._channel._call(*self._args)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: the awaiting caller gets it raised
+            raise
+        finally:
+            self._inline = None
+        fut.set_result(out)
+        return self._settled(out)
+
     # unary response
     def __await__(self) -> Any:
+        if self._fut is None:
+            return self._run_inline().__await__()
         return self._settle().__await__()
 
     # streaming response
@@ -499,22 +545,29 @@ class MeshAioCall:
 
     # grpc.aio.Call
     def cancel(self) -> bool:
-        if self._task.done():
+        inline = self._inline
+        if inline is not None:
+            inline.cancel()  # the awaiting task: its await raises CancelledError, as grpc.aio
+            return True
+        fut = self._start()
+        if fut.done():
             attempt = self._attempt
             if self._spec.streaming_response and attempt is not None and not attempt.done():
                 self._release()
                 return bool(attempt.cancel())
             return False
-        self._task.cancel()
+        fut.cancel()
         return True
 
     def cancelled(self) -> bool:
-        return self._task.cancelled() or (
+        fut = self._fut
+        return (fut is not None and fut.cancelled()) or (
             self._attempt is not None and bool(self._attempt.cancelled())
         )
 
     def done(self) -> bool:
-        if not self._task.done():
+        fut = self._fut
+        if fut is None or not fut.done():
             return False
         attempt = self._attempt
         return attempt is None or bool(attempt.done())
@@ -524,7 +577,7 @@ class MeshAioCall:
         return attempt.time_remaining() if attempt is not None else None
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        self._task.add_done_callback(lambda _: callback(self))
+        self._start().add_done_callback(lambda _: callback(self))
 
     async def _winner(self) -> Any:
         try:
@@ -562,7 +615,7 @@ class MeshAioCall:
         return details
 
     async def wait_for_connection(self) -> None:
-        await asyncio.wait({self._task})
+        await asyncio.wait({self._start()})
 
 
 def insecure_channel(

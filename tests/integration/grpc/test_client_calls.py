@@ -165,11 +165,26 @@ def test_aio_call_shapes(two: tuple[GrpcMesh, EchoServer, EchoServer]) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await who(b"x", metadata=[("x-sleep-ms", "2000")], timeout=0.3)
             assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            # cancel() of a call in flight (awaited by another task), as grpc.aio
             slow = who(b"x", metadata=[("x-sleep-ms", "3000")], timeout=10)
+            waiter = asyncio.ensure_future(slow)
             await asyncio.sleep(0.2)
+            started = time.monotonic()
             assert slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            assert time.monotonic() - started < 1.0
+            assert slow.cancelled()
+            # ... and of a call not awaited yet
+            pending = who(b"x", timeout=10)
+            assert pending.cancel()
             with pytest.raises((asyncio.CancelledError, grpc.RpcError)):
-                await slow
+                await pending
+            # a call used before it is awaited runs as a task, as grpc.aio
+            call = who(b"x", timeout=10)
+            assert await call.code() is grpc.StatusCode.OK
+            assert await call in (b"v1", b"v2")
+            assert call.done()
 
     asyncio.run(main())
     assert a.count + b.count >= 40 + 6
