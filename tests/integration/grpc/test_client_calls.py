@@ -61,7 +61,18 @@ def test_sync_call_shapes(two: tuple[GrpcMesh, EchoServer, EchoServer]) -> None:
         assert future.done() and future.code() is grpc.StatusCode.OK
         future = channel.stream_unary(COLLECT).future(iter([b"z"]), timeout=10)
         assert future.result(10).endswith(b":z")
-    assert a.count + b.count == 100 + 1 + 1 + 1 + 1 + 1 + 1
+        # per-call compression, wait_for_ready and call credentials pass through
+        assert who(b"x" * 1000, timeout=10, compression=grpc.Compression.Gzip) in (b"v1", b"v2")
+        assert who(b"x", timeout=10, wait_for_ready=True) in (b"v1", b"v2")
+    assert a.count + b.count == 100 + 1 + 1 + 1 + 1 + 1 + 1 + 2
+    # channel-level options and compression are given to every endpoint channel
+    with pymesh.grpc.insecure_channel(
+        TARGET,
+        options=[("grpc.max_receive_message_length", 1 << 20)],
+        compression=grpc.Compression.Deflate,
+        xds_client=mesh.client,
+    ) as channel:
+        assert channel.unary_unary(WHO)(b"x", timeout=10) in (b"v1", b"v2")
 
 
 def test_sync_metadata_and_upstream_errors(two: tuple[GrpcMesh, EchoServer, EchoServer]) -> None:
