@@ -265,3 +265,42 @@ def test_aio_failover_retries_and_streams(grpc_mesh: GrpcMesh, echo_servers: Ser
 
     asyncio.run(main())
     assert b.count >= 3
+
+
+def test_aio_breaker_overflow_and_weight_change(grpc_mesh: GrpcMesh, echo_servers: Servers) -> None:
+    a, b = echo_servers("v1"), echo_servers("v2")
+    a.delay = b.delay = 0.3
+    dr = "trafficPolicy:\n  connectionPool:\n    http: {http2MaxRequests: 3}\n"
+    vs = split(100, extra="retries: {attempts: 0}\n  ")
+    grpc_mesh.write(
+        mesh_yaml({"v1": a.port, "v2": b.port}, destination_rule=dr, virtual_service=vs)
+    )
+    grpc_mesh.start()
+
+    async def main() -> None:
+        async with pymesh.grpc.aio.insecure_channel(TARGET, xds_client=grpc_mesh.client) as ch:
+            who = ch.unary_unary(WHO)
+            assert await who(b"x", timeout=10) == b"v1"
+            results = await asyncio.gather(
+                *(who(b"x", timeout=10) for _ in range(10)), return_exceptions=True
+            )
+            errors = [r for r in results if isinstance(r, BaseException)]
+            assert len(errors) == 7, results  # 3 in flight at most, the rest overflow
+            for error in errors:
+                assert isinstance(error, grpc.aio.AioRpcError)
+                assert error.code() is grpc.StatusCode.UNAVAILABLE
+                assert ("x-pymesh-flags", "UO") in tuple(error.trailing_metadata() or ())
+            assert a.max_active <= 3
+            # The split flips to v2 while calls keep going; no call fails on the way.
+            a.delay = b.delay = 0.0
+            vs2 = split(0, extra="retries: {attempts: 0}\n  ")
+            grpc_mesh.write(
+                mesh_yaml({"v1": a.port, "v2": b.port}, destination_rule=dr, virtual_service=vs2)
+            )
+            seen: list[bytes] = []
+            deadline = asyncio.get_running_loop().time() + 10
+            while seen[-20:] != [b"v2"] * 20:
+                assert asyncio.get_running_loop().time() < deadline, "the new weights"
+                seen += await asyncio.gather(*(who(b"x", timeout=10) for _ in range(3)))
+
+    asyncio.run(main())
