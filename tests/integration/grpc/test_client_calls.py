@@ -272,3 +272,46 @@ def test_secure_channel_uses_the_credentials_per_endpoint(grpc_mesh: GrpcMesh) -
             assert info.value.code() is grpc.StatusCode.UNAVAILABLE  # plaintext to TLS
     finally:
         server.stop(None).wait(5)
+
+
+def test_generated_stubs_work_unchanged(grpc_mesh: GrpcMesh) -> None:
+    # grpcio-health-checking's generated HealthStub (protobuf serializers, registered
+    # methods) on a mesh channel, sync and aio: unary and server streaming.
+    from concurrent import futures
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    servicer = health.HealthServicer()
+    servicer.set("echo.Echo", health_pb2.HealthCheckResponse.SERVING)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        grpc_mesh.write(mesh_yaml({"v1": port}))
+        grpc_mesh.start()
+        request = health_pb2.HealthCheckRequest(service="echo.Echo")
+        with pymesh.grpc.insecure_channel(TARGET, xds_client=grpc_mesh.client) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(request, timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+            assert info.value.code() is grpc.StatusCode.NOT_FOUND
+            watch = stub.Watch(request, timeout=10)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+
+        async def aio() -> None:
+            async with pymesh.grpc.aio.insecure_channel(TARGET, xds_client=grpc_mesh.client) as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                reply = await stub.Check(request, timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                call = stub.Watch(request, timeout=10)
+                first = await call.read()
+                assert first.status == health_pb2.HealthCheckResponse.SERVING
+                call.cancel()
+
+        asyncio.run(aio())
+    finally:
+        server.stop(None).wait(5)
