@@ -52,6 +52,7 @@ from pymesh.core.flow import (
     AttemptResult,
     CallResult,
     Mirror,
+    ReplyKind,
     Send,
     call_flow,
     drive_sync,
@@ -541,7 +542,6 @@ class MeshChannel(grpc.Channel):
                         timeout=t,
                         metadata=md,
                         credentials=credentials,
-                        wait_for_ready=wait_for_ready,
                         compression=compression,
                     )
                     state.current = it
@@ -556,7 +556,6 @@ class MeshChannel(grpc.Channel):
                         timeout=t,
                         metadata=md,
                         credentials=credentials,
-                        wait_for_ready=wait_for_ready,
                         compression=compression,
                     )
                     return AttemptResult(OK, (value, None))
@@ -566,7 +565,6 @@ class MeshChannel(grpc.Channel):
                         timeout=t,
                         metadata=md,
                         credentials=credentials,
-                        wait_for_ready=wait_for_ready,
                         compression=compression,
                     )
                     return AttemptResult(OK, (value, call))
@@ -575,7 +573,6 @@ class MeshChannel(grpc.Channel):
                     timeout=t,
                     metadata=md,
                     credentials=credentials,
-                    wait_for_ready=wait_for_ready,
                     compression=compression,
                 )
                 state.current = fut
@@ -597,11 +594,23 @@ class MeshChannel(grpc.Channel):
             if state.cancelled:
                 raise _CallError(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED))
 
-        flow = call_flow(mesh.runtime, snapshot, info, clock=clock)
-        try:
-            result = drive_sync(flow, send=send, sleep=sleep, mirror=_no_mirror, discard=_discard)
-        except _CallError as stop:
-            raise stop.error from None
+        ready_until = (deadline if deadline is not None else start + CONFIG_WAIT) - 0.001
+        for waits in range(MAX_READY_WAITS):
+            flow = call_flow(mesh.runtime, snapshot, info, clock=clock)
+            try:
+                result = drive_sync(
+                    flow, send=send, sleep=sleep, mirror=_no_mirror, discard=_discard
+                )
+            except _CallError as stop:
+                raise stop.error from None
+            pause = ready_pause(waits)
+            if not (wait_for_ready and not_ready(result) and clock() + pause < ready_until):
+                break
+            result.release()
+            state.event.wait(pause)  # queued, as grpc queues a wait-for-ready call
+            if state.cancelled:
+                raise MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED)
+            snapshot = mesh.handle.current() or snapshot
         if result.local_reply is not None:
             raise error_of_reply(result, mesh.target)
         response = result.response
@@ -609,6 +618,29 @@ class MeshChannel(grpc.Channel):
             result.release()
             raise response
         return response, result
+
+
+MAX_READY_WAITS = 1000
+"""Bound on the re-runs of a ``wait_for_ready`` call (its deadline bounds it first)."""
+
+
+def not_ready(result: CallResult) -> bool:
+    """The call found no ready endpoint: no healthy upstream, or its last attempt could not
+    connect. A ``wait_for_ready`` call waits and runs again instead of failing."""
+    reply = result.local_reply
+    if reply is not None:
+        return reply.kind == ReplyKind.NO_HEALTHY_UPSTREAM
+    response = result.response
+    if isinstance(response, grpc.RpcError):
+        code = response.code()  # type: ignore[attr-defined]
+        details = response.details() or ""  # type: ignore[attr-defined]
+        return code is grpc.StatusCode.UNAVAILABLE and "failed to connect" in details
+    return False
+
+
+def ready_pause(waits: int) -> float:
+    """Back-off between re-runs of a waiting ``wait_for_ready`` call (20 ms doubling to 1 s)."""
+    return min(0.02 * float(1 << min(waits, 6)), 1.0)
 
 
 def _deadline_error() -> MeshRpcError:

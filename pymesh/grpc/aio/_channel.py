@@ -28,6 +28,7 @@ from pymesh.grpc._channel import (
     _COMMITTED,
     _END,
     CONFIG_WAIT,
+    MAX_READY_WAITS,
     OK,
     MeshTarget,
     _CallError,
@@ -38,6 +39,8 @@ from pymesh.grpc._channel import (
     classify,
     connectivity_of,
     is_xds_target,
+    not_ready,
+    ready_pause,
     subchannel_options,
 )
 from pymesh.grpc._errors import MeshRpcError, error_of_reply
@@ -259,12 +262,14 @@ class AioMeshChannel(grpc.aio.Channel):
         timeout: float | None,
         metadata: Any,
         on_attempt: Callable[[Any], None],
+        wait_for_ready: bool = False,
     ) -> tuple[Any, CallResult]:
         if self._closed:
             raise grpc.aio.UsageError("Channel is closed.")
         mesh = self._mesh
         clock = mesh.clock
-        deadline = None if timeout is None else clock() + timeout
+        start = clock()
+        deadline = None if timeout is None else start + timeout
         snapshot = mesh.handle.current()
         if snapshot is None:
             wait = CONFIG_WAIT if timeout is None else timeout
@@ -320,13 +325,21 @@ class AioMeshChannel(grpc.aio.Channel):
                 raise _CallError(_deadline_error())
             await asyncio.sleep(seconds)
 
-        flow = call_flow(mesh.runtime, snapshot, info, clock=clock)
-        try:
-            result = await drive_async(
-                flow, send=send, sleep=sleep, mirror=_no_mirror, discard=_discard
-            )
-        except _CallError as stop:
-            raise _aio_error(stop.error) from None
+        ready_until = (deadline if deadline is not None else start + CONFIG_WAIT) - 0.001
+        for waits in range(MAX_READY_WAITS):
+            flow = call_flow(mesh.runtime, snapshot, info, clock=clock)
+            try:
+                result = await drive_async(
+                    flow, send=send, sleep=sleep, mirror=_no_mirror, discard=_discard
+                )
+            except _CallError as stop:
+                raise _aio_error(stop.error) from None
+            pause = ready_pause(waits)
+            if not (wait_for_ready and not_ready(result) and clock() + pause < ready_until):
+                break
+            result.release()
+            await asyncio.sleep(pause)  # queued, as grpc queues a wait-for-ready call
+            snapshot = mesh.handle.current() or snapshot
         if result.local_reply is not None:
             raise _aio_error(error_of_reply(result, mesh.target))
         response = result.response
@@ -396,16 +409,14 @@ class _Multi:
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> MeshAioCall:
-        kwargs = {
-            "credentials": credentials,
-            "wait_for_ready": wait_for_ready,
-            "compression": compression,
-        }
+        kwargs = {"credentials": credentials, "compression": compression}
         writer = None
         if self._spec.streaming_request and request is None:
             writer = _Writer()
             request = writer
-        return MeshAioCall(self._channel, self._spec, request, kwargs, timeout, metadata, writer)
+        return MeshAioCall(
+            self._channel, self._spec, request, kwargs, timeout, metadata, writer, wait_for_ready
+        )
 
 
 class MeshAioCall:
@@ -429,6 +440,7 @@ class MeshAioCall:
         timeout: float | None,
         metadata: Any,
         writer: _Writer | None,
+        wait_for_ready: bool | None = None,
     ) -> None:
         self._spec = spec
         self._writer = writer
@@ -437,7 +449,15 @@ class MeshAioCall:
         self._result: CallResult | None = None
         self._released = False
         self._channel = channel
-        self._args = (spec, request, kwargs, timeout, metadata, self._set_attempt)
+        self._args = (
+            spec,
+            request,
+            kwargs,
+            timeout,
+            metadata,
+            self._set_attempt,
+            bool(wait_for_ready),
+        )
         self._loop = asyncio.get_running_loop()
         self._fut: asyncio.Future[Any] | None = None
         self._inline: asyncio.Task[Any] | None = None

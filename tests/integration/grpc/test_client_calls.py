@@ -315,3 +315,42 @@ def test_generated_stubs_work_unchanged(grpc_mesh: GrpcMesh) -> None:
         asyncio.run(aio())
     finally:
         server.stop(None).wait(5)
+
+
+def test_wait_for_ready_waits_for_an_endpoint(grpc_mesh: GrpcMesh) -> None:
+    import socket
+    import threading
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there yet
+    grpc_mesh.write(mesh_yaml({"v1": port}))
+    grpc_mesh.start()
+    started: list[EchoServer] = []
+    timer = threading.Timer(0.6, lambda: started.append(EchoServer("late", port)))
+    try:
+        with pymesh.grpc.insecure_channel(TARGET, xds_client=grpc_mesh.client) as channel:
+            who = channel.unary_unary(WHO)
+            begin = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                who(b"x", timeout=5)  # fail fast: no endpoint is ready
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - begin < 2
+            timer.start()
+            assert who(b"x", timeout=10, wait_for_ready=True) == b"late"
+            assert time.monotonic() - begin >= 0.6
+
+            async def aio() -> bytes:
+                async with pymesh.grpc.aio.insecure_channel(
+                    TARGET, xds_client=grpc_mesh.client
+                ) as ch:
+                    value: bytes = await ch.unary_unary(WHO)(b"x", wait_for_ready=True)
+                    return value
+
+            assert asyncio.run(aio()) == b"late"
+    finally:
+        timer.cancel()
+        timer.join(5)
+        for s in started:
+            s.stop()
