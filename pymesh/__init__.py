@@ -1,5 +1,34 @@
-"""pymesh: Istio's data plane as a Python library (proxyless xDS for httpx and grpcio)."""
+"""pymesh: Istio's data plane as a Python library (proxyless xDS for httpx and grpcio).
+
+The adapters are subpackages, imported on first use so that an httpx service never loads
+grpcio's adapter and the other way round::
+
+    import pymesh
+
+    with pymesh.httpx.Client() as client:
+        client.get("http://reviews.default.svc.cluster.local:9080/reviews/0")
+
+    channel = pymesh.grpc.insecure_channel("xds:///ratings.default.svc.cluster.local:9080")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from pymesh._version import __version__
 
-__all__ = ["__version__"]
+if TYPE_CHECKING:
+    from pymesh import errors, grpc, httpx
+
+__all__ = ["__version__", "errors", "grpc", "httpx"]
+
+_LAZY = frozenset({"errors", "grpc", "httpx", "asgi"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f"pymesh.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'pymesh' has no attribute {name!r}")
