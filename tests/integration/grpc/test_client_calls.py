@@ -354,3 +354,36 @@ def test_wait_for_ready_waits_for_an_endpoint(grpc_mesh: GrpcMesh) -> None:
         timer.join(5)
         for s in started:
             s.stop()
+
+
+def test_one_runtime_shared_with_the_httpx_adapter(
+    two: tuple[GrpcMesh, EchoServer, EchoServer],
+) -> None:
+    # Same xDS client -> the same MeshRuntime: one set of breakers, outlier detectors and
+    # balancers per cluster for gRPC and HTTP calls alike.
+    import pymesh.httpx
+    from pymesh.core.runtime import MeshRuntime
+
+    mesh, _, _ = two
+    assert mesh.client is not None
+    runtime = MeshRuntime.for_client(mesh.client)
+    channel = pymesh.grpc.insecure_channel(TARGET, xds_client=mesh.client)
+    aio_runtime: list[MeshRuntime] = []
+
+    async def aio() -> None:
+        async with pymesh.grpc.aio.insecure_channel(TARGET, xds_client=mesh.client) as ch:
+            assert isinstance(ch, pymesh.grpc.aio.AioMeshChannel)
+            aio_runtime.append(ch.runtime)
+
+    transport = pymesh.httpx.MeshTransport(mesh.client)
+    try:
+        assert isinstance(channel, pymesh.grpc.MeshChannel)
+        assert channel.runtime is runtime
+        asyncio.run(aio())
+        assert aio_runtime == [runtime]
+        assert transport.runtime is runtime
+        channel.unary_unary(WHO)(b"x", timeout=10)
+        assert any(name.startswith("outbound|7070||") for name in runtime.clusters())
+    finally:
+        transport.close()
+        channel.close()
