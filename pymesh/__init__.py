@@ -9,6 +9,8 @@ grpcio's adapter and the other way round::
         client.get("http://reviews.default.svc.cluster.local:9080/reviews/0")
 
     channel = pymesh.grpc.insecure_channel("xds:///ratings.default.svc.cluster.local:9080")
+
+    pymesh.serve(app, port=9080)  # an ASGI app with the mesh's inbound mTLS and RBAC
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from typing import TYPE_CHECKING, Any
 from pymesh._version import __version__
 
 if TYPE_CHECKING:
+    from pymesh import asgi as asgi
     from pymesh import errors, grpc, httpx
+    from pymesh.asgi import serve as serve
 
+# ``asgi`` and ``serve`` are reachable lazily too (pinned by tests/test_exported_members.py).
 __all__ = ["__version__", "errors", "grpc", "httpx"]
 
 _LAZY = frozenset({"errors", "grpc", "httpx", "asgi"})
@@ -31,4 +36,9 @@ def __getattr__(name: str) -> Any:
         module = importlib.import_module(f"pymesh.{name}")
         globals()[name] = module
         return module
+    if name == "serve":
+        from pymesh.asgi import serve as serve_
+
+        globals()["serve"] = serve_
+        return serve_
     raise AttributeError(f"module 'pymesh' has no attribute {name!r}")
