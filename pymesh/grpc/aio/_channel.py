@@ -449,15 +449,10 @@ class MeshAioCall:
         self._result: CallResult | None = None
         self._released = False
         self._channel = channel
-        self._args = (
-            spec,
-            request,
-            kwargs,
-            timeout,
-            metadata,
-            self._set_attempt,
-            bool(wait_for_ready),
-        )
+        # No bound method of ``self`` in here: a reference cycle per call would leave every
+        # call's objects to the cyclic garbage collector.
+        self._args = (spec, request, kwargs, timeout, metadata)
+        self._wait_for_ready = bool(wait_for_ready)
         self._loop = asyncio.get_running_loop()
         self._fut: asyncio.Future[Any] | None = None
         self._inline: asyncio.Task[Any] | None = None
@@ -467,11 +462,14 @@ class MeshAioCall:
     def _start(self) -> asyncio.Future[Any]:
         fut = self._fut
         if fut is None:
-            fut = self._fut = self._loop.create_task(self._channel._call(*self._args))
+            fut = self._fut = self._loop.create_task(self._run())
         return fut
 
     def _set_attempt(self, call: Any) -> None:
         self._attempt = call
+
+    def _run(self) -> Any:
+        return self._channel._call(*self._args, self._set_attempt, self._wait_for_ready)
 
     def _release(self) -> None:
         if not self._released and self._result is not None:
@@ -507,7 +505,7 @@ class MeshAioCall:
         self._fut = fut
         self._inline = asyncio.current_task()
         try:
-            out = await self._channel._call(*self._args)
+            out = await self._run()
         except asyncio.CancelledError:
             fut.cancel()
             raise
