@@ -25,7 +25,7 @@ from pymesh.xds.codec.csds import (
     encode_status_response,
 )
 
-__all__ = ["CSDS_SERVICE", "add_csds_servicer", "csds_handler"]
+__all__ = ["CSDS_SERVICE", "add_csds_servicer", "csds_handler", "serve_csds"]
 
 
 class _StatusClient(Protocol):
@@ -79,3 +79,22 @@ def csds_handler(client: _StatusClient) -> grpc.GenericRpcHandler:  # type: igno
 def add_csds_servicer(server: grpc.Server | grpc.aio.Server, client: _StatusClient) -> None:
     """Serve CSDS for ``client`` on ``server`` (call before ``server.start()``)."""
     server.add_generic_rpc_handlers((csds_handler(client),))
+
+
+def serve_csds(client: _StatusClient, host: str, port: int) -> tuple[grpc.Server, int]:
+    """Start a small grpcio server serving only CSDS for ``client`` on ``host:port``
+    (``port=0``: a free one). Returns the started server and its port; stop it with
+    ``server.stop(None)``. Raises :class:`XdsError` if the address cannot be bound."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2, thread_name_prefix="pymesh-csds"))
+    add_csds_servicer(server, client)
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(target)
+    except RuntimeError as exc:  # grpcio raises when it cannot bind
+        raise XdsError(f"CSDS: cannot listen on {target}: {exc}") from exc
+    if not bound:
+        raise XdsError(f"CSDS: cannot listen on {target}")
+    server.start()
+    return server, bound

@@ -1,0 +1,79 @@
+"""The per-workload admin endpoint (Istio's 15000-style): config dump, clusters, stats,
+readiness and certificates, on loopback, off the application's ports.
+
+One per process, opt-in::
+
+    import pymesh.admin
+    pymesh.admin.start(port=15000)          # for the process-wide xDS client
+    pymesh.admin.start_from_env()           # if PYMESH_ADMIN_PORT is set (else no-op)
+
+or an :class:`AdminServer` per explicit :class:`~pymesh.xds.client.XdsClient` (tests, several
+clients in one process). ``pymesh proxy-config ... HOST:PORT`` reads it. Environment:
+``PYMESH_ADMIN_PORT`` (port; unset = off), ``PYMESH_ADMIN_HOST`` (default ``127.0.0.1``),
+``PYMESH_CSDS_PORT`` (also serve CSDS over gRPC on that port).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from pymesh.admin._server import ENDPOINTS, AdminServer
+from pymesh.errors import ConfigError
+
+__all__ = ["ENDPOINTS", "AdminServer", "current", "start", "start_from_env", "stop"]
+
+_lock = threading.Lock()
+_server: AdminServer | None = None
+
+
+def start(
+    *, port: int = 15000, host: str = "127.0.0.1", csds_port: int | None = None
+) -> AdminServer:
+    """Start the process's admin endpoint for the process-wide xDS client (idempotent: a
+    second call returns the running one)."""
+    global _server
+    with _lock:
+        if _server is None:
+            from pymesh.xds.client import XdsClient
+
+            _server = AdminServer(
+                XdsClient.shared(), host=host, port=port, csds_port=csds_port
+            ).start()
+        return _server
+
+
+def _env_port(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a port number", field=name) from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{name}={value!r} is out of range", field=name)
+    return port
+
+
+def start_from_env() -> AdminServer | None:
+    """:func:`start` if ``PYMESH_ADMIN_PORT`` is set, else ``None``."""
+    port = _env_port("PYMESH_ADMIN_PORT")
+    if port is None:
+        return None
+    host = os.environ.get("PYMESH_ADMIN_HOST", "").strip() or "127.0.0.1"
+    return start(port=port, host=host, csds_port=_env_port("PYMESH_CSDS_PORT"))
+
+
+def current() -> AdminServer | None:
+    """The process's admin endpoint, if started."""
+    return _server
+
+
+def stop() -> None:
+    """Stop the process's admin endpoint (if any)."""
+    global _server
+    with _lock:
+        server, _server = _server, None
+    if server is not None:
+        server.stop()
