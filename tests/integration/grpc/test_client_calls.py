@@ -387,3 +387,34 @@ def test_one_runtime_shared_with_the_httpx_adapter(
     finally:
         transport.close()
         channel.close()
+
+
+def test_unknown_target_fails_unavailable(two: tuple[GrpcMesh, EchoServer, EchoServer]) -> None:
+    # The control plane has no listener for the name: the call fails UNAVAILABLE (as
+    # grpcio's xDS client does once the listener does not exist), sync and aio.
+    # (A client with a short does-not-exist timer: the listener never comes, gRFC A27.)
+    import json
+
+    from pymesh.bootstrap import parse_bootstrap
+    from pymesh.xds.client import XdsClient
+
+    mesh, _, _ = two
+    target = "xds:///nobody.default.svc.cluster.local:7070"
+    bootstrap = parse_bootstrap(json.dumps(mesh.bootstrap), source="test")
+    with XdsClient(bootstrap, does_not_exist_timeout=0.5) as client:
+        started = time.monotonic()
+        with pymesh.grpc.insecure_channel(target, xds_client=client) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary(WHO)(b"x", timeout=30)
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "nobody.default.svc.cluster.local:7070" in info.value.details()
+            assert time.monotonic() - started < 10
+
+            async def aio() -> None:
+                async with pymesh.grpc.aio.insecure_channel(target, xds_client=client) as ch:
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        await ch.unary_unary(WHO)(b"x", timeout=30)
+                    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+                    assert ch.get_state() is grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
+            asyncio.run(aio())
