@@ -63,6 +63,7 @@ from pymesh.httpx._targets import MeshTarget, TargetResolver, Verdict
 from pymesh.httpx._tls import UpstreamTls, endpoint_tls
 from pymesh.model.cluster import UpstreamProtocol
 from pymesh.model.snapshot import TargetError
+from pymesh.telemetry import _telemetry
 from pymesh.xds.client import XdsClient
 
 __all__ = ["RESULT_EXTENSION", "AsyncMeshTransport", "MeshTransport", "OutboundTrafficPolicy"]
@@ -693,6 +694,12 @@ class MeshTransport(httpx.BaseTransport):
                 return core.failure(exc, timeouts)
             return AttemptResult(core.outcome_of(resp), resp)
 
+        tcall = _telemetry.http_client_call(
+            request.method,
+            url.netloc.decode("ascii"),
+            url.raw_path.decode("ascii"),
+            request.headers.__setitem__,
+        )  # telemetry: trace headers in, call timed
         info, origin = core.request_info(request)
         flow = call_flow(core.runtime, snapshot, info, clock=core.clock)
         result = drive_sync(
@@ -703,13 +710,15 @@ class MeshTransport(httpx.BaseTransport):
             discard=_discard_sync,
         )
         if result.local_reply is not None:
+            if tcall is not None:
+                _telemetry.finish_local(tcall, result, len(body))
             return core.local_response(result, request, target)
         resp = result.response
         assert isinstance(resp, httpcore.Response)
         return httpx.Response(
             resp.status,
             headers=core.response_headers(resp.headers, result),
-            stream=_SyncStream(resp.stream, result.release),
+            stream=_SyncStream(*_body(tcall, result, resp, len(body))),
             extensions={**resp.extensions, RESULT_EXTENSION: result},
         )
 
@@ -765,6 +774,15 @@ class MeshTransport(httpx.BaseTransport):
         if self._passthrough is not None:
             self._passthrough.close()
         self._core.close()
+
+
+def _body(
+    tcall: _telemetry.ClientCall | None, result: CallResult, resp: httpcore.Response, sent: int
+) -> tuple[Any, Callable[[], None]]:
+    """The response stream and release: counted and recorded by telemetry when it is on."""
+    if tcall is None:
+        return resp.stream, result.release
+    return _telemetry.upstream_body(tcall, result, resp.status, sent, resp.stream)
 
 
 def _discard_sync(response: object) -> None:
@@ -870,6 +888,12 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 return core.failure(exc, timeouts)
             return AttemptResult(core.outcome_of(resp), resp)
 
+        tcall = _telemetry.http_client_call(
+            request.method,
+            url.netloc.decode("ascii"),
+            url.raw_path.decode("ascii"),
+            request.headers.__setitem__,
+        )  # telemetry: trace headers in, call timed
         info, origin = core.request_info(request)
         flow = call_flow(core.runtime, snapshot, info, clock=core.clock)
         result = await drive_async(
@@ -880,13 +904,15 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             discard=_discard_async,
         )
         if result.local_reply is not None:
+            if tcall is not None:
+                _telemetry.finish_local(tcall, result, len(body))
             return core.local_response(result, request, target)
         resp = result.response
         assert isinstance(resp, httpcore.Response)
         return httpx.Response(
             resp.status,
             headers=core.response_headers(resp.headers, result),
-            stream=_AsyncStream(resp.stream, result.release),
+            stream=_AsyncStream(*_body(tcall, result, resp, len(body))),
             extensions={**resp.extensions, RESULT_EXTENSION: result},
         )
 

@@ -1,0 +1,112 @@
+"""Trace context in and out of requests: W3C ``traceparent`` and B3 (multi and single
+header), as Envoy and Istio propagate them. Pure functions over header getters/setters.
+
+Inbound precedence: ``traceparent`` (W3C), then the single ``b3`` header, then the
+``x-b3-*`` headers. Outbound, every configured format is written, so a peer that reads
+only one of them still joins the trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from opentelemetry.trace import SpanContext, TraceFlags, TraceState
+
+__all__ = ["FORMATS", "extract", "inject"]
+
+FORMATS = frozenset({"tracecontext", "b3multi", "b3"})
+
+_HEX = frozenset("0123456789abcdef")
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_EMPTY_STATE = TraceState()
+
+
+def _hex(value: str, lengths: tuple[int, ...]) -> int | None:
+    value = value.strip().lower()
+    if len(value) not in lengths or not set(value) <= _HEX:
+        return None
+    number = int(value, 16)
+    return number or None
+
+
+def _context(trace_id: int, span_id: int, sampled: bool) -> SpanContext:
+    return SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=_SAMPLED if sampled else _NOT_SAMPLED
+    )
+
+
+def _traceparent(value: str) -> SpanContext | None:
+    parts = value.strip().split("-")
+    if len(parts) < 4 or parts[0] == "ff" or len(parts[0]) != 2:
+        return None
+    if parts[0] == "00" and len(parts) != 4:
+        return None
+    trace_id = _hex(parts[1], (32,))
+    span_id = _hex(parts[2], (16,))
+    flags = _hex(parts[3], (2,))
+    if trace_id is None or span_id is None or len(parts[3]) != 2:
+        return None
+    return _context(trace_id, span_id, bool((flags or 0) & 1))
+
+
+def _b3_sampled(sampled: str | None, flags: str | None) -> bool | None:
+    if flags == "1":
+        return True  # debug implies sampled
+    if sampled is None:
+        return None
+    return sampled.strip().lower() in ("1", "true", "d")
+
+
+def _b3_single(value: str) -> SpanContext | None:
+    parts = value.strip().split("-")
+    if len(parts) < 2:
+        return None  # "0" / "1" / "d" alone: a sampling decision without a trace
+    trace_id = _hex(parts[0], (16, 32))
+    span_id = _hex(parts[1], (16,))
+    if trace_id is None or span_id is None:
+        return None
+    sampled = _b3_sampled(parts[2] if len(parts) > 2 else None, None)
+    return _context(trace_id, span_id, bool(sampled))
+
+
+def extract(get: Callable[[str], str | None]) -> SpanContext | None:
+    """The remote parent span of an inbound request (``get`` reads a lower-case header)."""
+    value = get("traceparent")
+    if value:
+        found = _traceparent(value)
+        if found is not None:
+            return found
+    value = get("b3")
+    if value:
+        found = _b3_single(value)
+        if found is not None:
+            return found
+    trace = get("x-b3-traceid")
+    span = get("x-b3-spanid")
+    if trace and span:
+        trace_id = _hex(trace, (16, 32))
+        span_id = _hex(span, (16,))
+        if trace_id is not None and span_id is not None:
+            sampled = _b3_sampled(get("x-b3-sampled"), get("x-b3-flags"))
+            return _context(trace_id, span_id, bool(sampled))
+    return None
+
+
+def inject(
+    context: SpanContext,
+    set_header: Callable[[str, str], None],
+    formats: frozenset[str] = frozenset({"tracecontext", "b3multi"}),
+) -> None:
+    """Write ``context`` into an outbound request in every format of ``formats``."""
+    trace = f"{context.trace_id:032x}"
+    span = f"{context.span_id:016x}"
+    sampled = context.trace_flags.sampled
+    if "tracecontext" in formats:
+        set_header("traceparent", f"00-{trace}-{span}-{'01' if sampled else '00'}")
+    if "b3multi" in formats:
+        set_header("x-b3-traceid", trace)
+        set_header("x-b3-spanid", span)
+        set_header("x-b3-sampled", "1" if sampled else "0")
+    if "b3" in formats:
+        set_header("b3", f"{trace}-{span}-{'1' if sampled else '0'}")

@@ -1,0 +1,882 @@
+"""The process's :class:`Telemetry`: metrics, traces and access logs of every mesh request.
+
+Adapters call it at two points per request (a start and a finish), through the
+:class:`ClientCall` / :class:`ServerCall` objects it returns; nothing else in pymesh imports
+OpenTelemetry. One ``Telemetry`` per process (:func:`install` / :func:`current`); when none
+is installed, adapters skip telemetry entirely (one global read per request).
+
+Cost on the hot path (see ``bench/telemetry_bench.py``): labels are memoized per
+``(protocol, status, flags, cluster, endpoint)`` key, the metrics table is a dict of
+counters (see :mod:`pymesh.telemetry._metrics`), and an unsampled request makes no
+OpenTelemetry span at all: the sampling decision (parent's flag, else ``trace_sampling``
+percent) is taken here, and the trace context is still propagated with the sampled flag
+off, so downstream services agree.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Metric
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+
+from pymesh.telemetry import _propagation
+from pymesh.telemetry._accesslog import AccessRecord, format_json, format_text
+from pymesh.telemetry._labels import (
+    UNKNOWN,
+    PeerWorkload,
+    Workload,
+    principal_of,
+    service_name_namespace,
+    service_of_cluster,
+)
+from pymesh.telemetry._metrics import RequestMetrics, render_prometheus
+
+if TYPE_CHECKING:
+    from pymesh.bootstrap import Node
+    from pymesh.core.flow import CallResult
+    from pymesh.core.runtime import MeshRuntime
+    from pymesh.xds.client import XdsClient
+
+__all__ = [
+    "AccessLogMode",
+    "ClientCall",
+    "ServerCall",
+    "Telemetry",
+    "current",
+    "install",
+    "uninstall",
+]
+
+_log = logging.getLogger("pymesh.telemetry")
+
+AccessLogMode = Literal["off", "sampled", "full"]
+
+_MAX_LABEL_CACHE = 4096
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+
+_current: Telemetry | None = None
+_install_lock = threading.Lock()
+
+
+def current() -> Telemetry | None:
+    """The installed process-wide :class:`Telemetry`, or ``None`` (telemetry off)."""
+    return _current
+
+
+def install(telemetry: Telemetry) -> Telemetry:
+    """Make ``telemetry`` the process's telemetry (replaces any previous one)."""
+    global _current
+    with _install_lock:
+        _current = telemetry
+    return telemetry
+
+
+def uninstall(telemetry: Telemetry | None = None) -> None:
+    """Turn telemetry off (only if ``telemetry`` is the installed one, when given)."""
+    global _current
+    with _install_lock:
+        if telemetry is None or _current is telemetry:
+            _current = None
+
+
+def _flags_text(flags: tuple[str, ...]) -> str:
+    return ",".join(flags) if flags else "-"
+
+
+class Telemetry:
+    """Metrics, traces and access logs for every mesh request of this process.
+
+    ``node``: the bootstrap node (its metadata names this workload: ``WORKLOAD_NAME``,
+    ``NAMESPACE``, ``LABELS``, ``CLUSTER_ID``, ``SERVICE_ACCOUNT``, ``TRUST_DOMAIN``).
+    ``metrics``: record Istio's request metrics. ``access_log``: ``"off"``, ``"sampled"``
+    (a random ``access_log_sample`` fraction, plus every request with a response flag or a
+    5xx) or ``"full"``; ``access_log_format``: ``"text"`` (Envoy's default) or ``"json"``;
+    lines go to ``access_log_sink`` (default: the ``pymesh.access`` logger at INFO).
+    ``trace_sampling``: percent of new traces sampled (Istio's ``sampling``, default 1.0);
+    an inbound parent's decision always wins. ``tracer_provider``: where sampled spans go
+    (default: a fresh SDK provider; add a span processor to export). ``propagation``:
+    outbound formats among ``tracecontext``, ``b3multi``, ``b3``. ``rng``: the sampling
+    randomness (seed it in tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        node: Node | None = None,
+        metrics: bool = True,
+        access_log: AccessLogMode = "off",
+        access_log_format: Literal["text", "json"] = "text",
+        access_log_sample: float = 0.01,
+        access_log_sink: Callable[[str], None] | None = None,
+        tracing: bool = True,
+        trace_sampling: float = 1.0,
+        tracer_provider: trace.TracerProvider | None = None,
+        propagation: Iterable[str] = ("tracecontext", "b3multi"),
+        rng: random.Random | None = None,
+    ) -> None:
+        if access_log not in ("off", "sampled", "full"):
+            raise ValueError(f"access_log must be off, sampled or full, not {access_log!r}")
+        if access_log_format not in ("text", "json"):
+            raise ValueError(f"access_log_format must be text or json, not {access_log_format!r}")
+        if not 0.0 <= trace_sampling <= 100.0:
+            raise ValueError(f"trace_sampling is a percentage (0-100), not {trace_sampling!r}")
+        formats = frozenset(propagation)
+        if not formats <= _propagation.FORMATS:
+            raise ValueError(
+                f"unknown propagation format(s): {sorted(formats - _propagation.FORMATS)}"
+            )
+        self.metrics_enabled = metrics
+        self.access_log = access_log
+        self._format = format_json if access_log_format == "json" else format_text
+        self._sample_logs = access_log_sample
+        access_logger = logging.getLogger("pymesh.access")
+        self._sink = access_log_sink or (lambda line: access_logger.info("%s", line))
+        self.tracing = tracing
+        self._trace_ratio = trace_sampling / 100.0
+        self.propagation = formats
+        self._rng = rng or random.Random()
+        if tracer_provider is None:
+            # Spans reach this provider only once *we* sampled them: the SDK must not re-sample.
+            tracer_provider = TracerProvider(sampler=ALWAYS_ON)
+        self.tracer_provider = tracer_provider
+        self._tracer = tracer_provider.get_tracer("pymesh")
+        self.requests = RequestMetrics()
+        self._label_cache: dict[tuple[Any, ...], tuple[str, ...]] = {}
+        self._peer_cache: dict[int, Workload] = {}
+        self._counters_lock = threading.Lock()
+        self.retries: dict[str, int] = {}
+        self.overflows: dict[str, int] = {}
+        self._runtimes: list[MeshRuntime] = []
+        self._xds_clients: list[XdsClient] = []
+        self._certificates: dict[str, Callable[[], float | None]] = {}
+        self._reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self._reader])
+        self._register_internals()
+        self._servers: list[Any] = []
+        self.set_node(node)
+
+    # -- identity ------------------------------------------------------------------------
+
+    def set_node(self, node: Node | None) -> None:
+        """Name this workload from a bootstrap node (``None``: every local label unknown)."""
+        if node is None:
+            self.workload = Workload()
+            self.identity = UNKNOWN
+        else:
+            self.workload = Workload.from_node(
+                workload=node.workload_name,
+                namespace=node.namespace,
+                labels=node.labels,
+                cluster_id=node.cluster_id,
+            )
+            sa = node.service_account
+            ns = node.namespace
+            self.identity = (
+                f"spiffe://{node.trust_domain}/ns/{ns}/sa/{sa}" if sa and ns else UNKNOWN
+            )
+        self._label_cache = {}
+
+    # -- client side ---------------------------------------------------------------------
+
+    def client_call(
+        self,
+        *,
+        protocol: str,
+        method: str,
+        authority: str,
+        path: str,
+        set_header: Callable[[str, str], None],
+    ) -> ClientCall:
+        """Start an outbound request: opens its client span (when sampled) and writes the
+        trace headers with ``set_header``. Call :meth:`ClientCall.finish` once it ends."""
+        span = None
+        if self.tracing:
+            parent = trace.get_current_span().get_span_context()
+            sampled = (
+                parent.trace_flags.sampled
+                if parent.is_valid
+                else self._rng.random() < self._trace_ratio
+            )
+            if sampled:
+                span = self._tracer.start_span(
+                    f"{authority}{path.split('?', 1)[0]}", kind=SpanKind.CLIENT
+                )
+                _propagation.inject(span.get_span_context(), set_header, self.propagation)
+            else:
+                ctx = _unsampled_child(parent, self._rng)
+                _propagation.inject(ctx, set_header, self.propagation)
+        return ClientCall(self, protocol, method, authority, path, span)
+
+    def _client_labels(  # noqa: PLR0917 - hot path, internal
+        self,
+        protocol: str,
+        status: int,
+        grpc_status: int | None,
+        flags: tuple[str, ...],
+        cluster: str | None,
+        host: Any,
+        mtls: bool,
+    ) -> tuple[str, ...]:
+        metadata = getattr(host, "metadata", None)
+        key = (protocol, status, grpc_status, flags, cluster, id(metadata), mtls)
+        found = self._label_cache.get(key)
+        if found is not None:
+            return found
+        peer = self._peer_cache.get(id(metadata))
+        if peer is None:
+            peer = PeerWorkload.from_metadata(metadata)
+            if len(self._peer_cache) > _MAX_LABEL_CACHE:
+                self._peer_cache = {}
+            self._peer_cache[id(metadata)] = peer
+        service, name, namespace = service_of_cluster(cluster)
+        src = self.workload
+        labels = (
+            "source",
+            src.workload,
+            src.canonical_service,
+            src.canonical_revision,
+            src.namespace,
+            self.identity if mtls else UNKNOWN,
+            src.app,
+            src.version,
+            src.cluster,
+            peer.workload,
+            peer.namespace,
+            UNKNOWN,
+            peer.app,
+            peer.version,
+            service,
+            peer.canonical_service,
+            peer.canonical_revision,
+            name,
+            namespace,
+            peer.cluster,
+            protocol,
+            str(status),
+            "" if grpc_status is None else str(grpc_status),
+            _flags_text(flags),
+            UNKNOWN,  # Istio's client reporter does not know the policy
+        )
+        if len(self._label_cache) > _MAX_LABEL_CACHE:
+            self._label_cache = {}
+        self._label_cache[key] = labels
+        return labels
+
+    # -- server side ---------------------------------------------------------------------
+
+    def server_call(
+        self,
+        *,
+        protocol: str,
+        method: str,
+        authority: str,
+        path: str,
+        get_header: Callable[[str], str | None],
+    ) -> ServerCall:
+        """Start an inbound request: joins the caller's trace (W3C, then B3 single, then
+        B3 multi), opens the server span when sampled and makes it the current context (so
+        the handler's own spans and outbound calls nest under it). Call
+        :meth:`ServerCall.finish` from the same thread / task once the response is sent."""
+        span: Any = None
+        token = None
+        if self.tracing:
+            parent = _propagation.extract(get_header)
+            if parent is not None:
+                sampled = parent.trace_flags.sampled
+            else:
+                sampled = self._rng.random() < self._trace_ratio
+            parent_ctx = (
+                trace.set_span_in_context(NonRecordingSpan(parent))
+                if parent is not None
+                else otel_context.Context()
+            )
+            if sampled:
+                span = self._tracer.start_span(
+                    f"{authority}{path.split('?', 1)[0]}",
+                    context=parent_ctx,
+                    kind=SpanKind.SERVER,
+                )
+                token = otel_context.attach(trace.set_span_in_context(span, parent_ctx))
+            else:
+                child = (
+                    _unsampled_child(parent, self._rng)
+                    if parent is not None
+                    else _unsampled_child(trace.INVALID_SPAN_CONTEXT, self._rng)
+                )
+                token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(child)))
+        return ServerCall(self, protocol, method, authority, path, span, token, get_header)
+
+    def _server_labels(  # noqa: PLR0917 - hot path, internal
+        self,
+        protocol: str,
+        status: int,
+        grpc_status: int | None,
+        flags: tuple[str, ...],
+        authority: str,
+        peer_principal: str,
+        mtls: bool,
+    ) -> tuple[str, ...]:
+        key = ("in", protocol, status, grpc_status, flags, authority, peer_principal, mtls)
+        found = self._label_cache.get(key)
+        if found is not None:
+            return found
+        host = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+        name, namespace = service_name_namespace(host) if host else (UNKNOWN, UNKNOWN)
+        dst = self.workload
+        labels = (
+            "destination",
+            UNKNOWN,
+            UNKNOWN,
+            UNKNOWN,
+            _namespace_of(peer_principal),
+            peer_principal,
+            UNKNOWN,
+            UNKNOWN,
+            UNKNOWN,
+            dst.workload,
+            dst.namespace,
+            self.identity if mtls else UNKNOWN,
+            dst.app,
+            dst.version,
+            host or UNKNOWN,
+            dst.canonical_service,
+            dst.canonical_revision,
+            name,
+            namespace if namespace != UNKNOWN else dst.namespace,
+            dst.cluster,
+            protocol,
+            str(status),
+            "" if grpc_status is None else str(grpc_status),
+            _flags_text(flags),
+            "mutual_tls" if mtls else "none",
+        )
+        if len(self._label_cache) > _MAX_LABEL_CACHE:
+            self._label_cache = {}
+        self._label_cache[key] = labels
+        return labels
+
+    # -- recording -----------------------------------------------------------------------
+
+    def _log(self, record: AccessRecord, flagged: bool) -> None:
+        mode = self.access_log
+        if mode == "off":
+            return
+        if mode == "sampled" and not flagged and self._rng.random() >= self._sample_logs:
+            return
+        try:
+            self._sink(self._format(record))
+        except Exception:  # a broken sink must never fail a request
+            _log.exception("access log sink failed")
+
+    def count_attempts(self, cluster: str | None, attempts: int, flags: tuple[str, ...]) -> None:
+        if cluster is None:
+            return
+        if attempts > 1 or "UO" in flags:
+            with self._counters_lock:
+                if attempts > 1:
+                    self.retries[cluster] = self.retries.get(cluster, 0) + attempts - 1
+                if "UO" in flags:
+                    self.overflows[cluster] = self.overflows.get(cluster, 0) + 1
+
+    # -- mesh internals ------------------------------------------------------------------
+
+    def watch_runtime(self, runtime: MeshRuntime) -> None:
+        """Report endpoints healthy / ejected per cluster of ``runtime`` and its xDS
+        client's connection and resource states (read at scrape time)."""
+        if runtime not in self._runtimes:
+            self._runtimes.append(runtime)
+        client = runtime.client
+        if client is not None:
+            self.watch_xds_client(client)
+
+    def watch_xds_client(self, client: XdsClient) -> None:
+        if client not in self._xds_clients:
+            self._xds_clients.append(client)
+
+    def watch_certificate(self, name: str, not_after: Callable[[], float | None]) -> None:
+        """Report ``pymesh_certificate_expiry_seconds{name}``: ``not_after()`` is the
+        current certificate's expiry (epoch seconds) or ``None`` when there is none."""
+        self._certificates[name] = not_after
+
+    def _register_internals(self) -> None:
+        from opentelemetry.metrics import CallbackOptions, Observation
+
+        meter = self.meter_provider.get_meter("pymesh")
+
+        def xds_connected(_: CallbackOptions) -> Iterator[Observation]:
+            for client in list(self._xds_clients):
+                for state in client.connection_states():
+                    yield Observation(int(state.connected), {"server": state.server_uri})
+
+        def xds_resources(_: CallbackOptions) -> Iterator[Observation]:
+            counts: dict[tuple[str, str], int] = {}
+            for client in list(self._xds_clients):
+                for s in client.resource_statuses():
+                    key = (s.rtype.value, s.status)
+                    counts[key] = counts.get(key, 0) + 1
+            for (type_url, status), n in sorted(counts.items()):
+                yield Observation(n, {"type_url": type_url, "status": status})
+
+        def endpoints(_: CallbackOptions) -> Iterator[Observation]:
+            now = time.monotonic()
+            for runtime in list(self._runtimes):
+                for name, cluster in list(runtime.clusters().items()):
+                    hosts = list(cluster.hosts.values())
+                    ejected = sum(1 for h in hosts if h.is_ejected(now))
+                    healthy = sum(
+                        1 for h in hosts if not h.is_ejected(now) and h.health.name in _UP
+                    )
+                    yield Observation(healthy, {"cluster_name": name, "state": "healthy"})
+                    yield Observation(ejected, {"cluster_name": name, "state": "ejected"})
+
+        def retries(_: CallbackOptions) -> Iterator[Observation]:
+            for name, n in sorted(self.retries.items()):
+                yield Observation(n, {"cluster_name": name})
+
+        def overflows(_: CallbackOptions) -> Iterator[Observation]:
+            for name, n in sorted(self.overflows.items()):
+                yield Observation(n, {"cluster_name": name})
+
+        def certificates(_: CallbackOptions) -> Iterator[Observation]:
+            for name, fn in list(self._certificates.items()):
+                try:
+                    value = fn()
+                except Exception:
+                    continue
+                if value is not None:
+                    yield Observation(value, {"name": name})
+
+        meter.create_observable_gauge(
+            "pymesh_xds_connected", [xds_connected], description="1 while the ADS stream is up"
+        )
+        meter.create_observable_gauge(
+            "pymesh_xds_resources",
+            [xds_resources],
+            description="Subscribed xDS resources per type and status (ACKED, NACKED, ...)",
+        )
+        meter.create_observable_gauge(
+            "pymesh_cluster_endpoints",
+            [endpoints],
+            description="Endpoints per cluster: healthy (usable) and ejected (outlier)",
+        )
+        meter.create_observable_counter(
+            "pymesh_upstream_rq_retry_total", [retries], description="Retries per cluster"
+        )
+        meter.create_observable_counter(
+            "pymesh_upstream_rq_pending_overflow_total",
+            [overflows],
+            description="Requests refused by circuit breaking (UO) per cluster",
+        )
+        meter.create_observable_gauge(
+            "pymesh_certificate_expiry_seconds",
+            [certificates],
+            description="Expiry time (epoch seconds) of the workload certificate",
+        )
+
+    # -- export --------------------------------------------------------------------------
+
+    def collect(self) -> list[Metric]:
+        """Every metric as OpenTelemetry points: Istio's request metrics, then internals."""
+        out = self.requests.otel_metrics() if self.metrics_enabled else []
+        data = self._reader.get_metrics_data()
+        if data is not None:
+            for rm in data.resource_metrics:
+                for sm in rm.scope_metrics:
+                    out.extend(sm.metrics)
+        return out
+
+    def prometheus_text(self) -> str:
+        """The Prometheus text exposition of :meth:`collect`."""
+        return render_prometheus(self.collect())
+
+    def serve_prometheus(
+        self, *, host: str = "127.0.0.1", port: int = 15020, path: str = "/stats/prometheus"
+    ) -> Any:
+        """Start the scrape endpoint (Istio's ``:15020/stats/prometheus``) on a thread;
+        returns a :class:`~pymesh.telemetry.PrometheusServer` (``port=0``: a free port).
+        Stopped by :meth:`close`."""
+        from pymesh.telemetry._server import PrometheusServer
+
+        server = PrometheusServer(self.prometheus_text, host=host, port=port, path=path)
+        self._servers.append(server)
+        return server
+
+    def close(self) -> None:
+        """Stop the scrape endpoints and uninstall this telemetry if it is installed."""
+        for server in self._servers:
+            server.close()
+        self._servers = []
+        uninstall(self)
+        self.meter_provider.shutdown()
+
+
+_UP = frozenset({"HEALTHY", "UNKNOWN", "DEGRADED"})
+
+
+def _namespace_of(principal: str) -> str:
+    parts = principal.split("/")
+    if principal.startswith("spiffe://") and "ns" in parts:
+        i = parts.index("ns")
+        if i + 1 < len(parts) and parts[i + 1]:
+            return parts[i + 1]
+    return UNKNOWN
+
+
+def _unsampled_child(parent: SpanContext, rng: random.Random) -> SpanContext:
+    """A span id of our own under ``parent`` (a new trace when invalid), not sampled."""
+    trace_id = parent.trace_id if parent.is_valid else rng.getrandbits(128) or 1
+    return SpanContext(
+        trace_id, rng.getrandbits(64) or 1, is_remote=False, trace_flags=_NOT_SAMPLED
+    )
+
+
+class ClientCall:
+    """One outbound request in flight (from :meth:`Telemetry.client_call`)."""
+
+    __slots__ = ("authority", "method", "path", "protocol", "span", "start", "t0", "tel")
+
+    def __init__(  # noqa: PLR0917 - built by Telemetry only
+        self, tel: Telemetry, protocol: str, method: str, authority: str, path: str, span: Any
+    ) -> None:
+        self.tel = tel
+        self.protocol = protocol
+        self.method = method
+        self.authority = authority
+        self.path = path
+        self.span = span
+        self.start = time.time()
+        self.t0 = time.perf_counter()
+
+    def finish(
+        self,
+        result: CallResult | None,
+        *,
+        status: int,
+        grpc_status: int | None = None,
+        flags: tuple[str, ...] | None = None,
+        request_bytes: int = 0,
+        response_bytes: int = 0,
+        request_messages: int = 0,
+        response_messages: int = 0,
+        request_id: str | None = None,
+        user_agent: str | None = None,
+        mtls: bool = False,
+    ) -> None:
+        """Record the finished request (``result``: the flow's, for cluster / host / flags)."""
+        tel = self.tel
+        duration = time.perf_counter() - self.t0
+        if flags is None:
+            flags = result.flags if result is not None else ()
+        cluster = result.cluster if result is not None else None
+        host = result.host if result is not None else None
+        if result is not None:
+            tel.count_attempts(cluster, result.attempts, flags)
+            if request_id is None and result.upstream_request is not None:
+                request_id = result.upstream_request.headers.get("x-request-id")
+        if tel.metrics_enabled:
+            labels = tel._client_labels(
+                self.protocol, status, grpc_status, flags, cluster, host, mtls
+            )
+            tel.requests.record(
+                labels,
+                duration * 1000.0,
+                request_bytes,
+                response_bytes,
+                request_messages,
+                response_messages,
+            )
+        span = self.span
+        upstream = host.key if host is not None else None
+        if span is not None:
+            _end_span(span, status, grpc_status, flags, cluster, upstream, self, request_id)
+        if tel.access_log != "off":
+            tel._log(
+                AccessRecord(
+                    start=self.start,
+                    method=self.method,
+                    path=self.path,
+                    protocol="HTTP/2" if self.protocol == "grpc" else "HTTP/1.1",
+                    status=status,
+                    flags=_flags_text(flags),
+                    bytes_received=request_bytes,
+                    bytes_sent=response_bytes,
+                    duration_ms=int(duration * 1000),
+                    authority=self.authority,
+                    upstream_host=upstream,
+                    upstream_cluster=cluster,
+                    request_id=request_id,
+                    user_agent=user_agent,
+                    grpc_status=grpc_status,
+                    reporter="source",
+                    trace_id=_trace_id(span),
+                ),
+                bool(flags) or status >= 500,
+            )
+
+
+class ServerCall:
+    """One inbound request in flight (from :meth:`Telemetry.server_call`)."""
+
+    __slots__ = (
+        "authority",
+        "get_header",
+        "method",
+        "path",
+        "protocol",
+        "span",
+        "start",
+        "t0",
+        "tel",
+        "token",
+    )
+
+    def __init__(  # noqa: PLR0917 - built by Telemetry only
+        self,
+        tel: Telemetry,
+        protocol: str,
+        method: str,
+        authority: str,
+        path: str,
+        span: Any,
+        token: contextvars.Token[Any] | None,
+        get_header: Callable[[str], str | None],
+    ) -> None:
+        self.tel = tel
+        self.protocol = protocol
+        self.method = method
+        self.authority = authority
+        self.path = path
+        self.span = span
+        self.token = token
+        self.get_header = get_header
+        self.start = time.time()
+        self.t0 = time.perf_counter()
+
+    def finish(
+        self,
+        *,
+        status: int,
+        grpc_status: int | None = None,
+        flags: tuple[str, ...] = (),
+        peer_uri_sans: Iterable[str] = (),
+        mtls: bool = False,
+        request_bytes: int = 0,
+        response_bytes: int = 0,
+        request_messages: int = 0,
+        response_messages: int = 0,
+    ) -> None:
+        """Record the finished request and restore the caller's trace context."""
+        tel = self.tel
+        duration = time.perf_counter() - self.t0
+        if self.token is not None:
+            try:
+                otel_context.detach(self.token)
+            except Exception:  # finished from another context: nothing to restore there
+                pass
+            self.token = None
+        principal = principal_of(tuple(peer_uri_sans))
+        if tel.metrics_enabled:
+            labels = tel._server_labels(
+                self.protocol, status, grpc_status, flags, self.authority, principal, mtls
+            )
+            tel.requests.record(
+                labels,
+                duration * 1000.0,
+                request_bytes,
+                response_bytes,
+                request_messages,
+                response_messages,
+            )
+        span = self.span
+        request_id = self.get_header("x-request-id")
+        if span is not None:
+            span.set_attribute("peer.principal", principal)
+            _end_span(span, status, grpc_status, flags, None, None, self, request_id)
+        if tel.access_log != "off":
+            tel._log(
+                AccessRecord(
+                    start=self.start,
+                    method=self.method,
+                    path=self.path,
+                    protocol="HTTP/2" if self.protocol == "grpc" else "HTTP/1.1",
+                    status=status,
+                    flags=_flags_text(flags),
+                    bytes_received=request_bytes,
+                    bytes_sent=response_bytes,
+                    duration_ms=int(duration * 1000),
+                    authority=self.authority,
+                    request_id=request_id,
+                    user_agent=self.get_header("user-agent"),
+                    forwarded_for=self.get_header("x-forwarded-for"),
+                    grpc_status=grpc_status,
+                    reporter="destination",
+                    trace_id=_trace_id(span),
+                ),
+                bool(flags) or status >= 500,
+            )
+
+
+def _trace_id(span: Any) -> str | None:
+    if span is None:
+        return None
+    return f"{span.get_span_context().trace_id:032x}"
+
+
+def _end_span(  # noqa: PLR0917 - internal
+    span: Any,
+    status: int,
+    grpc_status: int | None,
+    flags: tuple[str, ...],
+    cluster: str | None,
+    upstream: str | None,
+    call: ClientCall | ServerCall,
+    request_id: str | None,
+) -> None:
+    """Attributes as Istio's Envoy spans carry them, then end the span."""
+    attrs: dict[str, Any] = {
+        "http.method": call.method,
+        "http.url": f"http://{call.authority}{call.path}",
+        "http.protocol": "HTTP/2" if call.protocol == "grpc" else "HTTP/1.1",
+        "http.status_code": str(status),
+        "response_flags": _flags_text(flags),
+        "component": "proxy",
+        "istio.namespace": call.tel.workload.namespace,
+        "istio.canonical_service": call.tel.workload.canonical_service,
+        "istio.canonical_revision": call.tel.workload.canonical_revision,
+        "node_id": call.tel.workload.workload,
+    }
+    if request_id:
+        attrs["guid:x-request-id"] = request_id
+    if cluster is not None:
+        attrs["upstream_cluster"] = cluster
+        attrs["upstream_cluster.name"] = cluster
+    if upstream is not None:
+        attrs["upstream_address"] = upstream
+    if grpc_status is not None:
+        attrs["grpc.status_code"] = str(grpc_status)
+    span.set_attributes(attrs)
+    if status >= 500 or (grpc_status not in (None, 0)) or flags:
+        span.set_status(Status(StatusCode.ERROR))
+    span.end()
+
+
+def _headers_getter(headers: Mapping[str, str]) -> Callable[[str], str | None]:
+    return headers.get
+
+
+class UpstreamBody:
+    """Counts an upstream response body as the application reads it and records the call
+    when the body is closed (once), then runs the flow's ``release``. Wraps a sync or
+    async byte stream (``close`` / ``aclose`` are forwarded)."""
+
+    __slots__ = ("_call", "_done", "_grpc_status", "_release", "_result", "_stream",
+                 "request_bytes", "response_bytes", "status")  # fmt: skip
+
+    def __init__(
+        self,
+        call: ClientCall,
+        result: CallResult,
+        status: int,
+        request_bytes: int,
+        stream: Any,
+    ) -> None:
+        self._call = call
+        self._result = result
+        self._release = result.release
+        self._stream = stream
+        self._done = False
+        self._grpc_status: int | None = None
+        self.status = status
+        self.request_bytes = request_bytes
+        self.response_bytes = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._stream:
+            self.response_bytes += len(chunk)
+            yield chunk
+
+    async def __aiter__(self) -> Any:
+        async for chunk in self._stream:
+            self.response_bytes += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def release(self) -> None:
+        """The flow's release, then the record (idempotent)."""
+        self._release()
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._call.finish(
+                self._result,
+                status=self.status,
+                request_bytes=self.request_bytes,
+                response_bytes=self.response_bytes,
+            )
+        except Exception:  # telemetry must never fail the application's request
+            _log.exception("telemetry: recording a request failed")
+
+
+def http_client_call(
+    method: str, authority: str, path: str, set_header: Callable[[str, str], None]
+) -> ClientCall | None:
+    """For HTTP client adapters: a :class:`ClientCall` of the installed telemetry (trace
+    headers written with ``set_header``), or ``None`` when telemetry is off."""
+    tel = _current
+    if tel is None:
+        return None
+    return tel.client_call(
+        protocol="http", method=method, authority=authority, path=path, set_header=set_header
+    )
+
+
+def finish_local(call: ClientCall, result: CallResult, request_bytes: int) -> None:
+    """Record a call the mesh answered itself (a local reply: NR, UH, UO, UT, FI...)."""
+    reply = result.local_reply
+    try:
+        call.finish(
+            result,
+            status=reply.status if reply is not None else 0,
+            request_bytes=request_bytes,
+            response_bytes=len(reply.body) if reply is not None else 0,
+        )
+    except Exception:  # telemetry must never fail the application's request
+        _log.exception("telemetry: recording a request failed")
+
+
+def upstream_body(
+    call: ClientCall, result: CallResult, status: int, request_bytes: int, stream: Any
+) -> tuple[Any, Callable[[], None]]:
+    """``(stream, release)`` to hand the response body: counts it, records at release."""
+    body = UpstreamBody(call, result, status, request_bytes, stream)
+    return body, body.release
