@@ -191,7 +191,9 @@ class MeshServer:
     ``certificate_provider`` or the bootstrap's ``file_watcher`` provider ``instance``
     (Istio's agent writes ``default``); without either, the server is plaintext only (an
     mTLS listener makes it NOT_SERVING). ``trust_domains``: client SPIFFE IDs accepted
-    (default: the trust domain of our own certificate). :meth:`start` runs it on a thread
+    (default: the trust domain of our own certificate). ``certificate_wait``: how long to
+    wait for the provider's first certificate (Istio's agent may write the files after the
+    app starts); none by then: plaintext only, logged. :meth:`start` runs it on a thread
     (for tests and embedding), :meth:`run` on the calling thread; :meth:`stop` stops it.
     """
 
@@ -206,6 +208,7 @@ class MeshServer:
         instance: str = "default",
         trust_domains: Iterable[str] | None = None,
         handshake_timeout: float = 10.0,
+        certificate_wait: float = 10.0,
         log_level: str = "warning",
     ) -> None:
         self.host = host
@@ -223,11 +226,19 @@ class MeshServer:
             if entry is not None and entry.file_watcher is not None:
                 provider = FileWatcherProvider.from_config(entry.file_watcher)
                 self._owned.append(provider)
+        if provider is not None and not _has_certificate(provider, certificate_wait):
+            _log.warning(
+                "pymesh.serve: certificate provider %r has no certificate after %.1fs: "
+                "serving plaintext only (an mTLS listener leaves the app NOT_SERVING)",
+                instance,
+                certificate_wait,
+            )
+            provider = None
         self.provider = provider
         self._contexts: dict[bool, ssl.SSLContext] = {}
         if provider is not None:
             if trust_domains is None:
-                identity = provider.wait_ready(handshake_timeout).identity
+                identity = provider.current().identity
                 domain = _trust_domain(identity)
                 trust_domains = [domain] if domain else None
             for require in (True, False):
@@ -339,6 +350,17 @@ class MeshServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _has_certificate(provider: CertificateProvider, wait: float) -> bool:
+    try:
+        provider.wait_ready(wait)
+    except PymeshError:
+        return False
+    try:
+        return provider.current().has_identity
+    except PymeshError:
+        return False
 
 
 def _trust_domain(identity: str | None) -> str | None:
