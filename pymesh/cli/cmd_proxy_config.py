@@ -207,10 +207,14 @@ def listener_rows(dump_: dict[str, Any]) -> list[tuple[str, ...]]:
                 ),
                 None,
             )
+            chain_name = str(chain.get("name", "") or "")
             if hcm is not None:
-                rows.append((address, port, "HTTP", _hcm_destination(hcm)))
+                dest = _hcm_destination(hcm)
+                rows.append(
+                    (address, port, "HTTP", f"{dest} [{chain_name}]" if chain_name else dest)
+                )
             else:
-                rows.append((address, port, "TCP", str(chain.get("name", "-") or "-")))
+                rows.append((address, port, "TCP", chain_name or "-"))
     return rows
 
 

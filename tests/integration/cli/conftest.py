@@ -4,7 +4,10 @@ XdsClient with its own admin endpoint on port 0), with known traffic through the
 Workload ``productpage`` (plaintext) sends 6 httpx requests to ``echo`` (subset ``v1`` by a
 VirtualService); workload ``reviews`` has a workload certificate (file_watcher, issued by a
 test CA) and sends httpx requests to ``echo`` subset ``v2``, whose backend answers 503, so
-outlier detection (``consecutive5xxErrors: 1``) ejects it. Everything is stopped at the end.
+outlier detection (``consecutive5xxErrors: 1``) ejects it. ``reviews`` also serves gRPC
+(``pymesh.grpc.server``: an xDS-managed inbound listener) as ``ratings:7070``, and
+``productpage`` sends 4 gRPC calls to it through a mesh channel. Everything is stopped at
+the end.
 """
 
 from __future__ import annotations
@@ -12,19 +15,25 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from dataclasses import dataclass
 
 import pytest
 
+import pymesh.grpc
 import pymesh.httpx
 from pymesh.admin import AdminServer
 from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
 from pymesh.controlplane import ControlPlane
 from pymesh.xds.client import XdsClient
+from tests.integration.grpc.test_server_xds import SERVICE, echo_handlers
 from tests.integration.httpx.conftest import HOST, PORT, Backend, Upstream, service_yaml
 from tests.unit.security.pki_helpers import ca_bundle, make_ca
 
-__all__ = ["HOST", "PORT", "MeshWorld", "Workload", "wait_for"]
+__all__ = ["GRPC_HOST", "GRPC_PORT", "HOST", "PORT", "MeshWorld", "Workload", "wait_for"]
+
+GRPC_HOST = "ratings.default.svc.cluster.local"
+GRPC_PORT = 7070
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> None:
@@ -52,6 +61,7 @@ class MeshWorld:
     reviews: Workload
     trust_pem: bytes
     reviews_serial: str
+    grpc_port: int
 
 
 VS = """\
@@ -59,6 +69,17 @@ http:
 - match: [{headers: {x-subset: {exact: v2}}}]
   route: [{destination: {host: echo.default.svc.cluster.local, subset: v2}}]
 - route: [{destination: {host: echo.default.svc.cluster.local, subset: v1}}]
+"""
+RATINGS = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ratings, namespace: default}}
+spec:
+  hosts: [ratings.default.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 7070, name: grpc, protocol: GRPC}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{grpc: {port}}}}}]
 """
 DR = """\
 trafficPolicy:
@@ -119,8 +140,26 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshWorld]:
             assert productpage.http.get(url).status_code == 200
         for _ in range(3):
             reviews.http.get(url, headers={"x-subset": "v2"})
+        # reviews serves gRPC (xDS-managed server), reached as ratings:7070 from productpage.
+        server = pymesh.grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4),
+            handlers=echo_handlers(),
+            xds_client=reviews.client,
+        )
+        grpc_port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stops.append(lambda: server.stop(None).wait(5))
+        assert server.wait_for_serving(15)
+        (mesh_dir / "ratings.yaml").write_text(RATINGS.format(port=grpc_port))
+        channel = pymesh.grpc.insecure_channel(
+            f"xds:///{GRPC_HOST}:{GRPC_PORT}", xds_client=productpage.client
+        )
+        stops.append(channel.close)
+        unary = channel.unary_unary(f"/{SERVICE}/Unary")
+        for _ in range(4):
+            assert unary(b"hi", timeout=15, wait_for_ready=True) == b"echo:hi"
         wait_for(lambda: all(s["types"].get("EDS", {}).get("acked") for s in _syncz(cp)))
-        yield MeshWorld(cp, v1, v2, productpage, reviews, bundle.roots_pem, serial)
+        yield MeshWorld(cp, v1, v2, productpage, reviews, bundle.roots_pem, serial, grpc_port)
     finally:
         for stop in reversed(stops):
             stop()

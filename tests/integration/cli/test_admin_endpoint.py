@@ -51,6 +51,7 @@ def test_ready_stats_and_config_dump(world: MeshWorld) -> None:
         ("EDS", V1, "ACKED"),
         ("EDS", V2, "ACKED"),
         ("LDS", f"{HOST}:{PORT}", "ACKED"),
+        ("LDS", f"xds.istio.io/grpc/lds/inbound/127.0.0.1:{world.grpc_port}", "ACKED"),
         ("RDS", f"outbound|{PORT}||{HOST}", "ACKED"),
     ]
     assert all(r["version"] and r["config"] for r in dump["resources"])
@@ -59,6 +60,7 @@ def test_ready_stats_and_config_dump(world: MeshWorld) -> None:
     stats = dict(line.split(": ") for line in text.splitlines())
     assert stats["xds.connected"] == "1"
     assert stats["xds.cds.resources.acked"] == "2"
+    assert stats["xds.lds.resources.acked"] == "2"
     v2 = "cluster.outbound_8080_v2_echo.default.svc.cluster.local."
     assert stats[v2 + "outlier_detection.ejections_active"] == "1"
     assert stats[v2 + "outlier_detection.ejections_enforced_total"] == "1"

@@ -11,11 +11,12 @@ import pytest
 import yaml
 
 from pymesh.cli.main import main
-from tests.integration.cli.conftest import HOST, PORT, MeshWorld
+from tests.integration.cli.conftest import GRPC_HOST, GRPC_PORT, HOST, PORT, MeshWorld
 
 V1 = f"outbound|{PORT}|v1|{HOST}"
 V2 = f"outbound|{PORT}|v2|{HOST}"
 ROUTE = f"outbound|{PORT}||{HOST}"
+RATINGS = f"outbound|{GRPC_PORT}||{GRPC_HOST}"
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -75,7 +76,10 @@ def test_proxy_status_json_and_yaml(world: MeshWorld, capsys: pytest.CaptureFixt
     # A proxyless client names what it needs (no wildcard CDS).
     assert sorted(detail["types"]["CDS"]["resource_names"]) == [V1, V2]
     assert sorted(detail["types"]["EDS"]["resource_names"]) == [V1, V2]
-    assert detail["types"]["LDS"]["resource_names"] == [f"{HOST}:{PORT}"]
+    assert detail["types"]["LDS"]["resource_names"] == [
+        f"{HOST}:{PORT}",
+        f"xds.istio.io/grpc/lds/inbound/127.0.0.1:{world.grpc_port}",
+    ]
 
 
 def test_proxy_status_unreachable(capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,25 +101,36 @@ def test_clusters(world: MeshWorld, capsys: pytest.CaptureFixture[str]) -> None:
     assert rows == [
         [HOST, str(PORT), "v1", "outbound", "EDS", "-"],
         [HOST, str(PORT), "v2", "outbound", "EDS", "-"],
+        [GRPC_HOST, str(GRPC_PORT), "-", "outbound", "EDS", "-"],
     ]
     code, out, _ = run(
         capsys, "proxy-config", "clusters", world.productpage.admin.address, "-o", "json"
     )
     data = json.loads(out)
-    assert [(r["name"], r["status"]) for r in data] == [(V1, "ACKED"), (V2, "ACKED")]
-    assert data[0]["config"]["outlier_detection"]["consecutive_5xx"] == 1
+    assert [(r["name"], r["status"]) for r in data] == [
+        (RATINGS, "ACKED"),
+        (V1, "ACKED"),
+        (V2, "ACKED"),
+    ]
+    assert data[1]["config"]["outlier_detection"]["consecutive_5xx"] == 1
 
 
 def test_endpoints_show_outlier_ejection(
     world: MeshWorld, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # productpage never sent to v2: both endpoints healthy, not ejected.
+    # productpage never sent to v2: its endpoints are healthy, not ejected. The gRPC
+    # cluster's endpoint is reviews' server.
     code, out, _ = run(capsys, "proxy-config", "endpoints", world.productpage.admin.address)
     assert code == 0
     header, rows = table(out)
     assert header == ["ENDPOINT", "STATUS", "OUTLIER CHECK", "CLUSTER"]
-    assert [r[1:] for r in rows] == [["HEALTHY", "OK", V1], ["HEALTHY", "OK", V2]]
-    assert rows[0][0].startswith("127.0.0.1:")
+    assert [r[1:] for r in rows] == [
+        ["HEALTHY", "OK", RATINGS],
+        ["HEALTHY", "OK", V1],
+        ["HEALTHY", "OK", V2],
+    ]
+    assert rows[0][0] == f"127.0.0.1:{world.grpc_port}"
+    assert rows[1][0].startswith("127.0.0.1:")
     # reviews got 503s from v2: consecutive5xxErrors 1 ejected it (in reviews' runtime only).
     code, out, _ = run(capsys, "proxy-config", "endpoints", world.reviews.admin.address)
     _, rows = table(out)
@@ -147,11 +162,19 @@ def test_routes(world: MeshWorld, capsys: pytest.CaptureFixture[str]) -> None:
     assert header == ["NAME", "VHOST NAME", "DOMAINS", "MATCH", "VIRTUAL SERVICE"]
     domains = "echo, echo.default + 2 more..."
     assert rows == [
+        [RATINGS, f"{GRPC_HOST}:{GRPC_PORT}", "ratings, ratings.default + 2 more...", "/*", "-"],
         [ROUTE, f"{HOST}:{PORT}", domains, "/*", "-"],
         [ROUTE, f"{HOST}:{PORT}", domains, "/*", "-"],
     ]
     code, out, _ = run(
-        capsys, "proxy-config", "routes", world.productpage.admin.address, "-o", "yaml"
+        capsys,
+        "proxy-config",
+        "routes",
+        world.productpage.admin.address,
+        "--fqdn",
+        "echo",
+        "-o",
+        "yaml",
     )
     (route,) = yaml.safe_load(out)
     vhost = route["config"]["virtual_hosts"][0]
@@ -164,7 +187,20 @@ def test_listeners(world: MeshWorld, capsys: pytest.CaptureFixture[str]) -> None
     assert code == 0
     header, rows = table(out)
     assert header == ["ADDRESS/NAME", "PORT", "TYPE", "DESTINATION"]
-    assert rows == [[HOST, str(PORT), "HTTP", f"Route: {ROUTE}"]]
+    # The client listener of echo, and the gRPC server's inbound listener (PERMISSIVE: an
+    # mTLS chain and a plaintext one).
+    grpc_port = str(world.grpc_port)
+    assert rows == [
+        [HOST, str(PORT), "HTTP", f"Route: {ROUTE}"],
+        ["127.0.0.1", grpc_port, "HTTP", "Inline Route: inbound [inbound-mtls]"],
+        ["127.0.0.1", grpc_port, "HTTP", "Inline Route: inbound [inbound-plaintext]"],
+    ]
+    code, out, _ = run(capsys, "proxy-config", "listeners", world.productpage.admin.address)
+    _, rows = table(out)
+    assert rows == [
+        [HOST, str(PORT), "HTTP", f"Route: {ROUTE}"],
+        [GRPC_HOST, str(GRPC_PORT), "HTTP", f"Route: {RATINGS}"],
+    ]
 
 
 def test_secrets(world: MeshWorld, capsys: pytest.CaptureFixture[str]) -> None:
