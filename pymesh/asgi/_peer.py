@@ -9,10 +9,11 @@ implements the ASGI ``tls`` extension instead (``client_cert_chain``) is read fr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 __all__ = ["CONNECTION_KEY", "PEER_KEY", "Connection", "Peer", "connection_of", "peer"]
 
@@ -25,14 +26,16 @@ PEER_KEY = "pymesh.peer"
 @dataclass(frozen=True, slots=True)
 class Connection:
     """One accepted connection: ``transport`` is ``"tls"`` or ``"raw_buffer"`` (Envoy's
-    names); the client certificate's URI SANs, DNS SANs and subject (empty: none);
-    ``server_name`` is the SNI the client sent."""
+    names); the client certificate's URI SANs, DNS SANs, subject and PEM (empty: none);
+    ``server_name`` is the SNI (not read by ``pymesh.serve``: always empty there)."""
 
     transport: str = "raw_buffer"
     uri_sans: tuple[str, ...] = ()
     dns_sans: tuple[str, ...] = ()
     subject: str = ""
     server_name: str = ""
+    client_cert_pem: str = ""
+    tls_version: int | None = None
 
     @property
     def tls(self) -> bool:
@@ -44,6 +47,17 @@ class Connection:
         if not der:
             return cls("tls", server_name=server_name)
         return cls._from_cert(x509.load_der_x509_certificate(der), server_name)
+
+    def tls_extension(self) -> dict[str, Any]:
+        """The ASGI ``tls`` scope extension of this (TLS) connection."""
+        return {
+            "server_cert": None,
+            "client_cert_chain": [self.client_cert_pem] if self.client_cert_pem else [],
+            "client_cert_name": self.subject or None,
+            "client_cert_error": None,
+            "tls_version": self.tls_version,
+            "cipher_suite": None,
+        }
 
     @classmethod
     def from_pem(cls, pem: str | None, *, server_name: str = "") -> Connection:
@@ -61,7 +75,8 @@ class Connection:
             dns = tuple(san.get_values_for_type(x509.DNSName))
         except x509.ExtensionNotFound:
             pass
-        return cls("tls", uri, dns, cert.subject.rfc4514_string(), server_name)
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        return cls("tls", uri, dns, cert.subject.rfc4514_string(), server_name, pem)
 
     @classmethod
     def from_ssl_object(cls, obj: Any) -> Connection:
@@ -72,11 +87,13 @@ class Connection:
             der = obj.getpeercert(True)
         except ValueError:
             der = None
-        name = getattr(obj, "server_hostname", None) or ""
-        return cls.from_der(der, server_name=name)
+        conn = cls.from_der(der)
+        version = _TLS_VERSIONS.get(obj.version() or "")
+        return conn if version is None else replace(conn, tls_version=version)
 
 
 PLAINTEXT = Connection()
+_TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
 
 @dataclass(frozen=True, slots=True)

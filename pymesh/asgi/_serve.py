@@ -57,7 +57,7 @@ def _with_connection(app: ASGIApp, conn: Connection) -> ASGIApp:
         extensions = dict(scope.get("extensions") or {})
         extensions[CONNECTION_KEY] = conn
         if conn.tls:
-            extensions.setdefault("tls", {"client_cert_chain": [], "tls_version": None})
+            extensions.setdefault("tls", conn.tls_extension())
         scope["extensions"] = extensions
         await app(scope, receive, send)
 
