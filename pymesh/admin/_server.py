@@ -13,8 +13,10 @@ Endpoints (all ``GET``):
 - ``/``: the list of endpoints.
 
 It listens on loopback by default, off the application's ports, answers each request on its
-own daemon thread (requests are small and bounded: nothing waits on the network), and
-:meth:`AdminServer.stop` shuts it down and joins its thread.
+own daemon thread, and :meth:`AdminServer.stop` shuts it down and joins its thread. Bounds:
+at most :data:`MAX_CONCURRENT` requests are answered at once (more get a quick 503), a
+client that sends nothing for :data:`SOCKET_TIMEOUT` seconds is dropped, and reading the xDS
+client's state is bounded by its work serializer's own timeout.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ from pymesh.core.runtime import MeshRuntime
 from pymesh.errors import ConfigError, PymeshError, XdsError
 from pymesh.security import CertificateProvider, FileWatcherProvider
 
-__all__ = ["ENDPOINTS", "AdminServer"]
+__all__ = ["ENDPOINTS", "MAX_CONCURRENT", "SOCKET_TIMEOUT", "AdminServer"]
+
+MAX_CONCURRENT = 8
+"""Requests answered at once; more are refused with 503 at once."""
+SOCKET_TIMEOUT = 10.0
+"""Seconds a connection may stay silent before it is dropped."""
 
 ENDPOINTS = {
     "/ready": "readiness: 200 once the first xDS config arrived, else 503",
@@ -97,10 +104,12 @@ class AdminServer:
             _bootstrap_providers(client) if providers is None else providers
         )
         self._clock = clock
+        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT)
         admin = self
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "pymesh-admin"
+            timeout = SOCKET_TIMEOUT
 
             def log_message(self, format: str, *args: object) -> None:
                 return
@@ -186,6 +195,15 @@ class AdminServer:
         return certs_view(self._providers, self._clock())
 
     def _dispatch(self, req: BaseHTTPRequestHandler) -> None:
+        if not self._slots.acquire(blocking=False):
+            _send_json(req, 503, {"error": "busy: too many admin requests at once"})
+            return
+        try:
+            self._answer(req)
+        finally:
+            self._slots.release()
+
+    def _answer(self, req: BaseHTTPRequestHandler) -> None:
         path = urlsplit(req.path).path.rstrip("/") or "/"
         try:
             if path == "/ready":

@@ -181,3 +181,44 @@ def test_process_admin_from_env(world: MeshWorld, monkeypatch: pytest.MonkeyPatc
         if XdsClient._shared is not None and XdsClient._shared is not before:
             XdsClient._shared.close()
     assert pymesh.admin.current() is None
+
+
+class _BlockingSource:
+    """An xDS client stand-in whose status read waits for ``release`` (a stuck read)."""
+
+    def __init__(self, bootstrap: Any) -> None:
+        self.bootstrap = bootstrap
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def resource_statuses(self) -> list[Any]:
+        self.entered.release()
+        self.release.wait(10)
+        return []
+
+    def connection_states(self) -> list[Any]:
+        return []
+
+
+def test_concurrent_requests_are_bounded() -> None:
+    from pymesh.admin._server import MAX_CONCURRENT
+
+    data = generate_bootstrap(xds_address="127.0.0.1:1", namespace="default")
+    source = _BlockingSource(parse_bootstrap(json.dumps(data), source="t"))
+    with AdminServer(source, port=0) as admin:  # type: ignore[arg-type]
+        results: list[int] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(get(admin.address, "/ready")[0]))
+            for _ in range(MAX_CONCURRENT)
+        ]
+        for t in threads:
+            t.start()
+        for _ in range(MAX_CONCURRENT):
+            assert source.entered.acquire(timeout=10)
+        code, _, body = get(admin.address, "/ready")  # every slot is taken: refused at once
+        assert code == 503 and "busy" in body
+        source.release.set()
+        for t in threads:
+            t.join(10)
+        assert results == [200] * MAX_CONCURRENT
+        assert get(admin.address, "/ready")[0] == 200
