@@ -222,3 +222,41 @@ def test_concurrent_requests_are_bounded() -> None:
             t.join(10)
         assert results == [200] * MAX_CONCURRENT
         assert get(admin.address, "/ready")[0] == 200
+
+
+def test_nacked_update_shows_in_config_dump_and_keeps_last_good(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A rejected update: NACKED with the error and failed version in /config_dump and
+    /stats, the last good cluster still served (and still ready)."""
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    from pymesh.cli.main import main
+    from tests.xdsserver import CDS, WatchRecorder, XdsTestServer
+
+    good = cluster_pb2.Cluster(name="c1", type=cluster_pb2.Cluster.STATIC)
+    bad = cluster_pb2.Cluster(
+        name="c1", type=cluster_pb2.Cluster.STATIC, lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED
+    )
+    with XdsTestServer() as server:
+        server.set_resources(CDS, {"c1": good})
+        with XdsClient(server.bootstrap()) as client, AdminServer(client, port=0) as admin:
+            rec = WatchRecorder()
+            client.watch(ResourceType.CLUSTER, "c1", rec)
+            rec.wait_for(lambda e: e[0] == "changed")
+            server.set_resources(CDS, {"c1": bad})
+            server.wait_for_nack(CDS)
+            wait_for(
+                lambda: (
+                    get_json(admin.address, "/config_dump")["resources"][0]["status"] == "NACKED"
+                )
+            )
+            (res,) = get_json(admin.address, "/config_dump")["resources"]
+            assert res["version"] == "1" and res["failed_version"] == "2"
+            assert "lb_policy" in res["error"]
+            assert "lb_policy" not in res["config"]  # the last good one
+            assert get(admin.address, "/ready")[0] == 200
+            assert "xds.cds.resources.nacked: 1" in get(admin.address, "/stats")[2]
+            assert main(["proxy-config", "clusters", admin.address]) == 0
+            rows = capsys.readouterr().out.splitlines()[1:]
+            assert [r.split() for r in rows] == [["c1", "-", "-", "-", "STATIC", "-"]]
