@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
+import grpc
 import pytest
 
 import pymesh.grpc
@@ -26,14 +27,25 @@ from pymesh.admin import AdminServer
 from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
 from pymesh.controlplane import ControlPlane
 from pymesh.xds.client import XdsClient
-from tests.integration.grpc.test_server_xds import SERVICE, echo_handlers
 from tests.integration.httpx.conftest import HOST, PORT, Backend, Upstream, service_yaml
 from tests.unit.security.pki_helpers import ca_bundle, make_ca
 
 __all__ = ["GRPC_HOST", "GRPC_PORT", "HOST", "PORT", "MeshWorld", "Workload", "wait_for"]
 
+SERVICE = "test.Echo"
 GRPC_HOST = "ratings.default.svc.cluster.local"
 GRPC_PORT = 7070
+
+
+def echo_handlers() -> list[grpc.GenericRpcHandler]:  # type: ignore[type-arg]
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return b"echo:" + request
+
+    return [
+        grpc.method_handlers_generic_handler(
+            SERVICE, {"Unary": grpc.unary_unary_rpc_method_handler(unary)}
+        )
+    ]
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> None:
