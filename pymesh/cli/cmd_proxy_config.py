@@ -6,7 +6,8 @@ WORKLOAD is the ``HOST:PORT`` (or URL) of the workload's admin endpoint (``pymes
 off), ``-o json|yaml`` for the full data: the Envoy JSON of each resource (clusters, routes,
 listeners), the runtime view of every endpoint (endpoints) or the certificates (secrets).
 
-Exit codes: 0 ok, 1 error (workload unreachable, bad answer), 2 usage.
+Exit codes: 0 ok, 1 error (workload unreachable, bad answer), 2 usage (incl. a WORKLOAD
+without a port).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from pymesh.cli._output import (
     EXIT_OK,
+    EXIT_USAGE,
     add_output_arguments,
     colour_enabled,
     dump,
@@ -304,8 +306,25 @@ def _filter(kind: str, data: Any, fqdn: str | None) -> Any:
     return data
 
 
+def _has_port(workload: str) -> bool:
+    from urllib.parse import urlsplit
+
+    url = workload if "://" in workload else f"http://{workload}"
+    try:
+        return urlsplit(url).port is not None
+    except ValueError:
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     kind: str = args.kind
+    if not _has_port(args.workload):
+        print(
+            "pymesh proxy-config: error: WORKLOAD is the workload's admin endpoint as "
+            f"HOST:PORT (e.g. 127.0.0.1:15000), not {args.workload!r}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     data = _filter(kind, _read(kind, args.workload), args.fqdn)
     if args.output != "table":
         if kind in _XDS_TYPE:

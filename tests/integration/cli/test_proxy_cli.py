@@ -251,6 +251,11 @@ def test_errors_and_exit_codes(world: MeshWorld, capsys: pytest.CaptureFixture[s
         main(["proxy-config", "nonsense", world.reviews.admin.address])
     assert exc.value.code == 2
     capsys.readouterr()
+    code, out, err = run(capsys, "proxy-config", "clusters", "reviews")  # no port: usage
+    assert code == 2 and out == ""
+    assert "WORKLOAD is the workload's admin endpoint as HOST:PORT" in err
+    code, _, _ = run(capsys, "proxy-config", "clusters", f"http://{world.reviews.admin.address}")
+    assert code == 0  # a URL works too
     # As a process: one line on stderr, no traceback, exit 1.
     proc = subprocess.run(
         [sys.executable, "-m", "pymesh", "proxy-config", "routes", "127.0.0.1:1"],
