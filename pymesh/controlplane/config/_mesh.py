@@ -63,7 +63,9 @@ class MeshConfig:
     __slots__ = (
         "_dr_by_host",
         "_endpoint_cache",
+        "_export_index",
         "_services_by_host",
+        "_visible_cache",
         "_vs_by_host",
         "_vs_wildcard",
         "authorization_policies",
@@ -108,6 +110,23 @@ class MeshConfig:
         for s in self.services:
             by_host.setdefault(s.hostname, s)
         self._services_by_host: Mapping[str, ServiceSpec] = types.MappingProxyType(by_host)
+        # Visibility index: positions (in ``services``) of the services exported to every
+        # namespace (``None`` key) and of those exported to one named namespace, so
+        # ``visible_services`` costs O(visible), computed once per namespace per config.
+        index: dict[str | None, list[int]] = {}
+        for i, s in enumerate(self.services):
+            targets: set[str | None] = set()
+            for e in s.export_to:
+                if e == "*":
+                    targets = {None}
+                    break
+                targets.add(s.namespace if e == "." else e)
+            for t in targets:
+                index.setdefault(t, []).append(i)
+        self._export_index: Mapping[str | None, list[int]] = types.MappingProxyType(index)
+        self._visible_cache: dict[
+            str, tuple[tuple[ServiceSpec, ...], Mapping[str, ServiceSpec]]
+        ] = {}
         drs: dict[str, list[DestinationRuleSpec]] = {}
         for dr in self.destination_rules:
             if dr.workload_selector is not None:
@@ -179,7 +198,32 @@ class MeshConfig:
         """Services exported to ``namespace`` (every service when ``namespace`` is empty)."""
         if not namespace:
             return self.services
-        return tuple(s for s in self.services if exported_to(s.export_to, s.namespace, namespace))
+        return self._visible(namespace)[0]
+
+    def visible_by_host(self, namespace: str) -> Mapping[str, ServiceSpec]:
+        """``visible_services(namespace)`` by hostname (the last service of a hostname wins,
+        as in a dict built from that sequence)."""
+        if not namespace:
+            return self._visible("")[1]
+        return self._visible(namespace)[1]
+
+    def _visible(self, namespace: str) -> tuple[tuple[ServiceSpec, ...], Mapping[str, ServiceSpec]]:
+        hit = self._visible_cache.get(namespace)
+        if hit is not None:
+            return hit
+        if not namespace:
+            services = self.services
+        else:
+            public = self._export_index.get(None, [])
+            named = self._export_index.get(namespace, [])
+            positions = sorted({*public, *named}) if named else public
+            services = tuple(self.services[i] for i in positions)
+        by_host: dict[str, ServiceSpec] = {}
+        for s in services:
+            by_host[s.hostname] = s
+        hit = (services, types.MappingProxyType(by_host))
+        self._visible_cache[namespace] = hit
+        return hit
 
     def destination_rule(self, hostname: str, namespace: str) -> DestinationRuleSpec | None:
         """The DestinationRule for ``hostname`` as seen from ``namespace``: Istio looks in the

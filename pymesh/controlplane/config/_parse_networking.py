@@ -7,6 +7,7 @@ field path and returns ``None`` only when nothing usable is left.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import types
@@ -86,14 +87,20 @@ def parse_locality(r: Reader, key: str) -> Locality:
     return Locality(parts[0], parts[1], parts[2])
 
 
-def _check_address(r: Reader, key: str, value: str, *, allow_hostname: bool) -> bool:
-    if value.startswith("unix://"):
-        return True
+@functools.lru_cache(maxsize=65536)
+def _is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)
         return True
     except ValueError:
-        pass
+        return False
+
+
+def _check_address(r: Reader, key: str, value: str, *, allow_hostname: bool) -> bool:
+    if value.startswith("unix://"):
+        return True
+    if _is_ip(value):
+        return True
     if allow_hostname and re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value):
         return True
     r.error(key, f"invalid address {value!r}")

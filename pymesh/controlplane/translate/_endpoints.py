@@ -10,6 +10,8 @@ same region 2, else 3; ``failover`` rules and ``failoverPriority`` labels refine
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from collections.abc import Sequence
 
 from envoy.config.core.v3 import health_check_pb2
@@ -134,9 +136,8 @@ def _normalize_priorities(cla: endpoint_pb2.ClusterLoadAssignment) -> None:
         le.priority = remap[le.priority]
 
 
+@functools.lru_cache(maxsize=65536)
 def _is_ip(address: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(address)
         return True

@@ -110,7 +110,7 @@ class Generator:
 
     def _routes(self, node: ProxyNode, names: set[str] | None) -> dict[str, Message]:
         out: dict[str, Message] = {}
-        visible = {s.hostname: s for s in self.config.visible_services(node.namespace)}
+        visible = self.config.visible_by_host(node.namespace)
         if names is None:
             for svc in visible.values():
                 for p in svc.ports:
@@ -130,7 +130,7 @@ class Generator:
 
     def _clusters(self, node: ProxyNode, names: set[str] | None) -> dict[str, Message]:
         out: dict[str, Message] = {}
-        visible = {s.hostname: s for s in self.config.visible_services(node.namespace)}
+        visible = self.config.visible_by_host(node.namespace)
         if names is None:
             for svc in visible.values():
                 for c in build_clusters_for_service(self.config, node, svc, None):
@@ -151,7 +151,7 @@ class Generator:
 
     def _endpoints(self, node: ProxyNode, names: set[str] | None) -> dict[str, Message]:
         out: dict[str, Message] = {}
-        visible = {s.hostname: s for s in self.config.visible_services(node.namespace)}
+        visible = self.config.visible_by_host(node.namespace)
         if names is None:
             names = set()
             for svc in visible.values():

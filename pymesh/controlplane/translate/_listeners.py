@@ -69,7 +69,7 @@ def resolve_listener_name(
         candidates.append(f"{host}.svc.cluster.local")
     elif host.endswith(".svc"):
         candidates.append(f"{host}.cluster.local")
-    visible = {s.hostname: s for s in config.visible_services(node.namespace)}
+    visible = config.visible_by_host(node.namespace)
     svc = None
     for c in candidates:
         svc = visible.get(c)
