@@ -64,6 +64,7 @@ from pymesh.grpc._errors import MeshRpcError, error_of_reply
 from pymesh.grpc._subchannels import SubchannelPool
 from pymesh.model.route import RouteAction
 from pymesh.model.snapshot import TargetError, TargetSnapshot
+from pymesh.telemetry._grpc import grpc_client_telemetry
 from pymesh.xds.client import XdsClient
 from pymesh.xds.watch import TargetHandle, parse_target
 
@@ -490,6 +491,7 @@ class MeshChannel(grpc.Channel):
                     )
         return self._executor.submit(fn)
 
+    @grpc_client_telemetry(metadata_index=4)  # telemetry: trace headers, record
     def _call(  # noqa: PLR0917 - grpcio's signature
         self,
         spec: _Spec,

@@ -47,6 +47,7 @@ from pymesh.core.types import Headers, RequestInfo
 from pymesh.errors import PymeshError
 from pymesh.grpc import _inbound
 from pymesh.model.snapshot import ServerError, ServerSnapshot
+from pymesh.telemetry._grpc import grpc_server_handler
 from pymesh.xds.client import XdsClient
 from pymesh.xds.watch import ServerHandle, watch_server
 
@@ -391,7 +392,14 @@ class _Interceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
             return behavior
 
-        return _rewrap(handler, wrap_unary, wrap_stream)
+        return grpc_server_handler(  # telemetry: reports every RPC (the outermost layer)
+            _rewrap(handler, wrap_unary, wrap_stream),
+            method,
+            metadata,
+            authority=_host_of,
+            default_authority=core.address,
+            secure=core.secure,
+        )
 
 
 _STATUS_BY_CODE = {member.value[0]: member for member in grpc.StatusCode}

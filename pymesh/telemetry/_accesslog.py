@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["AccessRecord", "format_json", "format_text"]
 
@@ -48,9 +49,16 @@ class AccessRecord:
     trace_id: str | None = None
 
 
+_last_second: list[Any] = [None, ""]
+
+
 def _start_time(start: float) -> str:
-    ms = int(start * 1000) % 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start)) + f".{ms:03d}Z"
+    second = int(start)
+    cached = _last_second  # one formatted second, reused: strftime is most of a line's cost
+    if cached[0] != second:
+        cached[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        cached[0] = second
+    return f"{cached[1]}.{int(start * 1000) % 1000:03d}Z"
 
 
 def _q(value: str | None) -> str:

@@ -11,7 +11,7 @@ variable                           meaning                                     d
 ``PYMESH_ACCESS_LOG_FORMAT``       ``text`` / ``json``                         ``text``
 ``PYMESH_ACCESS_LOG_SAMPLE``       fraction logged in ``sampled`` mode         ``0.01``
 ``PYMESH_TRACE_SAMPLING``          percent of new traces sampled               ``1.0``
-``PYMESH_TRACE_PROPAGATION``       comma list (tracecontext, b3multi, b3)      both W3C, B3
+``PYMESH_TRACE_PROPAGATION``       comma list (tracecontext, b3multi, b3)      W3C and b3
 =================================  ==========================================  ============
 """
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
-__all__ = ["FORMATS", "extract", "inject"]
+__all__ = ["FORMATS", "extract", "inject", "inject_ids"]
 
 FORMATS = frozenset({"tracecontext", "b3multi", "b3"})
 
@@ -96,12 +96,22 @@ def extract(get: Callable[[str], str | None]) -> SpanContext | None:
 def inject(
     context: SpanContext,
     set_header: Callable[[str, str], None],
-    formats: frozenset[str] = frozenset({"tracecontext", "b3multi"}),
+    formats: frozenset[str] = frozenset({"tracecontext", "b3"}),
 ) -> None:
     """Write ``context`` into an outbound request in every format of ``formats``."""
-    trace = f"{context.trace_id:032x}"
-    span = f"{context.span_id:016x}"
-    sampled = context.trace_flags.sampled
+    inject_ids(context.trace_id, context.span_id, context.trace_flags.sampled, set_header, formats)
+
+
+def inject_ids(
+    trace_id: int,
+    span_id: int,
+    sampled: bool,
+    set_header: Callable[[str, str], None],
+    formats: frozenset[str] = frozenset({"tracecontext", "b3"}),
+) -> None:
+    """:func:`inject` from bare ids (the unsampled hot path makes no ``SpanContext``)."""
+    trace = f"{trace_id:032x}"
+    span = f"{span_id:016x}"
     if "tracecontext" in formats:
         set_header("traceparent", f"00-{trace}-{span}-{'01' if sampled else '00'}")
     if "b3multi" in formats:

@@ -115,8 +115,9 @@ class Telemetry:
     ``trace_sampling``: percent of new traces sampled (Istio's ``sampling``, default 1.0);
     an inbound parent's decision always wins. ``tracer_provider``: where sampled spans go
     (default: a fresh SDK provider; add a span processor to export). ``propagation``:
-    outbound formats among ``tracecontext``, ``b3multi``, ``b3``. ``rng``: the sampling
-    randomness (seed it in tests).
+    outbound formats among ``tracecontext``, ``b3multi``, ``b3`` (default W3C and the
+    single ``b3`` header: two headers per request; inbound, all three are read).
+    ``rng``: the sampling randomness (seed it in tests).
     """
 
     def __init__(
@@ -131,7 +132,7 @@ class Telemetry:
         tracing: bool = True,
         trace_sampling: float = 1.0,
         tracer_provider: trace.TracerProvider | None = None,
-        propagation: Iterable[str] = ("tracecontext", "b3multi"),
+        propagation: Iterable[str] = ("tracecontext", "b3"),
         rng: random.Random | None = None,
     ) -> None:
         if access_log not in ("off", "sampled", "full"):
@@ -173,6 +174,7 @@ class Telemetry:
         self.meter_provider = MeterProvider(metric_readers=[self._reader])
         self._register_internals()
         self._servers: list[Any] = []
+        self._closed = False
         self.set_node(node)
 
     # -- identity ------------------------------------------------------------------------
@@ -222,9 +224,12 @@ class Telemetry:
                     f"{authority}{path.split('?', 1)[0]}", kind=SpanKind.CLIENT
                 )
                 _propagation.inject(span.get_span_context(), set_header, self.propagation)
-            else:
-                ctx = _unsampled_child(parent, self._rng)
-                _propagation.inject(ctx, set_header, self.propagation)
+            else:  # not sampled: propagate the decision under a span id of our own
+                rng = self._rng
+                trace_id = parent.trace_id if parent.is_valid else rng.getrandbits(128) or 1
+                _propagation.inject_ids(
+                    trace_id, rng.getrandbits(64) or 1, False, set_header, self.propagation
+                )
         return ClientCall(self, protocol, method, authority, path, span)
 
     def _client_labels(  # noqa: PLR0917 - hot path, internal
@@ -527,7 +532,9 @@ class Telemetry:
             server.close()
         self._servers = []
         uninstall(self)
-        self.meter_provider.shutdown()
+        if not self._closed:
+            self._closed = True
+            self.meter_provider.shutdown()
 
 
 _UP = frozenset({"HEALTHY", "UNKNOWN", "DEGRADED"})
@@ -581,8 +588,11 @@ class ClientCall:
         request_id: str | None = None,
         user_agent: str | None = None,
         mtls: bool = False,
+        service: str | None = None,
     ) -> None:
-        """Record the finished request (``result``: the flow's, for cluster / host / flags)."""
+        """Record the finished request (``result``: the flow's, for cluster / host / flags;
+        ``service``: the destination host when there is no result, e.g. an upstream error
+        surfaced without one)."""
         tel = self.tel
         duration = time.perf_counter() - self.t0
         if flags is None:
@@ -591,11 +601,21 @@ class ClientCall:
         host = result.host if result is not None else None
         if result is not None:
             tel.count_attempts(cluster, result.attempts, flags)
-            if request_id is None and result.upstream_request is not None:
+            if (
+                request_id is None
+                and result.upstream_request is not None
+                and (self.span is not None or tel.access_log != "off")
+            ):
                 request_id = result.upstream_request.headers.get("x-request-id")
         if tel.metrics_enabled:
             labels = tel._client_labels(
-                self.protocol, status, grpc_status, flags, cluster, host, mtls
+                self.protocol,
+                status,
+                grpc_status,
+                flags,
+                cluster if cluster is not None or service is None else f"|||{service}",
+                host,
+                mtls,
             )
             tel.requests.record(
                 labels,

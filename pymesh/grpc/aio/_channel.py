@@ -45,6 +45,7 @@ from pymesh.grpc._channel import (
 )
 from pymesh.grpc._errors import MeshRpcError, error_of_reply
 from pymesh.grpc._subchannels import SubchannelPool
+from pymesh.telemetry._grpc import grpc_client_telemetry
 from pymesh.xds.client import XdsClient
 
 __all__ = ["AioMeshChannel", "insecure_channel", "secure_channel"]
@@ -254,6 +255,7 @@ class AioMeshChannel(grpc.aio.Channel):
 
     # -- the call -------------------------------------------------------------------------
 
+    @grpc_client_telemetry(metadata_index=5)  # telemetry: trace headers, record
     async def _call(  # noqa: PLR0917
         self,
         spec: _Spec,

@@ -9,6 +9,7 @@ the xDS thread are handed to the server's event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -27,6 +28,7 @@ from pymesh.grpc._server import (
     service_names_of,
     status_code,
 )
+from pymesh.telemetry._grpc import grpc_server_handler
 from pymesh.xds.client import XdsClient
 
 __all__ = ["AioXdsServer", "server"]
@@ -110,13 +112,25 @@ class _AioInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+        tel = functools.partial(  # telemetry: reports every RPC (the outermost layer)
+            grpc_server_handler, method=method, metadata=metadata,
+            default_authority=core.address, secure=core.secure, aio=True,
+        )  # fmt: skip
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kwargs)
+            return tel(
+                grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kwargs)
+            )
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kwargs)
+            return tel(
+                grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kwargs)
+            )
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kwargs)
+            return tel(
+                grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **kwargs)
+            )
+        return tel(
+            grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kwargs)
+        )
 
 
 class AioXdsServer(grpc.aio.Server):

@@ -1,0 +1,195 @@
+"""pymesh.httpx with telemetry on vs off, side by side (not a timed test).
+
+"On" is what issue 7 sets as the budget: Istio's request metrics, access logs (Envoy's text
+format, every request, written to a file) and traces sampled at 1% (spans to an in-memory
+exporter). The same mesh client, upstream and config as ``bench/httpx_bench.py`` (uvicorn in
+a subprocess, embedded control plane, routing + retries + limits + outlier detection);
+rounds are interleaved (off, on, off, on, ...) so both see the same machine noise. The table
+gives medians over rounds and the on/off ratios (target: throughput within 5%).
+
+A second figure isolates the per-request cost: both transports answer from memory (no
+network), timed as client-thread CPU, min over repeats.
+
+    python bench/telemetry_bench.py [--requests 2000] [--rounds 7] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from httpx_bench import (
+    HOST,
+    PORT,
+    Round,
+    _MemoryPool,
+    async_round,
+    mesh_yaml,
+    pct,
+    start_upstream,
+    sync_round,
+)
+
+import pymesh.httpx
+from pymesh import telemetry
+from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
+from pymesh.controlplane import ControlPlane
+from pymesh.xds.client import XdsClient
+
+
+def make_telemetry(xds: XdsClient, log_file: object) -> telemetry.Telemetry:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    write = log_file.write  # type: ignore[attr-defined]
+    return telemetry.Telemetry(
+        node=xds.bootstrap.node,
+        access_log="full",
+        access_log_format="text",
+        access_log_sink=lambda line: write(line + "\n"),
+        trace_sampling=1.0,
+        tracer_provider=provider,
+    )
+
+
+def summarize(name: str, off: list[Round], on: list[Round]) -> list[str]:
+    def med(rounds: list[Round], f: Callable[[Round], float]) -> float:
+        return statistics.median(f(r) for r in rounds)
+
+    rps_off, rps_on = med(off, lambda r: r[0]), med(on, lambda r: r[0])
+    p50_off, p50_on = (med(x, lambda r: pct(r[1], 0.5) * 1e3) for x in (off, on))
+    p99_off, p99_on = (med(x, lambda r: pct(r[1], 0.99) * 1e3) for x in (off, on))
+    cpu_off, cpu_on = (med(x, lambda r: r[2] * 1e6) for x in (off, on))
+    return [
+        f"{name}",
+        f"  {'':24}{'telemetry off':>15}{'telemetry on':>15}{'on/off':>9}",
+        f"  {'requests/s':24}{rps_off:15.0f}{rps_on:15.0f}{rps_on / rps_off:9.3f}",
+        f"  {'p50 latency (ms)':24}{p50_off:15.3f}{p50_on:15.3f}{p50_on / p50_off:9.3f}",
+        f"  {'p99 latency (ms)':24}{p99_off:15.3f}{p99_on:15.3f}{p99_on / p99_off:9.3f}",
+        f"  {'client CPU/request (us)':24}{cpu_off:15.1f}{cpu_on:15.1f}{cpu_on / cpu_off:9.3f}",
+    ]
+
+
+def isolated(xds: XdsClient, tel: telemetry.Telemetry, repeats: int = 30) -> tuple[float, float]:
+    """Client-thread CPU µs per request of the mesh transport answering from memory, with
+    telemetry off and on (min over interleaved repeats)."""
+    pool = _MemoryPool()
+    mesh = pymesh.httpx.MeshTransport(xds)
+    mesh._pools.get = lambda send, link: pool  # type: ignore[method-assign,assignment,return-value]
+    url = f"http://{HOST}:{PORT}/"
+
+    def run() -> None:
+        r = mesh.handle_request(httpx.Request("GET", url))
+        r.read()
+        r.close()
+
+    run()
+
+    def cpu(n: int = 1000) -> float:
+        c0 = time.thread_time()
+        for _ in range(n):
+            run()
+        return (time.thread_time() - c0) / n * 1e6
+
+    offs: list[float] = []
+    ons: list[float] = []
+    for _ in range(repeats):
+        telemetry.uninstall()
+        offs.append(cpu())
+        telemetry.install(tel)
+        ons.append(cpu())
+    telemetry.uninstall()
+    mesh.close()
+    return min(offs), min(ons)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--concurrency", type=int, default=16)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        proc, port = start_upstream(tmp)
+        mesh_dir = tmp / "mesh"
+        mesh_dir.mkdir()
+        (mesh_dir / "bench.yaml").write_text(mesh_yaml(port))
+        cp = ControlPlane([mesh_dir], xds_address="127.0.0.1:0", admin_port=None).start()
+        data = generate_bootstrap(
+            xds_address=cp.address, namespace="default", workload="bench-client",
+            labels={"app": "bench-client", "version": "v1"},
+        )  # fmt: skip
+        xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
+        log_file = open(tmp / "access.log", "w")  # noqa: SIM115 - closed below
+        tel = make_telemetry(xds, log_file)
+        url = f"http://{HOST}:{PORT}/"
+        lines: list[str] = []
+        try:
+            with pymesh.httpx.Client(xds_client=xds, mesh_wait=10) as client:
+                client.get(url)
+                off: list[Round] = []
+                on: list[Round] = []
+                for _ in range(args.rounds):
+                    telemetry.uninstall()
+                    off.append(sync_round(client, url, args.requests))
+                    telemetry.install(tel)
+                    on.append(sync_round(client, url, args.requests))
+                telemetry.uninstall()
+                lines += summarize(f"sync, {args.requests} requests x {args.rounds}", off, on)
+
+            async def run_async() -> tuple[list[Round], list[Round]]:
+                async with pymesh.httpx.AsyncClient(xds_client=xds, mesh_wait=10) as client:
+                    await client.get(url)
+                    a_off: list[Round] = []
+                    a_on: list[Round] = []
+                    for _ in range(args.rounds):
+                        telemetry.uninstall()
+                        a_off.append(
+                            await async_round(client, url, args.requests, args.concurrency)
+                        )
+                        telemetry.install(tel)
+                        a_on.append(await async_round(client, url, args.requests, args.concurrency))
+                    telemetry.uninstall()
+                    return a_off, a_on
+
+            a_off, a_on = asyncio.run(run_async())
+            lines += summarize(f"async, concurrency {args.concurrency}", a_off, a_on)
+            iso_off, iso_on = isolated(xds, tel)
+            lines += [
+                "isolated (in-memory upstream, client CPU per request, min of 30 x 1000)",
+                f"  telemetry off {iso_off:.1f} us, on {iso_on:.1f} us: "
+                f"+{iso_on - iso_off:.1f} us per request",
+            ]
+            series = len(tel.requests.snapshot())
+            log_file.flush()
+            logged = sum(1 for _ in open(tmp / "access.log"))  # noqa: SIM115
+            lines.append(f"(checks: {series} metric series, {logged} access log lines)")
+        finally:
+            telemetry.uninstall()
+            tel.close()
+            log_file.close()
+            xds.close()
+            cp.stop()
+            proc.terminate()
+            proc.wait(10)
+    print(f"pymesh telemetry bench (python {sys.version.split()[0]}, {os.cpu_count()} cpus)")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

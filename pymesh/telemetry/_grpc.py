@@ -1,0 +1,343 @@
+"""gRPC server hooks: wrap an ``RpcMethodHandler`` so every RPC is reported (duck-typed:
+no grpcio import here; the adapters hand their handlers in).
+
+The wrapper is the outermost layer of the server's stack, so the server span is current
+while the inbound policy and the application run, and an RPC refused by policy (an abort)
+is reported with its status like any other. ``response_code`` is 200 (gRPC over HTTP/2),
+``grpc_response_status`` the numeric status, as Istio reports gRPC.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from pymesh.core.flow import CallResult
+from pymesh.telemetry import _telemetry
+
+__all__ = ["grpc_server_handler"]
+
+H = TypeVar("H")
+
+_OK = 0
+_UNKNOWN = 2
+
+
+def _size(message: Any) -> int:
+    if isinstance(message, (bytes, bytearray)):
+        return len(message)
+    byte_size = getattr(message, "ByteSize", None)
+    if byte_size is None:
+        return 0
+    try:
+        return int(byte_size())
+    except Exception:
+        return 0
+
+
+def _code_of(context: Any, error: BaseException | None) -> int:
+    code: Any = None
+    try:
+        code = context.code()
+    except Exception:
+        code = None
+    if code is None:
+        return _UNKNOWN if error is not None else _OK
+    value = getattr(code, "value", code)
+    if isinstance(value, tuple):
+        value = value[0]
+    return int(value) if isinstance(value, int) else _UNKNOWN
+
+
+def _peer(context: Any, secure: bool) -> tuple[list[str], bool]:
+    if not secure:
+        return [], False
+    try:
+        auth = context.auth_context() or {}
+    except Exception:
+        return [], False
+    sans = [
+        v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+        for v in auth.get("x509_subject_alternative_name", ())
+    ]
+    return sans, bool(auth.get("x509_pem_cert") or sans)
+
+
+class _Rpc:
+    """Counts of one RPC while it runs."""
+
+    __slots__ = ("call", "req_bytes", "req_msgs", "resp_bytes", "resp_msgs")
+
+    def __init__(self, call: _telemetry.ServerCall) -> None:
+        self.call = call
+        self.req_msgs = 0
+        self.req_bytes = 0
+        self.resp_msgs = 0
+        self.resp_bytes = 0
+
+    def requests(self, it: Any) -> Iterator[Any]:
+        for m in it:
+            self.req_msgs += 1
+            self.req_bytes += _size(m)
+            yield m
+
+    async def arequests(self, it: Any) -> AsyncIterator[Any]:
+        async for m in it:
+            self.req_msgs += 1
+            self.req_bytes += _size(m)
+            yield m
+
+    def finish(self, context: Any, error: BaseException | None, secure: bool) -> None:
+        sans, mtls = _peer(context, secure)
+        try:
+            self.call.finish(
+                status=200,
+                grpc_status=_code_of(context, error),
+                peer_uri_sans=sans,
+                mtls=mtls,
+                request_bytes=self.req_bytes,
+                response_bytes=self.resp_bytes,
+                request_messages=self.req_msgs,
+                response_messages=self.resp_msgs,
+            )
+        except Exception:
+            _telemetry._log.exception("telemetry: recording an RPC failed")
+
+
+def grpc_server_handler(
+    handler: H,
+    method: str,
+    metadata: Sequence[tuple[str, Any]] | None,
+    *,
+    authority: Callable[[Any], str | None] | None = None,
+    default_authority: str = "",
+    secure: bool = False,
+    aio: bool = False,
+) -> H:
+    """``handler`` with every RPC reported to the installed telemetry (``handler`` itself
+    when telemetry is off). ``authority(context)`` reads the ``:authority`` when the server
+    can; else ``default_authority`` (the listening address) stands in."""
+    tel = _telemetry.current()
+    if tel is None or handler is None:
+        return handler
+    headers = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
+
+    def start(context: Any) -> _Rpc:
+        host = (authority(context) if authority is not None else None) or default_authority
+        return _Rpc(
+            tel.server_call(
+                protocol="grpc", method="POST", authority=host, path=method, get_header=headers.get
+            )
+        )
+
+    streaming_in = bool(getattr(handler, "request_streaming", False))
+
+    def sync_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def behavior(request: Any, context: Any) -> Any:
+            rpc = start(context)
+            error: BaseException | None = None
+            if streaming_in:
+                request = rpc.requests(request)
+            else:
+                rpc.req_msgs, rpc.req_bytes = 1, _size(request)
+            try:
+                response = fn(request, context)
+                rpc.resp_msgs, rpc.resp_bytes = 1, _size(response)
+                return response
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                rpc.finish(context, error, secure)
+
+        return behavior
+
+    def sync_stream(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def behavior(request: Any, context: Any) -> Iterator[Any]:
+            rpc = start(context)
+            error: BaseException | None = None
+            if streaming_in:
+                request = rpc.requests(request)
+            else:
+                rpc.req_msgs, rpc.req_bytes = 1, _size(request)
+            try:
+                for m in fn(request, context):
+                    rpc.resp_msgs += 1
+                    rpc.resp_bytes += _size(m)
+                    yield m
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                rpc.finish(context, error, secure)
+
+        return behavior
+
+    def aio_unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+        async def behavior(request: Any, context: Any) -> Any:
+            rpc = start(context)
+            error: BaseException | None = None
+            if streaming_in:
+                request = rpc.arequests(request)
+            else:
+                rpc.req_msgs, rpc.req_bytes = 1, _size(request)
+            try:
+                response = fn(request, context)
+                if inspect.isawaitable(response):
+                    response = await response
+                if response is not None:
+                    rpc.resp_msgs, rpc.resp_bytes = 1, _size(response)
+                return response
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                rpc.finish(context, error, secure)
+
+        return behavior
+
+    def aio_stream(fn: Callable[..., Any]) -> Callable[..., Any]:
+        async def behavior(request: Any, context: Any) -> AsyncIterator[Any]:
+            rpc = start(context)
+            error: BaseException | None = None
+            if streaming_in:
+                request = rpc.arequests(request)
+            else:
+                rpc.req_msgs, rpc.req_bytes = 1, _size(request)
+            try:
+                result = fn(request, context)
+                if inspect.isasyncgen(result):
+                    async for m in result:
+                        rpc.resp_msgs += 1
+                        rpc.resp_bytes += _size(m)
+                        yield m
+                elif inspect.isawaitable(result):
+                    await result
+                else:
+                    for m in result:
+                        rpc.resp_msgs += 1
+                        rpc.resp_bytes += _size(m)
+                        yield m
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                rpc.finish(context, error, secure)
+
+        return behavior
+
+    unary, stream = (aio_unary, aio_stream) if aio else (sync_unary, sync_stream)
+    h: Any = handler
+    if h.unary_unary is not None:
+        return h._replace(unary_unary=unary(h.unary_unary))  # type: ignore[no-any-return]
+    if h.unary_stream is not None:
+        return h._replace(unary_stream=stream(h.unary_stream))  # type: ignore[no-any-return]
+    if h.stream_unary is not None:
+        return h._replace(stream_unary=unary(h.stream_unary))  # type: ignore[no-any-return]
+    if h.stream_stream is not None:
+        return h._replace(stream_stream=stream(h.stream_stream))  # type: ignore[no-any-return]
+    return handler
+
+
+# --------------------------------------------------------------------------- client
+
+
+def _client_start(spec: Any, channel: Any, args: list[Any], metadata_index: int) -> Any:
+    tel = _telemetry.current()
+    if tel is None:
+        return None
+    metadata = args[metadata_index]
+    extra: list[tuple[str, str]] = []
+    mesh = getattr(channel, "_mesh", None)
+    authority = getattr(mesh, "authority", "") or ""
+    call = tel.client_call(
+        protocol="grpc",
+        method="POST",
+        authority=authority,
+        path=spec.method,
+        set_header=lambda k, v: extra.append((k, v)),
+    )
+    if extra:
+        args[metadata_index] = (*tuple(metadata or ()), *extra)
+    return call
+
+
+def _client_finish(call: Any, spec: Any, request: Any, result: Any, error: Any) -> None:
+    grpc_status = _OK
+    if error is not None:
+        code = getattr(error, "code", None)
+        value: Any = code() if callable(code) else None
+        value = getattr(value, "value", value)
+        grpc_status = value[0] if isinstance(value, tuple) else _UNKNOWN
+        if result is None:
+            for candidate in (error, error.__cause__, error.__context__):
+                found = getattr(candidate, "result", None)
+                if isinstance(found, CallResult):  # a mesh error carries the flow's result
+                    result = found
+                    break
+    streaming_in = bool(getattr(spec, "streaming_request", False))
+    try:
+        status = 200
+        if result is not None and result.local_reply is not None:
+            status = result.local_reply.status
+        call.finish(
+            result,
+            status=status,
+            grpc_status=grpc_status,
+            request_bytes=0 if streaming_in else _size(request),
+            request_messages=0 if streaming_in else 1,
+            response_messages=1 if error is None else 0,
+            service=None if result is not None else _host(call.authority),
+        )
+    except Exception:
+        _telemetry._log.exception("telemetry: recording an RPC failed")
+
+
+def _host(authority: str) -> str | None:
+    if not authority:
+        return None
+    host, sep, port = authority.rpartition(":")
+    return host if sep and port.isdigit() else authority
+
+
+def grpc_client_telemetry(metadata_index: int) -> Callable[[Any], Any]:
+    """Decorates a mesh channel's ``_call(self, spec, request, ...)`` (sync or async):
+    writes the trace headers into the call's metadata (argument ``metadata_index``,
+    ``self`` being 0) and records the call when it returns or raises. For a streaming
+    response the call is recorded when its first message (or its end) arrives."""
+
+    def decorate(fn: Any) -> Any:
+        if inspect.iscoroutinefunction(fn):
+
+            async def acall(*args: Any) -> Any:
+                largs = list(args)
+                call = _client_start(largs[1], largs[0], largs, metadata_index)
+                if call is None:
+                    return await fn(*args)
+                try:
+                    response, result = await fn(*largs)
+                except BaseException as exc:
+                    _client_finish(call, largs[1], largs[2], None, exc)
+                    raise
+                _client_finish(call, largs[1], largs[2], result, None)
+                return response, result
+
+            return acall
+
+        def scall(*args: Any) -> Any:
+            largs = list(args)
+            call = _client_start(largs[1], largs[0], largs, metadata_index)
+            if call is None:
+                return fn(*args)
+            try:
+                response, result = fn(*largs)
+            except BaseException as exc:
+                _client_finish(call, largs[1], largs[2], None, exc)
+                raise
+            _client_finish(call, largs[1], largs[2], result, None)
+            return response, result
+
+        return scall
+
+    return decorate
