@@ -278,6 +278,30 @@ def _compiled(policy: RetryPolicy | None) -> _Compiled:
     return c
 
 
+_Flags = tuple[bool, bool, bool, bool, bool, bool, bool, frozenset[int]]
+_FLAGS: dict[frozenset[str], _Flags] = {}
+
+
+def _flags(retry_on: frozenset[str]) -> _Flags:
+    """What ``retry_on`` turns on, as :class:`RetryState` keeps it; memoized per set (a
+    handful of distinct sets exist: the policies' and the request headers' combinations)."""
+    found = _FLAGS.get(retry_on)
+    if found is None:
+        if len(_FLAGS) >= _COMPILED_MAX:
+            _FLAGS.clear()  # bounded, as _COMPILED
+        found = _FLAGS[retry_on] = (
+            "5xx" in retry_on,
+            "gateway-error" in retry_on,
+            "retriable-4xx" in retry_on,
+            "retriable-status-codes" in retry_on,
+            "retriable-headers" in retry_on,
+            "envoy-ratelimited" in retry_on,
+            bool(retry_on & _RESET_TOKENS),
+            frozenset(GRPC_RETRY_ON[t] for t in retry_on & _GRPC_TOKENS),
+        )
+    return found
+
+
 def _control_headers(headers: Headers) -> dict[str, str] | None:
     """The request's ``x-envoy-*`` headers (repeated values joined with ``,``), or None."""
     found: dict[str, str] | None = None
@@ -384,14 +408,16 @@ class RetryState:
         self.remaining = remaining
         self._codes = codes
         self._retriable_headers = retriable
-        self._on_5xx = "5xx" in retry_on
-        self._on_gateway = "gateway-error" in retry_on
-        self._on_409 = "retriable-4xx" in retry_on
-        self._on_codes = "retriable-status-codes" in retry_on
-        self._on_headers = "retriable-headers" in retry_on
-        self._on_ratelimited = "envoy-ratelimited" in retry_on
-        self._on_reset = bool(retry_on & _RESET_TOKENS)
-        self._grpc_codes = frozenset(GRPC_RETRY_ON[t] for t in retry_on & _GRPC_TOKENS)
+        (
+            self._on_5xx,
+            self._on_gateway,
+            self._on_409,
+            self._on_codes,
+            self._on_headers,
+            self._on_ratelimited,
+            self._on_reset,
+            self._grpc_codes,
+        ) = _flags(retry_on)
 
     @property
     def enabled(self) -> bool:
