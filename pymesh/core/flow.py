@@ -79,6 +79,7 @@ from pymesh.core.headers_ops import HeaderOps
 from pymesh.core.retry import CONSUMED_REQUEST_HEADERS as RETRY_HEADERS
 from pymesh.core.retry import GiveUp, Retry, RetryState, strip_consumed
 from pymesh.core.routing import (
+    ClusterChoice,
     pick_cluster,
     redirect_location,
     request_header_ops,
@@ -117,6 +118,7 @@ __all__ = [
     "call_flow",
     "drive_async",
     "drive_sync",
+    "lowered_headers",
 ]
 
 _CONSUMED = (*RETRY_HEADERS, *TIMEOUT_HEADERS)
@@ -126,6 +128,25 @@ MAX_ATTEMPTS = 100
 """Hard cap on attempts of one call, whatever the retry policy says (bounded loops)."""
 
 FAULT_FILTER_TYPE = "envoy.filters.http.fault"
+
+# --------------------------------------------------------------------------- headers
+
+
+class _Lowered(Headers):
+    """A :class:`Headers` built from items whose names are already lower-case: no copy,
+    no re-lowering (``Headers()`` lowers every name again)."""
+
+    __slots__ = ()
+
+    def __init__(self, items: tuple[tuple[str, str], ...]) -> None:
+        self._items = items
+
+
+def lowered_headers(items: tuple[tuple[str, str], ...]) -> Headers:
+    """A :class:`Headers` of ``items``, whose names the caller guarantees lower-case (the
+    hot path's way to build headers it has just decoded and lowered itself)."""
+    return _Lowered(items)
+
 
 # --------------------------------------------------------------------------- actions
 
@@ -425,12 +446,13 @@ def _shadow_authority(authority: str) -> str:
     return authority + "-shadow"
 
 
+_UUID_KEEP = ~((0xF000 << 64) | (0xC000 << 48))  # version and variant bits cleared...
+_UUID_SET = (0x4000 << 64) | (0x8000 << 48)  # ...then set: version 4, variant RFC 4122
+
+
 def _request_id(rng: random.Random) -> str:
     # A UUID4 drawn from the injected RNG (Envoy's UUID request id).
-    n = rng.getrandbits(128)
-    n = (n & ~(0xF000 << 64)) | (0x4000 << 64)
-    n = (n & ~(0xC000 << 48)) | (0x8000 << 48)
-    h = f"{n:032x}"
+    h = f"{(rng.getrandbits(128) & _UUID_KEEP) | _UUID_SET:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -439,6 +461,7 @@ class _RoutePlan:
     immutable; a new snapshot's new route objects get new plans)."""
 
     __slots__ = (
+        "choice",
         "fault",
         "listener",
         "mirrors",
@@ -471,6 +494,8 @@ class _RoutePlan:
             or request_header_ops(route, vhost, config)
         )
         self.response_ops = response_header_ops(route, vhost, config) or None
+        # A route to one named cluster chooses the same (immutable) answer every time.
+        self.choice = ClusterChoice(action.cluster) if action.cluster is not None else None
 
 
 _PLANS: dict[int, _RoutePlan] = {}
@@ -533,7 +558,8 @@ def call_flow(
         return _local(404, b"", ReplyKind.UNSUPPORTED_ROUTE, flags, ctx=ctx)
 
     # 3. cluster choice, once per request
-    choice = pick_cluster(action, request, rng=rng)
+    plan = _plan(snapshot, route, action)
+    choice = plan.choice or pick_cluster(action, request, rng=rng)
     cluster_name = choice.name
     ctx.cluster = cluster_name
     entry = snapshot.clusters.get(cluster_name) if cluster_name else None
@@ -545,7 +571,6 @@ def call_flow(
         return _no_healthy_upstream(flags, ctx)
 
     # 4. fault filter
-    plan = _plan(snapshot, route, action)
     fault = plan.fault
     if fault is not None:
         faults = runtime.active_faults
@@ -580,8 +605,8 @@ def call_flow(
     else:
         ctx.ops = plan.response_ops
     if "x-request-id" not in names:
-        request_id = _request_id(rng)
-        upstream = _with_headers(upstream, upstream.headers.with_added("x-request-id", request_id))
+        added = (*upstream.headers, ("x-request-id", _request_id(rng)))
+        upstream = _with_headers(upstream, _Lowered(added))
 
     # 6. deadlines
     now = clock()
