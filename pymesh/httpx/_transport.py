@@ -28,7 +28,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import anyio
@@ -45,6 +45,7 @@ from pymesh.core.flow import (
     call_flow,
     drive_async,
     drive_sync,
+    lowered_headers,
 )
 from pymesh.core.runtime import MeshRuntime
 from pymesh.core.types import Headers, Outcome, RequestInfo, ResetKind
@@ -77,6 +78,12 @@ RESULT_EXTENSION = "pymesh.result"
 CallResult` (flags, attempts, cluster, host) for mesh-routed responses."""
 
 _MAX_MIRRORS_IN_FLIGHT = 64
+_MAX_SEEN_HEADERS = 256
+
+# httpcore URLs by (scheme, endpoint host, port, target): httpcore never mutates a request's
+# URL, so one object serves every request to the same endpoint and path. Bounded.
+_URLS: dict[tuple[bytes, str, int, str], httpcore.URL] = {}
+_MAX_URLS = 1024
 _DISCARD_READ_LIMIT = 64 * 1024
 
 _ERRORS: dict[str, type[MeshError]] = {
@@ -266,6 +273,8 @@ class _MeshCore:
         self.removed: collections.deque[frozenset[str]] = collections.deque()
         self._remove_listener = runtime.add_hosts_removed_listener(self.removed.append)
         self.clock = time.monotonic
+        self._seen_headers: dict[tuple[tuple[bytes, bytes], ...], tuple[str, _Origin, Headers]]
+        self._seen_headers = {}
 
     def close(self) -> None:
         self._remove_listener()
@@ -290,21 +299,20 @@ class _MeshCore:
             return 443 if url.scheme == "https" else 80
         return port
 
-    @staticmethod
-    def request_info(request: httpx.Request) -> tuple[RequestInfo, _Origin]:
-        """The request as the policy core sees it, and its original header bytes."""
+    def request_info(self, request: httpx.Request) -> tuple[RequestInfo, _Origin]:
+        """The request as the policy core sees it, and its original header bytes.
+
+        The header conversion is memoized per exact header list: an application sends the
+        same few header sets again and again (the client's defaults plus the URL's host), so
+        the usual request costs one tuple hash instead of decoding every header. Bounded:
+        the memo is dropped when full (per-request headers such as tokens just miss).
+        """
+        raw_items = tuple(request.headers.raw)
+        seen = self._seen_headers.get(raw_items)
+        if seen is None:
+            seen = self._convert_headers(raw_items)
+        authority, origin, headers = seen
         url = request.url
-        authority = ""
-        raw: list[tuple[bytes, bytes]] = []
-        items: list[tuple[str, str]] = []
-        for k, v in request.headers.raw:
-            name = k.decode("latin-1").lower()
-            if name == "host":
-                authority = v.decode("latin-1")
-            else:
-                raw.append((k, v))
-                items.append((name, v.decode("latin-1")))
-        headers = Headers(items)
         info = RequestInfo(
             request.method,
             authority or url.netloc.decode("ascii"),
@@ -312,7 +320,28 @@ class _MeshCore:
             headers,
             url.scheme,
         )
-        return info, _Origin(tuple(headers), raw)
+        return info, origin
+
+    def _convert_headers(
+        self, raw_items: tuple[tuple[bytes, bytes], ...]
+    ) -> tuple[str, _Origin, Headers]:
+        authority = ""
+        raw: list[tuple[bytes, bytes]] = []
+        items: list[tuple[str, str]] = []
+        for pair in raw_items:
+            name = pair[0].decode("latin-1").lower()
+            if name == "host":
+                authority = pair[1].decode("latin-1")
+            else:
+                raw.append(pair)
+                items.append((name, pair[1].decode("latin-1")))
+        lowered = tuple(items)
+        # Names lowered above: no second pass. Headers and _Origin are immutable in use.
+        seen = (authority, _Origin(lowered, raw), lowered_headers(lowered))
+        if len(self._seen_headers) >= _MAX_SEEN_HEADERS:
+            self._seen_headers.clear()
+        self._seen_headers[raw_items] = seen
+        return seen
 
     def link(self, send: Send | Mirror) -> _Link:
         """How to reach ``send.host``: mesh mTLS when the cluster says so for this endpoint,
@@ -359,14 +388,21 @@ class _MeshCore:
             scheme = b"https"
             if link.sni:
                 extensions = {**extensions, "sni_hostname": link.sni}
-        return httpcore.Request(
-            info.method.encode("ascii"),
-            httpcore.URL(
+        key = (scheme, address.host, address.port, info.path)
+        url = _URLS.get(key)
+        if url is None:
+            url = httpcore.URL(
                 scheme=scheme,
                 host=address.host.encode("ascii"),
                 port=address.port,
                 target=info.path.encode("ascii"),
-            ),
+            )
+            if len(_URLS) >= _MAX_URLS:
+                _URLS.clear()
+            _URLS[key] = url
+        return httpcore.Request(
+            info.method.encode("ascii"),
+            url,
             headers=headers,
             content=body,
             extensions=extensions,
@@ -674,8 +710,7 @@ class MeshTransport(httpx.BaseTransport):
         if core.removed:
             self._pools.drain(core.removed)
         body = request.read()
-        app_timeouts = request.extensions.get("timeout", {})
-        extensions = {k: v for k, v in request.extensions.items() if k != "timeout"}
+        app_timeouts, extensions = _split_extensions(request.extensions)
 
         def send(action: Send) -> AttemptResult:
             try:
@@ -785,6 +820,18 @@ def _body(
     return _telemetry.upstream_body(tcall, result, resp.status, sent, resp.stream)
 
 
+_NO_EXTENSIONS: dict[str, Any] = {}
+
+
+def _split_extensions(extensions: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The app's httpx timeouts, and its other request extensions (usually none: only
+    ``timeout``, then a shared empty dict, never mutated: attempts copy it)."""
+    timeouts = extensions.get("timeout", {})
+    if len(extensions) == 1 and "timeout" in extensions:
+        return timeouts, _NO_EXTENSIONS
+    return timeouts, {k: v for k, v in extensions.items() if k != "timeout"}
+
+
 def _discard_sync(response: object) -> None:
     assert isinstance(response, httpcore.Response)
     try:
@@ -868,8 +915,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         if core.removed:
             await self._pools.drain(core.removed)
         body = await request.aread()
-        app_timeouts = request.extensions.get("timeout", {})
-        extensions = {k: v for k, v in request.extensions.items() if k != "timeout"}
+        app_timeouts, extensions = _split_extensions(request.extensions)
 
         async def send(action: Send) -> AttemptResult:
             try:
