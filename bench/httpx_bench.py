@@ -26,7 +26,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import timeit
 from collections.abc import Callable
 from pathlib import Path
 
@@ -197,7 +196,7 @@ class _MemoryPool:
         )
 
 
-def isolated_overhead(xds: XdsClient, mesh_url: str) -> tuple[float, float]:
+def isolated_overhead(xds: XdsClient, mesh_url: str, repeats: int = 40) -> tuple[float, float]:
     """µs per request of httpx's own transport and of the mesh transport, both answering
     from memory: the policy core and the adapter's conversions, without network noise."""
     pool = _MemoryPool()
@@ -219,11 +218,23 @@ def isolated_overhead(xds: XdsClient, mesh_url: str) -> tuple[float, float]:
 
     run_plain, run_mesh = one(plain, plain_rq), one(mesh, mesh_rq)
     run_mesh()  # first request: waits for the config
-    n = 2000
-    p = min(timeit.repeat(run_plain, number=n, repeat=25)) / n * 1e6
-    m = min(timeit.repeat(run_mesh, number=n, repeat=25)) / n * 1e6
+
+    def cpu(run: Callable[[], None], n: int = 1000) -> float:
+        # Client-thread CPU (time.thread_time): time other processes take from this one on
+        # the shared machine is not counted, as wall-clock timeit would.
+        c0 = time.thread_time()
+        for _ in range(n):
+            run()
+        return (time.thread_time() - c0) / n * 1e6
+
+    # Interleaved (plain, mesh, plain, ...): both see the same background; min of each.
+    plain_runs: list[float] = []
+    mesh_runs: list[float] = []
+    for _ in range(repeats):
+        plain_runs.append(cpu(run_plain))
+        mesh_runs.append(cpu(run_mesh))
     mesh.close()
-    return p, m
+    return min(plain_runs), min(mesh_runs)
 
 
 def main() -> None:
@@ -231,6 +242,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument(
+        "--isolated-only",
+        action="store_true",
+        help="only the in-memory transport comparison (no sockets: quick and less noisy)",
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as d:
@@ -244,36 +260,14 @@ def main() -> None:
         xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
         plain_url = f"http://127.0.0.1:{port}/"
         mesh_url = f"http://{HOST}:{PORT}/"
+        plain_sync: list[Round] = []
+        mesh_sync: list[Round] = []
+        plain_async: list[Round] = []
+        mesh_async: list[Round] = []
         try:
-            # -- sync, sequential
-            plain_sync: list[Round] = []
-            mesh_sync: list[Round] = []
-            with httpx.Client() as plain, pymesh.httpx.Client(xds_client=xds) as meshc:
-                sync_round(plain, plain_url, 200)  # warm up: connections, config, caches
-                sync_round(meshc, mesh_url, 200)
-                for _ in range(args.rounds):
-                    plain_sync.append(sync_round(plain, plain_url, args.requests))
-                    mesh_sync.append(sync_round(meshc, mesh_url, args.requests))
-
-            # -- async, N in flight
-            async def run_async() -> tuple[list[Round], list[Round]]:
-                pa: list[Round] = []
-                ma: list[Round] = []
-                limits = httpx.Limits(max_connections=args.concurrency)
-                async with (
-                    httpx.AsyncClient(limits=limits) as plain,
-                    pymesh.httpx.AsyncClient(xds_client=xds) as meshc,
-                ):
-                    await async_round(plain, plain_url, 200, args.concurrency)
-                    await async_round(meshc, mesh_url, 200, args.concurrency)
-                    for _ in range(args.rounds):
-                        pa.append(await async_round(plain, plain_url, args.requests,
-                                                    args.concurrency))  # fmt: skip
-                        ma.append(await async_round(meshc, mesh_url, args.requests,
-                                                    args.concurrency))  # fmt: skip
-                return pa, ma
-
-            plain_async, mesh_async = asyncio.run(run_async())
+            if not args.isolated_only:
+                plain_sync, mesh_sync = run_sync(plain_url, mesh_url, xds, args)
+                plain_async, mesh_async = asyncio.run(run_async(plain_url, mesh_url, xds, args))
             isolated = isolated_overhead(xds, mesh_url)
         finally:
             xds.close()
@@ -281,17 +275,52 @@ def main() -> None:
             proc.terminate()
             proc.wait(10)
 
-    print(f"loopback, {args.rounds} interleaved rounds of {args.requests} requests, "
-          f"medians over rounds; cpu count {os.cpu_count()}")  # fmt: skip
-    print(f"{'':<22} {'':>8} {'plain httpx':>12} {'pymesh':>12} {'ratio/added':>10}")
-    for line in summarize("sync sequential", plain_sync, mesh_sync):
-        print(line)
-    for line in summarize(f"async {args.concurrency} in flight", plain_async, mesh_async):
-        print(line)
+    if not args.isolated_only:
+        print(f"loopback, {args.rounds} interleaved rounds of {args.requests} requests, "
+              f"medians over rounds; cpu count {os.cpu_count()}")  # fmt: skip
+        print(f"{'':<22} {'':>8} {'plain httpx':>12} {'pymesh':>12} {'ratio/added':>10}")
+        for line in summarize("sync sequential", plain_sync, mesh_sync):
+            print(line)
+        for line in summarize(f"async {args.concurrency} in flight", plain_async, mesh_async):
+            print(line)
     p, m = isolated
     print(f"{'transport, no socket':<22} {'µs/rq':>8} {p:>12.1f} {m:>12.1f} {m - p:>+9.1f}µs")
-    print("  (handle_request + read + close on an in-memory pool, min of 25 timeit runs: the")
-    print("   noise-resistant measure of what the mesh transport adds)")
+    print("  (handle_request + read + close on an in-memory pool, client-thread CPU, min of 40")
+    print("   interleaved runs of 1000: the noise-resistant measure of what the mesh adds)")
+
+
+def run_sync(
+    plain_url: str, mesh_url: str, xds: XdsClient, args: argparse.Namespace
+) -> tuple[list[Round], list[Round]]:
+    """Sequential requests, plain and mesh rounds interleaved."""
+    plain_sync: list[Round] = []
+    mesh_sync: list[Round] = []
+    with httpx.Client() as plain, pymesh.httpx.Client(xds_client=xds) as meshc:
+        sync_round(plain, plain_url, 200)  # warm up: connections, config, caches
+        sync_round(meshc, mesh_url, 200)
+        for _ in range(args.rounds):
+            plain_sync.append(sync_round(plain, plain_url, args.requests))
+            mesh_sync.append(sync_round(meshc, mesh_url, args.requests))
+    return plain_sync, mesh_sync
+
+
+async def run_async(
+    plain_url: str, mesh_url: str, xds: XdsClient, args: argparse.Namespace
+) -> tuple[list[Round], list[Round]]:
+    """``args.concurrency`` requests in flight, plain and mesh rounds interleaved."""
+    pa: list[Round] = []
+    ma: list[Round] = []
+    limits = httpx.Limits(max_connections=args.concurrency)
+    async with (
+        httpx.AsyncClient(limits=limits) as plain,
+        pymesh.httpx.AsyncClient(xds_client=xds) as meshc,
+    ):
+        await async_round(plain, plain_url, 200, args.concurrency)
+        await async_round(meshc, mesh_url, 200, args.concurrency)
+        for _ in range(args.rounds):
+            pa.append(await async_round(plain, plain_url, args.requests, args.concurrency))
+            ma.append(await async_round(meshc, mesh_url, args.requests, args.concurrency))
+    return pa, ma
 
 
 if __name__ == "__main__":
