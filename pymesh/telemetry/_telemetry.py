@@ -606,7 +606,10 @@ class ClientCall:
                 and result.upstream_request is not None
                 and (self.span is not None or tel.access_log != "off")
             ):
-                request_id = result.upstream_request.headers.get("x-request-id")
+                headers = result.upstream_request.headers
+                request_id = headers.get("x-request-id")
+                if user_agent is None:
+                    user_agent = headers.get("user-agent")
         if tel.metrics_enabled:
             labels = tel._client_labels(
                 self.protocol,

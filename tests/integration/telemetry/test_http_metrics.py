@@ -174,3 +174,61 @@ def test_telemetry_off_records_nothing(mesh: Mesh, upstreams: Make) -> None:
         assert tel.requests.snapshot() == []
     finally:
         tel.close()
+
+
+def test_access_logs_and_mesh_internals(
+    mesh: Mesh, upstreams: Make, installed: Callable[..., telemetry.Telemetry]
+) -> None:
+    import json
+    import re
+
+    _b1, u1 = upstreams("v1")
+    mesh.write(service_yaml({"v1": u1.port}))
+    mesh.start()
+    assert mesh.client is not None
+    text_lines: list[str] = []
+    tel = installed(
+        node=mesh.client.bootstrap.node, access_log="full", access_log_sink=text_lines.append
+    )
+    with pymesh.httpx.Client(xds_client=mesh.client, mesh_wait=10) as client:
+        r = client.get(URL + "/ok?x=1", headers={"user-agent": "ua-test"})
+        assert r.status_code == 200
+        tel.watch_runtime(client.mesh_transport.runtime)
+        samples = scrape(tel.serve_prometheus(port=0).url)
+    assert len(text_lines) == 1
+    line = text_lines[0]
+    m = re.fullmatch(
+        r'\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)\] "GET /ok\?x=1 HTTP/1\.1" 200 - 0 (\d+) '
+        r'(\d+) - "-" "ua-test" "([0-9a-f-]{36})" "(\S+)" "127\.0\.0\.1:(\d+)"',
+        line,
+    )
+    assert m is not None, line
+    assert int(m.group(2)) == len(r.content)
+    assert m.group(5) == f"{HOST}:{PORT}"
+    assert int(m.group(6)) == u1.port
+    # internals: the ADS stream, the ACKed resources, the cluster's endpoints
+    assert [s[2] for s in select(samples, "pymesh_xds_connected")] == [1]
+    acked = {
+        s[1]["type_url"].rsplit(".", 1)[1]
+        for s in select(samples, "pymesh_xds_resources", status="ACKED")
+    }
+    assert {"Listener", "RouteConfiguration", "Cluster", "ClusterLoadAssignment"} <= acked
+    cluster = f"outbound|{PORT}||{HOST}"
+    assert value(samples, "pymesh_cluster_endpoints", cluster_name=cluster, state="healthy") == 1
+    assert value(samples, "pymesh_cluster_endpoints", cluster_name=cluster, state="ejected") == 0
+
+    # JSON lines carry the same facts
+    json_lines: list[str] = []
+    tel.close()
+    installed(
+        node=mesh.client.bootstrap.node,
+        access_log="full",
+        access_log_format="json",
+        access_log_sink=json_lines.append,
+    )
+    with pymesh.httpx.Client(xds_client=mesh.client, mesh_wait=10) as client:
+        assert client.get(URL + "/nothing").status_code == 200
+    doc = json.loads(json_lines[0])
+    assert doc["upstream_cluster"] == cluster
+    assert doc["upstream_host"] == f"127.0.0.1:{u1.port}"
+    assert (doc["response_code"], doc["response_flags"], doc["reporter"]) == (200, "-", "source")

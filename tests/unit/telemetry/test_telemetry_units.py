@@ -1,0 +1,264 @@
+"""Table tests of the pure parts: trace header parsing/writing, label derivation, the
+Prometheus renderer, access log formats, environment configuration, the public surface."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import pytest
+from opentelemetry.trace import SpanContext, TraceFlags
+
+from pymesh import telemetry
+from pymesh.errors import ConfigError
+from pymesh.telemetry._labels import PeerWorkload, Workload, service_of_cluster
+from pymesh.telemetry._metrics import RequestMetrics
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN = "00f067aa0ba902b7"
+
+
+def _get(headers: dict[str, str]) -> Any:
+    return headers.get
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"traceparent": f"00-{TRACE}-{SPAN}-01"}, (TRACE, SPAN, True)),
+        ({"traceparent": f"00-{TRACE}-{SPAN}-00"}, (TRACE, SPAN, False)),
+        ({"b3": f"{TRACE}-{SPAN}-1"}, (TRACE, SPAN, True)),
+        ({"b3": f"{TRACE}-{SPAN}-0-{SPAN}"}, (TRACE, SPAN, False)),
+        ({"b3": f"{TRACE[16:]}-{SPAN}-d"}, ("0" * 16 + TRACE[16:], SPAN, True)),  # 64-bit id
+        ({"x-b3-traceid": TRACE, "x-b3-spanid": SPAN, "x-b3-sampled": "1"}, (TRACE, SPAN, True)),
+        ({"x-b3-traceid": TRACE, "x-b3-spanid": SPAN, "x-b3-flags": "1"}, (TRACE, SPAN, True)),
+        ({"x-b3-traceid": TRACE, "x-b3-spanid": SPAN}, (TRACE, SPAN, False)),
+        # W3C wins over B3 when both are present
+        (
+            {"traceparent": f"00-{TRACE}-{SPAN}-01", "b3": f"{'1' * 32}-{SPAN}-0"},
+            (TRACE, SPAN, True),
+        ),
+        # invalid W3C falls back to B3
+        ({"traceparent": "00-zz-yy-01", "b3": f"{TRACE}-{SPAN}-1"}, (TRACE, SPAN, True)),
+    ],
+)
+def test_extract(headers: dict[str, str], expected: tuple[str, str, bool]) -> None:
+    ctx = telemetry.extract(_get(headers))
+    assert ctx is not None
+    assert (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", ctx.trace_flags.sampled) == expected
+    assert ctx.is_remote
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"traceparent": f"00-{'0' * 32}-{SPAN}-01"},  # all-zero trace id
+        {"traceparent": f"ff-{TRACE}-{SPAN}-01"},  # forbidden version
+        {"traceparent": f"00-{TRACE}-{SPAN}-01-extra"},  # version 00 has 4 fields
+        {"traceparent": f"00-{TRACE[:-1]}-{SPAN}-01"},
+        {"b3": "1"},  # a sampling decision alone
+        {"x-b3-traceid": TRACE},
+        {"x-b3-traceid": "xyz", "x-b3-spanid": SPAN},
+    ],
+)
+def test_extract_rejects(headers: dict[str, str]) -> None:
+    assert telemetry.extract(_get(headers)) is None
+
+
+def test_inject_every_format() -> None:
+    out: dict[str, str] = {}
+    ctx = SpanContext(int(TRACE, 16), int(SPAN, 16), False, TraceFlags(1))
+    telemetry.inject(ctx, out.__setitem__, frozenset({"tracecontext", "b3multi", "b3"}))
+    assert out == {
+        "traceparent": f"00-{TRACE}-{SPAN}-01",
+        "x-b3-traceid": TRACE,
+        "x-b3-spanid": SPAN,
+        "x-b3-sampled": "1",
+        "b3": f"{TRACE}-{SPAN}-1",
+    }
+    # and what we write, we read back
+    assert telemetry.extract(_get({"b3": out["b3"]})) == telemetry.extract(
+        _get({"traceparent": out["traceparent"]})
+    )
+
+
+@pytest.mark.parametrize(
+    ("cluster", "expected"),
+    [
+        ("outbound|9080|v1|reviews.default.svc.cluster.local",
+         ("reviews.default.svc.cluster.local", "reviews", "default")),
+        ("outbound|443||api.example.com", ("api.example.com", "api.example.com", "unknown")),
+        ("inbound|8080||", ("inbound|8080||", "inbound|8080||", "unknown")),
+        (None, ("unknown", "unknown", "unknown")),
+    ],
+)  # fmt: skip
+def test_service_of_cluster(cluster: str | None, expected: tuple[str, str, str]) -> None:
+    assert service_of_cluster(cluster) == expected
+
+
+def test_workloads_from_node_and_endpoint_metadata() -> None:
+    w = Workload.from_node(
+        workload="reviews-v2",
+        namespace="shop",
+        labels={"app": "reviews", "version": "v2"},
+        cluster_id="Kubernetes",
+    )
+    assert w.values() == ("reviews-v2", "reviews", "v2", "shop", "reviews", "v2", "Kubernetes")
+    canonical = Workload.from_node(
+        workload="w",
+        namespace="ns",
+        labels={"service.istio.io/canonical-name": "svc", "app": "a"},
+        cluster_id="",
+    )
+    assert (canonical.canonical_service, canonical.canonical_revision) == ("svc", "latest")
+    empty = Workload.from_node(workload="", namespace="", labels={}, cluster_id="")
+    assert empty == Workload(canonical_revision="latest")  # Istio's default revision
+    # Istio's EDS endpoint metadata: "name;namespace;canonical;revision;cluster"
+    peer = PeerWorkload.from_metadata({"istio": {"workload": "ratings-v1;default;ratings;v1;K"}})
+    assert peer.values() == ("ratings-v1", "ratings", "v1", "default", "ratings", "v1", "K")
+    assert PeerWorkload.from_metadata(None) == Workload()
+    assert PeerWorkload.from_metadata({"envoy.lb": {}}) == Workload()
+
+
+def _labels(**over: str) -> tuple[str, ...]:
+    base = dict.fromkeys(telemetry.LABEL_NAMES, "unknown")
+    base |= {"reporter": "source", "request_protocol": "http", "response_code": "200"}
+    base |= over
+    return tuple(base[n] for n in telemetry.LABEL_NAMES)
+
+
+def test_prometheus_rendering_exact() -> None:
+    table = RequestMetrics()
+    table.record(_labels(), 0.3, 0, 120)
+    table.record(_labels(), 7.0, 5, 120)
+    table.record(_labels(response_code="503", response_flags="UO"), 1.0, 0, 81)
+    text = telemetry.render_prometheus(table.otel_metrics())
+    lines = text.splitlines()
+    assert "# TYPE istio_requests_total counter" in lines
+    assert "# TYPE istio_request_duration_milliseconds histogram" in lines
+    assert "istio_request_messages_total" not in text  # gRPC only
+    ok = [
+        ln for ln in lines if ln.startswith("istio_requests_total{") and 'response_code="200"' in ln
+    ]
+    assert len(ok) == 1 and ok[0].endswith(" 2")
+    assert ok[0].startswith('istio_requests_total{reporter="source",source_workload="unknown",')
+    buckets = [
+        ln for ln in lines
+        if ln.startswith("istio_request_duration_milliseconds_bucket") and 'code="200"' in ln
+    ]  # fmt: skip
+    les = [ln.split('le="')[1].split('"')[0] for ln in buckets]
+    assert les == [*(telemetry._metrics._num(b) for b in telemetry.DURATION_BUCKETS), "+Inf"]
+    counts = [int(ln.rsplit(" ", 1)[1]) for ln in buckets]
+    assert counts[:4] == [1, 1, 1, 2]  # 0.3 <= 0.5; 7.0 <= 10 (cumulative)
+    assert counts[-1] == 2
+    assert any(
+        ln.startswith("istio_request_duration_milliseconds_sum{") and ln.endswith(" 7.3")
+        for ln in lines
+    )
+
+
+def test_label_values_are_escaped() -> None:
+    table = RequestMetrics()
+    table.record(_labels(destination_service='a"b\\c\nd'), 1.0, 0, 0)
+    text = telemetry.render_prometheus(table.otel_metrics())
+    assert 'destination_service="a\\"b\\\\c\\nd"' in text
+
+
+def test_series_are_bounded() -> None:
+    table = RequestMetrics()
+    for i in range(telemetry._metrics.MAX_SERIES + 5):
+        table.record(_labels(response_code=str(i)), 1.0, 0, 0)
+    assert len(table.snapshot()) == telemetry._metrics.MAX_SERIES
+    assert table.overflow == 5
+
+
+RECORD = telemetry.AccessRecord(
+    start=1700000000.25,
+    method="GET",
+    path="/reviews/0",
+    protocol="HTTP/1.1",
+    status=503,
+    flags="UO",
+    bytes_received=0,
+    bytes_sent=81,
+    duration_ms=3,
+    authority="reviews:9080",
+    upstream_host=None,
+    upstream_cluster="outbound|9080||reviews.default.svc.cluster.local",
+    request_id="req-1",
+    user_agent="python-httpx/0.28",
+)
+
+
+def test_access_log_text_is_envoys_default_format() -> None:
+    assert telemetry.format_text(RECORD) == (
+        '[2023-11-14T22:13:20.250Z] "GET /reviews/0 HTTP/1.1" 503 UO 0 81 3 - "-" '
+        '"python-httpx/0.28" "req-1" "reviews:9080" "-"'
+    )
+
+
+def test_access_log_json() -> None:
+    doc = json.loads(telemetry.format_json(RECORD))
+    assert doc["start_time"] == "2023-11-14T22:13:20.250Z"
+    assert (doc["response_code"], doc["response_flags"], doc["bytes_sent"]) == (503, "UO", 81)
+    assert doc["upstream_cluster"] == "outbound|9080||reviews.default.svc.cluster.local"
+    assert doc["upstream_host"] is None
+
+
+def test_sampled_access_log_keeps_flagged_requests() -> None:
+    lines: list[str] = []
+    tel = telemetry.Telemetry(
+        access_log="sampled", access_log_sample=0.0, access_log_sink=lines.append,
+        rng=random.Random(1),
+    )  # fmt: skip
+    try:
+        for status, flags in ((200, ()), (200, ()), (503, ("UO",)), (502, ())):
+            call = tel.client_call(
+                protocol="http", method="GET", authority="a", path="/", set_header=lambda k, v: None
+            )
+            call.finish(None, status=status, flags=flags)
+        assert [ln.split('" ')[1].split(" ")[:2] for ln in lines] == [["503", "UO"], ["502", "-"]]
+    finally:
+        tel.close()
+
+
+def test_configure_from_env() -> None:
+    assert telemetry.configure_from_env(env={}) is None
+    tel = telemetry.configure_from_env(
+        env={
+            "PYMESH_TELEMETRY": "on",
+            "PYMESH_PROMETHEUS_ADDRESS": "off",
+            "PYMESH_ACCESS_LOG": "full",
+            "PYMESH_ACCESS_LOG_FORMAT": "json",
+            "PYMESH_TRACE_SAMPLING": "100",
+            "PYMESH_TRACE_PROPAGATION": "b3multi",
+        }
+    )
+    try:
+        assert tel is not None and telemetry.current() is tel
+        assert tel.access_log == "full"
+        assert tel.propagation == frozenset({"b3multi"})
+    finally:
+        assert tel is not None
+        tel.close()
+    assert telemetry.current() is None
+    with pytest.raises(ConfigError, match="PYMESH_ACCESS_LOG"):
+        telemetry.configure_from_env(env={"PYMESH_TELEMETRY": "on", "PYMESH_ACCESS_LOG": "x"})
+    with pytest.raises(ConfigError, match="PYMESH_TRACE_SAMPLING"):
+        telemetry.configure_from_env(env={"PYMESH_TELEMETRY": "on", "PYMESH_TRACE_SAMPLING": "x"})
+    with pytest.raises(ConfigError, match="percentage"):
+        telemetry.configure_from_env(env={"PYMESH_TELEMETRY": "on", "PYMESH_TRACE_SAMPLING": "101"})
+
+
+def test_public_surface_is_pinned() -> None:
+    assert sorted(telemetry.__all__) == sorted(
+        [
+            "BYTES_BUCKETS", "DURATION_BUCKETS", "LABEL_NAMES", "UNKNOWN", "AccessLogMode",
+            "AccessRecord", "ClientCall", "PrometheusServer", "ServerCall", "Telemetry",
+            "configure_from_env", "current", "extract", "format_json", "format_text", "inject",
+            "install", "render_prometheus", "uninstall",
+        ]
+    )  # fmt: skip
+    assert len(telemetry.LABEL_NAMES) == 25
