@@ -26,9 +26,18 @@ from typing import TYPE_CHECKING, Any, Literal
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Metric
+from opentelemetry.sdk.metrics.export import (
+    InMemoryMetricReader,
+    Metric,
+    MetricExporter,
+    MetricsData,
+    ResourceMetrics,
+    ScopeMetrics,
+)
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
@@ -174,6 +183,8 @@ class Telemetry:
         self.meter_provider = MeterProvider(metric_readers=[self._reader])
         self._register_internals()
         self._servers: list[Any] = []
+        self._exporters: list[tuple[MetricExporter, threading.Event, threading.Thread]] = []
+        self._resource = Resource.create({"service.name": "pymesh"})
         self._closed = False
         self.set_node(node)
 
@@ -526,11 +537,45 @@ class Telemetry:
         self._servers.append(server)
         return server
 
+    def metrics_data(self) -> MetricsData:
+        """:meth:`collect` wrapped as the SDK's ``MetricsData`` (what exporters take)."""
+        scope = ScopeMetrics(InstrumentationScope("pymesh"), self.collect(), "")
+        return MetricsData([ResourceMetrics(self._resource, [scope], "")])
+
+    def export_metrics(self, exporter: MetricExporter, *, interval: float = 60.0) -> None:
+        """Push :meth:`metrics_data` to an OpenTelemetry ``exporter`` every ``interval``
+        seconds from a daemon thread (OTLP: ``opentelemetry-exporter-otlp-proto-grpc``'s
+        ``OTLPMetricExporter``), and once more at :meth:`close`."""
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, not {interval!r}")
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(interval):
+                self._export_once(exporter)
+
+        thread = threading.Thread(target=run, name="pymesh-metrics-export", daemon=True)
+        self._exporters.append((exporter, stop, thread))
+        thread.start()
+
+    def _export_once(self, exporter: MetricExporter) -> None:
+        try:
+            exporter.export(self.metrics_data(), timeout_millis=10_000)
+        except Exception:
+            _log.exception("telemetry: metrics export failed")
+
     def close(self) -> None:
-        """Stop the scrape endpoints and uninstall this telemetry if it is installed."""
+        """Stop the scrape endpoints and exporters (one last export each) and uninstall
+        this telemetry if it is installed."""
         for server in self._servers:
             server.close()
         self._servers = []
+        exporters, self._exporters = self._exporters, []
+        for exporter, stop, thread in exporters:
+            stop.set()
+            thread.join(5)
+            self._export_once(exporter)
+            exporter.shutdown()
         uninstall(self)
         if not self._closed:
             self._closed = True
@@ -606,10 +651,11 @@ class ClientCall:
                 and result.upstream_request is not None
                 and (self.span is not None or tel.access_log != "off")
             ):
-                headers = result.upstream_request.headers
-                request_id = headers.get("x-request-id")
-                if user_agent is None:
-                    user_agent = headers.get("user-agent")
+                for name, value in result.upstream_request.headers:  # one pass for both
+                    if name == "x-request-id":
+                        request_id = value
+                    elif name == "user-agent" and user_agent is None:
+                        user_agent = value
         if tel.metrics_enabled:
             labels = tel._client_labels(
                 self.protocol,

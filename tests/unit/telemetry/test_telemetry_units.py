@@ -262,3 +262,32 @@ def test_public_surface_is_pinned() -> None:
         ]
     )  # fmt: skip
     assert len(telemetry.LABEL_NAMES) == 25
+
+
+def test_export_metrics_through_an_sdk_exporter() -> None:
+    import io
+
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+    out = io.StringIO()
+    tel = telemetry.Telemetry()
+    call = tel.client_call(
+        protocol="grpc", method="POST", authority="a:1", path="/s/M", set_header=lambda k, v: None
+    )
+    call.finish(None, status=200, grpc_status=0, request_messages=1, response_messages=1)
+    tel.export_metrics(ConsoleMetricExporter(out=out), interval=3600)
+    tel.close()  # one last export at close
+    doc = json.loads(out.getvalue())
+    names = [m["name"] for sm in doc["resource_metrics"][0]["scope_metrics"] for m in sm["metrics"]]
+    assert names[:6] == [
+        "istio_requests_total",
+        "istio_request_duration_milliseconds",
+        "istio_request_bytes",
+        "istio_response_bytes",
+        "istio_request_messages_total",
+        "istio_response_messages_total",
+    ]
+    point = doc["resource_metrics"][0]["scope_metrics"][0]["metrics"][0]["data"]["data_points"][0]
+    assert point["value"] == 1
+    assert point["attributes"]["request_protocol"] == "grpc"
+    assert point["attributes"]["grpc_response_status"] == "0"
