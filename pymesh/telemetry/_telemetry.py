@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from pymesh.bootstrap import Node
     from pymesh.core.flow import CallResult
     from pymesh.core.runtime import MeshRuntime
+    from pymesh.security import CertificateProvider
     from pymesh.xds.client import XdsClient
 
 __all__ = [
@@ -433,6 +434,23 @@ class Telemetry:
         """Report ``pymesh_certificate_expiry_seconds{name}``: ``not_after()`` is the
         current certificate's expiry (epoch seconds) or ``None`` when there is none."""
         self._certificates[name] = not_after
+
+    def watch_certificate_provider(
+        self, provider: CertificateProvider, name: str = "default"
+    ) -> None:
+        """Report the expiry of ``provider``'s current certificate (read at scrape time;
+        a provider with no certificate yet, or a trust-only bundle, reports nothing)."""
+
+        def not_after() -> float | None:
+            try:
+                bundle = provider.current()
+            except Exception:  # not ready yet
+                return None
+            if not bundle.has_identity or bundle.not_after == float("inf"):
+                return None
+            return bundle.not_after
+
+        self.watch_certificate(name, not_after)
 
     def _register_internals(self) -> None:
         from opentelemetry.metrics import CallbackOptions, Observation

@@ -291,3 +291,43 @@ def test_export_metrics_through_an_sdk_exporter() -> None:
     assert point["value"] == 1
     assert point["attributes"]["request_protocol"] == "grpc"
     assert point["attributes"]["grpc_response_status"] == "0"
+
+
+def test_certificate_expiry_from_a_provider() -> None:
+    from pymesh.security import CertificateBundle, StaticProvider
+
+    provider = StaticProvider()
+    tel = telemetry.Telemetry()
+    try:
+        tel.watch_certificate_provider(provider, "default")
+        assert "pymesh_certificate_expiry_seconds" not in tel.prometheus_text()  # none yet
+        provider.update(CertificateBundle(b"chain", b"key", b"roots", not_after=1900000000.0))
+        lines = [
+            ln
+            for ln in tel.prometheus_text().splitlines()
+            if ln.startswith("pymesh_certificate_expiry_seconds")
+        ]
+        assert lines == ['pymesh_certificate_expiry_seconds{name="default"} 1900000000']
+    finally:
+        tel.close()
+        provider.close()
+
+
+def test_only_the_telemetry_module_imports_opentelemetry() -> None:
+    import ast
+    from pathlib import Path
+
+    root = Path(telemetry.__file__).parent.parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.parent.name == "telemetry":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n.split(".")[0] == "opentelemetry" for n in names):
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == []
