@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pymesh.core.deadline import CONSUMED_REQUEST_HEADERS as TIMEOUT_HEADERS
-from pymesh.core.deadline import call_deadlines
+from pymesh.core.deadline import Deadlines, call_deadlines
 from pymesh.core.fault import decide_fault
 from pymesh.core.hashing import request_hash
 from pymesh.core.headers_ops import HeaderOps
@@ -355,10 +355,10 @@ def _no_healthy_upstream(flags: list[str], ctx: _Ctx) -> CallResult:
     return _local(503, body, ReplyKind.NO_HEALTHY_UPSTREAM, flags, _TEXT, ctx=ctx)
 
 
-def _timeout(
-    flags: list[str], ctx: _Ctx, body: bytes = b"upstream request timeout", flag: str = "UT"
-) -> CallResult:
-    flags.append(flag)
+def _timeout(flags: list[str], ctx: _Ctx, deadlines: Deadlines) -> CallResult:
+    # The router's timeout is UT; the connection manager's stream duration limit is DT.
+    flags.append("DT" if deadlines.stream_duration else "UT")
+    body = deadlines.timeout_body.encode()
     return _local(504, body, ReplyKind.TIMEOUT, flags, _TEXT, ctx=ctx)
 
 
@@ -463,7 +463,9 @@ class _RoutePlan:
     __slots__ = (
         "choice",
         "fault",
+        "idle",
         "listener",
+        "max_stream_duration",
         "mirrors",
         "plain_rewrite",
         "response_ops",
@@ -496,6 +498,9 @@ class _RoutePlan:
         self.response_ops = response_header_ops(route, vhost, config) or None
         # A route to one named cluster chooses the same (immutable) answer every time.
         self.choice = ClusterChoice(action.cluster) if action.cluster is not None else None
+        hcm = snapshot.listener.api_listener
+        self.max_stream_duration = hcm.max_stream_duration if hcm is not None else None
+        self.idle = _stream_idle_timeout(action, hcm)
 
 
 _PLANS: dict[int, _RoutePlan] = {}
@@ -610,22 +615,14 @@ def call_flow(
 
     # 6. deadlines
     now = clock()
-    hcm = snapshot.listener.api_listener
     retry_policy = action.retry_policy
     deadlines = call_deadlines(
-        action,
-        retry_policy,
-        request,
-        now=now,
-        max_stream_duration=hcm.max_stream_duration if hcm is not None else None,
+        action, retry_policy, request, now=now, max_stream_duration=plan.max_stream_duration
     )
     overall = deadlines.overall
     per_try = deadlines.per_try
     per_try_idle = deadlines.per_try_idle
-    idle = _stream_idle_timeout(action, hcm)
-    timeout_body = deadlines.timeout_body.encode()
-    # The router's timeout is UT; the connection manager's stream duration limit is DT.
-    timeout_flag = "DT" if deadlines.stream_duration else "UT"
+    idle = plan.idle
 
     # 7. mirrors
     for policy in plan.mirrors:
@@ -653,7 +650,7 @@ def call_flow(
                 ctx.extra = (("x-envoy-attempt-count", str(attempt)),)
             now = clock()
             if overall is not None and now >= overall:
-                return _timeout(flags, ctx, timeout_body, timeout_flag)
+                return _timeout(flags, ctx, deadlines)
             cluster = runtime.leaf_for(snapshot, entry, now)
             host = None
             if cluster is not None:
@@ -716,7 +713,7 @@ def call_flow(
             ):
                 inflight.release()
                 inflight = None
-                return _timeout(flags, ctx, timeout_body, timeout_flag)
+                return _timeout(flags, ctx, deadlines)
 
             decision: Retry | GiveUp
             if retry is None:
@@ -739,7 +736,7 @@ def call_flow(
                     inflight.release()
                     inflight = None
                     if outcome.reset is ResetKind.PER_TRY_TIMEOUT:
-                        return _timeout(flags, ctx, timeout_body, timeout_flag)
+                        return _timeout(flags, ctx, deadlines)
                     flags.append(_RESET_FLAG.get(outcome.reset, "UC"))
                     return _reset_reply(outcome.reset, flags, ctx)
                 done, inflight = inflight, None
@@ -767,7 +764,7 @@ def call_flow(
             if overall is not None and now + delay >= overall:
                 if overall > now:
                     yield Sleep(overall - now)
-                return _timeout(flags, ctx, timeout_body, timeout_flag)
+                return _timeout(flags, ctx, deadlines)
             if delay > 0:
                 yield Sleep(delay)
         return _overflow(flags, ctx)
