@@ -153,22 +153,26 @@ class _Timeouts:
         t = send.timeout
         # Reads: the earliest of the attempt's deadline, the idle timeouts and the app's.
         read, source = t, "mesh"
-        for value, name in (
-            (send.per_try_idle, "mesh"),
-            (send.idle, "idle"),
-            (app.get("read"), "app"),
-        ):
-            if value is not None and (read is None or value < read):
-                read, source = value, name
-        values: dict[str, float | None] = {"read": read}
-        app_phases: set[str] = set()
-        for phase in ("write", "pool"):
-            mine = app.get(phase)
-            if mine is not None and (t is None or mine < t):
-                values[phase] = mine
-                app_phases.add(phase)
-            else:
-                values[phase] = t
+        value = send.per_try_idle
+        if value is not None and (read is None or value < read):
+            read = value
+        value = send.idle
+        if value is not None and (read is None or value < read):
+            read, source = value, "idle"
+        value = app.get("read")
+        if value is not None and (read is None or value < read):
+            read, source = value, "app"
+        app_phases: tuple[str, ...] = ()
+        write = app.get("write")
+        if write is not None and (t is None or write < t):
+            app_phases = ("write",)
+        else:
+            write = t
+        pool = app.get("pool")
+        if pool is not None and (t is None or pool < t):
+            app_phases += ("pool",)
+        else:
+            pool = t
         connect = send.cluster.config.cluster.connect_timeout
         connect_source = "cluster"
         if t is not None and t < connect:
@@ -176,8 +180,7 @@ class _Timeouts:
         app_connect = app.get("connect")
         if app_connect is not None and app_connect < connect:
             connect, connect_source = app_connect, "app"
-        values["connect"] = connect
-        self.value = values
+        self.value = {"read": read, "write": write, "pool": pool, "connect": connect}
         self.read_source = source
         self.connect_source = connect_source
         self.app_phases = app_phases
