@@ -8,14 +8,15 @@ The only pymesh module that imports OpenTelemetry. One :class:`Telemetry` per pr
     tel.serve_prometheus()            # :15020/stats/prometheus on loopback
 
 or from the environment with :func:`configure_from_env`. The httpx and gRPC adapters report
-every request to the installed telemetry; servers that pymesh does not wrap (ASGI) call
-:meth:`Telemetry.server_call` at the start of a request and :meth:`ServerCall.finish` at
-its end (see ``docs/metrics.md``).
+every request to the installed telemetry; ASGI apps are wrapped with
+:func:`asgi_middleware`; any other server calls :meth:`Telemetry.server_call` at the start
+of a request and :meth:`ServerCall.finish` at its end (see ``docs/metrics.md``).
 """
 
 from __future__ import annotations
 
 from pymesh.telemetry._accesslog import AccessRecord, format_json, format_text
+from pymesh.telemetry._asgi import asgi_middleware
 from pymesh.telemetry._env import configure_from_env
 from pymesh.telemetry._labels import LABEL_NAMES, UNKNOWN
 from pymesh.telemetry._metrics import BYTES_BUCKETS, DURATION_BUCKETS, render_prometheus
@@ -42,6 +43,7 @@ __all__ = [
     "PrometheusServer",
     "ServerCall",
     "Telemetry",
+    "asgi_middleware",
     "configure_from_env",
     "current",
     "extract",

@@ -1,7 +1,7 @@
 """Traces across client -> A -> B: one trace, parent/child links, W3C and B3 honoured inbound.
 
-A and B are uvicorn apps on loopback whose inbound side reports through
-``Telemetry.server_call`` (what the ASGI adapter calls); A calls B with a pymesh httpx
+A and B are uvicorn apps on loopback wrapped in ``telemetry.asgi_middleware`` (the server
+side of ASGI apps); A calls B with a pymesh httpx
 client inside its handler, with no tracing code of its own: the trace flows through
 contextvars. Spans land in an in-memory exporter.
 """
@@ -22,6 +22,7 @@ from opentelemetry.trace import SpanKind
 import pymesh.httpx
 from pymesh import telemetry
 from tests.integration.httpx.conftest import Backend, Mesh, Upstream
+from tests.integration.telemetry.conftest import parse_prometheus, select
 
 Make = Callable[..., tuple[Backend, Upstream]]
 
@@ -43,37 +44,6 @@ def _entry(name: str, port: int) -> str:
     )
 
 
-def _inbound(app: Any) -> Any:
-    """The inbound telemetry hook, as an ASGI server adapter calls it."""
-
-    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        tel = telemetry.current()
-        if scope["type"] != "http" or tel is None:
-            await app(scope, receive, send)
-            return
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        call = tel.server_call(
-            protocol="http",
-            method=scope["method"],
-            authority=headers.get("host", ""),
-            path=scope["path"],
-            get_header=headers.get,
-        )
-        status = [500]
-
-        async def send_wrapper(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await app(scope, receive, send_wrapper)
-        finally:
-            call.finish(status=status[0])
-
-    return wrapped
-
-
 def _finished(exporter: InMemorySpanExporter, n: int) -> tuple[Any, ...]:
     """The finished spans once there are ``n`` (a server span ends just after its response
     went out, so the caller may see the response first). Bounded wait."""
@@ -89,7 +59,7 @@ def test_one_trace_across_client_a_b_and_inbound_formats(
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    _b, ub = upstreams("b", app=_inbound(Backend("b")))
+    _b, ub = upstreams("b", app=telemetry.asgi_middleware(Backend("b")))
     holder: dict[str, Any] = {}
 
     async def a_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -99,7 +69,7 @@ def test_one_trace_across_client_a_b_and_inbound_formats(
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": r.content})
 
-    _a, ua = upstreams("a", app=_inbound(a_app))
+    _a, ua = upstreams("a", app=telemetry.asgi_middleware(a_app))
     mesh.write(_entry("a", ua.port) + "---\n" + _entry("b", ub.port), name="svc.yaml")
     mesh.start()
     assert mesh.client is not None
@@ -129,6 +99,17 @@ def test_one_trace_across_client_a_b_and_inbound_formats(
         assert c1.attributes["http.status_code"] == "200"
         assert c1.attributes["response_flags"] == "-"
         assert c1.attributes["upstream_address"] == f"127.0.0.1:{ub.port}"
+        # the server reporter of A and B (ASGI middleware), HTTP
+        samples = parse_prometheus(tel.prometheus_text())
+        for svc in ("a", "b"):
+            host = f"{svc}.default.svc.cluster.local"
+            got = select(samples, "istio_requests_total", reporter="destination",
+                         destination_service=host)  # fmt: skip
+            assert [(s[1]["response_code"], s[1]["request_protocol"], s[2]) for s in got] == [
+                ("200", "http", 1)
+            ], got
+            assert got[0][1]["destination_service_name"] == svc
+            assert got[0][1]["connection_security_policy"] == "none"
 
         # Inbound formats: W3C, B3 single, B3 multi each make A's span a child of the caller.
         trace_hex = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -257,6 +257,7 @@ def test_public_surface_is_pinned() -> None:
         [
             "BYTES_BUCKETS", "DURATION_BUCKETS", "LABEL_NAMES", "UNKNOWN", "AccessLogMode",
             "AccessRecord", "ClientCall", "PrometheusServer", "ServerCall", "Telemetry",
+            "asgi_middleware",
             "configure_from_env", "current", "extract", "format_json", "format_text", "inject",
             "install", "render_prometheus", "uninstall",
         ]
