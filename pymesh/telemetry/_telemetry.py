@@ -16,6 +16,7 @@ off, so downstream services agree.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import logging
 import random
 import threading
@@ -357,9 +358,14 @@ class Telemetry:
         found = self._label_cache.get(key)
         if found is not None:
             return found
-        host = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
-        name, namespace = service_name_namespace(host) if host else (UNKNOWN, UNKNOWN)
+        host = _authority_host(authority)
         dst = self.workload
+        if not host or _is_ip(host):
+            # dialled by address (a proxyless client's endpoint channel): the service is
+            # not named; this workload's canonical service and namespace stand in
+            host, name, namespace = UNKNOWN, dst.canonical_service, dst.namespace
+        else:
+            name, namespace = service_name_namespace(host)
         labels = (
             "destination",
             UNKNOWN,
@@ -375,7 +381,7 @@ class Telemetry:
             self.identity if mtls else UNKNOWN,
             dst.app,
             dst.version,
-            host or UNKNOWN,
+            host,
             dst.canonical_service,
             dst.canonical_revision,
             name,
@@ -601,6 +607,23 @@ class Telemetry:
 
 
 _UP = frozenset({"HEALTHY", "UNKNOWN", "DEGRADED"})
+
+
+def _authority_host(authority: str) -> str:
+    """The host of ``host``, ``host:port``, ``[v6]:port`` or ``v6``."""
+    if authority.startswith("["):
+        return authority[1:].split("]", 1)[0]
+    if authority.count(":") == 1:
+        return authority.rsplit(":", 1)[0]
+    return authority
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _namespace_of(principal: str) -> str:
