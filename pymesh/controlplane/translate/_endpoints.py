@@ -119,6 +119,9 @@ def build_load_assignment(  # noqa: PLR0917
             sa.port_value = e.port
             lbe.health_status = _HEALTH.get(e.health, health_check_pb2.HEALTHY)
             lbe.load_balancing_weight.value = max(1, e.weight)
+            workload = _istio_workload(e)
+            if workload:  # Istio's EDS metadata: what telemetry's destination_* labels read
+                lbe.metadata.filter_metadata["istio"].fields["workload"].string_value = workload
     if lb is not None and lb.enabled and lb.distribute:
         # Localities whose distribute weight is 0 would make Envoy reject the assignment.
         kept = [le for le in cla.endpoints if le.load_balancing_weight.value > 0]
@@ -143,3 +146,15 @@ def _is_ip(address: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _istio_workload(e: Endpoint) -> str:
+    """Istio's ``istio.workload`` endpoint metadata, ``name;namespace;canonical-service;
+    canonical-revision;cluster`` (the workload name is not known here: left empty), or
+    ``""`` when the endpoint has no canonical service labels."""
+    labels = e.labels
+    canonical = labels.get("service.istio.io/canonical-name") or labels.get("app", "")
+    revision = labels.get("service.istio.io/canonical-revision") or labels.get("version", "")
+    if not canonical and not revision:
+        return ""
+    return f";{e.namespace};{canonical};{revision or 'latest'};"

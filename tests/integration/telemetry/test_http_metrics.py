@@ -104,6 +104,12 @@ def test_client_reporter_labels_counts_and_flags(
     labels = ok[0][1]
     assert set(labels) == set(telemetry.LABEL_NAMES)
     assert labels["response_flags"] == "-"
+    # the picked endpoint's Istio EDS metadata (its version label; no app label)
+    assert (labels["destination_version"], labels["destination_canonical_revision"]) == ("v1", "v1")
+    assert (labels["destination_workload_namespace"], labels["destination_app"]) == (
+        "default",
+        "unknown",
+    )
     assert ok[0][2] == 3 + 2  # three /ok and the two /sleep/300 that got through
     assert value(samples, "istio_requests_total", **common, response_code="500") == 1
     for code, flags, n in (
