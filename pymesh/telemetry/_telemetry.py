@@ -174,7 +174,7 @@ class Telemetry:
         self._tracer = tracer_provider.get_tracer("pymesh")
         self.requests = RequestMetrics()
         self._label_cache: dict[tuple[Any, ...], tuple[str, ...]] = {}
-        self._peer_cache: dict[int, Workload] = {}
+        self._peer_cache: dict[int, tuple[object, Workload]] = {}
         self._counters_lock = threading.Lock()
         self.retries: dict[str, int] = {}
         self.overflows: dict[str, int] = {}
@@ -256,16 +256,19 @@ class Telemetry:
         mtls: bool,
     ) -> tuple[str, ...]:
         metadata = getattr(host, "metadata", None)
-        key = (protocol, status, grpc_status, flags, cluster, id(metadata), mtls)
+        # Endpoint metadata -> peer workload, memoized by identity; the entry keeps the
+        # metadata object alive, so its id cannot be reused by other metadata meanwhile.
+        entry = self._peer_cache.get(id(metadata))
+        if entry is None or entry[0] is not metadata:
+            entry = (metadata, PeerWorkload.from_metadata(metadata))
+            if len(self._peer_cache) > _MAX_LABEL_CACHE:
+                self._peer_cache = {}
+            self._peer_cache[id(metadata)] = entry
+        peer = entry[1]
+        key = (protocol, status, grpc_status, flags, cluster, peer, mtls)
         found = self._label_cache.get(key)
         if found is not None:
             return found
-        peer = self._peer_cache.get(id(metadata))
-        if peer is None:
-            peer = PeerWorkload.from_metadata(metadata)
-            if len(self._peer_cache) > _MAX_LABEL_CACHE:
-                self._peer_cache = {}
-            self._peer_cache[id(metadata)] = peer
         service, name, namespace = service_of_cluster(cluster)
         src = self.workload
         labels = (
