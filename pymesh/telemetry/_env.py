@@ -46,7 +46,9 @@ def configure_from_env(
     node: Node | None = None, env: Mapping[str, str] | None = None
 ) -> Telemetry | None:
     """Build, install and return the process telemetry as the environment says (``None``
-    when ``PYMESH_TELEMETRY`` is not ``on``). Starts the scrape endpoint unless ``off``."""
+    when ``PYMESH_TELEMETRY`` is not ``on``). Starts the scrape endpoint unless ``off``.
+    Without ``node``, the workload is named by the gRPC xDS bootstrap of the environment
+    (``GRPC_XDS_BOOTSTRAP`` / ``GRPC_XDS_BOOTSTRAP_CONFIG``), if any."""
     from pymesh.telemetry._telemetry import Telemetry, install
 
     env = os.environ if env is None else env
@@ -71,6 +73,10 @@ def configure_from_env(
     propagation = env.get("PYMESH_TRACE_PROPAGATION")
     if propagation:
         options["propagation"] = tuple(p.strip() for p in propagation.split(",") if p.strip())
+    if node is None and (env.get("GRPC_XDS_BOOTSTRAP") or env.get("GRPC_XDS_BOOTSTRAP_CONFIG")):
+        from pymesh.bootstrap import load_bootstrap
+
+        node = load_bootstrap(env).node  # the workload's own names, as its xDS client reads
     try:
         tel = Telemetry(node=node, **options)
     except ValueError as exc:

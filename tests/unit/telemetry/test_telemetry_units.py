@@ -332,3 +332,29 @@ def test_only_the_telemetry_module_imports_opentelemetry() -> None:
             if any(n.split(".")[0] == "opentelemetry" for n in names):
                 offenders.append(str(path.relative_to(root)))
     assert offenders == []
+
+
+def test_configure_from_env_names_the_workload_from_the_bootstrap() -> None:
+    from pymesh.bootstrap import generate_bootstrap
+
+    data = generate_bootstrap(
+        namespace="shop", workload="reviews-v2", labels={"app": "reviews", "version": "v2"}
+    )
+    tel = telemetry.configure_from_env(
+        env={
+            "PYMESH_TELEMETRY": "on",
+            "PYMESH_PROMETHEUS_ADDRESS": "127.0.0.1:0",
+            "GRPC_XDS_BOOTSTRAP_CONFIG": json.dumps(data),
+        }
+    )
+    assert tel is not None
+    try:
+        assert (tel.workload.workload, tel.workload.namespace, tel.workload.app) == (
+            "reviews-v2",
+            "shop",
+            "reviews",
+        )
+        assert tel.identity == "spiffe://cluster.local/ns/shop/sa/default"
+        assert "istio_requests_total" not in tel.prometheus_text()
+    finally:
+        tel.close()
