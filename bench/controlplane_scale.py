@@ -7,14 +7,15 @@ cluster). The clients run in a separate process (grpc.aio, one event loop), the 
 in this one, so CPU figures are the control plane's own.
 
 Each round rewrites the config so that every service's endpoints change (a full EDS push to
-every client) and measures, per client, the time from the file write to that client's last ACK
+every client; ``--change one``: one service's, measured on the clients it concerns) and
+measures, per client, the time from the file write to that client's last ACK
 of the new version: p50/p99/max over clients and rounds. Also reported: control-plane CPU
 seconds per full push (process CPU time from the write to the last ACK: file reload, YAML
 parsing, translation, pushes), the wall time of each phase (reload = read + validate the
 files, build = derive config + generator, push = generate + send to every client), and RSS.
 
     /work/venv/bin/python bench/controlplane_scale.py [--services 1000] [--endpoints 10]
-        [--clients 200] [--wildcard 10] [--rounds 5]
+        [--clients 200] [--wildcard 10] [--rounds 5] [--change all|one]
 """
 
 from __future__ import annotations
@@ -43,13 +44,17 @@ def host(i: int) -> str:
     return f"svc-{i}.bench.svc.cluster.local"
 
 
-def write_config(path: Path, services: int, endpoints: int, generation: int) -> None:
-    """All services in one multi-document file; ``generation`` shifts every endpoint port."""
+def write_config(
+    path: Path, services: int, endpoints: int, generation: int, only: int | None = None
+) -> None:
+    """All services in one multi-document file; ``generation`` shifts every endpoint port
+    (only service ``only``'s when given: the others keep the initial port)."""
     docs = []
     for i in range(services):
+        shift = generation if only is None or i == only else 0
         eps = "\n".join(
             f"  - {{address: 10.{1 + i // 250}.{i % 250}.{e + 1}, "
-            f"ports: {{http: {9000 + generation}}}, labels: {{version: v{e % 2}}}}}"
+            f"ports: {{http: {9000 + shift}}}, labels: {{version: v{e % 2}}}}}"
             for e in range(endpoints)
         )
         docs.append(
@@ -171,6 +176,13 @@ def main() -> int:
     ap.add_argument("--wildcard", type=int, default=10, help="how many clients are Envoy-like")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--poll-interval", type=float, default=0.2)
+    ap.add_argument(
+        "--change",
+        choices=("all", "one"),
+        default="all",
+        help="what a round changes: every service's endpoints (a full EDS push), or one "
+        "service's (round N changes service N and puts back the one of round N-1)",
+    )
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
 
@@ -199,6 +211,12 @@ def main() -> int:
         if not parent.poll(600) or parent.recv() != "ready":
             raise SystemExit("clients did not get their initial config")
         connect_seconds = time.perf_counter() - t_connect
+
+        def concerns(client: int, service: int) -> bool:
+            """Whether a change to ``service`` reaches ``client`` (see ``_clients``)."""
+            mine = {(client * PER_CLIENT + k) % args.services for k in range(PER_CLIENT)}
+            return client < args.wildcard or service in mine
+
         latencies: list[float] = []
         lasts: list[float] = []
         cpu: list[float] = []
@@ -208,7 +226,8 @@ def main() -> int:
             version_before = plane.call(lambda: plane.hub.version)
             cpu0 = time.process_time()
             t0 = time.time()
-            write_config(config, args.services, args.endpoints, rnd)
+            only = None if args.change == "all" else rnd % args.services
+            write_config(config, args.services, args.endpoints, rnd, only)
             deadline = time.time() + 120
             version = str(version_before + 1)
             while time.time() < deadline:
@@ -217,6 +236,8 @@ def main() -> int:
                     continue
                 parent.send(version)
                 times = parent.recv()
+                if only is not None:
+                    times = [t for i, t in enumerate(times) if concerns(i, only)]
                 if all(t is not None for t in times):
                     break
             else:
@@ -242,6 +263,7 @@ def main() -> int:
         "clients": args.clients,
         "envoy_like_wildcard_clients": args.wildcard,
         "rounds": args.rounds,
+        "change": args.change,
         "initial_load_seconds": round(load_seconds, 3),
         "all_clients_initial_config_seconds": round(connect_seconds, 3),
         "change_to_ack_p50_seconds": round(qs[49], 3),

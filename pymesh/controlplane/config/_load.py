@@ -41,7 +41,7 @@ from pymesh.controlplane.config._types import (
     WorkloadGroupSpec,
 )
 
-__all__ = ["load_config", "load_documents"]
+__all__ = ["ConfigLoader", "load_config", "load_documents"]
 
 _NETWORKING = (
     "networking.istio.io/v1",
@@ -65,7 +65,79 @@ _IGNORED_ISTIO_KINDS = {
     "WasmPlugin",
 }
 
-_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BASE_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_STR_TAG = "tag:yaml.org,2002:str"
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_RESOLVE_CACHE_MAX = 50_000
+_resolve_cache: dict[tuple[str, bool], str] = {}
+_BUILDING = object()
+
+
+class _Fallback(Exception):
+    """The document uses something the fast constructor leaves to PyYAML's own."""
+
+
+def _construct(loader: Any, node: yaml.Node, memo: dict[int, Any]) -> Any:
+    """PyYAML's safe construction for plain documents (str keys, default tags), without its
+    per-node bookkeeping; anything else (merge keys, explicit tags, recursion) falls back."""
+    key = id(node)
+    value = memo.get(key)
+    if value is not None:
+        if value is _BUILDING:
+            raise _Fallback
+        return value
+    cls = node.__class__
+    if cls is yaml.ScalarNode:
+        if node.tag == _STR_TAG:
+            return node.value
+        ctor = loader.yaml_constructors.get(node.tag)
+        if ctor is None:
+            raise _Fallback
+        value = ctor(loader, node)
+    elif cls is yaml.MappingNode:
+        if node.tag != _MAP_TAG:
+            raise _Fallback
+        memo[key] = _BUILDING
+        value = {}
+        for key_node, value_node in node.value:
+            if key_node.__class__ is not yaml.ScalarNode or key_node.tag != _STR_TAG:
+                raise _Fallback  # merge keys, '=' keys, non-string keys: PyYAML decides
+            value[key_node.value] = _construct(loader, value_node, memo)
+    elif cls is yaml.SequenceNode:
+        if node.tag != _SEQ_TAG:
+            raise _Fallback
+        memo[key] = _BUILDING
+        value = [_construct(loader, item, memo) for item in node.value]
+    else:
+        raise _Fallback
+    memo[key] = value
+    return value
+
+
+class _FastLoader(_BASE_LOADER):  # type: ignore[misc]
+    """The C-parser safe loader with a memoised implicit-tag resolver and a lean constructor
+    (same documents as ``yaml.CSafeLoader``, about a third less CPU)."""
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is yaml.ScalarNode and implicit[0]:
+            ck = (value, bool(implicit[1]))
+            tag = _resolve_cache.get(ck)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)
+                if len(_resolve_cache) < _RESOLVE_CACHE_MAX:
+                    _resolve_cache[ck] = tag
+            return tag
+        return super().resolve(kind, value, implicit)
+
+    def construct_document(self, node: Any) -> Any:
+        try:
+            return _construct(self, node, {})
+        except _Fallback:
+            return super().construct_document(node)
+
+
+_LOADER: Any = _FastLoader
 
 Parser = Callable[[Reader, str, str], Any]
 _PARSERS: dict[str, tuple[tuple[str, ...], Parser]] = {
@@ -127,28 +199,34 @@ def load_documents(
             digest.update(str(f).encode() + b"\0" + data + b"\0")
         try:
             text = data.decode("utf-8")
-            loaded = list(yaml.load_all(text, Loader=_LOADER))
         except UnicodeDecodeError:
             issues.append(
                 ConfigIssue(IssueLevel.ERROR, str(f), -1, "", "", "", "file is not UTF-8 text")
             )
             continue
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            doc = text[: mark.index].count("\n---") if mark is not None else -1
-            problem = getattr(exc, "problem", None) or str(exc)
-            issues.append(
-                ConfigIssue(
-                    IssueLevel.ERROR, str(f), doc, "", "", "", f"malformed YAML{where}: {problem}"
-                )
-            )
-            continue
+        loaded = _load_file(f, text, issues)
         for i, doc in enumerate(loaded):
             if len(docs) >= _MAX_DOCS:
                 break
             docs.append((str(f), i, doc))
     return docs
+
+
+def _load_file(f: Path, text: str, issues: list[ConfigIssue]) -> list[Any]:
+    """Every YAML document of one file's text (``[]`` and an issue when malformed)."""
+    try:
+        return list(yaml.load_all(text, Loader=_LOADER))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        doc = text[: mark.index].count("\n---") if mark is not None else -1
+        problem = getattr(exc, "problem", None) or str(exc)
+        issues.append(
+            ConfigIssue(
+                IssueLevel.ERROR, str(f), doc, "", "", "", f"malformed YAML{where}: {problem}"
+            )
+        )
+        return []
 
 
 def _parse_doc(file: str, index: int, doc: Any, issues: list[ConfigIssue]) -> list[_Doc]:
@@ -302,19 +380,166 @@ def _check_destination(  # noqa: PLR0917
             )
 
 
+# A line that starts a YAML document ("---" then a space, a line end or the end of text).
+_DOC_START = re.compile(r"^---(?=[ \t\r\n]|$)", re.MULTILINE)
+# Directives and document-end markers make documents depend on each other: no splitting.
+_NO_SPLIT = re.compile(r"^(?:%|\.\.\.(?:[ \t\r\n]|$))", re.MULTILINE)
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """What the documents of one chunk of a file (one ``---`` section) parsed to: their count,
+    the parse results (document index, kind, namespace, name, sink kind, sink name, value)
+    and the issues parsing reported. Values are frozen specs, shared between loads."""
+
+    count: int
+    docs: tuple[tuple[int, str, str, str, str, str, Any], ...]
+    issues: tuple[ConfigIssue, ...]
+
+
+_ChunkKey = tuple[str, int, str]
+
+
+def _chunks(text: str) -> list[str] | None:
+    """``text`` cut before every document start marker (``None``: do not cut this file)."""
+    if _NO_SPLIT.search(text) is not None:
+        return None
+    starts = [m.start() for m in _DOC_START.finditer(text)]
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+    return [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+
+
+def _parse_chunk(file: str, first: int, chunk: str) -> _Parsed | None:
+    """Parse one chunk's documents (``None`` when its YAML is malformed: the caller parses
+    the whole file, which reports the error with the file's own positions)."""
+    try:
+        loaded = list(yaml.load_all(chunk, Loader=_LOADER))
+    except yaml.YAMLError:
+        return None
+    issues: list[ConfigIssue] = []
+    out: list[tuple[int, str, str, str, str, str, Any]] = []
+    for i, doc in enumerate(loaded):
+        for d in _parse_doc(file, first + i, doc, issues):
+            out.append((first + i, d.kind, d.namespace, d.name, d.sink.kind, d.sink.name, d.value))
+    return _Parsed(len(loaded), tuple(out), tuple(issues))
+
+
+class ConfigLoader:
+    """``load_config`` that remembers, between loads, what each document parsed to.
+
+    A document (a ``---`` section of a file) whose text, file and position did not change
+    since the previous load is neither re-read as YAML nor re-validated field by field: its
+    parsed specs and issues are reused. The cross-document checks and the indexes always run
+    on the whole set, so the result equals ``load_config``'s. Not thread-safe: one load at a
+    time.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[_ChunkKey, _Parsed] = {}
+
+    def load(self, paths: Sequence[Path]) -> tuple[MeshConfig | None, list[ConfigIssue]]:
+        """Like :func:`load_config`."""
+        used: dict[_ChunkKey, _Parsed] = {}
+        result = _load(paths, self._cache, used)
+        self._cache = used  # bounded by the current files' documents
+        return result
+
+
+def _read_cached(  # noqa: PLR0917
+    files: list[Path],
+    file_issues: list[ConfigIssue],
+    issues: list[ConfigIssue],
+    digest: Any,
+    cache: dict[_ChunkKey, _Parsed],
+    used: dict[_ChunkKey, _Parsed],
+) -> tuple[list[str], list[_Doc]]:
+    """Read and parse ``files`` chunk by chunk, reusing ``cache``; fills ``used``. Returns
+    the files that have documents and the parsed documents (as ``load_documents`` then
+    ``_parse_doc`` would). File-level problems go to ``file_issues``, document ones to
+    ``issues`` (the order ``load_config`` reports them in: the former first)."""
+    names: list[str] = []
+    docs: list[_Doc] = []
+    count = 0
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except OSError as exc:
+            file_issues.append(
+                ConfigIssue(
+                    IssueLevel.ERROR, str(f), -1, "", "", "", f"cannot read: {exc.strerror or exc}"
+                )
+            )
+            continue
+        file = str(f)
+        digest.update(file.encode() + b"\0" + data + b"\0")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            file_issues.append(
+                ConfigIssue(IssueLevel.ERROR, file, -1, "", "", "", "file is not UTF-8 text")
+            )
+            continue
+        chunks = _chunks(text)
+        parsed: list[tuple[int, _Parsed]] | None = [] if chunks is not None else None
+        first = 0
+        for chunk in chunks or ():
+            key = (file, first, chunk)
+            hit = cache.get(key) or used.get(key)
+            if hit is None:
+                hit = _parse_chunk(file, first, chunk)
+                if hit is None:
+                    parsed = None
+                    break
+            assert parsed is not None
+            parsed.append((first, hit))
+            used[key] = hit
+            first += hit.count
+        if parsed is None:
+            # Not splittable, or malformed: the whole file the plain way (exact positions).
+            raw = _load_file(f, text, file_issues)
+            kept = raw[: max(0, _MAX_DOCS - count)]
+            count += len(kept)
+            if kept:
+                names.append(file)
+            for index, doc in enumerate(kept):
+                docs.extend(_parse_doc(file, index, doc, issues))
+            continue
+        for first, p in parsed:
+            n = min(p.count, max(0, _MAX_DOCS - count))
+            if n == 0:
+                continue
+            count += n
+            if not names or names[-1] != file:
+                names.append(file)
+            issues.extend(i for i in p.issues if i.doc < first + n)
+            for index, kind, ns, name, sink_kind, sink_name, value in p.docs:
+                if index >= first + n:
+                    break
+                sink = IssueSink(issues, file, index, sink_kind, sink_name)
+                docs.append(_Doc(sink, kind, ns, name, value))
+    return names, docs
+
+
 def load_config(paths: Sequence[Path]) -> tuple[MeshConfig | None, list[ConfigIssue]]:
     """Load and validate every YAML document under ``paths`` (files or directories).
 
     Returns the config and every issue found; the config is ``None`` when any issue is an
     error (then the caller keeps serving its last good config).
     """
+    return _load(paths, {}, {})
+
+
+def _load(
+    paths: Sequence[Path], cache: dict[_ChunkKey, _Parsed], used: dict[_ChunkKey, _Parsed]
+) -> tuple[MeshConfig | None, list[ConfigIssue]]:
     issues: list[ConfigIssue] = []
+    file_issues: list[ConfigIssue] = []
     digest = hashlib.sha256()
-    raw = load_documents([Path(p) for p in paths], issues, digest)
-    files = sorted({f for f, _, _ in raw})
-    docs: list[_Doc] = []
-    for file, index, doc in raw:
-        docs.extend(_parse_doc(file, index, doc, issues))
+    found = _files([Path(p) for p in paths], file_issues)
+    names, docs = _read_cached(found, file_issues, issues, digest, cache, used)
+    issues[:0] = file_issues  # the same list object: the documents' sinks append to it
+    files = sorted(set(names))
     seen: dict[tuple[str, str, str], _Doc] = {}
     for d in docs:
         key = (d.kind, d.namespace, d.name)

@@ -67,11 +67,8 @@ def fqdn(host: str, namespace: str) -> str:
     host = host.strip().lower()
     if not host or host == "*" or "." in host or host.startswith("*"):
         return host
-    try:
-        ipaddress.ip_address(host)
+    if _is_ip(host):
         return host
-    except ValueError:
-        pass
     return f"{host}.{namespace}.svc.{DOMAIN_SUFFIX}"
 
 
@@ -204,12 +201,8 @@ def parse_service_entry(spec: Reader, name: str, namespace: str) -> list[Service
         addr = str(f["address"])
         if not addr:
             continue
-        if resolution is Resolution.STATIC:
-            try:
-                ipaddress.ip_address(addr)
-            except ValueError:
-                if not addr.startswith("unix://"):
-                    e.error("address", "resolution STATIC needs an IP address")
+        if resolution is Resolution.STATIC and not _is_ip(addr) and not addr.startswith("unix://"):
+            e.error("address", "resolution STATIC needs an IP address")
         for pn in f["ports"]:  # type: ignore[attr-defined]
             if pn not in seen_names:
                 e.error(f"ports.{pn}", f"no service port named {pn!r}")

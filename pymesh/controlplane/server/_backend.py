@@ -146,12 +146,21 @@ def node_info_from(node: Any) -> NodeInfo:
 
 
 class IstioBackend:
-    """The default backend: Istio YAML through ``pymesh.controlplane.config``/``translate``."""
+    """The default backend: Istio YAML through ``pymesh.controlplane.config``/``translate``.
+
+    Reloads are incremental: documents whose text did not change are not parsed again
+    (``ConfigLoader``); the result is the same as a fresh ``load_config``.
+    """
+
+    def __init__(self) -> None:
+        self._loader: Any = None
 
     def load(self, paths: Sequence[Path]) -> LoadResult:
-        from pymesh.controlplane.config import load_config
+        from pymesh.controlplane.config._load import ConfigLoader
 
-        config, issues = load_config(list(paths))
+        if self._loader is None:
+            self._loader = ConfigLoader()
+        config, issues = self._loader.load(list(paths))
         rendered = tuple((str(i.level.value), str(i)) for i in issues)
         if any(i.is_error for i in issues):
             config = None
