@@ -1057,6 +1057,7 @@ def test_public_names_are_pinned() -> None:
         "CSDS_SERVICE",
         "add_csds_servicer",
         "csds_handler",
+        "serve_csds",
     ]
     assert "encode_status_response" in pymesh.xds.codec.csds.__all__
     for name in ("current", "state", "wait_ready", "subscribe", "close", "watch_cluster"):
