@@ -28,6 +28,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpcore
 import httpx
@@ -237,6 +238,75 @@ def isolated_overhead(xds: XdsClient, mesh_url: str, repeats: int = 40) -> tuple
     return min(plain_runs), min(mesh_runs)
 
 
+def transport_split(
+    plain_url: str, mesh_url: str, xds: XdsClient, rounds: int, n: int
+) -> dict[str, tuple[float, float]]:
+    """Real sockets, sync: client-thread CPU per request in the transport's own code
+    (``handle_request`` minus the httpcore connection pool's ``handle_request``), in the
+    pool, and in the rest of the client (httpx's ``Client``, body read), medians over
+    interleaved rounds. Instrumented (two ``thread_time`` reads per wrapped call), so kept
+    apart from the main figures; it shows where the added CPU of a meshed request is."""
+    clock = time.thread_time
+    spent = {"transport": 0.0, "pool": 0.0}
+    pool_call = httpcore.ConnectionPool.handle_request
+
+    def timed_pool(self: httpcore.ConnectionPool, request: httpcore.Request) -> httpcore.Response:
+        t = clock()
+        try:
+            return pool_call(self, request)
+        finally:
+            spent["pool"] += clock() - t
+
+    def timed(call: Callable[[Any, httpx.Request], httpx.Response]) -> Any:
+        def run(self: Any, request: httpx.Request) -> httpx.Response:
+            t = clock()
+            try:
+                return call(self, request)
+            finally:
+                spent["transport"] += clock() - t
+
+        return run
+
+    patches: list[tuple[Any, str, Any]] = [
+        (httpcore.ConnectionPool, "handle_request", timed_pool),
+        (httpx.HTTPTransport, "handle_request", timed(httpx.HTTPTransport.handle_request)),
+        (
+            pymesh.httpx.MeshTransport,
+            "handle_request",
+            timed(pymesh.httpx.MeshTransport.handle_request),
+        ),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    rows: dict[str, list[tuple[float, float, float]]] = {"plain": [], "mesh": []}
+    try:
+        with httpx.Client() as plain, pymesh.httpx.Client(xds_client=xds) as meshc:
+            sync_round(plain, plain_url, 200)
+            sync_round(meshc, mesh_url, 200)
+            for _ in range(rounds):
+                for name, client, url in (("plain", plain, plain_url), ("mesh", meshc, mesh_url)):
+                    spent["transport"] = spent["pool"] = 0.0
+                    _, _, cpu = sync_round(client, url, n)
+                    rows[name].append((cpu * n, spent["transport"], spent["pool"]))
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+    def med(name: str, f: Callable[[tuple[float, float, float]], float]) -> float:
+        return statistics.median(f(r) for r in rows[name]) / n * 1e6
+
+    out: dict[str, tuple[float, float]] = {}
+    for label, f in (
+        ("transport own code", lambda r: r[1] - r[2]),
+        ("connection pool", lambda r: r[2]),
+        ("rest of the client", lambda r: r[0] - r[1]),
+        ("total", lambda r: r[0]),
+    ):
+        out[label] = (med("plain", f), med("mesh", f))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
@@ -246,6 +316,11 @@ def main() -> None:
         "--isolated-only",
         action="store_true",
         help="only the in-memory transport comparison (no sockets: quick and less noisy)",
+    )
+    ap.add_argument(
+        "--split",
+        action="store_true",
+        help="also: where the client CPU goes on real sockets (transport, pool, rest)",
     )
     args = ap.parse_args()
 
@@ -269,6 +344,11 @@ def main() -> None:
                 plain_sync, mesh_sync = run_sync(plain_url, mesh_url, xds, args)
                 plain_async, mesh_async = asyncio.run(run_async(plain_url, mesh_url, xds, args))
             isolated = isolated_overhead(xds, mesh_url)
+            split = (
+                transport_split(plain_url, mesh_url, xds, args.rounds, args.requests)
+                if args.split
+                else {}
+            )
         finally:
             xds.close()
             cp.stop()
@@ -287,6 +367,10 @@ def main() -> None:
     print(f"{'transport, no socket':<22} {'µs/rq':>8} {p:>12.1f} {m:>12.1f} {m - p:>+9.1f}µs")
     print("  (handle_request + read + close on an in-memory pool, client-thread CPU, min of 40")
     print("   interleaved runs of 1000: the noise-resistant measure of what the mesh adds)")
+    if split:
+        print("sync, real sockets, client-thread CPU µs/rq (instrumented, medians):")
+        for label, (p, m) in split.items():
+            print(f"  {label:<20} {'':>8} {p:>12.1f} {m:>12.1f} {m - p:>+9.1f}µs")
 
 
 def run_sync(
