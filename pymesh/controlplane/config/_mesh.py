@@ -57,6 +57,10 @@ def exported_to(export_to: Sequence[str], owner_namespace: str, namespace: str) 
     return False
 
 
+def _service_shape(s: ServiceSpec) -> tuple[object, ...]:
+    return tuple(getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "endpoints")
+
+
 class MeshConfig:
     """An immutable, validated mesh configuration (build it with ``load_config``)."""
 
@@ -188,6 +192,46 @@ class MeshConfig:
             files=self.files,
             version=self.version,
         )
+
+    # --- comparison with another version --------------------------------------------------
+
+    def same_shape(self, other: MeshConfig) -> bool:
+        """Whether ``other`` equals this config in everything but endpoints: the same
+        services (every field but their inline ``endpoints``), routes, rules and policies.
+        Only ``endpoints``/``service_accounts`` answers can then differ between the two
+        (WorkloadEntries and inline endpoints are not compared)."""
+        if other is self:
+            return True
+        if (
+            len(self.services) != len(other.services)
+            or self.virtual_services != other.virtual_services
+            or self.destination_rules != other.destination_rules
+            or self.workload_groups != other.workload_groups
+            or self.peer_authentications != other.peer_authentications
+            or self.authorization_policies != other.authorization_policies
+        ):
+            return False
+        return all(
+            a is b or _service_shape(a) == _service_shape(b)
+            for a, b in zip(self.services, other.services, strict=True)
+        )
+
+    def same_cluster_inputs(self, other: MeshConfig) -> bool:
+        """``same_shape`` plus what clusters read from endpoints: for every service, whether
+        it has inline endpoints, its workloads' service accounts and, for DNS services, its
+        endpoints."""
+        if not self.same_shape(other):
+            return False
+        for a, b in zip(self.services, other.services, strict=True):
+            if bool(a.endpoints) != bool(b.endpoints):
+                return False
+            if self.service_accounts(a) != other.service_accounts(b):
+                return False
+            if a.resolution in (Resolution.DNS, Resolution.DNS_ROUND_ROBIN) and any(
+                self.endpoints(a, p.number) != other.endpoints(b, p.number) for p in a.ports
+            ):
+                return False
+        return True
 
     # --- lookups ---------------------------------------------------------------------------
 

@@ -154,6 +154,7 @@ class IstioBackend:
 
     def __init__(self) -> None:
         self._loader: Any = None
+        self._last_generator: Any = None
 
     def load(self, paths: Sequence[Path]) -> LoadResult:
         from pymesh.controlplane.config._load import ConfigLoader
@@ -186,7 +187,11 @@ class IstioBackend:
     def generator(self, config: Any) -> ResourceGenerator:
         from pymesh.controlplane.translate import Generator
 
-        generator: ResourceGenerator = Generator(config)
+        # Built from the previous one: what cannot have changed is reused, not regenerated.
+        previous = self._last_generator
+        self._last_generator = None  # never keep two generations alive through this field
+        generator = Generator(config, previous)
+        self._last_generator = generator
         return generator
 
     def describe(self, config: Any) -> object:

@@ -121,6 +121,7 @@ class Hub:
         self._ids = itertools.count(1)
         self._wake: asyncio.Event | None = None
         self._packed: dict[int, tuple[Message, Any, str]] = {}
+        self._packed_prev: dict[int, tuple[Message, Any, str]] = {}
         self._last_push_started: float | None = None
         self.metrics.gauge("pilot_xds", lambda: float(len(self.connections)))
         self.metrics.gauge("pymesh_config_version", lambda: float(self.version))
@@ -176,7 +177,10 @@ class Hub:
             self.config = config
             self.generator = self.backend.generator(config)
         self.version += 1
-        self._packed.clear()
+        # Messages the new generator reused from the previous version keep their packed form
+        # (looked up in the previous table once, then moved over); the rest is dropped.
+        self._packed_prev = self._packed
+        self._packed = {}
 
     def notify(self) -> None:
         """A config event happened now (debounced)."""
@@ -390,12 +394,15 @@ class Hub:
         messages = generator.generate(conn.node, type_url, sub.generator_names())
         if len(self._packed) > _PACK_CACHE_MAX:
             self._packed.clear()
+            self._packed_prev.clear()
         out: list[Resource] = []
         for name, msg in messages.items():
             hit = self._packed.get(id(msg))
             if hit is None or hit[0] is not msg:
-                packed, version = pack(msg)
-                hit = (msg, packed, version)
+                hit = self._packed_prev.get(id(msg))
+                if hit is None or hit[0] is not msg:
+                    packed, version = pack(msg)
+                    hit = (msg, packed, version)
                 self._packed[id(msg)] = hit
             out.append(Resource(name, hit[2], hit[1]))
         return out

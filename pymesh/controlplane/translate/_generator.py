@@ -23,7 +23,7 @@ from collections.abc import Collection
 
 from google.protobuf.message import Message
 
-from pymesh.controlplane.config import MeshConfig, ProxyNode
+from pymesh.controlplane.config import Endpoint, MeshConfig, ProxyNode
 from pymesh.controlplane.config._types import Resolution
 from pymesh.controlplane.translate._clusters import build_clusters_for_service
 from pymesh.controlplane.translate._endpoints import build_load_assignment
@@ -39,16 +39,42 @@ from pymesh.xds.resource_types import ResourceType
 __all__ = ["Generator"]
 
 _CACHE_SIZE = 4096
+_EDS_MEMO_SIZE = 100_000
 _DNS = (Resolution.DNS, Resolution.DNS_ROUND_ROBIN)
 
 
 class Generator:
     """Generates xDS resources (protos) from one immutable :class:`MeshConfig`."""
 
-    def __init__(self, config: MeshConfig) -> None:
+    def __init__(self, config: MeshConfig, previous: Generator | None = None) -> None:
+        """``previous``: the generator of the config version before ``config``; what it
+        generated that cannot differ under ``config`` is reused (see :meth:`_carry`)."""
         self.config = config
         self._cache: OrderedDict[tuple[object, ...], dict[str, Message]] = OrderedDict()
+        # EDS per (node class, cluster name): the endpoints it was built from and the result.
+        self._eds: dict[tuple[object, ...], tuple[tuple[Endpoint, ...], Message]] = {}
         self._lock = threading.Lock()
+        if previous is not None:
+            self._carry(previous)
+
+    def _carry(self, previous: Generator) -> None:
+        """Reuse ``previous``'s output where this config cannot change it.
+
+        When only endpoints differ (``MeshConfig.same_shape``), listeners and routes are the
+        same (they read no endpoints); clusters too when their endpoint-derived inputs are
+        (``same_cluster_inputs``); a load assignment when the endpoints it was built from are
+        equal (checked per assignment when it is asked for).
+        """
+        if not self.config.same_shape(previous.config):
+            return
+        carried = {ResourceType.LISTENER.type_url, ResourceType.ROUTE_CONFIGURATION.type_url}
+        if self.config.same_cluster_inputs(previous.config):
+            carried.add(ResourceType.CLUSTER.type_url)
+        with previous._lock:
+            entries = [(k, v) for k, v in previous._cache.items() if k[1] in carried]
+            self._eds = dict(previous._eds)
+        for key, value in entries:
+            self._cache[key] = value
 
     def generate(
         self, node: ProxyNode, type_url: str, names: Collection[str] | None
@@ -173,5 +199,17 @@ class Generator:
                 dr = self.config.destination_rule(host, node.namespace)
                 if dr is None or dr.subset(subset) is None:
                     continue
-            out[name] = build_load_assignment(self.config, node, found, port, subset, name)
+            endpoints = self.config.endpoints(found, port)
+            memo_key = (node.class_key, name)
+            with self._lock:
+                memo = self._eds.get(memo_key)
+            if memo is not None and memo[0] == endpoints:
+                out[name] = memo[1]
+                continue
+            cla = build_load_assignment(self.config, node, found, port, subset, name)
+            with self._lock:
+                self._eds[memo_key] = (endpoints, cla)
+                if len(self._eds) > _EDS_MEMO_SIZE:
+                    self._eds.pop(next(iter(self._eds)))
+            out[name] = cla
         return out
