@@ -57,14 +57,18 @@ def exported_to(export_to: Sequence[str], owner_namespace: str, namespace: str) 
     return False
 
 
+_SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(ServiceSpec) if f.name != "endpoints")
+
+
 def _service_shape(s: ServiceSpec) -> tuple[object, ...]:
-    return tuple(getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "endpoints")
+    return tuple(getattr(s, name) for name in _SHAPE_FIELDS)
 
 
 class MeshConfig:
     """An immutable, validated mesh configuration (build it with ``load_config``)."""
 
     __slots__ = (
+        "_accounts_cache",
         "_dr_by_host",
         "_endpoint_cache",
         "_export_index",
@@ -160,6 +164,7 @@ class MeshConfig:
                     vss.setdefault(h, []).append(vs)
         self._vs_by_host: Mapping[str, list[VirtualServiceSpec]] = types.MappingProxyType(vss)
         self._vs_wildcard: tuple[VirtualServiceSpec, ...] = tuple(wild)
+        self._accounts_cache: dict[str, tuple[ServiceSpec, tuple[str, ...]]] = {}
         self._endpoint_cache: dict[tuple[str, int], tuple[Endpoint, ...]] = {}
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -397,9 +402,14 @@ class MeshConfig:
 
     def service_accounts(self, service: ServiceSpec) -> tuple[str, ...]:
         """Service accounts of the workloads behind ``service`` (sorted, unique)."""
+        cached = self._accounts_cache.get(service.hostname)
+        if cached is not None and cached[0] is service:
+            return cached[1]
         names: set[str] = set()
         for p in service.ports:
             for e in self.endpoints(service, p.number):
                 if e.service_account:
                     names.add(f"{e.namespace}/{e.service_account}")
-        return tuple(sorted(names))
+        accounts = tuple(sorted(names))
+        self._accounts_cache[service.hostname] = (service, accounts)
+        return accounts
