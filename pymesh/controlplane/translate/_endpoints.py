@@ -22,7 +22,7 @@ from pymesh.controlplane.config._types import LocalityLb
 from pymesh.controlplane.translate._clusters import cluster_policy
 from pymesh.model.common import Locality
 
-__all__ = ["build_load_assignment"]
+__all__ = ["build_load_assignment", "node_dependence"]
 
 _HEALTH = {
     "HEALTHY": health_check_pb2.HEALTHY,
@@ -71,6 +71,27 @@ def _distribute_weight(node: ProxyNode, loc: Locality, lb: LocalityLb) -> int | 
                     return weight
             return 0
     return None
+
+
+def node_dependence(
+    config: MeshConfig, node: ProxyNode, svc: ServiceSpec, port: int, subset: str
+) -> tuple[object, ...]:
+    """What of ``node`` :func:`build_load_assignment` reads for this cluster: two nodes with
+    equal keys get equal assignments (with the same config and endpoints). Always the
+    namespace (destination rule lookup); proxyless-ness only when an endpoint is not an IP;
+    locality and labels only under locality failover or distribute."""
+    policy = cluster_policy(config, node, svc, port, subset)
+    lb = policy.load_balancer.locality if policy.load_balancer is not None else None
+    failover = (
+        lb is not None and lb.enabled and policy.outlier_detection is not None and not lb.distribute
+    ) or (lb is None and policy.outlier_detection is not None)
+    distribute = lb is not None and lb.enabled and bool(lb.distribute)
+    key: tuple[object, ...] = (node.namespace,)
+    if not all(_is_ip(e.address) for e in config.endpoints(svc, port)):
+        key += (node.proxyless,)
+    if failover or distribute:
+        key += (node.locality, tuple(sorted(node.labels.items())))
+    return key
 
 
 def build_load_assignment(  # noqa: PLR0917

@@ -26,7 +26,7 @@ from google.protobuf.message import Message
 from pymesh.controlplane.config import Endpoint, MeshConfig, ProxyNode
 from pymesh.controlplane.config._types import Resolution
 from pymesh.controlplane.translate._clusters import build_clusters_for_service
-from pymesh.controlplane.translate._endpoints import build_load_assignment
+from pymesh.controlplane.translate._endpoints import build_load_assignment, node_dependence
 from pymesh.controlplane.translate._listeners import (
     build_inbound_listener,
     build_outbound_listener,
@@ -51,7 +51,8 @@ class Generator:
         generated that cannot differ under ``config`` is reused (see :meth:`_carry`)."""
         self.config = config
         self._cache: OrderedDict[tuple[object, ...], dict[str, Message]] = OrderedDict()
-        # EDS per (node class, cluster name): the endpoints it was built from and the result.
+        # EDS per (cluster name, what of the node it depends on): the endpoints it was built
+        # from and the result (shared by node classes that cannot see a difference).
         self._eds: dict[tuple[object, ...], tuple[tuple[Endpoint, ...], Message]] = {}
         self._lock = threading.Lock()
         if previous is not None:
@@ -200,7 +201,7 @@ class Generator:
                 if dr is None or dr.subset(subset) is None:
                     continue
             endpoints = self.config.endpoints(found, port)
-            memo_key = (node.class_key, name)
+            memo_key = (name, node_dependence(self.config, node, found, port, subset))
             with self._lock:
                 memo = self._eds.get(memo_key)
             if memo is not None and memo[0] == endpoints:

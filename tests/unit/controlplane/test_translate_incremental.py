@@ -128,3 +128,23 @@ def test_endpoint_change_reuses_listeners_routes_clusters(tmp_path: Path) -> Non
     old_eds = old[ResourceType.CLUSTER_LOAD_ASSIGNMENT]
     changed = {n for n in eds if eds[n] is not old_eds[n]}
     assert changed and all("ratings" in n for n in changed)  # only ratings' assignments
+
+
+def test_load_assignments_shared_across_node_classes_only_when_equal(tmp_path: Path) -> None:
+    config = _load(tmp_path, FIXTURE.read_text())
+    shared = Generator(config)
+    eds = ResourceType.CLUSTER_LOAD_ASSIGNMENT.type_url
+    names = list(shared.generate(NODES[1], ResourceType.CLUSTER.type_url, None))
+    extra = ProxyNode("reviews-west", "default", generator="grpc", locality=Locality("us-west"))
+    outputs = {}
+    for node in (*NODES, extra):
+        # One generator serving every node answers each as a generator serving it alone.
+        mine = shared.generate(node, eds, names)
+        alone = Generator(config).generate(node, eds, names)
+        assert {n: m.SerializeToString(deterministic=True) for n, m in mine.items()} == {
+            n: m.SerializeToString(deterministic=True) for n, m in alone.items()
+        }
+        outputs[node.id] = mine
+    ratings = "outbound|9080||ratings.default.svc.cluster.local"
+    # IP endpoints, no locality policy: the proxyless and the Envoy node share one message.
+    assert outputs["grpc-client"][ratings] is outputs["envoy-client"][ratings]
