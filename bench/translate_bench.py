@@ -1,6 +1,8 @@
 """Translate benchmark: load 1,000 ServiceEntries x 10 endpoints (+ a DestinationRule with 2
 subsets and a 90/10 VirtualService each), then one full generation (LDS+RDS+CDS+EDS, wildcard)
-for one proxyless node class. Prints CPU seconds. Run: python bench/translate_bench.py
+for one proxyless node class; then the incremental paths the control plane takes on a reload:
+ConfigLoader with one document changed, and a generator built from the previous one.
+Prints CPU seconds. Run: python bench/translate_bench.py
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import tempfile
 import time
 
 from pymesh.controlplane.config import ProxyNode, load_config
+from pymesh.controlplane.config._load import ConfigLoader
 from pymesh.controlplane.translate import Generator
 from pymesh.xds.resource_types import ResourceType
 
@@ -59,6 +62,20 @@ def main() -> None:
         total += dt
         print(f"{rt.abbrev}: {len(out)} resources, {dt:.3f} s CPU")
     print(f"full generation for one node class: {total:.3f} s CPU")
+
+    loader = ConfigLoader()
+    loader.load([d])
+    text = (d / "mesh.yaml").read_text()
+    (d / "mesh.yaml").write_text(text.replace("10.0.0.1,", "10.0.0.99,", 1))
+    t = time.process_time()
+    cfg2, issues = loader.load([d])
+    assert cfg2 is not None, [str(i) for i in issues if i.is_error]
+    print(f"ConfigLoader reload, one document changed: {time.process_time() - t:.3f} s CPU")
+    t = time.process_time()
+    gen2 = Generator(cfg2, gen)
+    for rt in ResourceType:
+        gen2.generate(node, rt.type_url, None)
+    print(f"full generation from the previous generator: {time.process_time() - t:.3f} s CPU")
 
 
 if __name__ == "__main__":
