@@ -103,6 +103,11 @@ class _Acceptor:
         owner = self._owner
         loop = asyncio.get_running_loop()
         conn.setblocking(False)
+        # asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, and accepted
+        # sockets of socket.create_server have proto 0: without it, Nagle and delayed ACKs
+        # add ~40 ms to every keep-alive request.
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             first = await self._peek(conn)
             if first is None:
