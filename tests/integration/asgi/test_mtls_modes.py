@@ -106,9 +106,19 @@ def test_disable_is_plaintext_only_and_modes_follow_the_yaml(mesh: Mesh) -> None
     r = get(plain_url)
     assert isinstance(r, httpx.Response) and r.status_code == 200
     assert not isinstance(get(tls_url, ctx), httpx.Response)
-    # STRICT now: the same running server refuses plaintext and serves mTLS.
-    mesh.write("pa.yaml", peer_authentication("STRICT"))
-    _until(lambda: not isinstance(get(plain_url), httpx.Response))
+    kept = httpx.Client(timeout=5)  # a plaintext keep-alive connection opened under DISABLE
+    try:
+        assert kept.get(plain_url).status_code == 200
+        # STRICT now: the same running server refuses plaintext and serves mTLS.
+        mesh.write("pa.yaml", peer_authentication("STRICT"))
+        _until(lambda: not isinstance(get(plain_url), httpx.Response))
+        # The open connection is not closed, but its requests are checked against the
+        # current listener: the chain demands TLS.
+        r = kept.get(plain_url)
+        assert r.status_code == 503
+        assert "requires TLS" in r.text
+    finally:
+        kept.close()
     r = get(tls_url, ctx)
     assert isinstance(r, httpx.Response) and r.status_code == 200
     # PERMISSIVE (no PeerAuthentication): both.
