@@ -25,8 +25,7 @@ if TYPE_CHECKING:
     from pymesh import errors, grpc, httpx
     from pymesh.asgi import serve as serve
 
-# ``asgi`` and ``serve`` are reachable lazily too (pinned by tests/test_exported_members.py).
-__all__ = ["__version__", "errors", "grpc", "httpx"]
+__all__ = ["__version__", "asgi", "errors", "grpc", "httpx", "serve"]
 
 _LAZY = frozenset({"errors", "grpc", "httpx", "asgi"})
 

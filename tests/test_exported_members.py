@@ -15,7 +15,7 @@ import pytest
 import pymesh
 
 PINNED = {
-    "pymesh": ["__version__", "errors", "grpc", "httpx"],
+    "pymesh": ["__version__", "asgi", "errors", "grpc", "httpx", "serve"],
     "pymesh.errors": None,  # every name must be an exception class (checked below)
 }
 
@@ -24,10 +24,16 @@ def test_top_level_surface() -> None:
     assert sorted(pymesh.__all__) == sorted(PINNED["pymesh"])
 
 
-@pytest.mark.parametrize("name", ["errors", "grpc", "httpx"])
+@pytest.mark.parametrize("name", ["asgi", "errors", "grpc", "httpx"])
 def test_lazy_subpackages_resolve(name: str) -> None:
     module = getattr(pymesh, name)
     assert module is importlib.import_module(f"pymesh.{name}")
+
+
+def test_serve_is_the_asgi_server() -> None:
+    from pymesh.asgi import serve
+
+    assert pymesh.serve is serve
 
 
 def test_unknown_attribute_is_an_attribute_error() -> None:
@@ -43,7 +49,8 @@ def test_every_public_error_is_a_pymesh_error() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["pymesh.httpx", "pymesh.grpc", "pymesh.grpc.aio", "pymesh.bootstrap"]
+    "module",
+    ["pymesh.httpx", "pymesh.grpc", "pymesh.grpc.aio", "pymesh.bootstrap", "pymesh.asgi"],
 )
 def test_public_names_exist_and_are_documented(module: str) -> None:
     mod = importlib.import_module(module)
