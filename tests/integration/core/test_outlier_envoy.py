@@ -15,11 +15,10 @@ import json
 import random
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,10 @@ from pymesh.core.outlier import EjectionType, OutlierDetector
 from pymesh.core.types import Host, Outcome, ResetKind
 from pymesh.model.cluster import OutlierDetection
 from pymesh.model.common import SocketAddress
+from tests.envoy_process import EnvoyProcess as EnvoyHandle
+from tests.envoy_process import admin_get as _get
+from tests.envoy_process import run_envoy
+from tests.envoy_process import wait_until as _wait
 
 pytestmark = pytest.mark.envoy
 
@@ -45,6 +48,7 @@ HCM = (
     "type.googleapis.com/"
     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 )
+
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 N_HOSTS = 20
 
@@ -379,93 +383,14 @@ def _bootstrap(refused: str) -> str:
     return json.dumps(boot)
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@dataclass
-class EnvoyHandle:
-    port: int
-    admin: tuple[str, int]
-    log: Path
-    proc: subprocess.Popen[bytes] = field(repr=False)
-
-
 @pytest.fixture(scope="module")
 def envoy(
     tmp_path_factory: pytest.TempPathFactory, envoy_bin: Path, refused_address: str
 ) -> Iterator[EnvoyHandle]:
     # One Envoy for the module: every scenario has a cluster of its own.
     tmp_path = tmp_path_factory.mktemp("outlier-envoy")
-    config = tmp_path / "envoy.json"
-    config.write_text(_bootstrap(refused_address))
-    admin_path = tmp_path / "admin.txt"
-    log_path = tmp_path / "envoy.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [
-            str(envoy_bin),
-            "-c",
-            str(config),
-            "--base-id",
-            str(random.randint(10_000, 60_000)),
-            "--admin-address-path",
-            str(admin_path),
-            "--concurrency",
-            "1",
-            "--log-level",
-            "warning",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-
-        def admin_ready() -> bool:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            return admin_path.exists() and bool(admin_path.read_text().strip())
-
-        _wait(admin_ready, 30, "envoy admin")
-        host, _, port = admin_path.read_text().strip().rpartition(":")
-        admin = (host, int(port))
-
-        def listener_port() -> int | None:
-            body = _get(admin, "/listeners?format=json")
-            for s in json.loads(body).get("listener_statuses") or []:
-                p = s["local_address"]["socket_address"].get("port_value")
-                if p:
-                    return int(p)
-            return None
-
-        _wait(lambda: listener_port() is not None, 30, "envoy listener")
-        lp = listener_port()
-        assert lp is not None
-        yield EnvoyHandle(lp, admin, log_path, proc)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
-
-
-def _get(addr: tuple[str, int], path: str) -> str:
-    conn = http.client.HTTPConnection(addr[0], addr[1], timeout=5)
-    try:
-        conn.request("GET", path)
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
+    with run_envoy(envoy_bin, _bootstrap(refused_address), tmp_path) as running:
+        yield running
 
 
 # --------------------------------------------------------------------------- comparing

@@ -16,11 +16,10 @@ import json
 import random
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,8 @@ from pymesh.model.http_filters import FaultConfig
 from pymesh.model.route import RetryPolicy, RouteAction, RouteConfiguration
 from pymesh.xds.codec import decode_resource
 from pymesh.xds.resource_types import ResourceType
+from tests.envoy_process import EnvoyProcess as EnvoyHandle
+from tests.envoy_process import run_envoy
 
 pytestmark = pytest.mark.envoy
 
@@ -535,25 +536,6 @@ def _bootstrap(rc: route_pb2.RouteConfiguration, port: int) -> str:
     return json.dumps(boot)
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@dataclass
-class EnvoyHandle:
-    port: int
-    log: Path
-    proc: subprocess.Popen[bytes] = field(repr=False)
-
-
 @pytest.fixture(scope="module")
 def envoy(
     tmp_path_factory: pytest.TempPathFactory, envoy_bin: Path, upstream_port: int
@@ -562,62 +544,8 @@ def envoy(
     tmp_path = tmp_path_factory.mktemp("resilience-envoy")
     data = route_configuration().SerializeToString()
     same = route_pb2.RouteConfiguration.FromString(data)
-    config = tmp_path / "envoy.json"
-    config.write_text(_bootstrap(same, upstream_port))
-    admin_path = tmp_path / "admin.txt"
-    log_path = tmp_path / "envoy.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [
-            str(envoy_bin),
-            "-c",
-            str(config),
-            "--base-id",
-            str(random.randint(10_000, 60_000)),
-            "--admin-address-path",
-            str(admin_path),
-            "--concurrency",
-            "1",
-            "--log-level",
-            "warning",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-
-        def admin_ready() -> bool:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            return admin_path.exists() and bool(admin_path.read_text().strip())
-
-        _wait(admin_ready, 30, "envoy admin")
-        host, _, port = admin_path.read_text().strip().rpartition(":")
-
-        def listener_port() -> int | None:
-            conn = http.client.HTTPConnection(host, int(port), timeout=5)
-            try:
-                conn.request("GET", "/listeners?format=json")
-                statuses = json.loads(conn.getresponse().read()).get("listener_statuses") or []
-            finally:
-                conn.close()
-            for s in statuses:
-                p = s["local_address"]["socket_address"].get("port_value")
-                if p:
-                    return int(p)
-            return None
-
-        _wait(lambda: listener_port() is not None, 30, "envoy listener")
-        lp = listener_port()
-        assert lp is not None
-        yield EnvoyHandle(lp, log_path, proc), data
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+    with run_envoy(envoy_bin, _bootstrap(same, upstream_port), tmp_path) as running:
+        yield running, data
 
 
 # --------------------------------------------------------------------------- comparing

@@ -18,12 +18,10 @@ import contextlib
 import http.client
 import json
 import random
-import subprocess
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -58,6 +56,8 @@ from pymesh.model.route import (
 )
 from pymesh.xds.codec import decode_resource
 from pymesh.xds.resource_types import ResourceType
+from tests.envoy_process import EnvoyProcess as EnvoyHandle
+from tests.envoy_process import run_envoy as start_envoy
 
 pytestmark = pytest.mark.envoy
 
@@ -873,25 +873,6 @@ def _bootstrap(rc: route_pb2.RouteConfiguration, echo_port: int) -> str:
     return json.dumps(boot)
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@dataclass
-class EnvoyHandle:
-    port: int
-    log: Path
-    proc: subprocess.Popen[bytes] = field(repr=False)
-
-
 @pytest.fixture(params=[False, True], ids=["least-specific-wins", "most-specific-wins"])
 def envoy(
     request: pytest.FixtureRequest, tmp_path: Path, envoy_bin: Path, echo_port: int
@@ -909,67 +890,8 @@ def run_envoy(
     data = rc.SerializeToString()
     # Envoy gets the proto parsed back from the very bytes pymesh decodes.
     same = route_pb2.RouteConfiguration.FromString(data)
-    config = tmp_path / "envoy.json"
-    config.write_text(_bootstrap(same, echo_port))
-    admin_path = tmp_path / "admin.txt"
-    log_path = tmp_path / "envoy.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [
-            str(envoy_bin),
-            "-c",
-            str(config),
-            "--base-id",
-            str(random.randint(10_000, 60_000)),
-            "--admin-address-path",
-            str(admin_path),
-            "--concurrency",
-            "1",
-            "--log-level",
-            "warning",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-
-        def admin_ready() -> bool:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            return admin_path.exists() and bool(admin_path.read_text().strip())
-
-        _wait(admin_ready, 30, "envoy admin")
-        admin = admin_path.read_text().strip()
-        host, _, port = admin.rpartition(":")
-
-        def listener_port() -> int | None:
-            conn = http.client.HTTPConnection(host, int(port), timeout=5)
-            try:
-                conn.request("GET", "/listeners?format=json")
-                statuses = json.loads(conn.getresponse().read()).get("listener_statuses") or []
-            finally:
-                conn.close()
-            for s in statuses:
-                p = s["local_address"]["socket_address"].get("port_value")
-                if p:
-                    return int(p)
-            return None
-
-        def listening() -> bool:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            return listener_port() is not None
-
-        _wait(listening, 30, "envoy listener")
-        lp = listener_port()
-        assert lp is not None
-        yield EnvoyHandle(lp, log_path, proc), data
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+    with start_envoy(envoy_bin, _bootstrap(same, echo_port), tmp_path) as running:
+        yield running, data
 
 
 # --------------------------------------------------------------------------- comparing
