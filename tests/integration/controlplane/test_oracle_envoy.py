@@ -11,11 +11,8 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import random
-import subprocess
 import textwrap
 import threading
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -24,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pymesh.controlplane import ControlPlane
+from tests.envoy_process import EnvoyProcess, run_envoy, wait_until
 from tests.integration.controlplane._helpers import syncz
 
 HOST = "web.default.svc.cluster.local"
@@ -204,18 +202,6 @@ def _get(url: str) -> str:
         return str(r.read().decode())
 
 
-def _wait(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():  # type: ignore[operator]
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("api_type", ["GRPC", "DELTA_GRPC"])
 def test_envoy_routes_through_control_plane(
     tmp_path: Path, envoy_bin: Path, backends: dict[str, int], api_type: str
@@ -226,45 +212,14 @@ def test_envoy_routes_through_control_plane(
     (config / "web.yaml").write_text(mesh_yaml(backends))
     with ControlPlane([config], xds_address="127.0.0.1:0", admin_port=0) as cp:
         xds_port = int(cp.address.rsplit(":", 1)[1])
-        bootstrap = tmp_path / "envoy.json"
-        bootstrap.write_text(json.dumps(envoy_config(xds_port, api_type)))
-        admin_path = tmp_path / "admin.txt"
-        log = (tmp_path / "envoy.log").open("w")
-        proc = subprocess.Popen(
-            [
-                str(envoy_bin),
-                "-c",
-                str(bootstrap),
-                "--base-id",
-                str(random.randint(10_000, 60_000)),
-                "--admin-address-path",
-                str(admin_path),
-                "--log-level",
-                "warning",
-                "--concurrency",
-                "1",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
+        with run_envoy(envoy_bin, json.dumps(envoy_config(xds_port, api_type)), tmp_path) as envoy:
             _run_checks(
-                tmp_path=tmp_path,
-                proc=proc,
-                admin_path=admin_path,
+                envoy=envoy,
                 cp=cp,
                 config_file=config / "web.yaml",
                 backends=backends,
                 delta=api_type == "DELTA_GRPC",
             )
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-            log.close()
 
 
 def _split(port: int, n: int) -> Counter[str]:
@@ -283,27 +238,17 @@ def _split(port: int, n: int) -> Counter[str]:
 
 def _run_checks(
     *,
-    tmp_path: Path,
-    proc: subprocess.Popen[bytes],
-    admin_path: Path,
+    envoy: EnvoyProcess,
     cp: ControlPlane,
     config_file: Path,
     backends: dict[str, int],
     delta: bool,
 ) -> None:
-    _wait(lambda: admin_path.exists() and admin_path.read_text().strip(), 30, "envoy admin")
-    admin = "http://" + admin_path.read_text().strip()
-
-    def listening() -> bool:
-        assert proc.poll() is None, (tmp_path / "envoy.log").read_text()[-3000:]
-        return bool(json.loads(_get(admin + "/listeners?format=json")).get("listener_statuses"))
-
-    _wait(listening, 30, "envoy's listener")
-    listeners = json.loads(_get(admin + "/listeners?format=json"))
-    port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+    admin = f"http://{envoy.admin[0]}:{envoy.admin[1]}"
+    port = envoy.port
 
     def routed() -> bool:
-        assert proc.poll() is None, (tmp_path / "envoy.log").read_text()[-3000:]
+        assert envoy.proc.poll() is None, envoy.log.read_text()[-3000:]
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
             conn.request("GET", "/", headers={"Host": f"{HOST}:{PORT}"})
@@ -311,7 +256,7 @@ def _run_checks(
         finally:
             conn.close()
 
-    _wait(routed, 30, "envoy to route with the control plane's CDS, EDS and RDS")
+    wait_until(routed, 30, "envoy to route with the control plane's CDS, EDS and RDS")
     seen = _split(port, REQUESTS)
     assert sum(seen.values()) == REQUESTS
     share = 100.0 * seen["v1"] / REQUESTS
@@ -333,7 +278,7 @@ def _run_checks(
 
     # A pushed change (the weights flip) reaches Envoy, again with nothing rejected.
     config_file.write_text(mesh_yaml(backends, v1_weight=10))
-    _wait(lambda: _split(port, 50)["v2"] >= 35, 10, "the new split to be pushed")
+    wait_until(lambda: _split(port, 50)["v2"] >= 35, 10, "the new split to be pushed")
     seen = _split(port, REQUESTS)
     assert abs(100.0 * seen["v1"] / REQUESTS - 10) <= 5, seen
     stats = _get(admin + "/stats?filter=update_rejected")
@@ -350,8 +295,8 @@ def _run_checks(
 
     cds_before = stat("cluster_manager.cds.update_success")
     config_file.write_text(mesh_yaml(backends, v1_weight=10, max_pending=77))
-    _wait(lambda: stat("cluster_manager.cds.update_success") > cds_before, 10, "the CDS push")
-    _wait(lambda: stat("cluster_manager.warming_clusters") == 0, 10, "clusters to warm")
+    wait_until(lambda: stat("cluster_manager.cds.update_success") > cds_before, 10, "the CDS push")
+    wait_until(lambda: stat("cluster_manager.warming_clusters") == 0, 10, "clusters to warm")
     seen = _split(port, 100)
     assert seen["v1"] + seen["v2"] == 100, seen
     assert f"outbound|{PORT}|v1|{HOST}::default_priority::max_pending_requests::77" in _get(
@@ -411,39 +356,11 @@ def _bookinfo_through_envoy(tmp_path: Path, envoy_bin: Path, cp: ControlPlane) -
     cfg = envoy_config(xds_port, "GRPC")
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]  # type: ignore[index]
     hcm["typed_config"]["rds"]["route_config_name"] = f"outbound|9080||{REVIEWS}"
-    bootstrap = tmp_path / "envoy-bookinfo.json"
-    bootstrap.write_text(json.dumps(cfg))
-    admin_path = tmp_path / "admin-bookinfo.txt"
-    log = (tmp_path / "envoy-bookinfo.log").open("w")
-    proc = subprocess.Popen(
-        [
-            str(envoy_bin),
-            "-c",
-            str(bootstrap),
-            "--base-id",
-            str(random.randint(10_000, 60_000)),
-            "--admin-address-path",
-            str(admin_path),
-            "--log-level",
-            "warning",
-            "--concurrency",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait(lambda: admin_path.exists() and admin_path.read_text().strip(), 30, "envoy admin")
-        admin = "http://" + admin_path.read_text().strip()
-
-        def listening() -> bool:
-            assert proc.poll() is None, (tmp_path / "envoy-bookinfo.log").read_text()[-3000:]
-            statuses = json.loads(_get(admin + "/listeners?format=json"))
-            return bool(statuses.get("listener_statuses"))
-
-        _wait(listening, 30, "envoy's listener")
-        statuses = json.loads(_get(admin + "/listeners?format=json"))
-        port = statuses["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+    workdir = tmp_path / "envoy-bookinfo"
+    workdir.mkdir()
+    with run_envoy(envoy_bin, json.dumps(cfg), workdir) as envoy:
+        admin = f"http://{envoy.admin[0]}:{envoy.admin[1]}"
+        port = envoy.port
 
         def routed() -> bool:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -453,7 +370,7 @@ def _bookinfo_through_envoy(tmp_path: Path, envoy_bin: Path, cp: ControlPlane) -
             finally:
                 conn.close()
 
-        _wait(routed, 30, "envoy to route reviews")
+        wait_until(routed, 30, "envoy to route reviews")
         seen: Counter[str] = Counter()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
@@ -473,11 +390,3 @@ def _bookinfo_through_envoy(tmp_path: Path, envoy_bin: Path, cp: ControlPlane) -
         for svc in ("productpage", "details", "ratings", "reviews"):
             assert f"outbound|9080||{svc}.default.svc.cluster.local::" in clusters
         assert cp.call(lambda: cp.hub.metrics.total("pilot_total_xds_rejects")) == 0
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
