@@ -5,7 +5,12 @@ side) lives in :mod:`pymesh.controlplane.ca`.
 """
 
 from pymesh.security._ca_client import CaClient, CaError
-from pymesh.security._grpc_creds import channel_credentials, server_credentials
+from pymesh.security._grpc_creds import (
+    MeshChannelCredentials,
+    channel_credentials,
+    mesh_channel_credentials,
+    server_credentials,
+)
 from pymesh.security._pki import build_csr, generate_key, uri_sans
 from pymesh.security._providers import (
     CaClientProvider,
@@ -33,6 +38,7 @@ __all__ = [
     "CertificateBundle",
     "CertificateProvider",
     "FileWatcherProvider",
+    "MeshChannelCredentials",
     "MeshSSLContext",
     "PeerVerifier",
     "SpiffeId",
@@ -44,6 +50,7 @@ __all__ = [
     "client_ssl_context",
     "generate_key",
     "issue_token",
+    "mesh_channel_credentials",
     "peer_identity",
     "renewal_time",
     "retry_delay",

@@ -15,13 +15,29 @@ credentials (``grpc.xds_channel_credentials``) with a bootstrap ``file_watcher``
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
+import grpc.aio
 
-from pymesh.security._providers import CertificateBundle, CertificateProvider
+from pymesh.errors import PymeshError
+from pymesh.model.matcher import StringMatcher
+from pymesh.model.tls import CertificateProviderInstance, SanType, UpstreamTlsContext
+from pymesh.security._forward import TlsTunnel
+from pymesh.security._providers import (
+    CertificateBundle,
+    CertificateProvider,
+    FileWatcherProvider,
+)
+from pymesh.security._tls import MeshSSLContext, client_ssl_context
 
-__all__ = ["channel_credentials", "server_credentials"]
+__all__ = [
+    "MeshChannelCredentials",
+    "channel_credentials",
+    "mesh_channel_credentials",
+    "server_credentials",
+]
 
 
 def _config(bundle: CertificateBundle, with_roots: bool) -> Any:
@@ -74,3 +90,209 @@ def channel_credentials(provider: CertificateProvider) -> grpc.ChannelCredential
             certificate_chain=bundle.chain_pem,
         )
     return grpc.ssl_channel_credentials(root_certificates=bundle.roots_pem)
+
+
+# --------------------------------------------------------------------------- mesh client
+
+
+def _tls_for_endpoint(runtime: Any, key: str) -> tuple[bool, UpstreamTlsContext | None]:
+    """(found, TLS settings) of endpoint ``key`` in the runtime's clusters: Envoy's rule
+    (the first ``transport_socket_matches`` entry matching the endpoint's
+    ``envoy.transport_socket_match`` metadata, else the cluster's transport socket)."""
+    clusters = runtime.clusters() if runtime is not None else {}
+    for cluster_rt in list(clusters.values()):
+        host = cluster_rt.hosts.get(key)
+        if host is None:
+            continue
+        cluster = cluster_rt.config.cluster
+        if not cluster.transport_socket_matches:
+            return True, cluster.tls
+        metadata = host.metadata if isinstance(host.metadata, Mapping) else {}
+        match = metadata.get("envoy.transport_socket_match", {})
+        return True, cluster.tls_for(match if isinstance(match, Mapping) else {})
+    return False, None
+
+
+class MeshChannelCredentials(grpc.ChannelCredentials):
+    """Channel credentials for ``pymesh.grpc.secure_channel`` / ``pymesh.grpc.aio.
+    secure_channel`` that verify SPIFFE-only servers (gRFC A29 semantics, by pymesh).
+
+    Per endpoint (subchannel) the cluster's CDS ``UpstreamTlsContext`` decides: none =>
+    plaintext (as grpcio's xDS credentials with insecure fallback); TLS => grpcio speaks
+    plaintext HTTP/2 into a private :class:`~pymesh.security._forward.TlsTunnel` whose TLS
+    connection to the endpoint presents the workload certificate and verifies the server's
+    chain against the trust bundle and its URI SAN against the context's
+    ``match_subject_alt_names`` (a :class:`~pymesh.security.MeshSSLContext`: new connections
+    follow certificate rotation). See docs/mtls.md for exactly what is verified.
+
+    ``provider``: where the certificate and trust bundle come from (default: the bootstrap's
+    certificate-provider instance the context names, a ``file_watcher``). ``expected_sans``
+    overrides the CDS matchers; ``always_tls`` uses TLS even where CDS says plaintext (for
+    endpoints outside xDS, e.g. tests and benchmarks); ``trust_domains`` additionally limits
+    the server's SPIFFE trust domain. Call :meth:`close` when done (stops the tunnels).
+    """
+
+    def __init__(
+        self,
+        provider: CertificateProvider | None = None,
+        *,
+        expected_sans: Sequence[StringMatcher] | None = None,
+        trust_domains: Iterable[str] | None = None,
+        bootstrap: Any = None,
+        always_tls: bool = False,
+    ) -> None:
+        # Used only if these credentials reach plain grpcio (grpc.secure_channel): TLS with
+        # the system roots and a host name check, which fails closed for mesh certificates.
+        super().__init__(grpc.ssl_channel_credentials()._credentials)  # type: ignore[call-arg,attr-defined]
+        self._provider = provider
+        self._expected = None if expected_sans is None else tuple(expected_sans)
+        self._domains = None if trust_domains is None else tuple(trust_domains)
+        self._bootstrap = bootstrap
+        self._always_tls = always_tls
+        self._lock = threading.Lock()
+        self._contexts: dict[Any, MeshSSLContext] = {}
+        self._providers: dict[str, CertificateProvider] = {}
+        self._tunnels: list[TlsTunnel] = []
+
+    # -- what the mesh channels call (once per endpoint) ---------------------------------
+
+    def open_subchannel(
+        self, key: str, options: Sequence[tuple[str, Any]], compression: Any, runtime: Any
+    ) -> grpc.Channel:
+        """The grpcio channel for endpoint ``key`` (``HOST:PORT``) of a sync mesh channel."""
+        target = self._target_for(key, runtime)
+        return grpc.insecure_channel(target, options, compression)
+
+    def open_aio_subchannel(
+        self,
+        key: str,
+        options: Sequence[tuple[str, Any]],
+        compression: Any,
+        interceptors: Any,
+        runtime: Any,
+    ) -> grpc.aio.Channel:
+        """As :meth:`open_subchannel` for ``grpc.aio``."""
+        target = self._target_for(key, runtime)
+        return grpc.aio.insecure_channel(target, options, compression, interceptors)
+
+    def tunnel_for(self, key: str, tls: UpstreamTlsContext | None = None) -> TlsTunnel:
+        """A new tunnel to endpoint ``key`` with the settings of ``tls`` (``None``: the
+        explicit provider and matchers)."""
+        ctx = self._context(tls)
+        host, _, port = key.rpartition(":")
+        tunnel = TlsTunnel(
+            host.strip("[]"),
+            int(port),
+            lambda: ctx,
+            server_hostname=(tls.sni or None) if tls is not None else None,
+        )
+        with self._lock:
+            self._tunnels.append(tunnel)
+        return tunnel
+
+    def _target_for(self, key: str, runtime: Any) -> str:
+        found, tls = _tls_for_endpoint(runtime, key)
+        if tls is None and found and not self._always_tls:
+            return key  # CDS says plaintext for this endpoint (grpcio dials it directly)
+        if tls is None and self._provider is None:
+            raise PymeshError(
+                f"endpoint {key} has no TLS settings in CDS and the mesh channel credentials "
+                "have no certificate provider"
+            )
+        return self.tunnel_for(key, tls).target
+
+    @property
+    def tunnels(self) -> tuple[TlsTunnel, ...]:
+        return tuple(self._tunnels)
+
+    def refused(self) -> int:
+        """Connections refused so far (failed TLS verification or connect) over all tunnels."""
+        return sum(t.stats.refused for t in self._tunnels)
+
+    # -- contexts -----------------------------------------------------------------------
+
+    def _context(self, tls: UpstreamTlsContext | None) -> MeshSSLContext:
+        with self._lock:
+            found = self._contexts.get(tls)
+            if found is None:
+                found = self._contexts[tls] = self._build(tls)
+            return found
+
+    def _build(self, tls: UpstreamTlsContext | None) -> MeshSSLContext:
+        sans: tuple[StringMatcher, ...] = ()
+        alpn: tuple[str, ...] = ("h2",)
+        provider = self._provider
+        if tls is not None:
+            validation = tls.common.validation
+            if validation is not None:
+                sans = tuple(
+                    m.matcher
+                    for m in validation.subject_alt_names
+                    if m.san_type in (SanType.ANY, SanType.URI)
+                )
+            if provider is None:
+                provider = self._provider_for(tls)
+        if self._expected is not None:
+            sans = self._expected
+        if provider is None:
+            raise PymeshError("mesh channel credentials need a certificate provider")
+        return client_ssl_context(provider, sans, alpn, trust_domains=self._domains)
+
+    def _provider_for(self, tls: UpstreamTlsContext) -> CertificateProvider:
+        common = tls.common
+        sources = [s for s in (common.identity, common.validation and common.validation.ca) if s]
+        names = {s.instance_name for s in sources if isinstance(s, CertificateProviderInstance)}
+        if len(names) != 1 or len(sources) != len([s for s in sources if s]):
+            raise PymeshError(
+                "gRPC upstream TLS needs one certificate-provider instance for the certificate "
+                f"and the roots (SDS secrets are not supported), got {sources!r}"
+            )
+        name = names.pop()
+        found = self._providers.get(name)
+        if found is not None:
+            return found
+        bootstrap = self._bootstrap
+        if bootstrap is None:
+            from pymesh.xds.client import XdsClient
+
+            bootstrap = XdsClient.shared().bootstrap
+        entry = bootstrap.certificate_providers.get(name)
+        if entry is None or entry.file_watcher is None:
+            raise PymeshError(
+                f"certificate provider instance {name!r} is not a file_watcher provider of "
+                "the bootstrap"
+            )
+        provider = FileWatcherProvider.from_config(entry.file_watcher)
+        self._providers[name] = provider
+        return provider
+
+    def close(self) -> None:
+        """Close every tunnel and the contexts/providers these credentials created."""
+        with self._lock:
+            tunnels, self._tunnels = self._tunnels, []
+            contexts = list(self._contexts.values())
+            providers = list(self._providers.values())
+            self._contexts.clear()
+            self._providers.clear()
+        for tunnel in tunnels:
+            tunnel.close()
+        for ctx in contexts:
+            ctx.close()
+        for provider in providers:
+            provider.close()
+
+
+def mesh_channel_credentials(
+    provider: CertificateProvider | None = None,
+    *,
+    expected_sans: Sequence[StringMatcher] | None = None,
+    trust_domains: Iterable[str] | None = None,
+    always_tls: bool = False,
+) -> MeshChannelCredentials:
+    """:class:`MeshChannelCredentials` (see there)."""
+    return MeshChannelCredentials(
+        provider,
+        expected_sans=expected_sans,
+        trust_domains=trust_domains,
+        always_tls=always_tls,
+    )

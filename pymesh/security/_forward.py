@@ -1,0 +1,425 @@
+"""Byte forwarders on one background asyncio loop: the gRPC client's TLS tunnel and the
+gRPC server's PERMISSIVE front listener.
+
+grpcio's C-core owns its sockets, and Python cannot hook its TLS (no URI SAN check on the
+client, no ClientHello detection on the server). Both gaps are closed by putting a small
+pymesh-owned hop next to grpcio:
+
+- :class:`TlsTunnel` (client): grpcio speaks plaintext HTTP/2 to a Unix socket in a private
+  directory (mode 0700: no other local user can borrow the workload identity through it); each
+  accepted connection opens one TLS connection to the endpoint with a
+  :class:`~pymesh.security.MeshSSLContext` (chain against the trust bundle, URI SAN against
+  ``match_subject_alt_names``, rotation). One grpcio connection = one TLS connection.
+- :class:`PermissiveFront` (server): the public port. It reads the first bytes of each
+  connection, TLS (a ClientHello record, ``0x16``) or not, asks ``admit`` whether that
+  transport may be served now (STRICT refuses plaintext, DISABLE refuses TLS), and forwards
+  the raw bytes to one of two internal grpcio ports on loopback (TLS is terminated by grpcio
+  itself, so ``auth_context`` carries the client certificate). It records which internal
+  connection came from which client (:meth:`PermissiveFront.origin`) so that RBAC and telemetry
+  see the real peer address.
+
+Bounds: ``max_connections`` per listener (more are closed at once), a connect timeout, at most
+``MAX_PENDING`` bytes buffered while the far side connects, and asyncio's flow control
+between the two sides (a side whose peer cannot keep up stops being read). Closing a
+listener closes its connections; the loop thread ends when the last listener closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+__all__ = ["ForwardStats", "PermissiveFront", "TlsTunnel"]
+
+_log = logging.getLogger("pymesh.security")
+
+MAX_PENDING = 256 * 1024
+"""Bytes buffered from one side while the other side is still connecting."""
+CONNECT_TIMEOUT = 10.0
+MAX_CONNECTIONS = 1024
+TLS_RECORD_HANDSHAKE = 0x16
+
+
+class _Loop:
+    """One daemon thread running an asyncio loop, shared by every forwarder (refcounted)."""
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _users = 0
+
+    @classmethod
+    def acquire(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None:
+                loop = asyncio.new_event_loop()
+                ready = threading.Event()
+
+                def run() -> None:
+                    asyncio.set_event_loop(loop)
+                    loop.call_soon(ready.set)
+                    loop.run_forever()
+                    loop.close()
+
+                thread = threading.Thread(target=run, name="pymesh-forward", daemon=True)
+                thread.start()
+                ready.wait(5)
+                cls._loop, cls._thread = loop, thread
+            cls._users += 1
+            return cls._loop
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._users -= 1
+            if cls._users > 0 or cls._loop is None:
+                return
+            loop, thread = cls._loop, cls._thread
+            cls._loop = cls._thread = None
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+
+
+def _run(loop: asyncio.AbstractEventLoop, coro: Any, timeout: float = 10.0) -> Any:
+    fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, loop)
+    return fut.result(timeout)
+
+
+class ForwardStats:
+    """Counters of one forwarder (read without a lock: monotonic ints)."""
+
+    __slots__ = ("accepted", "active", "last_error", "plaintext", "refused", "tls")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.active = 0
+        self.refused = 0  # connections closed before forwarding (policy, limit, failed connect)
+        self.tls = 0
+        self.plaintext = 0
+        self.last_error = ""
+
+
+class _Side(asyncio.Protocol):
+    """One side of a forwarded connection; ``peer`` is the other side."""
+
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Side | None = None
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=MAX_PENDING)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.link.side_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.write(data)
+            return
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        self.link.early_data(self)
+        if self.pending_bytes > MAX_PENDING and self.transport is not None:
+            self.transport.pause_reading()
+            self.paused = True
+
+    def flush_to(self, peer: _Side) -> None:
+        assert peer.transport is not None
+        for chunk in self.pending:
+            peer.transport.write(chunk)
+        self.pending.clear()
+        self.pending_bytes = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool | None:
+        self.link.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.link.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+
+class _Link:
+    """A downstream connection and the upstream one made for it."""
+
+    def __init__(self, owner: _Forwarder) -> None:
+        self.owner = owner
+        self.down = _Side(self)
+        self.up: _Side | None = None
+        self.closed = False
+        self.started = False
+        self.task: asyncio.Task[None] | None = None
+        self.origin_key: int | None = None
+
+    def side_connected(self, side: _Side) -> None:
+        if side is self.down:
+            if not self.owner.admit_connection(self):
+                return
+            if not self.owner.peek:
+                self.start(None)
+
+    def early_data(self, side: _Side) -> None:
+        if side is self.down and not self.started:
+            self.start(side.pending[0][:1])
+
+    def start(self, first: bytes | None) -> None:
+        self.started = True
+        self.task = asyncio.get_running_loop().create_task(self._connect(first))
+
+    async def _connect(self, first: bytes | None) -> None:
+        try:
+            up = await self.owner.connect(self, first)
+        except Exception as exc:  # refused by policy, TLS verification, connect failure
+            self.owner.stats.refused += 1
+            self.owner.stats.last_error = str(exc) or type(exc).__name__
+            _log.warning("%s: connection refused: %s", self.owner.name, exc)
+            self.close()
+            return
+        if self.closed:
+            if up.transport is not None:
+                up.transport.close()
+            return
+        self.up = up
+        up.peer, self.down.peer = self.down, up
+        self.down.flush_to(up)
+        up.flush_to(self.down)  # the server may speak first (TLS session tickets, SETTINGS)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for side in (self.down, self.up):
+            if side is not None and side.transport is not None:
+                side.transport.close()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        self.owner.link_closed(self)
+
+
+class _Forwarder:
+    peek = False
+    name = "forwarder"
+
+    def __init__(self, max_connections: int) -> None:
+        self.stats = ForwardStats()
+        self._max = max_connections
+        self._links: set[_Link] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._loop = _Loop.acquire()
+        self._closed = False
+
+    def admit_connection(self, link: _Link) -> bool:
+        self.stats.accepted += 1
+        if self._closed or len(self._links) >= self._max:
+            self.stats.refused += 1
+            link.closed = True
+            if link.down.transport is not None:
+                link.down.transport.close()
+            return False
+        self._links.add(link)
+        self.stats.active = len(self._links)
+        return True
+
+    def link_closed(self, link: _Link) -> None:
+        self._links.discard(link)
+        self.stats.active = len(self._links)
+
+    async def connect(self, link: _Link, first: bytes | None) -> _Side:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop accepting and close every forwarded connection."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            for link in list(self._links):
+                link.close()
+            if self._server is not None:
+                await self._server.wait_closed()
+
+        try:
+            _run(self._loop, stop(), 5.0)
+        except Exception:  # the loop is gone already (interpreter exit)
+            pass
+        finally:
+            _Loop.release()
+
+
+class TlsTunnel(_Forwarder):
+    """A Unix socket (``target`` for ``grpc.insecure_channel``) whose connections are
+    forwarded over TLS to ``host:port`` with ``context`` (see the module doc).
+
+    ``context()`` is called per connection: a :class:`~pymesh.security.MeshSSLContext`
+    answers the current certificate. ``server_hostname`` is sent as SNI (``None``: none).
+    """
+
+    name = "grpc TLS tunnel"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        context: Callable[[], ssl.SSLContext],
+        *,
+        server_hostname: str | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        super().__init__(max_connections)
+        self.name = f"grpc TLS tunnel to {host}:{port}"
+        self._host, self._port = host, port
+        self._context = context
+        self._sni = server_hostname
+        self._dir = tempfile.mkdtemp(prefix="pymesh-grpc-")  # 0700
+        self.path = os.path.join(self._dir, "tunnel.sock")
+        try:
+            self._server = _run(
+                self._loop,
+                self._loop.create_unix_server(lambda: _Link(self).down, self.path),
+            )
+        except BaseException:
+            super().close()
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+
+    @property
+    def target(self) -> str:
+        """The grpcio target of the tunnel (``unix:PATH``)."""
+        return f"unix:{self.path}"
+
+    async def connect(self, link: _Link, first: bytes | None) -> _Side:
+        up = _Side(link)
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(
+            loop.create_connection(
+                lambda: up,
+                self._host,
+                self._port,
+                ssl=self._context(),
+                server_hostname=self._sni or "",
+                ssl_handshake_timeout=CONNECT_TIMEOUT,
+            ),
+            CONNECT_TIMEOUT,
+        )
+        self.stats.tls += 1
+        return up
+
+    def close(self) -> None:
+        super().close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+Admit = Callable[[str, tuple[str, int], tuple[str, int]], bool]
+"""``admit(transport, client_address, local_address)``: may a connection of this transport
+(``"tls"`` / ``"raw_buffer"``) be served now?"""
+
+
+class PermissiveFront(_Forwarder):
+    """The public port of a PERMISSIVE gRPC server (see the module doc).
+
+    ``tls_port`` / ``plain_port``: the internal grpcio ports on ``internal_host``.
+    :meth:`origin` maps an internal connection's local port (grpcio's ``context.peer()``) to
+    the client's address and transport.
+    """
+
+    peek = True
+    name = "PERMISSIVE front"
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        tls_port: int,
+        plain_port: int,
+        internal_host: str = "127.0.0.1",
+        admit: Admit | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        super().__init__(max_connections)
+        self._ports = {"tls": tls_port, "raw_buffer": plain_port}
+        self._internal = internal_host
+        self._admit = admit
+        self._origins: dict[int, tuple[str, int, str]] = {}
+        try:
+            server: asyncio.Server = _run(
+                self._loop,
+                self._loop.create_server(
+                    lambda: _Link(self).down, host or None, port, reuse_address=True
+                ),
+            )
+        except BaseException:
+            super().close()
+            raise
+        self._server = server
+        self.port: int = server.sockets[0].getsockname()[1]
+        self.name = f"PERMISSIVE front :{self.port}"
+
+    def origin(self, local_port: int) -> tuple[str, int, str] | None:
+        """(client IP, client port, transport) of the internal connection from
+        ``local_port``; ``None`` for a connection not made by this front."""
+        return self._origins.get(local_port)
+
+    async def connect(self, link: _Link, first: bytes | None) -> _Side:
+        transport = "tls" if first and first[0] == TLS_RECORD_HANDSHAKE else "raw_buffer"
+        down = link.down.transport
+        assert down is not None
+        client = down.get_extra_info("peername")[:2]
+        local = down.get_extra_info("sockname")[:2]
+        if self._admit is not None and not self._admit(transport, client, local):
+            raise ConnectionRefusedError(f"{transport} connection not allowed by the listener")
+        up = _Side(link)
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(
+            loop.create_connection(lambda: up, self._internal, self._ports[transport]),
+            CONNECT_TIMEOUT,
+        )
+        assert up.transport is not None
+        key = up.transport.get_extra_info("sockname")[1]
+        self._origins[key] = (client[0], client[1], transport)
+        link.origin_key = key
+        if transport == "tls":
+            self.stats.tls += 1
+        else:
+            self.stats.plaintext += 1
+        return up
+
+    def link_closed(self, link: _Link) -> None:
+        if link.origin_key is not None:
+            self._origins.pop(link.origin_key, None)
+        super().link_closed(link)
