@@ -123,8 +123,13 @@ def attempt_metadata(headers: Headers, original: RequestInfo) -> Metadata | None
     to bytes. The ``x-request-id`` the flow generates (Envoy's) is not sent unless the caller
     gave one: a proxyless gRPC client does not add it, and metadata costs grpcio time per
     call. ``None`` when there is nothing to send."""
+    sent = original.headers
+    if not sent and len(headers) == 1:
+        for k, _ in headers:  # the flow's own x-request-id only (the common case)
+            if k == "x-request-id":
+                return None
     out: list[tuple[str, str | bytes]] = []
-    keep_id = "x-request-id" in original.headers
+    keep_id = "x-request-id" in sent
     for k, v in headers:
         if k.startswith(("grpc-", ":")) or k in _RESERVED:
             continue
@@ -182,6 +187,18 @@ class MeshTarget:
         if timeout is not None and self._reads_grpc_timeout(snapshot):
             items.append(("grpc-timeout", format_grpc_timeout(math.ceil(timeout * 1000))))
         return RequestInfo("POST", self.authority, method, Headers(items), self.scheme, None, True)
+
+    def request_info_of(
+        self, spec: _Spec, metadata: Any, timeout: float | None, snapshot: TargetSnapshot
+    ) -> RequestInfo:
+        """:meth:`request_info` for a call of ``spec``; a call without metadata whose
+        timeout no route reads shares one immutable ``RequestInfo`` per method."""
+        if not metadata and (timeout is None or not self._reads_grpc_timeout(snapshot)):
+            info = spec.bare_info
+            if info is None:
+                info = spec.bare_info = self.request_info(spec.method, None, None, snapshot)
+            return info
+        return self.request_info(spec.method, metadata, timeout, snapshot)
 
     def _reads_grpc_timeout(self, snapshot: TargetSnapshot) -> bool:
         """Whether a route of ``snapshot`` looks at the ``grpc-timeout`` header
@@ -310,7 +327,16 @@ _VALUE_ONLY = _State(cancellable=False)
 class _Spec:
     """One mesh multicallable: the method and how to build grpcio's multicallable for it."""
 
-    __slots__ = ("key", "make", "method", "streaming_request", "streaming_response")
+    __slots__ = (
+        "bare_info",
+        "epoch",
+        "key",
+        "make",
+        "mcs",
+        "method",
+        "streaming_request",
+        "streaming_response",
+    )
 
     def __init__(  # noqa: PLR0917
         self,
@@ -339,6 +365,27 @@ class _Spec:
             return getattr(channel, name)(method, **kwargs)
 
         self.make = make
+        self.bare_info: RequestInfo | None = None
+        """The request of a call without metadata (see ``MeshTarget.request_info_of``)."""
+        self.mcs: dict[str, Any] = {}
+        """Endpoint key -> grpcio multicallable, valid for the pool's ``epoch``."""
+        self.epoch = -1
+
+    def multicallables(self, pool: SubchannelPool[Any]) -> dict[str, Any]:
+        """This method's grpcio multicallables by endpoint key (emptied whenever the pool
+        drops a subchannel): a call looks its endpoint up in one dict."""
+        if self.epoch != pool.epoch:
+            self.mcs = {}
+            self.epoch = pool.epoch
+        return self.mcs
+
+    def multicallable(self, pool: SubchannelPool[Any], key: str) -> Any:
+        """The multicallable of endpoint ``key`` (its subchannel opened on first use)."""
+        epoch = pool.epoch
+        mc = pool.get(key).multicallable(self.key, self.make)
+        if epoch == pool.epoch:  # not dropped meanwhile
+            self.multicallables(pool)[key] = mc
+        return mc
 
 
 class MeshChannel(grpc.Channel):
@@ -359,9 +406,14 @@ class MeshChannel(grpc.Channel):
         )
         opts = subchannel_options(options, self._mesh.authority)
 
+        # pymesh.security.MeshChannelCredentials open endpoint channels themselves (CDS TLS)
+        mesh_open = getattr(credentials, "open_subchannel", None)
+
         def open_channel(key: str) -> grpc.Channel:
             if credentials is None:
                 return grpc.insecure_channel(key, opts, compression)
+            if mesh_open is not None:
+                return mesh_open(key, opts, compression, self._mesh.runtime)  # type: ignore[no-any-return]
             return grpc.secure_channel(key, credentials, opts, compression)
 
         self._pool: SubchannelPool[grpc.Channel] = SubchannelPool(open_channel, lambda c: c.close())
@@ -638,6 +690,11 @@ def not_ready(result: CallResult) -> bool:
         details = response.details() or ""  # type: ignore[attr-defined]
         return code is grpc.StatusCode.UNAVAILABLE and "failed to connect" in details
     return False
+
+
+def ready_until(deadline: float | None, start: float) -> float:
+    """Until when a ``wait_for_ready`` call may wait (its deadline, else ``CONFIG_WAIT``)."""
+    return (deadline if deadline is not None else start + CONFIG_WAIT) - 0.001
 
 
 def ready_pause(waits: int) -> float:
