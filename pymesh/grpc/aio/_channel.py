@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from pymesh.core.flow import AttemptResult, CallResult, Mirror, Send, call_flow, drive_async
+from pymesh.core.flow import AttemptResult, CallResult, Discard, Send, Sleep, call_flow
 from pymesh.core.runtime import MeshRuntime
 from pymesh.core.types import Outcome
 from pymesh.errors import XdsError
@@ -41,10 +41,12 @@ from pymesh.grpc._channel import (
     is_xds_target,
     not_ready,
     ready_pause,
+    ready_until,
     subchannel_options,
 )
 from pymesh.grpc._errors import MeshRpcError, error_of_reply
 from pymesh.grpc._subchannels import SubchannelPool
+from pymesh.telemetry import current as telemetry_current
 from pymesh.telemetry._grpc import grpc_client_telemetry
 from pymesh.xds.client import XdsClient
 
@@ -142,11 +144,16 @@ class AioMeshChannel(grpc.aio.Channel):
         opts = subchannel_options(options, self._mesh.authority)
         self._loop: asyncio.AbstractEventLoop | None = None
 
+        # pymesh.security.MeshChannelCredentials open endpoint channels themselves (CDS TLS)
+        mesh_open = getattr(credentials, "open_aio_subchannel", None)
+
         def open_channel(key: str) -> grpc.aio.Channel:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
             if credentials is None:
                 return grpc.aio.insecure_channel(key, opts, compression, interceptors)
+            if mesh_open is not None:
+                return mesh_open(key, opts, compression, interceptors, self._mesh.runtime)  # type: ignore[no-any-return]
             return grpc.aio.secure_channel(key, credentials, opts, compression, interceptors)
 
         def close_channel(channel: grpc.aio.Channel) -> None:
@@ -255,8 +262,7 @@ class AioMeshChannel(grpc.aio.Channel):
 
     # -- the call -------------------------------------------------------------------------
 
-    @grpc_client_telemetry(metadata_index=5)  # telemetry: trace headers, record
-    async def _call(  # noqa: PLR0917
+    async def _call_plain(  # noqa: PLR0917 - one inline hot path
         self,
         spec: _Spec,
         request: Any,
@@ -266,6 +272,12 @@ class AioMeshChannel(grpc.aio.Channel):
         on_attempt: Callable[[Any], None],
         wait_for_ready: bool = False,
     ) -> tuple[Any, CallResult]:
+        """Run one call through the flow (telemetry off; :meth:`_call` adds it).
+
+        The flow is driven inline, as :func:`~pymesh.core.flow.drive_async` drives it (same
+        protocol: a raising action closes the flow first), with the ``Send`` done in the loop
+        itself: no coroutine per attempt and none for the runner.
+        """
         if self._closed:
             raise grpc.aio.UsageError("Channel is closed.")
         mesh = self._mesh
@@ -280,64 +292,83 @@ class AioMeshChannel(grpc.aio.Channel):
                 snapshot = await loop.run_in_executor(None, mesh.handle.wait_ready, wait)
             except XdsError as exc:
                 raise _aio_error(MeshRpcError(grpc.StatusCode.UNAVAILABLE, str(exc))) from None
-        info = mesh.request_info(spec.method, metadata, timeout, snapshot)
+        info = mesh.request_info_of(spec, metadata, timeout, snapshot)
         replay = _AsyncReplay(request) if spec.streaming_request else None
-        pool = self._pool
-
-        async def send(action: Send) -> AttemptResult:
-            t = action.timeout
-            caller_bound = False
-            if deadline is not None:
-                remaining = deadline - clock()
-                if remaining <= 0:
-                    raise _CallError(_deadline_error())
-                if t is None or remaining <= t:
-                    t, caller_bound = remaining, True
-            mc = pool.get(action.host.key).multicallable(spec.key, spec.make)
-            md = attempt_metadata(action.request.headers, info)
-            if replay is None:
-                call = mc(request, timeout=t, metadata=md, **kwargs)
-            else:
-                # Pump the buffered stream ourselves (grpc.aio's own consumer turns a write
-                # racing the end of a failed attempt into INTERNAL, hiding its real status).
-                call = mc(None, timeout=t, metadata=md, **kwargs)
-                _pump(call, replay)
-            on_attempt(call)
+        streaming_response = spec.streaming_response
+        mcs = spec.multicallables(self._pool)
+        runtime = mesh.runtime
+        waits = 0
+        while True:
+            flow = call_flow(runtime, snapshot, info, clock=clock)
+            reply: AttemptResult | None = None
             try:
-                if spec.streaming_response:
-                    first = await call.read()
-                    if first is _EOF:
-                        return AttemptResult(OK, (call, _END))
-                    return AttemptResult(_COMMITTED, (call, first))
-                return AttemptResult(OK, (await call, call))
-            except grpc.RpcError as error:
-                if replay is not None and _lost_status(call, error):
-                    # The server's real status is lost; the stream ended before it took all
-                    # our messages: a reset before any response, which a proxyless client
-                    # sees as UNAVAILABLE.
-                    return AttemptResult(Outcome(status=200, grpc_status=UNAVAILABLE), error)
-                return classify(error, caller_bound)
-            except asyncio.CancelledError:
-                call.cancel()
+                action = next(flow)
+                while True:
+                    if type(action) is Send:
+                        # -- the attempt: a real grpc.aio call on the endpoint's channel
+                        t = action.timeout
+                        caller_bound = False
+                        if deadline is not None:
+                            remaining = deadline - clock()
+                            if remaining <= 0:
+                                raise _CallError(_deadline_error())
+                            if t is None or remaining <= t:
+                                t, caller_bound = remaining, True
+                        key = action.host.key
+                        mc = mcs.get(key)
+                        if mc is None:
+                            mc = spec.multicallable(self._pool, key)
+                        md = attempt_metadata(action.request.headers, info)
+                        if replay is None:
+                            call = mc(request, timeout=t, metadata=md, **kwargs)
+                        else:
+                            # Pump the buffered stream ourselves (grpc.aio's own consumer
+                            # turns a write racing the end of a failed attempt into INTERNAL,
+                            # hiding its real status).
+                            call = mc(None, timeout=t, metadata=md, **kwargs)
+                            _pump(call, replay)
+                        on_attempt(call)
+                        try:
+                            if streaming_response:
+                                first = await call.read()
+                                if first is _EOF:
+                                    reply = AttemptResult(OK, (call, _END))
+                                else:
+                                    reply = AttemptResult(_COMMITTED, (call, first))
+                            else:
+                                reply = AttemptResult(OK, (await call, call))
+                        except grpc.RpcError as error:
+                            if replay is not None and _lost_status(call, error):
+                                # The server's real status is lost; the stream ended before
+                                # it took all our messages: a reset before any response,
+                                # which a proxyless client sees as UNAVAILABLE.
+                                reply = AttemptResult(_LOST, error)
+                            else:
+                                reply = classify(error, caller_bound)
+                        except asyncio.CancelledError:
+                            call.cancel()
+                            raise
+                    else:
+                        reply = None
+                        if type(action) is Sleep:
+                            await _sleep(action.seconds, deadline, clock)
+                        elif type(action) is Discard:
+                            _discard(action.response)
+                        # Mirror: shadow requests are not sent for gRPC (nor by C-core)
+                    action = flow.send(reply)
+            except StopIteration as stop:
+                result: CallResult = stop.value
+            except _CallError as error:
+                flow.close()
+                raise _aio_error(error.error) from None
+            except BaseException:
+                flow.close()
                 raise
-
-        async def sleep(seconds: float) -> None:
-            if deadline is not None and clock() + seconds >= deadline:
-                await asyncio.sleep(max(0.0, deadline - clock()))
-                raise _CallError(_deadline_error())
-            await asyncio.sleep(seconds)
-
-        ready_until = (deadline if deadline is not None else start + CONFIG_WAIT) - 0.001
-        for waits in range(MAX_READY_WAITS):
-            flow = call_flow(mesh.runtime, snapshot, info, clock=clock)
-            try:
-                result = await drive_async(
-                    flow, send=send, sleep=sleep, mirror=_no_mirror, discard=_discard
-                )
-            except _CallError as stop:
-                raise _aio_error(stop.error) from None
+            if not wait_for_ready or not not_ready(result):
+                break
             pause = ready_pause(waits)
-            if not (wait_for_ready and not_ready(result) and clock() + pause < ready_until):
+            waits += 1
+            if waits >= MAX_READY_WAITS or clock() + pause >= ready_until(deadline, start):
                 break
             result.release()
             await asyncio.sleep(pause)  # queued, as grpc queues a wait-for-ready call
@@ -349,6 +380,27 @@ class AioMeshChannel(grpc.aio.Channel):
             result.release()
             raise response
         return response, result
+
+    _call = grpc_client_telemetry(metadata_index=5)(_call_plain)
+    """:meth:`_call_plain` with telemetry (trace metadata out, the call recorded)."""
+
+
+_LOST = Outcome(status=200, grpc_status=UNAVAILABLE)
+
+
+async def _sleep(seconds: float, deadline: float | None, clock: Callable[[], float]) -> None:
+    """A flow's ``Sleep`` (fault delay, backoff), cut at the caller's deadline."""
+    if deadline is not None and clock() + seconds >= deadline:
+        await asyncio.sleep(max(0.0, deadline - clock()))
+        raise _CallError(_deadline_error())
+    await asyncio.sleep(seconds)
+
+
+def _discard(response: object) -> None:
+    if isinstance(response, tuple):
+        cancel = getattr(response[0], "cancel", None)
+        if cancel is not None:
+            cancel()
 
 
 _PUMPS: set[asyncio.Task[None]] = set()
@@ -379,17 +431,6 @@ def _pump(call: Any, replay: _AsyncReplay) -> None:
     task = asyncio.get_running_loop().create_task(run())
     _PUMPS.add(task)
     task.add_done_callback(_PUMPS.discard)
-
-
-def _no_mirror(action: Mirror) -> None:
-    """Shadow requests are not sent for gRPC (C-core does not mirror either)."""
-
-
-async def _discard(response: object) -> None:
-    if isinstance(response, tuple):
-        cancel = getattr(response[0], "cancel", None)
-        if cancel is not None:
-            cancel()
 
 
 class _Multi:
@@ -471,7 +512,9 @@ class MeshAioCall:
         self._attempt = call
 
     def _run(self) -> Any:
-        return self._channel._call(*self._args, self._set_attempt, self._wait_for_ready)
+        channel = self._channel
+        call = channel._call_plain if telemetry_current() is None else channel._call
+        return call(*self._args, self._set_attempt, self._wait_for_ready)
 
     def _release(self) -> None:
         if not self._released and self._result is not None:
