@@ -28,6 +28,7 @@ import logging
 import ssl
 import threading
 import time
+from asyncio import _get_running_loop as _running_loop
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -60,6 +61,7 @@ from pymesh.errors import (
     UpstreamOverflowError,
     UpstreamTimeoutError,
 )
+from pymesh.httpx._h1 import AsyncPool, SyncPool
 from pymesh.httpx._targets import MeshTarget, TargetResolver, Verdict
 from pymesh.httpx._tls import UpstreamTls, endpoint_tls
 from pymesh.model.cluster import UpstreamProtocol
@@ -532,31 +534,38 @@ class _MeshCore:
         )
 
 
+def _pool_idle(pool: Any) -> bool:
+    if isinstance(pool, SyncPool | AsyncPool):
+        return pool.is_idle()
+    return all(c.is_idle() or c.is_closed() for c in pool.connections)
+
+
+def _pool_key(send: Send | Mirror, link: _Link) -> tuple[str, bool, int, str | None]:
+    return (
+        send.host.key,
+        send.cluster.protocol is UpstreamProtocol.HTTP2,
+        id(link.ssl_context),
+        link.sni,
+    )
+
+
 class _SyncPools:
-    """One httpcore pool per (endpoint, HTTP/2?); draining pools close once idle."""
+    """One pool per (endpoint, HTTP/2?, TLS): pymesh's HTTP/1.1 engine, httpcore for HTTP/2;
+    draining pools close once idle."""
 
     def __init__(self) -> None:
-        self._pools: dict[tuple[str, bool, int], httpcore.ConnectionPool] = {}
-        self._draining: list[httpcore.ConnectionPool] = []
+        self._pools: dict[tuple[str, bool, int, str | None], Any] = {}
+        self._draining: list[Any] = []
         self._lock = threading.Lock()
 
-    def get(self, send: Send | Mirror, link: _Link) -> httpcore.ConnectionPool:
-        h2 = send.cluster.protocol is UpstreamProtocol.HTTP2
-        key = (send.host.key, h2, id(link.ssl_context))
+    def get(self, send: Send | Mirror, link: _Link) -> Any:
+        key = _pool_key(send, link)
         pool = self._pools.get(key)
         if pool is None:
             with self._lock:
                 pool = self._pools.get(key)
                 if pool is None:
-                    pool = httpcore.ConnectionPool(
-                        ssl_context=link.ssl_context,
-                        max_connections=None,
-                        max_keepalive_connections=None,
-                        keepalive_expiry=send.cluster.config.cluster.http_protocol_options.idle_timeout,
-                        http1=not h2,
-                        http2=h2,
-                    )
-                    self._pools[key] = pool
+                    pool = self._pools[key] = _new_pool(send, link, SyncPool, asyncio=False)
         return pool
 
     def drain(self, removed: collections.deque[frozenset[str]]) -> None:
@@ -565,9 +574,9 @@ class _SyncPools:
                 keys = removed.popleft()
                 for k in [k for k in self._pools if k[0] in keys]:
                     self._draining.append(self._pools.pop(k))
-            still: list[httpcore.ConnectionPool] = []
+            still: list[Any] = []
             for pool in self._draining:
-                if all(c.is_idle() or c.is_closed() for c in pool.connections):
+                if _pool_idle(pool):
                     pool.close()
                 else:
                     still.append(pool)
@@ -582,24 +591,46 @@ class _SyncPools:
             pool.close()
 
 
+def _new_pool(send: Send | Mirror, link: _Link, engine: type[Any], *, asyncio: bool) -> Any:
+    """pymesh's HTTP/1.1 engine for HTTP/1.1 upstreams (``engine``: ``SyncPool`` or, on
+    asyncio, ``AsyncPool``); httpcore for HTTP/2 upstreams and trio."""
+    h2 = send.cluster.protocol is UpstreamProtocol.HTTP2
+    expiry = send.cluster.config.cluster.http_protocol_options.idle_timeout
+    address = send.host.address
+    if not h2 and engine is not None:
+        return engine(
+            address.host,
+            address.port,
+            ssl_context=link.ssl_context,
+            sni=link.sni,
+            keepalive_expiry=expiry,
+        )
+    cls = httpcore.AsyncConnectionPool if asyncio else httpcore.ConnectionPool
+    return cls(
+        ssl_context=link.ssl_context,
+        max_connections=None,
+        max_keepalive_connections=None,
+        keepalive_expiry=expiry,
+        http1=not h2,
+        http2=h2,
+    )
+
+
 class _AsyncPools:
     def __init__(self) -> None:
-        self._pools: dict[tuple[str, bool, int], httpcore.AsyncConnectionPool] = {}
-        self._draining: list[httpcore.AsyncConnectionPool] = []
+        self._pools: dict[tuple[str, bool, int, str | None], Any] = {}
+        self._draining: list[Any] = []
 
-    def get(self, send: Send | Mirror, link: _Link) -> httpcore.AsyncConnectionPool:
-        h2 = send.cluster.protocol is UpstreamProtocol.HTTP2
-        key = (send.host.key, h2, id(link.ssl_context))
+    def get(self, send: Send | Mirror, link: _Link) -> Any:
+        key = _pool_key(send, link)
         pool = self._pools.get(key)
-        if pool is None:
-            pool = httpcore.AsyncConnectionPool(
-                ssl_context=link.ssl_context,
-                max_connections=None,
-                max_keepalive_connections=None,
-                keepalive_expiry=send.cluster.config.cluster.http_protocol_options.idle_timeout,
-                http1=not h2,
-                http2=h2,
-            )
+        if pool is None or (type(pool) is AsyncPool and _running_loop() is None):
+            # pymesh's engine runs on asyncio; under trio (no asyncio loop) httpcore's
+            engine = AsyncPool if _running_loop() is not None else None
+            pool = _new_pool(send, link, engine, asyncio=True)  # type: ignore[arg-type]
+            old = self._pools.get(key)
+            if old is not None:
+                self._draining.append(old)
             self._pools[key] = pool
         return pool
 
@@ -608,9 +639,9 @@ class _AsyncPools:
             keys = removed.popleft()
             for k in [k for k in self._pools if k[0] in keys]:
                 self._draining.append(self._pools.pop(k))
-        still: list[httpcore.AsyncConnectionPool] = []
+        still: list[Any] = []
         for pool in self._draining:
-            if all(c.is_idle() or c.is_closed() for c in pool.connections):
+            if _pool_idle(pool):
                 await pool.aclose()
             else:
                 still.append(pool)
