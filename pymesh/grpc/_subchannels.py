@@ -73,6 +73,9 @@ class SubchannelPool(Generic[C]):
         self._closed = False
         self._schedule = schedule or _timer
         self._timers: list[Callable[[], None]] = []  # cancel functions of pending sweeps
+        self.epoch = 0
+        """Bumped whenever a subchannel is dropped (removed endpoint, close): caches of
+        multicallables keyed by endpoint are valid for one epoch."""
 
     def get(self, key: str) -> Subchannel[C]:
         """The subchannel of endpoint ``key`` (``HOST:PORT``), opened on first use."""
@@ -100,6 +103,8 @@ class SubchannelPool(Generic[C]):
         now = self._clock()
         with self._lock:
             gone = keys & self._subchannels.keys()
+            if gone:
+                self.epoch += 1
             for key in gone:
                 sub = self._subchannels.pop(key)
                 self._retired.append((now + self._grace, sub.channel))
@@ -122,6 +127,7 @@ class SubchannelPool(Generic[C]):
         them."""
         with self._lock:
             self._closed = True
+            self.epoch += 1
             channels = [s.channel for s in self._subchannels.values()]
             channels += [c for _, c in self._retired]
             self._subchannels.clear()
