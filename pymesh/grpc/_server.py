@@ -179,6 +179,7 @@ class ServingCore:
         self._reported: tuple[bool, str] | None = None
         self._lock = threading.Lock()
         self._owned: list[Callable[[], None]] = []
+        self._front: Any = None  # pymesh.security PermissiveFront of a PERMISSIVE port
 
     # -- setup --------------------------------------------------------------------------
 
@@ -196,6 +197,44 @@ class ServingCore:
         host, _ = split_address(address)
         self._address = (listener_host(host), port)
         self._secure = secure
+
+    def add_front(self, address: str, front: Any) -> None:
+        """Record the PERMISSIVE port: ``front`` (a ``PermissiveFront``) accepts on it and
+        hands TLS and plaintext connections to two internal grpcio ports."""
+        self.add_port(address, front.port, secure=True)
+        self._front = front
+        self.own(front.close)
+
+    @property
+    def front_port(self) -> int:
+        return 0 if self._front is None else int(self._front.port)
+
+    @property
+    def permissive(self) -> bool:
+        """Whether the port takes TLS and plaintext (a PERMISSIVE front listener)."""
+        return self._front is not None
+
+    def admit_transport(
+        self, transport: str, client: tuple[str, int], local: tuple[str, int]
+    ) -> bool:
+        """The front listener's question for a new connection: may a connection of this
+        transport (``"tls"`` / ``"raw_buffer"``) be served by the current listener? (STRICT:
+        plaintext no; DISABLE: TLS no; Envoy's filter chain match with the transport
+        protocol.) While NOT_SERVING every connection is admitted: its RPCs get
+        UNAVAILABLE with the reason."""
+        snapshot = self._view.snapshot
+        if snapshot is None:
+            return True
+        peer = PeerInfo(
+            source_ip=client[0],
+            source_port=client[1],
+            destination_ip=local[0],
+            destination_port=local[1],
+        )
+        chain = _inbound.select_filter_chain(snapshot.listener, peer, transport=transport)
+        if chain is None:
+            return False
+        return (chain.tls is not None) == (transport == "tls")
 
     @property
     def address(self) -> str:
@@ -304,6 +343,11 @@ class ServingCore:
     def peer_info(self, peer: str, auth: Mapping[str, Any] | None) -> PeerInfo:
         host, port = self._address or ("", 0)
         source_ip, source_port = parse_peer_address(peer)
+        front = self._front
+        if front is not None and source_port is not None:
+            origin = front.origin(source_port)  # the client behind the front listener
+            if origin is not None:
+                source_ip, source_port = origin[0], origin[1]
         base = PeerInfo(
             source_ip=source_ip,
             source_port=source_port,
@@ -320,6 +364,11 @@ class ServingCore:
                 return _inbound.SERVE
             return _inbound.InboundDecision(
                 code=_inbound.UNAVAILABLE, message=f"xDS server not serving: {view.message}"
+            )
+        if self._front is not None:  # PERMISSIVE port: the transport is per connection
+            transport = "tls" if peer.tls else "raw_buffer"
+            return _inbound.decide(
+                view.snapshot, request, peer, self.inbound, secure=peer.tls, transport=transport
             )
         return _inbound.decide(view.snapshot, request, peer, self.inbound, secure=self._secure)
 
@@ -488,6 +537,20 @@ class XdsServer(grpc.Server):
         self._core.own(close_owned_provider(server_credentials))
         return port
 
+    def add_permissive_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        """One port for mTLS and plaintext clients (PeerAuthentication PERMISSIVE), which
+        grpcio cannot do by itself: a pymesh front listener on ``address`` peeks at each
+        connection's first byte and forwards it to an internal TLS grpcio port (these
+        credentials) or an internal plaintext one, both on loopback. The xDS listener decides
+        per connection what is allowed (STRICT refuses plaintext, DISABLE refuses TLS) and
+        RBAC sees the client's address and, for TLS, its certificate. Returns the port."""
+        self._core.check_no_port()
+        self._core.add_front(
+            address, bind_front(self._inner, address, server_credentials, self._core)
+        )
+        self._core.own(close_owned_provider(server_credentials))
+        return self._core.front_port
+
     def start(self) -> None:
         if self._reflection:
             from grpc_reflection.v1alpha import reflection
@@ -629,6 +692,26 @@ def mesh_server_credentials(
     # The server that binds these credentials closes the provider (its file poller) on stop.
     creds._pymesh_provider = provider  # type: ignore[attr-defined]
     return creds
+
+
+def bind_front(
+    inner: Any, address: str, credentials: grpc.ServerCredentials, core: ServingCore
+) -> Any:
+    """Bind the two internal grpcio ports of a PERMISSIVE port and its front listener."""
+    from pymesh.security._forward import PermissiveFront
+
+    host, port = split_address(address)
+    tls_port = inner.add_secure_port("127.0.0.1:0", credentials)
+    plain_port = inner.add_insecure_port("127.0.0.1:0")
+    if not tls_port or not plain_port:
+        raise PymeshError(f"could not bind the internal ports of {address}")
+    return PermissiveFront(
+        "" if host in _WILDCARDS else host,
+        port,
+        tls_port=tls_port,
+        plain_port=plain_port,
+        admit=core.admit_transport,
+    )
 
 
 def close_owned_provider(creds: grpc.ServerCredentials) -> Callable[[], None] | None:

@@ -344,6 +344,27 @@ class TlsTunnel(_Forwarder):
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket: ``""`` binds the dual-stack wildcard (one port for IPv4 and
+    IPv6) where the system has it, else the IPv4 one."""
+    if host:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=1024)
+    if socket.has_dualstack_ipv6():
+        return socket.create_server(
+            ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=1024
+        )
+    return socket.create_server(("", port), backlog=1024)
+
+
+def _unmap(address: Any) -> tuple[str, int]:
+    """(IP, port) of a socket address; IPv4-mapped IPv6 addresses as IPv4."""
+    ip, port = str(address[0]), int(address[1])
+    if ip.startswith("::ffff:") and "." in ip:
+        ip = ip[len("::ffff:") :]
+    return ip, port
+
+
 Admit = Callable[[str, tuple[str, int], tuple[str, int]], bool]
 """``admit(transport, client_address, local_address)``: may a connection of this transport
 (``"tls"`` / ``"raw_buffer"``) be served now?"""
@@ -377,11 +398,9 @@ class PermissiveFront(_Forwarder):
         self._admit = admit
         self._origins: dict[int, tuple[str, int, str]] = {}
         try:
+            sock = _listen(host, port)
             server: asyncio.Server = _run(
-                self._loop,
-                self._loop.create_server(
-                    lambda: _Link(self).down, host or None, port, reuse_address=True
-                ),
+                self._loop, self._loop.create_server(lambda: _Link(self).down, sock=sock)
             )
         except BaseException:
             super().close()
@@ -399,8 +418,8 @@ class PermissiveFront(_Forwarder):
         transport = "tls" if first and first[0] == TLS_RECORD_HANDSHAKE else "raw_buffer"
         down = link.down.transport
         assert down is not None
-        client = down.get_extra_info("peername")[:2]
-        local = down.get_extra_info("sockname")[:2]
+        client = _unmap(down.get_extra_info("peername"))
+        local = _unmap(down.get_extra_info("sockname"))
         if self._admit is not None and not self._admit(transport, client, local):
             raise ConnectionRefusedError(f"{transport} connection not allowed by the listener")
         up = _Side(link)

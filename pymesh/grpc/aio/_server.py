@@ -24,6 +24,7 @@ from pymesh.grpc._server import (
     HEALTH_SERVICE,
     ServingCore,
     ServingStatus,
+    bind_front,
     close_owned_provider,
     service_names_of,
     status_code,
@@ -172,6 +173,16 @@ class AioXdsServer(grpc.aio.Server):
         self._core.add_port(address, port, secure=True)
         self._core.own(close_owned_provider(server_credentials))
         return port
+
+    def add_permissive_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        """One port for mTLS and plaintext clients (PERMISSIVE): see
+        :meth:`pymesh.grpc.XdsServer.add_permissive_port`."""
+        self._core.check_no_port()
+        self._core.add_front(
+            address, bind_front(self._inner, address, server_credentials, self._core)
+        )
+        self._core.own(close_owned_provider(server_credentials))
+        return self._core.front_port
 
     async def start(self) -> None:
         if self._reflection:
