@@ -124,6 +124,7 @@ class _Message:
         "got_bytes",
         "head_done",
         "headers",
+        "keep",
         "parser",
         "pending",
         "reason",
@@ -141,6 +142,7 @@ class _Message:
         self.complete = False
         self.until_eof = False
         self.got_bytes = False
+        self.keep = False
         self.parser = httptools.HttpResponseParser(self)
 
     def on_status(self, reason: bytes) -> None:
@@ -165,6 +167,8 @@ class _Message:
     def on_message_complete(self) -> None:
         if self.head_done:
             self.complete = True
+            # llhttp resets its flags once the callback returns: ask now
+            self.keep = bool(self.parser.should_keep_alive())
 
     def feed(self, data: bytes) -> None:
         self.got_bytes = True
@@ -181,6 +185,7 @@ class _Message:
             return
         if head_only:
             self.complete = True
+            self.keep = bool(self.parser.should_keep_alive())
             return
         for name, _ in self.headers:
             n = name.lower()
@@ -195,7 +200,7 @@ class _Message:
         return chunks
 
     def keep_alive(self, request_close: bool) -> bool:
-        return not request_close and not self.until_eof and bool(self.parser.should_keep_alive())
+        return self.keep and not request_close and not self.until_eof
 
     def response(self, stream: Any) -> httpcore.Response:
         response = object.__new__(httpcore.Response)
@@ -203,6 +208,7 @@ class _Message:
         response.headers = self.headers
         response.stream = stream
         version = self.parser.get_http_version()
+        response._stream_consumed = False
         response.extensions = {
             "http_version": _HTTP11 if version == "1.1" else b"HTTP/" + version.encode(),
             "reason_phrase": self.reason,
@@ -394,13 +400,14 @@ class SyncPool:
         self._active += 1
         try:
             conn = self._checkout()
-            if conn is not None and out.parts is None:
+            if conn is not None:
                 try:
                     return self._exchange(conn, out, True)
-                except _Stale:
-                    pass  # the server had closed it: once more on a fresh connection
-            elif conn is not None:
-                conn.close()  # an iterator body cannot be sent twice: a fresh connection
+                except _Stale as exc:
+                    # The server had closed it: once more on a fresh connection (a body
+                    # from an iterator cannot be sent twice).
+                    if out.parts is not None:
+                        raise httpcore.RemoteProtocolError("keep-alive connection closed") from exc
             conn = self._connect(out.timeouts)
             return self._exchange(conn, out, False)
         except BaseException:
@@ -702,13 +709,14 @@ class AsyncPool:
         self._active += 1
         try:
             conn = self._checkout(loop)
-            if conn is not None and out.parts is None:
+            if conn is not None:
                 try:
                     return await self._exchange(conn, out, True)
-                except _Stale:
-                    pass  # the server had closed it: once more on a fresh connection
-            elif conn is not None:
-                conn.close()
+                except _Stale as exc:
+                    # The server had closed it: once more on a fresh connection (a body
+                    # from an iterator cannot be sent twice).
+                    if out.parts is not None:
+                        raise httpcore.RemoteProtocolError("keep-alive connection closed") from exc
             conn = await self._connect(loop, out.timeouts)
             return await self._exchange(conn, out, False)
         except BaseException:
