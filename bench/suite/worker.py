@@ -1,0 +1,209 @@
+"""The client process of one variant: ``python -m bench.suite.worker SPEC_JSON``.
+
+One process per variant, so that its CPU time and RSS (read by the suite from /proc) are that
+client's alone and a plain variant does not carry pymesh's imports. It imports only what its
+variant needs, prints ``{"ready": true}`` once a first request succeeded, then runs commands
+read from stdin, one JSON object a line: ``{"shape": "sync" | "async", "n": N,
+"concurrency": C}`` => ``{"elapsed": s, "lat": [s, ...]}`` (or ``{"error": "..."}``).
+
+Every variant is timed by the same two loops (:func:`timed_sync`, :func:`timed_async`): a
+request is ``GET url`` checked for 200 (HTTP) or one unary call (gRPC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+SyncCall = Callable[[], None]
+AsyncCall = Callable[[], Awaitable[None]]
+
+
+def timed_sync(call: SyncCall, n: int) -> tuple[float, list[float]]:
+    """``n`` sequential requests: (elapsed s, per-request latencies s)."""
+    clock = time.perf_counter
+    lat: list[float] = []
+    start = clock()
+    for _ in range(n):
+        t = clock()
+        call()
+        lat.append(clock() - t)
+    return clock() - start, lat
+
+
+async def timed_async(call: AsyncCall, n: int, concurrency: int) -> tuple[float, list[float]]:
+    """``n`` requests, ``concurrency`` in flight at any time: (elapsed s, latencies s)."""
+    clock = time.perf_counter
+    lat: list[float] = []
+    left = n
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            t = clock()
+            await call()
+            lat.append(clock() - t)
+
+    start = clock()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return clock() - start, lat
+
+
+class Variant:
+    """Makes the sync call, and the async call for a concurrency (inside the event loop)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.xds: Any = None
+        if spec.get("bootstrap"):
+            from pymesh.bootstrap import parse_bootstrap
+            from pymesh.xds.client import XdsClient
+
+            with open(spec["bootstrap"]) as f:
+                self.xds = XdsClient(parse_bootstrap(f.read(), source=spec["bootstrap"]))
+        self._closers: list[Callable[[], Any]] = []
+        self._sync: SyncCall | None = None
+        self._async: dict[int, AsyncCall] = {}
+
+    def sync_call(self) -> SyncCall:
+        if self._sync is None:
+            self._sync = self._make_sync()
+        return self._sync
+
+    async def async_call(self, concurrency: int) -> AsyncCall:
+        if concurrency not in self._async:
+            self._async[concurrency] = await self._make_async(concurrency)
+        return self._async[concurrency]
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    def _http_client(self, sync: bool, concurrency: int) -> Any:
+        import httpx
+
+        limits = httpx.Limits(max_connections=max(concurrency, 1))
+        if self.xds is None:
+            return httpx.Client() if sync else httpx.AsyncClient(limits=limits)
+        import pymesh.httpx
+
+        if sync:
+            return pymesh.httpx.Client(xds_client=self.xds, mesh_wait=20)
+        return pymesh.httpx.AsyncClient(xds_client=self.xds, mesh_wait=20, limits=limits)
+
+    def _make_sync(self) -> SyncCall:
+        if self.spec["kind"] == "http":
+            client = self._http_client(True, 1)
+            self._closers.append(client.close)
+            url = self.spec["url"]
+
+            def get() -> None:
+                r = client.get(url)
+                if r.status_code != 200:
+                    raise RuntimeError(f"{url}: {r.status_code} {r.text[:200]}")
+
+            return get
+        channel = self._grpc_channel(False)
+        self._closers.append(channel.close)
+        stub = channel.unary_unary(self.spec["method"], None, None)
+
+        def unary() -> None:
+            stub(b"hi", timeout=10)
+
+        return unary
+
+    async def _make_async(self, concurrency: int) -> AsyncCall:
+        if self.spec["kind"] == "http":
+            client = self._http_client(False, concurrency)
+            self._closers.append(client.aclose)
+            url = self.spec["url"]
+
+            async def get() -> None:
+                r = await client.get(url)
+                if r.status_code != 200:
+                    raise RuntimeError(f"{url}: {r.status_code} {r.text[:200]}")
+
+            return get
+        channel = self._grpc_channel(True)
+        self._closers.append(lambda: channel.close(None))
+        stub = channel.unary_unary(self.spec["method"], None, None)
+
+        async def unary() -> None:
+            await stub(b"hi", timeout=10)
+
+        return unary
+
+    # -- gRPC ----------------------------------------------------------------------------
+
+    def _grpc_channel(self, aio: bool) -> Any:
+        target = self.spec["target"]
+        if self.xds is not None:
+            if aio:
+                import pymesh.grpc.aio
+
+                return pymesh.grpc.aio.insecure_channel(target, xds_client=self.xds)
+            import pymesh.grpc
+
+            return pymesh.grpc.insecure_channel(target, xds_client=self.xds)
+        import grpc
+        import grpc.aio
+
+        return grpc.aio.insecure_channel(target) if aio else grpc.insecure_channel(target)
+
+    async def aclose(self) -> None:
+        for close in reversed(self._closers):
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+        if self.xds is not None:
+            self.xds.close()
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    loop = asyncio.new_event_loop()
+    variant = Variant(spec)
+    out = sys.stdout
+
+    def reply(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the first request may wait for config / connections
+            try:
+                variant.sync_call()()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        reply({"ready": True})
+    except Exception:
+        reply({"error": traceback.format_exc()})
+        return
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("stop"):
+            break
+        try:
+            if cmd["shape"] == "sync":
+                elapsed, lat = timed_sync(variant.sync_call(), cmd["n"])
+            else:
+                c = cmd["concurrency"]
+                call = loop.run_until_complete(variant.async_call(c))
+                elapsed, lat = loop.run_until_complete(timed_async(call, cmd["n"], c))
+            reply({"elapsed": elapsed, "lat": lat})
+        except Exception:
+            reply({"error": traceback.format_exc()})
+    loop.run_until_complete(variant.aclose())
+    loop.close()
+
+
+if __name__ == "__main__":
+    main()
