@@ -18,7 +18,7 @@ Anything not known is ``unknown``, as Istio writes it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,7 +170,7 @@ def service_name_namespace(host: str) -> tuple[str, str]:
     return (host or UNKNOWN), UNKNOWN
 
 
-def principal_of(uri_sans: tuple[str, ...] | list[str]) -> str:
+def principal_of(uri_sans: Iterable[str]) -> str:
     """The SPIFFE identity among a certificate's URI SANs (``unknown`` when none)."""
     for uri in uri_sans:
         if uri.startswith("spiffe://"):

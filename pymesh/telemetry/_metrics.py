@@ -90,7 +90,20 @@ class RequestMetrics:
         self._start_ns = time.time_ns()
         self.overflow = 0
 
-    def record(  # noqa: PLR0917 - hot path
+    def bind(self, labels: tuple[str, ...]) -> _Series | None:
+        """The series of ``labels`` (created empty if new), to :meth:`add` to later: the
+        adapters' label memo keeps it, so a request makes no label lookup here. ``None``
+        when the table is full (:data:`MAX_SERIES`; counted in ``overflow``)."""
+        with self._lock:
+            s = self._series.get(labels)
+            if s is None:
+                if len(self._series) >= MAX_SERIES:
+                    self.overflow += 1
+                    return None
+                s = self._series[labels] = _Series(labels[20] == "grpc")
+            return s
+
+    def record(  # noqa: PLR0917 - kept for callers holding labels only
         self,
         labels: tuple[str, ...],
         duration_ms: float,
@@ -99,17 +112,26 @@ class RequestMetrics:
         request_messages: int = 0,
         response_messages: int = 0,
     ) -> None:
-        """Count one finished request (the hot path: a lookup and a few additions)."""
+        """Count one finished request by its labels (:meth:`bind` then :meth:`add`)."""
+        s = self.bind(labels)
+        if s is not None:
+            self.add(s, duration_ms, request_bytes, response_bytes, request_messages,
+                     response_messages)  # fmt: skip
+
+    def add(  # noqa: PLR0917 - hot path
+        self,
+        s: _Series,
+        duration_ms: float,
+        request_bytes: int,
+        response_bytes: int,
+        request_messages: int = 0,
+        response_messages: int = 0,
+    ) -> None:
+        """Count one finished request into a bound series (a few additions under a lock)."""
         d = bisect.bisect_left(DURATION_BUCKETS, duration_ms)
         q = bisect.bisect_left(BYTES_BUCKETS, request_bytes)
         r = bisect.bisect_left(BYTES_BUCKETS, response_bytes)
         with self._lock:
-            s = self._series.get(labels)
-            if s is None:
-                if len(self._series) >= MAX_SERIES:
-                    self.overflow += 1
-                    return
-                s = self._series[labels] = _Series(labels[20] == "grpc")
             s.requests += 1
             s.dur_buckets[d] += 1
             s.dur_sum += duration_ms

@@ -58,7 +58,8 @@ from pymesh.telemetry._labels import (
     service_name_namespace,
     service_of_cluster,
 )
-from pymesh.telemetry._metrics import RequestMetrics, render_prometheus
+from pymesh.telemetry._metrics import RequestMetrics, _Series, render_prometheus
+from pymesh.telemetry._peer import PeerDecoder, exchange_headers
 
 if TYPE_CHECKING:
     from pymesh.bootstrap import Node
@@ -128,7 +129,9 @@ class Telemetry:
     (default: a fresh SDK provider; add a span processor to export). ``propagation``:
     outbound formats among ``tracecontext``, ``b3multi``, ``b3`` (default W3C and the
     single ``b3`` header: two headers per request; inbound, all three are read).
-    ``rng``: the sampling randomness (seed it in tests).
+    ``peer_exchange``: Istio's metadata exchange (``x-envoy-peer-metadata`` headers out on
+    requests and responses, read into the peer's workload labels; see
+    :mod:`pymesh.telemetry._peer`). ``rng``: the sampling randomness (seed it in tests).
     """
 
     def __init__(
@@ -144,6 +147,7 @@ class Telemetry:
         trace_sampling: float = 1.0,
         tracer_provider: trace.TracerProvider | None = None,
         propagation: Iterable[str] = ("tracecontext", "b3"),
+        peer_exchange: bool = True,
         rng: random.Random | None = None,
     ) -> None:
         if access_log not in ("off", "sampled", "full"):
@@ -172,8 +176,10 @@ class Telemetry:
             tracer_provider = TracerProvider(sampler=ALWAYS_ON)
         self.tracer_provider = tracer_provider
         self._tracer = tracer_provider.get_tracer("pymesh")
+        self.peer_exchange = peer_exchange
+        self._peers = PeerDecoder()
         self.requests = RequestMetrics()
-        self._label_cache: dict[tuple[Any, ...], tuple[str, ...]] = {}
+        self._label_cache: dict[tuple[Any, ...], tuple[Workload | None, _Series]] = {}
         self._peer_cache: dict[int, tuple[object, Workload]] = {}
         self._counters_lock = threading.Lock()
         self.retries: dict[str, int] = {}
@@ -209,6 +215,13 @@ class Telemetry:
             self.identity = (
                 f"spiffe://{node.trust_domain}/ns/{ns}/sa/{sa}" if sa and ns else UNKNOWN
             )
+        self.node = node
+        self.exchange_headers = exchange_headers(node) if self.peer_exchange else ()
+        """``x-envoy-peer-metadata-id`` / ``x-envoy-peer-metadata`` of this workload (what
+        outbound requests carry and servers answer with; empty without a node)."""
+        self.exchange_headers_raw = tuple(
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in self.exchange_headers
+        )
         self._label_cache = {}
 
     # -- client side ---------------------------------------------------------------------
@@ -218,13 +231,17 @@ class Telemetry:
         *,
         protocol: str,
         method: str,
-        authority: str,
-        path: str,
+        authority: str | None,
+        path: str | None,
         set_header: Callable[[str, str], None],
+        request: Any = None,
     ) -> ClientCall:
         """Start an outbound request: opens its client span (when sampled) and writes the
-        trace headers with ``set_header``. Call :meth:`ClientCall.finish` once it ends."""
-        span = None
+        trace and peer metadata headers with ``set_header``. Call :meth:`ClientCall.finish`
+        once it ends. ``authority`` / ``path`` may be ``None`` with an httpx ``request``
+        given instead: they are then read from its URL only if a span or a log line needs
+        them."""
+        call = ClientCall(self, protocol, method, authority, path, request)
         if self.tracing:
             parent = trace.get_current_span().get_span_context()
             sampled = (
@@ -233,8 +250,8 @@ class Telemetry:
                 else self._rng.random() < self._trace_ratio
             )
             if sampled:
-                span = self._tracer.start_span(
-                    f"{authority}{path.split('?', 1)[0]}", kind=SpanKind.CLIENT
+                span = call.span = self._tracer.start_span(
+                    f"{call.authority}{call.path.split('?', 1)[0]}", kind=SpanKind.CLIENT
                 )
                 _propagation.inject(span.get_span_context(), set_header, self.propagation)
             else:  # not sampled: propagate the decision under a span id of our own
@@ -243,9 +260,11 @@ class Telemetry:
                 _propagation.inject_ids(
                     trace_id, rng.getrandbits(64) or 1, False, set_header, self.propagation
                 )
-        return ClientCall(self, protocol, method, authority, path, span)
+        for name, value in self.exchange_headers:
+            set_header(name, value)
+        return call
 
-    def _client_labels(  # noqa: PLR0917 - hot path, internal
+    def _client_series(  # noqa: PLR0917 - hot path, internal
         self,
         protocol: str,
         status: int,
@@ -254,21 +273,28 @@ class Telemetry:
         cluster: str | None,
         host: Any,
         mtls: bool,
-    ) -> tuple[str, ...]:
-        metadata = getattr(host, "metadata", None)
-        # Endpoint metadata -> peer workload, memoized by identity; the entry keeps the
-        # metadata object alive, so its id cannot be reused by other metadata meanwhile.
-        entry = self._peer_cache.get(id(metadata))
-        if entry is None or entry[0] is not metadata:
-            entry = (metadata, PeerWorkload.from_metadata(metadata))
-            if len(self._peer_cache) > _MAX_LABEL_CACHE:
-                self._peer_cache = {}
-            self._peer_cache[id(metadata)] = entry
-        peer = entry[1]
-        key = (protocol, status, grpc_status, flags, cluster, peer, mtls)
+        peer: Workload | None,
+    ) -> _Series | None:
+        """The pre-bound metric series of a finished outbound request (``None``: the table
+        is full). ``peer``: the workload the server named in its answer (metadata
+        exchange); without it, the picked endpoint's metadata names it."""
+        if peer is None:
+            metadata = getattr(host, "metadata", None)
+            # Endpoint metadata -> peer workload, memoized by identity; the entry keeps the
+            # metadata object alive, so its id cannot be reused by other metadata meanwhile.
+            entry = self._peer_cache.get(id(metadata))
+            if entry is None or entry[0] is not metadata:
+                entry = (metadata, PeerWorkload.from_metadata(metadata))
+                if len(self._peer_cache) > _MAX_LABEL_CACHE:
+                    self._peer_cache = {}
+                self._peer_cache[id(metadata)] = entry
+            peer = entry[1]
+        # Peers are memoized objects (endpoint metadata above, exchange headers in the
+        # decoder): keyed by identity, the entry holds the peer so its id stays its own.
+        key = (protocol, status, grpc_status, flags, cluster, id(peer), mtls)
         found = self._label_cache.get(key)
-        if found is not None:
-            return found
+        if found is not None and found[0] is peer:
+            return found[1]
         service, name, namespace = service_of_cluster(cluster)
         src = self.workload
         labels = (
@@ -298,10 +324,12 @@ class Telemetry:
             _flags_text(flags),
             UNKNOWN,  # Istio's client reporter does not know the policy
         )
-        if len(self._label_cache) > _MAX_LABEL_CACHE:
-            self._label_cache = {}
-        self._label_cache[key] = labels
-        return labels
+        series = self.requests.bind(labels)
+        if series is not None:
+            if len(self._label_cache) > _MAX_LABEL_CACHE:
+                self._label_cache = {}
+            self._label_cache[key] = (peer, series)
+        return series
 
     # -- server side ---------------------------------------------------------------------
 
@@ -347,7 +375,7 @@ class Telemetry:
                 token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(child)))
         return ServerCall(self, protocol, method, authority, path, span, token, get_header)
 
-    def _server_labels(  # noqa: PLR0917 - hot path, internal
+    def _server_series(  # noqa: PLR0917 - hot path, internal
         self,
         protocol: str,
         status: int,
@@ -356,11 +384,15 @@ class Telemetry:
         authority: str,
         peer_principal: str,
         mtls: bool,
-    ) -> tuple[str, ...]:
-        key = ("in", protocol, status, grpc_status, flags, authority, peer_principal, mtls)
+        peer: Workload | None,
+    ) -> _Series | None:
+        """The pre-bound series of a finished inbound request (``peer``: the caller's
+        workload from its exchanged metadata, if it sent any)."""
+        key = ("in", protocol, status, grpc_status, flags, authority, peer_principal, mtls,
+               id(peer))  # fmt: skip
         found = self._label_cache.get(key)
-        if found is not None:
-            return found
+        if found is not None and found[0] is peer:
+            return found[1]
         host = _authority_host(authority)
         dst = self.workload
         if not host or _is_ip(host):
@@ -369,16 +401,20 @@ class Telemetry:
             host, name, namespace = UNKNOWN, dst.canonical_service, dst.namespace
         else:
             name, namespace = service_name_namespace(host)
+        src = peer if peer is not None else _NO_PEER
+        src_namespace = src.namespace
+        if src_namespace == UNKNOWN:
+            src_namespace = _namespace_of(peer_principal)
         labels = (
             "destination",
-            UNKNOWN,
-            UNKNOWN,
-            UNKNOWN,
-            _namespace_of(peer_principal),
+            src.workload,
+            src.canonical_service,
+            src.canonical_revision,
+            src_namespace,
             peer_principal,
-            UNKNOWN,
-            UNKNOWN,
-            UNKNOWN,
+            src.app,
+            src.version,
+            src.cluster,
             dst.workload,
             dst.namespace,
             self.identity if mtls else UNKNOWN,
@@ -396,23 +432,48 @@ class Telemetry:
             _flags_text(flags),
             "mutual_tls" if mtls else "none",
         )
-        if len(self._label_cache) > _MAX_LABEL_CACHE:
-            self._label_cache = {}
-        self._label_cache[key] = labels
-        return labels
+        series = self.requests.bind(labels)
+        if series is not None:
+            if len(self._label_cache) > _MAX_LABEL_CACHE:
+                self._label_cache = {}
+            self._label_cache[key] = (peer, series)
+        return series
 
     # -- recording -----------------------------------------------------------------------
 
-    def _log(self, record: AccessRecord, flagged: bool) -> None:
+    def _log_this(self, flagged: bool) -> bool:
+        """Whether this request's access log line is written (decided before building it)."""
         mode = self.access_log
         if mode == "off":
-            return
-        if mode == "sampled" and not flagged and self._rng.random() >= self._sample_logs:
-            return
+            return False
+        return mode == "full" or flagged or self._rng.random() < self._sample_logs
+
+    def _write(self, record: AccessRecord) -> None:
         try:
             self._sink(self._format(record))
         except Exception:  # a broken sink must never fail a request
             _log.exception("access log sink failed")
+
+    def peer_of_headers(self, get_header: Callable[[str], str | None]) -> Workload | None:
+        """The peer workload a request or response names in its metadata exchange headers
+        (``x-envoy-peer-metadata``, else an ambient ``baggage``), memoized; ``None`` if it
+        names none or peer exchange is off."""
+        if not self.peer_exchange:
+            return None
+        return self._peers.from_headers(get_header)
+
+    def peer_of_raw(self, headers: Iterable[tuple[bytes, bytes]]) -> Workload | None:
+        """:meth:`peer_of_headers` for raw ``(name, value)`` byte pairs (lower-case or not),
+        as httpcore and ASGI give them."""
+        if not self.peer_exchange:
+            return None
+        baggage = None
+        for name, value in headers:
+            if len(name) == 21 and name.lower() == b"x-envoy-peer-metadata":
+                return self._peers.metadata(value.decode("latin-1"))
+            if len(name) == 7 and name.lower() == b"baggage":
+                baggage = value
+        return self._peers.baggage(baggage.decode("latin-1")) if baggage is not None else None
 
     def count_attempts(self, cluster: str | None, attempts: int, flags: tuple[str, ...]) -> None:
         if cluster is None:
@@ -610,6 +671,7 @@ class Telemetry:
 
 
 _UP = frozenset({"HEALTHY", "UNKNOWN", "DEGRADED"})
+_NO_PEER = Workload()
 
 
 def _authority_host(authority: str) -> str:
@@ -649,19 +711,43 @@ def _unsampled_child(parent: SpanContext, rng: random.Random) -> SpanContext:
 class ClientCall:
     """One outbound request in flight (from :meth:`Telemetry.client_call`)."""
 
-    __slots__ = ("authority", "method", "path", "protocol", "span", "start", "t0", "tel")
+    __slots__ = ("_authority", "_path", "method", "protocol", "request", "span", "start",
+                 "t0", "tel")  # fmt: skip
 
     def __init__(  # noqa: PLR0917 - built by Telemetry only
-        self, tel: Telemetry, protocol: str, method: str, authority: str, path: str, span: Any
+        self,
+        tel: Telemetry,
+        protocol: str,
+        method: str,
+        authority: str | None,
+        path: str | None,
+        request: Any = None,
     ) -> None:
         self.tel = tel
         self.protocol = protocol
         self.method = method
-        self.authority = authority
-        self.path = path
-        self.span = span
+        self._authority = authority
+        self._path = path
+        self.request = request
+        self.span: Any = None
         self.start = time.time()
         self.t0 = time.perf_counter()
+
+    @property
+    def authority(self) -> str:
+        """The request's ``:authority`` (read from the httpx request's URL on first use)."""
+        value = self._authority
+        if value is None:
+            value = self._authority = self.request.url.netloc.decode("ascii")
+        return value
+
+    @property
+    def path(self) -> str:
+        """The request's path and query (read from the httpx request's URL on first use)."""
+        value = self._path
+        if value is None:
+            value = self._path = self.request.url.raw_path.decode("ascii")
+        return value
 
     def finish(
         self,
@@ -678,30 +764,22 @@ class ClientCall:
         user_agent: str | None = None,
         mtls: bool = False,
         service: str | None = None,
+        peer: Workload | None = None,
     ) -> None:
         """Record the finished request (``result``: the flow's, for cluster / host / flags;
         ``service``: the destination host when there is no result, e.g. an upstream error
-        surfaced without one)."""
+        surfaced without one; ``peer``: the server's workload from its exchanged metadata,
+        see :meth:`Telemetry.peer_of_response`)."""
         tel = self.tel
         duration = time.perf_counter() - self.t0
         if flags is None:
             flags = result.flags if result is not None else ()
         cluster = result.cluster if result is not None else None
         host = result.host if result is not None else None
-        if result is not None:
+        if result is not None and (result.attempts > 1 or flags):
             tel.count_attempts(cluster, result.attempts, flags)
-            if (
-                request_id is None
-                and result.upstream_request is not None
-                and (self.span is not None or tel.access_log != "off")
-            ):
-                for name, value in result.upstream_request.headers:  # one pass for both
-                    if name == "x-request-id":
-                        request_id = value
-                    elif name == "user-agent" and user_agent is None:
-                        user_agent = value
         if tel.metrics_enabled:
-            labels = tel._client_labels(
+            series = tel._client_series(
                 self.protocol,
                 status,
                 grpc_status,
@@ -709,21 +787,37 @@ class ClientCall:
                 cluster if cluster is not None or service is None else f"|||{service}",
                 host,
                 mtls,
+                peer,
             )
-            tel.requests.record(
-                labels,
-                duration * 1000.0,
-                request_bytes,
-                response_bytes,
-                request_messages,
-                response_messages,
-            )
+            if series is not None:
+                tel.requests.add(
+                    series,
+                    duration * 1000.0,
+                    request_bytes,
+                    response_bytes,
+                    request_messages,
+                    response_messages,
+                )
         span = self.span
+        if span is None and tel.access_log == "off":
+            return
         upstream = host.key if host is not None else None
+        log = tel.access_log != "off" and tel._log_this(bool(flags) or status >= 500)
+        if (
+            request_id is None
+            and result is not None
+            and result.upstream_request is not None
+            and (span is not None or log)
+        ):
+            for name, value in result.upstream_request.headers:  # one pass for both
+                if name == "x-request-id":
+                    request_id = value
+                elif name == "user-agent" and user_agent is None:
+                    user_agent = value
         if span is not None:
             _end_span(span, status, grpc_status, flags, cluster, upstream, self, request_id)
-        if tel.access_log != "off":
-            tel._log(
+        if log:  # the record is built and formatted only for a line that is written
+            tel._write(
                 AccessRecord(
                     start=self.start,
                     method=self.method,
@@ -742,8 +836,7 @@ class ClientCall:
                     grpc_status=grpc_status,
                     reporter="source",
                     trace_id=_trace_id(span),
-                ),
-                bool(flags) or status >= 500,
+                )
             )
 
 
@@ -755,6 +848,7 @@ class ServerCall:
         "get_header",
         "method",
         "path",
+        "peer",
         "protocol",
         "span",
         "start",
@@ -782,6 +876,8 @@ class ServerCall:
         self.span = span
         self.token = token
         self.get_header = get_header
+        self.peer: Workload | None = tel.peer_of_headers(get_header)
+        """The caller's workload from its metadata exchange headers (``None``: unknown)."""
         self.start = time.time()
         self.t0 = time.perf_counter()
 
@@ -807,26 +903,36 @@ class ServerCall:
             except Exception:  # finished from another context: nothing to restore there
                 pass
             self.token = None
-        principal = principal_of(tuple(peer_uri_sans))
+        principal = principal_of(peer_uri_sans) if peer_uri_sans else UNKNOWN
         if tel.metrics_enabled:
-            labels = tel._server_labels(
-                self.protocol, status, grpc_status, flags, self.authority, principal, mtls
+            series = tel._server_series(
+                self.protocol,
+                status,
+                grpc_status,
+                flags,
+                self.authority,
+                principal,
+                mtls,
+                self.peer,
             )
-            tel.requests.record(
-                labels,
-                duration * 1000.0,
-                request_bytes,
-                response_bytes,
-                request_messages,
-                response_messages,
-            )
+            if series is not None:
+                tel.requests.add(
+                    series,
+                    duration * 1000.0,
+                    request_bytes,
+                    response_bytes,
+                    request_messages,
+                    response_messages,
+                )
         span = self.span
+        if span is None and tel.access_log == "off":
+            return
         request_id = self.get_header("x-request-id")
         if span is not None:
             span.set_attribute("peer.principal", principal)
             _end_span(span, status, grpc_status, flags, None, None, self, request_id)
-        if tel.access_log != "off":
-            tel._log(
+        if tel.access_log != "off" and tel._log_this(bool(flags) or status >= 500):
+            tel._write(
                 AccessRecord(
                     start=self.start,
                     method=self.method,
@@ -844,8 +950,7 @@ class ServerCall:
                     grpc_status=grpc_status,
                     reporter="destination",
                     trace_id=_trace_id(span),
-                ),
-                bool(flags) or status >= 500,
+                )
             )
 
 
@@ -950,26 +1055,34 @@ class UpstreamBody:
             return
         self._done = True
         try:
-            self._call.finish(
+            call = self._call
+            response = self._result.response
+            call.finish(
                 self._result,
                 status=self.status,
                 request_bytes=self.request_bytes,
                 response_bytes=self.response_bytes,
+                peer=call.tel.peer_of_raw(getattr(response, "headers", ())),
             )
         except Exception:  # telemetry must never fail the application's request
             _log.exception("telemetry: recording a request failed")
 
 
-def http_client_call(
-    method: str, authority: str, path: str, set_header: Callable[[str, str], None]
-) -> ClientCall | None:
-    """For HTTP client adapters: a :class:`ClientCall` of the installed telemetry (trace
-    headers written with ``set_header``), or ``None`` when telemetry is off."""
+def http_client_call(request: Any) -> ClientCall | None:
+    """For the httpx adapters: a :class:`ClientCall` of the installed telemetry for an
+    ``httpx.Request`` (trace and peer metadata headers written into its headers), or
+    ``None`` when telemetry is off: then nothing at all is computed. The URL's authority
+    and path are read only if a span or an access log line needs them."""
     tel = _current
     if tel is None:
         return None
     return tel.client_call(
-        protocol="http", method=method, authority=authority, path=path, set_header=set_header
+        protocol="http",
+        method=request.method,
+        authority=None,
+        path=None,
+        set_header=request.headers.__setitem__,
+        request=request,
     )
 
 
