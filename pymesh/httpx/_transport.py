@@ -786,12 +786,7 @@ class MeshTransport(httpx.BaseTransport):
                 return core.failure(exc, timeouts)
             return AttemptResult(core.outcome_of(resp), resp)
 
-        tcall = _telemetry.http_client_call(
-            request.method,
-            url.netloc.decode("ascii"),
-            url.raw_path.decode("ascii"),
-            request.headers.__setitem__,
-        )  # telemetry: trace headers in, call timed
+        tcall = _telemetry.http_client_call(request)  # telemetry: headers in, call timed
         info, origin = core.request_info(request)
         flow = call_flow(core.runtime, snapshot, info, clock=core.clock)
         result = drive_sync(
@@ -991,12 +986,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 return core.failure(exc, timeouts)
             return AttemptResult(core.outcome_of(resp), resp)
 
-        tcall = _telemetry.http_client_call(
-            request.method,
-            url.netloc.decode("ascii"),
-            url.raw_path.decode("ascii"),
-            request.headers.__setitem__,
-        )  # telemetry: trace headers in, call timed
+        tcall = _telemetry.http_client_call(request)  # telemetry: headers in, call timed
         info, origin = core.request_info(request)
         flow = call_flow(core.runtime, snapshot, info, clock=core.clock)
         result = await drive_async(
