@@ -51,11 +51,11 @@ from pymesh.core.deadline import format_grpc_timeout
 from pymesh.core.flow import (
     AttemptResult,
     CallResult,
-    Mirror,
+    Discard,
     ReplyKind,
     Send,
+    Sleep,
     call_flow,
-    drive_sync,
 )
 from pymesh.core.runtime import MeshRuntime
 from pymesh.core.types import Headers, Outcome, RequestInfo, ResetKind
@@ -64,6 +64,7 @@ from pymesh.grpc._errors import MeshRpcError, error_of_reply
 from pymesh.grpc._subchannels import SubchannelPool
 from pymesh.model.route import RouteAction
 from pymesh.model.snapshot import TargetError, TargetSnapshot
+from pymesh.telemetry import current as telemetry_current
 from pymesh.telemetry._grpc import grpc_client_telemetry
 from pymesh.xds.client import XdsClient
 from pymesh.xds.watch import TargetHandle, parse_target
@@ -543,8 +544,24 @@ class MeshChannel(grpc.Channel):
                     )
         return self._executor.submit(fn)
 
-    @grpc_client_telemetry(metadata_index=4)  # telemetry: trace headers, record
     def _call(  # noqa: PLR0917 - grpcio's signature
+        self,
+        spec: _Spec,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+        state: _State,
+    ) -> tuple[Any, CallResult]:
+        """:meth:`_call_plain`, with telemetry when it is on."""
+        call = self._call_plain if telemetry_current() is None else self._call_traced
+        return call(
+            spec, request, timeout, metadata, credentials, wait_for_ready, compression, state
+        )
+
+    def _call_plain(  # noqa: PLR0917 - grpcio's signature
         self,
         spec: _Spec,
         request: Any,
@@ -571,9 +588,10 @@ class MeshChannel(grpc.Channel):
                 snapshot = mesh.handle.wait_ready(wait)
             except XdsError as exc:
                 raise MeshRpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
-        info = mesh.request_info(spec.method, metadata, timeout, snapshot)
+        info = mesh.request_info_of(spec, metadata, timeout, snapshot)
         replay = _Replay(request) if spec.streaming_request else None
         pool = self._pool
+        mcs = spec.multicallables(pool)
 
         def send(action: Send) -> AttemptResult:
             if state.cancelled:
@@ -586,7 +604,10 @@ class MeshChannel(grpc.Channel):
                     raise _CallError(_deadline_error())
                 if t is None or remaining <= t:
                     t, caller_bound = remaining, True
-            mc = pool.get(action.host.key).multicallable(spec.key, spec.make)
+            key = action.host.key
+            mc = mcs.get(key)
+            if mc is None:
+                mc = spec.multicallable(pool, key)
             md = attempt_metadata(action.request.headers, info)
             payload = replay.attempt() if replay is not None else request
             try:
@@ -648,17 +669,38 @@ class MeshChannel(grpc.Channel):
             if state.cancelled:
                 raise _CallError(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED))
 
-        ready_until = (deadline if deadline is not None else start + CONFIG_WAIT) - 0.001
-        for waits in range(MAX_READY_WAITS):
-            flow = call_flow(mesh.runtime, snapshot, info, clock=clock)
+        runtime = mesh.runtime
+        waits = 0
+        while True:
+            # The flow driven inline, as drive_sync drives it (a raising action closes it).
+            flow = call_flow(runtime, snapshot, info, clock=clock)
+            reply: AttemptResult | None = None
             try:
-                result = drive_sync(
-                    flow, send=send, sleep=sleep, mirror=_no_mirror, discard=_discard
-                )
-            except _CallError as stop:
-                raise stop.error from None
+                action = next(flow)
+                while True:
+                    if type(action) is Send:
+                        reply = send(action)
+                    else:
+                        reply = None
+                        if type(action) is Sleep:
+                            sleep(action.seconds)
+                        elif type(action) is Discard:
+                            _discard(action.response)
+                        # Mirror: shadow requests are not sent for gRPC (nor by C-core)
+                    action = flow.send(reply)
+            except StopIteration as stop:
+                result: CallResult = stop.value
+            except _CallError as error:
+                flow.close()
+                raise error.error from None
+            except BaseException:
+                flow.close()
+                raise
+            if not wait_for_ready or not not_ready(result):
+                break
             pause = ready_pause(waits)
-            if not (wait_for_ready and not_ready(result) and clock() + pause < ready_until):
+            waits += 1
+            if waits >= MAX_READY_WAITS or clock() + pause >= ready_until(deadline, start):
                 break
             result.release()
             state.event.wait(pause)  # queued, as grpc queues a wait-for-ready call
@@ -672,6 +714,9 @@ class MeshChannel(grpc.Channel):
             result.release()
             raise response
         return response, result
+
+    _call_traced = grpc_client_telemetry(metadata_index=4)(_call_plain)
+    """:meth:`_call_plain` with telemetry (trace metadata out, the call recorded)."""
 
 
 MAX_READY_WAITS = 1000
@@ -704,10 +749,6 @@ def ready_pause(waits: int) -> float:
 
 def _deadline_error() -> MeshRpcError:
     return MeshRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-
-
-def _no_mirror(action: Mirror) -> None:
-    """Shadow requests are not sent for gRPC (C-core does not mirror either)."""
 
 
 def _discard(response: object) -> None:
