@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -58,7 +59,12 @@ def key_pem(key: PrivateKey) -> bytes:
 
 
 def key_from_pem(data: bytes) -> PrivateKey:
-    key = serialization.load_pem_private_key(data, password=None)
+    """Raises ``ValueError`` for anything but an unencrypted EC or RSA key (cryptography's
+    ``UnsupportedAlgorithm`` and encrypted-key ``TypeError`` included: damaged files)."""
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (UnsupportedAlgorithm, TypeError) as exc:
+        raise ValueError(f"unusable private key: {exc}") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise ValueError("unsupported private key type (EC or RSA expected)")
     return key
@@ -71,7 +77,11 @@ def cert_pem(certs: x509.Certificate | Sequence[x509.Certificate]) -> bytes:
 
 
 def certs_from_pem(data: bytes) -> tuple[x509.Certificate, ...]:
-    return tuple(x509.load_pem_x509_certificates(data))
+    """Raises ``ValueError`` for unparsable PEM (cryptography's ``InvalidVersion`` included)."""
+    try:
+        return tuple(x509.load_pem_x509_certificates(data))
+    except x509.InvalidVersion as exc:
+        raise ValueError(f"bad certificate: {exc}") from exc
 
 
 def uri_sans(cert: x509.Certificate) -> tuple[str, ...]:
