@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from pymesh.bootstrap import FileWatcherConfig
 from pymesh.errors import ConfigError, PymeshError
@@ -101,9 +102,13 @@ class CertificateBundle:
         if not chain:
             raise ConfigError("empty certificate chain", source=source)
         leaf = chain[0]
-        if not same_public_key(leaf.public_key(), key.public_key()):
+        try:  # a damaged leaf parses lazily: unknown key type, malformed extensions
+            matches = same_public_key(leaf.public_key(), key.public_key())
+            sans = uri_sans(leaf)
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise ConfigError(f"bad certificate: {exc}", source=source) from exc
+        if not matches:
             raise ConfigError("private key does not match the certificate", source=source)
-        sans = uri_sans(leaf)
         return cls(
             chain_pem,
             key_pem_bytes,
