@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pymesh.errors import ConfigError, PymeshError
@@ -318,11 +318,15 @@ class CertificateAuthority:
             raise self._refuse(f"unparsable CSR: {exc}", "bad_csr", "INVALID_ARGUMENT") from exc
         try:
             ok = csr.is_signature_valid
-        except (ValueError, InvalidSignature):
+        except (ValueError, InvalidSignature, UnsupportedAlgorithm):
             ok = False
         if not ok:
             raise self._refuse("CSR signature does not verify", "bad_csr", "INVALID_ARGUMENT")
-        public = csr.public_key()
+        try:  # parsed lazily: an unknown curve or a malformed extension fails here
+            public = csr.public_key()
+            extensions = csr.extensions
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise self._refuse(f"unparsable CSR: {exc}", "bad_csr", "INVALID_ARGUMENT") from exc
         if isinstance(public, ec.EllipticCurvePublicKey):
             if public.curve.name not in ("secp256r1", "secp384r1"):
                 raise self._refuse("CSR key curve not allowed", "bad_csr", "INVALID_ARGUMENT")
@@ -332,13 +336,13 @@ class CertificateAuthority:
         else:
             raise self._refuse("CSR key type not allowed", "bad_csr", "INVALID_ARGUMENT")
         try:
-            bc = csr.extensions.get_extension_for_class(x509.BasicConstraints)
+            bc = extensions.get_extension_for_class(x509.BasicConstraints)
             if bc.value.ca:
                 raise self._refuse("CSR asks for CA:true", "ca_requested", "PERMISSION_DENIED")
         except x509.ExtensionNotFound:
             pass
         try:
-            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         except x509.ExtensionNotFound:
             raise self._refuse("CSR has no SAN", "bad_csr", "INVALID_ARGUMENT") from None
         if len(san) != 1 or not isinstance(san[0], x509.UniformResourceIdentifier):
