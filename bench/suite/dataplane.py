@@ -23,6 +23,8 @@ from bench.suite.topology import REPO, Path_
 
 HTTP_SHAPES = (("sync", 1), ("async", 16), ("async", 64))
 GRPC_SHAPES = (("sync", 1), ("async", 16))
+PROFILED = ("pymesh", "pymesh mTLS")
+"""Variants whose client gets one extra, profiled batch per shape after the rounds."""
 
 
 def shape_name(kind: str, shape: tuple[str, int]) -> str:
@@ -73,6 +75,18 @@ class Worker:
             raise RuntimeError(f"{self.variant.kind} {self.variant.name}: {reply['error']}")
         return float(reply["elapsed"]), [float(x) for x in reply["lat"]]
 
+    def profile(self, shape: tuple[str, int], n: int, top: int = 12) -> dict[str, Any]:
+        """One batch under cProfile in the worker (see ``worker.profiled``)."""
+        assert self.proc.stdin is not None
+        cmd = {"shape": shape[0], "concurrency": shape[1], "n": n, "profile": top}
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        reply = self._read()
+        if "error" in reply:
+            raise RuntimeError(f"{self.variant.kind} {self.variant.name}: {reply['error']}")
+        result: dict[str, Any] = reply["profile"]
+        return result
+
     def close(self) -> None:
         if self.proc.poll() is None:
             assert self.proc.stdin is not None
@@ -96,6 +110,7 @@ class Cell:
     latencies: list[float] = field(default_factory=list)
     rss_mb: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    profile: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         if not self.rounds:
@@ -120,6 +135,7 @@ class Cell:
             "cpu_us_total": median([sum(r["cpu_us"].values()) for r in self.rounds]),
             "rss_mb": self.rss_mb,
             "error": self.error,
+            "profile": self.profile,
             "per_round": self.rounds,
         }
 
@@ -182,6 +198,16 @@ def run(
                     )
                     cell.latencies.extend(lat)
             log(f"  {kind} round {rnd + 1}/{rounds} done (load {os.getloadavg()[0]:.2f})")
+        for w in workers:
+            if w.variant.name not in PROFILED or w.proc.poll() is not None:
+                continue
+            for s in shapes:
+                cell = cells[(s, w.variant.name)]
+                if cell.error is None:
+                    try:
+                        cell.profile = w.profile(s, max(requests // 2, 20))
+                    except RuntimeError as exc:
+                        log(f"  profile of {kind} {w.variant.name} failed: {exc}")
         for w in workers:
             if w.proc.poll() is not None:
                 continue

@@ -66,8 +66,16 @@ def machine() -> dict[str, object]:
     except OSError:
         pass
     import platform
+    from importlib import metadata
 
+    versions = {}
+    for dist in ("httpx", "httpcore", "h11", "sniffio", "uvicorn", "httptools", "grpcio"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
     return {
+        "versions": versions,
         "nproc": os.cpu_count(),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "cpu_model": model,

@@ -371,6 +371,7 @@ def page(res: dict[str, Any], tgts: list[dict[str, Any]], images: list[str]) -> 
         for img in images:
             if img.startswith(kind + "-"):
                 lines += [f"![{img}](perf/{img})", ""]
+        lines += profile_section(cells, kind, title)
     lines += scale_section(res.get("scale", {}))
     lines += [METHOD, ""]
     return "\n".join(lines)
@@ -398,6 +399,46 @@ DESCRIPTIONS = {
         "Envoy*, *2 Envoys mTLS*: plain grpcio through the sidecar(s) (HTTP/2 both legs)."
     ),
 }
+
+
+def profile_section(cells: list[dict[str, Any]], kind: str, title: str) -> list[str]:
+    """Where the pymesh client's CPU goes: one cProfile'd batch per shape after the rounds."""
+    shapes = [s for s in _shapes(cells, kind) if _cell(cells, kind, s, "pymesh").get("profile")]
+    if not shapes:
+        return []
+    lines = [
+        f"### {title}: where pymesh's client CPU goes",
+        "",
+        "One extra batch per shape under cProfile in the pymesh client, timed by the thread's "
+        "CPU clock (`time.thread_time`: waiting for the server costs nothing; the calling "
+        "thread only, not grpcio's C-core threads). Profiling slows Python code several "
+        "times: read the shares. Self CPU time by package:",
+        "",
+    ]
+    profs = {s: _cell(cells, kind, s, "pymesh")["profile"] for s in shapes}
+    packages: list[str] = []
+    for p in profs.values():
+        for entry in p["by_package"][:8]:
+            if entry["package"] not in packages:
+                packages.append(entry["package"])
+    lines.append(_row(["package", *(f"{s} (share)" for s in shapes)]))
+    lines.append(_row(["---", *("--:" for _ in shapes)]))
+    for pkg in packages:
+        row = [pkg]
+        for s in shapes:
+            found = next((e for e in profs[s]["by_package"] if e["package"] == pkg), None)
+            row.append(f"{found['share'] * 100:.0f}%" if found else "")
+        lines.append(_row(row))
+    lines += ["", "Top functions by self time:", ""]
+    for s in shapes:
+        total = profs[s]["self_us_per_request_total"]
+        top = ", ".join(
+            f"`{f['function'].split(': ', 1)[-1]}` {f['self_us'] / total * 100:.0f}%"
+            for f in profs[s]["functions"][:6]
+        )
+        lines.append(f"- {s}: {top}")
+    lines.append("")
+    return lines
 
 
 def scale_section(scale: dict[str, Any]) -> list[str]:
@@ -509,6 +550,10 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
             _row(["---", "--:", "--:"]),
             _row(["bare interpreter (httpx + grpcio imported)", f"{r['bare']:.1f}", ""]),
             _row(["+ pymesh imported", f"{r['imported']:.1f}", f"{mem['pymesh_imports_mb']:.1f}"]),
+            *(
+                _row([f"&nbsp;&nbsp;of which {k}", "", f"{v:.1f}"])
+                for k, v in mem.get("imports_breakdown_mb", {}).items()
+            ),
             _row(
                 [
                     "+ xDS client, following 10 services",

@@ -182,7 +182,11 @@ WORKLOAD = (
     + textwrap.dedent(
         """
         out = {"before_pymesh": rss()}
-        import pymesh.grpc, pymesh.grpc.aio, pymesh.httpx
+        from pymesh.xds.client import XdsClient
+        out["imported_xds_client"] = rss()
+        import pymesh.httpx
+        out["imported_httpx"] = rss()
+        import pymesh.grpc, pymesh.grpc.aio
         from pymesh.bootstrap import parse_bootstrap
         from pymesh.core.runtime import MeshRuntime
         from pymesh.xds.client import XdsClient
@@ -233,6 +237,13 @@ def _memory_main(args: argparse.Namespace) -> dict[str, Any]:
         "services": args.services,
         "rss_mb": med,
         "pymesh_imports_mb": round(med["imported"] - med["bare"], 1),
+        "imports_breakdown_mb": {
+            "pymesh.xds.client (xDS client, codecs, Envoy protos)": round(
+                med["imported_xds_client"] - med["before_pymesh"], 1
+            ),
+            "+ pymesh.httpx": round(med["imported_httpx"] - med["imported_xds_client"], 1),
+            "+ pymesh.grpc, pymesh.grpc.aio": round(med["imported"] - med["imported_httpx"], 1),
+        },
         "pymesh_following_10_mb": round(med["following_10"] - med["bare"], 1),
         f"pymesh_following_{args.services}_mb": round(
             med[f"following_{args.services}"] - med["bare"], 1

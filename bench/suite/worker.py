@@ -163,6 +163,70 @@ class Variant:
             self.xds.close()
 
 
+def _package(filename: str) -> str:
+    """A profile entry's package: ``pymesh.httpx``, ``httpcore``, ``asyncio``, ``C``..."""
+    if filename == "~" or filename.startswith("<"):
+        return "C (built-ins, extensions)"
+    path = filename.replace("\\", "/")
+    for marker in ("/site-packages/", "/work/main/"):
+        if marker in path:
+            parts = path.split(marker, 1)[1].split("/")
+            return ".".join(parts[:2]) if parts[0] == "pymesh" else parts[0]
+    if "/lib/python3" in path:
+        rest = path.split("/lib/python3", 1)[1].split("/")[1:]
+        return "stdlib " + (rest[0].removesuffix(".py") if rest else "?")
+    return path.rsplit("/", 1)[-1]
+
+
+def profiled(run: Callable[[], tuple[float, list[float]]], n: int, top: int) -> dict[str, Any]:
+    """Run one batch under cProfile with the thread's CPU clock: self CPU time per request
+    by package and the top functions (this thread only; profiling slows Python code, so read
+    shares, not absolutes)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile(time.thread_time)  # CPU time: waiting for the server is not cost
+    prof.enable()
+    elapsed, _ = run()
+    prof.disable()
+    entries = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in entries.values()) or 1e-9
+    by_package: dict[str, float] = {}
+    funcs = []
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in entries.items():
+        pkg = _package(filename)
+        by_package[pkg] = by_package.get(pkg, 0.0) + tt
+        short = filename.rsplit("/", 1)[-1]
+        funcs.append((tt, ct, nc, f"{pkg}: {short}:{line} {func}"))
+    funcs.sort(reverse=True)
+    return {
+        "requests": n,
+        "profiled_elapsed_s": elapsed,
+        "self_us_per_request_total": total / n * 1e6,
+        "by_package": sorted(
+            ({"package": k, "self_us": v / n * 1e6, "share": v / total}
+             for k, v in by_package.items()),
+            key=lambda d: -float(d["self_us"]),  # type: ignore[arg-type]
+        )[:top],
+        "functions": [
+            {"function": name, "self_us": tt / n * 1e6, "cum_us": ct / n * 1e6,
+             "calls_per_request": nc / n}
+            for tt, ct, nc, name in funcs[:top]
+        ],
+    }  # fmt: skip
+
+
+def _runner(
+    variant: Variant, loop: asyncio.AbstractEventLoop, shape: str, n: int, concurrency: int
+) -> Callable[[], tuple[float, list[float]]]:
+    """The batch of one command, ready to run (the clients exist once it returns)."""
+    if shape == "sync":
+        sync = variant.sync_call()
+        return lambda: timed_sync(sync, n)
+    acall = loop.run_until_complete(variant.async_call(concurrency))
+    return lambda: loop.run_until_complete(timed_async(acall, n, concurrency))
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     loop = asyncio.new_event_loop()
@@ -192,13 +256,13 @@ def main() -> None:
         if cmd.get("stop"):
             break
         try:
-            if cmd["shape"] == "sync":
-                elapsed, lat = timed_sync(variant.sync_call(), cmd["n"])
+            n = cmd["n"]
+            run = _runner(variant, loop, cmd["shape"], n, cmd.get("concurrency", 1))
+            if cmd.get("profile"):
+                reply({"profile": profiled(run, n, int(cmd["profile"]))})
             else:
-                c = cmd["concurrency"]
-                call = loop.run_until_complete(variant.async_call(c))
-                elapsed, lat = loop.run_until_complete(timed_async(call, cmd["n"], c))
-            reply({"elapsed": elapsed, "lat": lat})
+                elapsed, lat = run()
+                reply({"elapsed": elapsed, "lat": lat})
         except Exception:
             reply({"error": traceback.format_exc()})
     loop.run_until_complete(variant.aclose())
