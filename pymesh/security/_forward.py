@@ -281,15 +281,162 @@ class _Forwarder:
             _Loop.release()
 
 
-class TlsTunnel(_Forwarder):
+class _Pipe:
+    """One tunnel connection on the selector thread: ``down`` (grpcio's Unix socket) and
+    ``up`` (the TLS socket to the endpoint). Each direction keeps at most one unsent chunk;
+    while it is pending its source is not read (flow control)."""
+
+    __slots__ = ("deadline", "down", "ev_down", "ev_up", "out_down", "out_up", "state", "up")
+
+    def __init__(self, down: socket.socket, up: Any, deadline: float) -> None:
+        self.down = down
+        self.up = up  # the raw socket while connecting, then its SSLSocket
+        self.state = "connect"  # connect -> handshake -> open
+        self.out_up = b""  # from down, not yet written to up
+        self.out_down = b""  # from up, not yet written to down
+        self.deadline = deadline
+        self.ev_up = -1  # the selector events registered now (-1: unknown)
+        self.ev_down = -1
+
+
+class _TunnelLoop:
+    """The selector thread of every :class:`TlsTunnel` (refcounted, like :class:`_Loop`).
+
+    Plain non-blocking sockets and ``SSLSocket`` reads/writes in C: much less Python per
+    byte than asyncio's SSL protocol, which matters on a per-RPC path."""
+
+    _lock = threading.Lock()
+    _instance: _TunnelLoop | None = None
+    _users = 0
+
+    @classmethod
+    def acquire(cls) -> _TunnelLoop:
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = _TunnelLoop()
+            cls._users += 1
+            return cls._instance
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._users -= 1
+            if cls._users > 0 or cls._instance is None:
+                return
+            loop, cls._instance = cls._instance, None
+        loop.stop()
+
+    def __init__(self) -> None:
+        import selectors
+
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._calls: list[Callable[[], None]] = []
+        self._calls_lock = threading.Lock()
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="pymesh-tunnel", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the selector thread."""
+        with self._calls_lock:
+            self._calls.append(fn)
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def call_wait(self, fn: Callable[[], None], timeout: float = 5.0) -> None:
+        if threading.current_thread() is self._thread:
+            fn()
+            return
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        self.call(run)
+        done.wait(timeout)
+
+    def stop(self) -> None:
+        def halt() -> None:
+            self._running = False
+
+        self.call(halt)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    # -- the loop (selector thread only) -------------------------------------------------
+
+    def register(self, sock: socket.socket, events: int, data: Any) -> None:
+        try:
+            self._sel.modify(sock, events, data)
+        except KeyError:
+            self._sel.register(sock, events, data)
+
+    def unregister(self, sock: socket.socket) -> None:
+        try:
+            self._sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def _run(self) -> None:
+        import time
+
+        next_sweep = time.monotonic() + 1.0
+        while self._running:
+            try:
+                events = self._sel.select(1.0)
+            except OSError:
+                continue
+            for key, mask in events:
+                if key.data is None:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except OSError:
+                        pass
+                    with self._calls_lock:
+                        calls, self._calls = self._calls, []
+                    for fn in calls:
+                        try:
+                            fn()
+                        except Exception:
+                            _log.exception("tunnel loop call failed")
+                    continue
+                handler, arg = key.data
+                try:
+                    handler(arg, key.fileobj, mask)
+                except Exception:
+                    _log.exception("tunnel loop handler failed")
+            now = time.monotonic()
+            if now >= next_sweep:  # connect / handshake timeouts, once a second
+                next_sweep = now + 1.0
+                for key in list(self._sel.get_map().values()):
+                    if key.data is not None and isinstance(key.data[1], _Pipe):
+                        pipe = key.data[1]
+                        if pipe.state in ("connect", "handshake") and now > pipe.deadline:
+                            key.data[0].__self__.fail(pipe, TimeoutError("TLS connect timed out"))
+        for key in list(self._sel.get_map().values()):
+            obj = key.fileobj
+            if isinstance(obj, socket.socket):
+                obj.close()
+        self._sel.close()
+        self._wake_w.close()
+
+
+class TlsTunnel:
     """A Unix socket (``target`` for ``grpc.insecure_channel``) whose connections are
     forwarded over TLS to ``host:port`` with ``context`` (see the module doc).
 
     ``context()`` is called per connection: a :class:`~pymesh.security.MeshSSLContext`
     answers the current certificate. ``server_hostname`` is sent as SNI (``None``: none).
     """
-
-    name = "grpc TLS tunnel"
 
     def __init__(
         self,
@@ -300,47 +447,224 @@ class TlsTunnel(_Forwarder):
         server_hostname: str | None = None,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
-        super().__init__(max_connections)
         self.name = f"grpc TLS tunnel to {host}:{port}"
+        self.endpoint = (host, port)
+        self.stats = ForwardStats()
         self._host, self._port = host, port
         self._context = context
         self._sni = server_hostname
+        self._max = max_connections
+        self._pipes: set[_Pipe] = set()
+        self._closed = False
         self._dir = tempfile.mkdtemp(prefix="pymesh-grpc-")  # 0700
         self.path = os.path.join(self._dir, "tunnel.sock")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._server = _run(
-                self._loop,
-                self._loop.create_unix_server(lambda: _Link(self).down, self.path),
-            )
+            self._listener.bind(self.path)
+            self._listener.listen(128)
+            self._listener.setblocking(False)
         except BaseException:
-            super().close()
+            self._listener.close()
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
+        self._loop = _TunnelLoop.acquire()
+        import selectors
+
+        self._READ, self._WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+        self._loop.call(
+            lambda: self._loop.register(self._listener, self._READ, (self._accept, None))
+        )
 
     @property
     def target(self) -> str:
         """The grpcio target of the tunnel (``unix:PATH``)."""
         return f"unix:{self.path}"
 
-    async def connect(self, link: _Link, first: bytes | None) -> _Side:
-        up = _Side(link)
-        loop = asyncio.get_running_loop()
-        await asyncio.wait_for(
-            loop.create_connection(
-                lambda: up,
-                self._host,
-                self._port,
-                ssl=self._context(),
-                server_hostname=self._sni or "",
-                ssl_handshake_timeout=CONNECT_TIMEOUT,
-            ),
-            CONNECT_TIMEOUT,
-        )
-        self.stats.tls += 1
-        return up
+    # -- selector thread ----------------------------------------------------------------
+
+    def _accept(self, _: Any, sock: Any, mask: int) -> None:
+        import time
+
+        for _i in range(64):
+            try:
+                down, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self.stats.accepted += 1
+            if self._closed or len(self._pipes) >= self._max:
+                self.stats.refused += 1
+                down.close()
+                continue
+            down.setblocking(False)
+            try:
+                raw = socket.socket(
+                    socket.AF_INET6 if ":" in self._host else socket.AF_INET, socket.SOCK_STREAM
+                )
+                raw.setblocking(False)
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                try:
+                    raw.connect((self._host, self._port))
+                except BlockingIOError:
+                    pass
+                up = raw
+            except (OSError, ValueError) as exc:
+                down.close()
+                self.stats.refused += 1
+                self.stats.last_error = str(exc)
+                continue
+            pipe = _Pipe(down, up, time.monotonic() + CONNECT_TIMEOUT)
+            self._pipes.add(pipe)
+            self.stats.active = len(self._pipes)
+            self._loop.register(up, self._WRITE, (self._on_up, pipe))
+
+    def fail(self, pipe: _Pipe, exc: BaseException) -> None:
+        if pipe.state != "open":
+            self.stats.refused += 1
+            self.stats.last_error = str(exc) or type(exc).__name__
+            _log.warning("%s: connection refused: %s", self.name, self.stats.last_error)
+        self._drop(pipe)
+
+    def _drop(self, pipe: _Pipe) -> None:
+        for sock in (pipe.down, pipe.up):
+            self._loop.unregister(sock)
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self._pipes.discard(pipe)
+        self.stats.active = len(self._pipes)
+        pipe.state = "closed"
+
+    def _interest(self, pipe: _Pipe) -> None:
+        """Register both sockets for what they wait for now (open state)."""
+        # a side is read only while nothing from it waits to be written to the other side
+        if pipe.state != "open":
+            return
+        read, write = self._READ, self._WRITE
+        ev = (0 if pipe.out_down else read) | (write if pipe.out_up else 0)
+        if ev != pipe.ev_up:
+            pipe.ev_up = ev
+            if ev:
+                self._loop.register(pipe.up, ev, (self._on_up, pipe))
+            else:
+                self._loop.unregister(pipe.up)
+        ev = (0 if pipe.out_up else read) | (write if pipe.out_down else 0)
+        if ev != pipe.ev_down:
+            pipe.ev_down = ev
+            if ev:
+                self._loop.register(pipe.down, ev, (self._on_down, pipe))
+            else:
+                self._loop.unregister(pipe.down)
+
+    def _on_up(self, pipe: _Pipe, sock: Any, mask: int) -> None:
+        if pipe.state == "closed":
+            return
+        if pipe.state == "connect":
+            err = pipe.up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.fail(pipe, OSError(err, os.strerror(err)))
+                return
+            self._loop.unregister(pipe.up)
+            try:
+                pipe.up = self._context().wrap_socket(
+                    pipe.up, server_hostname=self._sni, do_handshake_on_connect=False
+                )
+            except (OSError, ValueError) as exc:
+                self.fail(pipe, exc)
+                return
+            pipe.state = "handshake"
+        if pipe.state == "handshake":
+            try:
+                pipe.up.do_handshake()
+            except ssl.SSLWantReadError:
+                self._loop.register(pipe.up, self._READ, (self._on_up, pipe))
+                return
+            except ssl.SSLWantWriteError:
+                self._loop.register(pipe.up, self._WRITE, (self._on_up, pipe))
+                return
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                self.fail(pipe, exc)
+                return
+            pipe.state = "open"
+            self.stats.tls += 1
+            self._interest(pipe)
+            return
+        try:
+            if mask & self._WRITE and pipe.out_up:
+                n = pipe.up.send(pipe.out_up)
+                pipe.out_up = pipe.out_up[n:]
+            if mask & self._READ and not pipe.out_down:
+                chunks: list[bytes] = []
+                while True:
+                    data = pipe.up.recv(262144)
+                    if not data:
+                        if not chunks:
+                            self._drop(pipe)
+                            return
+                        break
+                    chunks.append(data)
+                    if not pipe.up.pending():
+                        break
+                self._write_down(pipe, b"".join(chunks))
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            pass
+        except (ssl.SSLError, OSError, ValueError):
+            self._drop(pipe)
+            return
+        self._interest(pipe)
+
+    def _write_down(self, pipe: _Pipe, data: bytes) -> None:
+        try:
+            n = pipe.down.send(data)
+        except BlockingIOError:
+            n = 0
+        pipe.out_down = data[n:]
+
+    def _on_down(self, pipe: _Pipe, sock: Any, mask: int) -> None:
+        if pipe.state != "open":
+            return
+        try:
+            if mask & self._WRITE and pipe.out_down:
+                n = pipe.down.send(pipe.out_down)
+                pipe.out_down = pipe.out_down[n:]
+                if not pipe.out_down and pipe.up.pending():  # TLS data already decrypted
+                    self._on_up(pipe, None, self._READ)
+                    return
+            if mask & self._READ and not pipe.out_up:
+                data = pipe.down.recv(262144)
+                if not data:
+                    self._drop(pipe)
+                    return
+                try:
+                    n = pipe.up.send(data)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                    n = 0
+                pipe.out_up = data[n:]
+        except BlockingIOError:
+            pass
+        except (ssl.SSLError, OSError, ValueError):
+            self._drop(pipe)
+            return
+        self._interest(pipe)
+
+    # -- any thread ---------------------------------------------------------------------
 
     def close(self) -> None:
-        super().close()
+        """Stop accepting and close every tunnel connection."""
+        if self._closed:
+            return
+        self._closed = True
+
+        def stop() -> None:
+            self._loop.unregister(self._listener)
+            self._listener.close()
+            for pipe in list(self._pipes):
+                self._drop(pipe)
+
+        self._loop.call_wait(stop)
+        _TunnelLoop.release()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 

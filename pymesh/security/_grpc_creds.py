@@ -95,22 +95,34 @@ def channel_credentials(provider: CertificateProvider) -> grpc.ChannelCredential
 # --------------------------------------------------------------------------- mesh client
 
 
-def _tls_for_endpoint(runtime: Any, key: str) -> tuple[bool, UpstreamTlsContext | None]:
-    """(found, TLS settings) of endpoint ``key`` in the runtime's clusters: Envoy's rule
-    (the first ``transport_socket_matches`` entry matching the endpoint's
-    ``envoy.transport_socket_match`` metadata, else the cluster's transport socket)."""
-    clusters = runtime.clusters() if runtime is not None else {}
-    for cluster_rt in list(clusters.values()):
+def _tls_for_endpoint(mesh: Any, key: str) -> tuple[bool, UpstreamTlsContext | None]:
+    """(found, TLS settings) of endpoint ``key`` among the clusters of the mesh channel's
+    target (``mesh``: its ``MeshTarget``, with ``runtime`` and ``handle``). Per cluster,
+    Envoy's rule: the first ``transport_socket_matches`` entry matching the endpoint's
+    ``envoy.transport_socket_match`` metadata, else the cluster's transport socket. An
+    endpoint in several of the target's clusters with different settings gets TLS if any
+    of them demands it (never a downgrade)."""
+    if mesh is None:
+        return False, None
+    snapshot = mesh.handle.current()
+    names = set(snapshot.clusters) if snapshot is not None else None
+    found = False
+    for name, cluster_rt in list(mesh.runtime.clusters().items()):
+        if names is not None and name not in names:
+            continue
         host = cluster_rt.hosts.get(key)
         if host is None:
             continue
+        found = True
         cluster = cluster_rt.config.cluster
-        if not cluster.transport_socket_matches:
-            return True, cluster.tls
-        metadata = host.metadata if isinstance(host.metadata, Mapping) else {}
-        match = metadata.get("envoy.transport_socket_match", {})
-        return True, cluster.tls_for(match if isinstance(match, Mapping) else {})
-    return False, None
+        tls = cluster.tls
+        if cluster.transport_socket_matches:
+            metadata = host.metadata if isinstance(host.metadata, Mapping) else {}
+            match = metadata.get("envoy.transport_socket_match", {})
+            tls = cluster.tls_for(match if isinstance(match, Mapping) else {})
+        if tls is not None:
+            return True, tls
+    return found, None
 
 
 class MeshChannelCredentials(grpc.ChannelCredentials):
@@ -157,10 +169,11 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
     # -- what the mesh channels call (once per endpoint) ---------------------------------
 
     def open_subchannel(
-        self, key: str, options: Sequence[tuple[str, Any]], compression: Any, runtime: Any
+        self, key: str, options: Sequence[tuple[str, Any]], compression: Any, mesh: Any
     ) -> grpc.Channel:
-        """The grpcio channel for endpoint ``key`` (``HOST:PORT``) of a sync mesh channel."""
-        target = self._target_for(key, runtime)
+        """The grpcio channel for endpoint ``key`` (``HOST:PORT``) of a sync mesh channel
+        (``mesh``: its target state; ``None``: not from xDS, use the explicit settings)."""
+        target = self._target_for(key, mesh)
         return grpc.insecure_channel(target, options, compression)
 
     def open_aio_subchannel(
@@ -169,10 +182,10 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
         options: Sequence[tuple[str, Any]],
         compression: Any,
         interceptors: Any,
-        runtime: Any,
+        mesh: Any,
     ) -> grpc.aio.Channel:
         """As :meth:`open_subchannel` for ``grpc.aio``."""
-        target = self._target_for(key, runtime)
+        target = self._target_for(key, mesh)
         return grpc.aio.insecure_channel(target, options, compression, interceptors)
 
     def tunnel_for(self, key: str, tls: UpstreamTlsContext | None = None) -> TlsTunnel:
@@ -190,8 +203,8 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
             self._tunnels.append(tunnel)
         return tunnel
 
-    def _target_for(self, key: str, runtime: Any) -> str:
-        found, tls = _tls_for_endpoint(runtime, key)
+    def _target_for(self, key: str, mesh: Any) -> str:
+        found, tls = _tls_for_endpoint(mesh, key)
         if tls is None and found and not self._always_tls:
             return key  # CDS says plaintext for this endpoint (grpcio dials it directly)
         if tls is None and self._provider is None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
+import textwrap
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -16,6 +18,9 @@ import grpc
 import grpc.aio
 import pytest
 
+import pymesh.grpc
+from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
+from pymesh.controlplane import ControlPlane
 from pymesh.controlplane.ca import CertificateAuthority
 from pymesh.model.matcher import StringMatcher
 from pymesh.security import (
@@ -25,6 +30,7 @@ from pymesh.security import (
     server_credentials,
 )
 from pymesh.security._pki import cert_pem, key_from_pem
+from pymesh.xds.client import XdsClient
 from tests.unit.security.pki_helpers import ca_bundle, new_root, raw_bundle, spiffe
 
 SERVER = spiffe("default", "server")
@@ -201,3 +207,70 @@ def test_aio_right_identity_and_wrong_san(ca: CertificateAuthority, server: Serv
     finally:
         good.close()
         bad.close()
+
+
+def _mesh_yaml(port: int) -> str:
+    docs = []
+    for host, sa in (("good", "server"), ("bad", "someone-else")):
+        docs.append(
+            textwrap.dedent(
+                f"""\
+                apiVersion: networking.istio.io/v1
+                kind: ServiceEntry
+                metadata: {{name: {host}, namespace: default}}
+                spec:
+                  hosts: [{host}.default.svc.cluster.local]
+                  location: MESH_INTERNAL
+                  resolution: STATIC
+                  ports: [{{number: 7070, name: grpc, protocol: GRPC}}]
+                  endpoints:
+                  - {{address: 127.0.0.1, ports: {{grpc: {port}}}, serviceAccount: {sa}}}
+                ---
+                apiVersion: networking.istio.io/v1
+                kind: DestinationRule
+                metadata: {{name: {host}, namespace: default}}
+                spec:
+                  host: {host}.default.svc.cluster.local
+                  trafficPolicy: {{tls: {{mode: ISTIO_MUTUAL}}}}
+                """
+            )
+        )
+    return "---\n".join(docs)
+
+
+def test_mesh_channel_takes_tls_and_sans_from_cds(
+    ca: CertificateAuthority, server: Server, tmp_path: Path
+) -> None:
+    """``pymesh.grpc.secure_channel`` with ``MeshChannelCredentials``: the cluster's
+    ISTIO_MUTUAL context (bootstrap ``default`` file_watcher, SANs from the endpoints'
+    service account) decides; a service whose endpoints claim another identity is refused."""
+    bundle = ca_bundle(ca, "default", "client")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "cert-chain.pem").write_bytes(bundle.chain_pem)
+    (certs / "key.pem").write_bytes(bundle.key_pem)
+    (certs / "root-cert.pem").write_bytes(bundle.roots_pem)
+    (tmp_path / "mesh").mkdir()
+    (tmp_path / "mesh" / "mesh.yaml").write_text(_mesh_yaml(server.port))
+    with ControlPlane([tmp_path / "mesh"], xds_address="127.0.0.1:0", admin_port=None) as cp:
+        data = generate_bootstrap(xds_address=cp.address, namespace="default", cert_dir=str(certs))
+        xds = XdsClient(parse_bootstrap(json.dumps(data), source="test"))
+        creds = MeshChannelCredentials(bootstrap=xds.bootstrap)
+        good = pymesh.grpc.secure_channel(
+            "xds:///good.default.svc.cluster.local:7070", creds, xds_client=xds
+        )
+        bad = pymesh.grpc.secure_channel(
+            "xds:///bad.default.svc.cluster.local:7070", creds, xds_client=xds
+        )
+        try:
+            assert good.unary_unary("/t.Who/Am")(b"", timeout=15) == CLIENT.encode()
+            with pytest.raises(grpc.RpcError) as err:
+                bad.unary_unary("/t.Who/Am")(b"", timeout=15)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert creds.refused() >= 1
+            assert "match none" in creds.tunnels[-1].stats.last_error
+        finally:
+            good.close()
+            bad.close()
+            creds.close()
+            xds.close()

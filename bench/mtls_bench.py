@@ -1,0 +1,326 @@
+"""Benchmark: what mTLS costs the pymesh adapters, side by side with plaintext.
+
+Run: ``PYTHONPATH=. /work/venv/bin/python bench/mtls_bench.py [--rounds 5] [--requests 500]``
+
+One embedded control plane (with the embedded CA's certificates in ``file_watcher`` files)
+configures servers in a subprocess (their CPU is not the client's) and clients here:
+
+- HTTP: ``pymesh.httpx.Client`` -> uvicorn behind ``pymesh.asgi`` (``MeshServer``), one
+  service with PeerAuthentication DISABLE + DestinationRule DISABLE (``plain``) and one with
+  STRICT + ISTIO_MUTUAL (``mtls``: the client verifies the server's SPIFFE SAN);
+- gRPC: ``pymesh.grpc`` channel -> ``pymesh.grpc`` server, DISABLE (``plain``) vs STRICT +
+  ISTIO_MUTUAL (``mtls``: ``MeshChannelCredentials``, grpcio -> private tunnel -> TLS; the
+  server terminates TLS in grpcio), and the PERMISSIVE front (``add_permissive_port``): a
+  plaintext client through the front (``front-plain``) and an mTLS one (``front-mtls``).
+
+Steady state: sequential requests on pooled connections, rounds interleaved (plain, mtls,
+..., plain, ...) so machine noise hits every arm alike; per arm the median over rounds of the
+per-request latency (wall) and of the client CPU per request (``time.process_time``), and
+the ratios to plaintext (target: mTLS within 15%). Handshake: a new connection per request
+(HTTP: ``Connection: close``; gRPC: a new grpcio channel per call to the endpoint, or to the
+tunnel for mTLS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SERVERS = textwrap.dedent(
+    """
+    import json, sys
+    from concurrent import futures
+    import grpc
+    import pymesh.asgi, pymesh.grpc
+    from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
+    from pymesh.grpc._server import mesh_server_credentials
+    from pymesh.xds.client import XdsClient
+
+    xds, certs = sys.argv[1], sys.argv[2]
+    def client(app):
+        data = generate_bootstrap(xds_address=xds, namespace="default", labels={"app": app},
+                                  service_account="echo", ip="127.0.0.1", cert_dir=certs)
+        return XdsClient(parse_bootstrap(json.dumps(data), source=app))
+
+    async def hello(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def who(request, context):
+        return b"ok"
+    handlers = [grpc.method_handlers_generic_handler(
+        "echo.Echo", {"Who": grpc.unary_unary_rpc_method_handler(who)})]
+    ports, servers, https = {}, [], []
+    for app in ("hp", "hm"):
+        s = pymesh.asgi.MeshServer(hello, host="127.0.0.1", port=0, xds_client=client(app))
+        https.append(s.start())
+        ports[app] = s.port
+    for app in ("gp", "gm", "gx"):
+        xc = client(app)
+        s = pymesh.grpc.server(futures.ThreadPoolExecutor(8), handlers=handlers, xds_client=xc)
+        if app == "gp":
+            ports[app] = s.add_insecure_port("127.0.0.1:0")
+        elif app == "gm":
+            ports[app] = s.add_secure_port("127.0.0.1:0", mesh_server_credentials(xds_client=xc))
+        else:
+            ports[app] = s.add_permissive_port(
+                "127.0.0.1:0", mesh_server_credentials(xds_client=xc))
+        s.start()
+        servers.append(s)
+    print(json.dumps(ports), flush=True)
+    for s in https:
+        s.wait_for_serving(30)
+    for s in servers:
+        s.wait_for_serving(30)
+    print("serving", flush=True)
+    sys.stdin.read()
+    for s in servers:
+        s.stop(None)
+    for s in https:
+        s.stop()
+    """
+)
+
+# app label -> (service host, port name/protocol, PeerAuthentication, DestinationRule tls)
+SERVICES = {
+    "hp": ("hp", "http", "HTTP", "DISABLE", "DISABLE"),
+    "hm": ("hm", "http", "HTTP", "STRICT", "ISTIO_MUTUAL"),
+    "gp": ("gp", "grpc", "GRPC", "DISABLE", "DISABLE"),
+    "gm": ("gm", "grpc", "GRPC", "STRICT", "ISTIO_MUTUAL"),
+    "gx": ("gx", "grpc", "GRPC", "PERMISSIVE", "DISABLE"),
+    "gy": ("gx", "grpc", "GRPC", "PERMISSIVE", "ISTIO_MUTUAL"),  # the same server, via mTLS
+}
+SVC_PORT = 7070
+
+
+def mesh_yaml(ports: dict[str, int]) -> str:
+    docs = []
+    for app, (server_app, pname, proto, mode, dr) in SERVICES.items():
+        host = f"{app}.default.svc.cluster.local"
+        docs.append(
+            f"""apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {app}, namespace: default}}
+spec:
+  hosts: [{host}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: {SVC_PORT}, name: {pname}, protocol: {proto}}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{{pname}: {ports[server_app]}}}, serviceAccount: echo}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {app}, namespace: default}}
+spec:
+  host: {host}
+  trafficPolicy: {{tls: {{mode: {dr}}}}}
+"""
+        )
+        if app == server_app:
+            docs.append(
+                f"""apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: {app}, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: {app}}}}}
+  mtls: {{mode: {mode}}}
+"""
+            )
+    return "---\n".join(docs)
+
+
+def _round(call: Callable[[], Any], n: int) -> tuple[float, float]:
+    """(median wall seconds per request, client CPU seconds per request)."""
+    lats = []
+    cpu0 = time.process_time()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call()
+        lats.append(time.perf_counter() - t0)
+    return statistics.median(lats), (time.process_time() - cpu0) / n
+
+
+def run_rounds(
+    arms: dict[str, Callable[[], Any]], rounds: int, n: int
+) -> dict[str, tuple[float, float]]:
+    for call in arms.values():  # warm up: config, connections, caches
+        for _ in range(min(50, n)):
+            call()
+    walls: dict[str, list[float]] = {a: [] for a in arms}
+    cpus: dict[str, list[float]] = {a: [] for a in arms}
+    for _ in range(rounds):
+        for arm, call in arms.items():
+            wall, cpu = _round(call, n)
+            walls[arm].append(wall)
+            cpus[arm].append(cpu)
+    return {a: (statistics.median(walls[a]), statistics.median(cpus[a])) for a in arms}
+
+
+def report(title: str, results: dict[str, tuple[float, float]], base: str) -> None:
+    print(f"\n{title}")
+    print(f"  {'arm':<14}{'latency p50':>14}{'client CPU/req':>16}{'latency ratio':>15}")
+    b = results[base][0]
+    for arm, (wall, cpu) in results.items():
+        print(f"  {arm:<14}{wall * 1e6:>11.0f} us{cpu * 1e6:>13.0f} us{wall / b:>14.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--handshakes", type=int, default=60)
+    args = parser.parse_args()
+
+    import grpc
+    import httpx
+
+    import pymesh.grpc
+    import pymesh.httpx
+    from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
+    from pymesh.controlplane import ControlPlane
+    from pymesh.controlplane.ca import CertificateAuthority
+    from pymesh.security import MeshChannelCredentials, SpiffeId, build_csr, split_chain
+    from pymesh.security._pki import cert_pem, generate_key, key_pem
+    from pymesh.xds.client import XdsClient
+
+    tmp = Path(tempfile.mkdtemp(prefix="mtls-bench-"))
+    ca = CertificateAuthority(tmp / "ca")
+
+    def certs(sa: str) -> str:
+        key = generate_key()
+        csr = build_csr(key, SpiffeId("cluster.local", "default", sa)).decode()
+        token = ca.create_token("default", sa)
+        chain, roots = split_chain(
+            ca.create_certificate(csr, 3600, {"authorization": f"Bearer {token}"})
+        )
+        d = tmp / sa
+        d.mkdir()
+        (d / "cert-chain.pem").write_bytes(cert_pem(chain))
+        (d / "key.pem").write_bytes(key_pem(key))
+        (d / "root-cert.pem").write_bytes(cert_pem(roots))
+        return str(d)
+
+    server_certs, client_certs = certs("echo"), certs("client")
+    (tmp / "mesh").mkdir()
+    cp = ControlPlane(
+        [tmp / "mesh"], xds_address="127.0.0.1:0", admin_port=None, ca=False, poll_interval=0.1
+    ).start()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVERS, cp.address, server_certs],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert server.stdout is not None and server.stdin is not None
+    ports = json.loads(server.stdout.readline())
+    (tmp / "mesh" / "mesh.yaml").write_text(mesh_yaml(ports))
+    assert server.stdout.readline().strip() == "serving"
+    data = generate_bootstrap(
+        xds_address=cp.address, namespace="default", labels={"app": "bench"}, cert_dir=client_certs
+    )
+    xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
+    creds = MeshChannelCredentials(bootstrap=xds.bootstrap)
+    closers: list[Callable[[], Any]] = []
+    try:
+        print(
+            f"mTLS vs plaintext, {args.rounds} interleaved rounds x {args.requests} sequential "
+            f"requests (medians); handshakes: {args.handshakes} new connections per arm"
+        )
+        # ---- HTTP
+        http = pymesh.httpx.Client(xds_client=xds, mesh_wait=15)
+        closers.append(http.close)
+        url = f"http://{{}}.default.svc.cluster.local:{SVC_PORT}/"
+        for app in ("hp", "hm"):
+            assert http.get(url.format(app)).status_code == 200, app
+        res = run_rounds(
+            {
+                "plain": lambda: http.get(url.format("hp")),
+                "mtls": lambda: http.get(url.format("hm")),
+            },
+            args.rounds,
+            args.requests,
+        )
+        report("HTTP steady state: pymesh.httpx -> uvicorn + pymesh.asgi", res, "plain")
+        close = {"connection": "close"}
+        res = run_rounds(
+            {
+                "plain": lambda: http.get(url.format("hp"), headers=close),
+                "mtls": lambda: http.get(url.format("hm"), headers=close),
+            },
+            3,
+            args.handshakes,
+        )
+        report("HTTP new connection per request (Connection: close)", res, "plain")
+
+        # ---- gRPC
+        target = f"xds:///{{}}.default.svc.cluster.local:{SVC_PORT}"
+        channels = {
+            "plain": pymesh.grpc.insecure_channel(target.format("gp"), xds_client=xds),
+            "mtls": pymesh.grpc.secure_channel(target.format("gm"), creds, xds_client=xds),
+            "front-plain": pymesh.grpc.insecure_channel(target.format("gx"), xds_client=xds),
+            "front-mtls": pymesh.grpc.secure_channel(target.format("gy"), creds, xds_client=xds),
+        }
+        for ch in channels.values():
+            closers.append(ch.close)
+        calls = {a: ch.unary_unary("/echo.Echo/Who") for a, ch in channels.items()}
+        for arm, call in calls.items():
+            assert call(b"x", timeout=20) == b"ok", arm
+        res = run_rounds(
+            {a: (lambda c=c: c(b"x", timeout=10)) for a, c in calls.items()},
+            args.rounds,
+            args.requests,
+        )
+        report("gRPC steady state: pymesh.grpc channel -> pymesh.grpc server", res, "plain")
+
+        endpoint_plain = f"127.0.0.1:{ports['gp']}"
+        # the tunnel the mTLS channel opened (CDS TLS settings): a new connection per call
+        tunnel = next(t for t in creds.tunnels if t.endpoint[1] == ports["gm"])
+
+        def fresh(target: str) -> None:
+            with grpc.insecure_channel(target, [("grpc.use_local_subchannel_pool", 1)]) as ch:
+                ch.unary_unary("/echo.Echo/Who")(b"x", timeout=10)
+
+        res = run_rounds(
+            {
+                "plain": lambda: fresh(endpoint_plain),
+                "mtls": lambda: fresh(tunnel.target),
+            },
+            3,
+            args.handshakes,
+        )
+        report(
+            "gRPC new connection per call (grpcio channel to the endpoint / tunnel)", res, "plain"
+        )
+        print(
+            f"\ntunnels: {len(creds.tunnels)}, connections refused: {creds.refused()}; "
+            "httpx version",
+            httpx.__version__,
+        )
+    finally:
+        for close in closers:
+            close()
+        creds.close()
+        xds.close()
+        server.stdin.close()
+        server.wait(20)
+        cp.stop()
+
+
+if __name__ == "__main__":
+    main()
