@@ -414,7 +414,7 @@ class MeshChannel(grpc.Channel):
             if credentials is None:
                 return grpc.insecure_channel(key, opts, compression)
             if mesh_open is not None:
-                return mesh_open(key, opts, compression, self._mesh.runtime)  # type: ignore[no-any-return]
+                return mesh_open(key, opts, compression, self._mesh)  # type: ignore[no-any-return]
             return grpc.secure_channel(key, credentials, opts, compression)
 
         self._pool: SubchannelPool[grpc.Channel] = SubchannelPool(open_channel, lambda c: c.close())
