@@ -153,7 +153,7 @@ class AioMeshChannel(grpc.aio.Channel):
             if credentials is None:
                 return grpc.aio.insecure_channel(key, opts, compression, interceptors)
             if mesh_open is not None:
-                return mesh_open(key, opts, compression, interceptors, self._mesh.runtime)  # type: ignore[no-any-return]
+                return mesh_open(key, opts, compression, interceptors, self._mesh)  # type: ignore[no-any-return]
             return grpc.aio.secure_channel(key, credentials, opts, compression, interceptors)
 
         def close_channel(channel: grpc.aio.Channel) -> None:
