@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from examples.bookinfo.launcher import (
-    NETWORKING_DIR,
     Bookinfo,
     BookinfoError,
     ConfigLayers,
     _get_json,
     apply_layers,
     resolve_scenario,
+    scenario_names,
 )
 
 STATE_FILE = "state.json"
@@ -194,8 +194,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_scenarios(args: argparse.Namespace) -> int:
-    for path in sorted(NETWORKING_DIR.glob("*.yaml")):
-        print(path.stem)
+    for name in scenario_names():
+        print(name)
     return 0
 
 

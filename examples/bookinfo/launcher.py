@@ -40,12 +40,15 @@ __all__ = [
     "ConfigLayers",
     "ServiceProc",
     "resolve_scenario",
+    "scenario_names",
 ]
 
 EXAMPLE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = EXAMPLE_DIR.parent.parent
 MESH_DIR = EXAMPLE_DIR / "mesh"
 NETWORKING_DIR = MESH_DIR / "networking"
+SCENARIOS_DIR = MESH_DIR / "scenarios"
+"""Scenarios of Istio's task pages that are not among the networking samples (pymesh's)."""
 BASE_CONFIG = MESH_DIR / "bookinfo.yaml"
 
 SERVICES: tuple[tuple[str, str], ...] = (
@@ -77,19 +80,26 @@ class BookinfoError(Exception):
 
 def resolve_scenario(name_or_path: str | Path) -> tuple[str, Path]:
     """``(layer name, file)`` of a scenario: a path to a YAML file, or a name of Istio's
-    networking samples with or without its ``virtual-service-`` / ``destination-rule-``
-    prefix and ``.yaml`` suffix (``reviews-50-v3`` is ``virtual-service-reviews-50-v3.yaml``)."""
+    networking samples (``mesh/networking/``, then the task scenarios of ``mesh/scenarios/``)
+    with or without its ``virtual-service-`` / ``destination-rule-`` prefix and ``.yaml``
+    suffix (``reviews-50-v3`` is ``virtual-service-reviews-50-v3.yaml``)."""
     text = str(name_or_path)
     path = Path(text)
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
         return path.stem, path
     stem = text.removesuffix(".yaml").removesuffix(".yml")
-    for candidate in (stem, f"virtual-service-{stem}", f"destination-rule-{stem}"):
-        found = NETWORKING_DIR / f"{candidate}.yaml"
-        if found.is_file():
-            return candidate, found
-    known = ", ".join(sorted(p.stem for p in NETWORKING_DIR.glob("*.yaml")))
+    for directory in (NETWORKING_DIR, SCENARIOS_DIR):
+        for candidate in (stem, f"virtual-service-{stem}", f"destination-rule-{stem}"):
+            found = directory / f"{candidate}.yaml"
+            if found.is_file():
+                return candidate, found
+    known = ", ".join(scenario_names())
     raise BookinfoError(f"unknown scenario {text!r}: give a YAML file or one of: {known}")
+
+
+def scenario_names() -> list[str]:
+    """Every scenario name :func:`resolve_scenario` knows (file stems)."""
+    return sorted(p.stem for d in (NETWORKING_DIR, SCENARIOS_DIR) for p in d.glob("*.yaml"))
 
 
 _SEPARATOR = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
@@ -568,6 +578,17 @@ class Bookinfo:
                 launch=launch,
             )
 
+    def ensure_running(self, timeout: float = 60.0) -> list[str]:
+        """Start every workload process that is not running (a test stopped or killed it)
+        and wait until all are connected and the product page works again; returns the
+        names restarted."""
+        restarted = [name for name in _START_ORDER if not self.services[name].running]
+        for name in restarted:
+            self.services[name].start()
+        if restarted:
+            self._wait_ready(time.monotonic() + timeout)
+        return restarted
+
     def _wait_ready(self, deadline: float) -> None:
         import httpx
 
@@ -635,9 +656,10 @@ class Bookinfo:
             raise BookinfoError(f"bad layer name {name!r}")
         return apply_layers(self.layers, self.admin_url, [(name, text)], (), timeout)
 
-    def remove(self, *names: str, timeout: float = 30.0) -> int:
+    def remove(self, *names: str, timeout: float = 30.0, missing_ok: bool = True) -> int | None:
         """Remove applied layers (by the name :meth:`apply` used: ``reviews-50-v3`` is the
-        layer ``virtual-service-reviews-50-v3``; either form works)."""
+        layer ``virtual-service-reviews-50-v3``; either form works). Names not applied are
+        skipped (``missing_ok=False``: an error); ``None`` when nothing was removed."""
         known = set(self.layers.names())
         resolved = []
         for name in names:
@@ -647,7 +669,10 @@ class Bookinfo:
                     resolved.append(candidate)
                     break
             else:
-                resolved.append(stem)
+                if not missing_ok:
+                    raise BookinfoError(f"not applied: {name} (applied: {', '.join(known)})")
+        if not resolved:
+            return None
         return apply_layers(self.layers, self.admin_url, (), resolved, timeout)
 
     def reset(self, timeout: float = 30.0) -> int | None:

@@ -14,21 +14,25 @@ with Bookinfo(tmp_path) as bookinfo:          # control plane, CA, six workload 
 from examples.bookinfo.launcher import (
     MESH_DIR,
     NETWORKING_DIR,
+    SCENARIOS_DIR,
     SERVICES,
     Bookinfo,
     BookinfoError,
     ConfigLayers,
     ServiceProc,
     resolve_scenario,
+    scenario_names,
 )
 
 __all__ = [
     "MESH_DIR",
     "NETWORKING_DIR",
+    "SCENARIOS_DIR",
     "SERVICES",
     "Bookinfo",
     "BookinfoError",
     "ConfigLayers",
     "ServiceProc",
     "resolve_scenario",
+    "scenario_names",
 ]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pymesh.asgi
+import pymesh.grpc
 import pymesh.grpc.aio
 from examples.bookinfo.services import details, productpage, ratings, reviews
 from examples.bookinfo.services._common import IdentityAgent, Stats, counted, run_until_signalled
@@ -47,7 +48,11 @@ class GrpcThread:
     async def _start(self) -> None:
         self.server = pymesh.grpc.aio.server()
         self.server.add_generic_rpc_handlers((ratings.grpc_handlers(self.store, self.stats),))
-        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        # PERMISSIVE on one port (mTLS and plaintext told apart by the first byte), as the
+        # ASGI server does: the listener from PeerAuthentication decides what is admitted
+        self.server.add_permissive_port(
+            f"127.0.0.1:{self.port}", pymesh.grpc.mesh_server_credentials()
+        )
         await self.server.start()
 
     def stop(self) -> None:

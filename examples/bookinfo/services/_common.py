@@ -140,15 +140,18 @@ class Stats:
         self.total = 0
         self.by_path: Counter[str] = Counter()
         self.by_status: Counter[int] = Counter()
+        self.last_headers: dict[str, str] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def count(self, path: str, status: int) -> None:
+    def count(self, path: str, status: int, headers: Mapping[str, str] | None = None) -> None:
         with self._lock:
             self.total += 1
             self.by_path[path] += 1
             self.by_status[status] += 1
+            if headers is not None:
+                self.last_headers = forward_headers(headers)
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
@@ -159,6 +162,7 @@ class Stats:
                 "requests": self.total,
                 "paths": dict(self.by_path),
                 "statuses": {str(k): v for k, v in self.by_status.items()},
+                "last_headers": dict(self.last_headers),
             }
 
     def write(self) -> None:
@@ -209,7 +213,10 @@ def counted(app: Callable[[Scope, Receive, Send], Awaitable[None]], stats: Stats
         try:
             await app(scope, receive, counting_send)
         finally:
-            stats.count(scope["path"], status[0])
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+            }
+            stats.count(scope["path"], status[0], headers)
 
     return wrapper
 
@@ -221,6 +228,8 @@ class IdentityAgent:
         self, ca_address: str, identity: SpiffeId, token_file: Path, cert_dir: Path, ttl: float
     ) -> None:
         self.cert_dir = cert_dir
+        self._lock = threading.Lock()
+        self._written: CertificateBundle | None = None
         cert_dir.mkdir(parents=True, exist_ok=True)
         self.provider = CaClientProvider(ca_address, identity, token=token_file, ttl=ttl)
         self.provider.subscribe(self._write)
@@ -230,17 +239,22 @@ class IdentityAgent:
         self._write(bundle)
 
     def _write(self, bundle: CertificateBundle) -> None:
-        # key first, then the chain: the file watcher skips a chain that does not match its key
-        for name, data in (
-            ("key.pem", bundle.key_pem),
-            ("root-cert.pem", bundle.roots_pem),
-            ("cert-chain.pem", bundle.chain_pem),
-        ):
-            tmp = self.cert_dir / f".{name}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.cert_dir / name)
+        # the subscriber (renewals) and start() may both write: once per bundle, one at a time
+        with self._lock:
+            if self._written is bundle:
+                return
+            # key first, then the chain: the file watcher skips a chain not matching its key
+            for name, data in (
+                ("key.pem", bundle.key_pem),
+                ("root-cert.pem", bundle.roots_pem),
+                ("cert-chain.pem", bundle.chain_pem),
+            ):
+                tmp = self.cert_dir / f".{name}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, self.cert_dir / name)
+            self._written = bundle
 
     def close(self) -> None:
         self.provider.close()

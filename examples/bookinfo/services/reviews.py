@@ -29,6 +29,7 @@ from examples.bookinfo.services._common import (
     forward_headers,
     json_response,
 )
+from pymesh.security import mesh_channel_credentials
 
 __all__ = ["RATINGS_GRPC_TARGET", "RATINGS_URL", "Reviews", "reviews_json"]
 
@@ -81,12 +82,14 @@ class Reviews:
         self.clustername = os.environ.get("CLUSTER_NAME") or "null"
         self._http: httpx.AsyncClient | None = None
         self._channel: Any = None
+        self._credentials: Any = None
 
     async def close(self) -> None:
         if self._http is not None:
             await self._http.aclose()
         if self._channel is not None:
             await self._channel.close()
+            self._credentials.close()
 
     async def ratings(self, product_id: int, headers: dict[str, str]) -> dict[str, Any] | None:
         """The ratings of ``product_id``, or ``None`` when the call failed (any reason)."""
@@ -115,7 +118,10 @@ class Reviews:
         self, product_id: int, headers: dict[str, str]
     ) -> dict[str, Any] | None:
         if self._channel is None:
-            self._channel = pymesh.grpc.aio.insecure_channel(RATINGS_GRPC_TARGET)
+            # per endpoint, the cluster's TLS (DestinationRule ISTIO_MUTUAL) decides: mTLS
+            # with the server's SPIFFE identity checked, or plaintext
+            self._credentials = mesh_channel_credentials()
+            self._channel = pymesh.grpc.aio.secure_channel(RATINGS_GRPC_TARGET, self._credentials)
         call = self._channel.unary_unary(
             ratings_pb.GET_RATINGS,
             request_serializer=ratings_pb.GetRatingsRequest.SerializeToString,

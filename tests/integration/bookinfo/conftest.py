@@ -1,15 +1,16 @@
-"""Fixtures for the Bookinfo end-to-end tests: one running Bookinfo per test module.
+"""Fixtures for the Bookinfo end-to-end tests: one running Bookinfo for the whole session.
 
 ``bookinfo`` is :class:`examples.bookinfo.mesh.Bookinfo` (control plane with its CA, six
-workload processes, mTLS on: Istio's destination-rule-all-mtls.yaml). Each test leaves the
-mesh as it found it: ``fresh_config`` (autouse) removes every layer a test applied.
-``user`` makes logged-in or anonymous :class:`examples.bookinfo.client.User` clients.
+workload processes, mTLS on: Istio's destination-rule-all-mtls.yaml), started once (about
+5 s) and shared by every Bookinfo test module. Each test leaves it as it found it:
+``fresh_bookinfo`` (autouse) removes every config layer the test applied and restarts any
+workload the test stopped. ``user`` makes logged-in or anonymous
+:class:`examples.bookinfo.client.User` clients (closed after the test).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,21 +18,21 @@ from examples.bookinfo.client import User
 from examples.bookinfo.mesh import Bookinfo
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bookinfo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bookinfo]:
-    workdir: Path = tmp_path_factory.mktemp("bookinfo")
-    with Bookinfo(workdir) as mesh:
+    with Bookinfo(tmp_path_factory.mktemp("bookinfo")) as mesh:
         yield mesh
 
 
 @pytest.fixture(autouse=True)
-def fresh_config(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After a test that used ``bookinfo``, remove the scenarios it applied."""
+def fresh_bookinfo(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used ``bookinfo``: back to the start config, every workload up."""
     yield
     if "bookinfo" in request.fixturenames:
         mesh: Bookinfo = request.getfixturevalue("bookinfo")
         if mesh.control_plane is not None:
             mesh.reset()
+            mesh.ensure_running()
 
 
 @pytest.fixture

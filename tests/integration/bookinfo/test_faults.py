@@ -1,0 +1,42 @@
+"""Istio's fault-injection task on Bookinfo (all-v1 + reviews-test-v2 first, as the task does):
+
+- ratings delay 7 s for jason: reviews v2 waits for ratings (its timeout is 10 s), productpage
+  gives up after 3 s and tries once more, so jason's page comes after about 6 s with
+  "Sorry, product reviews are currently unavailable for this book.";
+- ratings abort 500 for jason: the page comes at once, reviews v2 shows "Ratings service is
+  currently unavailable" instead of the stars.
+
+Other users are not affected (they get reviews v1, which never calls ratings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from examples.bookinfo.client import RATINGS_UNAVAILABLE, REVIEWS_ERROR, User
+from examples.bookinfo.mesh import Bookinfo
+
+
+def test_ratings_delay_for_jason(bookinfo: Bookinfo, user: Callable[[str | None], User]) -> None:
+    bookinfo.apply("all-v1", "reviews-test-v2", "ratings-test-delay")
+    jason, anonymous = user("jason"), user(None)
+    page = jason.page()
+    assert page.status == 200
+    assert 5.5 <= page.elapsed <= 7.5, page.elapsed  # 2 x productpage's 3 s timeout
+    assert not page.reviews_ok
+    assert page.errors == (REVIEWS_ERROR,)
+    assert page.details_ok  # details is not affected
+    fast = anonymous.page()
+    assert fast.elapsed < 2.0 and fast.reviews_ok and fast.stars == ()
+
+
+def test_ratings_abort_for_jason(bookinfo: Bookinfo, user: Callable[[str | None], User]) -> None:
+    bookinfo.apply("all-v1", "reviews-test-v2", "ratings-test-abort")
+    jason = user("jason")
+    for page in jason.pages(3):
+        assert page.status == 200 and page.reviews_ok
+        assert page.elapsed < 2.0
+        assert page.stars == ()
+        assert page.rating_errors == (RATINGS_UNAVAILABLE, RATINGS_UNAVAILABLE)
+    bookinfo.remove("ratings-test-abort")
+    assert jason.page().star_colors == {"black"}
