@@ -7,10 +7,14 @@ route), round-robin LB, a retry policy, circuit-breaker limits and outlier detec
 
 Rounds are interleaved (plain, pymesh, plain, pymesh, ...) so both see the same machine
 noise; the table reports medians over rounds of throughput, of per-request latency
-percentiles and of the client thread's CPU time per request (``time.thread_time``: the
-least noisy measure of what pymesh adds on a shared machine), and the ratios.
+percentiles (p50/p90/p99), of the client thread's CPU time per request
+(``time.thread_time``: the least noisy measure of what pymesh adds on a shared machine) and
+of the whole client process's CPU per request read from ``/proc/self/task/*/schedstat``
+(every thread: the event loop, the xDS client, ...), and the ratios. Three shapes: sync
+sequential, and async with 16 and 64 requests in flight on one client (``--concurrency``).
 
-    python bench/httpx_bench.py [--requests 2000] [--rounds 7] [--concurrency 16]
+    python bench/httpx_bench.py [--requests 2000] [--rounds 7] [--concurrency 16,64]
+        [--json results.json]
 """
 
 from __future__ import annotations
@@ -128,14 +132,28 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-Round = tuple[float, list[float], float]
-"""(requests per second, per-request latencies in s, client-thread CPU s per request)"""
+Round = tuple[float, list[float], float, float]
+"""(requests per second, per-request latencies in s, client-thread CPU s per request,
+client-process CPU s per request from /proc)"""
+
+
+def process_cpu() -> float:
+    """CPU seconds of every thread of this process so far (``/proc``, ns resolution)."""
+    total = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that just ended
+    return total / 1e9
 
 
 def sync_round(client: httpx.Client, url: str, n: int) -> Round:
     lat: list[float] = []
     t0 = time.perf_counter()
     c0 = time.thread_time()
+    p0 = process_cpu()
     for _ in range(n):
         s = time.perf_counter()
         r = client.get(url)
@@ -143,7 +161,8 @@ def sync_round(client: httpx.Client, url: str, n: int) -> Round:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: {r.status_code} {r.text}")
     cpu = (time.thread_time() - c0) / n
-    return n / (time.perf_counter() - t0), lat, cpu
+    proc = (process_cpu() - p0) / n
+    return n / (time.perf_counter() - t0), lat, cpu, proc
 
 
 async def async_round(client: httpx.AsyncClient, url: str, n: int, concurrency: int) -> Round:
@@ -162,27 +181,35 @@ async def async_round(client: httpx.AsyncClient, url: str, n: int, concurrency: 
 
     t0 = time.perf_counter()
     c0 = time.thread_time()
+    p0 = process_cpu()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     cpu = (time.thread_time() - c0) / n
-    return n / (time.perf_counter() - t0), lat, cpu
+    proc = (process_cpu() - p0) / n
+    return n / (time.perf_counter() - t0), lat, cpu, proc
+
+
+FIELDS = ("rps", "p50", "p90", "p99", "cpu", "proc")
+
+
+def medians(rounds: list[Round]) -> dict[str, float]:
+    """Medians over rounds: req/s, latency percentiles (µs), CPU per request (µs)."""
+    out = {"rps": statistics.median(r[0] for r in rounds)}
+    for f, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+        out[f] = statistics.median(pct(r[1], q) for r in rounds) * 1e6
+    out["cpu"] = statistics.median(r[2] for r in rounds) * 1e6
+    out["proc"] = statistics.median(r[3] for r in rounds) * 1e6
+    return out
 
 
 def summarize(name: str, plain: list[Round], mesh: list[Round]) -> list[str]:
-    def med(rounds: list[Round], f: str) -> float:
-        if f == "rps":
-            return statistics.median(r[0] for r in rounds)
-        if f == "cpu":
-            return statistics.median(r[2] for r in rounds) * 1e6
-        q = {"p50": 0.5, "p90": 0.9, "p99": 0.99}[f]
-        return statistics.median(pct(r[1], q) for r in rounds) * 1e6
-
-    rows = []
-    p_rps, m_rps = med(plain, "rps"), med(mesh, "rps")
-    rows.append(f"{name:<22} {'req/s':>8} {p_rps:>12.0f} {m_rps:>12.0f} {m_rps / p_rps:>9.3f}x")
-    for f in ("p50", "p90", "p99", "cpu"):
-        p, m = med(plain, f), med(mesh, f)
-        label = "cpu µs/rq" if f == "cpu" else f + " µs"
-        rows.append(f"{'':<22} {label:>8} {p:>12.1f} {m:>12.1f} {m - p:>+9.1f}µs")
+    p, m = medians(plain), medians(mesh)
+    rows = [f"{name:<22} {'req/s':>14} {p['rps']:>12.0f} {m['rps']:>12.0f} "
+            f"{m['rps'] / p['rps']:>9.3f}x"]  # fmt: skip
+    labels = {"p50": "p50 µs", "p90": "p90 µs", "p99": "p99 µs",
+              "cpu": "thread cpu µs/rq", "proc": "proc cpu µs/rq"}  # fmt: skip
+    for f in ("p50", "p90", "p99", "cpu", "proc"):
+        rows.append(f"{'':<22} {labels[f]:>14} {p[f]:>12.1f} {m[f]:>12.1f} "
+                    f"{m[f] - p[f]:>+9.1f}µs")  # fmt: skip
     return rows
 
 
@@ -311,7 +338,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument(
+        "--concurrency",
+        default="16,64",
+        help="comma-separated requests in flight for the async runs (default 16,64)",
+    )
+    ap.add_argument("--json", type=Path, help="also write the medians here (JSON)")
     ap.add_argument(
         "--isolated-only",
         action="store_true",
@@ -337,12 +369,15 @@ def main() -> None:
         mesh_url = f"http://{HOST}:{PORT}/"
         plain_sync: list[Round] = []
         mesh_sync: list[Round] = []
-        plain_async: list[Round] = []
-        mesh_async: list[Round] = []
+        levels = [int(c) for c in str(args.concurrency).split(",") if c]
+        async_runs: dict[int, tuple[list[Round], list[Round]]] = {}
         try:
             if not args.isolated_only:
                 plain_sync, mesh_sync = run_sync(plain_url, mesh_url, xds, args)
-                plain_async, mesh_async = asyncio.run(run_async(plain_url, mesh_url, xds, args))
+                for level in levels:
+                    async_runs[level] = asyncio.run(
+                        run_async(plain_url, mesh_url, xds, args, level)
+                    )
             isolated = isolated_overhead(xds, mesh_url)
             split = (
                 transport_split(plain_url, mesh_url, xds, args.rounds, args.requests)
@@ -355,22 +390,30 @@ def main() -> None:
             proc.terminate()
             proc.wait(10)
 
+    results: dict[str, Any] = {}
     if not args.isolated_only:
         print(f"loopback, {args.rounds} interleaved rounds of {args.requests} requests, "
-              f"medians over rounds; cpu count {os.cpu_count()}")  # fmt: skip
-        print(f"{'':<22} {'':>8} {'plain httpx':>12} {'pymesh':>12} {'ratio/added':>10}")
-        for line in summarize("sync sequential", plain_sync, mesh_sync):
-            print(line)
-        for line in summarize(f"async {args.concurrency} in flight", plain_async, mesh_async):
-            print(line)
+              f"medians over rounds; cpu count {os.cpu_count()}; "
+              f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+        print(f"{'':<22} {'':>14} {'plain httpx':>12} {'pymesh':>12} {'ratio/added':>10}")
+        shapes = [("sync sequential", plain_sync, mesh_sync)]
+        shapes += [(f"async {c} in flight", *async_runs[c]) for c in levels]
+        for name, plain_rounds, mesh_rounds in shapes:
+            for line in summarize(name, plain_rounds, mesh_rounds):
+                print(line)
+            results[name] = {"plain": medians(plain_rounds), "pymesh": medians(mesh_rounds)}
     p, m = isolated
-    print(f"{'transport, no socket':<22} {'µs/rq':>8} {p:>12.1f} {m:>12.1f} {m - p:>+9.1f}µs")
+    results["transport, no socket"] = {"plain": p, "pymesh": m}
+    print(f"{'transport, no socket':<22} {'µs/rq':>14} {p:>12.1f} {m:>12.1f} {m - p:>+9.1f}µs")
     print("  (handle_request + read + close on an in-memory pool, client-thread CPU, min of 40")
     print("   interleaved runs of 1000: the noise-resistant measure of what the mesh adds)")
     if split:
         print("sync, real sockets, client-thread CPU µs/rq (instrumented, medians):")
         for label, (p, m) in split.items():
-            print(f"  {label:<20} {'':>8} {p:>12.1f} {m:>12.1f} {m - p:>+9.1f}µs")
+            print(f"  {label:<20} {'':>14} {p:>12.1f} {m:>12.1f} {m - p:>+9.1f}µs")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
+                                         "results": results}, indent=2))  # fmt: skip
 
 
 def run_sync(
@@ -389,21 +432,22 @@ def run_sync(
 
 
 async def run_async(
-    plain_url: str, mesh_url: str, xds: XdsClient, args: argparse.Namespace
+    plain_url: str, mesh_url: str, xds: XdsClient, args: argparse.Namespace, concurrency: int
 ) -> tuple[list[Round], list[Round]]:
-    """``args.concurrency`` requests in flight, plain and mesh rounds interleaved."""
+    """``concurrency`` requests in flight on one client, plain and mesh rounds interleaved
+    (plain httpx keeps as many connections alive as requests in flight)."""
     pa: list[Round] = []
     ma: list[Round] = []
-    limits = httpx.Limits(max_connections=args.concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with (
         httpx.AsyncClient(limits=limits) as plain,
         pymesh.httpx.AsyncClient(xds_client=xds) as meshc,
     ):
-        await async_round(plain, plain_url, 200, args.concurrency)
-        await async_round(meshc, mesh_url, 200, args.concurrency)
+        await async_round(plain, plain_url, 200, concurrency)
+        await async_round(meshc, mesh_url, 200, concurrency)
         for _ in range(args.rounds):
-            pa.append(await async_round(plain, plain_url, args.requests, args.concurrency))
-            ma.append(await async_round(meshc, mesh_url, args.requests, args.concurrency))
+            pa.append(await async_round(plain, plain_url, args.requests, concurrency))
+            ma.append(await async_round(meshc, mesh_url, args.requests, concurrency))
     return pa, ma
 
 
