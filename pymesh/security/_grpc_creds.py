@@ -165,6 +165,7 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
         self._contexts: dict[Any, MeshSSLContext] = {}
         self._providers: dict[str, CertificateProvider] = {}
         self._tunnels: list[TlsTunnel] = []
+        self._by_endpoint: dict[tuple[str, UpstreamTlsContext | None], TlsTunnel] = {}
 
     # -- what the mesh channels call (once per endpoint) ---------------------------------
 
@@ -189,8 +190,13 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
         return grpc.aio.insecure_channel(target, options, compression, interceptors)
 
     def tunnel_for(self, key: str, tls: UpstreamTlsContext | None = None) -> TlsTunnel:
-        """A new tunnel to endpoint ``key`` with the settings of ``tls`` (``None``: the
-        explicit provider and matchers)."""
+        """The tunnel to endpoint ``key`` with the settings of ``tls`` (``None``: the
+        explicit provider and matchers); one per (endpoint, settings), reused when a
+        subchannel to the same endpoint is opened again."""
+        with self._lock:
+            found = self._by_endpoint.get((key, tls))
+        if found is not None:
+            return found
         ctx = self._context(tls)
         host, _, port = key.rpartition(":")
         tunnel = TlsTunnel(
@@ -200,8 +206,12 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
             server_hostname=(tls.sni or None) if tls is not None else None,
         )
         with self._lock:
-            self._tunnels.append(tunnel)
-        return tunnel
+            found = self._by_endpoint.setdefault((key, tls), tunnel)
+            if found is tunnel:
+                self._tunnels.append(tunnel)
+        if found is not tunnel:
+            tunnel.close()
+        return found
 
     def _target_for(self, key: str, mesh: Any) -> str:
         found, tls = _tls_for_endpoint(mesh, key)
@@ -283,6 +293,7 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
         """Close every tunnel and the contexts/providers these credentials created."""
         with self._lock:
             tunnels, self._tunnels = self._tunnels, []
+            self._by_endpoint.clear()
             contexts = list(self._contexts.values())
             providers = list(self._providers.values())
             self._contexts.clear()
