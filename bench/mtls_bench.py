@@ -24,6 +24,7 @@ tunnel for mTLS).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -170,6 +171,50 @@ def run_rounds(
     return {a: (statistics.median(walls[a]), statistics.median(cpus[a])) for a in arms}
 
 
+async def aio_rounds(
+    target: str, creds: Any, xds: Any, args: Any
+) -> dict[str, tuple[float, float]]:
+    """grpc.aio mesh channels, ``args.concurrency`` calls in flight: (p50 latency, wall per
+    call = 1 / throughput) per arm, medians over interleaved rounds."""
+    import pymesh.grpc.aio
+
+    channels = {
+        "plain": pymesh.grpc.aio.insecure_channel(target.format("gp"), xds_client=xds),
+        "mtls": pymesh.grpc.aio.secure_channel(target.format("gm"), creds, xds_client=xds),
+    }
+    calls = {a: ch.unary_unary("/echo.Echo/Who") for a, ch in channels.items()}
+
+    async def one_round(call: Any, n: int) -> tuple[float, float]:
+        lats: list[float] = []
+        per_worker = n // args.concurrency
+
+        async def worker() -> None:
+            for _ in range(per_worker):
+                t0 = time.perf_counter()
+                await call(b"x", timeout=10)
+                lats.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        return statistics.median(lats), (time.perf_counter() - t0) / len(lats)
+
+    try:
+        for call in calls.values():
+            for _ in range(50):
+                await call(b"x", timeout=20)
+        lat: dict[str, list[float]] = {a: [] for a in calls}
+        per: dict[str, list[float]] = {a: [] for a in calls}
+        for _ in range(args.rounds):
+            for arm, call in calls.items():
+                p50, wall = await one_round(call, args.requests * 2)
+                lat[arm].append(p50)
+                per[arm].append(wall)
+        return {a: (statistics.median(lat[a]), statistics.median(per[a])) for a in calls}
+    finally:
+        for ch in channels.values():
+            await ch.close(None)
+
+
 def report(title: str, results: dict[str, tuple[float, float]], base: str) -> None:
     print(f"\n{title}")
     print(f"  {'arm':<14}{'latency p50':>14}{'client CPU/req':>16}{'latency ratio':>15}")
@@ -183,6 +228,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--handshakes", type=int, default=60)
+    parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
 
     import grpc
@@ -287,6 +333,13 @@ def main() -> None:
             args.requests,
         )
         report("gRPC steady state: pymesh.grpc channel -> pymesh.grpc server", res, "plain")
+
+        res = asyncio.run(aio_rounds(target, creds, xds, args))
+        print(f"\ngRPC aio: pymesh.grpc.aio channels, {args.concurrency} calls in flight")
+        print(f"  {'arm':<14}{'latency p50':>14}{'calls/s':>12}{'time ratio':>12}")
+        for arm, (p50, per_call) in res.items():
+            ratio = per_call / res["plain"][1]
+            print(f"  {arm:<14}{p50 * 1e6:>11.0f} us{1 / per_call:>12.0f}{ratio:>11.2f}x")
 
         endpoint_plain = f"127.0.0.1:{ports['gp']}"
         # the tunnel the mTLS channel opened (CDS TLS settings): a new connection per call
