@@ -44,6 +44,8 @@ gRPC (``is_grpc=True``) follows gRFC A44, as grpcio's own xDS client does: only 
 status conditions of ``retry_on`` count (``cancelled``, ``deadline-exceeded``, ``internal``,
 ``resource-exhausted``, ``unavailable``; a connect failure or reset counts as
 ``UNAVAILABLE`` and an attempt's deadline as ``DEADLINE_EXCEEDED``, as grpcio sees them),
+plus ``connect-failure`` / ``reset-before-request`` for a connect failure (beyond A44: an
+attempt that never reached its endpoint is retried as for HTTP),
 request headers are ignored, at most 5 attempts (gRFC A6's cap), the back-off is
 ``random(0, ceiling)`` in seconds, and the server's
 ``grpc-retry-pushback-ms`` (in ``Outcome.headers``: the trailing metadata) sets the next
@@ -258,10 +260,13 @@ class _Compiled:
                 policy.host_selection_retry_max_attempts if self.predicate_previous else 1
             )
             self.per_try_timeout = policy.per_try_timeout
-        self.grpc_retry_on = self.retry_on & _GRPC_TOKENS
+        self.grpc_retry_on = self.retry_on & (_GRPC_TOKENS | _CONNECT_TOKENS)
 
 
 _GRPC_TOKENS = frozenset(GRPC_RETRY_ON)
+_CONNECT_TOKENS = frozenset({"connect-failure", "reset-before-request"})
+"""The transport conditions a gRPC call also honours: its adapter reports an attempt whose
+endpoint could not be connected as ``ResetKind.CONNECT_FAILURE`` (nothing was sent)."""
 _COMPILED: dict[int, _Compiled] = {}
 _COMPILED_MAX = 4096
 _NO_POLICY = _Compiled(None)
@@ -442,7 +447,13 @@ class RetryState:
             if self._grpc:
                 # A44 retries on status codes only. grpcio sees a failed connection or a
                 # reset stream as UNAVAILABLE and an attempt's deadline as DEADLINE_EXCEEDED,
-                # and retries them when those codes are retriable: so do we.
+                # and retries them when those codes are retriable: so do we. A connect
+                # failure is also retried under connect-failure / reset-before-request, as
+                # for HTTP (the request never left).
+                if reset is ResetKind.CONNECT_FAILURE and not self.retry_on.isdisjoint(
+                    _CONNECT_TOKENS
+                ):
+                    return True
                 code = 4 if reset is ResetKind.PER_TRY_TIMEOUT else 14
                 return code in self._grpc_codes
             if reset is ResetKind.CONNECT_FAILURE and (

@@ -235,6 +235,13 @@ def test_grpc_a44_semantics() -> None:
         assert isinstance(r, Retry) and 0 <= r.delay <= ceiling
     only_http = RetryPolicy(retry_on=frozenset({"5xx"}))
     assert not state(only_http, is_grpc=True).enabled
+    # connect-failure / reset-before-request: a connect failure only (the call never left).
+    for token in ("connect-failure", "reset-before-request"):
+        connect = state(RetryPolicy(retry_on=frozenset({token}), num_retries=2), is_grpc=True)
+        assert connect.enabled and connect.retry_on == frozenset({token})
+        assert connect.would_retry(Outcome(reset=ResetKind.CONNECT_FAILURE))
+        assert not connect.would_retry(Outcome(reset=ResetKind.RESET))
+        assert not connect.would_retry(Outcome(status=200, grpc_status=14))
 
 
 def test_previous_hosts_predicate() -> None:
