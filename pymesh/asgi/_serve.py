@@ -42,6 +42,7 @@ from pymesh.core import inbound
 from pymesh.core.rbac import PeerInfo
 from pymesh.errors import PymeshError
 from pymesh.security import CertificateProvider, FileWatcherProvider, server_ssl_context
+from pymesh.telemetry import asgi_middleware
 from pymesh.xds.client import XdsClient
 
 __all__ = ["MeshServer", "serve"]
@@ -198,7 +199,9 @@ class MeshServer:
     mTLS listener makes it NOT_SERVING). ``trust_domains``: client SPIFFE IDs accepted
     (default: the trust domain of our own certificate). ``certificate_wait``: how long to
     wait for the provider's first certificate (Istio's agent may write the files after the
-    app starts); none by then: plaintext only, logged. :meth:`start` runs it on a thread
+    app starts); none by then: plaintext only, logged. ``telemetry``: report every request
+    to the installed :mod:`pymesh.telemetry` (server reporter metrics, server span, access
+    log, metadata exchange; nothing while none is installed). :meth:`start` runs it on a thread
     (for tests and embedding), :meth:`run` on the calling thread; :meth:`stop` stops it.
     """
 
@@ -215,6 +218,7 @@ class MeshServer:
         handshake_timeout: float = 10.0,
         certificate_wait: float = 10.0,
         log_level: str = "warning",
+        telemetry: bool = True,
     ) -> None:
         self.host = host
         self.handshake_timeout = handshake_timeout
@@ -262,8 +266,13 @@ class MeshServer:
                 app, xds_client=client, host=host, tls_capable=provider is not None
             )
         self.middleware.start(self.port)
+        served: ASGIApp = self.middleware
+        if telemetry:
+            # Outermost, so refusals by the inbound policy are reported too; a pass-through
+            # (one global read per request) while no telemetry is installed.
+            served = asgi_middleware(served)
         config = uvicorn.Config(
-            self.middleware,
+            served,
             http="h11",
             ws="none",
             lifespan="auto",

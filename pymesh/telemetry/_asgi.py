@@ -5,10 +5,13 @@ policy are reported too)::
 
     app = telemetry.asgi_middleware(pymesh.asgi.MeshMiddleware(app))
 
-Each HTTP request then gets a server span (the caller's W3C / B3 context joined, made
+``pymesh.serve`` / :class:`pymesh.asgi.MeshServer` apply it by default. Each HTTP request
+then gets a server span (the caller's W3C / B3 context joined, made
 current for the handler: its outbound mesh calls continue the trace) and is reported as
 ``reporter="destination"`` when it ends. The peer identity is read from the connection
-``pymesh.serve`` puts in ``scope["extensions"]["pymesh.connection"]`` (URI SANs, TLS).
+``pymesh.serve`` puts in ``scope["extensions"]["pymesh.connection"]`` (URI SANs, TLS), the
+caller's workload from its ``x-envoy-peer-metadata`` header (Istio's metadata exchange),
+and the response carries this workload's own exchange headers for the caller's labels.
 With no telemetry installed the middleware passes requests straight through.
 """
 
@@ -39,8 +42,8 @@ def asgi_middleware(app: App) -> App:
             await app(scope, receive, send)
             return
         headers: dict[str, str] = {}
-        for k, v in scope.get("headers") or ():
-            headers[k.decode("latin-1").lower()] = v.decode("latin-1")
+        for k, v in scope.get("headers") or ():  # ASGI: names already lower-case
+            headers[k.decode("latin-1")] = v.decode("latin-1")
         path = scope.get("path", "/")
         query = scope.get("query_string") or b""
         if query:
@@ -57,6 +60,7 @@ def asgi_middleware(app: App) -> App:
             get_header=headers.get,
         )
         counts = [500, 0, 0]  # status, bytes received, bytes sent
+        exchange = tel.exchange_headers_raw  # our metadata, for the caller's labels
 
         async def counting_receive() -> Message:
             message = await receive()
@@ -68,6 +72,8 @@ def asgi_middleware(app: App) -> App:
             kind = message.get("type")
             if kind == "http.response.start":
                 counts[0] = int(message.get("status", 500))
+                if exchange:
+                    message = {**message, "headers": [*message.get("headers", ()), *exchange]}
             elif kind == "http.response.body":
                 counts[2] += len(message.get("body", b""))
             await send(message)

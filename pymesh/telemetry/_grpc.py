@@ -22,6 +22,7 @@ H = TypeVar("H")
 
 _OK = 0
 _UNKNOWN = 2
+_UNSET: Any = object()
 
 
 def _size(message: Any) -> int:
@@ -88,6 +89,25 @@ class _Rpc:
             self.req_bytes += _size(m)
             yield m
 
+    def answer(self, context: Any) -> None:
+        """Send this workload's metadata exchange in the initial metadata (sync server),
+        unless the application already sent its own initial metadata."""
+        exchange = self.call.tel.exchange_metadata
+        if exchange:
+            try:
+                context.send_initial_metadata(exchange)
+            except Exception:  # already sent by the application, or the RPC is over
+                pass
+
+    async def aanswer(self, context: Any) -> None:
+        """:meth:`answer` for grpc.aio."""
+        exchange = self.call.tel.exchange_metadata
+        if exchange:
+            try:
+                await context.send_initial_metadata(exchange)
+            except Exception:  # already sent by the application, or the RPC is over
+                pass
+
     def finish(self, context: Any, error: BaseException | None, secure: bool) -> None:
         sans, mtls = _peer(context, secure)
         try:
@@ -144,6 +164,7 @@ def grpc_server_handler(
             try:
                 response = fn(request, context)
                 rpc.resp_msgs, rpc.resp_bytes = 1, _size(response)
+                rpc.answer(context)
                 return response
             except BaseException as exc:
                 error = exc
@@ -163,6 +184,8 @@ def grpc_server_handler(
                 rpc.req_msgs, rpc.req_bytes = 1, _size(request)
             try:
                 for m in fn(request, context):
+                    if not rpc.resp_msgs:
+                        rpc.answer(context)
                     rpc.resp_msgs += 1
                     rpc.resp_bytes += _size(m)
                     yield m
@@ -188,6 +211,7 @@ def grpc_server_handler(
                     response = await response
                 if response is not None:
                     rpc.resp_msgs, rpc.resp_bytes = 1, _size(response)
+                await rpc.aanswer(context)
                 return response
             except BaseException as exc:
                 error = exc
@@ -209,6 +233,8 @@ def grpc_server_handler(
                 result = fn(request, context)
                 if inspect.isasyncgen(result):
                     async for m in result:
+                        if not rpc.resp_msgs:
+                            await rpc.aanswer(context)
                         rpc.resp_msgs += 1
                         rpc.resp_bytes += _size(m)
                         yield m
@@ -216,6 +242,8 @@ def grpc_server_handler(
                     await result
                 else:
                     for m in result:
+                        if not rpc.resp_msgs:
+                            await rpc.aanswer(context)
                         rpc.resp_msgs += 1
                         rpc.resp_bytes += _size(m)
                         yield m
@@ -263,7 +291,81 @@ def _client_start(spec: Any, channel: Any, args: list[Any], metadata_index: int)
     return call
 
 
-def _client_finish(call: Any, spec: Any, request: Any, result: Any, error: Any) -> None:
+def _exchange_sources(result: Any, error: Any) -> list[Any]:
+    """The grpc call objects of a finished call whose ``initial_metadata()`` may carry the
+    server's metadata exchange: ``(value, call)`` / ``(iterator, first)`` responses, or
+    the error (a ``grpc.RpcError`` is a call too)."""
+    out = []
+    response = getattr(result, "response", None) if result is not None else None
+    if isinstance(response, tuple) and len(response) == 2:
+        for candidate in response:
+            if callable(getattr(candidate, "initial_metadata", None)):
+                out.append(candidate)
+                break
+    if error is not None and callable(getattr(error, "initial_metadata", None)):
+        out.append(error)
+    return out
+
+
+def _peer_of_metadata(tel: Any, metadata: Any) -> Any:
+    """The peer named by gRPC metadata: ``x-envoy-peer-metadata`` when the application
+    sees it (grpcio's core keeps that key for itself), else the ambient ``baggage``."""
+    if not metadata:
+        return None
+    found = None
+    for item in metadata:
+        key, value = item[0], item[1]
+        if not isinstance(value, str):
+            continue
+        if key == "x-envoy-peer-metadata":
+            peer = tel.peer_of_headers({key: value}.get)
+            if peer is not None:
+                return peer
+        elif key == "baggage" and found is None:
+            found = tel.peer_of_headers({key: value}.get)
+    return found
+
+
+def _server_peer(call: Any, result: Any, error: Any) -> Any:
+    tel = call.tel
+    if not tel.peer_exchange:
+        return None
+    for source in _exchange_sources(result, error):
+        try:
+            metadata = source.initial_metadata()
+        except Exception:
+            continue
+        if inspect.isawaitable(metadata):  # grpc.aio: read by _aserver_peer instead
+            close = getattr(metadata, "close", None)
+            if close is not None:
+                close()
+            continue
+        peer = _peer_of_metadata(tel, metadata)
+        if peer is not None:
+            return peer
+    return None
+
+
+async def _aserver_peer(call: Any, result: Any, error: Any) -> Any:
+    tel = call.tel
+    if not tel.peer_exchange:
+        return None
+    for source in _exchange_sources(result, error):
+        try:
+            metadata = source.initial_metadata()
+            if inspect.isawaitable(metadata):
+                metadata = await metadata
+        except Exception:
+            continue
+        peer = _peer_of_metadata(tel, metadata)
+        if peer is not None:
+            return peer
+    return None
+
+
+def _client_finish(  # noqa: PLR0917 - internal
+    call: Any, spec: Any, request: Any, result: Any, error: Any, peer: Any = _UNSET
+) -> None:
     grpc_status = _OK
     if error is not None:
         code = getattr(error, "code", None)
@@ -289,6 +391,7 @@ def _client_finish(call: Any, spec: Any, request: Any, result: Any, error: Any) 
             request_messages=0 if streaming_in else 1,
             response_messages=1 if error is None else 0,
             service=None if result is not None else _host(call.authority),
+            peer=_server_peer(call, result, error) if peer is _UNSET else peer,
         )
     except Exception:
         _telemetry._log.exception("telemetry: recording an RPC failed")
@@ -318,9 +421,11 @@ def grpc_client_telemetry(metadata_index: int) -> Callable[[Any], Any]:
                 try:
                     response, result = await fn(*largs)
                 except BaseException as exc:
-                    _client_finish(call, largs[1], largs[2], None, exc)
+                    peer = await _aserver_peer(call, None, exc)
+                    _client_finish(call, largs[1], largs[2], None, exc, peer)
                     raise
-                _client_finish(call, largs[1], largs[2], result, None)
+                peer = await _aserver_peer(call, result, None)
+                _client_finish(call, largs[1], largs[2], result, None, peer)
                 return response, result
 
             return acall

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
+import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "PeerDecoder",
     "decode_struct",
     "encode_struct",
+    "exchange_baggage",
     "exchange_headers",
     "node_exchange_metadata",
     "workload_of_baggage",
@@ -68,6 +70,8 @@ _LABEL_KEYS = (
     "app.kubernetes.io/name",
     "app.kubernetes.io/version",
 )
+_CANONICAL_NAME = "service.istio.io/canonical-name"
+_CANONICAL_REVISION = "service.istio.io/canonical-revision"
 _MAX_HEADER = 8192
 """A peer metadata header longer than this is ignored (Envoy's default header limit)."""
 _MAX_MEMO = 1024
@@ -112,8 +116,8 @@ def _encode_value(value: object) -> bytes:
 
 
 def encode_struct(fields: Mapping[str, object]) -> bytes:
-    """``fields`` (JSON values) as a serialized ``google.protobuf.Struct`` (keys sorted,
-    as protobuf's deterministic serialization orders map entries)."""
+    """``fields`` (JSON values) as a serialized ``google.protobuf.Struct`` (entries in
+    key order, so the header is the same bytes every time)."""
     return b"".join(
         _field(1, _field(1, str(k).encode()) + _field(2, _encode_value(v)))
         for k, v in sorted(fields.items())
@@ -249,6 +253,25 @@ def exchange_headers(node: Node | None) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def exchange_baggage(node: Node | None) -> str:
+    """This workload as an ambient-style W3C ``baggage`` value (``""`` without a node)."""
+    if node is None:
+        return ""
+    labels = node.labels
+    entries = (
+        ("k8s.cluster.name", node.cluster_id),
+        ("k8s.namespace.name", node.namespace),
+        ("k8s.deployment.name", node.workload_name),
+        ("service.name", labels.get(_CANONICAL_NAME) or labels.get("app", "")),
+        ("service.version", labels.get(_CANONICAL_REVISION) or labels.get("version", "")),
+    )
+    return ",".join(f"{k}={_baggage_escape(v)}" for k, v in entries if v)
+
+
+def _baggage_escape(value: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._~/" else f"%{ord(c):02X}" for c in value)
+
+
 def workload_of_metadata(fields: Mapping[str, object]) -> Workload:
     """A peer's :class:`Workload` from its exchanged node metadata."""
 
@@ -277,7 +300,7 @@ def workload_of_baggage(value: str) -> Workload | None:
     for item in value.split(","):
         key, sep, val = item.partition("=")
         if sep:
-            entries[key.strip()] = val.split(";", 1)[0].strip()
+            entries[key.strip()] = urllib.parse.unquote(val.split(";", 1)[0].strip())
     workload = next(
         (
             entries[k]

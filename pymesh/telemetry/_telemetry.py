@@ -59,7 +59,7 @@ from pymesh.telemetry._labels import (
     service_of_cluster,
 )
 from pymesh.telemetry._metrics import RequestMetrics, _Series, render_prometheus
-from pymesh.telemetry._peer import PeerDecoder, exchange_headers
+from pymesh.telemetry._peer import PeerDecoder, exchange_baggage, exchange_headers
 
 if TYPE_CHECKING:
     from pymesh.bootstrap import Node
@@ -222,6 +222,13 @@ class Telemetry:
         self.exchange_headers_raw = tuple(
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in self.exchange_headers
         )
+        baggage = exchange_baggage(node) if self.peer_exchange else ""
+        self.exchange_metadata = (
+            (*self.exchange_headers, ("baggage", baggage)) if baggage else self.exchange_headers
+        )
+        """gRPC's exchange: the headers plus the ambient ``baggage`` form, because grpcio's
+        core consumes ``x-envoy-peer-metadata`` itself (sent on the wire for Envoy peers,
+        never shown to the application on receipt)."""
         self._label_cache = {}
 
     # -- client side ---------------------------------------------------------------------
@@ -260,7 +267,7 @@ class Telemetry:
                 _propagation.inject_ids(
                     trace_id, rng.getrandbits(64) or 1, False, set_header, self.propagation
                 )
-        for name, value in self.exchange_headers:
+        for name, value in self.exchange_metadata if protocol == "grpc" else self.exchange_headers:
             set_header(name, value)
         return call
 
