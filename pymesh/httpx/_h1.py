@@ -515,6 +515,9 @@ class _SyncBody:
             self._pool = None
             pool._release(self._conn, False)  # not fully read: never reused
 
+    def __del__(self) -> None:
+        self.close()  # dropped unread: the connection is not left counted as busy
+
 
 # -- async (asyncio) --------------------------------------------------------------------------
 
@@ -858,4 +861,7 @@ class _AsyncBody:
             pool._release(self._conn, False)
 
     async def aclose(self) -> None:
+        self._abort()
+
+    def __del__(self) -> None:
         self._abort()

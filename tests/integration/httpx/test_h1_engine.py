@@ -598,3 +598,21 @@ def test_sync_pool_against_uvicorn_from_threads(uvicorn_port: int) -> None:
     assert 1 <= pool.idle_count() <= 8
     pool.close()
     assert pool.idle_count() == 0
+
+
+def test_sync_body_dropped_unread_frees_its_slot(raw: Any, engines: Any) -> None:
+    import gc
+
+    def script(sock: socket.socket, index: int) -> None:
+        while read_request(sock):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+            time.sleep(0.2)
+            sock.sendall(b"cd")
+
+    server = raw(script=script)
+    engine = engines("sync", server.port)
+    response = engine.open()
+    assert not engine.pool.is_idle()
+    del response
+    gc.collect()
+    assert engine.pool.is_idle() and engine.pool.idle_count() == 0
