@@ -103,9 +103,12 @@ def parse_page(status: int, text: str, elapsed: float = 0.0) -> Page:
 class User:
     """A browser-like client of the product page: keeps the session cookie."""
 
-    def __init__(self, productpage_url: str, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, productpage_url: str, *, timeout: float = 30.0, client: httpx.Client | None = None
+    ) -> None:
         self.base_url = productpage_url.rstrip("/")
-        self.client = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self.client = client or httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._owned: list[object] = []
 
     def __enter__(self) -> User:
         return self
@@ -120,6 +123,11 @@ class User:
 
     def close(self) -> None:
         self.client.close()
+        for item in self._owned:
+            close = getattr(item, "close", None)
+            if callable(close):
+                close()
+        self._owned.clear()
 
     def login(self, user: str, password: str = "") -> httpx.Response:
         """``POST /login`` as the page's form does; the session cookie is kept."""

@@ -433,6 +433,7 @@ class Bookinfo:
         self.services: dict[str, ServiceProc] = {}
         self._rate: tuple[float, int] | None = None
         self._base_layers: tuple[str, ...] = ()
+        self._ca: Any = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -462,6 +463,7 @@ class Bookinfo:
         self.layers.commit(base)
         self._base_layers = tuple(name for name, _ in base)
         ca = CertificateAuthority(self.workdir / "ca")
+        self._ca = ca
         self.control_plane = ControlPlane(
             [self.layers.config_dir],
             xds_address="127.0.0.1:0",
@@ -687,6 +689,61 @@ class Bookinfo:
         """Names of the config layers in force, oldest first."""
         return self.layers.names()
 
+    # -- clients inside the mesh -------------------------------------------------------------
+
+    def mesh_user(
+        self,
+        name: str | None = None,
+        *,
+        service_account: str = "bookinfo-gateway",
+        namespace: str = "default",
+        timeout: float = 30.0,
+    ) -> Any:
+        """A :class:`~examples.bookinfo.client.User` that reaches productpage *through the
+        mesh*, as Istio's ingress gateway does: a :mod:`pymesh.httpx` client with its own
+        SPIFFE identity (``service_account``, certificate from the CA) calling
+        ``http://productpage:9080`` (mTLS per the DestinationRule, so it works under STRICT).
+        Logged in as ``name`` when given. Close it when done."""
+        from examples.bookinfo.client import User
+        from examples.bookinfo.services._common import IdentityAgent
+        from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
+        from pymesh.httpx import Client
+        from pymesh.security import SpiffeId
+        from pymesh.xds.client import XdsClient
+
+        if self.control_plane is None or self._ca is None:
+            raise BookinfoError("not started")
+        tag = f"{namespace}-{service_account}-{time.monotonic_ns()}"
+        token = self.workdir / "tokens" / f"{tag}.jwt"
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self._ca.create_token(namespace, service_account))
+        cert_dir = self.workdir / "certs" / tag
+        agent = IdentityAgent(
+            self.xds_address,
+            SpiffeId("cluster.local", namespace, service_account),
+            token,
+            cert_dir,
+            self.cert_ttl,
+        )
+        agent.start()
+        data = generate_bootstrap(
+            xds_address=self.xds_address,
+            namespace=namespace,
+            service_account=service_account,
+            workload=service_account,
+            cert_dir=str(cert_dir),
+        )
+        xds = XdsClient(parse_bootstrap(json.dumps(data), source=tag))
+        client = Client(
+            xds_client=xds, mesh_wait=10.0, base_url="http://productpage:9080", timeout=timeout
+        )
+        user = User("http://productpage:9080", client=client)
+        user._owned += [xds, agent]
+        if name:
+            user.login(name)
+        return user
+
     # -- status ------------------------------------------------------------------------------
 
     def connected_workloads(self) -> set[str]:
@@ -704,7 +761,7 @@ class Bookinfo:
         "requests_per_second": x, "config_version": v, "applied": [...]}``; requests are
         productpage's (the application's front door), the rate since the previous call."""
         connected = self.connected_workloads()
-        workloads = {}
+        workloads: dict[str, dict[str, Any]] = {}
         for name, proc in self.services.items():
             workloads[name] = {
                 "pid": proc.pid,
@@ -714,7 +771,7 @@ class Bookinfo:
                 "requests": proc.requests(),
             }
         now = time.monotonic()
-        total = workloads["productpage-v1"]["requests"] if workloads else 0
+        total = int(workloads["productpage-v1"]["requests"]) if workloads else 0
         rate = 0.0
         if self._rate is not None and now > self._rate[0]:
             rate = max(0, total - self._rate[1]) / (now - self._rate[0])

@@ -87,20 +87,22 @@ def _to_message(value: dict[str, object]) -> Any:
     )
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
     return {str(k): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
 
 
-def grpc_handlers(store: RatingsStore, stats: Stats | None = None) -> grpc.GenericRpcHandler:
+def grpc_handlers(
+    store: RatingsStore, stats: Stats | None = None
+) -> grpc.GenericRpcHandler[Any, Any]:
     """The gRPC ``Ratings`` service over the same store (asyncio handlers); calls are counted
     in ``stats`` under their method path (``/bookinfo.ratings.v1.Ratings/GetRatings``)."""
 
-    async def get_ratings(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def get_ratings(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if stats is not None:
             stats.count(ratings_pb.GET_RATINGS, 200, _metadata(context))
         return _to_message(store.get(request.product_id))
 
-    async def put_ratings(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def put_ratings(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if stats is not None:
             stats.count(ratings_pb.PUT_RATINGS, 200, _metadata(context))
         return _to_message(store.put(request.product_id, dict(request.ratings)))

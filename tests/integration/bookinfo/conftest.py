@@ -5,7 +5,8 @@ workload processes, mTLS on: Istio's destination-rule-all-mtls.yaml), started on
 5 s) and shared by every Bookinfo test module. Each test leaves it as it found it:
 ``fresh_bookinfo`` (autouse) removes every config layer the test applied and restarts any
 workload the test stopped. ``user`` makes logged-in or anonymous
-:class:`examples.bookinfo.client.User` clients (closed after the test).
+:class:`examples.bookinfo.client.User` clients (closed after the test); ``mesh_user`` the
+same from inside the mesh (mTLS with its own identity, works under STRICT).
 """
 
 from __future__ import annotations
@@ -45,6 +46,23 @@ def user(bookinfo: Bookinfo) -> Iterator[Callable[[str | None], User]]:
         made.append(client)
         if name:
             client.login(name)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def mesh_user(bookinfo: Bookinfo) -> Iterator[Callable[[str | None], User]]:
+    """Like ``user``, but the client is inside the mesh (as Istio's ingress gateway): a
+    pymesh.httpx client with its own SPIFFE identity (service account bookinfo-gateway)
+    calling http://productpage:9080 with mTLS, so it still works under STRICT."""
+    made: list[User] = []
+
+    def make(name: str | None = None) -> User:
+        client = bookinfo.mesh_user(name)
+        made.append(client)
         return client
 
     yield make

@@ -159,6 +159,35 @@ def test_grpc_and_http_hops_propagate_headers(
         assert seen["traceparent"].split("-")[1] == trace
 
 
+STRICT = """\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: default
+spec:
+  mtls:
+    mode: STRICT
+"""
+
+
+def test_every_hop_is_mutual_tls(
+    bookinfo: Bookinfo, mesh_user: Callable[[str | None], User]
+) -> None:
+    """Under namespace-wide STRICT every hop still works (productpage -> details/reviews over
+    HTTP, reviews v2 -> ratings over HTTP, reviews v3 -> ratings over gRPC), so each is mTLS;
+    a plaintext client is refused."""
+    bookinfo.apply_yaml(STRICT, name="strict")
+    with pytest.raises(httpx.TransportError):
+        httpx.get(bookinfo.page_url, timeout=5)
+    jason = mesh_user("jason")
+    for scenario, color in (("reviews-v2", "black"), ("reviews-v3", "red")):
+        bookinfo.apply(scenario)
+        page = jason.page()
+        assert page.status == 200 and page.user == "jason" and page.details_ok
+        assert page.star_colors == {color} and page.rating_errors == ()
+
+
 def test_networking_samples_are_istios(bookinfo_dir: Path) -> None:
     ours = sorted(p.name for p in NETWORKING_DIR.glob("*.yaml"))
     istio = sorted(p.name for p in (bookinfo_dir / "networking").glob("*.yaml"))
