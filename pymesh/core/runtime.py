@@ -26,6 +26,10 @@ cluster changed (CDS)      limits thresholds updated (counts kept); outlier dete
 ejection starts            ``OutlierDetector.record`` says so -> LB rebuilt at once
 pick at ``now >= next``    ``next`` = min(outlier sweep time, earliest ejection end):
                            sweep (success rate, failure percentage, un-ejection), rebuild
+unreachable set changed    hosts an adapter cannot connect to (gRPC subchannel in
+                           TRANSIENT_FAILURE) left out of the balancer until reported
+                           reachable again (C-core's pickers skip such subchannels); LB
+                           rebuilt
 no snapshot uses it        released (its hosts reported as gone)
 =========================  =============================================================
 
@@ -92,6 +96,7 @@ class ClusterRuntime:
         now: float,
         rng: random.Random,
         local_locality: Locality | None,
+        unreachable: frozenset[str] = frozenset(),
     ) -> None:
         cluster = config.cluster
         self.name = config.name
@@ -110,6 +115,7 @@ class ClusterRuntime:
         self._lb: LoadBalancer = _NO_HOSTS
         self._next_check = _INF
         self.usable_hosts = 0
+        self._unreachable = unreachable
         self._apply(config, now, first=True)
 
     # -- hot path ------------------------------------------------------------------------
@@ -124,6 +130,14 @@ class ClusterRuntime:
         """Outlier detection ejected (or returned) a host: rebuild the balancer."""
         with self._lock:
             self._rebuild(now)
+
+    def set_unreachable(self, keys: frozenset[str], now: float) -> None:
+        """The balancer leaves out the hosts whose key is in ``keys`` (see
+        :meth:`MeshRuntime.set_unreachable`)."""
+        with self._lock:
+            if keys != self._unreachable:
+                self._unreachable = keys
+                self._rebuild(now)
 
     # -- updates -------------------------------------------------------------------------
 
@@ -172,7 +186,11 @@ class ClusterRuntime:
         return removed
 
     def _rebuild(self, now: float) -> None:
-        hosts = tuple(self.hosts.values())
+        unreachable = self._unreachable
+        if unreachable:
+            hosts = tuple(h for h in self.hosts.values() if h.key not in unreachable)
+        else:
+            hosts = tuple(self.hosts.values())
         if hosts:
             assignment = self.config.endpoints or self.config.cluster.load_assignment
             self._lb = build_load_balancer(
@@ -247,6 +265,7 @@ class MeshRuntime:
         self._targets: dict[str, frozenset[str]] = {}  # target -> cluster names in use
         self._host_refs: dict[str, int] = {}
         self._listeners: tuple[HostsRemovedListener, ...] = ()
+        self._unreachable: frozenset[str] = frozenset()
         # target -> [handle, cancel subscription, references]
         self._handles: dict[str, list[Any]] = {}
 
@@ -340,7 +359,11 @@ class MeshRuntime:
             rt = self._clusters.get(config.name)
             if rt is None:
                 rt = ClusterRuntime(
-                    config, now=now, rng=self.rng, local_locality=self.local_locality
+                    config,
+                    now=now,
+                    rng=self.rng,
+                    local_locality=self.local_locality,
+                    unreachable=self._unreachable,
                 )
                 self._clusters[config.name] = rt
                 self._ref_hosts(rt.hosts.keys())
@@ -372,6 +395,28 @@ class MeshRuntime:
                 return rt
             first = first or rt
         return first
+
+    def set_unreachable(self, keys: frozenset[str]) -> None:
+        """Endpoints (``host:port``) an adapter cannot connect to now, e.g. a gRPC endpoint
+        whose channel is in TRANSIENT_FAILURE: every cluster's balancer leaves them out
+        (a cluster left with none answers no healthy upstream) until a later call drops
+        them from ``keys``. Replaces the previous set."""
+        with self._lock:  # (lock order: the runtime's, then a cluster's, as cluster_for)
+            if keys == self._unreachable:
+                return
+            changed = keys ^ self._unreachable
+            self._unreachable = keys
+            now = self.clock()
+            for rt in self._clusters.values():
+                if changed.isdisjoint(rt.hosts):
+                    rt._unreachable = keys  # nothing to rebuild; right for later EDS updates
+                else:
+                    rt.set_unreachable(keys, now)
+
+    @property
+    def unreachable(self) -> frozenset[str]:
+        """The endpoints last reported unreachable (:meth:`set_unreachable`)."""
+        return self._unreachable
 
     def clusters(self) -> Mapping[str, ClusterRuntime]:
         """The cluster runtimes alive now (a copy)."""

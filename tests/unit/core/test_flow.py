@@ -715,3 +715,28 @@ def test_default_stream_idle_timeout_is_envoys_five_minutes(
     assert isinstance(send, Send) and send.idle is None
     flow.close()
     idle(rt)
+
+
+def test_unreachable_hosts_are_left_out_until_reachable(rt: MeshRuntime, clock: FakeClock) -> None:
+    # An adapter reports endpoints it cannot connect to (gRPC: TRANSIENT_FAILURE).
+    snap = snapshot([route(RouteAction(cluster="c"))], [cluster("c", [1, 2])])
+    runner = Driver(rt, clock)
+
+    def hosts_picked(n: int) -> set[str]:
+        seen: set[str] = set()
+        for _ in range(n):
+            result = runner.run(snap, request(), ok)
+            assert result.host is not None
+            seen.add(result.host.key)
+            result.release()
+        return seen
+
+    assert hosts_picked(10) == {"127.0.0.1:1", "127.0.0.1:2"}
+    rt.set_unreachable(frozenset({"127.0.0.1:1"}))
+    assert rt.unreachable == frozenset({"127.0.0.1:1"})
+    assert hosts_picked(10) == {"127.0.0.1:2"}
+    rt.set_unreachable(frozenset({"127.0.0.1:1", "127.0.0.1:2"}))
+    result = runner.run(snap, request(), ok)
+    assert result.local_reply is not None and result.flags == ("UH",)
+    rt.set_unreachable(frozenset())
+    assert hosts_picked(10) == {"127.0.0.1:1", "127.0.0.1:2"}
