@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import shutil
 import socket
 import ssl
@@ -326,13 +327,15 @@ class _TunnelLoop:
             loop, cls._instance = cls._instance, None
         loop.stop()
 
-    def __init__(self) -> None:
-        import selectors
+    READ = select.EPOLLIN
+    WRITE = select.EPOLLOUT
 
-        self._sel = selectors.DefaultSelector()
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._fds: dict[int, tuple[socket.socket, int, Any, Any]] = {}  # fd -> sock, ev, h, arg
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._epoll.register(self._wake_r.fileno(), select.EPOLLIN)
         self._calls: list[Callable[[], None]] = []
         self._calls_lock = threading.Lock()
         self._running = True
@@ -374,59 +377,86 @@ class _TunnelLoop:
     # -- the loop (selector thread only) -------------------------------------------------
 
     def register(self, sock: socket.socket, events: int, data: Any) -> None:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        handler, arg = data
+        found = self._fds.get(fd)
+        self._fds[fd] = (sock, events, handler, arg)
         try:
-            self._sel.modify(sock, events, data)
-        except KeyError:
-            self._sel.register(sock, events, data)
+            if found is None:
+                self._epoll.register(fd, events)
+            elif found[1] != events:
+                self._epoll.modify(fd, events)
+        except FileExistsError:  # a stale entry (closed without unregister): take it over
+            self._epoll.modify(fd, events)
+        except FileNotFoundError:
+            self._epoll.register(fd, events)
 
     def unregister(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        if self._fds.pop(fd, None) is not None:
+            try:
+                self._epoll.unregister(fd)
+            except OSError:
+                pass
+
+    def _run_calls(self) -> None:
         try:
-            self._sel.unregister(sock)
-        except (KeyError, ValueError):
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
             pass
+        with self._calls_lock:
+            calls, self._calls = self._calls, []
+        for fn in calls:
+            try:
+                fn()
+            except Exception:
+                _log.exception("tunnel loop call failed")
 
     def _run(self) -> None:
         import time
 
+        wake = self._wake_r.fileno()
+        fds = self._fds
+        errors = select.EPOLLERR | select.EPOLLHUP
+        both = self.READ | self.WRITE
         next_sweep = time.monotonic() + 1.0
         while self._running:
             try:
-                events = self._sel.select(1.0)
+                events = self._epoll.poll(1.0)
             except OSError:
                 continue
-            for key, mask in events:
-                if key.data is None:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except OSError:
-                        pass
-                    with self._calls_lock:
-                        calls, self._calls = self._calls, []
-                    for fn in calls:
-                        try:
-                            fn()
-                        except Exception:
-                            _log.exception("tunnel loop call failed")
+            for fd, mask in events:
+                if fd == wake:
+                    self._run_calls()
                     continue
-                handler, arg = key.data
+                found = fds.get(fd)
+                if found is None:
+                    continue
+                sock, _ev, handler, arg = found
+                if mask & errors:
+                    mask |= both  # let the handler meet the error in recv/send/SO_ERROR
                 try:
-                    handler(arg, key.fileobj, mask)
+                    handler(arg, sock, mask)
                 except Exception:
                     _log.exception("tunnel loop handler failed")
             now = time.monotonic()
             if now >= next_sweep:  # connect / handshake timeouts, once a second
                 next_sweep = now + 1.0
-                for key in list(self._sel.get_map().values()):
-                    if key.data is not None and isinstance(key.data[1], _Pipe):
-                        pipe = key.data[1]
-                        if pipe.state in ("connect", "handshake") and now > pipe.deadline:
-                            key.data[0].__self__.fail(pipe, TimeoutError("TLS connect timed out"))
-        for key in list(self._sel.get_map().values()):
-            obj = key.fileobj
-            if isinstance(obj, socket.socket):
-                obj.close()
-        self._sel.close()
+                for _sock, _ev, handler, arg in list(fds.values()):
+                    if (
+                        isinstance(arg, _Pipe)
+                        and arg.state in ("connect", "handshake")
+                        and now > arg.deadline
+                    ):
+                        handler.__self__.fail(arg, TimeoutError("TLS connect timed out"))
+        for sock, _ev, _h, _a in list(fds.values()):
+            sock.close()
+        fds.clear()
+        self._epoll.close()
+        self._wake_r.close()
         self._wake_w.close()
 
 
@@ -468,9 +498,7 @@ class TlsTunnel:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
         self._loop = _TunnelLoop.acquire()
-        import selectors
-
-        self._READ, self._WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+        self._READ, self._WRITE = _TunnelLoop.READ, _TunnelLoop.WRITE
         self._loop.call(
             lambda: self._loop.register(self._listener, self._READ, (self._accept, None))
         )
