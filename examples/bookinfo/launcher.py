@@ -516,11 +516,10 @@ class Bookinfo:
             sa = f"bookinfo-{app}"
             port = ports[i]
             grpc_port = ports[-1] if app == "ratings" else None
-            token = self.workdir / "tokens" / f"{sa}.jwt"
-            if not token.exists():
-                fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(ca.create_token("default", sa))
+            token = self.workdir / "tokens" / f"{sa}.jwt"  # new at every start (24 h)
+            fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(ca.create_token("default", sa))
             cert_dir = self.workdir / "certs" / name
             wports = [WorkloadPort(port, "http", "TCP")]
             if grpc_port:

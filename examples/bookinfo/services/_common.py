@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("bookinfo")
+access_log = logging.getLogger("bookinfo.access")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -217,6 +218,15 @@ def counted(app: Callable[[Scope, Receive, Send], Awaitable[None]], stats: Stats
                 k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
             }
             stats.count(scope["path"], status[0], headers)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    '"%s %s" %d end-user=%s x-request-id=%s',
+                    scope["method"],
+                    scope["path"],
+                    status[0],
+                    headers.get("end-user", "-"),
+                    headers.get("x-request-id", "-"),
+                )
 
     return wrapper
 

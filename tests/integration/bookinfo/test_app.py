@@ -211,6 +211,7 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow  # a second whole mesh: about 8-15 s on the shared box
 def test_up_command_starts_and_stops_cleanly(tmp_path: Path) -> None:
     """The README's main command: starts everything, prints the URL, serves the page, and
     on Ctrl-C (SIGINT) stops with no process left behind."""
