@@ -1,16 +1,20 @@
 """The per-workload admin endpoint (Istio's 15000-style): config dump, clusters, stats,
 readiness and certificates, on loopback, off the application's ports.
 
-One per process, opt-in::
+One per process, started automatically with the process-wide xDS client (the first mesh
+use: ``pymesh.httpx``, ``pymesh.grpc``, ``pymesh.serve`` without an explicit client), see
+:mod:`pymesh.admin._auto`. Environment: ``PYMESH_ADMIN_PORT`` (default ``15000``; a taken
+port falls back to a free one, logged; ``0``: a free port; ``off``: none),
+``PYMESH_ADMIN_HOST`` (default ``127.0.0.1``), ``PYMESH_CSDS_PORT`` (also serve CSDS over
+gRPC on that port). Explicitly::
 
     import pymesh.admin
     pymesh.admin.start(port=15000)          # for the process-wide xDS client
-    pymesh.admin.start_from_env()           # if PYMESH_ADMIN_PORT is set (else no-op)
+    pymesh.admin.current()                  # the running one (auto-started or not)
 
 or an :class:`AdminServer` per explicit :class:`~pymesh.xds.client.XdsClient` (tests, several
-clients in one process). ``pymesh proxy-config ... HOST:PORT`` reads it. Environment:
-``PYMESH_ADMIN_PORT`` (port; unset = off), ``PYMESH_ADMIN_HOST`` (default ``127.0.0.1``),
-``PYMESH_CSDS_PORT`` (also serve CSDS over gRPC on that port).
+clients in one process). ``pymesh proxy-config KIND WORKLOAD`` reads it (by ``HOST:PORT``, or
+by the workload's name through the control plane, which the address is reported to).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pymesh.errors import ConfigError
 
 __all__ = ["ENDPOINTS", "AdminServer", "current", "start", "start_from_env", "stop"]
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _server: AdminServer | None = None
 
 
@@ -31,16 +35,27 @@ def start(
     *, port: int = 15000, host: str = "127.0.0.1", csds_port: int | None = None
 ) -> AdminServer:
     """Start the process's admin endpoint for the process-wide xDS client (idempotent: a
-    second call returns the running one)."""
+    second call returns the running one, as does a call after the shared client started
+    one itself)."""
     global _server
     with _lock:
         if _server is None:
             from pymesh.xds.client import XdsClient
 
-            _server = AdminServer(
-                XdsClient.shared(), host=host, port=port, csds_port=csds_port
-            ).start()
+            client = XdsClient.shared()  # may start the endpoint itself (PYMESH_ADMIN_PORT)
+            if _server is None:
+                _server = AdminServer(client, host=host, port=port, csds_port=csds_port).start()
         return _server
+
+
+def _adopt(server: AdminServer) -> bool:
+    """Make ``server`` the process's endpoint unless one is running already."""
+    global _server
+    with _lock:
+        if _server is not None:
+            return False
+        _server = server
+        return True
 
 
 def _env_port(name: str) -> int | None:

@@ -22,6 +22,7 @@ client's state is bounded by its work serializer's own timeout.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -76,9 +77,10 @@ class AdminServer:
 
     ``runtime`` defaults to ``MeshRuntime.for_client(client)`` (the one the adapters share);
     ``providers`` to the bootstrap's ``file_watcher`` certificate providers (re-read at each
-    ``/certs``). ``port=0`` picks a free port (see :attr:`port`). ``csds_port`` also serves
-    the CSDS gRPC service for ``client`` on ``host:csds_port`` (0: a free port, see
-    :attr:`csds_port`).
+    ``/certs``). ``port=0`` picks a free port (see :attr:`port`); ``listener``: a socket
+    already bound and listening to serve on instead (``host`` / ``port`` ignored).
+    ``csds_port`` also serves the CSDS gRPC service for ``client`` on ``host:csds_port``
+    (0: a free port, see :attr:`csds_port`).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class AdminServer:
         providers: Mapping[str, CertificateProvider] | None = None,
         csds_port: int | None = None,
         clock: Callable[[], float] = time.time,
+        listener: socket.socket | None = None,
     ) -> None:
         self._client = client
         if runtime is None:
@@ -117,10 +120,18 @@ class AdminServer:
             def do_GET(self) -> None:
                 admin._dispatch(self)
 
-        try:
-            self._httpd = ThreadingHTTPServer((host, port), Handler)
-        except OSError as exc:
-            raise PymeshError(f"admin endpoint: cannot listen on {host}:{port}: {exc}") from exc
+        if listener is not None:  # already bound and listening (see pymesh.admin._auto)
+            self._httpd = ThreadingHTTPServer(
+                listener.getsockname()[:2], Handler, bind_and_activate=False
+            )
+            self._httpd.socket.close()
+            self._httpd.socket = listener
+            self._httpd.server_address = listener.getsockname()
+        else:
+            try:
+                self._httpd = ThreadingHTTPServer((host, port), Handler)
+            except OSError as exc:
+                raise PymeshError(f"admin endpoint: cannot listen on {host}:{port}: {exc}") from exc
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="pymesh-admin", daemon=True

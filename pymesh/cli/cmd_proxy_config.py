@@ -2,12 +2,15 @@
 workload's own view of its config, like ``istioctl proxy-config``.
 
 WORKLOAD is the ``HOST:PORT`` (or URL) of the workload's admin endpoint (``pymesh.admin``,
-15000 by convention). Tables by default (coloured on a terminal, ``--no-color`` to turn
-off), ``-o json|yaml`` for the full data: the Envoy JSON of each resource (clusters, routes,
-listeners), the runtime view of every endpoint (endpoints) or the certificates (secrets).
+15000 by convention), or the workload's name (its node id, or a unique part of it such as
+the pod name): its admin address is then looked up in the control plane's
+``/debug/syncz``, where each workload reports it (``--control-plane``). Tables by default
+(coloured on a terminal, ``--no-color`` to turn off), ``-o json|yaml`` for the full data: the
+Envoy JSON of each resource (clusters, routes, listeners), the runtime view of every
+endpoint (endpoints) or the certificates (secrets).
 
-Exit codes: 0 ok, 1 error (workload unreachable, bad answer), 2 usage (incl. a WORKLOAD
-without a port).
+Exit codes: 0 ok, 1 error (workload or control plane unreachable, bad answer, no such
+workload or no admin address reported), 2 usage (a name matching several workloads).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pymesh.errors import PymeshError
 
 __all__ = [
     "HEADERS",
+    "admin_address",
     "cluster_rows",
     "endpoint_rows",
     "listener_rows",
@@ -65,7 +69,15 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("kind", choices=sorted(HEADERS), help="what to show")
     parser.add_argument(
-        "workload", metavar="WORKLOAD", help="the workload's admin endpoint, HOST:PORT or a URL"
+        "workload",
+        metavar="WORKLOAD",
+        help="the workload's admin endpoint (HOST:PORT or a URL), or its name / node id",
+    )
+    parser.add_argument(
+        "--control-plane",
+        default="http://127.0.0.1:15014",
+        help="where to look a WORKLOAD name up (the control plane's admin URL, "
+        "default http://127.0.0.1:15014)",
     )
     parser.add_argument(
         "--fqdn", default=None, help="clusters/endpoints/routes: only those naming this host"
@@ -316,16 +328,47 @@ def _has_port(workload: str) -> bool:
         return False
 
 
+class _Ambiguous(PymeshError):
+    pass
+
+
+def admin_address(streams: list[dict[str, Any]], name: str) -> str:
+    """The admin address a workload reported, found by node id, else by a unique part of
+    it. Raises :class:`PymeshError` (none, or none reported) / ``_Ambiguous``."""
+    matches = [s for s in streams if s.get("proxy") == name]
+    if not matches:
+        matches = [s for s in streams if name in str(s.get("proxy", ""))]
+    proxies = sorted({str(s.get("proxy")) for s in matches})
+    if not proxies:
+        raise PymeshError(f"no workload connected to the control plane matches {name!r}")
+    if len(proxies) > 1:
+        raise _Ambiguous(f"{name!r} matches several workloads: {', '.join(proxies)}")
+    for s in matches:
+        if s.get("admin"):
+            return str(s["admin"])
+    raise PymeshError(
+        f"{proxies[0]} reported no admin endpoint (PYMESH_ADMIN_PORT=off, or an explicit "
+        "xDS client without pymesh.admin): give its HOST:PORT"
+    )
+
+
+def _resolve(workload: str, control_plane: str) -> str:
+    if _has_port(workload):
+        return workload
+    streams = fetch_json(control_plane, "/debug/syncz", what="the control plane")
+    if not isinstance(streams, list):
+        raise PymeshError(f"{control_plane}/debug/syncz: unexpected answer (not a list)")
+    return admin_address(streams, workload)
+
+
 def run(args: argparse.Namespace) -> int:
     kind: str = args.kind
-    if not _has_port(args.workload):
-        print(
-            "pymesh proxy-config: error: WORKLOAD is the workload's admin endpoint as "
-            f"HOST:PORT (e.g. 127.0.0.1:15000), not {args.workload!r}",
-            file=sys.stderr,
-        )
+    try:
+        workload = _resolve(args.workload, args.control_plane)
+    except _Ambiguous as exc:
+        print(f"pymesh proxy-config: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    data = _filter(kind, _read(kind, args.workload), args.fqdn)
+    data = _filter(kind, _read(kind, workload), args.fqdn)
     if args.output != "table":
         if kind in _XDS_TYPE:
             abbrev = _XDS_TYPE[kind]

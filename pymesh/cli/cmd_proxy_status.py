@@ -4,7 +4,8 @@ Reads the control plane's ``/debug/syncz`` (admin port 15014). Per type the stat
 ``SYNCED`` (the last response sent was ACKed), ``STALE`` (sent, not ACKed yet), ``NACKED``
 (the client rejected the last response; see the error with ``pymesh proxy-status PROXY``)
 or ``NOT SENT``. ``-o json|yaml`` prints, per connection, every type's status with the
-versions sent, ACKed and NACKed (and the NACK message).
+versions sent, ACKed and NACKed (and the NACK message), and the workload's admin endpoint
+when it reported one (``pymesh proxy-config`` finds it there by the workload's name).
 
 Exit codes: 0 ok, 1 error (control plane unreachable, no proxy matches), 2 usage.
 """
@@ -108,6 +109,7 @@ def summarize(streams: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "proxy": s.get("proxy"),
                 "connection": s.get("connection"),
                 "peer": s.get("peer"),
+                "admin": s.get("admin"),
                 "type": _kind(s),
                 "types": types,
             }
