@@ -39,6 +39,7 @@ serializer. An exception raised by a watcher is logged and does not affect the o
 from __future__ import annotations
 
 import atexit
+import importlib
 import itertools
 import logging
 import random
@@ -151,6 +152,15 @@ class _Group:
 _ids = itertools.count(1)
 
 
+def _admin_autostart() -> Callable[[Callable[[Bootstrap], XdsClient], Bootstrap], XdsClient]:
+    """``pymesh.admin``'s hook for the shared client. Looked up by name: the admin endpoint
+    sits above this layer (it reads the runtime), so the client only knows its entry point."""
+    module = importlib.import_module("pymesh.admin._auto")
+    hook: Callable[[Callable[[Bootstrap], XdsClient], Bootstrap], XdsClient]
+    hook = module.shared_client
+    return hook
+
+
 class XdsClient:
     """One ADS client for the whole process (see the module docstring).
 
@@ -197,7 +207,8 @@ class XdsClient:
         """
         with cls._shared_lock:
             if cls._shared is None or cls._shared._closed:
-                client = cls(load_bootstrap())
+                # With the workload's admin endpoint (pymesh.admin; never fails the app).
+                client = _admin_autostart()(cls, load_bootstrap())
                 atexit.register(client.close)
                 cls._shared = client
             return cls._shared
