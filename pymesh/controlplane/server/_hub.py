@@ -80,6 +80,8 @@ class Connection:
     node_id: str = ""
     generator_name: str = ""
     registered: str = ""
+    admin: str = ""
+    """The workload's admin endpoint, from its node metadata ``PYMESH_ADMIN_ADDRESS``."""
     unknown_types: set[str] = field(default_factory=set)
     closed: bool = False
 
@@ -346,6 +348,8 @@ class Hub:
         conn.node = self.backend.node(node_proto)
         conn.node_id = str(getattr(conn.node, "id", "") or node_proto.id)
         conn.generator_name = str(getattr(conn.node, "generator", "") or "")
+        admin = node_proto.metadata.fields.get("PYMESH_ADMIN_ADDRESS")
+        conn.admin = admin.string_value if admin is not None else ""
         log.info("ADS stream opened: %s (%s)", conn.node_id, conn.peer)
         if self._register(conn, now):
             self.notify()
@@ -477,6 +481,7 @@ class Hub:
                     "delta": conn.delta,
                     "connected_at": conn.connected_at,
                     "registered_as": conn.registered or None,
+                    "admin": conn.admin or None,
                     "unknown_types": sorted(conn.unknown_types),
                     "types": types,
                 }
