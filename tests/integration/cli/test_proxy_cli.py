@@ -251,9 +251,12 @@ def test_errors_and_exit_codes(world: MeshWorld, capsys: pytest.CaptureFixture[s
         main(["proxy-config", "nonsense", world.reviews.admin.address])
     assert exc.value.code == 2
     capsys.readouterr()
-    code, out, err = run(capsys, "proxy-config", "clusters", "reviews")  # no port: usage
-    assert code == 2 and out == ""
-    assert "WORKLOAD is the workload's admin endpoint as HOST:PORT" in err
+    # no port: a workload name, looked up in the control plane (unreachable here)
+    code, out, err = run(
+        capsys, "proxy-config", "clusters", "reviews", "--control-plane", "http://127.0.0.1:1"
+    )
+    assert code == 1 and out == ""
+    assert err.startswith("pymesh proxy-config: error: cannot reach the control plane")
     code, _, _ = run(capsys, "proxy-config", "clusters", f"http://{world.reviews.admin.address}")
     assert code == 0  # a URL works too
     # As a process: one line on stderr, no traceback, exit 1.
