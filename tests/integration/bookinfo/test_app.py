@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from examples.bookinfo.client import User
+from examples.bookinfo.client import DETAILS_ERROR, RATINGS_UNAVAILABLE, User
 from examples.bookinfo.launcher import REPO_ROOT
 from examples.bookinfo.mesh import NETWORKING_DIR, Bookinfo
 
@@ -293,3 +293,25 @@ def test_up_command_starts_and_stops_cleanly(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_stopped_workload_shows_the_originals_errors(
+    bookinfo: Bookinfo, user: Callable[[str | None], User]
+) -> None:
+    """ratings down: reviews v2 shows "Ratings service is currently unavailable"; details
+    down: productpage shows its details error; both come back when restarted."""
+    bookinfo.apply("reviews-v2")
+    anonymous = user(None)
+    ratings = bookinfo.services["ratings-v1"]
+    pid = ratings.pid
+    ratings.kill()
+    assert pid is not None and not Path(f"/proc/{pid}").exists() and ratings.pid is None
+    page = anonymous.page()
+    assert page.reviews_ok and page.stars == ()
+    assert page.rating_errors == (RATINGS_UNAVAILABLE, RATINGS_UNAVAILABLE)
+    bookinfo.services["details-v1"].stop()
+    page = anonymous.page()
+    assert page.errors == (DETAILS_ERROR,) and not page.details_ok
+    assert bookinfo.ensure_running() == ["ratings-v1", "details-v1"]
+    page = anonymous.page()
+    assert page.details_ok and page.star_colors == {"black"}
