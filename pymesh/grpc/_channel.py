@@ -57,11 +57,12 @@ from pymesh.core.flow import (
     Sleep,
     call_flow,
 )
+from pymesh.core.retry import PUSHBACK_HEADER
 from pymesh.core.runtime import MeshRuntime
 from pymesh.core.types import Headers, Outcome, RequestInfo, ResetKind
 from pymesh.errors import XdsError
 from pymesh.grpc._errors import MeshRpcError, error_of_reply
-from pymesh.grpc._subchannels import SubchannelPool
+from pymesh.grpc._subchannels import Reachability, SubchannelPool
 from pymesh.model.route import RouteAction
 from pymesh.model.snapshot import TargetError, TargetSnapshot
 from pymesh.telemetry import current as telemetry_current
@@ -115,7 +116,39 @@ def classify(error: Any, caller_bound: bool) -> AttemptResult:
         if caller_bound:
             raise _CallError(error)
         return AttemptResult(Outcome(reset=ResetKind.PER_TRY_TIMEOUT))
+    if code is grpc.StatusCode.UNAVAILABLE and is_connect_failure(error):
+        return AttemptResult(_CONNECT_FAILURE, error)
+    pushback = _pushback(error)
+    if pushback is not None:
+        return AttemptResult(
+            Outcome(status=200, grpc_status=code.value[0], headers=pushback), error
+        )
     return AttemptResult(Outcome(status=200, grpc_status=code.value[0]), error)
+
+
+_CONNECT_FAILURE = Outcome(reset=ResetKind.CONNECT_FAILURE)
+
+
+def is_connect_failure(error: Any) -> bool:
+    """grpcio's ``UNAVAILABLE`` of a call that found no connection to its endpoint (the
+    channel could not connect, or is in TRANSIENT_FAILURE): "failed to connect to all
+    addresses; last error: ...". Nothing was sent: a connect failure for the policies."""
+    details = error.details() or ""
+    return details.startswith("failed to connect")
+
+
+def _pushback(error: Any) -> Headers | None:
+    """The ``grpc-retry-pushback-ms`` trailing metadata of a failed attempt, as the
+    outcome's headers (the core's gRPC retry policy reads it, gRFC A6), or ``None``."""
+    try:
+        trailing = error.trailing_metadata()
+    except Exception:
+        return None
+    for k, v in trailing or ():
+        if k == PUSHBACK_HEADER:
+            value = v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
+            return Headers(((PUSHBACK_HEADER, value),))
+    return None
 
 
 def attempt_metadata(headers: Headers, original: RequestInfo) -> Metadata | None:
@@ -236,6 +269,16 @@ def subchannel_options(
     opts = [(k, v) for k, v in (options or ()) if k != "grpc.default_authority"]
     opts.append(("grpc.default_authority", authority))
     return opts
+
+
+def watch_connectivity(
+    key: str, channel: grpc.Channel, report: Callable[[Any], None]
+) -> Callable[[], None]:
+    """Report a sync endpoint channel's connectivity (grpcio calls ``report`` on its own
+    thread, with the state now and at each change); returns the cancel function."""
+    del key
+    channel.subscribe(report, try_to_connect=False)
+    return lambda: channel.unsubscribe(report)
 
 
 def connectivity_of(state: object) -> grpc.ChannelConnectivity:
@@ -417,7 +460,12 @@ class MeshChannel(grpc.Channel):
                 return mesh_open(key, opts, compression, self._mesh)  # type: ignore[no-any-return]
             return grpc.secure_channel(key, credentials, opts, compression)
 
-        self._pool: SubchannelPool[grpc.Channel] = SubchannelPool(open_channel, lambda c: c.close())
+        self._pool: SubchannelPool[grpc.Channel] = SubchannelPool(
+            open_channel,
+            lambda c: c.close(),
+            watch=watch_connectivity,
+            reachability=Reachability.of(self._mesh.runtime),
+        )
         self._remove_listener = self._mesh.runtime.add_hosts_removed_listener(
             self._pool.hosts_removed
         )
@@ -728,6 +776,8 @@ def not_ready(result: CallResult) -> bool:
     connect. A ``wait_for_ready`` call waits and runs again instead of failing."""
     reply = result.local_reply
     if reply is not None:
+        if reply.kind == ReplyKind.UPSTREAM_RESET:
+            return "UF" in result.flags  # its endpoint could not be connected
         return reply.kind == ReplyKind.NO_HEALTHY_UPSTREAM
     response = result.response
     if isinstance(response, grpc.RpcError):

@@ -12,20 +12,97 @@ uses them) and closes each after a grace period, so calls already on it finish.
 A subchannel also caches grpcio's multicallables per (shape, method, serializers): building
 one per call would cost an allocation and a method-name encode on the hot path.
 
-Connectivity: grpcio fails a call fast (``UNAVAILABLE`` at once) while its channel is in
-``TRANSIENT_FAILURE``; the adapter turns that into a connect failure, which the retry policy
-(previous-hosts predicate) and outlier detection act on. The load balancer itself does not
-see grpcio's connectivity states (a known gap: it learns from failed attempts instead).
+Connectivity: each subchannel's grpcio connectivity state is watched (``subscribe`` for
+sync channels, ``wait_for_state_change`` in a task for aio) and reported to a
+:class:`Reachability` shared by every mesh channel of the same
+:class:`~pymesh.core.runtime.MeshRuntime`. An endpoint is *unreachable* while some
+subchannel to it is in ``TRANSIENT_FAILURE`` and none is ``READY``; the runtime's balancers
+then leave it out (:meth:`~pymesh.core.runtime.MeshRuntime.set_unreachable`), the way
+C-core's ``round_robin`` / ``pick_first`` skip a subchannel in ``TRANSIENT_FAILURE``, until
+it is ``READY`` or ``IDLE`` again (grpcio keeps reconnecting with its back-off). An attempt
+that fails because the endpoint could not be connected is reported to the policies as a
+connect failure.
+
+==================================  ==========================================
+subchannel state (grpcio)           endpoint for the balancers
+==================================  ==========================================
+IDLE, CONNECTING, READY             usable
+TRANSIENT_FAILURE                   unreachable, unless another mesh channel's
+                                    subchannel to it is READY
+SHUTDOWN / subchannel dropped       no longer reported
+==================================  ==========================================
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-__all__ = ["Subchannel", "SubchannelPool"]
+if TYPE_CHECKING:
+    from pymesh.core.runtime import MeshRuntime
+
+__all__ = ["Reachability", "Subchannel", "SubchannelPool"]
+
+# grpc.ChannelConnectivity values, compared by name so this module stays grpcio-free.
+_FAILURE = "TRANSIENT_FAILURE"
+_READY = "READY"
+_GONE = "SHUTDOWN"
+
+Watch = Callable[[str, Any, Callable[[Any], None]], Callable[[], None]]
+"""``watch(key, channel, report) -> cancel``: call ``report(state)`` with the channel's
+connectivity now and at each change (any thread), until ``cancel()``."""
+
+
+class Reachability:
+    """Which endpoints of one :class:`~pymesh.core.runtime.MeshRuntime` cannot be connected
+    now, from the connectivity of every subchannel reported to it (see the module table).
+    One per runtime (:meth:`of`); thread-safe."""
+
+    _by_runtime: weakref.WeakKeyDictionary[Any, Reachability] = weakref.WeakKeyDictionary()
+    _by_runtime_lock = threading.Lock()
+
+    def __init__(self, runtime: MeshRuntime) -> None:
+        self._runtime = weakref.ref(runtime)
+        self._lock = threading.Lock()
+        self._states: dict[str, dict[int, str]] = {}  # key -> reporter id -> state name
+
+    @classmethod
+    def of(cls, runtime: MeshRuntime) -> Reachability:
+        with cls._by_runtime_lock:
+            found = cls._by_runtime.get(runtime)
+            if found is None:
+                found = cls._by_runtime[runtime] = cls(runtime)
+            return found
+
+    def report(self, reporter: object, key: str, state: Any) -> None:
+        """Subchannel ``reporter`` to endpoint ``key`` is in ``state`` (a
+        ``grpc.ChannelConnectivity``; ``None`` or SHUTDOWN: the reporter is gone)."""
+        name = getattr(state, "name", None) or _GONE
+        with self._lock:
+            states = self._states.setdefault(key, {})
+            if name == _GONE:
+                states.pop(id(reporter), None)
+                if not states:
+                    del self._states[key]
+            else:
+                states[id(reporter)] = name
+            down = frozenset(k for k, v in self._states.items() if _unreachable(v))
+            runtime = self._runtime()
+            if runtime is not None:
+                runtime.set_unreachable(down)  # under our lock: reports apply in order
+
+    def unreachable(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(k for k, v in self._states.items() if _unreachable(v))
+
+
+def _unreachable(states: dict[int, str]) -> bool:
+    values = states.values()
+    return _FAILURE in values and _READY not in values
+
 
 C = TypeVar("C")
 
@@ -36,12 +113,15 @@ CLOSE_GRACE = 30.0
 class Subchannel(Generic[C]):
     """One endpoint's grpcio channel and its cached multicallables."""
 
-    __slots__ = ("calls", "channel", "key")
+    __slots__ = ("__weakref__", "calls", "channel", "key", "state", "unwatch")
 
     def __init__(self, key: str, channel: C) -> None:
         self.key = key
         self.channel = channel
         self.calls: dict[Hashable, Any] = {}
+        self.state: Any = None
+        """The channel's last reported connectivity (``None`` until the first report)."""
+        self.unwatch: Callable[[], None] | None = None
 
     def multicallable(self, spec: Hashable, make: Callable[[C], Any]) -> Any:
         found = self.calls.get(spec)
@@ -62,8 +142,12 @@ class SubchannelPool(Generic[C]):
         grace: float = CLOSE_GRACE,
         clock: Callable[[], float] = time.monotonic,
         schedule: Callable[[float, Callable[[], None]], Callable[[], None]] | None = None,
+        watch: Watch | None = None,
+        reachability: Reachability | None = None,
     ) -> None:
         self._open = open_channel
+        self._watch = watch
+        self._reachability = reachability
         self._close = close_channel
         self._grace = grace
         self._clock = clock
@@ -86,12 +170,43 @@ class SubchannelPool(Generic[C]):
             if self._closed:
                 raise RuntimeError("channel closed")
             found = self._subchannels.get(key)
+            created = found is None
             if found is None:
                 found = Subchannel(key, self._open(key))
                 self._subchannels[key] = found
             retired = self._due_retired()
         self._close_all(retired)
+        if created and self._watch is not None:
+            self._start_watch(found)
         return found
+
+    def _start_watch(self, sub: Subchannel[C]) -> None:
+        assert self._watch is not None
+        ref = weakref.ref(sub)
+        reachability = self._reachability
+
+        def report(state: Any) -> None:
+            s = ref()
+            if s is None:
+                return
+            s.state = state
+            if reachability is not None:
+                reachability.report(s, s.key, state)
+
+        try:
+            sub.unwatch = self._watch(sub.key, sub.channel, report)
+        except Exception:  # watching is best effort: calls still fail over on errors
+            sub.unwatch = None
+
+    def _stop_watch(self, sub: Subchannel[C]) -> None:
+        unwatch, sub.unwatch = sub.unwatch, None
+        if unwatch is not None:
+            try:
+                unwatch()
+            except Exception:
+                pass
+        if self._reachability is not None and self._watch is not None:
+            self._reachability.report(sub, sub.key, None)
 
     def endpoint_keys(self) -> Sequence[str]:
         """The endpoints with an open subchannel now."""
@@ -105,10 +220,12 @@ class SubchannelPool(Generic[C]):
             gone = keys & self._subchannels.keys()
             if gone:
                 self.epoch += 1
-            for key in gone:
-                sub = self._subchannels.pop(key)
+            subs = [self._subchannels.pop(key) for key in gone]
+            for sub in subs:
                 self._retired.append((now + self._grace, sub.channel))
             retired = self._due_retired()
+        for sub in subs:
+            self._stop_watch(sub)
         self._close_all(retired)
         if gone:
             cancel = self._schedule(self._grace, self.sweep)
@@ -128,13 +245,16 @@ class SubchannelPool(Generic[C]):
         with self._lock:
             self._closed = True
             self.epoch += 1
-            channels = [s.channel for s in self._subchannels.values()]
+            subs = list(self._subchannels.values())
+            channels = [s.channel for s in subs]
             channels += [c for _, c in self._retired]
             self._subchannels.clear()
             self._retired = []
             timers, self._timers = self._timers, []
         for cancel in timers:
             cancel()
+        for sub in subs:
+            self._stop_watch(sub)
         if close_channels:
             self._close_all(channels)
         return channels

@@ -45,7 +45,7 @@ from pymesh.grpc._channel import (
     subchannel_options,
 )
 from pymesh.grpc._errors import MeshRpcError, error_of_reply
-from pymesh.grpc._subchannels import SubchannelPool
+from pymesh.grpc._subchannels import Reachability, SubchannelPool
 from pymesh.telemetry import current as telemetry_current
 from pymesh.telemetry._grpc import grpc_client_telemetry
 from pymesh.xds.client import XdsClient
@@ -161,7 +161,12 @@ class AioMeshChannel(grpc.aio.Channel):
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(lambda: loop.create_task(channel.close(None)))
 
-        self._pool: SubchannelPool[grpc.aio.Channel] = SubchannelPool(open_channel, close_channel)
+        self._pool: SubchannelPool[grpc.aio.Channel] = SubchannelPool(
+            open_channel,
+            close_channel,
+            watch=_watch_connectivity,
+            reachability=Reachability.of(self._mesh.runtime),
+        )
         self._remove_listener = self._mesh.runtime.add_hosts_removed_listener(
             self._pool.hosts_removed
         )
@@ -386,6 +391,43 @@ class AioMeshChannel(grpc.aio.Channel):
 
 
 _LOST = Outcome(status=200, grpc_status=UNAVAILABLE)
+
+MAX_STATE_CHANGES = 1_000_000
+"""Bound on the connectivity changes one watch follows (a channel's life has far fewer)."""
+_WATCHES: set[asyncio.Task[None]] = set()
+
+
+def _watch_connectivity(
+    key: str, channel: grpc.aio.Channel, report: Callable[[Any], None]
+) -> Callable[[], None]:
+    """Report an aio endpoint channel's connectivity now and at each change, from a task
+    on the channel's loop (opened in a call, so a loop runs); returns the cancel function
+    (callable from any thread)."""
+    del key
+    loop = asyncio.get_running_loop()
+    shutdown = grpc.ChannelConnectivity.SHUTDOWN
+
+    async def run() -> None:
+        try:
+            state = channel.get_state(False)
+            for _ in range(MAX_STATE_CHANGES):
+                report(state)
+                if state is shutdown:
+                    return
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(False)
+        except Exception:  # a closed channel: nothing more to report
+            return
+
+    task = loop.create_task(run())
+    _WATCHES.add(task)
+    task.add_done_callback(_WATCHES.discard)
+
+    def cancel() -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+
+    return cancel
 
 
 async def _sleep(seconds: float, deadline: float | None, clock: Callable[[], float]) -> None:

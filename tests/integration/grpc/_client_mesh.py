@@ -37,7 +37,8 @@ class EchoServer:
 
     ``fail_code`` (a ``grpc.StatusCode``) with ``fail_every`` N: every Nth call fails with it
     (1 = every call). ``delay`` seconds before answering. Metadata ``x-sleep-ms`` sleeps,
-    ``x-fail`` (a code name) fails, ``x-fail-after-first`` makes ``Stream`` fail UNAVAILABLE
+    ``x-fail`` (a code name) fails (with ``x-pushback-ms``: that ``grpc-retry-pushback-ms``
+    trailing metadata), ``x-fail-after-first`` makes ``Stream`` fail UNAVAILABLE
     after its first message. Counts calls and the highest concurrency.
     """
 
@@ -88,6 +89,10 @@ class EchoServer:
             if code is not None and n % self.fail_every == 0:
                 context.abort(code, f"{self.name} failing")
             if "x-fail" in md:
+                if "x-pushback-ms" in md:  # gRFC A6: the server's retry pushback
+                    context.set_trailing_metadata(
+                        (("grpc-retry-pushback-ms", str(md["x-pushback-ms"])),)
+                    )
                 context.abort(grpc.StatusCode[str(md["x-fail"])], f"{self.name} x-fail")
         except BaseException:
             with self._lock:
