@@ -190,6 +190,14 @@ class _Link:
                 return
             if not self.owner.peek:
                 self.start(None)
+            else:  # a client that never sends its first byte does not keep a slot forever
+                asyncio.get_running_loop().call_later(self.owner.timeout, self._first_byte_timeout)
+
+    def _first_byte_timeout(self) -> None:
+        if not self.started and not self.closed:
+            self.owner.stats.refused += 1
+            self.owner.stats.last_error = "no first byte within the connect timeout"
+            self.close()
 
     def early_data(self, side: _Side) -> None:
         if side is self.down and not self.started:
@@ -233,8 +241,9 @@ class _Forwarder:
     peek = False
     name = "forwarder"
 
-    def __init__(self, max_connections: int) -> None:
+    def __init__(self, max_connections: int, timeout: float = CONNECT_TIMEOUT) -> None:
         self.stats = ForwardStats()
+        self.timeout = timeout
         self._max = max_connections
         self._links: set[_Link] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -743,8 +752,9 @@ class PermissiveFront(_Forwarder):
         internal_host: str = "127.0.0.1",
         admit: Admit | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        timeout: float = CONNECT_TIMEOUT,
     ) -> None:
-        super().__init__(max_connections)
+        super().__init__(max_connections, timeout)
         self._ports = {"tls": tls_port, "raw_buffer": plain_port}
         self._internal = internal_host
         self._admit = admit
@@ -778,7 +788,7 @@ class PermissiveFront(_Forwarder):
         loop = asyncio.get_running_loop()
         await asyncio.wait_for(
             loop.create_connection(lambda: up, self._internal, self._ports[transport]),
-            CONNECT_TIMEOUT,
+            self.timeout,
         )
         assert up.transport is not None
         key = up.transport.get_extra_info("sockname")[1]
