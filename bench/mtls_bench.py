@@ -353,8 +353,9 @@ def main() -> None:
         report(
             "gRPC new connection per call (grpcio channel to the endpoint / tunnel)", res, "plain"
         )
-        # last: grpc.aio binds grpcio to this event loop, which asyncio.run then closes
-        res = asyncio.run(aio_rounds(target, creds, xds, args))
+        # last: grpc.aio binds grpcio to this event loop
+        loop = asyncio.new_event_loop()  # left open: grpcio's aio poller outlives the run
+        res = loop.run_until_complete(aio_rounds(target, creds, xds, args))
         print(f"\ngRPC aio: pymesh.grpc.aio channels, {args.concurrency} calls in flight")
         print(f"  {'arm':<14}{'latency p50':>14}{'calls/s':>12}{'time ratio':>12}")
         for arm, (p50, per_call) in res.items():
