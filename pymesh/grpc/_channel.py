@@ -18,15 +18,21 @@ response (unary) / first message (streaming)       ``status=200`` (committed: th
                                                    never retried after the first message)
 ``DEADLINE_EXCEEDED`` of the mesh's attempt        ``reset=PER_TRY_TIMEOUT``
 ``DEADLINE_EXCEEDED`` of the caller's ``timeout``  raised to the caller at once
-any other status (also a stream ending empty)      ``status=200, grpc_status=N``
+``UNAVAILABLE`` "failed to connect to all          ``reset=CONNECT_FAILURE`` (nothing was
+addresses" (no connection to the endpoint)         sent)
+any other status (also a stream ending empty)      ``status=200, grpc_status=N``, with the
+                                                   ``grpc-retry-pushback-ms`` trailing
+                                                   metadata in ``headers`` when present
 =================================================  ==========================================
 
-Connection failures and resets are *not* reported as resets: grpcio's transport reports them
-as the status ``UNAVAILABLE`` ("failed to connect to all addresses"), and that is what a
-proxyless client's retry policy sees (gRFC A44: ``retry_on`` gRPC conditions only; the core's
-``RetryState(is_grpc=True)`` ignores resets, checked against grpcio's C-core). So a dead
-endpoint is retried under ``unavailable`` (Istio's default retry policy has it) with the
-previous-hosts predicate, and outlier detection counts it as a 503 (Envoy's gRPC mapping).
+An attempt that could not connect is a connect failure for the policies: retried under
+``connect-failure`` / ``reset-before-request`` (as for HTTP) and under ``unavailable`` (how
+a proxyless client's retry policy sees it: the core's ``RetryState(is_grpc=True)`` counts a
+connect failure as ``UNAVAILABLE``), counted by outlier detection as Envoy counts one; a call
+that ends on it fails ``UNAVAILABLE`` (Envoy's "upstream connect error" text, flag ``UF``),
+and a ``wait_for_ready`` call waits instead. Other resets are grpcio statuses and stay so.
+Subchannel connectivity also reaches the balancer (:mod:`pymesh.grpc._subchannels`): an
+endpoint in ``TRANSIENT_FAILURE`` is not picked until it is usable again.
 
 Deadlines: the caller's ``timeout`` is the call's deadline (as in grpcio); it is also shown to
 the route as a ``grpc-timeout`` header, so ``grpc_timeout_header_max`` / ``max_grpc_timeout``
