@@ -19,6 +19,7 @@ import grpc.aio
 import pytest
 
 import pymesh.grpc
+import pymesh.grpc.aio
 from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
 from pymesh.controlplane import ControlPlane
 from pymesh.controlplane.ca import CertificateAuthority
@@ -269,6 +270,17 @@ def test_mesh_channel_takes_tls_and_sans_from_cds(
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert creds.refused() >= 1
             assert "match none" in creds.tunnels[-1].stats.last_error
+
+            async def aio() -> bytes:
+                ch = pymesh.grpc.aio.secure_channel(
+                    "xds:///good.default.svc.cluster.local:7070", creds, xds_client=xds
+                )
+                try:
+                    return await ch.unary_unary("/t.Who/Am")(b"", timeout=15)  # type: ignore[no-any-return]
+                finally:
+                    await ch.close()
+
+            assert asyncio.run(aio()) == CLIENT.encode()
         finally:
             good.close()
             bad.close()
