@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -86,6 +87,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         except (OSError, ValueError):
             pass
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "logs").mkdir(exist_ok=True)
+    # the control plane runs in this process: its log goes to a file, the terminal shows status
+    logging.basicConfig(
+        filename=workdir / "logs" / "control-plane.log",
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
     def on_signal(signum: int, frame: object) -> None:
         raise _Stop()
@@ -117,7 +125,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             + ("" if args.workdir == default_workdir() else f" --workdir {workdir}"),
             flush=True,
         )
-        print("Ctrl-C stops everything.", flush=True)
+        print(f"logs: {workdir / 'logs'}; Ctrl-C stops everything.", flush=True)
         last, last_at = "", 0.0
         bookinfo.status()  # starts the request-rate window
         while True:

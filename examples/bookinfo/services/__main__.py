@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one access line per request is ours
     app_name, _, version = args.name.rpartition("-")
     os.environ.setdefault("HOSTNAME", args.name)
 
