@@ -24,4 +24,4 @@ def test_reviews_timeout(bookinfo: Bookinfo, user: Callable[[str | None], User])
         assert page.status == 200
         assert page.errors == (REVIEWS_ERROR,)
         assert page.details_ok
-        assert 0.9 <= page.elapsed <= 1.6, page.elapsed  # 2 tries x 0.5 s
+        assert 0.9 <= page.elapsed <= 2.0, page.elapsed  # 2 tries x 0.5 s
