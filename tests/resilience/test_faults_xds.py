@@ -1,0 +1,297 @@
+"""Slow and hostile xDS servers: delayed responses, a 100k-endpoint response, 100 updates per
+second; and a NACK storm across several clients.
+
+The ADS server (tests/xdsserver.py) runs in its own process (``_xds_driver.py``), so its
+CPU is not charged to the clients measured here. The clients are ``pymesh.httpx.Client``s
+over their own ``XdsClient``s; the backend is a uvicorn server in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import pymesh.httpx
+from pymesh.bootstrap import parse_bootstrap
+from pymesh.core.runtime import MeshRuntime
+from pymesh.xds.client import XdsClient
+from tests.integration.httpx.conftest import Backend, Upstream
+from tests.xdsserver import XdsTestServer
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+URL = "http://reviews.default.svc.cluster.local:9080/"
+CLUSTER = "outbound|9080||reviews.default.svc.cluster.local"
+
+
+class Driver:
+    """The ADS server process; ``call(op, **args)`` runs one command (see _xds_driver.py)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "_xds_driver.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        )
+        assert self.proc.stdout is not None
+        self.port = json.loads(self.proc.stdout.readline())["port"]
+        self._lock = threading.Lock()
+
+    def call(self, op: str, **args: Any) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        with self._lock:
+            self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+            self.proc.stdin.flush()
+            reply = json.loads(self.proc.stdout.readline())
+        assert "error" not in reply, reply
+        return reply["ok"]
+
+    def client(self) -> XdsClient:
+        data = XdsTestServer(port=self.port).bootstrap_dict()
+        return XdsClient(parse_bootstrap(json.dumps(data), source="test"))
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def driver() -> Iterator[Driver]:
+    d = Driver()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def backend() -> Iterator[tuple[Backend, Upstream]]:
+    b = Backend("only")
+    up = Upstream(b).start()
+    yield b, up
+    up.stop()
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def latencies(client: httpx.Client, n: int) -> tuple[list[float], int]:
+    """``n`` sequential requests: their latencies (ms) and how many failed."""
+    out = []
+    failed = 0
+    for _ in range(n):
+        t = time.perf_counter()
+        r = client.get(URL)
+        out.append((time.perf_counter() - t) * 1000)
+        failed += r.status_code != 200
+    return out, failed
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98]
+
+
+def host_count(xds: XdsClient) -> int:
+    rt = MeshRuntime.for_client(xds).clusters().get(CLUSTER)
+    return 0 if rt is None else len(rt.hosts)
+
+
+def wait_hosts(xds: XdsClient, n: int, timeout: float = 60) -> float:
+    start = time.monotonic()
+    while host_count(xds) != n:
+        assert time.monotonic() - start < timeout, (host_count(xds), n)
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+BLOCK = 800  # requests per measured block
+ROUNDS = 3  # a phase passes when one of its rounds is within 2x (a shared, loaded box)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_slow_huge_and_flooding_xds(
+    driver: Driver, backend: tuple[Backend, Upstream], record: Any
+) -> None:
+    """Request latency p99 under each xDS abuse vs idle p99 measured right before and after
+    (pooled) in the same round; RSS bounded with 100k endpoints and given back after."""
+    port = backend[1].port
+    driver.call("serve", backend=port)
+    xds = driver.client()
+    sent = failed = 0
+    results: dict[str, list[float]] = {}
+    extra: dict[str, Any] = {}
+
+    def measure(n: int) -> list[float]:
+        nonlocal sent, failed
+        lat, f = latencies(client, n)
+        sent += n
+        failed += f
+        return lat
+
+    def delayed() -> list[float]:
+        driver.call("delay", seconds=2.0)
+        driver.call("eds", backend=port, tag=2 + len(results.get("delayed", [])))
+        try:
+            return measure(BLOCK)
+        finally:
+            driver.call("delay", seconds=0.0)
+
+    def huge() -> list[float]:
+        base = rss_mb()
+        pushed = time.monotonic()
+        driver.call("eds", backend=port, extra=100_000, tag=3)
+        applying: list[float] = []
+        while host_count(xds) != 100_001:
+            applying += measure(20)
+            assert time.monotonic() - pushed < 120
+        extra.setdefault("applied", []).append(time.monotonic() - pushed)
+        settle = time.monotonic() + 1.0  # the balancer is built after the hosts: its tail
+        while time.monotonic() < settle:
+            applying += measure(20)
+        extra.setdefault("applying", []).extend(applying)
+        lat = measure(BLOCK)
+        extra.setdefault("rss", []).append((base, rss_mb()))
+        driver.call("eds", backend=port, tag=4)
+        wait_hosts(xds, 1)
+        extra.setdefault("rss_after", []).append(rss_mb())
+        return lat
+
+    def flood() -> list[float]:
+        done: dict[str, Any] = {}
+        flooder = threading.Thread(
+            target=lambda: done.update(driver.call("flood", backend=port, rate=100, seconds=5))
+        )
+        flooder.start()
+        lat: list[float] = []
+        while flooder.is_alive():
+            lat += measure(50)
+        flooder.join()
+        extra["updates"] = done["updates"]
+        return lat
+
+    try:
+        with pymesh.httpx.Client(xds_client=xds, mesh_wait=10) as client:
+            measure(300)  # warm up: connections, caches
+            for name, phase in (
+                ("delayed", delayed),
+                ("100k endpoints", huge),
+                ("100 updates/s", flood),
+            ):
+                for _ in range(ROUNDS):
+                    before = measure(BLOCK)
+                    during = phase()
+                    idle = before + measure(BLOCK)
+                    ratio = p99(during) / p99(idle)
+                    results.setdefault(name, []).append(ratio)
+                    extra.setdefault("idle", []).append(p99(idle))
+                    if ratio <= 2.0:
+                        break
+    finally:
+        xds.close()
+    applying = extra["applying"]
+    during_apply = p99(applying) if len(applying) > 1 else max(applying, default=0.0)
+    peak = max(b for _, b in extra["rss"]) - min(a for a, _ in extra["rss"])
+    kept = max(extra["rss_after"]) - min(a for a, _ in extra["rss"])
+    note = (
+        "p99 vs idle p99: "
+        + ", ".join(f"{k} " + "/".join(f"{r:.2f}x" for r in v) for k, v in results.items())
+        + f" (idle p99 {min(extra['idle']):.1f}-{max(extra['idle']):.1f} ms)"
+        + f"; while 100k endpoints were applied ({max(extra['applied']):.1f} s) p99"
+        f" {during_apply:.0f} ms; RSS +{peak:.0f} MB with 100k hosts, +{kept:.0f} MB after"
+    )
+    record(
+        "slow xDS (delayed, 100k endpoints, 100 updates/s)",
+        cases=sum(len(v) for v in results.values()),
+        requests=sent,
+        failed=failed,
+        note=note,
+    )
+    assert failed == 0
+    assert extra["updates"] == 500
+    for name, ratios in results.items():
+        assert min(ratios) <= 2.0, (name, note)
+    # Known gap (docs/resilience-suite.md): while 100k endpoints are decoded (~2.4 s) and
+    # their hosts built (~1.3 s) on the xDS thread, requests share the GIL with it and are
+    # slower (never failed) for those seconds: bounded here, not within 2x.
+    assert during_apply < 250, note
+    assert peak < 400, note  # 100k hosts: bounded
+    assert kept < 250, note  # and mostly given back when they go
+
+
+@pytest.mark.timeout(120)
+def test_nack_storm(driver: Driver, backend: tuple[Backend, Upstream], record: Any) -> None:
+    """A bad route pushed to every client: all NACK, all keep serving the last good route,
+    all apply the next good push."""
+    driver.call("serve", backend=backend[1].port)
+    n = 5
+    xds = [driver.client() for _ in range(n)]
+    http = [pymesh.httpx.Client(xds_client=c, mesh_wait=10) for c in xds]
+    sent = failed = 0
+
+    def all_serve(marker: str, timeout: float = 20) -> None:
+        nonlocal sent, failed
+        deadline = time.monotonic() + timeout
+        for h in http:
+            while True:
+                r = h.get(URL)
+                sent += 1
+                failed += r.status_code != 200
+                if r.headers.get("x-config") == marker:
+                    break
+                assert time.monotonic() < deadline, (marker, r.headers)
+                time.sleep(0.02)
+
+    try:
+        all_serve("initial")
+        mark = driver.call("mark")
+        for round_ in range(3):
+            driver.call("bad_route")
+            deadline = time.monotonic() + 20
+            while driver.call("nacked", since=mark) < n:
+                assert time.monotonic() < deadline, driver.call("nacked", since=mark)
+                time.sleep(0.05)
+            for h in http:  # still the last good route, no error
+                for _ in range(20):
+                    r = h.get(URL)
+                    sent += 1
+                    failed += r.status_code != 200
+                    assert r.headers.get("x-config") == (
+                        "initial" if round_ == 0 else f"good{round_ - 1}"
+                    )
+            mark = driver.call("mark")
+            driver.call("route", marker=f"good{round_}")
+            all_serve(f"good{round_}")
+            deadline = time.monotonic() + 20
+            while driver.call("acked", since=mark) < n:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            mark = driver.call("mark")
+    finally:
+        for h in http:
+            h.close()
+        for c in xds:
+            c.close()
+    record(f"NACK storm ({n} clients, 3 bad pushes)", cases=3 * n, requests=sent, failed=failed)
+    assert failed == 0
