@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from playwright.sync_api import BrowserContext, Page, sync_playwright
 
 from examples.bookinfo.mesh import Bookinfo
@@ -117,3 +118,57 @@ def test_jason_logs_in_through_the_form_and_sees_black_stars(
         assert colours, "jason gets reviews v2: stars"
         assert set(colours) == {"rgb(0, 0, 0)"}, f"v2 stars are black, got {set(colours)}"
         save_screenshot(page, tmp_path, "bookinfo-jason-black-stars")
+
+
+@pytest.mark.slow
+def test_walkthrough_screenshots(bookinfo: Bookinfo, tmp_path: Path) -> None:
+    """The pictures of docs/bookinfo.md, each after the step it illustrates, checked on the
+    rendered page (the fault-injection delay alone takes about 6 s)."""
+    from tests.integration.bookinfo.test_security import (
+        ALLOW_NOTHING,
+        DETAILS_VIEWER,
+        PRODUCTPAGE_VIEWER,
+        REVIEWS_VIEWER,
+    )
+
+    with chromium(tmp_path / "profile") as browser:
+        page = browser.new_page()
+
+        def load(name: str) -> str:
+            response = page.goto(bookinfo.page_url)
+            assert response is not None
+            save_screenshot(page, tmp_path, name)
+            return page.inner_text("body")
+
+        # traffic shifting, last step: every load red
+        bookinfo.apply("reviews-v3")
+        load("bookinfo-red-stars")
+        assert set(star_colours(page)) == {"rgb(255, 0, 0)"}
+
+        # fault injection, as jason: delay (productpage gives up after 3 s + one retry)...
+        page.goto(bookinfo.page_url)
+        page.get_by_role("button", name="Sign in").first.click()
+        page.locator("input[name=username]").fill("jason")
+        with page.expect_navigation():
+            page.locator("form[action*=login] [type=submit]").click()
+        bookinfo.apply("all-v1", "reviews-test-v2", "ratings-test-delay")
+        text = load("bookinfo-fault-delay")
+        assert "Sorry, product reviews are currently unavailable for this book." in text
+        # ...and abort: reviews v2 answers without its ratings
+        bookinfo.apply("ratings-test-abort")
+        text = load("bookinfo-fault-abort")
+        assert "Ratings service is currently unavailable" in text
+        bookinfo.reset()
+
+        # authorization: nothing allowed, then productpage only, then details and reviews
+        bookinfo.apply("reviews-v2")
+        bookinfo.apply_yaml(ALLOW_NOTHING, name="allow-nothing")
+        assert "RBAC: access denied" in load("bookinfo-authz-allow-nothing")
+        bookinfo.apply_yaml(PRODUCTPAGE_VIEWER, name="productpage-viewer")
+        text = load("bookinfo-authz-productpage-viewer")
+        assert "Error fetching product details!" in text
+        assert "Error fetching product reviews!" in text
+        bookinfo.apply_yaml(DETAILS_VIEWER + "---\n" + REVIEWS_VIEWER, name="details-reviews")
+        text = load("bookinfo-authz-details-reviews-viewer")
+        assert "Ratings service is currently unavailable" in text
+        assert "Error fetching" not in text

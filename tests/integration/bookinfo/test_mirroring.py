@@ -9,7 +9,9 @@ page never shows stars (v1) and v2's request counter grows by one per load.
 
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 from examples.bookinfo.client import User
 from examples.bookinfo.mesh import Bookinfo
@@ -54,6 +56,14 @@ spec:
 LOADS = 20
 
 
+_ACCESS_ID = re.compile(r'bookinfo\.access: "GET /reviews/0" 200 .*x-request-id=(\S+)')
+
+
+def request_ids(log: Path, last: int) -> list[str]:
+    """x-request-id of the last ``last`` reviews requests in a workload's access log."""
+    return _ACCESS_ID.findall(log.read_text())[-last:]
+
+
 def counts(bookinfo: Bookinfo) -> dict[str, int]:
     return {v: bookinfo.services[f"reviews-{v}"].requests() for v in ("v1", "v2", "v3")}
 
@@ -93,3 +103,9 @@ def test_reviews_v1_mirrored_to_v2(bookinfo: Bookinfo) -> None:
         "v2": before["v2"] + LOADS,
         "v3": before["v3"],
     }
+    # each copy is the request v1 served, x-request-id included (Istio's task reads v2's
+    # access log for the same)
+    v1_ids = request_ids(bookinfo.services["reviews-v1"].log_path, LOADS)
+    v2_ids = request_ids(bookinfo.services["reviews-v2"].log_path, LOADS)
+    assert len(set(v1_ids)) == LOADS
+    assert set(v2_ids) == set(v1_ids)
