@@ -1083,14 +1083,49 @@ def http_client_call(request: Any) -> ClientCall | None:
     tel = _current
     if tel is None:
         return None
-    return tel.client_call(
+    added: list[tuple[str, str]] = []
+    call = tel.client_call(
         protocol="http",
         method=request.method,
         authority=None,
         path=None,
-        set_header=request.headers.__setitem__,
+        set_header=_append_pair(added),
         request=request,
     )
+    _add_headers(request.headers, added)
+    return call
+
+
+def _append_pair(out: list[tuple[str, str]]) -> Callable[[str, str], None]:
+    def add(name: str, value: str) -> None:
+        out.append((name, value))
+
+    return add
+
+
+def _add_headers(headers: Any, added: list[tuple[str, str]]) -> None:
+    """Write ``added`` (lower-case names) into an ``httpx.Headers``: appended in one step
+    to its item list when none of the names telemetry writes is there yet (the usual case:
+    one pass, about 1 µs for four headers instead of 4 µs for four ``headers[name] =
+    value``), else one ``headers[name] = value`` each (replacing the application's)."""
+    items = getattr(headers, "_list", None)
+    if type(items) is list:
+        for item in items:
+            if item[1] in _WRITTEN:
+                break
+        else:
+            items += [(k.encode(), k.encode(), v.encode("latin-1")) for k, v in added]
+            return
+    for name, value in added:
+        headers[name] = value
+
+
+_WRITTEN = frozenset(
+    name.encode()
+    for name in ("traceparent", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled",
+                 "x-envoy-peer-metadata", "x-envoy-peer-metadata-id", "baggage")
+)  # fmt: skip
+"""Every header name telemetry writes into a request (httpx's lower-case item form)."""
 
 
 def finish_local(call: ClientCall, result: CallResult, request_bytes: int) -> None:
