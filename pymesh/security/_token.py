@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,14 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from pymesh.errors import PymeshError
 
-__all__ = ["DEFAULT_AUDIENCE", "TokenError", "TokenIdentity", "issue_token", "verify_token"]
+__all__ = [
+    "DEFAULT_AUDIENCE",
+    "TokenError",
+    "TokenIdentity",
+    "issue_token",
+    "token_id_of",
+    "verify_token",
+]
 
 DEFAULT_AUDIENCE = "istio-ca"
 _MAX_TOKEN = 16 * 1024
@@ -44,6 +52,8 @@ class TokenIdentity:
     namespace: str
     service_account: str
     expires: float
+    token_id: str | None = None
+    """The token's ``jti`` (what a revocation names); ``None`` for tokens without one."""
 
 
 def _b64(data: bytes) -> str:
@@ -63,8 +73,10 @@ def issue_token(
     now: float,
     ttl: float,
     audience: str = DEFAULT_AUDIENCE,
+    token_id: str | None = None,
 ) -> str:
-    """A signed ES256 token for ``NS/SA`` valid from ``now`` for ``ttl`` seconds."""
+    """A signed ES256 token for ``NS/SA`` valid from ``now`` for ``ttl`` seconds, with a
+    random ``jti`` (``token_id``) that a revocation list can name."""
     header = {"alg": "ES256", "typ": "JWT"}
     claims = {
         "iss": issuer,
@@ -74,6 +86,7 @@ def issue_token(
         "nbf": int(now),
         "exp": int(now + ttl),
         "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": service_account}},
+        "jti": token_id or secrets.token_hex(16),
     }
     signing_input = (
         _b64(json.dumps(header, separators=(",", ":")).encode())
@@ -152,4 +165,18 @@ def _check_claims(
             or sa.get("name") != parts[3]
         ):
             raise TokenError("token kubernetes.io claims disagree with its subject")
-    return TokenIdentity(parts[2], parts[3], float(exp))
+    jti = claims.get("jti")
+    return TokenIdentity(parts[2], parts[3], float(exp), jti if isinstance(jti, str) else None)
+
+
+def token_id_of(token: str) -> str | None:
+    """The ``jti`` of ``token`` without verifying it (to name it in a revocation)."""
+    parts = token.strip().split(".")
+    if len(parts) != 3:
+        raise TokenError("malformed token (not a JWS compact serialization)")
+    try:
+        claims = json.loads(_unb64(parts[1]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TokenError(f"malformed token: {exc}") from exc
+    jti = claims.get("jti") if isinstance(claims, dict) else None
+    return jti if isinstance(jti, str) else None
