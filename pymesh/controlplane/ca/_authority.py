@@ -6,6 +6,7 @@ State directory (created on first start; private keys mode 0600)::
     next-root-cert.pem next-root-key.pem   a root trusted but not signing yet (rotation phase 1)
     previous-roots.pem                roots still trusted during a root rotation overlap
     token-key.pem                     P-256 key signing and verifying workload tokens
+    revoked-tokens                    ids (``jti``) of revoked workload tokens, one a line
 
 Plugged-in mode, Istio's ``cacerts`` layout: when ``ca-cert.pem`` exists in the directory the
 CA signs with ``ca-cert.pem``/``ca-key.pem`` (an intermediate), returns
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -113,6 +115,8 @@ class CertificateAuthority:
             self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._signer = self._load_plugged() if self.plugged_in else self._load_or_create_root()
         self._token_key = self._load_or_create_token_key()
+        self._revoked: frozenset[str] = frozenset()
+        self._revoked_stamp: tuple[int, int] | None = None
         if insecure_skip_token:
             log.warning(
                 "INSECURE: the CA signs certificates WITHOUT checking workload tokens "
@@ -268,6 +272,36 @@ class CertificateAuthority:
             ttl=ttl,
         )
 
+    def revoke_token(self, token_id: str) -> None:
+        """Refuse the token with this ``jti`` from now on (``revoked-tokens`` in the state
+        directory, one id per line; a running CA re-reads the file when it changes, so
+        ``pymesh token revoke`` in another process takes effect)."""
+        token_id = token_id.strip()
+        if not token_id or any(c.isspace() for c in token_id):
+            raise PymeshError(f"not a token id: {token_id!r}")
+        with self._lock:
+            path = self._dir / "revoked-tokens"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, (token_id + "\n").encode("ascii", "replace"))
+            finally:
+                os.close(fd)
+            self._revoked_stamp = None
+
+    def revoked_tokens(self) -> frozenset[str]:
+        """The revoked token ids (re-read when ``revoked-tokens`` changed; one ``stat``)."""
+        path = self._dir / "revoked-tokens"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._revoked, self._revoked_stamp = frozenset(), None
+            return self._revoked
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._revoked_stamp:
+            lines = path.read_text("ascii", "replace").split()
+            self._revoked, self._revoked_stamp = frozenset(lines), stamp
+        return self._revoked
+
     def authenticate(self, metadata: Mapping[str, str]) -> SpiffeId | None:
         """The caller's identity from ``authorization: Bearer <jwt>``.
 
@@ -293,6 +327,10 @@ class CertificateAuthority:
             )
         except TokenError as exc:
             raise self._refuse(str(exc), "bad_token", "UNAUTHENTICATED") from exc
+        if ident.token_id is not None and ident.token_id in self.revoked_tokens():
+            raise self._refuse(
+                f"token {ident.token_id} is revoked", "revoked_token", "UNAUTHENTICATED"
+            )
         try:
             return SpiffeId(self.trust_domain, ident.namespace, ident.service_account)
         except ConfigError as exc:
