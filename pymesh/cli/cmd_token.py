@@ -4,6 +4,9 @@ Prints a JWT (ES256, Kubernetes service-account claims) signed by the CA's token
 ``--ca-dir`` (the CA state is created there if missing). A workload sends it as
 ``authorization: Bearer <token>`` to ``CreateCertificate`` and gets certificates for
 ``spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT`` only.
+
+``pymesh token revoke`` adds a token's id (its ``jti``: give the id, or the token with
+``--token-file``) to the CA's revocation list; a running CA refuses it from its next request.
 """
 
 from __future__ import annotations
@@ -41,6 +44,15 @@ def register(subparsers: Any) -> None:
         "--trust-domain", default="cluster.local", help="trust domain (default cluster.local)"
     )
     create.set_defaults(func=run_create)
+    revoke = sub.add_parser("revoke", help="refuse a token from now on (by id or token file)")
+    revoke.add_argument("token_id", nargs="?", help="the token's id (its jti claim)")
+    revoke.add_argument("--token-file", help="a file holding the token to revoke")
+    revoke.add_argument(
+        "--ca-dir",
+        default=None,
+        help="the CA state directory (default $PYMESH_CA_DIR or ~/.local/state/pymesh/ca)",
+    )
+    revoke.set_defaults(func=run_revoke)
     parser.set_defaults(func=lambda args: _usage(parser))
 
 
@@ -63,4 +75,27 @@ def run_create(args: argparse.Namespace) -> int:
         print(f"pymesh token create: {exc}", file=sys.stderr)
         return 1
     print(token)
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    from pymesh.controlplane.ca import CertificateAuthority, default_ca_dir
+    from pymesh.security._token import token_id_of
+
+    if (args.token_id is None) == (args.token_file is None):
+        print("pymesh token revoke: give a token id or --token-file", file=sys.stderr)
+        return 2
+    try:
+        token_id = args.token_id
+        if args.token_file is not None:
+            token_id = token_id_of(Path(args.token_file).read_text())
+            if token_id is None:
+                print("pymesh token revoke: the token has no id (jti)", file=sys.stderr)
+                return 1
+        ca_dir = Path(args.ca_dir) if args.ca_dir else default_ca_dir()
+        CertificateAuthority(ca_dir).revoke_token(token_id)
+    except (PymeshError, OSError) as exc:
+        print(f"pymesh token revoke: {exc}", file=sys.stderr)
+        return 1
+    print(f"revoked {token_id}")
     return 0
