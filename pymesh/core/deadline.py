@@ -226,13 +226,73 @@ def call_deadlines(
     listener's (HCM) settings (``None`` = unset).
     """
     rq_header, per_try_header, grpc_header = _timeout_headers(request.headers)
+    if rq_header is None and per_try_header is None and grpc_header is None:
+        # No timeout header: the deadlines depend on the config alone, plus ``now``.
+        key = (id(action), id(retry), request.grpc, max_stream_duration, stream_idle_timeout)
+        memo = _MEMO.get(key)
+        if memo is None or memo[0] is not action or memo[1] is not retry:
+            if len(_MEMO) >= _MEMO_MAX:
+                _MEMO.clear()  # bounded: config churn must not grow it forever
+            template = _deadlines(
+                action,
+                retry,
+                request.grpc,
+                None,
+                None,
+                None,
+                0.0,
+                max_stream_duration,
+                stream_idle_timeout,
+            )
+            memo = _MEMO[key] = (action, retry, template)
+        template = memo[2]
+        if template.overall is None:
+            return template  # immutable, the same at any ``now``
+        return Deadlines(
+            now + template.overall,
+            template.per_try,
+            template.per_try_idle,
+            template.stream_duration,
+            template.idle,
+            template.router_timeout,
+            template.rewrite_grpc_timeout,
+        )
+    return _deadlines(
+        action,
+        retry,
+        request.grpc,
+        rq_header,
+        per_try_header,
+        grpc_header,
+        now,
+        max_stream_duration,
+        stream_idle_timeout,
+    )
+
+
+_MEMO: dict[tuple[int, int, bool, float | None, float | None], tuple[object, object, Deadlines]]
+_MEMO = {}
+_MEMO_MAX = 4096
+
+
+def _deadlines(  # noqa: PLR0917
+    action: RouteAction | None,
+    retry: RetryPolicy | None,
+    is_grpc: bool,
+    rq_header: str | None,
+    per_try_header: str | None,
+    grpc_header: str | None,
+    now: float,
+    max_stream_duration: float | None,
+    stream_idle_timeout: float | None,
+) -> Deadlines:
     grpc_timeout = parse_grpc_timeout(grpc_header)
     new_timeouts = action is not None and (
         action.max_stream_duration is not None
         or action.grpc_timeout_header_max is not None
         or action.grpc_timeout_header_offset is not None
     )
-    router = 0.0 if new_timeouts else _router_timeout(action, request.grpc, grpc_timeout)
+    router = 0.0 if new_timeouts else _router_timeout(action, is_grpc, grpc_timeout)
     header_timeout = _ms(rq_header)
     if header_timeout is not None:
         router = header_timeout
@@ -255,10 +315,7 @@ def call_deadlines(
     if idle is None:
         idle = DEFAULT_STREAM_IDLE_TIMEOUT if stream_idle_timeout is None else stream_idle_timeout
     rewrite = (
-        request.grpc
-        and not new_timeouts
-        and action is not None
-        and action.max_grpc_timeout is not None
+        is_grpc and not new_timeouts and action is not None and action.max_grpc_timeout is not None
     )
     return Deadlines(
         overall,
