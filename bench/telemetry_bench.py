@@ -10,7 +10,11 @@ gives medians over rounds and the on/off ratios (target: throughput within 5%).
 A second figure isolates the per-request cost: both transports answer from memory (no
 network), timed as client-thread CPU, min over repeats.
 
+A third isolates the server side: the telemetry ASGI middleware ``pymesh.serve`` applies by
+default, driven in memory around a one-line app.
+
     python bench/telemetry_bench.py [--requests 2000] [--rounds 7] [--concurrency 16]
+                                    [--isolated-only]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from opentelemetry.sdk.trace import TracerProvider
@@ -117,11 +122,66 @@ def isolated(xds: XdsClient, tel: telemetry.Telemetry, repeats: int = 30) -> tup
     return min(offs), min(ons)
 
 
+def asgi_isolated(tel: telemetry.Telemetry, repeats: int = 30) -> dict[str, float]:
+    """Server side: CPU µs per request of the telemetry ASGI middleware (what
+    ``pymesh.serve`` applies by default) around a one-line app, driven in memory on one
+    event loop (no sockets, no uvicorn): the app alone, wrapped with no telemetry installed,
+    wrapped with ``tel`` installed (a caller's metadata exchange and trace headers in)."""
+    from pymesh.telemetry._peer import exchange_headers
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    wrapped = telemetry.asgi_middleware(app)
+    caller = [(k.encode(), v.encode()) for k, v in exchange_headers(tel.node)]
+    headers = [
+        (b"host", b"reviews.default.svc.cluster.local:9080"),
+        (b"user-agent", b"python-httpx/0.28.1"),
+        (b"accept", b"*/*"),
+        (b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"),
+        (b"x-request-id", b"9b6c7a3e-3f0e-4a51-9d5c-0d4b5d1f8a77"),
+        *caller,
+    ]
+    scope = {"type": "http", "method": "GET", "path": "/reviews/0", "query_string": b"",
+             "headers": headers, "extensions": {}}  # fmt: skip
+    request = {"type": "http.request", "body": b"", "more_body": False}
+
+    async def receive() -> Any:
+        return request
+
+    async def send(message: Any) -> None:
+        return None
+
+    async def loop(target: Any, n: int) -> float:
+        c0 = time.thread_time()
+        for _ in range(n):
+            await target(dict(scope), receive, send)
+        return (time.thread_time() - c0) / n * 1e6
+
+    async def run() -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {"app": [], "off": [], "on": []}
+        for _ in range(repeats):
+            telemetry.uninstall()
+            out["app"].append(await loop(app, 1000))
+            out["off"].append(await loop(wrapped, 1000))
+            telemetry.install(tel)
+            out["on"].append(await loop(wrapped, 1000))
+        telemetry.uninstall()
+        return out
+
+    return {k: min(v) for k, v in asyncio.run(run()).items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument(
+        "--isolated-only", action="store_true", help="only the in-memory client and ASGI figures"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -140,6 +200,8 @@ def main() -> None:
         url = f"http://{HOST}:{PORT}/"
         lines: list[str] = []
         try:
+            if args.isolated_only:
+                args.rounds = 0
             with pymesh.httpx.Client(xds_client=xds, mesh_wait=10) as client:
                 client.get(url)
                 off: list[Round] = []
@@ -150,7 +212,8 @@ def main() -> None:
                     telemetry.install(tel)
                     on.append(sync_round(client, url, args.requests))
                 telemetry.uninstall()
-                lines += summarize(f"sync, {args.requests} requests x {args.rounds}", off, on)
+                if off:
+                    lines += summarize(f"sync, {args.requests} requests x {args.rounds}", off, on)
 
             async def run_async() -> tuple[list[Round], list[Round]]:
                 async with pymesh.httpx.AsyncClient(xds_client=xds, mesh_wait=10) as client:
@@ -168,12 +231,20 @@ def main() -> None:
                     return a_off, a_on
 
             a_off, a_on = asyncio.run(run_async())
-            lines += summarize(f"async, concurrency {args.concurrency}", a_off, a_on)
+            if a_off:
+                lines += summarize(f"async, concurrency {args.concurrency}", a_off, a_on)
             iso_off, iso_on = isolated(xds, tel)
             lines += [
                 "isolated (in-memory upstream, client CPU per request, min of 30 x 1000)",
                 f"  telemetry off {iso_off:.1f} us, on {iso_on:.1f} us: "
                 f"+{iso_on - iso_off:.1f} us per request",
+            ]
+            srv = asgi_isolated(tel)
+            lines += [
+                "ASGI server middleware (in memory, CPU per request, min of 30 x 1000)",
+                f"  app alone {srv['app']:.1f} us; wrapped, telemetry off "
+                f"{srv['off']:.1f} us (+{srv['off'] - srv['app']:.1f}); on {srv['on']:.1f} us "
+                f"(+{srv['on'] - srv['app']:.1f})",
             ]
             series = len(tel.requests.snapshot())
             log_file.flush()
