@@ -385,7 +385,7 @@ class ServiceProc:
         return value if isinstance(value, dict) else {"requests": 0, "paths": {}, "statuses": {}}
 
     def requests(self) -> int:
-        """Requests served so far (updated by the process every 0.5 s)."""
+        """Requests served so far (the process writes its count before each response)."""
         return int(self.stats().get("requests", 0))
 
 

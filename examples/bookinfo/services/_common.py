@@ -131,9 +131,9 @@ async def lifespan(receive: Receive, send: Send) -> None:
 
 
 class Stats:
-    """Requests served by this process, per path, written to ``path`` (JSON) every half
-    second so the launcher (and tests) can read them without going through the mesh, whatever
-    its policies are."""
+    """Requests served by this process, per path, written to ``path`` (JSON) after every
+    request, so the launcher (and tests) can read them without going through the mesh,
+    whatever its policies are."""
 
     def __init__(self, path: Path | None, name: str) -> None:
         self.path = path
@@ -143,8 +143,6 @@ class Stats:
         self.by_status: Counter[int] = Counter()
         self.last_headers: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def count(self, path: str, status: int, headers: Mapping[str, str] | None = None) -> None:
         with self._lock:
@@ -153,42 +151,41 @@ class Stats:
             self.by_status[status] += 1
             if headers is not None:
                 self.last_headers = forward_headers(headers)
+            try:
+                self._write_locked()
+            except OSError:
+                pass
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:
-            return {
-                "name": self.name,
-                "pid": os.getpid(),
-                "time": time.time(),
-                "requests": self.total,
-                "paths": dict(self.by_path),
-                "statuses": {str(k): v for k, v in self.by_status.items()},
-                "last_headers": dict(self.last_headers),
-            }
+            return self._snapshot_locked()
+
+    def _snapshot_locked(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "time": time.time(),
+            "requests": self.total,
+            "paths": dict(self.by_path),
+            "statuses": {str(k): v for k, v in self.by_status.items()},
+            "last_headers": dict(self.last_headers),
+        }
 
     def write(self) -> None:
+        with self._lock:
+            self._write_locked()
+
+    def _write_locked(self) -> None:
         if self.path is None:
             return
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.snapshot()))
+        tmp.write_text(json.dumps(self._snapshot_locked()))
         os.replace(tmp, self.path)
 
     def start(self) -> None:
-        def loop() -> None:
-            while not self._stop.wait(0.5):
-                try:
-                    self.write()
-                except OSError:
-                    pass
-
         self.write()
-        self._thread = threading.Thread(target=loop, name="bookinfo-stats", daemon=True)
-        self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2)
         try:
             self.write()
         except OSError:
@@ -204,29 +201,36 @@ def counted(app: Callable[[Scope, Receive, Send], Awaitable[None]], stats: Stats
             return
         if scope["type"] != "http":
             return
-        status = [500]
+        counted_already = False
 
-        async def counting_send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await app(scope, receive, counting_send)
-        finally:
+        def count(status: int) -> None:
+            # before the response goes out: whoever got the answer can read the count
             headers = {
                 k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
             }
-            stats.count(scope["path"], status[0], headers)
+            stats.count(scope["path"], status, headers)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(
                     '"%s %s" %d end-user=%s x-request-id=%s',
                     scope["method"],
                     scope["path"],
-                    status[0],
+                    status,
                     headers.get("end-user", "-"),
                     headers.get("x-request-id", "-"),
                 )
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            nonlocal counted_already
+            if message["type"] == "http.response.start" and not counted_already:
+                counted_already = True
+                count(message["status"])
+            await send(message)
+
+        try:
+            await app(scope, receive, counting_send)
+        finally:
+            if not counted_already:
+                count(500)
 
     return wrapper
 
