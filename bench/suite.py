@@ -28,6 +28,9 @@ elif str(REPO) not in sys.path:
 from bench.suite import dataplane, report, scale, topology  # noqa: E402
 from bench.suite.procs import machine  # noqa: E402
 
+GRPC_FACTOR = 2
+"""gRPC batches are this many times larger (gRPC calls are quicker than HTTP requests)."""
+
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -68,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python bench/suite.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
-        "args": {"quick": args.quick, "rounds": rounds, "requests": requests},
+        "args": {
+            "quick": args.quick,
+            "rounds": rounds,
+            "requests": requests,
+            "grpc_requests": requests * GRPC_FACTOR,
+        },
         "envoy_version": envoy_version(envoy_bin),
     }
     cells: list[dataplane.Cell] = []
@@ -81,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for kind in ("http", "grpc"):
                     if kind in sections:
-                        log(f"{kind}: {rounds} rounds of {requests} requests per variant")
-                        cells += dataplane.run(topo.variants, kind, rounds, requests, log)
+                        n = requests * GRPC_FACTOR if kind == "grpc" else requests
+                        log(f"{kind}: {rounds} rounds of {n} requests per variant")
+                        cells += dataplane.run(topo.variants, kind, rounds, n, log)
             finally:
                 topo.close()
     res["dataplane"] = [c.summary() for c in cells]

@@ -163,7 +163,7 @@ def run(
             except RuntimeError as exc:
                 for s in shapes:
                     failed(s, w.variant.name, exc)
-        warm = max(50, requests // 5)
+        warm = max(20, requests // 5)
         for s in shapes:
             for w in workers:
                 try:

@@ -341,8 +341,9 @@ def page(res: dict[str, Any], tgts: list[dict[str, Any]], images: list[str]) -> 
         f"{m['loadavg'][1]:.2f} / {m['loadavg'][2]:.2f}, at the end "
         f"{res['loadavg_end'][0]:.2f}. The machine is shared with other work: only ratios "
         "from the same run mean something.",
-        f"- **Rounds**: {a['rounds']} interleaved rounds of {a['requests']} requests per "
-        "variant and shape; every figure is the median over rounds.",
+        f"- **Rounds**: {a['rounds']} interleaved rounds of {a['requests']} HTTP requests "
+        f"({a.get('grpc_requests', a['requests'])} gRPC calls) per variant and shape, after "
+        "a warm-up batch; every figure is the median over rounds.",
         f"- **Envoy**: {res.get('envoy_version', '?')}, `--concurrency 1`.",
         "",
         "## Targets (issue 9)",
@@ -449,7 +450,9 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
             "`bench/controlplane_scale.py`: simulated ADS clients (proxyless gRPC nodes watching "
             "5 services each, 10 Envoy-like wildcard clients) in a separate process, 10 "
             "endpoints per service; each round rewrites the config file; time from the write "
-            "to each client's ACK of the new version.",
+            "to each client's ACK of the new version. Phases (control-plane wall time, mean "
+            "over rounds): reload = read and validate the files, build = derive the config "
+            "and the generator, push = generate and send to every client.",
             "",
             _row(
                 [
@@ -468,7 +471,7 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
         for _k, cp in cp_rows:
             if "error" in cp:
                 lines.append(
-                    _row([str(cp.get("clients", "?")), "", "failed", cp["error"][-120:]] + [""] * 4)
+                    _row([str(cp.get("clients", "?")), "", "failed", cp["error"][-120:]] + [""] * 5)
                 )
                 continue
             lines.append(
@@ -551,12 +554,26 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
             _row(["bare interpreter (httpx + grpcio imported)", f"{r['bare']:.1f}", ""]),
             _row(["+ pymesh imported", f"{r['imported']:.1f}", f"{mem['pymesh_imports_mb']:.1f}"]),
             *(
-                _row([f"&nbsp;&nbsp;of which {k}", "", f"{v:.1f}"])
+                _row([f"&nbsp;&nbsp;{k}", "", f"{v:.1f}"])
                 for k, v in mem.get("imports_breakdown_mb", {}).items()
             ),
             _row(
                 [
-                    "+ xDS client, following 10 services",
+                    "+ `XdsClient` and `pymesh.httpx.Client` created",
+                    f"{r['created']:.1f}",
+                    f"{r['created'] - r['bare']:.1f}",
+                ]
+            ),
+            _row(
+                [
+                    "+ following 1 service (xDS stream open)",
+                    f"{r['following_1']:.1f}",
+                    f"{r['following_1'] - r['bare']:.1f}",
+                ]
+            ),
+            _row(
+                [
+                    "+ following 10 services",
                     f"{r['following_10']:.1f}",
                     f"{mem['pymesh_following_10_mb']:.1f}",
                 ]

@@ -176,12 +176,29 @@ RSS = textwrap.dedent(
 
 BARE = COMMON_IMPORTS + RSS + "print(json.dumps({'bare': rss()}))\n"
 
+DEPS = COMMON_IMPORTS + textwrap.dedent(
+    """
+    before = set(sys.modules)
+    import pymesh.bootstrap, pymesh.core.runtime, pymesh.grpc, pymesh.grpc.aio, pymesh.httpx
+    import pymesh.xds.client
+    print(json.dumps({"deps": [m for m in sys.modules
+                               if m not in before and m.split(".")[0] != "pymesh"]}))
+    """
+)
+
 WORKLOAD = (
     COMMON_IMPORTS
     + RSS
     + textwrap.dedent(
         """
         out = {"before_pymesh": rss()}
+        import importlib
+        for name in json.load(open(sys.argv[3])):
+            try:
+                importlib.import_module(name)
+            except Exception:
+                pass
+        out["imported_deps"] = rss()
         from pymesh.xds.client import XdsClient
         out["imported_xds_client"] = rss()
         import pymesh.httpx
@@ -195,9 +212,10 @@ WORKLOAD = (
         xds = XdsClient(parse_bootstrap(open(bootstrap).read(), source=bootstrap))
         client = pymesh.httpx.Client(xds_client=xds)
         runtime = MeshRuntime.for_client(xds)
+        out["created"] = rss()
         host = lambda i: f"svc-{i}.bench.svc.cluster.local:8080"
         handles = []
-        for stop in (10, services):
+        for stop in (1, 10, services):
             for i in range(len(handles), stop):
                 handles.append(runtime.watch(host(i)))
             for h in handles:
@@ -225,10 +243,17 @@ def _memory_main(args: argparse.Namespace) -> dict[str, Any]:
             bs = tmp / "bootstrap.json"
             bs.write_text(json.dumps(generate_bootstrap(xds_address=plane.address,
                                                         namespace="bench")))  # fmt: skip
+            deps = _python(["-c", DEPS], 120)["deps"]
+            (tmp / "deps.json").write_text(json.dumps(deps))
+            tops: dict[str, int] = {}
+            for name in deps:
+                tops[name.split(".")[0]] = tops.get(name.split(".")[0], 0) + 1
             runs: list[dict[str, float]] = []
             for _ in range(args.runs):  # interleaved, median
                 bare = _python(["-c", BARE], 120)
-                work = _python(["-c", WORKLOAD, str(args.services), str(bs)], 300)
+                work = _python(
+                    ["-c", WORKLOAD, str(args.services), str(bs), str(tmp / "deps.json")], 300
+                )
                 runs.append({**bare, **work})
         finally:
             plane.stop()
@@ -238,9 +263,10 @@ def _memory_main(args: argparse.Namespace) -> dict[str, Any]:
         "rss_mb": med,
         "pymesh_imports_mb": round(med["imported"] - med["bare"], 1),
         "imports_breakdown_mb": {
-            "pymesh.xds.client (xDS client, codecs, Envoy protos)": round(
-                med["imported_xds_client"] - med["before_pymesh"], 1
-            ),
+            "third-party modules pymesh imports ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(tops.items(), key=lambda kv: -kv[1])[:8])
+            + ", ... modules)": round(med["imported_deps"] - med["before_pymesh"], 1),
+            "pymesh.xds.client": round(med["imported_xds_client"] - med["imported_deps"], 1),
             "+ pymesh.httpx": round(med["imported_httpx"] - med["imported_xds_client"], 1),
             "+ pymesh.grpc, pymesh.grpc.aio": round(med["imported"] - med["imported_httpx"], 1),
         },
