@@ -27,6 +27,7 @@ listener closes its connections; the loop thread ends when the last listener clo
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import select
@@ -489,6 +490,8 @@ class TlsTunnel:
         self.name = f"grpc TLS tunnel to {host}:{port}"
         self.endpoint = (host, port)
         self.stats = ForwardStats()
+        self.peer_certificates: collections.deque[bytes] = collections.deque(maxlen=64)
+        """DER of the server certificates of the latest verified handshakes."""
         self._host, self._port = host, port
         self._context = context
         self._sni = server_hostname
@@ -626,6 +629,9 @@ class TlsTunnel:
                 return
             pipe.state = "open"
             self.stats.tls += 1
+            der = pipe.up.getpeercert(True)
+            if der:
+                self.peer_certificates.append(der)
             self._interest(pipe)
             return
         try:

@@ -1,0 +1,98 @@
+"""gRPC rotation under load, both sides at once: a client (``MeshChannelCredentials`` tunnel)
+calls a server (dynamic credentials) without pause while both certificates are replaced
+several times. The server ends connections after 0.5 s (``grpc.max_connection_age_ms``, with a
+grace period) so that new handshakes pick up the new certificates, as a long-lived mesh would
+over a certificate lifetime. No call may fail; every certificate each side was given must be
+seen in use by the other side."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from pymesh.controlplane.ca import CertificateAuthority
+from pymesh.model.matcher import StringMatcher
+from pymesh.security import MeshChannelCredentials, StaticProvider, server_credentials
+from tests.unit.security.pki_helpers import ca_bundle, spiffe
+
+ROTATIONS = 4
+
+
+def _serial(pem_or_der: bytes) -> int:
+    if pem_or_der.startswith(b"-----"):
+        return x509.load_pem_x509_certificate(pem_or_der).serial_number
+    return x509.load_der_x509_certificate(pem_or_der).serial_number
+
+
+def test_both_sides_rotate_under_a_steady_stream(tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path / "ca")
+    server_certs = StaticProvider(ca_bundle(ca, "default", "server"))
+    client_certs = StaticProvider(ca_bundle(ca, "default", "client"))
+    seen_clients: set[int] = set()
+
+    def who(request: bytes, context: Any) -> bytes:
+        pem = context.auth_context().get("x509_pem_cert", [b""])[0]
+        seen_clients.add(_serial(pem))
+        return b"ok"
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(4),
+        options=[("grpc.max_connection_age_ms", 500), ("grpc.max_connection_age_grace_ms", 5000)],
+    )
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "t.W", {"A": grpc.unary_unary_rpc_method_handler(who)}
+            ),
+        )
+    )
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(server_certs))
+    server.start()
+    creds = MeshChannelCredentials(
+        client_certs, expected_sans=[StringMatcher.exact(spiffe("default", "server"))]
+    )
+    channel = creds.open_subchannel(f"127.0.0.1:{port}", [], None, None)
+    call = channel.unary_unary("/t.W/A")
+    given_server = {_serial(server_certs.current().chain_pem)}
+    given_client = {_serial(client_certs.current().chain_pem)}
+    failures: list[str] = []
+    calls = 0
+    stop = threading.Event()
+
+    def load() -> None:
+        nonlocal calls
+        while not stop.is_set():
+            try:
+                call(b"x", timeout=10)
+                calls += 1
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code()}: {exc.details()}")
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        for _ in range(ROTATIONS):
+            time.sleep(0.8)
+            server_certs.update(ca_bundle(ca, "default", "server"))
+            client_certs.update(ca_bundle(ca, "default", "client"))
+            given_server.add(_serial(server_certs.current().chain_pem))
+            given_client.add(_serial(client_certs.current().chain_pem))
+        time.sleep(1.2)  # the last certificates get into use
+    finally:
+        stop.set()
+        worker.join(15)
+        channel.close()
+        tunnel_seen = {_serial(d) for d in creds.tunnels[0].peer_certificates}
+        creds.close()
+        server.stop(0).wait(5)
+    assert failures == [], failures[:3]
+    assert calls > 100
+    assert given_client <= seen_clients, (len(given_client), len(seen_clients))
+    assert given_server <= tunnel_seen, (len(given_server), len(tunnel_seen))
+    assert len(given_server) == len(given_client) == ROTATIONS + 1
