@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,15 +153,18 @@ def test_walkthrough_screenshots(bookinfo: Bookinfo, tmp_path: Path) -> None:
         with page.expect_navigation():
             page.locator("form[action*=login] [type=submit]").click()
         bookinfo.apply("all-v1", "reviews-test-v2", "ratings-test-delay")
+        started = time.monotonic()
         text = load("bookinfo-fault-delay")
+        assert 5.5 < time.monotonic() - started < 9, "3 s timeout, one retry: about 6 s"
         assert "Sorry, product reviews are currently unavailable for this book." in text
         # ...and abort: reviews v2 answers without its ratings
         bookinfo.apply("ratings-test-abort")
         text = load("bookinfo-fault-abort")
         assert "Ratings service is currently unavailable" in text
         bookinfo.reset()
+        page.goto(bookinfo.productpage_url + "/logout")
 
-        # authorization: nothing allowed, then productpage only, then details and reviews
+        # authorization, anonymous: nothing allowed, then productpage, then details and reviews
         bookinfo.apply("reviews-v2")
         bookinfo.apply_yaml(ALLOW_NOTHING, name="allow-nothing")
         assert "RBAC: access denied" in load("bookinfo-authz-allow-nothing")

@@ -17,6 +17,9 @@ GET-only ``ratings-viewer`` does not admit it (as Envoy's RBAC would not) -- che
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import httpx
 
 from examples.bookinfo.client import (
@@ -208,3 +211,23 @@ def test_authorization_for_http_traffic(bookinfo: Bookinfo) -> None:
     page = anonymous_page(bookinfo)
     assert page.served_by == "reviews-v3"
     assert set(page.rating_errors) == {RATINGS_UNAVAILABLE}, page.rating_errors
+
+
+def test_docs_show_the_tested_yaml() -> None:
+    """docs/bookinfo.md shows the YAML these tests apply, byte for byte."""
+    from tests.integration.bookinfo.test_circuit_breaking import CIRCUIT_BREAKER
+    from tests.integration.bookinfo.test_mirroring import REVIEWS_V1_MIRROR_V2
+
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "bookinfo.md").read_text()
+    blocks = set(re.findall(r"```yaml\n(.*?)```", docs, re.S))
+    for text in (
+        PEER_AUTHENTICATION_STRICT,
+        ALLOW_NOTHING,
+        PRODUCTPAGE_VIEWER,
+        DETAILS_VIEWER,
+        REVIEWS_VIEWER,
+        RATINGS_VIEWER,
+        CIRCUIT_BREAKER,
+        REVIEWS_V1_MIRROR_V2,
+    ):
+        assert text in blocks, text
