@@ -18,11 +18,13 @@ Theory of operation (one connection):
 ================  ==========================================  ===========================
 state             event                                       next
 ================  ==========================================  ===========================
-idle (in pool)    checked out (not expired)                   sending
+idle (in pool)    checked out (not expired, not readable)     sending
 idle (in pool)    idle longer than the cluster's idle_timeout closed
+idle (in pool)    readable when checked out (the server       closed; the next idle one or
+                  closed it, or sent something unasked)       a fresh connection
 sending           request written                             reading head
-sending/reading   reused connection, error or EOF before any  closed; the request is sent
-head              response byte (a stale keep-alive)          once on a fresh connection
+sending           reused connection, write fails (a stale     closed; the request is sent
+                  keep-alive the check did not catch)         once on a fresh connection
 reading head      1xx head                                    reading head (ignored)
 reading head      final head, body already complete           idle (keep-alive) or closed
 reading head      final head, body pending                    reading body
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import select
 import socket
 import ssl
 import threading
@@ -66,7 +69,10 @@ _NO_TIMEOUTS: dict[str, float | None] = {}
 
 
 class _Stale(Exception):
-    """A reused keep-alive connection failed before any byte of the response."""
+    """Writing the request on a reused keep-alive connection failed: the server had closed
+    it, so it cannot have seen the request. A failure after the request was written is
+    never replayed here (the server may have acted on it): it is the caller's error, and
+    the mesh's retry policy decides, as Envoy's does."""
 
 
 # -- the I/O-free part: serialising and parsing ---------------------------------------------
@@ -280,12 +286,19 @@ _BYTE_STREAM: type[Any] = type(httpcore.Request(b"GET", b"http://x/").stream)
 
 
 class _SyncConn:
-    __slots__ = ("idle_since", "sock", "timeout")
+    __slots__ = ("idle_since", "poller", "sock", "timeout")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.timeout: float | None = -1.0
         self.idle_since = 0.0
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
+
+    def readable(self) -> bool:
+        """Whether an idle connection has something to read: EOF or a reset from a server
+        that closed it, or bytes nobody asked for. Either way it cannot be reused."""
+        return bool(self.poller.poll(0))
 
     def set_timeout(self, value: float | None) -> None:
         if value != self.timeout:
@@ -346,6 +359,9 @@ class SyncPool:
                 conn.close()
                 self._expire_older()
                 return None
+            if conn.readable():
+                conn.close()
+                continue
             return conn
         return None
 
@@ -441,10 +457,8 @@ class SyncPool:
                 raise httpcore.WriteError(str(exc)) from exc
             conn.set_timeout(timeouts.get("read"))
             while not msg.head_done:
-                received = _recv(sock, msg, reused)
+                received = _recv(sock)
                 if not received:
-                    if reused:
-                        raise _Stale
                     raise httpcore.RemoteProtocolError(
                         "Server disconnected without sending a response."
                     )
@@ -459,14 +473,12 @@ class SyncPool:
         return msg.response(_SyncBody(self, conn, msg, out.close))
 
 
-def _recv(sock: socket.socket, msg: _Message, reused: bool) -> bytes:
+def _recv(sock: socket.socket) -> bytes:
     try:
         return sock.recv(_READ_SIZE)
     except TimeoutError as exc:
         raise httpcore.ReadTimeout(str(exc) or "read timed out") from exc
     except OSError as exc:
-        if reused and not msg.got_bytes:
-            raise _Stale from exc
         raise httpcore.ReadError(str(exc)) from exc
 
 
@@ -490,7 +502,7 @@ class _SyncBody:
                 self._finish()
                 return
             try:
-                data = _recv(self._conn.sock, msg, False)
+                data = _recv(self._conn.sock)
                 if not data:
                     if msg.until_eof:
                         msg.complete = True
@@ -757,8 +769,6 @@ class AsyncPool:
                 if conn.error is not None and not isinstance(conn.error, OSError):
                     raise conn.error
                 if conn.eof:
-                    if reused and not msg.got_bytes:
-                        raise _Stale
                     if conn.error is not None:
                         raise httpcore.ReadError(str(conn.error)) from conn.error
                     raise httpcore.RemoteProtocolError(
