@@ -40,3 +40,23 @@ def test_ratings_abort_for_jason(bookinfo: Bookinfo, user: Callable[[str | None]
         assert page.rating_errors == (RATINGS_UNAVAILABLE, RATINGS_UNAVAILABLE)
     bookinfo.remove("ratings-test-abort")
     assert jason.page().star_colors == {"black"}
+
+
+def test_ratings_faults_on_the_grpc_hop(
+    bookinfo: Bookinfo, user: Callable[[str | None], User]
+) -> None:
+    """The same VirtualService applies to ratings' gRPC port: reviews v3 (gRPC, 2.5 s timeout)
+    gives up on the 7 s delay after 2.5 s, within productpage's 3 s, so jason's page comes
+    after about 2.5 s without stars; the 500 abort reaches it as a gRPC error (INTERNAL)."""
+    bookinfo.apply("reviews-v3", "ratings-test-delay")
+    jason = user("jason")
+    page = jason.page()
+    assert page.reviews_ok and page.stars == ()
+    assert page.rating_errors == (RATINGS_UNAVAILABLE, RATINGS_UNAVAILABLE)
+    assert 2.4 <= page.elapsed <= 4.0, page.elapsed
+    assert user(None).page().star_colors == {"red"}
+
+    bookinfo.apply("ratings-test-abort")
+    page = jason.page()
+    assert page.elapsed < 2.0
+    assert page.rating_errors == (RATINGS_UNAVAILABLE, RATINGS_UNAVAILABLE)
