@@ -4,7 +4,8 @@ each connection's first byte and hands TLS and plaintext to two internal grpcio 
 Under the embedded control plane (Istio YAML): one port serves a plaintext client and an
 mTLS client; the mTLS client's SPIFFE identity reaches RBAC (principals) and both clients'
 real addresses do too (ipBlocks, told apart by IPv4 vs IPv6 loopback while the internal
-hop is always 127.0.0.1); STRICT makes the front refuse plaintext connections; sync and aio.
+hop is always 127.0.0.1); STRICT makes the front refuse plaintext connections, DISABLE TLS
+ones; sync and aio.
 """
 
 from __future__ import annotations
@@ -171,6 +172,16 @@ def test_one_port_plaintext_and_mtls_rbac_and_strict(mesh: Mesh) -> None:
             fresh.close()
         assert front.stats.refused > refused
         assert _code(mtls4, "Other") is OK
+        # DISABLE: plaintext served again; a new TLS connection is closed by the front.
+        (mesh.dir / "strict.yaml").write_text(STRICT.replace("STRICT", "DISABLE"))
+        _until(plain6, "Unary", OK)
+        refused = front.stats.refused
+        late = mesh.tls.open_subchannel(f"127.0.0.1:{port}", OPTS, None, None)
+        try:
+            assert _code(late, "Other") is grpc.StatusCode.UNAVAILABLE
+        finally:
+            late.close()
+        assert front.stats.refused > refused
     finally:
         for ch in (plain4, plain6, mtls4):
             ch.close()
