@@ -117,14 +117,14 @@ def test_right_identity_passes_and_server_sees_client(
     assert all(t.stats.active == 0 for t in creds.tunnels)
 
 
-def test_attacks_are_refused(ca: CertificateAuthority, tmp_path: Path) -> None:
+def _attack_cases(ca: CertificateAuthority, tmp_path: Path) -> list[Any]:
+    """(server certificate, client matchers, trust domains, expected reason) per attack."""
     root_key = key_from_pem((tmp_path / "ca" / "root-key.pem").read_bytes())
     root = ca.roots[0]
     trust = cert_pem(root)
     other_root, other_key = new_root()
     past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=2)
-    cases = [
-        # (server certificate, client matchers, trust domains, expected reason)
+    return [
         (ca_bundle(ca, "default", "server"), [spiffe("default", "other")], None, "match none"),
         (
             raw_bundle(root, root_key, "spiffe://evil.example/ns/default/sa/server"),
@@ -151,6 +151,10 @@ def test_attacks_are_refused(ca: CertificateAuthority, tmp_path: Path) -> None:
             "expired",
         ),
     ]
+
+
+def test_attacks_are_refused(ca: CertificateAuthority, tmp_path: Path) -> None:
+    cases = _attack_cases(ca, tmp_path)
     refused = 0
     for bundle, sans, domains, reason in cases:
         s = Server(bundle)
@@ -286,3 +290,30 @@ def test_mesh_channel_takes_tls_and_sans_from_cds(
             bad.close()
             creds.close()
             xds.close()
+
+
+def test_aio_attacks_are_refused(ca: CertificateAuthority, tmp_path: Path) -> None:
+    cases = _attack_cases(ca, tmp_path)
+
+    async def attempt(creds: MeshChannelCredentials, key: str) -> grpc.StatusCode:
+        ch = creds.open_aio_subchannel(key, OPTS, None, None, None)
+        try:
+            await ch.unary_unary("/t.Who/Am")(b"", timeout=5)
+            return grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        finally:
+            await ch.close()
+
+    refused = 0
+    for bundle, sans, domains, reason in cases:
+        s = Server(bundle)
+        creds = _creds(ca, *(StringMatcher.exact(x) for x in sans), trust_domains=domains)
+        try:
+            assert asyncio.run(attempt(creds, s.key)) == grpc.StatusCode.UNAVAILABLE
+            assert reason in creds.tunnels[-1].stats.last_error
+            refused += 1
+        finally:
+            creds.close()
+            s.stop()
+    assert refused == len(cases) == 4
