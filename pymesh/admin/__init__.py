@@ -28,6 +28,7 @@ from pymesh.errors import ConfigError
 __all__ = ["ENDPOINTS", "AdminServer", "current", "start", "start_from_env", "stop"]
 
 _lock = threading.RLock()
+_OFF = frozenset({"off", "none", "false", "disabled"})
 _server: AdminServer | None = None
 
 
@@ -40,9 +41,18 @@ def start(
     global _server
     with _lock:
         if _server is None:
+            from pymesh.admin import _auto
             from pymesh.xds.client import XdsClient
 
-            client = XdsClient.shared()  # may start the endpoint itself (PYMESH_ADMIN_PORT)
+            # Building the shared client now starts the endpoint on this host and port
+            # (and reports it to the control plane); one built earlier does not.
+            _auto.request((host, port))
+            try:
+                client = XdsClient.shared()
+            finally:
+                _auto.request(None)
+            if _server is not None and csds_port is not None and _server.csds_port is None:
+                _server._start_csds(host, csds_port)
             if _server is None:
                 _server = AdminServer(client, host=host, port=port, csds_port=csds_port).start()
         return _server
@@ -72,12 +82,24 @@ def _env_port(name: str) -> int | None:
 
 
 def start_from_env() -> AdminServer | None:
-    """:func:`start` if ``PYMESH_ADMIN_PORT`` is set, else ``None``."""
+    """:func:`start` if ``PYMESH_ADMIN_PORT`` is set to a port, else ``None`` (``off``:
+    none; a running endpoint, e.g. auto-started by the shared client, is returned)."""
+    if os.environ.get("PYMESH_ADMIN_PORT", "").strip().lower() in _OFF:
+        return None
     port = _env_port("PYMESH_ADMIN_PORT")
     if port is None:
         return None
     host = os.environ.get("PYMESH_ADMIN_HOST", "").strip() or "127.0.0.1"
     return start(port=port, host=host, csds_port=_env_port("PYMESH_CSDS_PORT"))
+
+
+def _release(server: AdminServer) -> None:
+    """Stop ``server``; forget it if it is the process's endpoint."""
+    global _server
+    with _lock:
+        if _server is server:
+            _server = None
+    server.stop()
 
 
 def current() -> AdminServer | None:

@@ -44,7 +44,7 @@ C = TypeVar("C")
 def _setting(env: dict[str, str] | os._Environ[str]) -> tuple[str, int] | None:
     """``(host, port)`` from the environment, ``None`` when turned off. Raises ValueError."""
     raw = env.get("PYMESH_ADMIN_PORT", "").strip().lower()
-    if raw in ("off", "none", "false", "disabled"):
+    if raw in ("off", "none", "false", "disabled"):  # as pymesh.admin.start_from_env
         return None
     port = DEFAULT_PORT if raw == "" else int(raw)
     if not 0 <= port <= 65535:
@@ -84,6 +84,17 @@ def _bind(host: str, port: int) -> socket.socket:
         return sock
 
 
+_requested: tuple[str, int] | None = None
+"""``(host, port)`` of an explicit :func:`pymesh.admin.start` building the shared client."""
+
+
+def request(setting: tuple[str, int] | None) -> None:
+    """Use ``setting`` instead of the environment for the next shared client (``None``:
+    back to the environment). Called by :func:`pymesh.admin.start` under its lock."""
+    global _requested
+    _requested = setting
+
+
 def with_admin_address(bootstrap: Bootstrap, address: str) -> Bootstrap:
     """``bootstrap`` whose node metadata also says where the admin endpoint listens."""
     node = bootstrap.node
@@ -103,7 +114,7 @@ def shared_client(
 
     environ = os.environ if env is None else env
     try:
-        setting = _setting(environ)
+        setting = _requested or _setting(environ)
     except ValueError as exc:
         _log.warning("admin endpoint not started: %s", exc)
         return make(bootstrap)
@@ -126,9 +137,30 @@ def shared_client(
         return client
     if not admin._adopt(server):  # another thread started one meanwhile
         server.stop()
-    else:
-        _log.info("admin endpoint on http://%s", address)
+        return client
+    _log.info("admin endpoint on http://%s", address)
+    _stop_with(client, server)
     return client
+
+
+def _stop_with(client: object, server: AdminServer) -> None:
+    """The endpoint lives as long as the shared client: closing the client stops it."""
+    from pymesh import admin
+
+    close = getattr(client, "close", None)
+    if close is None:
+        return
+
+    def close_both() -> None:
+        try:
+            close()
+        finally:
+            admin._release(server)
+
+    try:
+        client.close = close_both  # type: ignore[attr-defined]
+    except AttributeError:  # a client class with slots: the endpoint stays until exit
+        pass
 
 
 def _serve(

@@ -155,3 +155,36 @@ def test_admin_endpoint_off(
         assert "reported no admin endpoint" in capsys.readouterr().err
     finally:
         _stop(proc)
+
+
+def test_shared_client_hook_in_process(control_plane: ControlPlane) -> None:
+    """The hook itself: the address in the node metadata, the endpoint registered as the
+    process's, stopped with the client; a bad setting starts nothing and raises nothing."""
+    import pymesh.admin
+    from pymesh.admin._auto import ADMIN_ADDRESS_KEY, shared_client
+    from pymesh.bootstrap import parse_bootstrap
+    from pymesh.xds.client import XdsClient
+
+    bootstrap = parse_bootstrap(
+        json.dumps(generate_bootstrap(xds_address=control_plane.address, namespace="default")),
+        source="test",
+    )
+    assert pymesh.admin.current() is None
+    for env in ({"PYMESH_ADMIN_PORT": "off"}, {"PYMESH_ADMIN_PORT": "http"},
+                {"PYMESH_ADMIN_PORT": "70000"}):  # fmt: skip
+        with shared_client(XdsClient, bootstrap, env=env) as client:
+            assert ADMIN_ADDRESS_KEY not in client.bootstrap.node.metadata
+            assert pymesh.admin.current() is None
+    client = shared_client(XdsClient, bootstrap, env={"PYMESH_ADMIN_PORT": "0"})
+    try:
+        server = pymesh.admin.current()
+        assert server is not None
+        assert client.bootstrap.node.metadata[ADMIN_ADDRESS_KEY] == server.address
+        assert client.bootstrap.node.id == bootstrap.node.id
+        with urllib.request.urlopen(f"http://{server.address}/ready", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        client.close()
+    assert pymesh.admin.current() is None  # stopped with its client
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{server.address}/ready", timeout=2)
