@@ -47,7 +47,7 @@ SERVERS = textwrap.dedent(
     from pymesh.grpc._server import mesh_server_credentials
     from pymesh.xds.client import XdsClient
 
-    xds, certs = sys.argv[1], sys.argv[2]
+    xds, certs, dns_certs = sys.argv[1], sys.argv[2], sys.argv[3]
     def client(app):
         data = generate_bootstrap(xds_address=xds, namespace="default", labels={"app": app},
                                   service_account="echo", ip="127.0.0.1", cert_dir=certs)
@@ -81,11 +81,26 @@ SERVERS = textwrap.dedent(
                 "127.0.0.1:0", mesh_server_credentials(xds_client=xc))
         s.start()
         servers.append(s)
+    # plain grpcio servers (no mesh): plaintext, and TLS with a DNS-named certificate that
+    # grpcio's own client can verify (the native-TLS reference for the tunnel)
+    def read(name):
+        return open(f"{dns_certs}/{name}", "rb").read()
+    for app in ("np", "nt"):
+        s = grpc.server(futures.ThreadPoolExecutor(8), handlers=handlers)
+        if app == "np":
+            ports[app] = s.add_insecure_port("127.0.0.1:0")
+        else:
+            creds = grpc.ssl_server_credentials(
+                [(read("key.pem"), read("cert-chain.pem"))], read("root-cert.pem"), True)
+            ports[app] = s.add_secure_port("127.0.0.1:0", creds)
+        s.start()
+        servers.append(s)
     print(json.dumps(ports), flush=True)
     for s in https:
         s.wait_for_serving(30)
     for s in servers:
-        s.wait_for_serving(30)
+        if hasattr(s, "wait_for_serving"):
+            s.wait_for_serving(30)
     print("serving", flush=True)
     sys.stdin.read()
     for s in servers:
@@ -142,6 +157,50 @@ spec:
 """
             )
     return "---\n".join(docs)
+
+
+DNS_NAME = "echo.bench.test"
+
+
+def dns_named_certs(tmp: Path, ca: Any) -> str:
+    """A server certificate with a DNS SAN (and the SPIFFE URI SAN) signed by the CA's root,
+    for grpcio's own TLS client (which checks DNS names only)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from pymesh.security._pki import cert_pem, generate_key, key_from_pem, key_pem
+
+    root_key = key_from_pem((tmp / "ca" / "root-key.pem").read_bytes())
+    root = ca.roots[0]
+    key = generate_key()
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(root.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName(DNS_NAME),
+                    x509.UniformResourceIdentifier("spiffe://cluster.local/ns/default/sa/echo"),
+                ]
+            ),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    d = tmp / "dns"
+    d.mkdir()
+    (d / "cert-chain.pem").write_bytes(cert_pem(cert))
+    (d / "key.pem").write_bytes(key_pem(key))
+    (d / "root-cert.pem").write_bytes(cert_pem(root))
+    return str(d)
 
 
 def _round(call: Callable[[], Any], n: int) -> tuple[float, float]:
@@ -261,13 +320,14 @@ def main() -> None:
         return str(d)
 
     server_certs, client_certs = certs("echo"), certs("client")
+    dns_certs = dns_named_certs(tmp, ca)
     (tmp / "mesh").mkdir()
     cp = ControlPlane(
         [tmp / "mesh"], xds_address="127.0.0.1:0", admin_port=None, ca=False, poll_interval=0.1
     ).start()
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     server = subprocess.Popen(
-        [sys.executable, "-c", SERVERS, cp.address, server_certs],
+        [sys.executable, "-c", SERVERS, cp.address, server_certs, dns_certs],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -333,6 +393,47 @@ def main() -> None:
             args.requests,
         )
         report("gRPC steady state: pymesh.grpc channel -> pymesh.grpc server", res, "plain")
+
+        # ---- grpcio level: what the tunnel costs next to grpcio's own TLS
+        from pymesh.model.matcher import StringMatcher
+        from pymesh.security import FileWatcherProvider, channel_credentials
+
+        client_provider = FileWatcherProvider(
+            certificate_file=f"{client_certs}/cert-chain.pem",
+            private_key_file=f"{client_certs}/key.pem",
+            ca_certificate_file=f"{client_certs}/root-cert.pem",
+        )
+        client_provider.wait_ready(10)
+        closers.append(client_provider.close)
+        direct = MeshChannelCredentials(
+            client_provider,
+            expected_sans=[StringMatcher.exact("spiffe://cluster.local/ns/default/sa/echo")],
+        )
+        closers.append(direct.close)
+        opts = [("grpc.use_local_subchannel_pool", 1)]
+        raw = {
+            "plain": grpc.insecure_channel(f"127.0.0.1:{ports['np']}", opts),
+            "native-tls": grpc.secure_channel(
+                f"127.0.0.1:{ports['nt']}",
+                channel_credentials(client_provider),
+                [*opts, ("grpc.ssl_target_name_override", DNS_NAME)],
+            ),
+            "tunnel-tls": direct.open_subchannel(f"127.0.0.1:{ports['nt']}", opts, None, None),
+        }
+        for ch in raw.values():
+            closers.append(ch.close)
+        rcalls = {a: ch.unary_unary("/echo.Echo/Who") for a, ch in raw.items()}
+        res = run_rounds(
+            {a: (lambda c=c: c(b"x", timeout=10)) for a, c in rcalls.items()},
+            args.rounds,
+            args.requests,
+        )
+        report(
+            "grpcio channels, no mesh: plaintext vs grpcio's TLS (DNS-named certificate) vs "
+            "the tunnel (URI SAN checked)",
+            res,
+            "plain",
+        )
 
         endpoint_plain = f"127.0.0.1:{ports['gp']}"
         # the tunnel the mTLS channel opened (CDS TLS settings): a new connection per call
