@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,7 +46,10 @@ def _python(args: list[str], timeout: float) -> dict[str, Any]:
         text=True,
         timeout=timeout,
         cwd=str(REPO),
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("GRPC_")},
+            "PYTHONPATH": str(REPO),
+        },
         check=False,
     )
     if out.returncode != 0:
@@ -155,8 +159,6 @@ def _apply_main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def rss_mb_self() -> float:
-    import os
-
     return rss_mb(os.getpid())
 
 
