@@ -20,8 +20,15 @@ import pytest
 import yaml
 
 from examples.bookinfo.client import DETAILS_ERROR, RATINGS_UNAVAILABLE, User
-from examples.bookinfo.launcher import REPO_ROOT
-from examples.bookinfo.mesh import NETWORKING_DIR, Bookinfo
+from examples.bookinfo.launcher import REPO_ROOT, _get_json
+from examples.bookinfo.mesh import (
+    MESH_DIR,
+    NETWORKING_DIR,
+    Bookinfo,
+    BookinfoError,
+    ConfigLayers,
+    resolve_scenario,
+)
 
 _TYPES = {"integer": int, "string": str, "array": list, "object": dict}
 
@@ -315,3 +322,52 @@ def test_a_stopped_workload_shows_the_originals_errors(
     assert bookinfo.ensure_running() == ["ratings-v1", "details-v1"]
     page = anonymous.page()
     assert page.details_ok and page.star_colors == {"black"}
+
+
+def test_config_layers_work_like_kubectl_apply(tmp_path: Path) -> None:
+    """A later layer replaces a resource (kind, namespace, name); removing it restores the
+    earlier definition; the text of each document is kept."""
+    layers = ConfigLayers(tmp_path)
+    base = (MESH_DIR / "bookinfo.yaml").read_text()
+    all_v1 = resolve_scenario("all-v1")[1].read_text()
+    test_v2 = resolve_scenario("reviews-test-v2")[1].read_text()
+    rules = resolve_scenario("destination-rule-all")[1].read_text()
+    layers.commit([("bookinfo", base), ("rules", rules), ("all-v1", all_v1)])
+    layers.commit(layers.plan([("virtual-service-reviews-test-v2", test_v2)]))
+    text = layers.config_file.read_text()
+    assert text.count("kind: VirtualService") == 4
+    assert "# layer virtual-service-reviews-test-v2: VirtualService default/reviews" in text
+    assert "# layer all-v1: VirtualService default/reviews" not in text
+    assert "exact: jason" in text
+    layers.commit(layers.plan(remove=["virtual-service-reviews-test-v2"]))
+    text = layers.config_file.read_text()
+    assert "# layer all-v1: VirtualService default/reviews" in text
+    assert "exact: jason" not in text
+    assert layers.names() == ["bookinfo", "rules", "all-v1"]
+    assert resolve_scenario("reviews-50-v3")[0] == "virtual-service-reviews-50-v3"
+    assert resolve_scenario("ratings-delay-2s")[0] == "virtual-service-ratings-delay-2s"
+    with pytest.raises(BookinfoError, match="unknown scenario"):
+        resolve_scenario("reviews-v9")
+
+
+BAD_SUBSET = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v9}
+"""
+
+
+def test_a_bad_scenario_is_refused_and_changes_nothing(bookinfo: Bookinfo) -> None:
+    before = bookinfo.applied()
+    config = bookinfo.layers.config_file.read_text()
+    with pytest.raises(BookinfoError, match=r"spec\.http\[0\]\.route\[0\]\.destination\.subset"):
+        bookinfo.apply_yaml(BAD_SUBSET, name="bad")
+    assert bookinfo.applied() == before
+    assert bookinfo.layers.config_file.read_text() == config
+    assert _get_json(f"{bookinfo.admin_url}/debug/configz")["last_reload_errors"] == []
