@@ -1,5 +1,5 @@
-"""Byte forwarders on one background asyncio loop: the gRPC client's TLS tunnel and the
-gRPC server's PERMISSIVE front listener.
+"""Byte forwarders next to grpcio: the gRPC client's TLS tunnel (one epoll thread for every
+tunnel) and the gRPC server's PERMISSIVE front listener (one asyncio loop thread).
 
 grpcio's C-core owns its sockets, and Python cannot hook its TLS (no URI SAN check on the
 client, no ClientHello detection on the server). Both gaps are closed by putting a small
@@ -18,10 +18,11 @@ pymesh-owned hop next to grpcio:
   connection came from which client (:meth:`PermissiveFront.origin`) so that RBAC and telemetry
   see the real peer address.
 
-Bounds: ``max_connections`` per listener (more are closed at once), a connect timeout, at most
-``MAX_PENDING`` bytes buffered while the far side connects, and asyncio's flow control
-between the two sides (a side whose peer cannot keep up stops being read). Closing a
-listener closes its connections; the loop thread ends when the last listener closes.
+Bounds: ``max_connections`` per listener (more are closed at once), a connect (and, for the
+front, first-byte) timeout, at most ``MAX_PENDING`` bytes buffered while the far side
+connects, and flow control between the two sides (a side whose peer cannot keep up stops
+being read; the tunnel holds at most one unsent chunk per direction). Closing a listener
+closes its connections; a loop thread ends when the last listener using it closes.
 """
 
 from __future__ import annotations
