@@ -101,3 +101,39 @@ def test_istio_mutual_tls_with_spiffe_checks(mesh: Mesh, upstreams: Make, tmp_pa
         assert r.status_code == 503, r.text
         assert r.text.startswith("upstream connect error or disconnect/reset before headers")
         assert "UF" in r.extensions[pymesh.httpx.RESULT_EXTENSION].flags
+
+
+def test_istio_mutual_tls_on_asyncio(mesh: Mesh, upstreams: Make, tmp_path: Path) -> None:
+    """The asyncio engine's TLS: same contexts, same SPIFFE SAN check."""
+    import asyncio
+    import time
+
+    ca = make_ca(tmp_path / "ca")
+    server_dir = write(ca_bundle(ca, "default", "echo"), tmp_path / "server")
+    client_dir = write(ca_bundle(ca, "default", "client"), tmp_path / "client")
+    tls = {
+        "ssl_certfile": str(server_dir / "cert-chain.pem"),
+        "ssl_keyfile": str(server_dir / "key.pem"),
+        "ssl_ca_certs": str(server_dir / "root-cert.pem"),
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+    }
+    _backend, up = upstreams("echo", **tls)
+    mesh.write(mesh_yaml({"v1": (up.port, "echo")}))
+    mesh.start(cert_dir=str(client_dir))
+
+    async def run() -> None:
+        async with pymesh.httpx.AsyncClient(xds_client=mesh.client, mesh_wait=10) as client:
+            rs = await asyncio.gather(*(client.get(URL) for _ in range(8)))
+            assert [r.status_code for r in rs] == [200] * 8
+            assert rs[0].json()["name"] == "echo"
+            mesh.write(mesh_yaml({"v1": (up.port, "someone-else")}))
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                r = await client.get(URL)
+                if r.status_code == 503:
+                    break
+                await asyncio.sleep(0.05)
+            assert r.status_code == 503, r.text
+            assert "UF" in r.extensions[pymesh.httpx.RESULT_EXTENSION].flags
+
+    asyncio.run(run())
