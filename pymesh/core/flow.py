@@ -666,9 +666,11 @@ def call_flow(
             if not limits.try_start_request():
                 return _overflow(flags, ctx)
             conn = pending = False
-            if cluster.protocol is UpstreamProtocol.HTTP1:
+            if cluster.protocol is UpstreamProtocol.HTTP1 and not request.grpc:
                 # HTTP/1.1: a request in flight holds a connection; past max_connections a
                 # request waits for one, i.e. it is pending (Envoy's pool semantics).
+                # gRPC always runs over HTTP/2 (proxyless clusters carry no protocol
+                # options; gRFC A32 limits requests only).
                 conn = limits.try_open_connection()
                 if not conn:
                     if not limits.try_start_pending():

@@ -390,6 +390,23 @@ def test_http1_pending_limit(rt: MeshRuntime, clock: FakeClock) -> None:
     idle(rt)
 
 
+def test_grpc_requests_hold_no_http1_connection(rt: MeshRuntime, clock: FakeClock) -> None:
+    # A proxyless gRPC cluster has no protocol options (HTTP/1.1 in the model), but gRPC is
+    # HTTP/2: max_connections / pending do not limit its requests, max_requests does.
+    breakers = CircuitBreakers(max_connections=1, max_pending_requests=1, max_requests=3)
+    snap = snapshot([route(RouteAction(cluster="a"))], [cluster("a", [1], breakers=breakers)])
+    grpc_req = RequestInfo("POST", "svc:80", "/pkg.Svc/M", Headers(), "http", None, True)
+    held = [call_flow(rt, snap, grpc_req, clock=clock) for _ in range(3)]
+    assert all(isinstance(next(f), Send) for f in held)
+    limits = rt.clusters()["a"].limits
+    assert limits.connections == limits.pending == 0 and limits.requests == 3
+    result = Driver(rt, clock).run(snap, grpc_req, ok)
+    assert result.local_reply is not None and result.flags == ("UO",)  # max_requests
+    for f in held:
+        f.close()
+    idle(rt)
+
+
 def test_outlier_ejects_and_returns(rt: MeshRuntime, clock: FakeClock) -> None:
     od = OutlierDetection(consecutive_5xx=3, base_ejection_time=30.0, max_ejection_percent=50)
     snap = snapshot([route(RouteAction(cluster="a"))], [cluster("a", [1, 2], outlier=od)])
