@@ -30,7 +30,7 @@ from pymesh.telemetry._peer import decode_struct, encode_struct
 from pymesh.xds.client import XdsClient
 from tests.integration.grpc.test_server_xds import SERVICE, echo_handlers
 from tests.integration.httpx.conftest import HOST, PORT, Backend, Mesh, Upstream, service_yaml
-from tests.integration.telemetry.conftest import scrape, select, value
+from tests.integration.telemetry.conftest import parse_prometheus, scrape, select, value
 
 Make = Callable[..., tuple[Backend, Upstream]]
 Install = Callable[..., telemetry.Telemetry]
@@ -320,3 +320,54 @@ def test_grpc_client_labels_the_peer_from_its_initial_metadata(
                  destination_workload="reviews-v2", destination_app="reviews",
                  destination_version="v2", destination_workload_namespace="bookinfo",
                  destination_service=ECHO, grpc_response_status="0") == 2  # fmt: skip
+
+
+def test_grpc_aio_client_labels_the_peer_from_its_initial_metadata(
+    control_plane: tuple[ControlPlane, Path], installed: Install
+) -> None:
+    import asyncio
+
+    import pymesh.grpc.aio
+
+    cp, mesh_dir = control_plane
+
+    def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.send_initial_metadata((("baggage", REVIEWS_BAGGAGE),))
+        return b"echo:" + request
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE, {"Unary": grpc.unary_unary_rpc_method_handler(unary)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    mesh_dir.joinpath("mesh.yaml").write_text(_grpc_yaml(port))
+    server.start()
+    client_xds = _xds(cp, "client-v1", {"app": "client", "version": "v1"})
+
+    async def main() -> str:
+        channel = pymesh.grpc.aio.insecure_channel(f"xds:///{ECHO}:7070", xds_client=client_xds)
+        try:
+            call = channel.unary_unary(f"/{SERVICE}/Unary")
+            assert await call(b"hi", timeout=15) == b"echo:hi"
+            tel = installed(node=client_xds.bootstrap.node)
+            for _ in range(2):
+                assert await call(b"hi", timeout=10) == b"echo:hi"
+            return tel.prometheus_text()
+        finally:
+            await channel.close()
+
+    try:
+        text = asyncio.run(main())
+    finally:
+        server.stop(None).wait(5)
+        client_xds.close()
+    samples = parse_prometheus(text)
+    labels = {
+        "reporter": "source",
+        "source_workload": "client-v1",
+        "destination_workload": "reviews-v2",
+        "destination_app": "reviews",
+        "destination_workload_namespace": "bookinfo",
+        "grpc_response_status": "0",
+    }
+    assert value(samples, "istio_requests_total", **labels) == 2
