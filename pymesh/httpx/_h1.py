@@ -68,6 +68,10 @@ _ALPN = ["http/1.1"]
 _NO_TIMEOUTS: dict[str, float | None] = {}
 
 
+class _Unasked(Exception):
+    """A second response on a connection that has one request in flight."""
+
+
 class _Stale(Exception):
     """Writing the request on a reused keep-alive connection failed: the server had closed
     it, so it cannot have seen the request. A failure after the request was written is
@@ -151,6 +155,10 @@ class _Message:
         self.keep = False
         self.parser = httptools.HttpResponseParser(self)
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _Unasked  # bytes after the response: stop parsing, never reuse
+
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
 
@@ -180,6 +188,11 @@ class _Message:
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Unasked):
+                self.keep = False
+                return
+            raise httpcore.RemoteProtocolError(f"invalid HTTP response: {exc}") from exc
         except httptools.HttpParserUpgrade:
             raise httpcore.RemoteProtocolError("protocol upgrade is not supported") from None
         except httptools.HttpParserError as exc:

@@ -662,3 +662,15 @@ def test_sync_body_dropped_unread_frees_its_slot(raw: Any, engines: Any) -> None
     del response
     gc.collect()
     assert engine.pool.is_idle() and engine.pool.idle_count() == 0
+
+
+def test_bytes_after_the_response_are_dropped_with_the_connection(
+    kind: str, raw: Any, engines: Any
+) -> None:
+    server = raw(lambda req, n: ok(b"one") + b"HTTP/1.1 200 OK\r\nX-Unasked: 1\r\n\r\n")
+    engine = engines(kind, server.port)
+    response = engine.open()
+    assert response.headers == [(b"Content-Length", b"3")]
+    assert engine.read(response) == b"one"
+    assert engine.get() == (200, b"one")
+    assert server.connections == 2  # the first connection was not reused
