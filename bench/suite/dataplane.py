@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -57,8 +58,25 @@ class Worker:
             self.close()
             raise RuntimeError(f"{self.variant.kind} {self.variant.name}: {first.get('error')}")
 
-    def _read(self) -> dict[str, Any]:
+    def _send(self, cmd: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except OSError as exc:
+            raise RuntimeError(f"{self.variant.kind} {self.variant.name}: {exc!r}") from exc
+
+    def _read(self, timeout: float = 120.0) -> dict[str, Any]:
+        """The worker's next reply; a worker silent for ``timeout`` s is killed (a hung
+        variant must not hang the suite)."""
         assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise RuntimeError(
+                f"{self.variant.kind} {self.variant.name}: no reply within {timeout:.0f} s"
+            )
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"{self.variant.kind} {self.variant.name}: worker exited")
@@ -68,9 +86,8 @@ class Worker:
     def run(self, shape: tuple[str, int], n: int) -> tuple[float, list[float]]:
         assert self.proc.stdin is not None
         cmd = {"shape": shape[0], "concurrency": shape[1], "n": n}
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        reply = self._read()
+        self._send(cmd)
+        reply = self._read(60 + n * 0.1)
         if "error" in reply:
             raise RuntimeError(f"{self.variant.kind} {self.variant.name}: {reply['error']}")
         return float(reply["elapsed"]), [float(x) for x in reply["lat"]]
@@ -79,9 +96,8 @@ class Worker:
         """One batch under cProfile in the worker (see ``worker.profiled``)."""
         assert self.proc.stdin is not None
         cmd = {"shape": shape[0], "concurrency": shape[1], "n": n, "profile": top}
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        reply = self._read()
+        self._send(cmd)
+        reply = self._read(60 + n * 0.5)
         if "error" in reply:
             raise RuntimeError(f"{self.variant.kind} {self.variant.name}: {reply['error']}")
         result: dict[str, Any] = reply["profile"]

@@ -232,6 +232,7 @@ def main() -> None:
     loop = asyncio.new_event_loop()
     variant = Variant(spec)
     out = sys.stdout
+    sys.stdout = sys.stderr  # stdout carries the replies only
 
     def reply(obj: dict[str, Any]) -> None:
         out.write(json.dumps(obj) + "\n")
