@@ -475,6 +475,9 @@ def _pump(call: Any, replay: _AsyncReplay) -> None:
     task.add_done_callback(_PUMPS.discard)
 
 
+_NO_KWARGS: dict[str, Any] = {}
+
+
 class _Multi:
     """A grpc.aio multicallable of any shape (the shape is in the spec)."""
 
@@ -494,7 +497,10 @@ class _Multi:
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> MeshAioCall:
-        kwargs = {"credentials": credentials, "compression": compression}
+        if credentials is None and compression is None:
+            kwargs = _NO_KWARGS  # grpc.aio's defaults; never mutated
+        else:
+            kwargs = {"credentials": credentials, "compression": compression}
         writer = None
         if self._spec.streaming_request and request is None:
             writer = _Writer()
@@ -590,7 +596,7 @@ class MeshAioCall:
     async def _run_inline(self) -> Any:
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._fut = fut
-        self._inline = asyncio.current_task()
+        self._inline = asyncio.current_task(self._loop)
         try:
             out = await self._run()
         except asyncio.CancelledError:
