@@ -262,15 +262,18 @@ def apply_layers(
     add: Sequence[tuple[str, str]] = (),
     remove: Iterable[str] = (),
     timeout: float = 30.0,
+    *,
+    replace_all: bool = False,
 ) -> int:
-    """Add/replace and remove layers, then wait for the push and the ACKs."""
+    """Add/replace and remove layers (``replace_all``: ``add`` becomes the whole list), then
+    wait for the push and the ACKs."""
     remove = list(remove)
     known = set(layers.names())
     missing = [n for n in remove if n not in known]
     if missing:
         raise BookinfoError(f"not applied: {', '.join(missing)} (applied: {', '.join(known)})")
     before = _get_json(f"{admin_url}/debug/configz")
-    planned = layers.plan(add, remove)
+    planned = list(add) if replace_all else layers.plan(add, remove)
     written_at = time.time()
     layers.commit(planned)
     return wait_pushed(admin_url, before, written_at, timeout)
@@ -683,6 +686,19 @@ class Bookinfo:
         if not extra:
             return None
         return apply_layers(self.layers, self.admin_url, (), extra, timeout)
+
+    def snapshot(self) -> list[tuple[str, str]]:
+        """The config layers in force, ``(name, YAML text)`` oldest first (see
+        :meth:`restore`)."""
+        return [(name, path.read_text()) for name, path in self.layers._layers()]
+
+    def restore(self, snapshot: Sequence[tuple[str, str]], timeout: float = 30.0) -> int | None:
+        """Put back the layers of a :meth:`snapshot`; ``None`` if nothing changed since."""
+        if self.snapshot() == list(snapshot):
+            return None
+        return apply_layers(
+            self.layers, self.admin_url, list(snapshot), (), timeout, replace_all=True
+        )
 
     def applied(self) -> list[str]:
         """Names of the config layers in force, oldest first."""

@@ -3,10 +3,11 @@
 ``bookinfo`` is :class:`examples.bookinfo.mesh.Bookinfo` (control plane with its CA, six
 workload processes, mTLS on: Istio's destination-rule-all-mtls.yaml), started once (about
 5 s) and shared by every Bookinfo test module. Each test leaves it as it found it:
-``fresh_bookinfo`` (autouse) removes every config layer the test applied and restarts any
-workload the test stopped. ``user`` makes logged-in or anonymous
-:class:`examples.bookinfo.client.User` clients (closed after the test); ``mesh_user`` the
-same from inside the mesh (mTLS with its own identity, works under STRICT).
+``fresh_bookinfo`` (autouse) puts back the config layers in force before the test (what a
+module fixture applied stays) and restarts any workload the test stopped. ``user`` makes
+logged-in or anonymous :class:`examples.bookinfo.client.User` clients (closed after the
+test); ``mesh_user`` the same from inside the mesh (mTLS with its own identity, works under
+STRICT).
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ def bookinfo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bookinfo]:
 
 @pytest.fixture(autouse=True)
 def fresh_bookinfo(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After a test that used ``bookinfo``: back to the start config, every workload up."""
+    """Around a test that uses ``bookinfo``: after it, the config layers are back to what they
+    were before it (what module fixtures applied stays) and every workload runs."""
+    if "bookinfo" not in request.fixturenames:
+        yield
+        return
+    mesh: Bookinfo = request.getfixturevalue("bookinfo")
+    before = mesh.snapshot()
     yield
-    if "bookinfo" in request.fixturenames:
-        mesh: Bookinfo = request.getfixturevalue("bookinfo")
-        if mesh.control_plane is not None:
-            mesh.reset()
-            mesh.ensure_running()
+    if mesh.control_plane is not None:
+        mesh.restore(before)
+        mesh.ensure_running()
 
 
 @pytest.fixture
