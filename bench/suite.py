@@ -57,7 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         default="http,grpc,scale",
         help="comma-separated subset of http, grpc, scale",
     )
+    ap.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: rewrite the page and plots from a results.json",
+    )
     args = ap.parse_args(argv)
+    if args.render is not None:
+        return render(args.render, args.out)
     rounds = args.rounds or (1 if args.quick else 5)
     requests = args.requests or (40 if args.quick else 1000)
     sections = set(args.sections.split(","))
@@ -107,10 +115,27 @@ def main(argv: list[str] | None = None) -> int:
         res["scale"] = run_scale(args.quick)
     res["duration_s"] = round(time.time() - started, 1)
     res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    res["envoy_configs"] = envoy_configs
     path = report.write(res, cdfs, args.out, envoy_configs, log)
     log(f"wrote {path} ({res['duration_s']:.0f} s)")
     for t in res["targets"]:  # type: ignore[attr-defined]
         log(f"  {t['status']:>12}  {t['target']}: {t['measured']}")
+    return 0
+
+
+def render(results: Path, out: Path) -> int:
+    """The page and plots again from a run's JSON (after a change to the report code)."""
+    import json
+
+    res = json.loads(results.read_text())
+    cdfs = {
+        tuple(k.split(" / ")): [q / 1e3 for q in v]
+        for k, v in res.pop("cdf_quantiles_ms", {}).items()
+    }
+    res.pop("targets", None)
+    envoy_configs = res.get("envoy_configs", {})
+    path = report.write(res, cdfs, out, envoy_configs, log)  # type: ignore[arg-type]
+    log(f"wrote {path} from {results}")
     return 0
 
 

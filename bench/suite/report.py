@@ -546,7 +546,6 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
     mem = scale.get("memory")
     if mem and "error" not in mem:
         n = mem["services"]
-        r = mem["rss_mb"]
         lines += [
             f"pymesh's own memory, in a workload connected to a {n}-service mesh (10 endpoints "
             "each). Measured: VmRSS (after `gc.collect()`) of a workload process minus VmRSS of "
@@ -559,40 +558,7 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
             "",
             _row(["state", "VmRSS MB", "pymesh's own MB"]),
             _row(["---", "--:", "--:"]),
-            _row(["bare interpreter (httpx + grpcio imported)", f"{r['bare']:.1f}", ""]),
-            _row(["+ pymesh imported", f"{r['imported']:.1f}", f"{mem['pymesh_imports_mb']:.1f}"]),
-            *(
-                _row([f"&nbsp;&nbsp;{k}", "", f"{v:.1f}"])
-                for k, v in mem.get("imports_breakdown_mb", {}).items()
-            ),
-            _row(
-                [
-                    "+ `XdsClient` and `pymesh.httpx.Client` created",
-                    f"{r['created']:.1f}",
-                    f"{r['created'] - r['bare']:.1f}",
-                ]
-            ),
-            _row(
-                [
-                    "+ following 1 service (xDS stream open)",
-                    f"{r['following_1']:.1f}",
-                    f"{r['following_1'] - r['bare']:.1f}",
-                ]
-            ),
-            _row(
-                [
-                    "+ following 10 services",
-                    f"{r['following_10']:.1f}",
-                    f"{mem['pymesh_following_10_mb']:.1f}",
-                ]
-            ),
-            _row(
-                [
-                    f"+ following all {n} services",
-                    f"{r[f'following_{n}']:.1f}",
-                    f"{mem[f'pymesh_following_{n}_mb']:.1f}",
-                ]
-            ),
+            *_memory_rows(mem),
             "",
             "For comparison, each Envoy above had the RSS given in the data-plane tables (with a "
             "two-listener static config, no xDS), and Istio quotes about 60 MB for a sidecar.",
@@ -601,6 +567,30 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
     elif mem:
         lines += [f"Memory benchmark failed: `{mem['error'][-200:]}`", ""]
     return lines
+
+
+def _memory_rows(mem: dict[str, Any]) -> list[str]:
+    n = mem["services"]
+    r = mem["rss_mb"]
+    bare = r["bare"]
+    rows = [_row(["bare interpreter (httpx + grpcio imported)", f"{bare:.1f}", ""])]
+    steps: list[tuple[str, str]] = [("imported", "+ pymesh imported")]
+    if "created" in r:
+        steps.append(("created", "+ `XdsClient` and `pymesh.httpx.Client` created"))
+    if "following_1" in r:
+        steps.append(("following_1", "+ following 1 service (xDS stream open)"))
+    steps += [("following_10", "+ following 10 services"),
+              (f"following_{n}", f"+ following all {n} services")]  # fmt: skip
+    for key, label in steps:
+        if key not in r:
+            continue
+        rows.append(_row([label, f"{r[key]:.1f}", f"{r[key] - bare:.1f}"]))
+        if key == "imported":
+            rows += [
+                _row([f"&nbsp;&nbsp;{k}", "", f"{v:.1f}"])
+                for k, v in mem.get("imports_breakdown_mb", {}).items()
+            ]
+    return rows
 
 
 METHOD = """## How it is measured
