@@ -56,7 +56,7 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"HTTP {shape}: pymesh throughput ≥ 1.0× plain httpx",
             r,
             None if r is None else r >= 1.0,
-            "{:.2f}×",
+            "{:.3g}×",
         )
     for shape in ("sync sequential", "async 16 in flight"):
         r = ratio("http", shape, "pymesh", "1 Envoy")
@@ -64,7 +64,7 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"HTTP {shape}: pymesh throughput ≥ 1.5× one Envoy",
             r,
             None if r is None else r >= 1.5,
-            "{:.2f}×",
+            "{:.3g}×",
         )
     for variant in ("pymesh", "pymesh mTLS"):
         for shape in ("sync sequential", "async 16 in flight"):
@@ -73,14 +73,14 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                 f"HTTP {shape}: whole-path CPU per request, {variant} ≤ 0.6× two Envoys",
                 r,
                 None if r is None else r <= 0.6,
-                "{:.2f}×",
+                "{:.3g}×",
             )
     r = ratio("http", "async 16 in flight", "pymesh", "httpx")
     add(
         "HTTP async 16 in flight (stretch): pymesh ≥ 2× plain httpx",
         r,
         None if r is None else r >= 2.0,
-        "{:.2f}×",
+        "{:.3g}×",
     )
     for shape in ("sync sequential", "aio 16 in flight"):
         r = ratio("grpc", shape, "pymesh", "grpcio")
@@ -88,14 +88,14 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
             f"gRPC {shape}: pymesh ≥ 0.85× plain grpcio",
             r,
             None if r is None else r >= 0.85,
-            "{:.2f}×",
+            "{:.3g}×",
         )
         r = ratio("grpc", shape, "pymesh", "grpcio xds:///")
         add(
             f"gRPC {shape}: pymesh ≥ 0.90× grpcio's C-core xDS channel",
             r,
             None if r is None else r >= 0.90,
-            "{:.2f}×",
+            "{:.3g}×",
         )
     for kind, shape in (("http", "async 16 in flight"), ("grpc", "aio 16 in flight")):
         base = _cell(cells, kind, shape, BASELINE[kind])
@@ -607,9 +607,14 @@ METHOD = """## How it is measured
   of those medians within this run.
 - RSS: VmRSS of each process at the end of the data-plane runs.
 - The Envoys are leaner than Istio's sidecars (router filter only, no telemetry filters, no
-  xDS), and the upstream is shared; the static configs are `docs/perf/envoy-*.yaml`.
+  xDS), and the upstream is shared; their static configs as run:
+  [one](perf/envoy-one.yaml), [client](perf/envoy-client.yaml),
+  [server](perf/envoy-server.yaml).
+- Every figure of the run, per round, with latency quantiles and profiles:
+  [perf/results.json](perf/results.json).
 - Reproduce: `nox -s bench`, or `PYMESH_ENVOY_BIN=/path/to/envoy PYTHONPATH=. python
-  bench/suite.py --out docs` (`--quick` for a smoke run; `--rounds`, `--requests`)."""
+  bench/suite.py --out docs` (`--quick` for a smoke run; `--rounds`, `--requests`;
+  `--render RESULTS_JSON` rewrites the page and plots without measuring)."""
 
 
 def write(
