@@ -15,10 +15,12 @@ from pymesh.security._forward import PermissiveFront
 
 
 class Echo:
-    """A TCP server answering ``TAG`` + the peer port it saw + the bytes it got."""
+    """A TCP server answering ``TAG`` + the peer port it saw + the bytes it got; with
+    ``hold`` it keeps the connection until the other side closes it."""
 
-    def __init__(self, tag: bytes) -> None:
+    def __init__(self, tag: bytes, *, hold: bool = False) -> None:
         self.tag = tag
+        self.hold = hold
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -33,6 +35,12 @@ class Echo:
             with conn:
                 data = conn.recv(100)
                 conn.sendall(self.tag + str(addr[1]).encode() + b":" + data)
+                if self.hold:
+                    conn.settimeout(10)
+                    try:
+                        conn.recv(100)
+                    except OSError:
+                        pass
 
     def close(self) -> None:
         self.sock.close()
@@ -75,8 +83,8 @@ def test_first_byte_routes_and_origin_is_recorded(echoes: tuple[Echo, Echo]) -> 
         front.close()
 
 
-def test_origin_maps_the_internal_connection_to_the_client(echoes: tuple[Echo, Echo]) -> None:
-    tls, plain = echoes
+def test_origin_maps_the_internal_connection_to_the_client() -> None:
+    tls, plain = Echo(b"T", hold=True), Echo(b"P", hold=True)
     front = PermissiveFront("127.0.0.1", 0, tls_port=tls.port, plain_port=plain.port)
     try:
         with socket.create_connection(("127.0.0.1", front.port), timeout=5) as c:
@@ -87,6 +95,8 @@ def test_origin_maps_the_internal_connection_to_the_client(echoes: tuple[Echo, E
             assert front.origin(internal_port) == ("127.0.0.1", c.getsockname()[1], "raw_buffer")
     finally:
         front.close()
+        tls.close()
+        plain.close()
 
 
 def test_refusals_bounds_and_close(echoes: tuple[Echo, Echo]) -> None:
