@@ -51,7 +51,14 @@ from pymesh.telemetry._grpc import grpc_server_handler
 from pymesh.xds.client import XdsClient
 from pymesh.xds.watch import ServerHandle, watch_server
 
-__all__ = ["ServingCore", "ServingStatus", "XdsServer", "mesh_server_credentials", "server"]
+__all__ = [
+    "ServingCore",
+    "ServingStatus",
+    "XdsServer",
+    "mesh_channel_credentials",
+    "mesh_server_credentials",
+    "server",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -692,6 +699,25 @@ def mesh_server_credentials(
     # The server that binds these credentials closes the provider (its file poller) on stop.
     creds._pymesh_provider = provider  # type: ignore[attr-defined]
     return creds
+
+
+def mesh_channel_credentials(
+    *,
+    xds_client: XdsClient | None = None,
+    expected_sans: Sequence[Any] | None = None,
+    trust_domains: Iterable[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """Client credentials for ``pymesh.grpc.secure_channel("xds:///...", creds)`` that follow
+    each cluster's CDS TLS settings (DestinationRule ``ISTIO_MUTUAL``): certificates from the
+    bootstrap's certificate-provider instance, the server's SPIFFE URI SAN checked against
+    ``match_subject_alt_names`` (grpcio's own TLS cannot: see
+    :class:`pymesh.security.MeshChannelCredentials`). Close them with ``.close()``."""
+    from pymesh.security import MeshChannelCredentials
+
+    bootstrap = (xds_client or XdsClient.shared()).bootstrap
+    return MeshChannelCredentials(
+        bootstrap=bootstrap, expected_sans=expected_sans, trust_domains=trust_domains
+    )
 
 
 def bind_front(

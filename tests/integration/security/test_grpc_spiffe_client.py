@@ -260,7 +260,8 @@ def test_mesh_channel_takes_tls_and_sans_from_cds(
     with ControlPlane([tmp_path / "mesh"], xds_address="127.0.0.1:0", admin_port=None) as cp:
         data = generate_bootstrap(xds_address=cp.address, namespace="default", cert_dir=str(certs))
         xds = XdsClient(parse_bootstrap(json.dumps(data), source="test"))
-        creds = MeshChannelCredentials(bootstrap=xds.bootstrap)
+        creds = pymesh.grpc.mesh_channel_credentials(xds_client=xds)
+        assert isinstance(creds, MeshChannelCredentials)
         good = pymesh.grpc.secure_channel(
             "xds:///good.default.svc.cluster.local:7070", creds, xds_client=xds
         )
