@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from pymesh.grpc._channel import MeshChannel, insecure_channel, secure_channel
 from pymesh.grpc._errors import MeshRpcError
-from pymesh.grpc._server import ServingStatus, XdsServer, mesh_server_credentials, server
+from pymesh.grpc._server import (
+    ServingStatus,
+    XdsServer,
+    mesh_channel_credentials,
+    mesh_server_credentials,
+    server,
+)
 
 __all__ = [
     "MeshChannel",
@@ -17,6 +23,7 @@ __all__ = [
     "ServingStatus",
     "XdsServer",
     "insecure_channel",
+    "mesh_channel_credentials",
     "mesh_server_credentials",
     "secure_channel",
     "server",
