@@ -1114,8 +1114,10 @@ def _add_headers(headers: Any, added: list[tuple[str, str]]) -> None:
             if item[1] in _WRITTEN:
                 break
         else:
-            items += [(k.encode(), k.encode(), v.encode("latin-1")) for k, v in added]
-            return
+            if all(k in _RAW_NAMES for k, _ in added):
+                raw = _RAW_NAMES
+                items += [(raw[k], raw[k], v.encode("latin-1")) for k, v in added]
+                return
     for name, value in added:
         headers[name] = value
 
@@ -1126,6 +1128,7 @@ _WRITTEN = frozenset(
                  "x-envoy-peer-metadata", "x-envoy-peer-metadata-id", "baggage")
 )  # fmt: skip
 """Every header name telemetry writes into a request (httpx's lower-case item form)."""
+_RAW_NAMES = {name.decode(): name for name in _WRITTEN}
 
 
 def finish_local(call: ClientCall, result: CallResult, request_bytes: int) -> None:
