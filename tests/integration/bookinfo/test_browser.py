@@ -13,6 +13,7 @@ names a directory, there too (that is how ``docs/img/bookinfo-*.png`` are made):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -176,3 +177,14 @@ def test_walkthrough_screenshots(bookinfo: Bookinfo, tmp_path: Path) -> None:
         text = load("bookinfo-authz-details-reviews-viewer")
         assert "Ratings service is currently unavailable" in text
         assert "Error fetching" not in text
+
+
+def test_docs_pictures_are_the_screenshots_taken_here() -> None:
+    """Every picture docs/bookinfo.md shows exists, is a PNG, and is one this file saves."""
+    docs = Path(__file__).resolve().parents[3] / "docs"
+    names = re.findall(r"\]\(img/(bookinfo-[a-z0-9-]+)\.png\)", (docs / "bookinfo.md").read_text())
+    assert len(names) >= 8
+    source = Path(__file__).read_text()
+    for name in names:
+        assert (docs / "img" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f'"{name}"' in source, f"{name}.png is not made by {Path(__file__).name}"
