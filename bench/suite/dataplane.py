@@ -57,6 +57,9 @@ class Worker:
         if not first.get("ready"):
             self.close()
             raise RuntimeError(f"{self.variant.kind} {self.variant.name}: {first.get('error')}")
+        if self.variant.spec.get("metrics") and not first.get("metric_series"):
+            self.close()
+            raise RuntimeError(f"{self.variant.name}: metrics on, but no request was recorded")
 
     def _send(self, cmd: dict[str, Any]) -> None:
         assert self.proc.stdin is not None

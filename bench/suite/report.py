@@ -393,8 +393,9 @@ DESCRIPTIONS = {
         "plain `httpx.Client` / `httpx.AsyncClient` (the baseline). *pymesh*: "
         "`pymesh.httpx.Client` / `AsyncClient` on a real xDS config from the embedded control "
         "plane (VirtualService with a match and a 100% weighted route, retries, timeout; "
-        "DestinationRule with round robin, connection-pool limits, outlier detection; metrics "
-        "as configured by default). *pymesh mTLS*: the same plus `ISTIO_MUTUAL`. *1 Envoy*: "
+        "DestinationRule with round robin, connection-pool limits, outlier detection; Istio's "
+        "request metrics recorded by `pymesh.telemetry`, no traces, no access log). "
+        "*pymesh mTLS*: the same plus `ISTIO_MUTUAL`. *1 Envoy*: "
         "plain httpx through a client sidecar. *2 Envoys mTLS*: plain httpx through a client "
         "and a server sidecar with mTLS between them (Istio's data path). Async clients get "
         "`max_connections` = requests in flight."
@@ -403,7 +404,8 @@ DESCRIPTIONS = {
         "Unary calls (`/echo.Echo/Who`, a 2-byte request and response) to one grpcio server "
         "(`bench/grpc_bench.py`'s). *grpcio*: `grpc.insecure_channel` to the address (the "
         "baseline). *grpcio xds:///*: grpcio's C-core xDS client on the same control plane. "
-        "*pymesh*: `pymesh.grpc.insecure_channel` / `pymesh.grpc.aio.insecure_channel`. *1 "
+        "*pymesh*: `pymesh.grpc.insecure_channel` / `pymesh.grpc.aio.insecure_channel` (Istio's "
+        "default routes; telemetry not installed, as in `bench/grpc_bench.py`). *1 "
         "Envoy*, *2 Envoys mTLS*: plain grpcio through the sidecar(s) (HTTP/2 both legs)."
     ),
 }

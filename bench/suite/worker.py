@@ -67,6 +67,14 @@ class Variant:
 
             with open(spec["bootstrap"]) as f:
                 self.xds = XdsClient(parse_bootstrap(f.read(), source=spec["bootstrap"]))
+        self.telemetry: Any = None
+        if spec.get("metrics"):
+            # Istio's request metrics (no traces, no access log): part of the full policy.
+            from pymesh import telemetry
+
+            self.telemetry = telemetry.install(
+                telemetry.Telemetry(node=self.xds.bootstrap.node, tracing=False)
+            )
         self._closers: list[Callable[[], Any]] = []
         self._sync: SyncCall | None = None
         self._async: dict[int, AsyncCall] = {}
@@ -162,6 +170,12 @@ class Variant:
         if self.xds is not None:
             self.xds.close()
 
+    def metric_series(self) -> int | None:
+        """How many request-metric series the installed telemetry holds (``None``: none)."""
+        if self.telemetry is None:
+            return None
+        return len(self.telemetry.requests.snapshot())
+
 
 def _package(filename: str) -> str:
     """A profile entry's package: ``pymesh.httpx``, ``httpcore``, ``asyncio``, ``C``..."""
@@ -248,7 +262,7 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        reply({"ready": True})
+        reply({"ready": True, "metric_series": variant.metric_series()})
     except Exception:
         reply({"error": traceback.format_exc()})
         return
