@@ -77,22 +77,35 @@ class Reachability:
                 found = cls._by_runtime[runtime] = cls(runtime)
             return found
 
-    def report(self, reporter: object, key: str, state: Any) -> None:
-        """Subchannel ``reporter`` to endpoint ``key`` is in ``state`` (a
-        ``grpc.ChannelConnectivity``; ``None`` or SHUTDOWN: the reporter is gone)."""
+    def report(self, sub: Subchannel[Any], state: Any) -> None:
+        """Subchannel ``sub`` is in ``state`` (a ``grpc.ChannelConnectivity``; SHUTDOWN: it
+        is gone). Ignored once :meth:`forget` ran for it (a late report of a watch being
+        cancelled must not bring a dropped subchannel back)."""
         name = getattr(state, "name", None) or _GONE
         with self._lock:
-            states = self._states.setdefault(key, {})
-            if name == _GONE:
-                states.pop(id(reporter), None)
-                if not states:
-                    del self._states[key]
-            else:
-                states[id(reporter)] = name
-            down = frozenset(k for k, v in self._states.items() if _unreachable(v))
-            runtime = self._runtime()
-            if runtime is not None:
-                runtime.set_unreachable(down)  # under our lock: reports apply in order
+            if not sub.watching:
+                return
+            self._set(sub, name)
+
+    def forget(self, sub: Subchannel[Any]) -> None:
+        """``sub`` was dropped: it reports no more."""
+        with self._lock:
+            sub.watching = False
+            self._set(sub, _GONE)
+
+    def _set(self, sub: Subchannel[Any], name: str) -> None:
+        key = sub.key
+        states = self._states.setdefault(key, {})
+        if name == _GONE:
+            states.pop(id(sub), None)
+            if not states:
+                del self._states[key]
+        else:
+            states[id(sub)] = name
+        down = frozenset(k for k, v in self._states.items() if _unreachable(v))
+        runtime = self._runtime()
+        if runtime is not None:
+            runtime.set_unreachable(down)  # under our lock: reports apply in order
 
     def unreachable(self) -> frozenset[str]:
         with self._lock:
@@ -113,7 +126,7 @@ CLOSE_GRACE = 30.0
 class Subchannel(Generic[C]):
     """One endpoint's grpcio channel and its cached multicallables."""
 
-    __slots__ = ("__weakref__", "calls", "channel", "key", "state", "unwatch")
+    __slots__ = ("__weakref__", "calls", "channel", "key", "state", "unwatch", "watching")
 
     def __init__(self, key: str, channel: C) -> None:
         self.key = key
@@ -122,6 +135,8 @@ class Subchannel(Generic[C]):
         self.state: Any = None
         """The channel's last reported connectivity (``None`` until the first report)."""
         self.unwatch: Callable[[], None] | None = None
+        self.watching = False
+        """Its connectivity is reported (set before the watch starts, cleared when dropped)."""
 
     def multicallable(self, spec: Hashable, make: Callable[[C], Any]) -> Any:
         found = self.calls.get(spec)
@@ -191,8 +206,9 @@ class SubchannelPool(Generic[C]):
                 return
             s.state = state
             if reachability is not None:
-                reachability.report(s, s.key, state)
+                reachability.report(s, state)
 
+        sub.watching = True
         try:
             sub.unwatch = self._watch(sub.key, sub.channel, report)
         except Exception:  # watching is best effort: calls still fail over on errors
@@ -205,8 +221,9 @@ class SubchannelPool(Generic[C]):
                 unwatch()
             except Exception:
                 pass
-        if self._reachability is not None and self._watch is not None:
-            self._reachability.report(sub, sub.key, None)
+        if self._reachability is not None and sub.watching:
+            self._reachability.forget(sub)
+        sub.watching = False
 
     def endpoint_keys(self) -> Sequence[str]:
         """The endpoints with an open subchannel now."""

@@ -92,3 +92,62 @@ def test_close_closes_everything() -> None:
     assert all(c.closed for c in opened)
     with pytest.raises(RuntimeError):
         pool.get("c:1")
+
+
+class State:
+    """Stands for a ``grpc.ChannelConnectivity`` (the pool compares states by name)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+IDLE, READY, FAILURE, SHUTDOWN = (
+    State(n) for n in ("IDLE", "READY", "TRANSIENT_FAILURE", "SHUTDOWN")
+)
+
+
+def test_connectivity_reaches_the_runtime() -> None:
+    import random
+
+    from pymesh.core.runtime import MeshRuntime
+    from pymesh.grpc._subchannels import Reachability
+
+    runtime = MeshRuntime(None, rng=random.Random(1), clock=Clock())
+    reach = Reachability.of(runtime)
+    assert Reachability.of(runtime) is reach  # one per runtime, shared by its channels
+    reports: dict[str, Callable[[object], None]] = {}
+    cancelled: list[str] = []
+
+    def watch(key: str, channel: object, report: Callable[[object], None]) -> Callable[[], None]:
+        reports[f"{key}#{len(reports)}"] = report
+        return lambda: cancelled.append(key)
+
+    def pool() -> SubchannelPool[FakeChannel]:
+        return SubchannelPool(FakeChannel, lambda c: None, watch=watch, reachability=reach)
+
+    one, two = pool(), pool()  # two mesh channels of the same runtime
+    one.get("a:1")
+    one.get("b:1")
+    two.get("a:1")
+    a1, b1, a2 = reports["a:1#0"], reports["b:1#1"], reports["a:1#2"]
+    a1(IDLE)
+    b1(READY)
+    assert runtime.unreachable == frozenset()
+    a1(FAILURE)
+    assert runtime.unreachable == {"a:1"}
+    a2(READY)  # another channel reaches it: usable
+    assert runtime.unreachable == frozenset()
+    a2(FAILURE)
+    b1(FAILURE)
+    assert runtime.unreachable == {"a:1", "b:1"}
+    a1(READY)
+    assert runtime.unreachable == {"b:1"}
+    one.hosts_removed(frozenset({"b:1"}))  # dropped: it reports no more
+    assert cancelled == ["b:1"] and runtime.unreachable == frozenset()
+    b1(FAILURE)  # a late report of the cancelled watch changes nothing
+    assert runtime.unreachable == frozenset()
+    a1(SHUTDOWN)
+    assert runtime.unreachable == {"a:1"}  # the other channel still says TRANSIENT_FAILURE
+    two.close()
+    assert runtime.unreachable == frozenset()
+    one.close()
