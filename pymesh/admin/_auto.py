@@ -11,6 +11,9 @@ The first mesh use in a process builds the process-wide xDS client
    the control plane, so ``pymesh proxy-status`` lists it and ``pymesh proxy-config KIND
    WORKLOAD`` finds it by the workload's name.
 4. The client is built and the endpoint served for it on a daemon thread.
+5. With ``PYMESH_TELEMETRY=on`` (and no telemetry installed by the application), telemetry is
+   configured from the environment for this workload (:func:`pymesh.telemetry.
+   configure_from_env`: the Prometheus endpoint, access logs, tracing).
 
 Nothing here may fail the application: any error is logged and the client is returned
 without an admin endpoint.
@@ -22,7 +25,7 @@ import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, TypeVar
 
@@ -117,9 +120,9 @@ def shared_client(
         setting = _requested or _setting(environ)
     except ValueError as exc:
         _log.warning("admin endpoint not started: %s", exc)
-        return make(bootstrap)
+        return _with_telemetry(make(bootstrap), environ)
     if setting is None or admin.current() is not None:
-        return make(bootstrap)
+        return _with_telemetry(make(bootstrap), environ)
     host, port = setting
     try:
         sock = _bind(host, port)
@@ -128,7 +131,7 @@ def shared_client(
         return make(bootstrap)
     bound = sock.getsockname()
     address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
-    client = make(with_admin_address(bootstrap, address))
+    client = _with_telemetry(make(with_admin_address(bootstrap, address)), environ)
     try:
         server = _serve(client, sock, environ)
     except Exception:
@@ -140,6 +143,24 @@ def shared_client(
         return client
     _log.info("admin endpoint on http://%s", address)
     _stop_with(client, server)
+    return client
+
+
+def _with_telemetry(client: C, env: Mapping[str, str]) -> C:
+    """Telemetry from the environment for this workload (``PYMESH_TELEMETRY=on``: metrics
+    endpoint, access logs, tracing as ``pymesh.telemetry.configure_from_env`` reads them),
+    unless the application installed its own. Never fails the application."""
+    if env.get("PYMESH_TELEMETRY", "off").strip().lower() not in ("on", "1", "true"):
+        return client  # OpenTelemetry is not even imported
+    try:
+        from pymesh import telemetry
+
+        if telemetry.current() is None:
+            tel = telemetry.configure_from_env(client.bootstrap.node, env)  # type: ignore[attr-defined]
+            if tel is not None:
+                tel.watch_xds_client(client)  # type: ignore[arg-type]
+    except Exception:
+        _log.exception("telemetry from the environment not started")
     return client
 
 
