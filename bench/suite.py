@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     res["envoy_configs"] = envoy_configs
     path = report.write(res, cdfs, args.out, envoy_configs, log)
     log(f"wrote {path} ({res['duration_s']:.0f} s)")
+    for line in report.headline(res):
+        log(f"  {line}")
     for t in res["targets"]:  # type: ignore[attr-defined]
         log(f"  {t['status']:>12}  {t['target']}: {t['measured']}")
     return 0

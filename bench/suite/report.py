@@ -159,6 +159,38 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def headline(res: dict[str, Any]) -> list[str]:
+    """One line per shape: pymesh against the baseline and the sidecar paths."""
+    cells = res["dataplane"]
+    lines = []
+    for kind in ("http", "grpc"):
+        title = "HTTP" if kind == "http" else "gRPC"
+        for shape in _shapes(cells, kind):
+            mesh = _cell(cells, kind, shape, "pymesh")
+            base = _cell(cells, kind, shape, BASELINE[kind])
+            one = _cell(cells, kind, shape, "1 Envoy")
+            two = _cell(cells, kind, shape, TWO_ENVOYS)
+            if not (_ok(mesh) and _ok(base)):
+                continue
+            parts = [f"{mesh['rps']:.0f} req/s = {mesh['rps'] / base['rps']:.3g}× {BASELINE[kind]}"]
+            if kind == "grpc":
+                cx = _cell(cells, kind, shape, "grpcio xds:///")
+                if _ok(cx):
+                    parts.append(f"{mesh['rps'] / cx['rps']:.3g}× grpcio xds:///")
+            if _ok(one):
+                parts.append(f"{mesh['rps'] / one['rps']:.3g}× one Envoy")
+            if _ok(two):
+                parts.append(f"{mesh['rps'] / two['rps']:.3g}× two Envoys")
+                parts.append(
+                    f"whole-path CPU {mesh['cpu_us_total']:.0f} µs/request vs "
+                    f"{two['cpu_us_total']:.0f} µs through two Envoys "
+                    f"({mesh['cpu_us_total'] / two['cpu_us_total']:.2f}×)"
+                )
+            parts.append(f"p99 {mesh['p99_ms']:.2f} ms ({BASELINE[kind]} {base['p99_ms']:.2f} ms)")
+            lines.append(f"{title} {shape}: pymesh " + ", ".join(parts))
+    return lines
+
+
 # -- plots -----------------------------------------------------------------------------------
 
 
@@ -352,6 +384,10 @@ def page(res: dict[str, Any], tgts: list[dict[str, Any]], images: list[str]) -> 
         "- **Context**: Istio publishes that a sidecar pair adds about 0.23 ms p90 and 0.30 ms "
         "p99 at 1,000 requests/s, and that a sidecar costs about 0.2 vCPU and 60 MB per 1,000 "
         "requests/s.",
+        "",
+        "## Headline",
+        "",
+        *(f"- {line}" for line in headline(res)),
         "",
         "## Targets (issue 9)",
         "",
