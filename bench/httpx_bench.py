@@ -3,7 +3,8 @@
 The upstream is uvicorn in a subprocess (so it does not share the client's GIL), serving a
 tiny body. pymesh runs with the embedded control plane in-process and a config that turns
 on what the issue asks for: routing (a VirtualService with a match and a 100% weighted
-route), round-robin LB, a retry policy, circuit-breaker limits and outlier detection.
+route), round-robin LB, a retry policy, circuit-breaker limits, outlier detection and
+Istio's standard metrics (``--no-metrics`` to leave them out).
 
 Rounds are interleaved (plain, pymesh, plain, pymesh, ...) so both see the same machine
 noise; the table reports medians over rounds of throughput, of per-request latency
@@ -38,6 +39,7 @@ import httpcore
 import httpx
 
 import pymesh.httpx
+from pymesh import telemetry
 from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
 from pymesh.controlplane import ControlPlane
 from pymesh.xds.client import XdsClient
@@ -345,6 +347,9 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path, help="also write the medians here (JSON)")
     ap.add_argument(
+        "--no-metrics", action="store_true", help="pymesh without its metrics (on by default)"
+    )
+    ap.add_argument(
         "--isolated-only",
         action="store_true",
         help="only the in-memory transport comparison (no sockets: quick and less noisy)",
@@ -365,6 +370,12 @@ def main() -> None:
         cp = ControlPlane([mesh_dir], xds_address="127.0.0.1:0", admin_port=None).start()
         data = generate_bootstrap(xds_address=cp.address, namespace="default")
         xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
+        if not args.no_metrics:
+            # Istio's standard metrics for every meshed request (no tracing, no access log,
+            # no metadata exchange headers); plain httpx never calls pymesh's hooks.
+            telemetry.install(
+                telemetry.Telemetry(node=xds.bootstrap.node, tracing=False, peer_exchange=False)
+            )
         plain_url = f"http://127.0.0.1:{port}/"
         mesh_url = f"http://{HOST}:{PORT}/"
         plain_sync: list[Round] = []
@@ -385,6 +396,7 @@ def main() -> None:
                 else {}
             )
         finally:
+            telemetry.uninstall()
             xds.close()
             cp.stop()
             proc.terminate()
@@ -393,7 +405,8 @@ def main() -> None:
     results: dict[str, Any] = {}
     if not args.isolated_only:
         print(f"loopback, {args.rounds} interleaved rounds of {args.requests} requests, "
-              f"medians over rounds; cpu count {os.cpu_count()}; "
+              f"medians over rounds; pymesh metrics {'off' if args.no_metrics else 'on'}; "
+              f"cpu count {os.cpu_count()}; "
               f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
         print(f"{'':<22} {'':>14} {'plain httpx':>12} {'pymesh':>12} {'ratio/added':>10}")
         shapes = [("sync sequential", plain_sync, mesh_sync)]
