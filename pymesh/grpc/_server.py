@@ -210,7 +210,23 @@ class ServingCore:
         hands TLS and plaintext connections to two internal grpcio ports."""
         self.add_port(address, front.port, secure=True)
         self._front = front
-        self.own(front.close)
+        self.own(front.stop_accepting)  # connections: closed by close_front after the grace
+
+    def close_front(self, stopped: threading.Event | None = None) -> None:
+        """Close the front's connections, at once or once ``stopped`` (grpcio's stop event:
+        RPCs in flight finished within the grace period) is set."""
+        front = self._front
+        if front is None:
+            return
+        if stopped is None or stopped.is_set():
+            front.close()
+            return
+
+        def wait() -> None:
+            stopped.wait()
+            front.close()
+
+        threading.Thread(target=wait, name="pymesh-front-stop", daemon=True).start()
 
     @property
     def front_port(self) -> int:
@@ -571,7 +587,9 @@ class XdsServer(grpc.Server):
     def stop(self, grace: float | None = None) -> threading.Event:
         self._core.close()
         self._health.enter_graceful_shutdown()
-        return self._inner.stop(grace)
+        stopped = self._inner.stop(grace)
+        self._core.close_front(stopped)  # a PERMISSIVE port's connections, after the grace
+        return stopped
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._inner.wait_for_termination(timeout)

@@ -271,6 +271,21 @@ class _Forwarder:
     async def connect(self, link: _Link, first: bytes | None) -> _Side:
         raise NotImplementedError
 
+    def stop_accepting(self) -> None:
+        """Close the listening socket; connections already forwarded go on (graceful stop:
+        :meth:`close` them once the server behind has finished its RPCs)."""
+        if self._closed or self._server is None:
+            return
+        server = self._server
+
+        async def stop() -> None:
+            server.close()
+
+        try:
+            _run(self._loop, stop(), 5.0)
+        except Exception:
+            pass
+
     def close(self) -> None:
         """Stop accepting and close every forwarded connection."""
         if self._closed:

@@ -198,6 +198,7 @@ class AioXdsServer(grpc.aio.Server):
         self._core.close()
         await self._health.enter_graceful_shutdown()
         await self._inner.stop(grace)
+        self._core.close_front()  # a PERMISSIVE port's connections, after the grace
         _LOOPS.pop(id(self._core), None)
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
