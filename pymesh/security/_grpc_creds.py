@@ -6,10 +6,16 @@ changed, so a rotated certificate is served without restarting the server and co
 already open are untouched.
 
 Channels: grpcio's ``ssl_channel_credentials`` are a fixed snapshot and check the target
-name against DNS SANs, which SPIFFE certificates do not carry. :func:`channel_credentials`
-returns the snapshot for the current bundle; callers rebuild their channel on rotation
-(subscribe to the provider). For SPIFFE SAN checks by grpc itself, use grpcio's xDS
-credentials (``grpc.xds_channel_credentials``) with a bootstrap ``file_watcher``.
+name against DNS SANs (or the CN), never URI SANs, so they cannot even connect to a
+SPIFFE-only server, and Python has no hook to replace the check. :func:`channel_credentials`
+returns that snapshot (for DNS-named servers such as istiod's CA port).
+
+:class:`MeshChannelCredentials` is what mesh channels use: per endpoint, the cluster's CDS
+``UpstreamTlsContext`` decides plaintext or TLS; for TLS, grpcio speaks plaintext into a
+private :class:`~pymesh.security._forward.TlsTunnel` whose TLS connection verifies the
+server's chain against the trust bundle and its URI SAN against ``match_subject_alt_names``
+(a :class:`~pymesh.security.MeshSSLContext`, following rotation). docs/mtls.md weighs the
+alternatives and gives the cost.
 """
 
 from __future__ import annotations
