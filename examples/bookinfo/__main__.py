@@ -1,4 +1,5 @@
-"""``python -m examples.bookinfo up | apply NAME... | remove NAME... | status | scenarios``
+"""``python -m examples.bookinfo up | apply NAME... | remove NAME... | status | load |
+scenarios``
 
 ``up`` starts the control plane (with its CA) and every Bookinfo workload, prints the product
 page URL and a live status line, and stops everything on Ctrl-C (or SIGTERM). The other
@@ -201,6 +202,46 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    """Load the product page COUNT times (as USER) and tally what the pages showed, the way
+    Istio's task pages say "refresh the browser several times"."""
+    from collections import Counter
+
+    from examples.bookinfo.client import User
+
+    state = _state(args.workdir)
+    base = state["productpage_url"].rsplit("/productpage", 1)[0]
+    seen: Counter[str] = Counter()
+    elapsed = []
+    with User(base) as user:
+        if args.user:
+            user.login(args.user)
+        for _ in range(args.count):
+            page = user.page()
+            elapsed.append(page.elapsed)
+            if page.status != 200:
+                seen[f"HTTP {page.status}"] += 1
+            elif page.errors:
+                seen["; ".join(page.errors)] += 1
+            elif page.rating_errors:
+                seen[page.rating_errors[0]] += 1
+            elif page.stars:
+                seen[f"{'/'.join(sorted(page.star_colors))} stars"] += 1
+            else:
+                seen["no stars"] += 1
+            if args.interval:
+                time.sleep(args.interval)
+    who = args.user or "anonymous"
+    elapsed.sort()
+    print(
+        f"{args.count} loads as {who}: median {elapsed[len(elapsed) // 2] * 1000:.0f} ms,"
+        f" max {elapsed[-1] * 1000:.0f} ms"
+    )
+    for what, n in seen.most_common():
+        print(f"  {n:5}  {what}")
+    return 0
+
+
 def cmd_scenarios(args: argparse.Namespace) -> int:
     for name in scenario_names():
         print(name)
@@ -232,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--timeout", type=float, default=30.0)
         p.set_defaults(func=func)
     sub.add_parser("status", help="workloads of the running mesh").set_defaults(func=cmd_status)
+    load = sub.add_parser("load", help="load the product page and tally what it shows")
+    load.add_argument("--count", type=int, default=20)
+    load.add_argument("--user", default=None, help="log in as this user first (e.g. jason)")
+    load.add_argument("--interval", type=float, default=0.0, help="seconds between loads")
+    load.set_defaults(func=cmd_load)
     sub.add_parser("scenarios", help="list Istio's networking samples").set_defaults(
         func=cmd_scenarios
     )
