@@ -55,8 +55,19 @@ def _free_port() -> int:
         return port
 
 
-def _calls_until(call: Callable[[], object], done: Callable[[], bool], limit: int = 200) -> int:
-    """Make calls until ``done()`` (bounded); returns how many failed."""
+def _poll(check: Callable[[], bool], timeout: float) -> bool:
+    """Whether ``check()`` holds within ``timeout`` s (a bounded poll on a real event)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _calls_until(call: Callable[[], object], done: Callable[[], bool], limit: int = 40) -> int:
+    """Make calls until ``done()`` (bounded); returns how many failed. After a failure, give
+    the connectivity report up to 1 s to arrive before the next call."""
     failed = 0
     for _ in range(limit):
         if done():
@@ -65,6 +76,7 @@ def _calls_until(call: Callable[[], object], done: Callable[[], bool], limit: in
             call()
         except grpc.RpcError:
             failed += 1
+            _poll(done, 1.0)
     raise AssertionError("the condition never held")
 
 
@@ -127,14 +139,17 @@ def test_aio_transient_failure_endpoint_skipped(grpc_mesh: GrpcMesh, echo_server
             assert seen == {b"v1": 10, b"v2": 10}
             a.stop()
             failed = 0
-            for _ in range(200):  # bounded: until v1's subchannel reports TRANSIENT_FAILURE
+            for _ in range(40):  # bounded: until v1's subchannel reports TRANSIENT_FAILURE
                 if key in runtime.unreachable:
                     break
                 try:
                     await who(b"x", timeout=10)
                 except grpc.RpcError:
                     failed += 1
-                await asyncio.sleep(0)  # let the connectivity watch run
+                    for _ in range(100):  # up to ~1 s for the connectivity watch's report
+                        if key in runtime.unreachable:
+                            break
+                        await asyncio.sleep(0.01)
             assert key in runtime.unreachable and failed <= 3
             assert Counter([await who(b"x", timeout=10) for _ in range(40)]) == {b"v2": 40}
         assert key not in runtime.unreachable  # the closed channel no longer reports it
