@@ -277,6 +277,22 @@ def test_up_command_starts_and_stops_cleanly(tmp_path: Path) -> None:
         )
         assert status.returncode == 0, status.stdout + status.stderr
         assert 'color="red"' in httpx.get(url, timeout=10).text
+        load = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "examples.bookinfo",
+                "load",
+                "--count=5",
+                f"--workdir={tmp_path}",
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert load.returncode == 0 and "    5  red stars" in load.stdout, load.stdout
         for _ in range(20):  # the status lines follow the start banner
             line = proc.stdout.readline()
             if line.startswith("workloads connected"):
