@@ -178,8 +178,10 @@ def cmd_remove(args: argparse.Namespace) -> int:
             if candidate in known:
                 names.append(candidate)
                 break
-        else:
-            names.append(stem)
+        else:  # like kubectl delete: say so, remove the others
+            print(f"not applied: {item}", file=sys.stderr)
+    if not names:
+        return 1
     version = apply_layers(layers, state["admin_url"], (), names, args.timeout)
     print(f"removed {', '.join(names)}: config version {version}, ACKed by every workload")
     return 0
