@@ -8,11 +8,12 @@ only one of them still joins the trace.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
-__all__ = ["FORMATS", "extract", "inject", "inject_ids"]
+__all__ = ["FORMATS", "extract", "extract_ids", "inject", "inject_ids"]
 
 FORMATS = frozenset({"tracecontext", "b3multi", "b3"})
 
@@ -70,27 +71,42 @@ def _b3_single(value: str) -> SpanContext | None:
     return _context(trace_id, span_id, bool(sampled))
 
 
-def extract(get: Callable[[str], str | None]) -> SpanContext | None:
-    """The remote parent span of an inbound request (``get`` reads a lower-case header)."""
+_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def extract_ids(get: Callable[[str], str | None]) -> tuple[int, int, bool] | None:
+    """``(trace_id, span_id, sampled)`` of an inbound request's remote parent, or ``None``
+    (the server's hot path: no ``SpanContext`` is built for an unsampled request)."""
     value = get("traceparent")
     if value:
+        m = _TRACEPARENT_00.fullmatch(value)  # the usual version-00 header, in one match
+        if m is not None:
+            trace_id, span_id = int(m[1], 16), int(m[2], 16)
+            if trace_id and span_id:
+                return trace_id, span_id, bool(int(m[3], 16) & 1)
         found = _traceparent(value)
         if found is not None:
-            return found
+            return found.trace_id, found.span_id, found.trace_flags.sampled
     value = get("b3")
     if value:
         found = _b3_single(value)
         if found is not None:
-            return found
+            return found.trace_id, found.span_id, found.trace_flags.sampled
     trace = get("x-b3-traceid")
     span = get("x-b3-spanid")
     if trace and span:
-        trace_id = _hex(trace, (16, 32))
-        span_id = _hex(span, (16,))
-        if trace_id is not None and span_id is not None:
+        trace_id_ = _hex(trace, (16, 32))
+        span_id_ = _hex(span, (16,))
+        if trace_id_ is not None and span_id_ is not None:
             sampled = _b3_sampled(get("x-b3-sampled"), get("x-b3-flags"))
-            return _context(trace_id, span_id, bool(sampled))
+            return trace_id_, span_id_, bool(sampled)
     return None
+
+
+def extract(get: Callable[[str], str | None]) -> SpanContext | None:
+    """The remote parent span of an inbound request (``get`` reads a lower-case header)."""
+    ids = extract_ids(get)
+    return None if ids is None else _context(*ids)
 
 
 def inject(

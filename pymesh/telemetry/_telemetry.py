@@ -356,28 +356,29 @@ class Telemetry:
         span: Any = None
         token = None
         if self.tracing:
-            parent = _propagation.extract(get_header)
-            if parent is not None:
-                sampled = parent.trace_flags.sampled
-            else:
-                sampled = self._rng.random() < self._trace_ratio
-            parent_ctx = (
-                trace.set_span_in_context(NonRecordingSpan(parent))
-                if parent is not None
-                else otel_context.Context()
-            )
+            ids = _propagation.extract_ids(get_header)
+            rng = self._rng
+            sampled = ids[2] if ids is not None else rng.random() < self._trace_ratio
             if sampled:
+                parent_ctx = (
+                    trace.set_span_in_context(
+                        NonRecordingSpan(
+                            SpanContext(ids[0], ids[1], is_remote=True, trace_flags=_SAMPLED)
+                        )
+                    )
+                    if ids is not None
+                    else otel_context.Context()
+                )
                 span = self._tracer.start_span(
                     f"{authority}{path.split('?', 1)[0]}",
                     context=parent_ctx,
                     kind=SpanKind.SERVER,
                 )
                 token = otel_context.attach(trace.set_span_in_context(span, parent_ctx))
-            else:
-                child = (
-                    _unsampled_child(parent, self._rng)
-                    if parent is not None
-                    else _unsampled_child(trace.INVALID_SPAN_CONTEXT, self._rng)
+            else:  # the caller's trace id (or a new one) under a span id of our own
+                trace_id = ids[0] if ids is not None else rng.getrandbits(128) or 1
+                child = SpanContext(
+                    trace_id, rng.getrandbits(64) or 1, is_remote=False, trace_flags=_NOT_SAMPLED
                 )
                 token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(child)))
         return ServerCall(self, protocol, method, authority, path, span, token, get_header)
@@ -705,14 +706,6 @@ def _namespace_of(principal: str) -> str:
         if i + 1 < len(parts) and parts[i + 1]:
             return parts[i + 1]
     return UNKNOWN
-
-
-def _unsampled_child(parent: SpanContext, rng: random.Random) -> SpanContext:
-    """A span id of our own under ``parent`` (a new trace when invalid), not sampled."""
-    trace_id = parent.trace_id if parent.is_valid else rng.getrandbits(128) or 1
-    return SpanContext(
-        trace_id, rng.getrandbits(64) or 1, is_remote=False, trace_flags=_NOT_SAMPLED
-    )
 
 
 class ClientCall:
