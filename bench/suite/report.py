@@ -509,10 +509,11 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
                     "p99 s",
                     "last ACK max s",
                     "CPU s per push",
+                    "reload / build / push s",
                     "control-plane RSS MB",
                 ]
             ),
-            _row(["--:", "--:", "---", "--:", "--:", "--:", "--:", "--:"]),
+            _row(["--:", "--:", "---", "--:", "--:", "--:", "--:", "--:", "--:"]),
         ]
         for _k, cp in cp_rows:
             if "error" in cp:
@@ -530,6 +531,9 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
                         f"{cp['change_to_ack_p99_seconds']:.2f}",
                         f"{cp['change_to_last_ack_max_seconds']:.2f}",
                         f"{cp['cpu_seconds_per_full_push']:.2f}",
+                        f"{cp['phase_reload_seconds_mean']:.2f} / "
+                        f"{cp['phase_build_seconds_mean']:.2f} / "
+                        f"{cp['phase_push_seconds_mean']:.2f}",
                         f"{cp['rss_mb']:.0f}",
                     ]
                 )
