@@ -251,7 +251,13 @@ def cmd_scenarios(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m examples.bookinfo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.bookinfo",
+        description="Istio's Bookinfo on pymesh: `up` starts the control plane and every "
+        "workload (Ctrl-C stops them); the other commands talk to the running mesh.",
+        epilog="example: python -m examples.bookinfo up, then in another terminal: "
+        "python -m examples.bookinfo apply all-v1 reviews-test-v2",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the control plane and every service")
     up.add_argument(
