@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AccessRecord", "format_json", "format_text"]
+__all__ = ["AccessRecord", "format_json", "format_text", "text_line"]
 
 
 @dataclass(slots=True)
@@ -67,11 +67,48 @@ def _q(value: str | None) -> str:
 
 def format_text(r: AccessRecord) -> str:
     """One line in Envoy's default access log format (no trailing newline)."""
-    ust = "-" if r.upstream_service_time is None else str(r.upstream_service_time)
+    return text_line(
+        r.start,
+        r.method,
+        r.path,
+        r.protocol,
+        r.status,
+        r.flags,
+        r.bytes_received,
+        r.bytes_sent,
+        r.duration_ms,
+        r.upstream_service_time,
+        r.forwarded_for,
+        r.user_agent,
+        r.request_id,
+        r.authority,
+        r.upstream_host,
+    )
+
+
+def text_line(  # noqa: PLR0917 - one argument per field of the line, hot path
+    start: float,
+    method: str,
+    path: str,
+    protocol: str,
+    status: int,
+    flags: str,
+    bytes_received: int,
+    bytes_sent: int,
+    duration_ms: int,
+    upstream_service_time: int | None,
+    forwarded_for: str | None,
+    user_agent: str | None,
+    request_id: str | None,
+    authority: str | None,
+    upstream_host: str | None,
+) -> str:
+    """:func:`format_text` from the fields themselves (the request path builds no record)."""
+    ust = "-" if upstream_service_time is None else str(upstream_service_time)
     return (
-        f'[{_start_time(r.start)}] "{r.method} {r.path} {r.protocol}" {r.status} {r.flags} '
-        f"{r.bytes_received} {r.bytes_sent} {r.duration_ms} {ust} {_q(r.forwarded_for)} "
-        f"{_q(r.user_agent)} {_q(r.request_id)} {_q(r.authority)} {_q(r.upstream_host)}"
+        f'[{_start_time(start)}] "{method} {path} {protocol}" {status} {flags} '
+        f"{bytes_received} {bytes_sent} {duration_ms} {ust} {_q(forwarded_for)} "
+        f"{_q(user_agent)} {_q(request_id)} {_q(authority)} {_q(upstream_host)}"
     )
 
 

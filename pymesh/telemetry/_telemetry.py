@@ -49,7 +49,7 @@ from opentelemetry.trace import (
 )
 
 from pymesh.telemetry import _propagation
-from pymesh.telemetry._accesslog import AccessRecord, format_json, format_text
+from pymesh.telemetry._accesslog import AccessRecord, format_json, format_text, text_line
 from pymesh.telemetry._labels import (
     UNKNOWN,
     PeerWorkload,
@@ -164,6 +164,7 @@ class Telemetry:
         self.metrics_enabled = metrics
         self.access_log = access_log
         self._format = format_json if access_log_format == "json" else format_text
+        self._text = access_log_format == "text"  # lines straight from fields, no record
         self._sample_logs = access_log_sample
         access_logger = logging.getLogger("pymesh.access")
         self._sink = access_log_sink or (lambda line: access_logger.info("%s", line))
@@ -457,8 +458,11 @@ class Telemetry:
         return mode == "full" or flagged or self._rng.random() < self._sample_logs
 
     def _write(self, record: AccessRecord) -> None:
+        self._emit(self._format(record))
+
+    def _emit(self, line: str) -> None:
         try:
-            self._sink(self._format(record))
+            self._sink(line)
         except Exception:  # a broken sink must never fail a request
             _log.exception("access log sink failed")
 
@@ -816,7 +820,27 @@ class ClientCall:
                     user_agent = value
         if span is not None:
             _end_span(span, status, grpc_status, flags, cluster, upstream, self, request_id)
-        if log:  # the record is built and formatted only for a line that is written
+        if log and tel._text:  # the line is built only when it is written
+            tel._emit(
+                text_line(
+                    self.start,
+                    self.method,
+                    self.path,
+                    "HTTP/2" if self.protocol == "grpc" else "HTTP/1.1",
+                    status,
+                    _flags_text(flags),
+                    request_bytes,
+                    response_bytes,
+                    int(duration * 1000),
+                    None,
+                    None,
+                    user_agent,
+                    request_id,
+                    self.authority,
+                    upstream,
+                )
+            )
+        elif log:
             tel._write(
                 AccessRecord(
                     start=self.start,
@@ -931,7 +955,30 @@ class ServerCall:
         if span is not None:
             span.set_attribute("peer.principal", principal)
             _end_span(span, status, grpc_status, flags, None, None, self, request_id)
-        if tel.access_log != "off" and tel._log_this(bool(flags) or status >= 500):
+        if not (tel.access_log != "off" and tel._log_this(bool(flags) or status >= 500)):
+            return
+        if tel._text:
+            get = self.get_header
+            tel._emit(
+                text_line(
+                    self.start,
+                    self.method,
+                    self.path,
+                    "HTTP/2" if self.protocol == "grpc" else "HTTP/1.1",
+                    status,
+                    _flags_text(flags),
+                    request_bytes,
+                    response_bytes,
+                    int(duration * 1000),
+                    None,
+                    get("x-forwarded-for"),
+                    get("user-agent"),
+                    request_id,
+                    self.authority,
+                    None,
+                )
+            )
+        else:
             tel._write(
                 AccessRecord(
                     start=self.start,
