@@ -1,8 +1,9 @@
 """A backend process for the fault tests: ``python _backend.py NAME MODE`` prints its port.
 
 Modes: ``ok`` answers 200; ``flaky`` answers 503 to half of the requests (seeded random);
-``hang`` accepts connections and never answers (it writes the number of connections
-accepted to the file named by a third argument). ``GET /_count`` answers the number of
+``grpc`` serves ``/echo.Echo/Who`` (answers NAME); ``hang`` accepts connections and never
+answers (it writes the number of connections accepted to the file named by a third
+argument). ``GET /_count`` answers the number of
 requests seen so far (not counted itself).
 """
 
@@ -26,6 +27,24 @@ def _serve_hang(sock: socket.socket, count_file: str) -> None:
             f.write(str(len(held)))
 
 
+def _serve_grpc(sock: socket.socket, name: str) -> None:
+    """``/echo.Echo/Who`` answers ``name`` (as tests/integration/grpc's EchoServer)."""
+    from concurrent import futures
+
+    import grpc
+
+    port = sock.getsockname()[1]
+    sock.close()  # grpc binds by itself (SO_REUSEPORT): hand the port over
+    handler = grpc.method_handlers_generic_handler(
+        "echo.Echo", {"Who": grpc.unary_unary_rpc_method_handler(lambda r, c: name.encode())}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
 def main() -> None:
     name, mode = sys.argv[1], sys.argv[2]
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -36,6 +55,9 @@ def main() -> None:
     print(sock.getsockname()[1], flush=True)
     if mode == "hang":
         _serve_hang(sock, sys.argv[3])
+        return
+    if mode == "grpc":
+        _serve_grpc(sock, name)
         return
     import uvicorn
 

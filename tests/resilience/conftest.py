@@ -70,6 +70,14 @@ def record(request: pytest.FixtureRequest) -> Iterator[Record]:
     yield add
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The resilience session (``PYMESH_RESILIENCE_REPORT`` set) runs the slow cases too:
+    lift the project-wide ``-m 'not slow'`` default unless a marker expression was given."""
+    explicit = "-m" in config.invocation_params.args
+    if os.environ.get(REPORT_ENV) and config.option.markexpr == "not slow" and not explicit:
+        config.option.markexpr = ""
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if "tests/resilience" not in report.nodeid.replace("\\", "/"):
         return
