@@ -267,6 +267,72 @@ def isolated_overhead(xds: XdsClient, mesh_url: str, repeats: int = 40) -> tuple
     return min(plain_runs), min(mesh_runs)
 
 
+def engines_compared(port: int, rounds: int, n: int) -> dict[str, tuple[float, float]]:
+    """The connection layers alone on real sockets, no httpx client, no mesh: httpcore's
+    pools against pymesh's HTTP/1.1 engine (``pymesh.httpx._h1``), client-thread CPU µs per
+    request (read to the end), medians over interleaved rounds; sync sequential and 16 in
+    flight on one async pool."""
+    from pymesh.httpx._h1 import AsyncPool, SyncPool
+
+    url = f"http://127.0.0.1:{port}/"
+    timeouts = {"connect": 10.0, "read": 10.0, "write": 10.0, "pool": 10.0}
+
+    def request() -> httpcore.Request:
+        return httpcore.Request(
+            b"GET", url, headers=[(b"host", b"bench")], extensions={"timeout": timeouts}
+        )
+
+    def sync_cpu(pool: Any) -> float:
+        c0 = time.thread_time()
+        for _ in range(n):
+            response = pool.handle_request(request())
+            response.read()
+            response.close()
+        return (time.thread_time() - c0) / n * 1e6
+
+    async def async_cpu(pool: Any) -> float:
+        left = n
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                response = await pool.handle_async_request(request())
+                await response.aread()
+                await response.aclose()
+
+        c0 = time.thread_time()
+        await asyncio.gather(*(worker() for _ in range(16)))
+        return (time.thread_time() - c0) / n * 1e6
+
+    rows: dict[str, list[float]] = {"sync core": [], "sync h1": [], "a16 core": [], "a16 h1": []}
+    core_sync, h1_sync = httpcore.ConnectionPool(), SyncPool("127.0.0.1", port)
+
+    async def async_rounds() -> None:
+        core_async, h1_async = httpcore.AsyncConnectionPool(), AsyncPool("127.0.0.1", port)
+        await async_cpu(core_async)
+        await async_cpu(h1_async)
+        for _ in range(rounds):
+            rows["a16 core"].append(await async_cpu(core_async))
+            rows["a16 h1"].append(await async_cpu(h1_async))
+        await core_async.aclose()
+        await h1_async.aclose()
+
+    sync_cpu(core_sync)
+    sync_cpu(h1_sync)
+    for _ in range(rounds):
+        rows["sync core"].append(sync_cpu(core_sync))
+        rows["sync h1"].append(sync_cpu(h1_sync))
+    core_sync.close()
+    h1_sync.close()
+    asyncio.run(async_rounds())
+    med = statistics.median
+    return {
+        "sync sequential": (med(rows["sync core"]), med(rows["sync h1"])),
+        "async, 16 in flight": (med(rows["a16 core"]), med(rows["a16 h1"])),
+    }
+
+
 def transport_split(
     plain_url: str, mesh_url: str, xds: XdsClient, rounds: int, n: int
 ) -> dict[str, tuple[float, float]]:
@@ -347,6 +413,11 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path, help="also write the medians here (JSON)")
     ap.add_argument(
+        "--engines",
+        action="store_true",
+        help="also: httpcore's pools vs pymesh's HTTP/1.1 engine alone on real sockets",
+    )
+    ap.add_argument(
         "--no-metrics", action="store_true", help="pymesh without its metrics (on by default)"
     )
     ap.add_argument(
@@ -395,6 +466,7 @@ def main() -> None:
                 if args.split
                 else {}
             )
+            engines = engines_compared(port, args.rounds, args.requests) if args.engines else {}
         finally:
             telemetry.uninstall()
             xds.close()
@@ -424,6 +496,12 @@ def main() -> None:
         print("sync, real sockets, client-thread CPU µs/rq (instrumented, medians):")
         for label, (p, m) in split.items():
             print(f"  {label:<20} {'':>14} {p:>12.1f} {m:>12.1f} {m - p:>+9.1f}µs")
+    if engines:
+        print("connection layer alone (no httpx client, no mesh), client-thread CPU µs/rq:")
+        print(f"  {'':<20} {'':>14} {'httpcore':>12} {'pymesh h1':>12}")
+        for label, (p, m) in engines.items():
+            print(f"  {label:<20} {'':>14} {p:>12.1f} {m:>12.1f} {m / p:>9.2f}x")
+            results[f"engine, {label}"] = {"httpcore": p, "pymesh": m}
     if args.json is not None:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
                                          "results": results}, indent=2))  # fmt: skip
