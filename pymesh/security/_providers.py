@@ -20,7 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -64,7 +64,7 @@ class CertificateBundle:
     """
 
     chain_pem: bytes
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)  # never in a repr: logs, tracebacks, assertion text
     roots_pem: bytes
     identity: str | None = None
     not_before: float = 0.0
