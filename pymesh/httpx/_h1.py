@@ -643,7 +643,10 @@ class _AsyncConn(asyncio.Protocol):
     def close(self) -> None:
         self.lost = True
         if self.transport is not None:
-            self.transport.close()
+            try:
+                self.transport.close()
+            except RuntimeError:
+                pass  # its event loop is closed (a client used across asyncio.run calls)
 
 
 class AsyncPool:

@@ -674,3 +674,18 @@ def test_bytes_after_the_response_are_dropped_with_the_connection(
     assert engine.read(response) == b"one"
     assert engine.get() == (200, b"one")
     assert server.connections == 2  # the first connection was not reused
+
+
+def test_async_pool_used_from_a_second_event_loop(uvicorn_port: int) -> None:
+    pool = AsyncPool("127.0.0.1", uvicorn_port)
+
+    async def one() -> bytes:
+        request = httpcore.Request(b"GET", f"http://127.0.0.1:{uvicorn_port}/loop")
+        response = await pool.handle_async_request(request)
+        return b"".join([part async for part in response.stream])  # type: ignore[union-attr]
+
+    assert asyncio.run(one()) == b"/loop"
+    assert pool.idle_count() == 1  # its loop is gone now
+    assert asyncio.run(one()) == b"/loop"  # the old connection is dropped, a new one used
+    assert pool.idle_count() == 1
+    asyncio.run(pool.aclose())
