@@ -5,6 +5,7 @@ and the control plane's), never in a ``repr``; key files are 0600."""
 from __future__ import annotations
 
 import base64
+import itertools
 import logging
 import stat
 import time
@@ -64,7 +65,10 @@ def key_fragments(pems: list[bytes]) -> list[bytes]:
         off = der.find(secret)
         assert off > 0
         first, last = -(-off // 3) * 4, (off + len(secret)) // 3 * 4
-        out += [body[first:last], secret.hex().encode(), secret.hex().upper().encode()]
+        # the PEM wraps at 64 characters: pieces on either side of a line break
+        cuts = sorted({first, last, *range(64 * (first // 64 + 1), last, 64)})
+        out += [body[a:b] for a, b in itertools.pairwise(cuts) if b - a >= 12]
+        out += [secret.hex().encode(), secret.hex().upper().encode()]
     return out
 
 
