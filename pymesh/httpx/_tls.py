@@ -17,19 +17,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pymesh.bootstrap import Bootstrap
 from pymesh.core.types import Host
 from pymesh.errors import ConfigError
 from pymesh.model.cluster import Cluster
 from pymesh.model.tls import CertificateProviderInstance, UpstreamTlsContext
-from pymesh.security import (
-    CertificateProvider,
-    FileWatcherProvider,
-    MeshSSLContext,
-    client_ssl_context,
-)
+
+if TYPE_CHECKING:  # pymesh.security (cryptography, CA protos) is imported when TLS is used
+    from pymesh.security import CertificateProvider, MeshSSLContext
 
 __all__ = ["UpstreamTls", "endpoint_tls"]
 
@@ -89,6 +86,8 @@ class UpstreamTls:
         provider = self._provider(names.pop())
         sans = tuple(m.matcher for m in validation.subject_alt_names) if validation else ()
         alpn = common.alpn_protocols or ("h2", "http/1.1")
+        from pymesh.security import client_ssl_context
+
         return client_ssl_context(provider, sans, alpn)
 
     def _provider(self, name: str) -> CertificateProvider:
@@ -104,6 +103,8 @@ class UpstreamTls:
                 source="bootstrap",
                 field=f"certificate_providers.{name}",
             )
+        from pymesh.security import FileWatcherProvider
+
         provider = FileWatcherProvider.from_config(instance.file_watcher)
         self._providers[name] = provider
         return provider
