@@ -689,3 +689,51 @@ def test_async_pool_used_from_a_second_event_loop(uvicorn_port: int) -> None:
     assert asyncio.run(one()) == b"/loop"  # the old connection is dropped, a new one used
     assert pool.idle_count() == 1
     asyncio.run(pool.aclose())
+
+
+def test_write_timeout_when_the_server_does_not_read(kind: str, raw: Any, engines: Any) -> None:
+    done = threading.Event()
+
+    def script(sock: socket.socket, index: int) -> None:
+        done.wait(10)  # accepts, never reads
+
+    server = raw(script=script)
+    engine = engines(kind, server.port)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(httpcore.WriteTimeout):
+            engine.get(body=b"x" * (32 << 20), timeout={"write": 0.3})
+    finally:
+        done.set()
+    assert time.monotonic() - t0 < 5
+    assert engine.pool.is_idle() and engine.pool.idle_count() == 0
+
+
+def test_async_transport_keeps_httpcore_without_an_asyncio_loop() -> None:
+    # Under trio (no asyncio loop running) the async transport uses httpcore's pool; under
+    # asyncio, the engine's. HTTP/2 clusters use httpcore's either way.
+    from types import SimpleNamespace
+
+    from pymesh.httpx._transport import _PLAINTEXT, _AsyncPools
+    from pymesh.model.cluster import UpstreamProtocol
+
+    def send(protocol: UpstreamProtocol, key: str) -> Any:
+        cluster = SimpleNamespace(http_protocol_options=SimpleNamespace(idle_timeout=60.0))
+        return SimpleNamespace(
+            host=SimpleNamespace(key=key, address=SimpleNamespace(host="127.0.0.1", port=1)),
+            cluster=SimpleNamespace(protocol=protocol, config=SimpleNamespace(cluster=cluster)),
+        )
+
+    pools = _AsyncPools()
+    h1 = send(UpstreamProtocol.HTTP1, "127.0.0.1:1")
+    assert isinstance(pools.get(h1, _PLAINTEXT), httpcore.AsyncConnectionPool)  # no loop
+
+    async def inside() -> tuple[Any, Any]:
+        h2 = send(UpstreamProtocol.HTTP2, "127.0.0.1:2")
+        return pools.get(h1, _PLAINTEXT), pools.get(h2, _PLAINTEXT)
+
+    pools = _AsyncPools()
+    on_asyncio, h2_pool = asyncio.run(inside())
+    assert isinstance(on_asyncio, AsyncPool)
+    assert isinstance(h2_pool, httpcore.AsyncConnectionPool)
+    assert on_asyncio.keepalive_expiry == 60.0
