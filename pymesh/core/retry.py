@@ -308,10 +308,12 @@ def _flags(retry_on: frozenset[str]) -> _Flags:
 
 
 def _control_headers(headers: Headers) -> dict[str, str] | None:
-    """The request's ``x-envoy-*`` headers (repeated values joined with ``,``), or None."""
+    """The request's ``x-envoy-*`` headers (repeated values joined with ``,``), or None.
+    Istio's metadata exchange headers (``x-envoy-peer-metadata[-id]``, on every request
+    while telemetry is on) control nothing: skipped, so they keep the fast path."""
     found: dict[str, str] | None = None
     for name, value in headers:
-        if name.startswith("x-envoy-"):
+        if name.startswith("x-envoy-") and not name.startswith("x-envoy-peer-metadata"):
             if found is None:
                 found = {}
             found[name] = f"{found[name]},{value}" if name in found else value
