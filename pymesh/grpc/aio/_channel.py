@@ -510,6 +510,9 @@ class _Multi:
         )
 
 
+_UNSET: Any = object()
+
+
 class MeshAioCall:
     """The call object of every shape: awaitable (unary response), async-iterable and
     ``read()`` (streaming response), ``write()`` / ``done_writing()`` (streaming request
@@ -534,26 +537,47 @@ class MeshAioCall:
         wait_for_ready: bool | None = None,
     ) -> None:
         self._spec = spec
-        self._writer = writer
-        self._attempt: Any = None
-        self._first: Any = _END
-        self._result: CallResult | None = None
-        self._released = False
+        if writer is not None:
+            self._writer = writer
         self._channel = channel
         # No bound method of ``self`` in here: a reference cycle per call would leave every
         # call's objects to the cyclic garbage collector.
         self._args = (spec, request, kwargs, timeout, metadata)
         self._wait_for_ready = bool(wait_for_ready)
         self._loop = asyncio.get_running_loop()
-        self._fut: asyncio.Future[Any] | None = None
-        self._inline: asyncio.Task[Any] | None = None
         if spec.streaming_response or writer is not None:
             self._start()
+
+    # Defaults (class attributes: a call stores only what differs from them).
+    _writer: _Writer | None = None
+    _attempt: Any = None
+    _first: Any = _END
+    _result: CallResult | None = None
+    _released = False
+    _fut: asyncio.Future[Any] | None = None
+    """The call's outcome as a future: the task running the flow, or (for an inline run)
+    created only when something asks for it."""
+    _inline: asyncio.Task[Any] | None = None
+    """The awaiting task while the flow runs inline in it."""
+    _out: Any = _UNSET
+    """The inline run's result when no future was asked for."""
 
     def _start(self) -> asyncio.Future[Any]:
         fut = self._fut
         if fut is None:
-            fut = self._fut = self._loop.create_task(self._run())
+            if self._inline is not None or self._out is not _UNSET:
+                # An inline run: a future that mirrors it (resolved when it ends).
+                fut = self._fut = self._loop.create_future()
+                if self._out is not _UNSET:
+                    fut.set_result(self._out)
+            else:
+                fut = self._fut = self._loop.create_task(self._run())
+        return fut
+
+    def _end_future(self) -> asyncio.Future[Any]:
+        fut = self._fut
+        if fut is None:
+            fut = self._fut = self._loop.create_future()
         return fut
 
     def _set_attempt(self, call: Any) -> None:
@@ -594,26 +618,30 @@ class MeshAioCall:
         return self._settled(out)
 
     async def _run_inline(self) -> Any:
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._fut = fut
         self._inline = asyncio.current_task(self._loop)
         try:
             out = await self._run()
         except asyncio.CancelledError:
-            fut.cancel()
+            self._inline = None
+            self._end_future().cancel()
             raise
         except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # retrieved: the awaiting caller gets it raised
-            raise
-        finally:
             self._inline = None
-        fut.set_result(out)
+            failed = self._end_future()
+            failed.set_exception(exc)
+            failed.exception()  # retrieved: the awaiting caller gets it raised
+            raise
+        self._inline = None
+        asked = self._fut
+        if asked is None:
+            self._out = out  # nobody asked for a future: none is made
+        else:
+            asked.set_result(out)
         return self._settled(out)
 
     # unary response
     def __await__(self) -> Any:
-        if self._fut is None:
+        if self._fut is None and self._inline is None and self._out is _UNSET:
             return self._run_inline().__await__()
         return self._settle().__await__()
 
@@ -678,7 +706,10 @@ class MeshAioCall:
 
     def done(self) -> bool:
         fut = self._fut
-        if fut is None or not fut.done():
+        if fut is None:
+            if self._out is _UNSET:
+                return False
+        elif not fut.done():
             return False
         attempt = self._attempt
         return attempt is None or bool(attempt.done())

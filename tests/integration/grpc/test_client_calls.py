@@ -418,3 +418,45 @@ def test_unknown_target_fails_unavailable(two: tuple[GrpcMesh, EchoServer, EchoS
                     assert ch.get_state() is grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
             asyncio.run(aio())
+
+
+def test_aio_unary_call_object_after_an_inline_run(
+    two: tuple[GrpcMesh, EchoServer, EchoServer],
+) -> None:
+    # An awaited unary call runs inline and makes no future unless one is asked for; the
+    # call object still answers as grpc.aio's does, before, during and after its run.
+    mesh, _, _ = two
+
+    async def main() -> None:
+        async with pymesh.grpc.aio.insecure_channel(TARGET, xds_client=mesh.client) as channel:
+            who = channel.unary_unary(WHO)
+            call = who(b"x", timeout=10)
+            assert not call.done()
+            value = await call
+            assert value in (b"v1", b"v2")
+            assert call.done() and not call.cancelled()
+            assert not call.cancel()  # finished: nothing to cancel
+            assert await call == value  # awaiting again gives the same answer
+            assert await call.code() is grpc.StatusCode.OK
+            seen: list[object] = []
+            call.add_done_callback(seen.append)
+            await asyncio.sleep(0)
+            assert seen == [call]
+            # A callback added while the call runs inline fires when it ends.
+            running = who(b"x", timeout=10, metadata=[("x-sleep-ms", "100")])
+            task = asyncio.ensure_future(running)
+            await asyncio.sleep(0.02)
+            assert not running.done()
+            running.add_done_callback(seen.append)
+            assert await task in (b"v1", b"v2")
+            await asyncio.sleep(0)
+            assert seen == [call, running] and running.done()
+            # A failure is raised again to a second awaiter, as grpc.aio.
+            failing = who(b"x", timeout=10, metadata=[("x-fail", "NOT_FOUND")])
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await failing
+                assert info.value.code() is grpc.StatusCode.NOT_FOUND
+            assert failing.done()
+
+    asyncio.run(main())
