@@ -118,8 +118,30 @@ def isolated(xds: XdsClient, tel: telemetry.Telemetry, repeats: int = 30) -> tup
         telemetry.install(tel)
         ons.append(cpu())
     telemetry.uninstall()
+    global CALLS
+    CALLS = (calls_per_request(run, False, tel), calls_per_request(run, True, tel))
     mesh.close()
     return min(offs), min(ons)
+
+
+CALLS = (0.0, 0.0)
+
+
+def calls_per_request(run: Callable[[], None], on: bool, tel: telemetry.Telemetry) -> float:
+    """Python function calls per request (cProfile's count): unlike time, the same on a
+    busy machine, so a change's cost shows even when the timings are noise."""
+    import cProfile
+    import pstats
+
+    if on:
+        telemetry.install(tel)
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(500):
+        run()
+    profile.disable()
+    telemetry.uninstall()
+    return pstats.Stats(profile).total_calls / 500  # type: ignore[attr-defined,no-any-return]
 
 
 def asgi_isolated(tel: telemetry.Telemetry, repeats: int = 30) -> dict[str, float]:
@@ -238,6 +260,8 @@ def main() -> None:
                 "isolated (in-memory upstream, client CPU per request, min of 30 x 1000)",
                 f"  telemetry off {iso_off:.1f} us, on {iso_on:.1f} us: "
                 f"+{iso_on - iso_off:.1f} us per request",
+                f"  Python calls per request: off {CALLS[0]:.0f}, on {CALLS[1]:.0f} "
+                f"(+{CALLS[1] - CALLS[0]:.0f})",
             ]
             srv = asgi_isolated(tel)
             lines += [
