@@ -5,9 +5,11 @@ only does what the flow asks: send an attempt on the endpoint's pooled connectio
 fire a mirror, drop a response. Everything shared by the two transports (request and
 response conversion, error translation, the mesh verdict) lives in :class:`_MeshCore`.
 
-Connections: one ``httpcore`` connection pool per endpoint (``HOST:PORT``) and protocol
-(HTTP/1.1, or HTTP/2 with prior knowledge when the cluster's protocol options say so),
-keep-alive, idle expiry from the cluster's ``idle_timeout``. When EDS removes an endpoint
+Connections: one connection pool per endpoint (``HOST:PORT``), protocol and TLS context:
+pymesh's own HTTP/1.1 engine (:mod:`pymesh.httpx._h1`) for HTTP/1.1 upstreams, httpcore for
+HTTP/2 with prior knowledge (when the cluster's protocol options say so) and for async
+clients without an asyncio loop (trio); keep-alive, idle expiry from the cluster's
+``idle_timeout``. When EDS removes an endpoint
 from every cluster, its pool is drained: no new request uses it, and it is closed once its
 connections are idle (checked at the start of each request, so the check costs nothing when
 nothing was removed).
