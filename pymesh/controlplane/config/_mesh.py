@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -68,7 +69,9 @@ class MeshConfig:
     """An immutable, validated mesh configuration (build it with ``load_config``)."""
 
     __slots__ = (
+        "__weakref__",
         "_accounts_cache",
+        "_changes_cache",
         "_dr_by_host",
         "_endpoint_cache",
         "_export_index",
@@ -165,6 +168,9 @@ class MeshConfig:
         self._vs_by_host: Mapping[str, list[VirtualServiceSpec]] = types.MappingProxyType(vss)
         self._vs_wildcard: tuple[VirtualServiceSpec, ...] = tuple(wild)
         self._accounts_cache: dict[str, tuple[ServiceSpec, tuple[str, ...]]] = {}
+        # The last endpoint_changes answer, for the config it compared with (held weakly:
+        # a config must not keep its predecessors alive).
+        self._changes_cache: tuple[weakref.ref[MeshConfig], frozenset[str]] | None = None
         self._endpoint_cache: dict[tuple[str, int], tuple[Endpoint, ...]] = {}
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -221,13 +227,48 @@ class MeshConfig:
             for a, b in zip(self.services, other.services, strict=True)
         )
 
+    def endpoint_changes(self, other: MeshConfig) -> frozenset[str] | None:
+        """Hostnames of the services whose endpoints (hence service accounts) may differ
+        from ``other``'s; ``None`` when the two are not :meth:`same_shape`.
+
+        A service whose spec is the same object (or has equal inline endpoints) under equal
+        WorkloadEntries resolves to the same endpoints: it is not compared further, and this
+        config takes ``other``'s already resolved endpoints and accounts for it (caches of
+        equal values). Otherwise the resolved endpoints are compared."""
+        cached = self._changes_cache
+        if cached is not None and cached[0]() is other:
+            return cached[1]
+        if not self.same_shape(other):
+            return None
+        same_workloads = self.workload_entries == other.workload_entries
+        changed: set[str] = set()
+        for a, b in zip(self.services, other.services, strict=True):
+            if same_workloads and (a is b or a.endpoints == b.endpoints):
+                for p in a.ports:
+                    key = (a.hostname, p.number)
+                    hit = other._endpoint_cache.get(key)
+                    if hit is not None and key not in self._endpoint_cache:
+                        self._endpoint_cache[key] = hit
+                accounts = other._accounts_cache.get(a.hostname)
+                if accounts is not None and accounts[0] is b:
+                    self._accounts_cache.setdefault(a.hostname, (a, accounts[1]))
+                continue
+            if any(self.endpoints(a, p.number) != other.endpoints(b, p.number) for p in a.ports):
+                changed.add(a.hostname)
+        result = frozenset(changed)
+        object.__setattr__(self, "_changes_cache", (weakref.ref(other), result))
+        return result
+
     def same_cluster_inputs(self, other: MeshConfig) -> bool:
         """``same_shape`` plus what clusters read from endpoints: for every service, whether
         it has inline endpoints, its workloads' service accounts and, for DNS services, its
         endpoints."""
-        if not self.same_shape(other):
+        changes = self.endpoint_changes(other)
+        if changes is None:
             return False
         for a, b in zip(self.services, other.services, strict=True):
+            if a.hostname not in changes:
+                continue  # same endpoints, hence the same accounts
             if bool(a.endpoints) != bool(b.endpoints):
                 return False
             if self.service_accounts(a) != other.service_accounts(b):

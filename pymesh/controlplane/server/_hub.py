@@ -6,7 +6,8 @@ Everything here runs on one asyncio loop (the control plane's thread), so there 
 the gRPC driver (``_ads.py``) calls :meth:`Hub.handle` for each request and writes whatever
 lands in the connection's queue; :meth:`Hub.run` is the one background task that
 
-1. polls the config files' fingerprint every ``poll_interval`` seconds,
+1. checks the config files' fingerprint every ``poll_interval`` seconds and, on Linux, as
+   soon as inotify reports activity in their directories (``_watch.py``),
 2. expires auto-registered workloads whose grace period ran out,
 3. when the debouncer says a burst of events is due, rebuilds: reload the files (in a worker
    thread; on errors keep the last good config and record the issues), merge the registered
@@ -37,8 +38,9 @@ from pymesh.controlplane.server._backend import Backend, LoadResult, ResourceGen
 from pymesh.controlplane.server._debounce import Debouncer
 from pymesh.controlplane.server._metrics import Metrics
 from pymesh.controlplane.server._stream import AdsStream, Outcome, Request, Resource, Response
-from pymesh.controlplane.server._watch import Fingerprint, fingerprint
+from pymesh.controlplane.server._watch import Fingerprint, Inotify, fingerprint
 from pymesh.controlplane.server._wire import encode, pack
+from pymesh.controlplane.translate._names import parse_cluster_name
 from pymesh.xds.resource_types import ResourceType
 
 __all__ = ["HEALTH_TYPE_URL", "Close", "Connection", "Hub", "ProtocolError"]
@@ -84,6 +86,17 @@ class Connection:
     """The workload's admin endpoint, from its node metadata ``PYMESH_ADMIN_ADDRESS``."""
     unknown_types: set[str] = field(default_factory=set)
     closed: bool = False
+    hosts: dict[str, tuple[frozenset[str], frozenset[str]]] = field(default_factory=dict)
+    """Per type URL: the subscribed names last seen and the hostnames they refer to."""
+
+    def subscribed_hosts(self, type_url: str, names: set[str]) -> frozenset[str]:
+        """The hostnames that the cluster names ``names`` (of ``type_url``) refer to."""
+        cached = self.hosts.get(type_url)
+        if cached is not None and cached[0] == names:
+            return cached[1]
+        hosts = frozenset(p[2] for p in map(parse_cluster_name, names) if p is not None)
+        self.hosts[type_url] = (frozenset(names), hosts)
+        return hosts
 
 
 class Hub:
@@ -117,14 +130,24 @@ class Hub:
         self.last_reload_error: tuple[str, ...] = ()
         self.push_cpu_seconds: list[float] = []
         self.last_push: dict[str, object] = {}
+        self.last_push_skipped = 0
         self._fingerprint: Fingerprint = ()
         self._files_dirty = False
         self._workloads_dirty = False
         self._ids = itertools.count(1)
         self._wake: asyncio.Event | None = None
+        self._inotify: Inotify | None = None
+        self._files_touched = False
+        self.use_inotify = True
+        """Whether :meth:`run` watches the files with inotify (where available) on top of
+        polling."""
         self._packed: dict[int, tuple[Message, Any, str]] = {}
         self._packed_prev: dict[int, tuple[Message, Any, str]] = {}
         self._last_push_started: float | None = None
+        self._pushed_serial: int | None = None
+        self._swept_groups: tuple[object, ...] | None = None
+        """The generator every connection was last brought up to date with (its
+        ``serial``): a push from a generator built on it may skip unchanged clients."""
         self.metrics.gauge("pilot_xds", lambda: float(len(self.connections)))
         self.metrics.gauge("pymesh_config_version", lambda: float(self.version))
         self.metrics.gauge("pymesh_ready", lambda: 1.0 if self.ready else 0.0)
@@ -143,6 +166,10 @@ class Hub:
         self._fingerprint = fingerprint(self.paths)
         self._apply_load(self._load())
         self._rebuild_generator()
+        if not self.connections:  # nobody holds anything older than this generator
+            self._pushed_serial = getattr(self.generator, "serial", None)
+            if self.base_config is not None:  # nor was tried against other groups
+                self._swept_groups = tuple(self.backend.groups(self.base_config))
 
     def _load(self) -> LoadResult:
         try:
@@ -191,28 +218,84 @@ class Hub:
             self._wake.set()
 
     async def run(self) -> None:
-        """The background task: poll files, expire registrations, debounce and push."""
+        """The background task: watch files, expire registrations, debounce and push."""
         self._wake = asyncio.Event()
         loop = asyncio.get_running_loop()
         next_poll = self.clock() + self.poll_interval
-        while True:
-            try:
-                next_poll = await self._step(loop, next_poll)
-            except Exception:  # never let one bad round stop reloads and expiries
-                log.exception("control plane background round failed")
-                self.metrics.inc("pilot_xds_push_errors")
-                await asyncio.sleep(self.poll_interval)
+        if self.use_inotify:
+            self._start_inotify(loop)
+        try:
+            while True:
+                try:
+                    next_poll = await self._step(loop, next_poll)
+                except Exception:  # never let one bad round stop reloads and expiries
+                    log.exception("control plane background round failed")
+                    self.metrics.inc("pilot_xds_push_errors")
+                    await asyncio.sleep(self.poll_interval)
+        finally:
+            self._stop_inotify(loop)
+
+    @property
+    def watching(self) -> str:
+        """How the files are watched: ``"inotify"`` (plus polling) or ``"polling"``."""
+        return "inotify" if self._inotify is not None else "polling"
+
+    def _start_inotify(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            watcher = Inotify.create(self.paths)
+            if watcher is None:
+                return
+            loop.add_reader(watcher.fd, self._on_inotify)
+        except Exception:  # any failure: polling alone still works
+            log.info("inotify unavailable; polling the config files only", exc_info=True)
+            return
+        self._inotify = watcher
+
+    def _stop_inotify(self, loop: asyncio.AbstractEventLoop) -> None:
+        watcher, self._inotify = self._inotify, None
+        if watcher is None:
+            return
+        try:
+            loop.remove_reader(watcher.fd)
+        except Exception:  # the loop may be closing
+            pass
+        watcher.close()
+
+    def _on_inotify(self) -> None:
+        watcher = self._inotify
+        if watcher is None:
+            return
+        try:
+            seen = watcher.drain()
+        except Exception:  # a broken descriptor: polling alone still works
+            log.warning("inotify failed; polling the config files only", exc_info=True)
+            self._stop_inotify(asyncio.get_running_loop())
+            return
+        if seen:
+            self._files_touched = True
+            if self._wake is not None:
+                self._wake.set()
+
+    def _check_files(self) -> Fingerprint:
+        """The files' fingerprint (in a worker thread), re-adding inotify watches if needed."""
+        watcher = self._inotify
+        if watcher is not None and watcher.stale:
+            watcher.rewatch()
+        return fingerprint(self.paths)
 
     async def _step(self, loop: asyncio.AbstractEventLoop, next_poll: float) -> float:
         """One round of :meth:`run`; returns when the next file poll is due."""
         assert self._wake is not None
         now = self.clock()
-        if now >= next_poll:
+        if now >= next_poll or self._files_touched:
+            self._files_touched = False
             next_poll = now + self.poll_interval
-            fp = await loop.run_in_executor(None, fingerprint, self.paths)
+            fp = await loop.run_in_executor(None, self._check_files)
             if fp != self._fingerprint:
                 self._fingerprint = fp
                 self._files_dirty = True
+                if self._inotify is not None and not self._inotify.stale:
+                    self._inotify.stale = True  # a file may have moved: re-check watches
                 self.debouncer.event(now)
         if self.registry.expire(now):
             self._workloads_dirty = True
@@ -268,6 +351,7 @@ class Hub:
             "build_seconds": round(t2 - t1, 4),
             "push_seconds": round(t3 - t2, 4),
             "clients": len(self.connections),
+            "clients_skipped": self.last_push_skipped,
         }
         log.info(
             "pushed version %d to %d clients: load %.3fs, build %.3fs, push %.3fs",
@@ -368,7 +452,14 @@ class Hub:
         return True
 
     def _register_unregistered(self) -> None:
-        """After a reload: nodes connected before their WorkloadGroup existed register now."""
+        """After a reload: nodes connected before their WorkloadGroup existed register now.
+
+        Registration reads the config's WorkloadGroups alone: with the same groups as at the
+        last sweep, every unregistered node has been tried against them already."""
+        groups = tuple(self.backend.groups(self.base_config))
+        if groups == self._swept_groups:
+            return
+        self._swept_groups = groups
         now = self.clock()
         for conn in list(self.connections.values()):
             if not conn.closed:
@@ -420,11 +511,31 @@ class Hub:
         self.metrics.inc("pilot_xds_full_pushes")
         started = time.perf_counter()
         version = str(self.version)
-        for i, conn in enumerate(list(self.connections.values())):
-            if i and i % 20 == 0:
-                await asyncio.sleep(0)  # let requests (ACKs) in between
+        generator = self.generator
+        # What changed since the generator every client was last brought to: a client whose
+        # subscriptions hold none of it gets nothing (the answer would be what it has).
+        changed: dict[str, frozenset[str] | None] = dict.fromkeys(PUSH_ORDER)
+        serial = getattr(generator, "serial", None)
+        if (
+            generator is not None
+            and self._pushed_serial is not None
+            and getattr(generator, "previous_serial", None) == self._pushed_serial
+        ):
+            changed_hosts = getattr(generator, "changed_hosts", None)
+            if changed_hosts is not None:
+                changed = {t: changed_hosts(t) for t in PUSH_ORDER}
+        skipped = 0
+        visited = 0
+        for conn in list(self.connections.values()):
             if conn.closed or conn.node is None:
                 continue
+            types = [t for t in PUSH_ORDER if t in conn.stream.types]
+            if all(not self._may_change(conn, t, changed[t]) for t in types):
+                skipped += 1
+                continue
+            visited += 1
+            if visited % 20 == 0:
+                await asyncio.sleep(0)  # let requests (ACKs) in between
             if conn.queue.qsize() > MAX_PENDING_RESPONSES:
                 # A client that stopped reading must not make us hold pushes forever.
                 log.warning("%s is not reading its stream; closing it", conn.node_id)
@@ -439,8 +550,8 @@ class Hub:
                 conn.closed = True
                 continue
             try:
-                for type_url in PUSH_ORDER:
-                    if type_url not in conn.stream.types:
+                for type_url in types:
+                    if not self._may_change(conn, type_url, changed[type_url]):
                         continue
                     resp = conn.stream.respond(type_url, self._resources(conn, type_url), version)
                     if resp is not None:
@@ -449,7 +560,23 @@ class Hub:
                 log.exception("push to %s failed; closing its stream", conn.node_id)
                 self.metrics.inc("pilot_xds_push_errors")
                 conn.queue.put_nowait(Close(grpc.StatusCode.INTERNAL, f"push failed: {exc}"))
+        self._pushed_serial = serial if isinstance(serial, int) else None
         self.metrics.inc("pilot_xds_push_seconds_sum", time.perf_counter() - started)
+        self.metrics.inc("pymesh_xds_push_clients_skipped", skipped)
+        self.last_push_skipped = skipped
+
+    @staticmethod
+    def _may_change(conn: Connection, type_url: str, changed: frozenset[str] | None) -> bool:
+        """Whether ``conn``'s resources of ``type_url`` may differ after a change of
+        ``changed`` (hostnames; ``None``: anything)."""
+        if changed is None:
+            return True
+        if not changed:
+            return False
+        state = conn.stream.types[type_url]
+        if state.wildcard:
+            return True
+        return not changed.isdisjoint(conn.subscribed_hosts(type_url, state.names))
 
     # -- status ---------------------------------------------------------------------------
 

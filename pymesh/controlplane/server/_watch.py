@@ -1,20 +1,33 @@
-"""Config file watching by polling: a cheap fingerprint of the config files' stat data.
+"""Config file watching: inotify wake-ups (Linux) over a cheap stat fingerprint.
 
-No inotify: a poll stats every config file (bounded by ``MAX_FILES``) and compares
-``(path, mtime_ns, size)`` tuples. A change of any (or a file appearing or disappearing)
-is one config event; the debouncer merges bursts, so an editor's several writes cause one
-reload.
+The truth is the fingerprint: a check stats every config file (bounded by ``MAX_FILES``) and
+compares ``(path, mtime_ns, size)`` tuples. A change of any (or a file appearing or
+disappearing) is one config event; the debouncer merges bursts, so an editor's several writes
+cause one reload.
+
+When to check: every ``poll_interval`` seconds, and on Linux also as soon as inotify reports
+activity in a watched directory (:class:`Inotify`, through ctypes: no dependency). A file path
+is watched through its parent directory (editors and ``rename`` replace the file, which a
+watch on the file itself would lose); a directory path through itself and its
+subdirectories (bounded by ``MAX_WATCHES``). inotify only makes the check early: a spurious
+wake-up costs one fingerprint, a missed one (inotify unavailable, a watch limit reached, a
+directory created later) is caught by the next poll.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["MAX_FILES", "config_files", "fingerprint"]
+__all__ = ["MAX_FILES", "MAX_WATCHES", "Inotify", "config_files", "fingerprint"]
 
 MAX_FILES = 10_000
+MAX_WATCHES = 1_000
 _SUFFIXES = (".yaml", ".yml", ".json")
 
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -48,3 +61,147 @@ def fingerprint(paths: Sequence[Path]) -> Fingerprint:
             continue
         items.append((str(path), st.st_mtime_ns, st.st_size))
     return tuple(items)
+
+
+# inotify(7) event bits.
+_IN_MODIFY = 0x002
+_IN_ATTRIB = 0x004
+_IN_CLOSE_WRITE = 0x008
+_IN_MOVED_FROM = 0x040
+_IN_MOVED_TO = 0x080
+_IN_CREATE = 0x100
+_IN_DELETE = 0x200
+_IN_DELETE_SELF = 0x400
+_IN_MOVE_SELF = 0x800
+_IN_ISDIR = 0x40000000
+_IN_NONBLOCK = 0o4000
+_IN_CLOEXEC = 0o2000000
+_MASK = (
+    _IN_MODIFY
+    | _IN_ATTRIB
+    | _IN_CLOSE_WRITE
+    | _IN_MOVED_FROM
+    | _IN_MOVED_TO
+    | _IN_CREATE
+    | _IN_DELETE
+    | _IN_DELETE_SELF
+    | _IN_MOVE_SELF
+)
+_READ_SIZE = 64 * 1024
+_MAX_READS = 64
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.inotify_init1.argtypes = [ctypes.c_int]
+        libc.inotify_init1.restype = ctypes.c_int
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        libc.inotify_add_watch.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+class Inotify:
+    """A non-blocking inotify descriptor watching the directories of config paths.
+
+    :meth:`create` returns ``None`` where inotify is unavailable (not Linux, no libc
+    symbol, descriptor limit): the caller then relies on polling alone. The owner registers
+    :attr:`fd` with its event loop, calls :meth:`drain` when readable (then checks the
+    fingerprint) and :meth:`close` at the end.
+    """
+
+    def __init__(self, libc: ctypes.CDLL, fd: int, paths: Sequence[Path]) -> None:
+        self._libc = libc
+        self.fd = fd
+        self._paths = tuple(paths)
+        self._watched: set[str] = set()
+        self.stale = False
+        """Whether directories may have appeared or gone since the last :meth:`rewatch`."""
+        self.rewatch()
+
+    @classmethod
+    def create(cls, paths: Sequence[Path]) -> Inotify | None:
+        libc = _libc()
+        if libc is None:
+            return None
+        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            return None
+        return cls(libc, fd, paths)
+
+    def _directories(self) -> list[Path]:
+        dirs: list[Path] = []
+        for path in self._paths:
+            if path.is_dir():
+                for root, subdirs, _files in os.walk(path):
+                    subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+                    dirs.append(Path(root))
+                    if len(dirs) >= MAX_WATCHES:
+                        return dirs
+            else:
+                dirs.append(path.parent)
+        return dirs[:MAX_WATCHES]
+
+    def rewatch(self) -> None:
+        """Add watches for directories not watched yet (new subdirectories, a parent that
+        was re-created). Adding a watch twice is harmless (the kernel reuses it)."""
+        self.stale = False
+        for d in self._directories():
+            key = str(d)
+            if key in self._watched:
+                continue
+            wd = self._libc.inotify_add_watch(self.fd, os.fsencode(key), _MASK)
+            if wd >= 0:
+                self._watched.add(key)
+
+    def drain(self) -> bool:
+        """Read every queued event; ``True`` when there was any (something may have changed).
+
+        A watched directory that went away (``IN_DELETE_SELF``/``IN_MOVE_SELF``) is
+        forgotten, and a directory created in a watched one sets :attr:`stale`: the owner
+        then calls :meth:`rewatch` (off its event loop: it walks the directories).
+        """
+        seen = False
+        for _ in range(_MAX_READS):
+            try:
+                data = os.read(self.fd, _READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                break
+            if not data:
+                break
+            seen = True
+            for i in _offsets(data):
+                mask = int.from_bytes(data[i + 4 : i + 8], sys.byteorder)
+                if mask & (_IN_DELETE_SELF | _IN_MOVE_SELF):
+                    self._watched.clear()
+                    self.stale = True
+                elif mask & _IN_ISDIR:
+                    self.stale = True
+        return seen
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
+
+def _offsets(data: bytes) -> list[int]:
+    """Start offsets of the ``struct inotify_event`` records in ``data`` (16-byte header:
+    wd, mask, cookie, len; then ``len`` bytes of name)."""
+    out: list[int] = []
+    i = 0
+    while i + 16 <= len(data):
+        out.append(i)
+        i += 16 + int.from_bytes(data[i + 12 : i + 16], sys.byteorder)
+    return out

@@ -17,6 +17,7 @@ exist, as istiod does).
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Collection
@@ -41,6 +42,7 @@ __all__ = ["Generator"]
 _CACHE_SIZE = 4096
 _EDS_MEMO_SIZE = 100_000
 _DNS = (Resolution.DNS, Resolution.DNS_ROUND_ROBIN)
+_SERIALS = itertools.count(1)
 
 
 class Generator:
@@ -55,8 +57,22 @@ class Generator:
         # from and the result (shared by node classes that cannot see a difference).
         self._eds: dict[tuple[object, ...], tuple[tuple[Endpoint, ...], Message]] = {}
         self._lock = threading.Lock()
+        self.serial = next(_SERIALS)
+        """Unique per generator: what :attr:`previous_serial` refers to."""
+        self.previous_serial: int | None = None
+        """The :attr:`serial` of the generator :meth:`changed_hosts` compares with."""
+        self._changed: dict[str, frozenset[str]] = {}
         if previous is not None:
+            self.previous_serial = previous.serial
             self._carry(previous)
+
+    def changed_hosts(self, type_url: str) -> frozenset[str] | None:
+        """What may differ from the previous generator's output for ``type_url``, for any
+        node and any names: ``None`` (anything), or the hostnames whose resources may have
+        changed (every resource whose name refers to another host is the same: a client
+        holding only those needs no push). Always empty or ``None`` for LDS, RDS and CDS;
+        EDS resources are named by cluster (``outbound|PORT|SUBSET|HOST``)."""
+        return self._changed.get(type_url)
 
     def _carry(self, previous: Generator) -> None:
         """Reuse ``previous``'s output where this config cannot change it.
@@ -66,11 +82,16 @@ class Generator:
         (``same_cluster_inputs``); a load assignment when the endpoints it was built from are
         equal (checked per assignment when it is asked for).
         """
-        if not self.config.same_shape(previous.config):
+        changes = self.config.endpoint_changes(previous.config)
+        if changes is None:
             return
         carried = {ResourceType.LISTENER.type_url, ResourceType.ROUTE_CONFIGURATION.type_url}
         if self.config.same_cluster_inputs(previous.config):
             carried.add(ResourceType.CLUSTER.type_url)
+        # Load assignments read the endpoints of their host (and what ``same_shape`` holds
+        # equal: ports, subsets, the node), nothing else.
+        self._changed = dict.fromkeys(carried, frozenset())
+        self._changed[ResourceType.CLUSTER_LOAD_ASSIGNMENT.type_url] = changes
         with previous._lock:
             entries = [(k, v) for k, v in previous._cache.items() if k[1] in carried]
             self._eds = dict(previous._eds)
