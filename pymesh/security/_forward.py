@@ -386,7 +386,8 @@ class TlsTunnel:
                 pipe.up = self._context().wrap_socket(
                     pipe.up, server_hostname=self._sni, do_handshake_on_connect=False
                 )
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # no usable context: refuse, never connect in clear
+                pipe.up.close()
                 self.fail(pipe, exc)
                 return
             pipe.state = "handshake"

@@ -20,6 +20,8 @@ alternatives and gives the cost.
 
 from __future__ import annotations
 
+import logging
+import ssl
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -37,6 +39,8 @@ from pymesh.security._providers import (
     FileWatcherProvider,
 )
 from pymesh.security._tls import MeshSSLContext, client_ssl_context
+
+_log = logging.getLogger("pymesh.security")
 
 __all__ = [
     "MeshChannelCredentials",
@@ -203,12 +207,23 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
             found = self._by_endpoint.get((key, tls))
         if found is not None:
             return found
-        ctx = self._context(tls)
+        try:
+            ctx = self._context(tls)
+
+            def context() -> ssl.SSLContext:
+                return ctx
+        except PymeshError as exc:  # settings we cannot honour: every connection refused
+            reason = str(exc)
+            _log.warning("gRPC upstream TLS for %s: %s", key, reason)
+
+            def context() -> ssl.SSLContext:
+                raise ValueError(reason)
+
         host, _, port = key.rpartition(":")
         tunnel = TlsTunnel(
             host.strip("[]"),
             int(port),
-            lambda: ctx,
+            context,
             server_hostname=(tls.sni or None) if tls is not None else None,
         )
         with self._lock:
@@ -259,6 +274,12 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
                     for m in validation.subject_alt_names
                     if m.san_type in (SanType.ANY, SanType.URI)
                 )
+                if validation.subject_alt_names and not sans and self._expected is None:
+                    # only DNS / IP / email matchers: not checked here, so fail closed
+                    raise PymeshError(
+                        "match_subject_alt_names has only DNS/IP/email SAN matchers; the "
+                        "gRPC tunnel checks URI SANs only: refusing to connect"
+                    )
             if provider is None:
                 provider = self._provider_for(tls)
         if self._expected is not None:
@@ -271,7 +292,7 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
         common = tls.common
         sources = [s for s in (common.identity, common.validation and common.validation.ca) if s]
         names = {s.instance_name for s in sources if isinstance(s, CertificateProviderInstance)}
-        if len(names) != 1 or len(sources) != len([s for s in sources if s]):
+        if len(names) != 1 or not all(isinstance(s, CertificateProviderInstance) for s in sources):
             raise PymeshError(
                 "gRPC upstream TLS needs one certificate-provider instance for the certificate "
                 f"and the roots (SDS secrets are not supported), got {sources!r}"

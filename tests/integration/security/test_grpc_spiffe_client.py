@@ -318,3 +318,38 @@ def test_aio_attacks_are_refused(ca: CertificateAuthority, tmp_path: Path) -> No
             creds.close()
             s.stop()
     assert refused == len(cases) == 4
+
+
+def test_dns_only_san_matchers_fail_closed(ca: CertificateAuthority, server: Server) -> None:
+    """A context whose matchers are all DNS-typed cannot be checked by the tunnel (URI SANs
+    only): every connection is refused rather than accepted unchecked."""
+    from pymesh.model.tls import (
+        CertificateProviderInstance,
+        CommonTlsContext,
+        SanMatcher,
+        SanType,
+        UpstreamTlsContext,
+        ValidationContext,
+    )
+
+    source = CertificateProviderInstance("default")
+    tls = UpstreamTlsContext(
+        CommonTlsContext(
+            identity=source,
+            validation=ValidationContext(
+                source, (SanMatcher(StringMatcher.exact("echo.example"), SanType.DNS),)
+            ),
+        )
+    )
+    creds = MeshChannelCredentials(StaticProvider(ca_bundle(ca, "default", "client")))
+    try:
+        tunnel = creds.tunnel_for(server.key, tls)
+        with (
+            grpc.insecure_channel(tunnel.target, OPTS) as ch,
+            pytest.raises(grpc.RpcError) as err,
+        ):
+            ch.unary_unary("/t.Who/Am")(b"", timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "URI SANs only" in tunnel.stats.last_error
+    finally:
+        creds.close()
