@@ -66,6 +66,7 @@ _PAUSE_AT = 1 << 18  # bytes of unread body before an async connection stops rea
 _HTTP11 = b"HTTP/1.1"
 _ALPN = ["http/1.1"]
 _NO_TIMEOUTS: dict[str, float | None] = {}
+_HAVE_POLL = hasattr(select, "poll")
 
 
 class _Unasked(Exception):
@@ -305,13 +306,17 @@ class _SyncConn:
         self.sock = sock
         self.timeout: float | None = -1.0
         self.idle_since = 0.0
-        self.poller = select.poll()
-        self.poller.register(sock, select.POLLIN)
+        self.poller: Any = None
+        if _HAVE_POLL:
+            self.poller = select.poll()
+            self.poller.register(sock, select.POLLIN)
 
     def readable(self) -> bool:
         """Whether an idle connection has something to read: EOF or a reset from a server
         that closed it, or bytes nobody asked for. Either way it cannot be reused."""
-        return bool(self.poller.poll(0))
+        if self.poller is not None:
+            return bool(self.poller.poll(0))
+        return bool(select.select([self.sock], [], [], 0)[0])  # no poll() (Windows)
 
     def set_timeout(self, value: float | None) -> None:
         if value != self.timeout:
