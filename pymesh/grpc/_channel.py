@@ -647,100 +647,93 @@ class MeshChannel(grpc.Channel):
         pool = self._pool
         mcs = spec.multicallables(pool)
 
-        def send(action: Send) -> AttemptResult:
-            if state.cancelled:
-                raise _CallError(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED))
-            t = action.timeout
-            caller_bound = False
-            if deadline is not None:
-                remaining = deadline - clock()
-                if remaining <= 0:
-                    raise _CallError(_deadline_error())
-                if t is None or remaining <= t:
-                    t, caller_bound = remaining, True
-            key = action.host.key
-            mc = mcs.get(key)
-            if mc is None:
-                mc = spec.multicallable(pool, key)
-            md = attempt_metadata(action.request.headers, info)
-            payload = replay.attempt() if replay is not None else request
-            try:
-                if spec.streaming_response:
-                    it = mc(
-                        payload,
-                        timeout=t,
-                        metadata=md,
-                        credentials=credentials,
-                        compression=compression,
-                    )
-                    state.current = it
-                    try:
-                        first = next(it)
-                    except StopIteration:
-                        return AttemptResult(OK, (it, _END))
-                    return AttemptResult(_COMMITTED, (it, first))
-                if state is _VALUE_ONLY:
-                    value = mc(
-                        payload,
-                        timeout=t,
-                        metadata=md,
-                        credentials=credentials,
-                        compression=compression,
-                    )
-                    return AttemptResult(OK, (value, None))
-                if not state.cancellable:
-                    value, call = mc.with_call(
-                        payload,
-                        timeout=t,
-                        metadata=md,
-                        credentials=credentials,
-                        compression=compression,
-                    )
-                    return AttemptResult(OK, (value, call))
-                fut = mc.future(
-                    payload,
-                    timeout=t,
-                    metadata=md,
-                    credentials=credentials,
-                    compression=compression,
-                )
-                state.current = fut
-                return AttemptResult(OK, (fut.result(), fut))
-            except grpc.FutureCancelledError:
-                raise _CallError(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED)) from None
-            except grpc.RpcError as error:
-                if state.cancelled:
-                    raise _CallError(error) from None
-                return classify(error, caller_bound)
-
-        def sleep(seconds: float) -> None:
-            if deadline is not None and clock() + seconds >= deadline:
-                state.event.wait(max(0.0, deadline - clock()))
-                if not state.cancelled:
-                    raise _CallError(_deadline_error())
-            else:
-                state.event.wait(seconds)
-            if state.cancelled:
-                raise _CallError(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED))
-
         runtime = mesh.runtime
+        streaming_response = spec.streaming_response
         waits = 0
         while True:
-            # The flow driven inline, as drive_sync drives it (a raising action closes it).
+            # The flow driven inline, as drive_sync drives it (a raising action closes it),
+            # with the Send done in the loop itself (no closure per call).
             flow = call_flow(runtime, snapshot, info, clock=clock)
             reply: AttemptResult | None = None
             try:
                 action = next(flow)
                 while True:
-                    if type(action) is Send:
-                        reply = send(action)
-                    else:
+                    if type(action) is not Send:
                         reply = None
                         if type(action) is Sleep:
-                            sleep(action.seconds)
+                            _sleep(action.seconds, deadline, clock, state)
                         elif type(action) is Discard:
                             _discard(action.response)
                         # Mirror: shadow requests are not sent for gRPC (nor by C-core)
+                        action = flow.send(reply)
+                        continue
+                    # -- the attempt: a real grpcio call on the endpoint's channel
+                    if state.cancelled:
+                        raise _CallError(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED))
+                    t = action.timeout
+                    caller_bound = False
+                    if deadline is not None:
+                        remaining = deadline - clock()
+                        if remaining <= 0:
+                            raise _CallError(_deadline_error())
+                        if t is None or remaining <= t:
+                            t, caller_bound = remaining, True
+                    key = action.host.key
+                    mc = mcs.get(key)
+                    if mc is None:
+                        mc = spec.multicallable(pool, key)
+                    md = attempt_metadata(action.request.headers, info)
+                    payload = replay.attempt() if replay is not None else request
+                    try:
+                        if streaming_response:
+                            it = mc(
+                                payload,
+                                timeout=t,
+                                metadata=md,
+                                credentials=credentials,
+                                compression=compression,
+                            )
+                            state.current = it
+                            try:
+                                reply = AttemptResult(_COMMITTED, (it, next(it)))
+                            except StopIteration:
+                                reply = AttemptResult(OK, (it, _END))
+                        elif state is _VALUE_ONLY:
+                            value = mc(
+                                payload,
+                                timeout=t,
+                                metadata=md,
+                                credentials=credentials,
+                                compression=compression,
+                            )
+                            reply = AttemptResult(OK, (value, None))
+                        elif not state.cancellable:
+                            value, call = mc.with_call(
+                                payload,
+                                timeout=t,
+                                metadata=md,
+                                credentials=credentials,
+                                compression=compression,
+                            )
+                            reply = AttemptResult(OK, (value, call))
+                        else:
+                            fut = mc.future(
+                                payload,
+                                timeout=t,
+                                metadata=md,
+                                credentials=credentials,
+                                compression=compression,
+                            )
+                            state.current = fut
+                            reply = AttemptResult(OK, (fut.result(), fut))
+                    except grpc.FutureCancelledError:
+                        raise _CallError(
+                            MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED)
+                        ) from None
+                    except grpc.RpcError as error:
+                        if state.cancelled:
+                            raise _CallError(error) from None
+                        reply = classify(error, caller_bound)
                     action = flow.send(reply)
             except StopIteration as stop:
                 result: CallResult = stop.value
@@ -771,6 +764,21 @@ class MeshChannel(grpc.Channel):
 
     _call_traced = grpc_client_telemetry(metadata_index=4)(_call_plain)
     """:meth:`_call_plain` with telemetry (trace metadata out, the call recorded)."""
+
+
+def _sleep(
+    seconds: float, deadline: float | None, clock: Callable[[], float], state: _State
+) -> None:
+    """A flow's ``Sleep`` (fault delay, backoff), cut at the caller's deadline and woken by
+    a cancellation."""
+    if deadline is not None and clock() + seconds >= deadline:
+        state.event.wait(max(0.0, deadline - clock()))
+        if not state.cancelled:
+            raise _CallError(_deadline_error())
+    else:
+        state.event.wait(seconds)
+    if state.cancelled:
+        raise _CallError(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED))
 
 
 MAX_READY_WAITS = 1000
