@@ -222,7 +222,7 @@ class _Message:
     def keep_alive(self, request_close: bool) -> bool:
         return self.keep and not request_close and not self.until_eof
 
-    def response(self, stream: Any) -> httpcore.Response:
+    def response(self, stream: Any, network: Any) -> httpcore.Response:
         response = object.__new__(httpcore.Response)
         response.status = self.status
         response.headers = self.headers
@@ -232,6 +232,7 @@ class _Message:
         response.extensions = {
             "http_version": _HTTP11 if version == "1.1" else b"HTTP/" + version.encode(),
             "reason_phrase": self.reason,
+            "network_stream": network,
         }
         return response
 
@@ -310,6 +311,23 @@ class _SyncConn:
         if _HAVE_POLL:
             self.poller = select.poll()
             self.poller.register(sock, select.POLLIN)
+
+    def get_extra_info(self, info: str) -> Any:
+        """``response.extensions["network_stream"].get_extra_info(...)`` as httpcore's:
+        ``ssl_object`` (the TLS socket, ``None`` in plaintext), ``client_addr``,
+        ``server_addr``, ``socket``, ``is_readable``."""
+        sock = self.sock
+        if info == "ssl_object":
+            return sock if isinstance(sock, ssl.SSLSocket) else None
+        if info == "client_addr":
+            return sock.getsockname()
+        if info == "server_addr":
+            return sock.getpeername()
+        if info == "socket":
+            return sock
+        if info == "is_readable":
+            return self.readable()
+        return None
 
     def readable(self) -> bool:
         """Whether an idle connection has something to read: EOF or a reset from a server
@@ -487,8 +505,8 @@ class SyncPool:
             raise
         if msg.complete:
             self._release(conn, msg.keep_alive(out.close))
-            return msg.response(_Done(msg.take()))
-        return msg.response(_SyncBody(self, conn, msg, out.close))
+            return msg.response(_Done(msg.take()), conn)
+        return msg.response(_SyncBody(self, conn, msg, out.close), conn)
 
 
 def _recv(sock: socket.socket) -> bytes:
@@ -639,6 +657,21 @@ class _AsyncConn(asyncio.Protocol):
         finally:
             self.waiter = None
             handle.cancel()
+
+    def get_extra_info(self, info: str) -> Any:
+        """As :meth:`_SyncConn.get_extra_info`, from the asyncio transport."""
+        transport = self.transport
+        if transport is None:
+            return None
+        if info == "client_addr":
+            return transport.get_extra_info("sockname")
+        if info == "server_addr":
+            return transport.get_extra_info("peername")
+        if info == "is_readable":
+            return self.lost or self.eof
+        if info in ("ssl_object", "socket"):
+            return transport.get_extra_info(info)
+        return None
 
     def resume(self) -> None:
         if self.paused and self.transport is not None:
@@ -805,8 +838,8 @@ class AsyncPool:
             raise
         if msg.complete:
             self._release(conn, msg.keep_alive(out.close))
-            return msg.response(_Done(msg.take()))
-        return msg.response(_AsyncBody(self, conn, msg, out.close, timeouts.get("read")))
+            return msg.response(_Done(msg.take()), conn)
+        return msg.response(_AsyncBody(self, conn, msg, out.close, timeouts.get("read")), conn)
 
     @staticmethod
     async def _drain(conn: _AsyncConn, timeouts: dict[str, float | None]) -> None:

@@ -231,6 +231,10 @@ def test_keep_alive_reuses_one_connection(kind: str, raw: Any, engines: Any) -> 
     assert [engine.get() for _ in range(5)] == [(200, b"n%d" % n) for n in range(1, 6)]
     assert server.connections == 1
     assert engine.pool.idle_count() == 1 and engine.pool.is_idle()
+    network = engine.open().extensions["network_stream"]  # as httpcore's, for the app
+    assert network.get_extra_info("server_addr")[1] == server.port
+    assert network.get_extra_info("client_addr")[0] == "127.0.0.1"
+    assert network.get_extra_info("ssl_object") is None
 
 
 def test_keep_alive_closed_by_the_server_is_not_reused(kind: str, raw: Any, engines: Any) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pymesh.httpx
-from pymesh.security import CertificateBundle
+from pymesh.security import CertificateBundle, peer_identity
 from tests.integration.httpx.conftest import HOST, PORT, Backend, Mesh, Upstream
 from tests.unit.security.pki_helpers import ca_bundle, make_ca
 
@@ -86,6 +86,8 @@ def test_istio_mutual_tls_with_spiffe_checks(mesh: Mesh, upstreams: Make, tmp_pa
         assert codes == {200: 5}
         r = client.get(URL)
         assert r.json()["name"] == "echo"
+        ssl_object = r.extensions["network_stream"].get_extra_info("ssl_object")
+        assert peer_identity(ssl_object) == "spiffe://cluster.local/ns/default/sa/echo"
 
         # The endpoint now claims another identity: the server's certificate (sa echo) no
         # longer matches the expected SAN, the handshake is refused, Envoy's 503 UF.
@@ -126,6 +128,8 @@ def test_istio_mutual_tls_on_asyncio(mesh: Mesh, upstreams: Make, tmp_path: Path
             rs = await asyncio.gather(*(client.get(URL) for _ in range(8)))
             assert [r.status_code for r in rs] == [200] * 8
             assert rs[0].json()["name"] == "echo"
+            ssl_object = rs[0].extensions["network_stream"].get_extra_info("ssl_object")
+            assert peer_identity(ssl_object) == "spiffe://cluster.local/ns/default/sa/echo"
             mesh.write(mesh_yaml({"v1": (up.port, "someone-else")}))
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
