@@ -7,6 +7,7 @@ seen in use by the other side."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent import futures
@@ -14,11 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from cryptography import x509
 
+from pymesh.controlplane import ControlPlane
 from pymesh.controlplane.ca import CertificateAuthority
 from pymesh.model.matcher import StringMatcher
-from pymesh.security import MeshChannelCredentials, StaticProvider, server_credentials
+from pymesh.security import (
+    CaClientProvider,
+    CertificateBundle,
+    MeshChannelCredentials,
+    SpiffeId,
+    StaticProvider,
+    server_credentials,
+)
 from tests.unit.security.pki_helpers import ca_bundle, spiffe
 
 ROTATIONS = 4
@@ -96,3 +106,100 @@ def test_both_sides_rotate_under_a_steady_stream(tmp_path: Path) -> None:
     assert given_client <= seen_clients, (len(given_client), len(seen_clients))
     assert given_server <= tunnel_seen, (len(given_server), len(tunnel_seen))
     assert len(given_server) == len(given_client) == ROTATIONS + 1
+
+
+SOAK = float(os.environ.get("PYMESH_GRPC_SOAK", "300"))  # seconds; shorter for a dev run
+TTL = 60.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SOAK + 120)
+def test_grpc_rotation_soak_with_the_ca(tmp_path: Path) -> None:
+    """The issue's soak for gRPC: 1-minute certificates from the control plane's CA, renewed
+    by both workloads (``CaClientProvider``) while the client calls for 5 minutes; connections
+    end every 2 s (``max_connection_age``). Zero failed calls; every certificate either side
+    held for a few seconds is seen in use by the other side."""
+    server_id = SpiffeId("cluster.local", "default", "server")
+    client_id = SpiffeId("cluster.local", "default", "client")
+    (tmp_path / "config").mkdir()
+    ca = CertificateAuthority(tmp_path / "ca")
+    published: dict[str, list[tuple[float, int]]] = {"server": [], "client": []}
+    lock = threading.Lock()
+    seen_clients: set[int] = set()
+
+    def who(request: bytes, context: Any) -> bytes:
+        pem = context.auth_context().get("x509_pem_cert", [b""])[0]
+        seen_clients.add(_serial(pem))
+        return b"ok"
+
+    with ControlPlane(tmp_path / "config", xds_address="127.0.0.1:0", admin_port=None, ca=ca) as cp:
+        providers = {}
+        for name, ident in (("server", server_id), ("client", client_id)):
+            p = CaClientProvider(
+                cp.address,
+                ident,
+                token=ca.create_token(ident.namespace, ident.service_account),
+                ttl=TTL,
+            )
+
+            def record(bundle: CertificateBundle, name: str = name) -> None:
+                with lock:
+                    published[name].append((time.monotonic(), _serial(bundle.chain_pem)))
+
+            p.subscribe(record)
+            first = p.wait_ready(30)
+            with lock:
+                published[name].insert(0, (time.monotonic(), _serial(first.chain_pem)))
+            providers[name] = p
+        server = grpc.server(
+            futures.ThreadPoolExecutor(4),
+            options=[
+                ("grpc.max_connection_age_ms", 2000),
+                ("grpc.max_connection_age_grace_ms", 10000),
+            ],
+        )
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "t.W", {"A": grpc.unary_unary_rpc_method_handler(who)}
+                ),
+            )
+        )
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(providers["server"]))
+        server.start()
+        creds = MeshChannelCredentials(
+            providers["client"], expected_sans=[StringMatcher.exact(server_id.uri)]
+        )
+        channel = creds.open_subchannel(f"127.0.0.1:{port}", [], None, None)
+        call = channel.unary_unary("/t.W/A")
+        failures: list[str] = []
+        seen_servers: set[int] = set()
+        calls = 0
+        try:
+            end = time.monotonic() + SOAK
+            while time.monotonic() < end:
+                try:
+                    call(b"x", timeout=10)
+                    calls += 1
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code()}: {exc.details()}")
+                seen_servers.update(_serial(d) for d in list(creds.tunnels[0].peer_certificates))
+                time.sleep(0.02)
+            stop = time.monotonic()
+        finally:
+            channel.close()
+            creds.close()
+            server.stop(0).wait(5)
+            for p in providers.values():
+                p.close()
+    print(
+        f"\ngrpc soak: {calls} calls, {len(failures)} failed, client certs used "
+        f"{len(seen_clients)}, server certs used {len(seen_servers)}"
+    )
+    assert failures == [], failures[:3]
+    for name, seen in (("client", seen_clients), ("server", seen_servers)):
+        issued = [s for t, s in published[name] if t < stop - 5.0]
+        # renewal at about half the lifetime: ~10 certificates in 5 minutes
+        assert len(set(issued)) >= max(2, int(SOAK / TTL * 1.2)), (name, issued)
+        assert set(issued) <= seen, (name, set(issued) - seen)
+    assert calls > SOAK * 10
