@@ -240,16 +240,21 @@ def test_keep_alive_reuses_one_connection(kind: str, raw: Any, engines: Any) -> 
 def test_keep_alive_closed_by_the_server_is_not_reused(kind: str, raw: Any, engines: Any) -> None:
     # Answers with keep-alive semantics, then closes the connection anyway: the pooled
     # connection is seen closed when checked out, and a fresh one carries the request.
+    closed = threading.Semaphore(0)
+
     def script(sock: socket.socket, index: int) -> None:
         req = read_request(sock)
         server.requests.append(req)
         sock.sendall(ok(b"c%d" % index))
+        sock.shutdown(socket.SHUT_RDWR)
+        closed.release()
 
     server = raw(script=script)
     engine = engines(kind, server.port)
     for n in range(3):
         assert engine.get() == (200, b"c%d" % n)
-        time.sleep(0.05)  # the server has closed its end
+        assert closed.acquire(timeout=10)  # the server has closed its end
+        time.sleep(0.02)  # and the FIN has reached us (loopback)
     assert server.connections == 3
     assert len(server.requests) == 3  # each request reached the server exactly once
 
@@ -534,7 +539,7 @@ def test_read_timeout_waiting_for_the_head(kind: str, raw: Any, engines: Any) ->
     t0 = time.monotonic()
     with pytest.raises(httpcore.ReadTimeout):
         engine.get(timeout={"read": 0.2})
-    assert 0.15 < time.monotonic() - t0 < 0.9
+    assert 0.15 < time.monotonic() - t0 < 2.0
     assert engine.pool.is_idle() and engine.pool.idle_count() == 0
 
 
