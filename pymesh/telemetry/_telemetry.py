@@ -22,6 +22,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from opentelemetry import context as otel_context
@@ -48,6 +49,7 @@ from opentelemetry.trace import (
     TraceFlags,
 )
 
+from pymesh.core.flow import lowered_headers
 from pymesh.telemetry import _propagation
 from pymesh.telemetry._accesslog import AccessRecord, format_json, format_text, text_line
 from pymesh.telemetry._labels import (
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
     from pymesh.bootstrap import Node
     from pymesh.core.flow import CallResult
     from pymesh.core.runtime import MeshRuntime
+    from pymesh.core.types import RequestInfo
     from pymesh.security import CertificateProvider
     from pymesh.xds.client import XdsClient
 
@@ -715,8 +718,8 @@ def _namespace_of(principal: str) -> str:
 class ClientCall:
     """One outbound request in flight (from :meth:`Telemetry.client_call`)."""
 
-    __slots__ = ("_authority", "_path", "method", "protocol", "request", "span", "start",
-                 "t0", "tel")  # fmt: skip
+    __slots__ = ("_authority", "_path", "added", "method", "protocol", "request", "span",
+                 "start", "t0", "tel")  # fmt: skip
 
     def __init__(  # noqa: PLR0917 - built by Telemetry only
         self,
@@ -734,8 +737,25 @@ class ClientCall:
         self._path = path
         self.request = request
         self.span: Any = None
+        self.added: list[tuple[str, str]] = []
+        """Headers for the upstream request (HTTP: trace context, metadata exchange)."""
         self.start = time.time()
         self.t0 = time.perf_counter()
+
+    def outbound(self, info: RequestInfo) -> RequestInfo:
+        """``info`` (the request as the flow sees it) with this call's trace and metadata
+        exchange headers appended, replacing any the application set itself. Routing sees
+        them, as Envoy's router sees what its filters added."""
+        added = self.added
+        if not added:
+            return info
+        items = tuple(info.headers)
+        for name, _ in items:
+            if name in _WRITTEN:
+                ours = {k for k, _ in added}
+                items = tuple(kv for kv in items if kv[0] not in ours)
+                break
+        return replace(info, headers=lowered_headers((*items, *added)))
 
     @property
     def authority(self) -> str:
@@ -1117,9 +1137,12 @@ class UpstreamBody:
 
 def http_client_call(request: Any) -> ClientCall | None:
     """For the httpx adapters: a :class:`ClientCall` of the installed telemetry for an
-    ``httpx.Request`` (trace and peer metadata headers written into its headers), or
-    ``None`` when telemetry is off: then nothing at all is computed. The URL's authority
-    and path are read only if a span or an access log line needs them."""
+    ``httpx.Request``, or ``None`` when telemetry is off: then nothing at all is computed.
+    The trace and peer metadata headers are kept in the call (:meth:`ClientCall.outbound`
+    puts them on the upstream request), never written into the application's request: its
+    header object stays as the application built it (httpx copies every request header
+    again per response for cookies, and the adapter memoizes the header conversion on it).
+    The URL's authority and path are read only if a span or an access log line needs them."""
     tel = _current
     if tel is None:
         return None
@@ -1132,7 +1155,7 @@ def http_client_call(request: Any) -> ClientCall | None:
         set_header=_append_pair(added),
         request=request,
     )
-    _add_headers(request.headers, added)
+    call.added = added
     return call
 
 
@@ -1143,32 +1166,11 @@ def _append_pair(out: list[tuple[str, str]]) -> Callable[[str, str], None]:
     return add
 
 
-def _add_headers(headers: Any, added: list[tuple[str, str]]) -> None:
-    """Write ``added`` (lower-case names) into an ``httpx.Headers``: appended in one step
-    to its item list when none of the names telemetry writes is there yet (the usual case:
-    one pass, about 1 µs for four headers instead of 4 µs for four ``headers[name] =
-    value``), else one ``headers[name] = value`` each (replacing the application's)."""
-    items = getattr(headers, "_list", None)
-    if type(items) is list:
-        for item in items:
-            if item[1] in _WRITTEN:
-                break
-        else:
-            if all(k in _RAW_NAMES for k, _ in added):
-                raw = _RAW_NAMES
-                items += [(raw[k], raw[k], v.encode("latin-1")) for k, v in added]
-                return
-    for name, value in added:
-        headers[name] = value
-
-
 _WRITTEN = frozenset(
-    name.encode()
-    for name in ("traceparent", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled",
-                 "x-envoy-peer-metadata", "x-envoy-peer-metadata-id", "baggage")
+    ("traceparent", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled",
+     "x-envoy-peer-metadata", "x-envoy-peer-metadata-id", "baggage")
 )  # fmt: skip
-"""Every header name telemetry writes into a request (httpx's lower-case item form)."""
-_RAW_NAMES = {name.decode(): name for name in _WRITTEN}
+"""Every header name telemetry writes into a request."""
 
 
 def finish_local(call: ClientCall, result: CallResult, request_bytes: int) -> None:
