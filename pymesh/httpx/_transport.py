@@ -788,8 +788,10 @@ class MeshTransport(httpx.BaseTransport):
                 return core.failure(exc, timeouts)
             return AttemptResult(core.outcome_of(resp), resp)
 
-        tcall = _telemetry.http_client_call(request)  # telemetry: headers in, call timed
+        tcall = _telemetry.http_client_call(request)  # telemetry: call timed
         info, origin = core.request_info(request)
+        if tcall is not None:
+            info = tcall.outbound(info)  # telemetry: trace and peer headers on the wire
         flow = call_flow(core.runtime, snapshot, info, clock=core.clock)
         result = drive_sync(
             flow,
@@ -988,8 +990,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 return core.failure(exc, timeouts)
             return AttemptResult(core.outcome_of(resp), resp)
 
-        tcall = _telemetry.http_client_call(request)  # telemetry: headers in, call timed
+        tcall = _telemetry.http_client_call(request)  # telemetry: call timed
         info, origin = core.request_info(request)
+        if tcall is not None:
+            info = tcall.outbound(info)  # telemetry: trace and peer headers on the wire
         flow = call_flow(core.runtime, snapshot, info, clock=core.clock)
         result = await drive_async(
             flow,
