@@ -71,12 +71,13 @@ class LbEndpoint:
         return self.metadata.get("envoy.transport_socket_match", _EMPTY)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class LocalityLbEndpoints:
     """The endpoints of one locality at one priority.
 
     ``load_balancing_weight`` is ``None`` when unset (only locality-weighted load balancing
-    reads it).
+    reads it). Weak-referenceable: the EDS decoder reuses the object of a locality whose
+    bytes did not change while some snapshot still holds it.
     """
 
     locality: Locality

@@ -22,12 +22,16 @@ produce the error.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import socket
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from envoy.config.core.v3 import address_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from google.protobuf.message import DecodeError
 
 from pymesh.model.common import Locality, SocketAddress
 from pymesh.model.endpoint import (
@@ -59,6 +63,34 @@ _EMPTY_METADATA: Mapping[str, Mapping[str, Any]] = metadata_to_mapping(
 )
 
 
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Callable[[Any, Any], None], ...]:
+    """The slot setters of a frozen dataclass's fields, in ``names`` order.
+
+    The per-endpoint loop builds ``SocketAddress`` and ``LbEndpoint`` objects through them
+    (``object.__new__`` then one setter per field): a third of the cost of the generated
+    frozen ``__init__`` (one ``object.__setattr__`` per field). Checked against the class
+    at import: a field added to the model without this list fails here, not silently.
+    """
+    fields = tuple(f.name for f in dataclasses.fields(cls))
+    if fields != names:
+        raise RuntimeError(f"{cls.__name__} fields are {fields}, the EDS decoder sets {names}")
+    return tuple(getattr(cls, name).__set__ for name in names)
+
+
+_SOCKET_ADDRESS_SETTERS = _slot_setters(SocketAddress, ("host", "port"))
+_LB_ENDPOINT_SETTERS = _slot_setters(
+    LbEndpoint,
+    (
+        "address",
+        "additional_addresses",
+        "health_status",
+        "load_balancing_weight",
+        "hostname",
+        "metadata",
+    ),
+)
+
+
 def _is_ip(host: str) -> bool:
     try:
         socket.inet_pton(socket.AF_INET, host)
@@ -85,29 +117,91 @@ def _slow_address(
     return sa
 
 
-def decode_load_assignment(
-    cla: endpoint_pb2.ClusterLoadAssignment,
-    ctx: Ctx,
-    path: str = "",
-    *,
-    allow_hostname: bool = False,
-) -> ClusterLoadAssignment:
-    """Validate and convert a ``ClusterLoadAssignment`` message.
+class _Assembler:
+    """Cross-locality state of one decode: addresses seen, localities per priority, weight
+    sums; shared decode caches (metadata, ``Locality`` objects)."""
 
-    ``path`` prefixes error fields (``"load_assignment"`` when inline in a Cluster);
-    ``allow_hostname`` admits DNS names as endpoint addresses (``LOGICAL_DNS`` clusters).
-    """
-    seen_addresses: set[tuple[str, int]] = set()
-    metadata_cache: dict[bytes, Mapping[str, Mapping[str, Any]]] = {b"": _EMPTY_METADATA}
-    locality_cache: dict[tuple[str, str, str], Locality] = {}
-    seen_localities: set[tuple[int, Locality]] = set()
-    priority_weight: dict[int, int] = {}
-    localities: list[LocalityLbEndpoints] = []
-    ep_path = join(path, "endpoints")
-    inet_pton = socket.inet_pton
-    af_inet = socket.AF_INET
+    __slots__ = (
+        "allow_hostname",
+        "ctx",
+        "ep_path",
+        "localities",
+        "locality_cache",
+        "metadata_cache",
+        "priority_weight",
+        "seen_addresses",
+        "seen_localities",
+    )
 
-    for i, loc in enumerate(cla.endpoints):
+    def __init__(self, ctx: Ctx, path: str, *, allow_hostname: bool) -> None:
+        self.ctx = ctx
+        self.allow_hostname = allow_hostname
+        self.ep_path = join(path, "endpoints")
+        self.seen_addresses: set[tuple[str, int]] = set()
+        self.metadata_cache: dict[bytes, Mapping[str, Mapping[str, Any]]] = {b"": _EMPTY_METADATA}
+        self.locality_cache: dict[tuple[str, str, str], Locality] = {}
+        self.seen_localities: set[tuple[int, Locality]] = set()
+        self.priority_weight: dict[int, int] = {}
+        self.localities: list[LocalityLbEndpoints] = []
+
+    def _check_locality(self, i: int, priority: int, locality: Locality) -> None:
+        if (priority, locality) in self.seen_localities:
+            p = join(index(self.ep_path, i), "locality")
+            msg = f"duplicate locality {str(locality)!r} in priority {priority}"
+            raise self.ctx.error(p, msg)
+        self.seen_localities.add((priority, locality))
+
+    def _add(self, i: int, result: LocalityLbEndpoints) -> None:
+        loc_weight = result.load_balancing_weight
+        if loc_weight is not None:
+            priority = result.priority
+            total = self.priority_weight.get(priority, 0) + loc_weight
+            if total > _UINT32_MAX:
+                p = join(index(self.ep_path, i), "load_balancing_weight")
+                msg = f"sum of locality weights in priority {priority} exceeds 2^32-1"
+                raise self.ctx.error(p, msg)
+            self.priority_weight[priority] = total
+        self.localities.append(result)
+
+    def add_decoded(
+        self, i: int, result: LocalityLbEndpoints, keys: frozenset[tuple[str, int]]
+    ) -> None:
+        """A locality decoded before from the same bytes (so valid on its own; ``keys`` are
+        its addresses): only the checks across localities are made again."""
+        self._check_locality(i, result.priority, result.locality)
+        if not self.seen_addresses.isdisjoint(keys):
+            self._duplicate_in(i, result)
+        self.seen_addresses.update(keys)
+        self._add(i, result)
+
+    def _duplicate_in(self, i: int, result: LocalityLbEndpoints) -> None:
+        # Rare (an invalid update): find the first address of this locality that an
+        # earlier locality has, and report it with its field path.
+        earlier: set[tuple[str, int]] = set()
+        for r in self.localities:
+            for ep in r.endpoints:
+                earlier.add((ep.address.host, ep.address.port))
+                earlier.update((a.host, a.port) for a in ep.additional_addresses)
+        lbe_base = join(index(self.ep_path, i), "lb_endpoints")
+        for j, ep in enumerate(result.endpoints):
+            addrs = [(join(index(lbe_base, j), "endpoint.address"), ep.address)]
+            addrs.extend(
+                (join(index(join(index(lbe_base, j), "endpoint.additional_addresses"), k),
+                      "address"), a)
+                for k, a in enumerate(ep.additional_addresses)
+            )  # fmt: skip
+            for p, a in addrs:
+                if (a.host, a.port) in earlier:
+                    raise self.ctx.error(p, f"duplicate endpoint address {a}")
+        raise self.ctx.error(self.ep_path, "duplicate endpoint address")  # not reached
+
+    def add_proto(
+        self, i: int, loc: endpoint_components_pb2.LocalityLbEndpoints
+    ) -> LocalityLbEndpoints | None:
+        """Validate and convert one locality; ``None`` if it is ignored (weight 0)."""
+        ctx = self.ctx
+        ep_path = self.ep_path
+        allow_hostname = self.allow_hostname
         if loc.HasField("leds_cluster_locality_config"):
             p = join(index(ep_path, i), "leds_cluster_locality_config")
             raise ctx.error(p, "LEDS is not supported")
@@ -115,18 +209,24 @@ def decode_load_assignment(
         if loc.HasField("load_balancing_weight"):
             loc_weight = loc.load_balancing_weight.value
             if loc_weight == 0:
-                continue  # gRPC ignores localities of weight 0
+                return None  # gRPC ignores localities of weight 0
         lm = loc.locality
         key = (lm.region, lm.zone, lm.sub_zone)
-        locality = locality_cache.get(key)
+        locality = self.locality_cache.get(key)
         if locality is None:
-            locality = locality_cache[key] = Locality(*key)
+            locality = self.locality_cache[key] = Locality(*key)
         priority = loc.priority
-        if (priority, locality) in seen_localities:
-            p = join(index(ep_path, i), "locality")
-            raise ctx.error(p, f"duplicate locality {str(locality)!r} in priority {priority}")
-        seen_localities.add((priority, locality))
+        self._check_locality(i, priority, locality)
 
+        seen_addresses = self.seen_addresses
+        metadata_cache = self.metadata_cache
+        inet_pton = socket.inet_pton
+        af_inet = socket.AF_INET
+        new = object.__new__
+        set_host, set_port = _SOCKET_ADDRESS_SETTERS
+        set_address, set_extra, set_health, set_weight, set_hostname, set_metadata = (
+            _LB_ENDPOINT_SETTERS
+        )
         endpoints: list[LbEndpoint] = []
         weight_sum = 0
         for j, lbe in enumerate(loc.lb_endpoints):
@@ -143,7 +243,9 @@ def decode_load_assignment(
                 except (OSError, ValueError):
                     ok = _is_ip(host)
             if ok:
-                address = SocketAddress(host, port)
+                address = new(SocketAddress)
+                set_host(address, host)
+                set_port(address, port)
             else:
                 lbe_path = index(join(index(ep_path, i), "lb_endpoints"), j)
                 if lbe.WhichOneof("host_identifier") != "endpoint":
@@ -186,26 +288,48 @@ def decode_load_assignment(
             if metadata is None:
                 metadata = metadata_cache[raw] = metadata_to_mapping(md)
 
-            endpoints.append(
-                LbEndpoint(address, extra, _HEALTH[health], weight, ep.hostname, metadata)
-            )
+            lb_endpoint = new(LbEndpoint)
+            set_address(lb_endpoint, address)
+            set_extra(lb_endpoint, extra)
+            set_health(lb_endpoint, _HEALTH[health])
+            set_weight(lb_endpoint, weight)
+            set_hostname(lb_endpoint, ep.hostname)
+            set_metadata(lb_endpoint, metadata)
+            endpoints.append(lb_endpoint)
         if weight_sum > _UINT32_MAX:
             p = join(index(ep_path, i), "lb_endpoints")
             raise ctx.error(p, "sum of endpoint weights in the locality exceeds 2^32-1")
-        if loc_weight is not None:
-            total = priority_weight.get(priority, 0) + loc_weight
-            if total > _UINT32_MAX:
-                p = join(index(ep_path, i), "load_balancing_weight")
-                raise ctx.error(p, f"sum of locality weights in priority {priority} exceeds 2^32-1")
-            priority_weight[priority] = total
-        localities.append(LocalityLbEndpoints(locality, priority, loc_weight, tuple(endpoints)))
+        result = LocalityLbEndpoints(locality, priority, loc_weight, tuple(endpoints))
+        self._add(i, result)
+        return result
 
-    if localities:
-        present = {loc.priority for loc in localities}
-        missing = sorted(set(range(max(present) + 1)) - present)
-        if missing:
-            raise ctx.error(ep_path, f"priorities must be contiguous from 0; missing {missing}")
-    return _finish(cla, ctx, path, tuple(localities))
+    def finish(self, cla: endpoint_pb2.ClusterLoadAssignment, path: str) -> ClusterLoadAssignment:
+        localities = self.localities
+        if localities:
+            present = {loc.priority for loc in localities}
+            missing = sorted(set(range(max(present) + 1)) - present)
+            if missing:
+                msg = f"priorities must be contiguous from 0; missing {missing}"
+                raise self.ctx.error(self.ep_path, msg)
+        return _finish(cla, self.ctx, path, tuple(localities))
+
+
+def decode_load_assignment(
+    cla: endpoint_pb2.ClusterLoadAssignment,
+    ctx: Ctx,
+    path: str = "",
+    *,
+    allow_hostname: bool = False,
+) -> ClusterLoadAssignment:
+    """Validate and convert a ``ClusterLoadAssignment`` message.
+
+    ``path`` prefixes error fields (``"load_assignment"`` when inline in a Cluster);
+    ``allow_hostname`` admits DNS names as endpoint addresses (``LOGICAL_DNS`` clusters).
+    """
+    asm = _Assembler(ctx, path, allow_hostname=allow_hostname)
+    for i, loc in enumerate(cla.endpoints):
+        asm.add_proto(i, loc)
+    return asm.finish(cla, path)
 
 
 def _additional(
@@ -256,9 +380,142 @@ def _finish(
     return ClusterLoadAssignment(cla.cluster_name, localities, factor, tuple(drops), stale)
 
 
+# -- the registered EDS decoder: unchanged localities are not decoded again -------------------
+#
+# An EDS update usually moves a few endpoints of a large assignment. The serialized
+# assignment is split at the wire level into its ``endpoints`` entries (one length-delimited
+# record per locality); a locality whose bytes have the digest of one decoded before, while some
+# snapshot still holds that result, reuses the frozen object (decoding is deterministic),
+# so the cost of an update follows the localities that changed. Only the checks that span
+# localities (duplicate addresses and localities, weight sums, priorities) run again.
+
+_CLA_ENDPOINTS_FIELD = 2  # ClusterLoadAssignment.endpoints
+# SHA-1 digest of a locality's bytes -> its decoded object, while something holds it; and
+# (id of that object, the set of its addresses) for the duplicate check, dropped with it.
+_LOCALITY_CACHE: weakref.WeakValueDictionary[bytes, LocalityLbEndpoints] = (
+    weakref.WeakValueDictionary()
+)
+_LOCALITY_KEYS: dict[bytes, tuple[int, frozenset[tuple[str, int]]]] = {}
+
+
+def _remember(digest: bytes, result: LocalityLbEndpoints) -> None:
+    keys = frozenset(
+        (a.host, a.port) for ep in result.endpoints for a in (ep.address, *ep.additional_addresses)
+    )
+    _LOCALITY_KEYS[digest] = (id(result), keys)
+    _LOCALITY_CACHE[digest] = result
+    weakref.finalize(result, _forget, digest, id(result))
+
+
+def _forget(digest: bytes, ident: int) -> None:
+    entry = _LOCALITY_KEYS.get(digest)
+    if entry is not None and entry[0] == ident:
+        del _LOCALITY_KEYS[digest]
+
+
+def _cached(digest: bytes) -> tuple[LocalityLbEndpoints, frozenset[tuple[str, int]]] | None:
+    found = _LOCALITY_CACHE.get(digest)
+    entry = _LOCALITY_KEYS.get(digest)
+    if found is None or entry is None or entry[0] != id(found):
+        return None
+    return found, entry[1]
+
+
+def clear_locality_cache() -> None:
+    """Forget every decoded locality (benchmarks of a cold decode; tests)."""
+    _LOCALITY_CACHE.clear()
+    _LOCALITY_KEYS.clear()
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    for _ in range(10):
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+    raise ValueError("varint too long")
+
+
+def _split_field(data: bytes, field: int) -> tuple[list[bytes], bytes] | None:
+    """Top-level records of ``field`` (length-delimited) and the other records' bytes, in
+    order; ``None`` when the bytes are not well formed (the full parser reports why)."""
+    items: list[bytes] = []
+    rest: list[bytes] = []
+    pos = 0
+    n = len(data)
+    try:
+        for _ in range(n + 1):
+            if pos >= n:
+                return items, b"".join(rest)
+            start = pos
+            tag, pos = _varint(data, pos)
+            wire = tag & 7
+            if wire == 0:
+                _, pos = _varint(data, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 2:
+                length, pos = _varint(data, pos)
+                body = pos
+                pos += length
+                if pos <= n and tag >> 3 == field:
+                    items.append(data[body:pos])
+                    continue
+            elif wire == 5:
+                pos += 4
+            else:  # groups: rare enough to leave to the full parser
+                return None
+            if pos > n:
+                return None
+            rest.append(data[start:pos])
+    except (IndexError, ValueError):
+        return None
+    return None
+
+
+def _decode_split(data: bytes) -> Decoded | None:
+    split = _split_field(data, _CLA_ENDPOINTS_FIELD)
+    if split is None:
+        return None
+    records, rest = split
+    ctx = Ctx(ResourceType.CLUSTER_LOAD_ASSIGNMENT.short_name)
+    try:
+        shell = endpoint_pb2.ClusterLoadAssignment.FromString(rest)
+        locs: list[tuple[bytes, Any]] = []
+        for r in records:
+            digest = hashlib.sha1(r, usedforsecurity=False).digest()
+            found = _cached(digest)
+            locs.append(
+                (digest, endpoint_components_pb2.LocalityLbEndpoints.FromString(r))
+                if found is None
+                else (digest, found)
+            )
+    except (DecodeError, RecursionError, ValueError):
+        return None
+    if not shell.cluster_name:
+        raise ctx.error("cluster_name", "cluster_name is empty")
+    ctx = ctx.named(shell.cluster_name)
+    asm = _Assembler(ctx, "", allow_hostname=False)
+    for i, (digest, item) in enumerate(locs):
+        if isinstance(item, tuple):
+            asm.add_decoded(i, *item)
+        else:
+            result = asm.add_proto(i, item)
+            if result is not None:
+                _remember(digest, result)
+    return Decoded(shell.cluster_name, asm.finish(shell, ""))
+
+
 @register(ResourceType.CLUSTER_LOAD_ASSIGNMENT)
 def decode_cluster_load_assignment(data: bytes) -> Decoded:
     """The registered EDS decoder: serialized ``ClusterLoadAssignment`` -> model."""
+    decoded = _decode_split(data)
+    if decoded is not None:
+        return decoded
     ctx = Ctx(ResourceType.CLUSTER_LOAD_ASSIGNMENT.short_name)
     cla = parse_message(endpoint_pb2.ClusterLoadAssignment, data, ctx)
     if not cla.cluster_name:

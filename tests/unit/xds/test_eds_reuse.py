@@ -1,0 +1,230 @@
+"""The EDS decoder's reuse of unchanged localities: same result as a full decode, same
+errors, shared objects for the localities whose bytes did not change, nothing kept once no
+snapshot holds them."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+from typing import Any
+
+import pytest
+from envoy.config.endpoint.v3 import endpoint_pb2
+from hypothesis import HealthCheck, given, settings
+
+from pymesh.errors import ResourceError
+from pymesh.model.endpoint import ClusterLoadAssignment
+from pymesh.xds.codec import endpoint as eds
+from pymesh.xds.codec._common import Ctx, parse_message
+from tests.unit.codec.test_endpoint import NAME, cla, encode, ep, loc, random_assignments
+
+
+def split_decode(data: bytes) -> ClusterLoadAssignment:
+    value = eds.decode_cluster_load_assignment(data).value
+    assert isinstance(value, ClusterLoadAssignment)
+    return value
+
+
+def full_decode(data: bytes) -> ClusterLoadAssignment:
+    """The message path (the registered decoder before reuse): one parse of the whole
+    assignment, no cache."""
+    ctx = Ctx("ClusterLoadAssignment")
+    msg = parse_message(endpoint_pb2.ClusterLoadAssignment, data, ctx)
+    if not msg.cluster_name:
+        raise ctx.error("cluster_name", "cluster_name is empty")
+    return eds.decode_load_assignment(msg, ctx.named(msg.cluster_name))
+
+
+def outcome(fn: Any, data: bytes) -> object:
+    try:
+        return fn(data)
+    except ResourceError as exc:
+        return ("error", str(exc), exc.field)
+
+
+def three_zones(port_b: int = 9080) -> bytes:
+    return encode(
+        cla(
+            loc("a", ep("10.0.0.1"), ep("10.0.0.2"), loadBalancingWeight=1),
+            loc("b", ep("10.0.1.1", port_b), metadata_ep(), loadBalancingWeight=1),
+            loc("c", ep("10.0.2.1"), loadBalancingWeight=1),
+        )
+    )
+
+
+def metadata_ep() -> dict[str, Any]:
+    return ep(
+        "10.0.1.2",
+        metadata={"filterMetadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}}},
+        loadBalancingWeight=3,
+    )
+
+
+def test_an_update_reuses_the_localities_that_did_not_change() -> None:
+    eds.clear_locality_cache()
+    first = split_decode(three_zones())
+    second = split_decode(three_zones(port_b=9081))
+    assert second == full_decode(three_zones(port_b=9081))
+    assert second.localities[0] is first.localities[0]
+    assert second.localities[2] is first.localities[2]
+    assert second.localities[1] is not first.localities[1]
+    assert second.localities[1].endpoints[0].address.port == 9081
+    # the same bytes again: every locality is shared
+    third = split_decode(three_zones(port_b=9081))
+    assert all(a is b for a, b in zip(third.localities, second.localities, strict=True))
+
+
+def test_decoded_localities_are_forgotten_with_the_last_snapshot_holding_them() -> None:
+    eds.clear_locality_cache()
+    data = three_zones()
+    value = split_decode(data)
+    assert len(eds._LOCALITY_KEYS) == 3
+    first = value.localities[0]
+    del value
+    gc.collect()
+    # only the locality still referenced stays known
+    assert len(eds._LOCALITY_KEYS) == 1 and len(eds._LOCALITY_CACHE) == 1
+    assert split_decode(data).localities[0] is first
+    del first
+    gc.collect()
+    assert len(eds._LOCALITY_KEYS) == 0 and len(eds._LOCALITY_CACHE) == 0
+
+
+def test_a_cleared_cache_is_refilled_consistently() -> None:
+    eds.clear_locality_cache()
+    data = three_zones()
+    held = [split_decode(data) for _ in range(2)]
+    eds.clear_locality_cache()
+    again = split_decode(data)  # decoded anew: a new object per locality
+    assert again == held[0] and again.localities[0] is not held[0].localities[0]
+    del held
+    gc.collect()  # the old objects' cleanup must not forget the new ones
+    assert split_decode(data).localities[0] is again.localities[0]
+
+
+# Errors whose rule spans localities, with the offending locality taken from the cache.
+CROSS_LOCALITY = [
+    pytest.param(
+        [cla(loc("a", ep("10.0.0.1")))],
+        cla(loc("z", ep("10.0.0.1")), loc("a", ep("10.0.0.1"))),
+        "endpoints[1].lb_endpoints[0].endpoint.address",
+        id="duplicate-address-in-a-cached-locality",
+    ),
+    pytest.param(
+        [cla(loc("a", ep("10.0.0.9"), ep("10.0.0.1")))],
+        cla(loc("z", ep("10.0.0.1")), loc("a", ep("10.0.0.9"), ep("10.0.0.1"))),
+        "endpoints[1].lb_endpoints[1].endpoint.address",
+        id="duplicate-address-later-in-a-cached-locality",
+    ),
+    pytest.param(
+        [
+            cla(
+                loc(
+                    "a",
+                    ep(
+                        "10.0.0.9",
+                        endpoint={
+                            "address": {"socketAddress": {"address": "10.0.0.9", "portValue": 80}},
+                            "additionalAddresses": [
+                                {
+                                    "address": {
+                                        "socketAddress": {"address": "10.0.0.1", "portValue": 80}
+                                    }
+                                }
+                            ],
+                        },
+                    ),
+                )
+            )
+        ],
+        cla(
+            loc("z", ep("10.0.0.1", 80)),
+            loc(
+                "a",
+                ep(
+                    "10.0.0.9",
+                    endpoint={
+                        "address": {"socketAddress": {"address": "10.0.0.9", "portValue": 80}},
+                        "additionalAddresses": [
+                            {"address": {"socketAddress": {"address": "10.0.0.1", "portValue": 80}}}
+                        ],
+                    },
+                ),
+            ),
+        ),
+        "endpoints[1].lb_endpoints[0].endpoint.additional_addresses[0].address",
+        id="duplicate-additional-address-in-a-cached-locality",
+    ),
+    pytest.param(
+        [cla(loc("a", ep("10.0.0.1")))],
+        cla(loc("a", ep("10.0.0.2")), loc("a", ep("10.0.0.1"))),
+        "endpoints[1].locality",
+        id="duplicate-locality",
+    ),
+    pytest.param(
+        [cla(loc("a", ep("10.0.0.1"), loadBalancingWeight=2**32 - 1))],
+        cla(
+            loc("z", ep("10.0.0.2"), loadBalancingWeight=1),
+            loc("a", ep("10.0.0.1"), loadBalancingWeight=2**32 - 1),
+        ),
+        "endpoints[1].load_balancing_weight",
+        id="priority-weight-sum",
+    ),
+    pytest.param(
+        [cla(loc("a", ep("10.0.0.1"), priority=1))],
+        cla(loc("a", ep("10.0.0.1"), priority=1)),
+        "endpoints",
+        id="priorities-not-contiguous",
+    ),
+]
+
+
+@pytest.mark.parametrize(("warm", "data", "field"), CROSS_LOCALITY)
+def test_rules_across_localities_hold_for_reused_localities(
+    warm: list[dict[str, Any]], data: dict[str, Any], field: str
+) -> None:
+    eds.clear_locality_cache()
+    held = []
+    for w in warm:
+        try:
+            held.append(split_decode(encode(w)))
+        except ResourceError:
+            held.append(None)  # the warm-up itself may be invalid (priority 1 alone)
+    raw = encode(data)
+    split = eds._split_field(raw, 2)
+    assert split is not None
+    digests = {hashlib.sha1(r, usedforsecurity=False).digest() for r in split[0]}
+    with pytest.raises(ResourceError) as exc:
+        split_decode(raw)
+    assert exc.value.field == field and exc.value.resource_name == NAME
+    assert outcome(full_decode, raw) == ("error", str(exc.value), field)
+    if any(h is not None for h in held):
+        assert digests & set(eds._LOCALITY_KEYS), "the test must exercise a reused locality"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (three_zones()[:-3], "cannot parse"),  # truncated inside a locality
+        (b"\x12\xff\xff\xff\xff\x0f", "cannot parse"),  # a length past the end
+        (b"\x0b\x0c", "cluster_name is empty"),  # a group: left to the full parser
+        (encode(cla(loc("a", ep("10.0.0.1")))) + b"\x12\x02\x08", "cannot parse"),
+    ],
+)
+def test_malformed_bytes_give_the_full_parsers_error(data: bytes, expected: str) -> None:
+    got = outcome(split_decode, data)
+    assert got == outcome(full_decode, data)
+    assert isinstance(got, tuple) and expected in got[1]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_assignments(), random_assignments())
+def test_reuse_gives_the_full_decoders_result(
+    before: dict[str, Any], after: dict[str, Any]
+) -> None:
+    held = outcome(split_decode, encode(before))  # may fill the cache
+    # share some localities between the two, in another order
+    mixed = cla(*after["endpoints"], *before["endpoints"][:2])
+    for data in (encode(after), encode(mixed), encode(before)):
+        assert outcome(split_decode, data) == outcome(full_decode, data)
+    del held
