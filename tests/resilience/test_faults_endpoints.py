@@ -151,6 +151,9 @@ def test_bad_endpoint_under_load(
     note = f"{took:.0f} s; bad endpoint ejected: {ejected}"
     if bad_served is not None:
         note += f"; it saw {bad_served} requests in all"
+    if errors:
+        kinds = collections.Counter(e.split(" ")[0].split("(")[0] for e in errors)
+        note += "; errors: " + ", ".join(f"{n} x {k}" for k, n in kinds.most_common(3))
     record(
         {
             "killed": "endpoint killed mid-traffic",
@@ -244,7 +247,7 @@ def test_all_endpoints_gone_then_one_returns(
         requests=sent,
         failed=failed,
         note=(
-            f"503 no healthy upstream in <{slowest * 1000:.0f} ms; "
+            f"503 no healthy upstream in <{slowest * 1000:.1f} ms; "
             f"recovered {recovered_after:.2f} s after the push"
         ),
     )
