@@ -5,12 +5,16 @@ Adapters call it at two points per request (a start and a finish), through the
 OpenTelemetry. One ``Telemetry`` per process (:func:`install` / :func:`current`); when none
 is installed, adapters skip telemetry entirely (one global read per request).
 
-Cost on the hot path (see ``bench/telemetry_bench.py``): labels are memoized per
-``(protocol, status, flags, cluster, endpoint)`` key, the metrics table is a dict of
-counters (see :mod:`pymesh.telemetry._metrics`), and an unsampled request makes no
-OpenTelemetry span at all: the sampling decision (parent's flag, else ``trace_sampling``
-percent) is taken here, and the trace context is still propagated with the sampled flag
-off, so downstream services agree.
+Cost on the hot path (see ``bench/telemetry_bench.py`` and ``docs/metrics.md``): the label
+set is built once per ``(protocol, status, flags, cluster, endpoint metadata or exchanged
+peer, mTLS)`` and memoized with its pre-bound metric series (see
+:mod:`pymesh.telemetry._metrics`); an unsampled request makes no OpenTelemetry span at all:
+the sampling decision (parent's flag, else ``trace_sampling`` percent) is taken here, and
+the trace context is still propagated with the sampled flag off, so downstream services
+agree; an access log line is built only when it is written; the httpx request's URL is
+read only when a span or a line needs it, and telemetry's request headers go onto the
+upstream request (:meth:`ClientCall.outbound`), not into the application's request object.
+Peer metadata exchange (Istio's ``x-envoy-peer-metadata``): :mod:`pymesh.telemetry._peer`.
 """
 
 from __future__ import annotations
@@ -27,19 +31,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    InMemoryMetricReader,
-    Metric,
-    MetricExporter,
-    MetricsData,
-    ResourceMetrics,
-    ScopeMetrics,
-)
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
@@ -63,7 +54,9 @@ from pymesh.telemetry._labels import (
 from pymesh.telemetry._metrics import RequestMetrics, _Series, render_prometheus
 from pymesh.telemetry._peer import PeerDecoder, exchange_baggage, exchange_headers
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported when a Telemetry is built
+    from opentelemetry.sdk.metrics.export import Metric, MetricExporter, MetricsData
+
     from pymesh.bootstrap import Node
     from pymesh.core.flow import CallResult
     from pymesh.core.runtime import MeshRuntime
@@ -175,6 +168,12 @@ class Telemetry:
         self._trace_ratio = trace_sampling / 100.0
         self.propagation = formats
         self._rng = rng or random.Random()
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
         if tracer_provider is None:
             # Spans reach this provider only once *we* sampled them: the SDK must not re-sample.
             tracer_provider = TracerProvider(sampler=ALWAYS_ON)
@@ -642,6 +641,9 @@ class Telemetry:
 
     def metrics_data(self) -> MetricsData:
         """:meth:`collect` wrapped as the SDK's ``MetricsData`` (what exporters take)."""
+        from opentelemetry.sdk.metrics.export import MetricsData, ResourceMetrics, ScopeMetrics
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
         scope = ScopeMetrics(InstrumentationScope("pymesh"), self.collect(), "")
         return MetricsData([ResourceMetrics(self._resource, [scope], "")])
 
