@@ -19,19 +19,12 @@ import bisect
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
-
-from opentelemetry.sdk.metrics.export import (
-    AggregationTemporality,
-    Gauge,
-    Histogram,
-    HistogramDataPoint,
-    Metric,
-    NumberDataPoint,
-    Sum,
-)
+from typing import TYPE_CHECKING, Any
 
 from pymesh.telemetry._labels import LABEL_NAMES
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported when metrics are exported or rendered
+    from opentelemetry.sdk.metrics.export import Metric
 
 __all__ = [
     "BYTES_BUCKETS",
@@ -162,6 +155,15 @@ class RequestMetrics:
 
     def otel_metrics(self) -> list[Metric]:
         """The table as OpenTelemetry cumulative points (for OTLP and any SDK exporter)."""
+        from opentelemetry.sdk.metrics.export import (
+            AggregationTemporality,
+            Histogram,
+            HistogramDataPoint,
+            Metric,
+            NumberDataPoint,
+            Sum,
+        )
+
         now = time.time_ns()
         start = self._start_ns
         rows = self.snapshot()
@@ -249,6 +251,8 @@ def render_prometheus(metrics: Iterable[Metric]) -> str:
     non-monotonic sums are gauges, histograms get ``_bucket`` (cumulative, with ``le``),
     ``_sum`` and ``_count``. Names are used as given (Istio's are already Prometheus names).
     """
+    from opentelemetry.sdk.metrics.export import Gauge, Histogram, Sum
+
     out: list[str] = []
     for metric in metrics:
         data = metric.data
