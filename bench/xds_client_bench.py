@@ -11,7 +11,12 @@ Uses the real ``XdsClient`` (real decoders, SotW) against ``tests/xdsserver.py``
 2. ``--watches`` EDS resources watched in one serializer task: time until every watcher
    has its value, and the number of requests that took;
 3. then 50 pushes that each change one of them (the server resends all ``--watches``, as a
-   SotW server does): total time until the last change reached its watcher.
+   SotW server does): total time until the last change reached its watcher;
+4. the whole client stack: a target (LDS, RDS, CDS) whose cluster has ``--endpoints``
+   Istio-shaped endpoints over 10 zones (``decode_bench.build_cla``) followed by a
+   ``MeshRuntime``; each round moves one endpoint of another zone and times the push until
+   the runtime's hosts hold it (decode, dependency manager, snapshot, hosts and load
+   balancer rebuilt), with the work thread's CPU per update by stage.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,9 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from envoy.config.endpoint.v3 import endpoint_pb2
 
+from bench import decode_bench
+from pymesh.core import runtime as core_runtime
+from pymesh.core.runtime import MeshRuntime
+from pymesh.xds import client as xds_client
 from pymesh.xds.client import XdsClient
 from pymesh.xds.resource_types import ResourceType
-from tests.xdsserver import EDS, WatchRecorder, XdsTestServer
+from tests.integration.xds.test_snapshots import (
+    RDS_NAME,
+    TARGET,
+    cluster_proto,
+    listener_proto,
+    route_proto,
+)
+from tests.xdsserver import CDS, EDS, LDS, RDS, WatchRecorder, XdsTestServer
 
 CLA = ResourceType.CLUSTER_LOAD_ASSIGNMENT
 
@@ -107,6 +124,93 @@ def main() -> None:
                 r.wait_for(lambda e: e[0] == "changed" and port_of(e) == 81, timeout=120)
             elapsed = (time.perf_counter() - start) * 1000
             print(f"50 pushes of all {args.watches} (one changed each): {elapsed:.0f} ms")
+
+    full_stack(args.endpoints, max(args.rounds, 5))
+
+
+class _StageTimer:
+    """Work-thread CPU (``time.thread_time``) of named functions, per call."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = {}
+        self._undo: list[tuple[object, str, object]] = []
+
+    def wrap(self, owner: object, attr: str, label: str) -> None:
+        original = getattr(owner, attr)
+        samples = self.samples.setdefault(label, [])
+
+        def timed(*args: object, **kwargs: object) -> object:
+            start = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                samples.append((time.thread_time() - start) * 1000)
+
+        self._undo.append((owner, attr, original))
+        setattr(owner, attr, timed)
+
+    def restore(self) -> None:
+        for owner, attr, original in reversed(self._undo):
+            setattr(owner, attr, original)
+
+
+def full_stack(endpoints: int, rounds: int) -> None:
+    name = "outbound|9080||reviews.default.svc.cluster.local"
+    cla_msg = endpoint_pb2.ClusterLoadAssignment.FromString(decode_bench.build_cla(endpoints))
+    cla_msg.cluster_name = name
+    stages = _StageTimer()
+    stages.wrap(xds_client.XdsClient, "_on_response", "response task (all below)")
+    stages.wrap(core_runtime.MeshRuntime, "on_target_state", "runtime update")
+    stages.wrap(core_runtime, "build_hosts", "  build_hosts")
+    stages.wrap(core_runtime, "build_load_balancer", "  build_load_balancer")
+    try:
+        with XdsTestServer() as server:
+            server.set_resources(LDS, {TARGET: listener_proto()})
+            server.set_resources(RDS, {RDS_NAME: route_proto((name, 1))})
+            server.set_resources(CDS, {name: cluster_proto(name)})
+            server.set_resources(EDS, {name: cla_msg.SerializeToString()})
+            with XdsClient(server.bootstrap()) as client:
+                runtime = MeshRuntime.for_client(client)
+                handle = runtime.watch(TARGET)
+                handle.wait_ready(120)
+                arrived = threading.Event()
+                wanted = [""]
+
+                def on_state(state: object) -> None:
+                    cluster = runtime.clusters().get(name)
+                    if cluster is not None and wanted[0] in cluster.hosts:
+                        arrived.set()
+
+                cancel = handle.subscribe(on_state)
+                for label in stages.samples:
+                    stages.samples[label].clear()
+                pushes = []
+                zones = len(cla_msg.endpoints)
+                for r in range(rounds):
+                    msg = endpoint_pb2.ClusterLoadAssignment()
+                    msg.CopyFrom(cla_msg)
+                    sa = msg.endpoints[r % zones].lb_endpoints[0].endpoint.address.socket_address
+                    sa.port_value = 20000 + r
+                    wanted[0] = f"{sa.address}:{sa.port_value}"
+                    data = msg.SerializeToString()
+                    arrived.clear()
+                    start = time.perf_counter()
+                    server.set_resources(EDS, {name: data})
+                    if not arrived.wait(120):
+                        raise RuntimeError("the update never reached the runtime")
+                    pushes.append((time.perf_counter() - start) * 1000)
+                cancel()
+                runtime.unwatch(TARGET)
+    finally:
+        stages.restore()
+    print(
+        f"full stack, {endpoints} endpoints over 10 zones, one moved per round: push to "
+        f"runtime hosts+LB median {statistics.median(pushes):.0f} ms "
+        f"(min {min(pushes):.0f}, max {max(pushes):.0f})"
+    )
+    for label, samples in stages.samples.items():
+        if samples:
+            print(f"  work-thread CPU, {label}: median {statistics.median(samples):.1f} ms")
 
 
 if __name__ == "__main__":

@@ -440,11 +440,12 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
     raise ValueError("varint too long")
 
 
-def _split_field(data: bytes, field: int) -> tuple[list[bytes], bytes] | None:
+def _split_field(data: bytes, field: int) -> tuple[list[memoryview], bytes] | None:
     """Top-level records of ``field`` (length-delimited) and the other records' bytes, in
     order; ``None`` when the bytes are not well formed (the full parser reports why)."""
-    items: list[bytes] = []
+    items: list[memoryview] = []  # views: the records are not copied
     rest: list[bytes] = []
+    view = memoryview(data)
     pos = 0
     n = len(data)
     try:
@@ -463,7 +464,7 @@ def _split_field(data: bytes, field: int) -> tuple[list[bytes], bytes] | None:
                 body = pos
                 pos += length
                 if pos <= n and tag >> 3 == field:
-                    items.append(data[body:pos])
+                    items.append(view[body:pos])
                     continue
             elif wire == 5:
                 pos += 4
