@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -42,13 +43,17 @@ def test_upstream_closing_keep_alive_connections_costs_no_error_and_no_mesh_retr
     mesh: Mesh, raw_upstream: Callable[..., RawServer]
 ) -> None:
     received: list[bytes] = []
+    closed = threading.Semaphore(0)
 
     def script(sock: socket.socket, index: int) -> None:
         req = read_request(sock)  # one request per connection, then close (no warning)
         received.append(req)
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        time.sleep(0.01)
+        sock.shutdown(socket.SHUT_RDWR)
+        closed.release()
 
+    # The client sends its next request once the server has closed (a close racing with a
+    # request is a reset for the retry policy, as with Envoy: not what this test is about).
     server = raw_upstream(script)
     mesh.write(service_yaml({"v1": server.port}))
     mesh.start()
@@ -57,7 +62,8 @@ def test_upstream_closing_keep_alive_connections_costs_no_error_and_no_mesh_retr
             r = client.get(URL + "/")
             assert (r.status_code, r.text) == (200, "ok")
             assert r.extensions[pymesh.httpx.RESULT_EXTENSION].attempts == 1
-            time.sleep(0.02)
+            assert closed.acquire(timeout=10)
+            time.sleep(0.02)  # the FIN reaches us (loopback)
 
     async def run() -> None:
         async with pymesh.httpx.AsyncClient(xds_client=mesh.client, mesh_wait=10) as client:
@@ -65,7 +71,8 @@ def test_upstream_closing_keep_alive_connections_costs_no_error_and_no_mesh_retr
                 r = await client.get(URL + "/")
                 assert (r.status_code, r.text) == (200, "ok")
                 assert r.extensions[pymesh.httpx.RESULT_EXTENSION].attempts == 1
-                await asyncio.sleep(0.02)
+                assert closed.acquire(timeout=10)
+                await asyncio.sleep(0.02)  # the loop sees the FIN
 
     asyncio.run(run())
     assert len(received) == 20  # each request reached the upstream exactly once
