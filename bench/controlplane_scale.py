@@ -229,7 +229,7 @@ def main() -> int:
         if not parent.poll(600) or parent.recv() != "ready":
             raise SystemExit("clients did not get their initial config")
         connect_seconds = time.perf_counter() - t_connect
-        watching = plane.call(lambda: plane.hub.watching)
+        watching = plane.call(lambda: getattr(plane.hub, "watching", "polling"))
 
         def concerns(client: int, service: int) -> bool:
             """Whether a change to ``service`` reaches ``client`` (see ``_clients``)."""
