@@ -4,8 +4,11 @@ snapshot holds them."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gc
 import hashlib
+import pickle
 from typing import Any
 
 import pytest
@@ -13,6 +16,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from hypothesis import HealthCheck, given, settings
 
 from pymesh.errors import ResourceError
+from pymesh.model.common import Locality
 from pymesh.model.endpoint import ClusterLoadAssignment
 from pymesh.xds.codec import endpoint as eds
 from pymesh.xds.codec._common import Ctx, parse_message
@@ -228,3 +232,15 @@ def test_reuse_gives_the_full_decoders_result(
     for data in (encode(after), encode(mixed), encode(before)):
         assert outcome(split_decode, data) == outcome(full_decode, data)
     del held
+
+
+def test_locality_hash_is_cached_and_survives_copies() -> None:
+    a = Locality("us-central1", "us-central1-a")
+    b = Locality("us-central1", "us-central1-a", "")
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert a != Locality("us-central1", "us-central1-b")
+    for copied in (pickle.loads(pickle.dumps(a)), copy.deepcopy(a), copy.copy(a)):
+        assert copied == a and hash(copied) == hash(a)
+    moved = dataclasses.replace(a, zone="us-central1-c")
+    assert hash(moved) == hash(Locality("us-central1", "us-central1-c"))
+    assert repr(a) == "Locality(region='us-central1', zone='us-central1-a', sub_zone='')"
