@@ -12,7 +12,8 @@ import pickle
 from typing import Any
 
 import pytest
-from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, given, settings
 
 from pymesh.errors import ResourceError
@@ -21,6 +22,17 @@ from pymesh.model.endpoint import ClusterLoadAssignment
 from pymesh.xds.codec import endpoint as eds
 from pymesh.xds.codec._common import Ctx, parse_message
 from tests.unit.codec.test_endpoint import NAME, cla, encode, ep, loc, random_assignments
+
+
+@pytest.fixture(autouse=True)
+def reuse_small_localities(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' localities are small: reuse them all (the size floor has its own test)."""
+    monkeypatch.setattr(eds, "REUSE_MIN_BYTES", 0)
+
+
+def canonical_digest(record: bytes | memoryview) -> bytes:
+    proto = endpoint_components_pb2.LocalityLbEndpoints.FromString(record)
+    return hashlib.sha1(proto.SerializeToString(deterministic=True)).digest()
 
 
 def split_decode(data: bytes) -> ClusterLoadAssignment:
@@ -197,7 +209,7 @@ def test_rules_across_localities_hold_for_reused_localities(
     raw = encode(data)
     split = eds._split_field(raw, 2)
     assert split is not None
-    digests = {hashlib.sha1(r, usedforsecurity=False).digest() for r in split[0]}
+    digests = {canonical_digest(r) for r in split[0]}
     with pytest.raises(ResourceError) as exc:
         split_decode(raw)
     assert exc.value.field == field and exc.value.resource_name == NAME
@@ -244,3 +256,71 @@ def test_locality_hash_is_cached_and_survives_copies() -> None:
     moved = dataclasses.replace(a, zone="us-central1-c")
     assert hash(moved) == hash(Locality("us-central1", "us-central1-c"))
     assert repr(a) == "Locality(region='us-central1', zone='us-central1-a', sub_zone='')"
+
+
+def test_small_localities_are_decoded_again_and_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    eds.clear_locality_cache()
+    data = encode(cla(loc("a", ep("10.0.9.1")), loc("b", *BIG)))
+    split = eds._split_field(data, 2)
+    assert split is not None
+    small, big = (len(r) for r in split[0])
+    monkeypatch.setattr(eds, "REUSE_MIN_BYTES", big)
+    assert small < big
+    first = split_decode(data)
+    second = split_decode(data)
+    assert second == first == full_decode(data)
+    assert second.localities[0] is not first.localities[0]  # small: decoded again
+    assert second.localities[1] is first.localities[1]  # large enough: reused
+    assert len(eds._LOCALITY_KEYS) == 1
+
+
+BIG = [ep(f"10.1.0.{i}") for i in range(1, 40)]
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited record of field ``number``."""
+    n = len(payload)
+    length = b""
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            length += bytes([byte | 0x80])
+        else:
+            length += bytes([byte])
+            break
+    return bytes([number << 3 | 2]) + length + payload
+
+
+def _metadata_entry(key: str, value: str) -> bytes:
+    struct = struct_pb2.Struct()
+    struct.update({"k": value})
+    entry = _field(1, key.encode()) + _field(2, struct.SerializeToString())
+    return _field(1, entry)  # Metadata.filter_metadata map entry
+
+
+def _assignment(order: tuple[str, str]) -> bytes:
+    """An assignment whose endpoints' metadata map entries come in the wire order given."""
+    entries = {"istio": _metadata_entry("istio", "w"), "envoy.lb": _metadata_entry("envoy.lb", "x")}
+    metadata = b"".join(entries[k] for k in order)
+    endpoints = b""
+    for i in range(1, 40):
+        ep_bytes = endpoint_components_pb2.LbEndpoint(
+            endpoint={"address": {"socket_address": {"address": f"10.3.0.{i}", "port_value": 80}}}
+        ).SerializeToString()
+        endpoints += _field(2, ep_bytes + _field(3, metadata))  # lb_endpoints, .metadata
+    locality = endpoint_components_pb2.LocalityLbEndpoints(
+        locality={"zone": "a"}
+    ).SerializeToString()
+    return _field(1, NAME.encode()) + _field(2, locality + endpoints)
+
+
+def test_map_entries_in_another_order_still_reuse_the_locality() -> None:
+    eds.clear_locality_cache()
+    one, other = _assignment(("istio", "envoy.lb")), _assignment(("envoy.lb", "istio"))
+    assert one != other  # the same content, other bytes
+    first = split_decode(one)
+    second = split_decode(other)
+    assert second.localities[0] is first.localities[0]
+    assert second == full_decode(other) == full_decode(one)
+    assert set(first.localities[0].endpoints[0].metadata) == {"istio", "envoy.lb"}
