@@ -550,11 +550,16 @@ class Hub:
                 conn.closed = True
                 continue
             try:
+                sent_clusters = False
                 for type_url in types:
-                    if not self._may_change(conn, type_url, changed[type_url]):
+                    # After clusters went out, their endpoints are always looked at: a delta
+                    # stream's re-created clusters wait for them (see _stream.py).
+                    follows = type_url == PUSH_ORDER[1] and sent_clusters
+                    if not follows and not self._may_change(conn, type_url, changed[type_url]):
                         continue
                     resp = conn.stream.respond(type_url, self._resources(conn, type_url), version)
                     if resp is not None:
+                        sent_clusters |= type_url == PUSH_ORDER[0]
                         conn.queue.put_nowait(self._encode(conn, resp))
             except Exception as exc:
                 log.exception("push to %s failed; closing its stream", conn.node_id)
