@@ -928,4 +928,15 @@ class _AsyncBody:
         self._abort()
 
     def __del__(self) -> None:
-        self._abort()
+        # Dropped unread: give the slot back; close the connection on its own loop (the
+        # garbage collector may run this in any thread).
+        pool = self._pool
+        if pool is not None:
+            self._pool = None
+            pool._active -= 1
+            conn = self._conn
+            conn.lost = True
+            try:
+                conn.loop.call_soon_threadsafe(conn.close)
+            except RuntimeError:
+                pass  # the loop is closed: its transports are gone with it

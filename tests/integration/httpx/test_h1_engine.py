@@ -746,3 +746,30 @@ def test_async_transport_keeps_httpcore_without_an_asyncio_loop() -> None:
     assert isinstance(on_asyncio, AsyncPool)
     assert isinstance(h2_pool, httpcore.AsyncConnectionPool)
     assert on_asyncio.keepalive_expiry == 60.0
+
+
+def test_async_body_dropped_unread_frees_its_slot(raw: Any) -> None:
+    import gc
+
+    def script(sock: socket.socket, index: int) -> None:
+        while read_request(sock):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+            time.sleep(0.3)
+
+    server = raw(script=script)
+
+    async def main() -> tuple[bool, bool, int]:
+        pool = AsyncPool("127.0.0.1", server.port)
+        request = httpcore.Request(b"GET", f"http://127.0.0.1:{server.port}/")
+        response = await pool.handle_async_request(request)  # the body is still arriving
+        busy = not pool.is_idle()
+        del response
+        gc.collect()
+        await asyncio.sleep(0.05)  # the close scheduled on the loop runs
+        idle = pool.is_idle()
+        count = pool.idle_count()
+        await pool.aclose()
+        return busy, idle, count
+
+    busy, idle, count = asyncio.run(main())
+    assert busy and idle and count == 0
