@@ -307,8 +307,9 @@ class _Assembler:
         localities = self.localities
         if localities:
             present = {loc.priority for loc in localities}
-            missing = sorted(set(range(max(present) + 1)) - present)
-            if missing:
+            if max(present) >= len(present):  # not 0..n-1; a gap is below len(present)
+                # bounded: one locality at priority 2^32-1 must not list 4e9 gaps
+                missing = [p for p in range(len(present)) if p not in present][:10]
                 msg = f"priorities must be contiguous from 0; missing {missing}"
                 raise self.ctx.error(self.ep_path, msg)
         return _finish(cla, self.ctx, path, tuple(localities))
