@@ -16,6 +16,7 @@ import copy
 import json
 import os
 import random
+import resource
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +34,7 @@ from pymesh.controlplane.config import load_config
 from pymesh.core.hashing import request_hash
 from pymesh.core.routing import choose_cluster, rewrite_request, route_request
 from pymesh.core.types import Headers, RequestInfo
-from pymesh.errors import PymeshError
+from pymesh.errors import PymeshError, ResourceError
 from pymesh.model.route import RouteAction, RouteConfiguration
 from pymesh.security import CertificateBundle, build_csr, generate_key, verify_token
 from pymesh.security._ca_proto import decode_request
@@ -86,6 +87,24 @@ class Counter:
 @pytest.fixture
 def counter() -> Iterator[Counter]:
     yield Counter()
+
+
+@pytest.fixture(autouse=True)
+def memory_cap() -> Iterator[None]:
+    """An input that makes a decoder allocate without bound fails here with MemoryError
+    (not a documented error) instead of taking the machine down: the address space may grow
+    by 3 GiB at most while a fuzz test runs."""
+    vm = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("VmSize:")
+    )
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (3 << 30), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def _chooser(data: st.DataObject) -> Callable[[int], int]:
@@ -550,3 +569,24 @@ def test_routing_headers(counter: Counter, record: Any) -> None:
         cases=counter.cases,
         note=counter.note(),
     )
+
+
+@pytest.mark.parametrize("priority", [2, 2**16, 2**31 - 1, 2**32 - 1])
+def test_eds_sparse_priority_is_refused_cheaply(priority: int, record: Any) -> None:
+    """Found by the hostile-field fuzzer: one locality at priority 2^32-1 made the EDS
+    decoder build the set of every missing priority (out of memory)."""
+    from tests.resilience._xds_driver import cla
+
+    msg = cla(8080, extra=2)
+    msg.endpoints[1].priority = priority
+    raw = msg.SerializeToString()
+    start = time.perf_counter()
+    with pytest.raises(ResourceError, match="contiguous"):
+        decode_resource(ResourceType.CLUSTER_LOAD_ASSIGNMENT.type_url, raw)
+    took = time.perf_counter() - start
+    record(
+        f"EDS locality at priority {priority:,} (gap)",
+        cases=1,
+        note=f"refused in {took * 1000:.1f} ms",
+    )
+    assert took < 0.5
