@@ -58,7 +58,7 @@ from typing import Any
 import httpcore
 import httptools
 
-__all__ = ["AsyncPool", "SyncPool"]
+__all__ = ["AsyncPool", "Done", "SyncPool"]
 
 _READ_SIZE = 65536
 _MAX_IDLE = 256  # idle keep-alive connections kept per endpoint
@@ -237,6 +237,23 @@ class _Message:
         return response
 
 
+class _Chunks:
+    """An async iterator over a list (no async generator: cheaper per response)."""
+
+    __slots__ = ("_chunks",)
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = iter(chunks)
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        for chunk in self._chunks:
+            return chunk
+        raise StopAsyncIteration
+
+
 def _wants_close(headers: list[tuple[bytes, bytes]]) -> bool:
     for name, value in headers:
         if len(name) == 10 and name.lower() == b"connection" and b"close" in value.lower():
@@ -244,20 +261,20 @@ def _wants_close(headers: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-class _Done:
-    """The body of a response that was complete when its head was read."""
+class Done:
+    """The body of a response that was complete when its head was read (nothing can fail
+    while it is read: the transport hands its chunks over without an error wrapper)."""
 
-    __slots__ = ("_chunks",)
+    __slots__ = ("chunks",)
 
     def __init__(self, chunks: list[bytes]) -> None:
-        self._chunks = chunks
+        self.chunks = chunks
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._chunks)
+        return iter(self.chunks)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self._chunks:
-            yield chunk
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _Chunks(self.chunks)
 
     def close(self) -> None:
         pass
@@ -505,7 +522,7 @@ class SyncPool:
             raise
         if msg.complete:
             self._release(conn, msg.keep_alive(out.close))
-            return msg.response(_Done(msg.take()), conn)
+            return msg.response(Done(msg.take()), conn)
         return msg.response(_SyncBody(self, conn, msg, out.close), conn)
 
 
@@ -838,7 +855,7 @@ class AsyncPool:
             raise
         if msg.complete:
             self._release(conn, msg.keep_alive(out.close))
-            return msg.response(_Done(msg.take()), conn)
+            return msg.response(Done(msg.take()), conn)
         return msg.response(_AsyncBody(self, conn, msg, out.close, timeouts.get("read")), conn)
 
     @staticmethod

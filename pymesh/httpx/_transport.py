@@ -63,7 +63,7 @@ from pymesh.errors import (
     UpstreamOverflowError,
     UpstreamTimeoutError,
 )
-from pymesh.httpx._h1 import AsyncPool, SyncPool
+from pymesh.httpx._h1 import AsyncPool, Done, SyncPool
 from pymesh.httpx._targets import MeshTarget, TargetResolver, Verdict
 from pymesh.httpx._tls import UpstreamTls, endpoint_tls
 from pymesh.model.cluster import UpstreamProtocol
@@ -665,6 +665,12 @@ class _SyncStream(httpx.SyncByteStream):
         self._release = release
 
     def __iter__(self) -> Iterator[bytes]:
+        stream = self._stream
+        if type(stream) is Done:
+            return iter(stream.chunks)  # read already: nothing to translate
+        return self._translated()
+
+    def _translated(self) -> Iterator[bytes]:
         try:
             yield from self._stream
         except Exception as exc:
@@ -688,7 +694,13 @@ class _AsyncStream(httpx.AsyncByteStream):
         self._stream = stream
         self._release = release
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        stream = self._stream
+        if type(stream) is Done:
+            return stream.__aiter__()  # read already: nothing to translate
+        return self._translated()
+
+    async def _translated(self) -> AsyncIterator[bytes]:
         try:
             async for part in self._stream:
                 yield part
