@@ -9,9 +9,12 @@ configures servers in a subprocess (their CPU is not the client's) and clients h
   service with PeerAuthentication DISABLE + DestinationRule DISABLE (``plain``) and one with
   STRICT + ISTIO_MUTUAL (``mtls``: the client verifies the server's SPIFFE SAN);
 - gRPC: ``pymesh.grpc`` channel -> ``pymesh.grpc`` server, DISABLE (``plain``) vs STRICT +
-  ISTIO_MUTUAL (``mtls``: ``MeshChannelCredentials``, grpcio -> private tunnel -> TLS; the
-  server terminates TLS in grpcio), and the PERMISSIVE front (``add_permissive_port``): a
-  plaintext client through the front (``front-plain``) and an mTLS one (``front-mtls``).
+  ISTIO_MUTUAL with ``MeshChannelCredentials``: ``mtls`` (the default, ``native="auto"``:
+  the server's certificate is pymesh-issued, so grpcio's own TLS checks the DNS name the CA
+  derives from the SPIFFE ID) and ``mtls-tunnel`` (``native="off"``: grpcio -> private
+  tunnel -> TLS with the URI SAN check); the server terminates TLS in grpcio; and the
+  PERMISSIVE front (``add_permissive_port``): a plaintext client through the front
+  (``front-plain``) and an mTLS one (``front-mtls``, native).
 
 Steady state: sequential requests on pooled connections, rounds interleaved (plain, mtls,
 ..., plain, ...) so machine noise hits every arm alike; per arm the median over rounds of the
@@ -341,7 +344,8 @@ def main() -> None:
         xds_address=cp.address, namespace="default", labels={"app": "bench"}, cert_dir=client_certs
     )
     xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
-    creds = MeshChannelCredentials(bootstrap=xds.bootstrap)
+    creds = MeshChannelCredentials(bootstrap=xds.bootstrap)  # native where it can be
+    tunnel_creds = MeshChannelCredentials(bootstrap=xds.bootstrap, native="off")
     closers: list[Callable[[], Any]] = []
     try:
         print(
@@ -379,6 +383,9 @@ def main() -> None:
         channels = {
             "plain": pymesh.grpc.insecure_channel(target.format("gp"), xds_client=xds),
             "mtls": pymesh.grpc.secure_channel(target.format("gm"), creds, xds_client=xds),
+            "mtls-tunnel": pymesh.grpc.secure_channel(
+                target.format("gm"), tunnel_creds, xds_client=xds
+            ),
             "front-plain": pymesh.grpc.insecure_channel(target.format("gx"), xds_client=xds),
             "front-mtls": pymesh.grpc.secure_channel(target.format("gy"), creds, xds_client=xds),
         }
@@ -393,6 +400,9 @@ def main() -> None:
             args.requests,
         )
         report("gRPC steady state: pymesh.grpc channel -> pymesh.grpc server", res, "plain")
+        print(
+            f"  paths: mtls/front-mtls {dict(creds.stats)}; mtls-tunnel {dict(tunnel_creds.stats)}"
+        )
 
         # ---- grpcio level: what the tunnel costs next to grpcio's own TLS
         from pymesh.model.matcher import StringMatcher
@@ -408,6 +418,7 @@ def main() -> None:
         direct = MeshChannelCredentials(
             client_provider,
             expected_sans=[StringMatcher.exact("spiffe://cluster.local/ns/default/sa/echo")],
+            native="off",
         )
         closers.append(direct.close)
         opts = [("grpc.use_local_subchannel_pool", 1)]
@@ -436,23 +447,42 @@ def main() -> None:
         )
 
         endpoint_plain = f"127.0.0.1:{ports['gp']}"
-        # the tunnel the mTLS channel opened (CDS TLS settings): a new connection per call
-        tunnel = next(t for t in creds.tunnels if t.endpoint[1] == ports["gm"])
+        # the tunnel the mTLS-tunnel channel opened (CDS TLS settings): a new connection
+        # per call; and a new grpcio TLS channel per call (the native path)
+        tunnel = next(t for t in tunnel_creds.tunnels if t.endpoint[1] == ports["gm"])
+        from pymesh.security._native import native_channel
+        from pymesh.security._spiffe import spiffe_dns_name
+
+        echo_dns = spiffe_dns_name("spiffe://cluster.local/ns/default/sa/echo")
+        endpoint_mtls = f"127.0.0.1:{ports['gm']}"
 
         def fresh(target: str) -> None:
             with grpc.insecure_channel(target, [("grpc.use_local_subchannel_pool", 1)]) as ch:
                 ch.unary_unary("/echo.Echo/Who")(b"x", timeout=10)
 
+        def fresh_native() -> None:
+            with native_channel(
+                endpoint_mtls,
+                client_provider.current(),
+                echo_dns,
+                [("grpc.use_local_subchannel_pool", 1)],
+                None,
+            ) as ch:
+                ch.unary_unary("/echo.Echo/Who")(b"x", timeout=10)
+
         res = run_rounds(
             {
                 "plain": lambda: fresh(endpoint_plain),
-                "mtls": lambda: fresh(tunnel.target),
+                "mtls-native": fresh_native,
+                "mtls-tunnel": lambda: fresh(tunnel.target),
             },
             3,
             args.handshakes,
         )
         report(
-            "gRPC new connection per call (grpcio channel to the endpoint / tunnel)", res, "plain"
+            "gRPC new connection per call (grpcio channel to the endpoint, grpcio TLS / tunnel)",
+            res,
+            "plain",
         )
         # last: grpc.aio binds grpcio to this event loop
         loop = asyncio.new_event_loop()  # left open: grpcio's aio poller outlives the run
@@ -472,6 +502,7 @@ def main() -> None:
         for close in closers:
             close()
         creds.close()
+        tunnel_creds.close()
         xds.close()
         server.stdin.close()
         server.wait(20)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -30,14 +31,22 @@ import grpc
 import grpc.aio
 
 from pymesh.errors import PymeshError
-from pymesh.model.matcher import StringMatcher
+from pymesh.model.matcher import MatchKind, StringMatcher
 from pymesh.model.tls import CertificateProviderInstance, SanType, UpstreamTlsContext
 from pymesh.security._forward import TlsTunnel
+from pymesh.security._native import (
+    PROBE_TIMEOUT,
+    EndpointChannel,
+    ProbeResult,
+    probe,
+    reprobe_later,
+)
 from pymesh.security._providers import (
     CertificateBundle,
     CertificateProvider,
     FileWatcherProvider,
 )
+from pymesh.security._spiffe import spiffe_dns_name
 from pymesh.security._tls import MeshSSLContext, client_ssl_context
 
 _log = logging.getLogger("pymesh.security")
@@ -162,7 +171,10 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
         trust_domains: Iterable[str] | None = None,
         bootstrap: Any = None,
         always_tls: bool = False,
+        native: str = "auto",
     ) -> None:
+        if native not in ("auto", "off", "always"):
+            raise ValueError(f"native must be 'auto', 'off' or 'always', not {native!r}")
         # Used only if these credentials reach plain grpcio (grpc.secure_channel): TLS with
         # the system roots and a host name check, which fails closed for mesh certificates.
         super().__init__(grpc.ssl_channel_credentials()._credentials)  # type: ignore[call-arg,attr-defined]
@@ -171,6 +183,9 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
         self._domains = None if trust_domains is None else tuple(trust_domains)
         self._bootstrap = bootstrap
         self._always_tls = always_tls
+        self._native = native
+        self.stats: Counter[str] = Counter()
+        self._endpoint_channels: list[EndpointChannel] = []
         self._lock = threading.Lock()
         self._contexts: dict[Any, MeshSSLContext] = {}
         self._providers: dict[str, CertificateProvider] = {}
@@ -183,9 +198,68 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
         self, key: str, options: Sequence[tuple[str, Any]], compression: Any, mesh: Any
     ) -> grpc.Channel:
         """The grpcio channel for endpoint ``key`` (``HOST:PORT``) of a sync mesh channel
-        (``mesh``: its target state; ``None``: not from xDS, use the explicit settings)."""
-        target = self._target_for(key, mesh)
-        return grpc.insecure_channel(target, options, compression)
+        (``mesh``: its target state; ``None``: not from xDS, use the explicit settings).
+
+        grpcio's own TLS where the endpoint qualifies (``native``), else the tunnel."""
+        found, tls = _tls_for_endpoint(mesh, key)
+        if tls is None and found and not self._always_tls:
+            return grpc.insecure_channel(key, options, compression)  # CDS: plaintext
+        plan = self._native_plan(tls) if self._native != "off" else None
+        if plan is None:
+            self.stats["tunnel_endpoints"] += 1
+            return grpc.insecure_channel(self._target_for(key, mesh), options, compression)
+        provider, ctx, dns_name = plan
+
+        def open_tunnel() -> grpc.Channel:
+            return grpc.insecure_channel(self.tunnel_for(key, tls).target, options, compression)
+
+        def attempt() -> str:
+            result = probe(key, ctx, dns_name, PROBE_TIMEOUT)
+            self.stats[f"probe_{result}"] += 1
+            return result
+
+        result = ProbeResult.NATIVE if self._native == "always" else attempt()
+        if result in (ProbeResult.NO_DNS_SAN, ProbeResult.REFUSED):
+            self.stats["tunnel_endpoints"] += 1
+            return open_tunnel()  # the tunnel checks (and refuses) every connection itself
+        channel = EndpointChannel(
+            key,
+            provider,
+            dns_name,
+            options,
+            compression,
+            native=result == ProbeResult.NATIVE,
+            open_tunnel=open_tunnel,
+            stats=self.stats,
+        )
+        with self._lock:
+            self._endpoint_channels.append(channel)
+        if result == ProbeResult.NATIVE:
+            self.stats["native_endpoints"] += 1
+        else:  # unreachable now: the tunnel until a later probe finds the name
+            self.stats["tunnel_endpoints"] += 1
+            reprobe_later(channel, attempt)
+        return channel
+
+    def _native_plan(
+        self, tls: UpstreamTlsContext | None
+    ) -> tuple[CertificateProvider, MeshSSLContext, str] | None:
+        """(provider, probe context, DNS name) when grpcio's own TLS can check the expected
+        identity: exactly one exact, case-sensitive URI matcher (the ISTIO_MUTUAL shape),
+        inside ``trust_domains`` if those are set; else ``None`` (the tunnel)."""
+        try:
+            ctx = self._context(tls)
+        except PymeshError:
+            return None
+        sans = ctx.verifier.expected_sans
+        if len(sans) != 1 or sans[0].kind is not MatchKind.EXACT or sans[0].ignore_case:
+            return None
+        uri = sans[0].pattern
+        if self._domains is not None and not any(
+            uri.startswith(f"spiffe://{d}/") for d in self._domains
+        ):
+            return None
+        return ctx.provider, ctx, spiffe_dns_name(uri)
 
     def open_aio_subchannel(
         self,
@@ -244,6 +318,11 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
                 "have no certificate provider"
             )
         return self.tunnel_for(key, tls).target
+
+    @property
+    def endpoint_channels(self) -> tuple[EndpointChannel, ...]:
+        """The channels opened on grpcio's own TLS (or waiting for a late probe)."""
+        return tuple(self._endpoint_channels)
 
     @property
     def tunnels(self) -> tuple[TlsTunnel, ...]:
@@ -321,6 +400,7 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
         with self._lock:
             tunnels, self._tunnels = self._tunnels, []
             self._by_endpoint.clear()
+            self._endpoint_channels.clear()
             contexts = list(self._contexts.values())
             providers = list(self._providers.values())
             self._contexts.clear()
@@ -339,6 +419,7 @@ def mesh_channel_credentials(
     expected_sans: Sequence[StringMatcher] | None = None,
     trust_domains: Iterable[str] | None = None,
     always_tls: bool = False,
+    native: str = "auto",
 ) -> MeshChannelCredentials:
     """:class:`MeshChannelCredentials` (see there)."""
     return MeshChannelCredentials(
@@ -346,4 +427,5 @@ def mesh_channel_credentials(
         expected_sans=expected_sans,
         trust_domains=trust_domains,
         always_tls=always_tls,
+        native=native,
     )

@@ -197,8 +197,10 @@ def issue_cert(
     issuer_key: PrivateKey,
     not_before: datetime.datetime,
     not_after: datetime.datetime,
+    dns_names: Sequence[str] = (),
 ) -> x509.Certificate:
-    """An X.509-SVID for ``identity`` (URI SAN), signed by ``issuer``."""
+    """An X.509-SVID for ``identity`` (URI SAN, then ``dns_names`` as DNS SANs), signed by
+    ``issuer``."""
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))
@@ -229,7 +231,12 @@ def issue_cert(
             critical=False,
         )
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
+            x509.SubjectAlternativeName(
+                [
+                    x509.UniformResourceIdentifier(identity),
+                    *(x509.DNSName(name) for name in dns_names),
+                ]
+            ),
             critical=True,
         )
         .add_extension(

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from dataclasses import dataclass
 
 from pymesh.errors import ConfigError
 
-__all__ = ["SpiffeId"]
+__all__ = ["SPIFFE_DNS_SUFFIX", "SpiffeId", "spiffe_dns_name"]
+
+SPIFFE_DNS_SUFFIX = "spiffe.pymesh.internal"
+"""The DNS zone of the names :func:`spiffe_dns_name` derives (never resolved, never public)."""
+
+
+def spiffe_dns_name(uri: str) -> str:
+    """The DNS name the pymesh CA puts beside the URI SAN ``uri`` in a workload certificate:
+    ``<base32(sha256(uri)[:20])>.spiffe.pymesh.internal`` (a 32-character lowercase label).
+
+    A pure function of the SPIFFE ID, so a gRPC client can check the identity with grpcio's
+    own host-name check (``grpc.ssl_target_name_override``): see docs/mtls.md."""
+    digest = hashlib.sha256(uri.encode("utf-8")).digest()[:20]
+    label = base64.b32encode(digest).decode("ascii").lower()  # 160 bits: 32 chars, no '='
+    return f"{label}.{SPIFFE_DNS_SUFFIX}"
+
 
 # Trust domain: SPIFFE ID spec (lowercase letters, digits, '.', '-', '_'); names: Kubernetes
 # DNS-1123 labels for namespaces, DNS-1123 subdomains for service accounts.
@@ -35,6 +52,11 @@ class SpiffeId:
     @property
     def uri(self) -> str:
         return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def dns_name(self) -> str:
+        """:func:`spiffe_dns_name` of this identity."""
+        return spiffe_dns_name(self.uri)
 
     @property
     def k8s_subject(self) -> str:

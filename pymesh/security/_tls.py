@@ -221,6 +221,16 @@ class MeshSSLContext(ssl.SSLContext):
             self.swaps += 1
 
     @property
+    def verifier(self) -> PeerVerifier:
+        """The peer checks of this context."""
+        return self._verifier
+
+    @property
+    def provider(self) -> CertificateProvider:
+        """The certificate provider this context follows."""
+        return self._provider
+
+    @property
     def inner(self) -> ssl.SSLContext:
         """The context new connections use now."""
         return self._inner

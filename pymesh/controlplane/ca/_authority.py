@@ -8,6 +8,11 @@ State directory (created on first start; private keys mode 0600)::
     token-key.pem                     P-256 key signing and verifying workload tokens
     revoked-tokens                    ids (``jti``) of revoked workload tokens, one a line
 
+Every workload certificate carries the SPIFFE ID as its URI SAN and, as its only DNS SAN,
+:func:`~pymesh.security._spiffe.spiffe_dns_name` of that same ID (computed here from the
+identity the token proved, never taken from the CSR, which may carry no DNS SAN): gRPC
+clients check it natively (docs/mtls.md).
+
 Plugged-in mode, Istio's ``cacerts`` layout: when ``ca-cert.pem`` exists in the directory the
 CA signs with ``ca-cert.pem``/``ca-key.pem`` (an intermediate), returns
 ``cert-chain.pem`` after the leaf and trusts ``root-cert.pem``; it never writes those files.
@@ -47,7 +52,7 @@ from pymesh.security._pki import (
     same_public_key,
     write_private,
 )
-from pymesh.security._spiffe import SpiffeId
+from pymesh.security._spiffe import SpiffeId, spiffe_dns_name
 from pymesh.security._token import TokenError, issue_token, verify_token
 
 __all__ = ["CaRefused", "CertificateAuthority"]
@@ -424,6 +429,8 @@ class CertificateAuthority:
             issuer_key=signer.key,
             not_before=_dt(now - 60.0),
             not_after=not_after,
+            # derived from the checked identity (never from the CSR): docs/mtls.md, gRPC
+            dns_names=(spiffe_dns_name(requested.uri),),
         )
         self.stats["issued"] += 1
         extra_roots = tuple(r for r in signer.roots if r not in signer.chain)

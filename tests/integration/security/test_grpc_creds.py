@@ -27,7 +27,12 @@ OPTS = [("grpc.ssl_target_name_override", NAME), ("grpc.use_local_subchannel_poo
 
 
 def _whoami(request: bytes, context: Any) -> bytes:
-    sans = context.auth_context().get("x509_subject_alternative_name", [])
+    # URI SANs only (pymesh-issued certificates also carry a DNS name derived from the ID)
+    sans = [
+        s
+        for s in context.auth_context().get("x509_subject_alternative_name", [])
+        if s.startswith(b"spiffe://")
+    ]
     return b",".join(sans)
 
 

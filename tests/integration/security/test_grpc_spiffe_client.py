@@ -40,7 +40,12 @@ OPTS = [("grpc.use_local_subchannel_pool", 1)]
 
 
 def _whoami(request: bytes, context: Any) -> bytes:
-    sans = context.auth_context().get("x509_subject_alternative_name", [])
+    # URI SANs only (pymesh-issued certificates also carry a DNS name derived from the ID)
+    sans = [
+        s
+        for s in context.auth_context().get("x509_subject_alternative_name", [])
+        if s.startswith(b"spiffe://")
+    ]
     return b",".join(sans)
 
 
@@ -167,17 +172,29 @@ def test_attacks_are_refused(ca: CertificateAuthority, tmp_path: Path) -> None:
     assert refused == len(cases) == 4
 
 
+@pytest.mark.parametrize("native", ["off", "auto"])
 def test_rotation_new_connections_present_the_new_certificate(
-    ca: CertificateAuthority, server: Server
+    ca: CertificateAuthority, server: Server, native: str
 ) -> None:
+    """Both client paths: the tunnel (``off``) and grpcio's own TLS (``auto``: the server's
+    certificate is pymesh-issued, so the native path is taken)."""
     client = StaticProvider(ca_bundle(ca, "default", "client"))
-    creds = MeshChannelCredentials(client, expected_sans=[StringMatcher.exact(SERVER)])
+    creds = MeshChannelCredentials(
+        client, expected_sans=[StringMatcher.exact(SERVER)], native=native
+    )
     try:
         old = creds.open_subchannel(server.key, OPTS, None, None)
         assert old.unary_unary("/t.Who/Am")(b"", timeout=5) == CLIENT.encode()
         client.update(ca_bundle(ca, "default", "client-next"))
-        # the open channel keeps its connection (and certificate)
-        assert old.unary_unary("/t.Who/Am")(b"", timeout=5) == CLIENT.encode()
+        if native == "off":
+            # the open channel keeps its connection (and certificate)
+            assert old.unary_unary("/t.Who/Am")(b"", timeout=5) == CLIENT.encode()
+        else:
+            # the endpoint's grpcio channel is replaced by one on the new credentials
+            assert creds.stats["native_endpoints"] == 1 and not creds.tunnels
+            nxt = old.unary_unary("/t.Who/Am")(b"", timeout=5)
+            assert nxt == spiffe("default", "client-next").encode()
+            assert creds.stats["native_channels"] == 2
         old.close()
         assert _call(creds, server.key) == spiffe("default", "client-next").encode()
     finally:
