@@ -12,6 +12,7 @@ import ipaddress
 import re
 import types
 from collections.abc import Mapping
+from typing import Any
 
 from pymesh.controlplane.config._reader import Reader
 from pymesh.controlplane.config._types import (
@@ -140,6 +141,42 @@ def _workload_fields(r: Reader, *, address_required: bool) -> dict[str, object]:
 
 
 _WORKLOAD_KEYS = ("address", "ports", "labels", "locality", "weight", "network", "serviceAccount")
+_PLAIN_KEYS = frozenset(("address", "ports", "labels"))
+_FAST_ENDPOINTS = True
+_NO_LABELS: Mapping[str, str] = types.MappingProxyType({})
+
+
+def _plain_static_endpoint(data: Mapping[str, Any], port_names: set[str]) -> StaticEndpoint | None:
+    """The common STATIC ServiceEntry endpoint (an IP address, named integer ports, string
+    labels, nothing else) without the field-by-field reader: what the general path would
+    build, or ``None`` when anything is unusual (the general path then validates and reports
+    it)."""
+    if not _PLAIN_KEYS.issuperset(data):
+        return None
+    address = data.get("address")
+    if type(address) is not str or not address or not _is_ip(address):
+        return None
+    raw_ports = data.get("ports")
+    ports: dict[str, int] = {}
+    if raw_ports is not None:
+        if type(raw_ports) is not dict:
+            return None
+        for k, v in raw_ports.items():
+            if type(k) is not str or type(v) is not int or not 1 <= v <= 65535:
+                return None
+            if k not in port_names:
+                return None
+            ports[k] = v
+    raw_labels = data.get("labels")
+    labels = _NO_LABELS
+    if raw_labels is not None:
+        if type(raw_labels) is not dict:
+            return None
+        for k, v in raw_labels.items():
+            if type(k) is not str or type(v) is not str:
+                return None
+        labels = types.MappingProxyType(dict(raw_labels))
+    return StaticEndpoint(address=address, ports=types.MappingProxyType(ports), labels=labels)
 
 
 def parse_service_entry(spec: Reader, name: str, namespace: str) -> list[ServiceSpec]:
@@ -195,7 +232,13 @@ def parse_service_entry(spec: Reader, name: str, namespace: str) -> list[Service
         spec.enum("resolution", [x.value for x in Resolution], Resolution.NONE.value)
     )
     endpoints: list[StaticEndpoint] = []
+    fast = _FAST_ENDPOINTS and resolution is Resolution.STATIC
     for e in spec.items("endpoints"):
+        if fast:
+            plain = _plain_static_endpoint(e.data, seen_names)
+            if plain is not None:
+                endpoints.append(plain)
+                continue
         e.known(_WORKLOAD_KEYS)
         f = _workload_fields(e, address_required=resolution is not Resolution.DNS)
         addr = str(f["address"])
