@@ -85,7 +85,10 @@ def test_http_client_sends_its_metadata_and_labels_the_real_peer(
     seen: list[dict[str, str]] = []
     answer = istio_header(REVIEWS_V2)
 
+    raw_seen: list[list[tuple[bytes, bytes]]] = []
+
     async def reviews(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raw_seen.append(list(scope["headers"]))
         seen.append({k.decode(): v.decode() for k, v in scope["headers"]})
         await send(
             {
@@ -106,6 +109,17 @@ def test_http_client_sends_its_metadata_and_labels_the_real_peer(
     with pymesh.httpx.Client(xds_client=mesh.client, mesh_wait=10) as client:
         for _ in range(2):
             assert client.get(f"http://{HOST}:{PORT}/").status_code == 200
+        # headers of the same names set by the application are replaced, not doubled,
+        # and the application's request object is left as it built it
+        forged = {"x-envoy-peer-metadata": "Zm9yZ2Vk", "traceparent": "00-" + "a" * 32 + "-"
+                  + "b" * 16 + "-01"}  # fmt: skip
+        request = client.build_request("GET", f"http://{HOST}:{PORT}/", headers=forged)
+        assert client.send(request).status_code == 200
+        assert request.headers["x-envoy-peer-metadata"] == "Zm9yZ2Vk"
+    last = [k for k, _ in raw_seen[-1]]
+    assert last.count(b"x-envoy-peer-metadata") == last.count(b"traceparent") == 1
+    assert seen[-1]["x-envoy-peer-metadata"] == seen[0]["x-envoy-peer-metadata"]
+    assert "a" * 32 not in seen[-1]["traceparent"]
     # what the upstream saw: our node, as Istio's Envoy would send it
     assert seen[0]["x-envoy-peer-metadata-id"] == node.id
     sent = read_header(seen[0]["x-envoy-peer-metadata"])
@@ -116,7 +130,7 @@ def test_http_client_sends_its_metadata_and_labels_the_real_peer(
     # the client reporter names the peer the server described, not the endpoint's labels
     samples = scrape(server.url)
     got = select(samples, "istio_requests_total", reporter="source", response_code="200")
-    assert [s[2] for s in got] == [2]
+    assert [s[2] for s in got] == [3]
     labels = got[0][1]
     assert {k: labels[k] for k in labels if k.startswith("destination_")} == {
         "destination_workload": "reviews-v2",
