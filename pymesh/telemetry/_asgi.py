@@ -11,7 +11,8 @@ current for the handler: its outbound mesh calls continue the trace) and is repo
 ``reporter="destination"`` when it ends. The peer identity is read from the connection
 ``pymesh.serve`` puts in ``scope["extensions"]["pymesh.connection"]`` (URI SANs, TLS), the
 caller's workload from its ``x-envoy-peer-metadata`` header (Istio's metadata exchange),
-and the response carries this workload's own exchange headers for the caller's labels.
+and the response carries this workload's own exchange headers for the caller's labels (to
+a caller that sent its own).
 With no telemetry installed the middleware passes requests straight through.
 """
 
@@ -60,7 +61,13 @@ def asgi_middleware(app: App) -> App:
             get_header=headers.get,
         )
         counts = [500, 0, 0]  # status, bytes received, bytes sent
-        exchange = tel.exchange_headers_raw  # our metadata, for the caller's labels
+        # Our metadata for the caller's labels, only to a caller that took part in the
+        # exchange (a browser or an outside client learns nothing about the workload).
+        exchange = (
+            tel.exchange_headers_raw
+            if call.peer is not None or "x-envoy-peer-metadata-id" in headers
+            else ()
+        )
 
         async def counting_receive() -> Message:
             message = await receive()

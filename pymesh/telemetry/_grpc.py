@@ -90,10 +90,10 @@ class _Rpc:
             yield m
 
     def answer(self, context: Any) -> None:
-        """Send this workload's metadata exchange in the initial metadata (sync server),
-        unless the application already sent its own initial metadata."""
+        """Send this workload's metadata exchange in the initial metadata (sync server) to
+        a caller that sent its own, unless the application already sent initial metadata."""
         exchange = self.call.tel.exchange_metadata
-        if exchange:
+        if exchange and self.exchanged():
             try:
                 context.send_initial_metadata(exchange)
             except Exception:  # already sent by the application, or the RPC is over
@@ -102,11 +102,16 @@ class _Rpc:
     async def aanswer(self, context: Any) -> None:
         """:meth:`answer` for grpc.aio."""
         exchange = self.call.tel.exchange_metadata
-        if exchange:
+        if exchange and self.exchanged():
             try:
                 await context.send_initial_metadata(exchange)
             except Exception:  # already sent by the application, or the RPC is over
                 pass
+
+    def exchanged(self) -> bool:
+        """The caller took part in the metadata exchange."""
+        call = self.call
+        return call.peer is not None or call.get_header("x-envoy-peer-metadata-id") is not None
 
     def finish(self, context: Any, error: BaseException | None, secure: bool) -> None:
         sans, mtls = _peer(context, secure)

@@ -186,6 +186,7 @@ def test_asgi_server_reads_the_caller_and_answers_with_its_own(
             assert r.status_code == 200
         anonymous = client.get(f"http://127.0.0.1:{server.port}/")
         assert anonymous.status_code == 200
+        assert "x-envoy-peer-metadata" not in anonymous.headers  # not told to outsiders
     # the response carries the server's own metadata
     assert r.headers["x-envoy-peer-metadata-id"] == node.id
     answered = read_header(r.headers["x-envoy-peer-metadata"])
