@@ -36,6 +36,8 @@ from pymesh.model.tls import CertificateProviderInstance, SanType, UpstreamTlsCo
 from pymesh.security._forward import TlsTunnel
 from pymesh.security._native import (
     PROBE_TIMEOUT,
+    REPROBE_DELAYS,
+    AioEndpointChannel,
     EndpointChannel,
     ProbeResult,
     probe,
@@ -185,7 +187,7 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
         self._always_tls = always_tls
         self._native = native
         self.stats: Counter[str] = Counter()
-        self._endpoint_channels: list[EndpointChannel] = []
+        self._endpoint_channels: list[EndpointChannel | AioEndpointChannel] = []
         self._lock = threading.Lock()
         self._contexts: dict[Any, MeshSSLContext] = {}
         self._providers: dict[str, CertificateProvider] = {}
@@ -269,9 +271,46 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
         interceptors: Any,
         mesh: Any,
     ) -> grpc.aio.Channel:
-        """As :meth:`open_subchannel` for ``grpc.aio``."""
-        target = self._target_for(key, mesh)
-        return grpc.aio.insecure_channel(target, options, compression, interceptors)
+        """As :meth:`open_subchannel` for ``grpc.aio``. The probe must not block the event
+        loop: with ``native="auto"`` the endpoint starts on the tunnel and switches to
+        grpcio's TLS (new calls) once a probe in a thread found the derived name."""
+        found, tls = _tls_for_endpoint(mesh, key)
+        if tls is None and found and not self._always_tls:
+            return grpc.aio.insecure_channel(key, options, compression, interceptors)
+        plan = self._native_plan(tls) if self._native != "off" else None
+
+        def open_tunnel() -> grpc.aio.Channel:
+            target = self._target_for(key, mesh)
+            return grpc.aio.insecure_channel(target, options, compression, interceptors)
+
+        if plan is None:
+            self.stats["tunnel_endpoints"] += 1
+            return open_tunnel()
+        provider, ctx, dns_name = plan
+        native = self._native == "always"
+        channel = AioEndpointChannel(
+            key,
+            provider,
+            dns_name,
+            options,
+            compression,
+            interceptors=interceptors,
+            native=native,
+            open_tunnel=open_tunnel,
+            stats=self.stats,
+        )
+        with self._lock:
+            self._endpoint_channels.append(channel)
+        self.stats["native_endpoints" if native else "tunnel_endpoints"] += 1
+        if not native:
+
+            def attempt() -> str:
+                result = probe(key, ctx, dns_name, PROBE_TIMEOUT)
+                self.stats[f"probe_{result}"] += 1
+                return result
+
+            reprobe_later(channel, attempt, (0.0, *REPROBE_DELAYS))
+        return channel
 
     def tunnel_for(self, key: str, tls: UpstreamTlsContext | None = None) -> TlsTunnel:
         """The tunnel to endpoint ``key`` with the settings of ``tls`` (``None``: the
@@ -320,7 +359,7 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
         return self.tunnel_for(key, tls).target
 
     @property
-    def endpoint_channels(self) -> tuple[EndpointChannel, ...]:
+    def endpoint_channels(self) -> tuple[EndpointChannel | AioEndpointChannel, ...]:
         """The channels opened on grpcio's own TLS (or waiting for a late probe)."""
         return tuple(self._endpoint_channels)
 

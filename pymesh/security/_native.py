@@ -22,6 +22,7 @@ grpcio keeps a channel alive while calls on it are).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
@@ -30,11 +31,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+import grpc.aio
 from cryptography import x509
 
 from pymesh.security._providers import CertificateBundle, CertificateProvider
 
-__all__ = ["EndpointChannel", "ProbeResult", "probe"]
+__all__ = ["AioEndpointChannel", "EndpointChannel", "ProbeResult", "native_channel", "probe"]
 
 _log = logging.getLogger("pymesh.security")
 
@@ -101,12 +103,18 @@ def native_channel(
         private_key=bundle.key_pem if bundle.has_identity else None,
         certificate_chain=bundle.chain_pem if bundle.has_identity else None,
     )
-    # grpcio checks every call's :authority against the certificate too, unless it is the
-    # target's own (HOST:PORT): so the mesh's authority cannot be kept (docs/mtls.md)
+    return grpc.secure_channel(key, creds, native_options(options, dns_name), compression)
+
+
+def native_options(options: Sequence[tuple[str, Any]], dns_name: str) -> list[tuple[str, Any]]:
+    """``options`` with the target name overridden by ``dns_name`` and without
+    ``grpc.default_authority``: grpcio checks every call's ``:authority`` against the server
+    certificate too unless it is the target's own (``HOST:PORT``), so the mesh's authority
+    cannot be kept on this path (docs/mtls.md)."""
     drop = ("grpc.ssl_target_name_override", "grpc.default_authority")
     opts = [(k, v) for k, v in options if k not in drop]
     opts.append(("grpc.ssl_target_name_override", dns_name))
-    return grpc.secure_channel(key, creds, opts, compression)
+    return opts
 
 
 class _Multi:
@@ -114,7 +122,7 @@ class _Multi:
 
     __slots__ = ("_args", "_ch", "_gen", "_kind", "_mc")
 
-    def __init__(self, ch: EndpointChannel, kind: str, args: tuple[Any, ...]) -> None:
+    def __init__(self, ch: _Swapping, kind: str, args: tuple[Any, ...]) -> None:
         self._ch = ch
         self._kind = kind
         self._args = args
@@ -142,12 +150,139 @@ class _Multi:
         return self._get().future(*args, **kwargs)
 
 
-class EndpointChannel(grpc.Channel):
-    """One endpoint's channel: grpcio's own TLS when native, else the tunnel (module doc).
+class _Swapping:
+    """What the sync and aio endpoint channels share: the current inner channel
+    (``state``: generation, channel) and its replacement on a new certificate or a switch
+    from the tunnel to grpcio's TLS."""
 
-    ``stats`` (shared with the credentials) counts ``native_channels`` (inner channels built
-    on new credentials), ``native_switches`` (tunnel -> native after a late probe).
-    """
+    def __init__(
+        self,
+        key: str,
+        provider: CertificateProvider,
+        dns_name: str,
+        *,
+        native: bool,
+        open_tunnel: Callable[[], Any],
+        stats: Any,
+    ) -> None:
+        self.key = key
+        self._provider = provider
+        self._dns = dns_name
+        self._open_tunnel = open_tunnel
+        self._stats = stats
+        self._lock = threading.Lock()
+        self._closed = False
+        self.native = native
+        self.stale = False
+        self.version = -1
+        self.state: tuple[int, Any] = (0, self._build())
+        self._unsubscribe = provider.subscribe(self._on_bundle)
+
+    def _open_native(self, bundle: CertificateBundle) -> Any:
+        raise NotImplementedError
+
+    def _retire(self, old: Any, new: Any) -> None:
+        """The old inner channel was replaced by ``new`` (calls in flight finish on it)."""
+
+    def _build(self) -> Any:
+        if not self.native:
+            return self._open_tunnel()
+        bundle = self._provider.current()
+        self.version = bundle.version
+        self._stats["native_channels"] += 1
+        return self._open_native(bundle)
+
+    def _on_bundle(self, bundle: CertificateBundle) -> None:
+        if self.native and bundle.version != self.version:
+            self.stale = True  # the next call builds a channel on the new certificate
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def switch_to_native(self) -> None:
+        """A late probe found the derived name: new calls go over grpcio's TLS."""
+        with self._lock:
+            if self.native or self._closed:
+                return
+            self.native = True
+            self.stale = True
+        self._stats["native_switches"] += 1
+
+    def refresh(self) -> None:
+        """Build the inner channel anew (new certificate, or tunnel -> native)."""
+        with self._lock:
+            if not self.stale or self._closed:
+                return
+            self.stale = False
+            gen, old = self.state
+            inner = self._build()
+            self.state = (gen + 1, inner)
+        self._retire(old, inner)
+
+    def _multi(self, kind: str, method: str, ser: Any, deser: Any, registered: Any) -> _Multi:
+        return _Multi(self, kind, (method, ser, deser, registered))
+
+    def unary_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: Any = False,
+    ) -> Any:
+        return self._multi(
+            "unary_unary", method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def unary_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: Any = False,
+    ) -> Any:
+        return self._multi(
+            "unary_stream", method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def stream_unary(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: Any = False,
+    ) -> Any:
+        return self._multi(
+            "stream_unary", method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def stream_stream(
+        self,
+        method: str,
+        request_serializer: Any = None,
+        response_deserializer: Any = None,
+        _registered_method: Any = False,
+    ) -> Any:
+        return self._multi(
+            "stream_stream", method, request_serializer, response_deserializer, _registered_method
+        )
+
+    def _mark_closed(self) -> Any:
+        """Mark closed, stop following the provider; the inner channel to close (or None)."""
+        with self._lock:
+            if self._closed:
+                return None
+            self._closed = True
+            inner = self.state[1]
+        self._unsubscribe()
+        return inner
+
+
+class EndpointChannel(_Swapping, grpc.Channel):  # type: ignore[misc]
+    """One endpoint's sync channel: grpcio's own TLS when native, else the tunnel (module
+    doc). An old inner channel is dropped, not closed: grpcio keeps it while calls on it
+    run. ``stats`` (shared with the credentials) counts ``native_channels`` (inner channels
+    built on new credentials) and ``native_switches`` (tunnel -> native after a probe)."""
 
     def __init__(
         self,
@@ -161,63 +296,25 @@ class EndpointChannel(grpc.Channel):
         open_tunnel: Callable[[], grpc.Channel],
         stats: Any,
     ) -> None:
-        self.key = key
-        self._provider = provider
-        self._dns = dns_name
         self._options = list(options)
         self._compression = compression
-        self._open_tunnel = open_tunnel
-        self._stats = stats
-        self._lock = threading.Lock()
         self._callbacks: list[tuple[Callable[[grpc.ChannelConnectivity], None], bool]] = []
-        self._closed = False
-        self.native = native
-        self.stale = False
-        self.version = -1
-        inner = self._build()
-        self.state: tuple[int, grpc.Channel] = (0, inner)
-        self._unsubscribe = provider.subscribe(self._on_bundle)
+        _Swapping.__init__(
+            self, key, provider, dns_name, native=native, open_tunnel=open_tunnel, stats=stats
+        )
 
-    def _build(self) -> grpc.Channel:
-        if not self.native:
-            return self._open_tunnel()
-        bundle = self._provider.current()
-        self.version = bundle.version
-        self._stats["native_channels"] += 1
+    def _open_native(self, bundle: CertificateBundle) -> Any:
         return native_channel(self.key, bundle, self._dns, self._options, self._compression)
 
-    def _on_bundle(self, bundle: CertificateBundle) -> None:
-        if self.native and bundle.version != self.version:
-            self.stale = True  # the next call builds a channel on the new certificate
-
-    def switch_to_native(self) -> None:
-        """A late probe found the derived name: new calls go over grpcio's TLS."""
+    def _retire(self, old: Any, new: Any) -> None:
         with self._lock:
-            if self.native or self._closed:
-                return
-            self.native = True
-            self.stale = True
-        self._stats["native_switches"] += 1
-
-    def refresh(self) -> None:
-        """Build the inner channel anew (new certificate, or tunnel -> native); calls in
-        flight on the old one finish there (it is dropped, not closed)."""
-        with self._lock:
-            if not self.stale or self._closed:
-                return
-            self.stale = False
-            gen, old = self.state
-            inner = self._build()
-            self.state = (gen + 1, inner)
             callbacks = list(self._callbacks)
         for callback, try_to_connect in callbacks:
             try:
                 old.unsubscribe(callback)
-                inner.subscribe(callback, try_to_connect=try_to_connect)
+                new.subscribe(callback, try_to_connect=try_to_connect)
             except Exception:  # connectivity reports are best effort
                 pass
-
-    # -- grpc.Channel --------------------------------------------------------------------
 
     def subscribe(
         self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool = False
@@ -233,62 +330,13 @@ class EndpointChannel(grpc.Channel):
             inner = self.state[1]
         inner.unsubscribe(callback)
 
-    def _multi(self, kind: str, method: str, ser: Any, deser: Any, registered: Any) -> _Multi:
-        return _Multi(self, kind, (method, ser, deser, registered))
-
-    def unary_unary(  # type: ignore[override]
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._multi(
-            "unary_unary", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def unary_stream(  # type: ignore[override]
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._multi(
-            "unary_stream", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_unary(  # type: ignore[override]
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._multi(
-            "stream_unary", method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_stream(  # type: ignore[override]
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: Any = False,
-    ) -> Any:
-        return self._multi(
-            "stream_stream", method, request_serializer, response_deserializer, _registered_method
-        )
-
     def close(self) -> None:
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
             callbacks = list(self._callbacks)
             self._callbacks.clear()
-            inner = self.state[1]
-        self._unsubscribe()
+        inner = self._mark_closed()
+        if inner is None:
+            return
         for callback, _ in callbacks:
             try:
                 inner.unsubscribe(callback)
@@ -303,8 +351,78 @@ class EndpointChannel(grpc.Channel):
         self.close()
 
 
+RETIRE_GRACE = 30.0
+"""Seconds an aio endpoint's replaced inner channel lets calls in flight finish
+(``grpc.aio.Channel.close(grace)``) before cancelling them."""
+
+
+class AioEndpointChannel(_Swapping, grpc.aio.Channel):  # type: ignore[misc]
+    """The ``grpc.aio`` twin of :class:`EndpointChannel`; a replaced inner channel is closed
+    with a grace period of :data:`RETIRE_GRACE` (calls in flight finish first)."""
+
+    def __init__(
+        self,
+        key: str,
+        provider: CertificateProvider,
+        dns_name: str,
+        options: Sequence[tuple[str, Any]],
+        compression: Any,
+        *,
+        interceptors: Any,
+        native: bool,
+        open_tunnel: Callable[[], grpc.aio.Channel],
+        stats: Any,
+    ) -> None:
+        self._options = list(options)
+        self._compression = compression
+        self._interceptors = interceptors
+        self._closing: set[Any] = set()
+        _Swapping.__init__(
+            self, key, provider, dns_name, native=native, open_tunnel=open_tunnel, stats=stats
+        )
+
+    def _open_native(self, bundle: CertificateBundle) -> Any:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=bundle.roots_pem,
+            private_key=bundle.key_pem if bundle.has_identity else None,
+            certificate_chain=bundle.chain_pem if bundle.has_identity else None,
+        )
+        return grpc.aio.secure_channel(
+            self.key,
+            creds,
+            native_options(self._options, self._dns),
+            self._compression,
+            self._interceptors,
+        )
+
+    def _retire(self, old: Any, new: Any) -> None:
+        task = asyncio.get_running_loop().create_task(old.close(RETIRE_GRACE))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self.state[1].get_state(try_to_connect)  # type: ignore[no-any-return]
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self.state[1].wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self.state[1].channel_ready()
+
+    async def close(self, grace: float | None = None) -> None:
+        inner = self._mark_closed()
+        if inner is not None:
+            await inner.close(grace)
+
+    async def __aenter__(self) -> AioEndpointChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close(None)
+
+
 def reprobe_later(
-    channel: EndpointChannel,
+    channel: _Swapping,
     attempt: Callable[[], str],
     delays: Sequence[float] = REPROBE_DELAYS,
 ) -> threading.Thread:
@@ -314,7 +432,7 @@ def reprobe_later(
 
     def run() -> None:
         for delay in delays:
-            if stop.wait(delay) or channel._closed:
+            if stop.wait(delay) or channel.closed:
                 return
             result = attempt()
             if result == ProbeResult.NATIVE:

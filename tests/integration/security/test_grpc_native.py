@@ -5,6 +5,7 @@ without the derived name, and client-certificate rotation with a call in flight.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import socket
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.aio
 import pytest
 from cryptography import x509
 
@@ -309,4 +311,103 @@ def test_rotation_new_calls_on_new_credentials_inflight_call_finishes(
         assert creds.stats["native_channels"] == 2
     finally:
         channel.close()
+        creds.close()
+
+
+# ----------------------------------------------------------------------------- grpc.aio
+
+
+def test_aio_switches_to_native_once_probed(ca: CertificateAuthority, server: Server) -> None:
+    """aio cannot probe in the event loop: the endpoint starts on the tunnel, a probe in a
+    thread finds the derived name, new calls go over grpcio's TLS."""
+    creds = _creds(ca, SERVER)
+
+    async def main() -> tuple[bytes, bytes]:
+        ch = creds.open_aio_subchannel(server.key, OPTS, None, None, None)
+        try:
+            call = ch.unary_unary("/t.Who/Am")
+            first = await call(b"", timeout=5)
+            for _ in range(200):
+                if creds.stats["native_switches"]:
+                    break
+                await asyncio.sleep(0.05)
+            return first, await call(b"", timeout=5)
+        finally:
+            await ch.close()
+
+    try:
+        first, second = asyncio.run(main())
+        assert first == second == CLIENT.encode()
+        assert creds.stats["probe_native"] == 1 and creds.stats["native_switches"] == 1
+        assert creds.stats["native_channels"] == 1
+    finally:
+        creds.close()
+
+
+def test_aio_attacks_refused_natively_and_rotation(
+    ca: CertificateAuthority, server: Server, tmp_path: Path
+) -> None:
+    root_key = key_from_pem((tmp_path / "ca" / "root-key.pem").read_bytes())
+    root = ca.roots[0]
+    other_root, other_key = new_root()
+    trust = cert_pem(root)
+    evil = "spiffe://evil.example/ns/default/sa/server"
+    cases = [
+        (ca_bundle(ca, "default", "server"), spiffe("default", "other")),
+        (_leaf(root, root_key, evil, spiffe_dns_name(evil), trust=trust), SERVER),
+        (_leaf(other_root, other_key, SERVER, spiffe_dns_name(SERVER), trust=trust), SERVER),
+        (
+            _leaf(root, root_key, SERVER, spiffe_dns_name(SERVER), trust=trust, expired=True),
+            SERVER,
+        ),
+    ]
+
+    async def attempt(creds: MeshChannelCredentials, key: str) -> grpc.StatusCode:
+        ch = creds.open_aio_subchannel(key, OPTS, None, None, None)
+        try:
+            await ch.unary_unary("/t.Who/Am")(b"", timeout=5)
+            return grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        finally:
+            await ch.close()
+
+    refused = 0
+    for bundle, expected in cases:
+        s = Server(bundle)
+        creds = _creds(ca, expected, native="always")
+        try:
+            assert asyncio.run(attempt(creds, s.key)) == grpc.StatusCode.UNAVAILABLE
+            assert creds.stats["native_endpoints"] == 1 and not creds.tunnels
+            refused += 1
+        finally:
+            creds.close()
+            s.stop()
+    assert refused == len(cases) == 4
+
+    # rotation: a call in flight finishes on the old channel, new calls use the new cert
+    client = StaticProvider(ca_bundle(ca, "default", "client"))
+    creds = MeshChannelCredentials(
+        client, expected_sans=[StringMatcher.exact(SERVER)], native="always"
+    )
+
+    async def rotate() -> tuple[bytes, bytes]:
+        ch = creds.open_aio_subchannel(server.key, OPTS, None, None, None)
+        try:
+            slow = asyncio.ensure_future(ch.unary_unary("/t.Who/Slow")(b"", timeout=10))
+            await asyncio.sleep(0.2)
+            client.update(ca_bundle(ca, "default", "client-next"))
+            fast = await ch.unary_unary("/t.Who/Am")(b"", timeout=5)
+            assert not slow.done()
+            server.release.set()
+            return await slow, fast
+        finally:
+            await ch.close()
+
+    try:
+        slow, fast = asyncio.run(rotate())
+        assert slow == CLIENT.encode()
+        assert fast == spiffe("default", "client-next").encode()
+        assert creds.stats["native_channels"] == 2
+    finally:
         creds.close()
