@@ -16,6 +16,7 @@ files, build = derive config + generator, push = generate + send to every client
 
     /work/venv/bin/python bench/controlplane_scale.py [--services 1000] [--endpoints 10]
         [--clients 200] [--wildcard 10] [--rounds 5] [--change all|one] [--watch inotify|poll]
+        [--gc-pause on|off]
 """
 
 from __future__ import annotations
@@ -200,6 +201,12 @@ def main() -> int:
         help="how the control plane notices the write: inotify where available (the "
         "default), or polling alone every --poll-interval seconds",
     )
+    ap.add_argument(
+        "--gc-pause",
+        choices=("on", "off"),
+        default="on",
+        help="whether the control plane pauses the cyclic GC during a reload and push",
+    )
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
 
@@ -214,6 +221,7 @@ def main() -> int:
         [config], xds_address="127.0.0.1:0", admin_port=None, poll_interval=args.poll_interval
     )
     plane.hub.use_inotify = args.watch == "inotify"
+    plane.hub.pause_gc = args.gc_pause == "on"
     plane.start()
     load_seconds = time.perf_counter() - t_load
     ctx = mp.get_context("spawn")
@@ -286,6 +294,7 @@ def main() -> int:
         "rounds": args.rounds,
         "change": args.change,
         "watch": watching,
+        "gc_pause": args.gc_pause if hasattr(plane.hub, "pause_gc") else "n/a",
         "initial_load_seconds": round(load_seconds, 3),
         "all_clients_initial_config_seconds": round(connect_seconds, 3),
         "change_to_ack_p50_seconds": round(qs[49], 3),

@@ -22,6 +22,7 @@ makes the generator raise) closes that connection alone.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import time
@@ -139,6 +140,8 @@ class Hub:
         self._inotify: Inotify | None = None
         self._files_touched = False
         self.use_inotify = True
+        self.pause_gc = True
+        """Whether the cyclic garbage collector is paused during a reload and push."""
         """Whether :meth:`run` watches the files with inotify (where available) on top of
         polling."""
         self._packed: dict[int, tuple[Message, Any, str]] = {}
@@ -321,6 +324,21 @@ class Hub:
         return next_poll
 
     async def _rebuild_and_push(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A reload and push allocate hundreds of thousands of short-lived objects (YAML
+        # nodes, specs, protos) next to a large live heap: the cyclic collector's passes
+        # over that heap cost about a quarter of the CPU of a 1,000-service push. Reference
+        # counting frees them anyway; the collector is paused for this bounded burst (unless
+        # someone else already disabled it) and runs again afterwards.
+        paused = self.pause_gc and gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            await self._rebuild_and_push_now(loop)
+        finally:
+            if paused:
+                gc.enable()
+
+    async def _rebuild_and_push_now(self, loop: asyncio.AbstractEventLoop) -> None:
         changed = self._workloads_dirty
         self._workloads_dirty = False
         t0 = time.perf_counter()
