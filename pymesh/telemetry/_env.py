@@ -12,6 +12,7 @@ variable                           meaning                                     d
 ``PYMESH_ACCESS_LOG_SAMPLE``       fraction logged in ``sampled`` mode         ``0.01``
 ``PYMESH_TRACE_SAMPLING``          percent of new traces sampled               ``1.0``
 ``PYMESH_TRACE_PROPAGATION``       comma list (tracecontext, b3multi, b3)      W3C and b3
+``PYMESH_PEER_EXCHANGE``           Istio's metadata exchange ``on`` / ``off``  ``on``
 =================================  ==========================================  ============
 """
 
@@ -70,6 +71,14 @@ def configure_from_env(
             options[key] = value
     options["access_log_sample"] = _float(env, "PYMESH_ACCESS_LOG_SAMPLE", 0.01)
     options["trace_sampling"] = _float(env, "PYMESH_TRACE_SAMPLING", 1.0)
+    exchange = env.get("PYMESH_PEER_EXCHANGE", "on").strip().lower()
+    if exchange not in ("on", "off", "1", "0", "true", "false"):
+        raise ConfigError(
+            f"PYMESH_PEER_EXCHANGE must be on or off, not {exchange!r}",
+            source="environment",
+            field="PYMESH_PEER_EXCHANGE",
+        )
+    options["peer_exchange"] = exchange in ("on", "1", "true")
     propagation = env.get("PYMESH_TRACE_PROPAGATION")
     if propagation:
         options["propagation"] = tuple(p.strip() for p in propagation.split(",") if p.strip())

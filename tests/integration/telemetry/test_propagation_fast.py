@@ -40,3 +40,23 @@ def test_zero_ids_and_sampling_bit() -> None:
         0xB7AD6B7169203331,
         True,
     )
+
+
+def test_peer_exchange_from_the_environment() -> None:
+    import pytest
+
+    from pymesh import telemetry
+    from pymesh.errors import ConfigError
+
+    env = {"PYMESH_TELEMETRY": "on", "PYMESH_PROMETHEUS_ADDRESS": "off"}
+    for value, expected in (("off", False), ("on", True), (None, True)):
+        tel = telemetry.configure_from_env(
+            env=env if value is None else {**env, "PYMESH_PEER_EXCHANGE": value}
+        )
+        assert tel is not None
+        try:
+            assert tel.peer_exchange is expected
+        finally:
+            tel.close()
+    with pytest.raises(ConfigError, match="PYMESH_PEER_EXCHANGE"):
+        telemetry.configure_from_env(env={**env, "PYMESH_PEER_EXCHANGE": "maybe"})
