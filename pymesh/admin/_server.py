@@ -162,8 +162,10 @@ class AdminServer:
 
     @property
     def address(self) -> str:
-        """``HOST:PORT`` of the admin endpoint (what ``pymesh proxy-config`` takes)."""
-        return f"{self.host}:{self.port}"
+        """``HOST:PORT`` of the admin endpoint (what ``pymesh proxy-config`` takes; an IPv6
+        host in brackets)."""
+        host = self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     @property
     def csds_port(self) -> int | None:

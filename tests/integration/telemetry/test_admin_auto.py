@@ -188,3 +188,12 @@ def test_shared_client_hook_in_process(control_plane: ControlPlane) -> None:
     assert pymesh.admin.current() is None  # stopped with its client
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://{server.address}/ready", timeout=2)
+    # IPv6 loopback
+    v6 = {"PYMESH_ADMIN_PORT": "0", "PYMESH_ADMIN_HOST": "::1"}
+    with shared_client(XdsClient, bootstrap, env=v6) as client:
+        server = pymesh.admin.current()
+        assert server is not None and server.address.startswith("[::1]:")
+        assert client.bootstrap.node.metadata[ADMIN_ADDRESS_KEY] == server.address
+        with urllib.request.urlopen(f"http://{server.address}/ready", timeout=5) as r:
+            assert r.status == 200
+    assert pymesh.admin.current() is None
