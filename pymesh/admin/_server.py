@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pymesh.admin._views import (
@@ -40,7 +40,9 @@ from pymesh.admin._views import (
 )
 from pymesh.core.runtime import MeshRuntime
 from pymesh.errors import ConfigError, PymeshError, XdsError
-from pymesh.security import CertificateProvider, FileWatcherProvider
+
+if TYPE_CHECKING:  # pymesh.security (cryptography) loads when a certificate provider exists
+    from pymesh.security import CertificateProvider
 
 __all__ = ["ENDPOINTS", "MAX_CONCURRENT", "SOCKET_TIMEOUT", "AdminServer"]
 
@@ -65,6 +67,8 @@ def _bootstrap_providers(client: StatusSource) -> dict[str, CertificateProvider]
         config = instance.file_watcher
         if config is None:
             continue
+        from pymesh.security import FileWatcherProvider
+
         try:
             out[name] = FileWatcherProvider.from_config(config, start=False)
         except ConfigError:
@@ -202,6 +206,8 @@ class AdminServer:
     # -- requests -------------------------------------------------------------------------
 
     def _certs(self) -> list[dict[str, Any]]:
+        from pymesh.security import FileWatcherProvider
+
         for p in self._providers.values():
             if self._own_providers and isinstance(p, FileWatcherProvider):
                 p.poll()

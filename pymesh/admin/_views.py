@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pymesh.bootstrap import Bootstrap
 from pymesh.core.runtime import ClusterRuntime, MeshRuntime
-from pymesh.security import CertificateBundle, CertificateProvider
 from pymesh.xds.client import ConnectionState
 from pymesh.xds.codec.csds import ResourceStatusLike
 from pymesh.xds.status import config_dump
+
+if TYPE_CHECKING:  # pymesh.security and cryptography load when certificates are shown
+    from pymesh.security import CertificateBundle, CertificateProvider
 
 __all__ = ["StatusSource", "certs_view", "clusters_view", "config_dump_view", "ready", "stats_text"]
 
@@ -193,6 +193,8 @@ def stats_text(client: StatusSource, runtime: MeshRuntime | None) -> str:
 
 
 def _cert_info(pem: bytes) -> list[dict[str, Any]]:
+    from cryptography import x509
+
     out: list[dict[str, Any]] = []
     for cert in x509.load_pem_x509_certificates(pem) if pem else []:
         try:
