@@ -272,7 +272,13 @@ def main() -> int:
             else:
                 raise SystemExit(f"round {rnd}: not every client ACKed version {version}")
             cpu.append(time.process_time() - cpu0)
-            phases.append(dict(plane.call(lambda: plane.hub.last_push)))
+            # The last ACK can come before the push to every other client ended.
+            for _ in range(600):
+                push = dict(plane.call(lambda: plane.hub.last_push))
+                if str(push.get("version")) == version:
+                    break
+                time.sleep(0.05)
+            phases.append(push)
             lat = [t - t0 for t in times]
             latencies.extend(lat)
             lasts.append(max(lat))
