@@ -56,9 +56,17 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import httpcore
-import httptools
 
-__all__ = ["AsyncPool", "Done", "SyncPool"]
+try:
+    import httptools
+
+    AVAILABLE = True
+    """Whether the engine can run (``httptools`` importable); else the transport keeps
+    httpcore for every upstream."""
+except ImportError:  # pragma: no cover - httptools is a dependency
+    AVAILABLE = False
+
+__all__ = ["AVAILABLE", "AsyncPool", "Done", "SyncPool"]
 
 _READ_SIZE = 65536
 _MAX_IDLE = 256  # idle keep-alive connections kept per endpoint

@@ -63,6 +63,7 @@ from pymesh.errors import (
     UpstreamOverflowError,
     UpstreamTimeoutError,
 )
+from pymesh.httpx import _h1
 from pymesh.httpx._h1 import AsyncPool, Done, SyncPool
 from pymesh.httpx._targets import MeshTarget, TargetResolver, Verdict
 from pymesh.httpx._tls import UpstreamTls, endpoint_tls
@@ -599,7 +600,7 @@ def _new_pool(send: Send | Mirror, link: _Link, engine: type[Any], *, asyncio: b
     h2 = send.cluster.protocol is UpstreamProtocol.HTTP2
     expiry = send.cluster.config.cluster.http_protocol_options.idle_timeout
     address = send.host.address
-    if not h2 and engine is not None:
+    if not h2 and engine is not None and _h1.AVAILABLE:
         return engine(
             address.host,
             address.port,

@@ -734,18 +734,31 @@ def test_async_transport_keeps_httpcore_without_an_asyncio_loop() -> None:
         )
 
     pools = _AsyncPools()
-    h1 = send(UpstreamProtocol.HTTP1, "127.0.0.1:1")
-    assert isinstance(pools.get(h1, _PLAINTEXT), httpcore.AsyncConnectionPool)  # no loop
+    h1_send = send(UpstreamProtocol.HTTP1, "127.0.0.1:1")
+    assert isinstance(pools.get(h1_send, _PLAINTEXT), httpcore.AsyncConnectionPool)  # no loop
 
     async def inside() -> tuple[Any, Any]:
         h2 = send(UpstreamProtocol.HTTP2, "127.0.0.1:2")
-        return pools.get(h1, _PLAINTEXT), pools.get(h2, _PLAINTEXT)
+        return pools.get(h1_send, _PLAINTEXT), pools.get(h2, _PLAINTEXT)
 
     pools = _AsyncPools()
     on_asyncio, h2_pool = asyncio.run(inside())
     assert isinstance(on_asyncio, AsyncPool)
     assert isinstance(h2_pool, httpcore.AsyncConnectionPool)
     assert on_asyncio.keepalive_expiry == 60.0
+
+    # Without httptools the engine is off: httpcore for every upstream.
+    import pymesh.httpx._h1 as h1
+    from pymesh.httpx._transport import _SyncPools
+
+    saved = h1.AVAILABLE
+    h1.AVAILABLE = False
+    try:
+        pools = _AsyncPools()
+        assert isinstance(asyncio.run(inside())[0], httpcore.AsyncConnectionPool)
+        assert isinstance(_SyncPools().get(h1_send, _PLAINTEXT), httpcore.ConnectionPool)
+    finally:
+        h1.AVAILABLE = saved
 
 
 def test_async_body_dropped_unread_frees_its_slot(raw: Any) -> None:
