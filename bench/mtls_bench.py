@@ -234,7 +234,7 @@ def run_rounds(
 
 
 async def aio_rounds(
-    target: str, creds: Any, xds: Any, args: Any
+    target: str, creds: Any, tunnel_creds: Any, xds: Any, args: Any
 ) -> dict[str, tuple[float, float]]:
     """grpc.aio mesh channels, ``args.concurrency`` calls in flight: (p50 latency, wall per
     call = 1 / throughput) per arm, medians over interleaved rounds."""
@@ -243,6 +243,9 @@ async def aio_rounds(
     channels = {
         "plain": pymesh.grpc.aio.insecure_channel(target.format("gp"), xds_client=xds),
         "mtls": pymesh.grpc.aio.secure_channel(target.format("gm"), creds, xds_client=xds),
+        "mtls-tunnel": pymesh.grpc.aio.secure_channel(
+            target.format("gm"), tunnel_creds, xds_client=xds
+        ),
     }
     calls = {a: ch.unary_unary("/echo.Echo/Who") for a, ch in channels.items()}
 
@@ -264,6 +267,10 @@ async def aio_rounds(
         for call in calls.values():
             for _ in range(50):
                 await call(b"x", timeout=20)
+        for _ in range(100):  # aio: the mtls endpoint switches to grpcio's TLS once probed
+            if creds.stats["native_switches"]:
+                break
+            await asyncio.sleep(0.05)
         lat: dict[str, list[float]] = {a: [] for a in calls}
         per: dict[str, list[float]] = {a: [] for a in calls}
         for _ in range(args.rounds):
@@ -433,6 +440,16 @@ def main() -> None:
         }
         for ch in raw.values():
             closers.append(ch.close)
+        # plain grpcio clients to the mesh servers (DISABLE / STRICT): the servers' share
+        from pymesh.security._native import native_channel
+        from pymesh.security._spiffe import spiffe_dns_name
+
+        echo_dns = spiffe_dns_name("spiffe://cluster.local/ns/default/sa/echo")
+        raw["srv-plain"] = grpc.insecure_channel(f"127.0.0.1:{ports['gp']}", opts)
+        raw["srv-mtls"] = native_channel(
+            f"127.0.0.1:{ports['gm']}", client_provider.current(), echo_dns, opts, None
+        )
+        closers += [raw["srv-plain"].close, raw["srv-mtls"].close]
         rcalls = {a: ch.unary_unary("/echo.Echo/Who") for a, ch in raw.items()}
         res = run_rounds(
             {a: (lambda c=c: c(b"x", timeout=10)) for a, c in rcalls.items()},
@@ -440,8 +457,9 @@ def main() -> None:
             args.requests,
         )
         report(
-            "grpcio channels, no mesh: plaintext vs grpcio's TLS (DNS-named certificate) vs "
-            "the tunnel (URI SAN checked)",
+            "grpcio channels, no mesh client: plaintext vs grpcio's TLS (DNS-named "
+            "certificate) vs the tunnel (URI SAN checked), to plain grpcio servers; srv-*: "
+            "plain grpcio clients to the mesh servers (plaintext / grpcio's TLS to STRICT)",
             res,
             "plain",
         )
@@ -450,10 +468,6 @@ def main() -> None:
         # the tunnel the mTLS-tunnel channel opened (CDS TLS settings): a new connection
         # per call; and a new grpcio TLS channel per call (the native path)
         tunnel = next(t for t in tunnel_creds.tunnels if t.endpoint[1] == ports["gm"])
-        from pymesh.security._native import native_channel
-        from pymesh.security._spiffe import spiffe_dns_name
-
-        echo_dns = spiffe_dns_name("spiffe://cluster.local/ns/default/sa/echo")
         endpoint_mtls = f"127.0.0.1:{ports['gm']}"
 
         def fresh(target: str) -> None:
@@ -486,8 +500,11 @@ def main() -> None:
         )
         # last: grpc.aio binds grpcio to this event loop
         loop = asyncio.new_event_loop()  # left open: grpcio's aio poller outlives the run
-        res = loop.run_until_complete(aio_rounds(target, creds, xds, args))
-        print(f"\ngRPC aio: pymesh.grpc.aio channels, {args.concurrency} calls in flight")
+        res = loop.run_until_complete(aio_rounds(target, creds, tunnel_creds, xds, args))
+        print(
+            f"\ngRPC aio: pymesh.grpc.aio channels, {args.concurrency} calls in flight "
+            f"(paths: {dict(creds.stats)})"
+        )
         print(f"  {'arm':<14}{'latency p50':>14}{'calls/s':>12}{'time ratio':>12}")
         for arm, (p50, per_call) in res.items():
             ratio = per_call / res["plain"][1]
