@@ -73,6 +73,8 @@ _IN_CREATE = 0x100
 _IN_DELETE = 0x200
 _IN_DELETE_SELF = 0x400
 _IN_MOVE_SELF = 0x800
+_IN_Q_OVERFLOW = 0x4000
+_IN_IGNORED = 0x8000
 _IN_ISDIR = 0x40000000
 _IN_NONBLOCK = 0o4000
 _IN_CLOEXEC = 0o2000000
@@ -119,6 +121,9 @@ class Inotify:
         self.fd = fd
         self._paths = tuple(paths)
         self._watched: set[str] = set()
+        # Per watch descriptor: the file names that matter in that directory (``None``: any
+        # config file, for a directory given as a config path).
+        self._names: dict[int, frozenset[str] | None] = {}
         self.stale = False
         """Whether directories may have appeared or gone since the last :meth:`rewatch`."""
         self.rewatch()
@@ -133,39 +138,58 @@ class Inotify:
             return None
         return cls(libc, fd, paths)
 
-    def _directories(self) -> list[Path]:
-        dirs: list[Path] = []
+    def _directories(self) -> dict[str, frozenset[str] | None]:
+        """Directories to watch and the names that matter in each (``None``: any)."""
+        dirs: dict[str, frozenset[str] | None] = {}
         for path in self._paths:
+            if len(dirs) >= MAX_WATCHES:
+                break
             if path.is_dir():
                 for root, subdirs, _files in os.walk(path):
                     subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-                    dirs.append(Path(root))
+                    dirs[root] = None
                     if len(dirs) >= MAX_WATCHES:
-                        return dirs
+                        break
             else:
-                dirs.append(path.parent)
-        return dirs[:MAX_WATCHES]
+                key = str(path.parent)
+                if key in dirs:
+                    names = dirs[key]
+                    dirs[key] = None if names is None else names | {path.name}
+                else:
+                    dirs[key] = frozenset({path.name})
+        return dirs
 
     def rewatch(self) -> None:
         """Add watches for directories not watched yet (new subdirectories, a parent that
         was re-created). Adding a watch twice is harmless (the kernel reuses it)."""
         self.stale = False
-        for d in self._directories():
-            key = str(d)
+        for key, names in self._directories().items():
             if key in self._watched:
                 continue
             wd = self._libc.inotify_add_watch(self.fd, os.fsencode(key), _MASK)
             if wd >= 0:
                 self._watched.add(key)
+                self._names[wd] = names
+
+    def _relevant(self, wd: int, mask: int, name: bytes) -> bool:
+        """Whether an event may concern a config file (else, e.g. a temporary file written
+        next to it before the rename, it is ignored)."""
+        if wd not in self._names or mask & (_IN_Q_OVERFLOW | _IN_ISDIR):
+            return True
+        names = self._names[wd]
+        text = os.fsdecode(name.rstrip(b"\0"))
+        if names is None:
+            return text.endswith(_SUFFIXES) and not text.startswith(".")
+        return text in names
 
     def drain(self) -> bool:
-        """Read every queued event; ``True`` when there was any (something may have changed).
+        """Read every queued event; ``True`` when one may concern a config file.
 
         A watched directory that went away (``IN_DELETE_SELF``/``IN_MOVE_SELF``) is
         forgotten, and a directory created in a watched one sets :attr:`stale`: the owner
         then calls :meth:`rewatch` (off its event loop: it walks the directories).
         """
-        seen = False
+        relevant = False
         for _ in range(_MAX_READS):
             try:
                 data = os.read(self.fd, _READ_SIZE)
@@ -177,15 +201,19 @@ class Inotify:
                 break
             if not data:
                 break
-            seen = True
             for i in _offsets(data):
+                wd = int.from_bytes(data[i : i + 4], sys.byteorder, signed=True)
                 mask = int.from_bytes(data[i + 4 : i + 8], sys.byteorder)
-                if mask & (_IN_DELETE_SELF | _IN_MOVE_SELF):
+                size = int.from_bytes(data[i + 12 : i + 16], sys.byteorder)
+                if mask & (_IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED):
                     self._watched.clear()
+                    self._names.pop(wd, None)
+                    self.stale = relevant = True
+                    continue
+                if mask & _IN_ISDIR:
                     self.stale = True
-                elif mask & _IN_ISDIR:
-                    self.stale = True
-        return seen
+                relevant = relevant or self._relevant(wd, mask, data[i + 16 : i + 16 + size])
+        return relevant
 
     def close(self) -> None:
         if self.fd >= 0:
