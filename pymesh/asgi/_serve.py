@@ -391,11 +391,13 @@ def serve(
     xds_client: XdsClient | None = None,
     certificate_provider: CertificateProvider | None = None,
     log_level: str = "info",
+    telemetry: bool = True,
 ) -> None:
     """Run ``app`` on the mesh until interrupted: inbound listener policy, RBAC, and mTLS per
     PeerAuthentication (STRICT / PERMISSIVE on one port / DISABLE) with certificates from the
-    bootstrap's ``file_watcher`` provider (or ``certificate_provider``). See
-    :class:`MeshServer` for embedding (``start``/``stop``)."""
+    bootstrap's ``file_watcher`` provider (or ``certificate_provider``), and Istio's server
+    telemetry unless ``telemetry=False``. See :class:`MeshServer` for embedding
+    (``start``/``stop``)."""
     MeshServer(
         app,
         port=port,
@@ -403,4 +405,5 @@ def serve(
         xds_client=xds_client,
         certificate_provider=certificate_provider,
         log_level=log_level,
+        telemetry=telemetry,
     ).run()
