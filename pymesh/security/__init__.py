@@ -21,7 +21,7 @@ from pymesh.security._providers import (
     split_chain,
 )
 from pymesh.security._rotation import renewal_time, retry_delay
-from pymesh.security._spiffe import SpiffeId, spiffe_dns_name
+from pymesh.security._spiffe import SpiffeId
 from pymesh.security._tls import (
     MeshSSLContext,
     PeerVerifier,
@@ -56,7 +56,6 @@ __all__ = [
     "retry_delay",
     "server_credentials",
     "server_ssl_context",
-    "spiffe_dns_name",
     "split_chain",
     "uri_sans",
     "verify_token",

@@ -317,31 +317,25 @@ def test_rotation_new_calls_on_new_credentials_inflight_call_finishes(
 # ----------------------------------------------------------------------------- grpc.aio
 
 
-def test_aio_switches_to_native_once_probed(ca: CertificateAuthority, server: Server) -> None:
-    """aio cannot probe in the event loop: the endpoint starts on the tunnel, a probe in a
-    thread finds the derived name, new calls go over grpcio's TLS."""
-    creds = _creds(ca, SERVER)
+def test_aio_auto_keeps_the_tunnel(ca: CertificateAuthority, server: Server) -> None:
+    """``grpc.aio`` with ``native="auto"`` stays on the tunnel (it measured faster there);
+    ``native="always"`` takes grpcio's TLS."""
+    for native, tunnels in (("auto", 1), ("always", 0)):
+        creds = _creds(ca, SERVER, native=native)
 
-    async def main() -> tuple[bytes, bytes]:
-        ch = creds.open_aio_subchannel(server.key, OPTS, None, None, None)
+        async def main(creds: MeshChannelCredentials = creds) -> bytes:
+            ch = creds.open_aio_subchannel(server.key, OPTS, None, None, None)
+            try:
+                return await ch.unary_unary("/t.Who/Am")(b"", timeout=5)  # type: ignore[no-any-return]
+            finally:
+                await ch.close()
+
         try:
-            call = ch.unary_unary("/t.Who/Am")
-            first = await call(b"", timeout=5)
-            for _ in range(200):
-                if creds.stats["native_switches"]:
-                    break
-                await asyncio.sleep(0.05)
-            return first, await call(b"", timeout=5)
+            assert asyncio.run(main()) == CLIENT.encode()
+            assert len(creds.tunnels) == tunnels
+            assert creds.stats["native_endpoints"] == 1 - tunnels
         finally:
-            await ch.close()
-
-    try:
-        first, second = asyncio.run(main())
-        assert first == second == CLIENT.encode()
-        assert creds.stats["probe_native"] == 1 and creds.stats["native_switches"] == 1
-        assert creds.stats["native_channels"] == 1
-    finally:
-        creds.close()
+            creds.close()
 
 
 def test_aio_attacks_refused_natively_and_rotation(
