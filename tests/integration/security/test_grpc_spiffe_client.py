@@ -287,6 +287,8 @@ def test_mesh_channel_takes_tls_and_sans_from_cds(
         )
         try:
             assert good.unary_unary("/t.Who/Am")(b"", timeout=15) == CLIENT.encode()
+            # the server's certificate is pymesh-issued: grpcio's own TLS (the native path)
+            assert creds.stats["native_endpoints"] == 1 and not creds.tunnels
             with pytest.raises(grpc.RpcError) as err:
                 bad.unary_unary("/t.Who/Am")(b"", timeout=15)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
