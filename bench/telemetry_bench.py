@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -42,7 +43,6 @@ from httpx_bench import (
     HOST,
     PORT,
     Round,
-    _MemoryPool,
     async_round,
     mesh_yaml,
     pct,
@@ -54,6 +54,7 @@ import pymesh.httpx
 from pymesh import telemetry
 from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
 from pymesh.controlplane import ControlPlane
+from pymesh.httpx._h1 import Done
 from pymesh.xds.client import XdsClient
 
 
@@ -89,12 +90,34 @@ def summarize(name: str, off: list[Round], on: list[Round]) -> list[str]:
     ]
 
 
-def isolated(xds: XdsClient, tel: telemetry.Telemetry, repeats: int = 30) -> tuple[float, float]:
-    """Client-thread CPU µs per request of the mesh transport answering from memory, with
-    telemetry off and on (min over interleaved repeats)."""
-    pool = _MemoryPool()
+class _DonePool:
+    """An httpcore pool answering from memory as the HTTP/1.1 engine answers a small
+    response: the body complete when the head is read (its ``Done`` stream), sync or async."""
+
+    connections: list[object] = []
+
+    def _response(self) -> httpcore.Response:
+        return httpcore.Response(
+            200, headers=[(b"content-type", b"text/plain")], content=Done([b"hello from memory"])
+        )
+
+    def handle_request(self, request: object) -> httpcore.Response:
+        return self._response()
+
+    async def handle_async_request(self, request: object) -> httpcore.Response:
+        return self._response()
+
+
+def isolated(xds: XdsClient, tel: telemetry.Telemetry, repeats: int = 30) -> dict[str, float]:
+    """Client-thread CPU µs per request of the mesh transports answering from memory, with
+    telemetry off and on (min over interleaved repeats): sync, and async on one event loop
+    (sequential awaits, so the figure is the transport's and telemetry's code, not the
+    loop's scheduling)."""
+    pool = _DonePool()
     mesh = pymesh.httpx.MeshTransport(xds)
     mesh._pools.get = lambda send, link: pool  # type: ignore[method-assign,assignment,return-value]
+    amesh = pymesh.httpx.AsyncMeshTransport(xds)
+    amesh._pools.get = lambda send, link: pool  # type: ignore[method-assign,assignment,return-value]
     url = f"http://{HOST}:{PORT}/"
 
     def run() -> None:
@@ -102,7 +125,10 @@ def isolated(xds: XdsClient, tel: telemetry.Telemetry, repeats: int = 30) -> tup
         r.read()
         r.close()
 
-    run()
+    async def arun() -> None:
+        r = await amesh.handle_async_request(httpx.Request("GET", url))
+        await r.aread()
+        await r.aclose()
 
     def cpu(n: int = 1000) -> float:
         c0 = time.thread_time()
@@ -110,21 +136,61 @@ def isolated(xds: XdsClient, tel: telemetry.Telemetry, repeats: int = 30) -> tup
             run()
         return (time.thread_time() - c0) / n * 1e6
 
-    offs: list[float] = []
-    ons: list[float] = []
+    async def acpu(n: int = 1000) -> float:
+        c0 = time.thread_time()
+        for _ in range(n):
+            await arun()
+        return (time.thread_time() - c0) / n * 1e6
+
+    out: dict[str, list[float]] = {"off": [], "on": [], "aoff": [], "aon": []}
+
+    async def arounds() -> None:
+        await arun()
+        for _ in range(repeats):
+            telemetry.uninstall()
+            out["aoff"].append(await acpu())
+            telemetry.install(tel)
+            out["aon"].append(await acpu())
+        telemetry.uninstall()
+        global ACALLS
+        ACALLS = (
+            await acalls_per_request(arun, False, tel),
+            await acalls_per_request(arun, True, tel),
+        )
+        await amesh.aclose()
+
+    run()
     for _ in range(repeats):
         telemetry.uninstall()
-        offs.append(cpu())
+        out["off"].append(cpu())
         telemetry.install(tel)
-        ons.append(cpu())
+        out["on"].append(cpu())
     telemetry.uninstall()
+    asyncio.run(arounds())
     global CALLS
     CALLS = (calls_per_request(run, False, tel), calls_per_request(run, True, tel))
     mesh.close()
-    return min(offs), min(ons)
+    return {k: min(v) for k, v in out.items()}
 
 
 CALLS = (0.0, 0.0)
+ACALLS = (0.0, 0.0)
+
+
+async def acalls_per_request(run: Callable[[], Any], on: bool, tel: telemetry.Telemetry) -> float:
+    """:func:`calls_per_request` of an async request."""
+    import cProfile
+    import pstats
+
+    if on:
+        telemetry.install(tel)
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(500):
+        await run()
+    profile.disable()
+    telemetry.uninstall()
+    return pstats.Stats(profile).total_calls / 500  # type: ignore[attr-defined,no-any-return]
 
 
 def calls_per_request(run: Callable[[], None], on: bool, tel: telemetry.Telemetry) -> float:
@@ -255,13 +321,16 @@ def main() -> None:
             a_off, a_on = asyncio.run(run_async())
             if a_off:
                 lines += summarize(f"async, concurrency {args.concurrency}", a_off, a_on)
-            iso_off, iso_on = isolated(xds, tel)
+            iso = isolated(xds, tel)
             lines += [
                 "isolated (in-memory upstream, client CPU per request, min of 30 x 1000)",
-                f"  telemetry off {iso_off:.1f} us, on {iso_on:.1f} us: "
-                f"+{iso_on - iso_off:.1f} us per request",
-                f"  Python calls per request: off {CALLS[0]:.0f}, on {CALLS[1]:.0f} "
-                f"(+{CALLS[1] - CALLS[0]:.0f})",
+                f"  sync: telemetry off {iso['off']:.1f} us, on {iso['on']:.1f} us: "
+                f"+{iso['on'] - iso['off']:.1f} us per request",
+                f"  async: telemetry off {iso['aoff']:.1f} us, on {iso['aon']:.1f} us: "
+                f"+{iso['aon'] - iso['aoff']:.1f} us per request",
+                f"  Python calls per request, sync: off {CALLS[0]:.0f}, on {CALLS[1]:.0f} "
+                f"(+{CALLS[1] - CALLS[0]:.0f}); async: off {ACALLS[0]:.0f}, on {ACALLS[1]:.0f} "
+                f"(+{ACALLS[1] - ACALLS[0]:.0f})",
             ]
             srv = asgi_isolated(tel)
             lines += [

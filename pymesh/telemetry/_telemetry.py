@@ -26,7 +26,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from opentelemetry import context as otel_context
@@ -41,6 +40,7 @@ from opentelemetry.trace import (
 )
 
 from pymesh.core.flow import lowered_headers
+from pymesh.core.types import RequestInfo
 from pymesh.telemetry import _propagation
 from pymesh.telemetry._accesslog import AccessRecord, format_json, format_text, text_line
 from pymesh.telemetry._labels import (
@@ -60,7 +60,6 @@ if TYPE_CHECKING:  # the OpenTelemetry SDK is imported when a Telemetry is built
     from pymesh.bootstrap import Node
     from pymesh.core.flow import CallResult
     from pymesh.core.runtime import MeshRuntime
-    from pymesh.core.types import RequestInfo
     from pymesh.security import CertificateProvider
     from pymesh.xds.client import XdsClient
 
@@ -757,7 +756,15 @@ class ClientCall:
                 ours = {k for k, _ in added}
                 items = tuple(kv for kv in items if kv[0] not in ours)
                 break
-        return replace(info, headers=lowered_headers((*items, *added)))
+        return RequestInfo(  # positional: dataclasses.replace costs ~3 µs more
+            info.method,
+            info.authority,
+            info.path,
+            lowered_headers((*items, *added)),
+            info.scheme,
+            info.source_ip,
+            info.grpc,
+        )
 
     @property
     def authority(self) -> str:
@@ -1192,6 +1199,16 @@ def finish_local(call: ClientCall, result: CallResult, request_bytes: int) -> No
 def upstream_body(
     call: ClientCall, result: CallResult, status: int, request_bytes: int, stream: Any
 ) -> tuple[Any, Callable[[], None]]:
-    """``(stream, release)`` to hand the response body: counts it, records at release."""
+    """``(stream, release)`` to hand the response body: counts it, records at release.
+
+    A body already complete in memory (the HTTP/1.1 engine's ``Done`` stream: a list of
+    ``chunks``, read with the head) is counted at once and handed over as it is: no
+    counting wrapper, so the adapter sees its own complete body and reads it without its
+    error-translating generator (two generators per request saved, async ones costing
+    the event loop's first-iteration hook each)."""
     body = UpstreamBody(call, result, status, request_bytes, stream)
+    chunks = getattr(stream, "chunks", None)
+    if type(chunks) is list:
+        body.response_bytes = sum(map(len, chunks))
+        return stream, body.release
     return body, body.release
