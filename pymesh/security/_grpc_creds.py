@@ -232,6 +232,7 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
             native=result == ProbeResult.NATIVE,
             open_tunnel=open_tunnel,
             stats=self.stats,
+            reprobe=attempt if self._native == "auto" else None,
         )
         with self._lock:
             self._endpoint_channels.append(channel)

@@ -27,6 +27,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +41,8 @@ __all__ = ["AioEndpointChannel", "EndpointChannel", "ProbeResult", "native_chann
 
 _log = logging.getLogger("pymesh.security")
 
+FALLBACK_PROBE_INTERVAL = 5.0
+"""Seconds between probes of a native endpoint that fails to connect."""
 PROBE_TIMEOUT = 1.0
 """Seconds one probe handshake may take (it runs when the endpoint's subchannel opens)."""
 REPROBE_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
@@ -295,12 +298,54 @@ class EndpointChannel(_Swapping, grpc.Channel):  # type: ignore[misc]
         native: bool,
         open_tunnel: Callable[[], grpc.Channel],
         stats: Any,
+        reprobe: Callable[[], str] | None = None,
     ) -> None:
         self._options = list(options)
         self._compression = compression
         self._callbacks: list[tuple[Callable[[grpc.ChannelConnectivity], None], bool]] = []
+        self._reprobe = reprobe
+        self._probing = False
+        self._last_probe = -FALLBACK_PROBE_INTERVAL
         _Swapping.__init__(
             self, key, provider, dns_name, native=native, open_tunnel=open_tunnel, stats=stats
+        )
+        if reprobe is not None:
+            self.subscribe(self._on_state)
+
+    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
+        """Native and failing to connect: probe (at most every few seconds, one at a time);
+        a server certificate without the derived name now moves the endpoint to the tunnel."""
+        if state is not grpc.ChannelConnectivity.TRANSIENT_FAILURE or self._reprobe is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if not self.native or self._closed or self._probing:
+                return
+            if now - self._last_probe < FALLBACK_PROBE_INTERVAL:
+                return
+            self._probing, self._last_probe = True, now
+        reprobe = self._reprobe
+
+        def run() -> None:
+            try:
+                if reprobe() == ProbeResult.NO_DNS_SAN:
+                    self.switch_to_tunnel()
+            finally:
+                self._probing = False
+
+        threading.Thread(target=run, name=f"pymesh-grpc-probe-{self.key}", daemon=True).start()
+
+    def switch_to_tunnel(self) -> None:
+        """The server's certificate no longer carries the derived name (e.g. now from
+        istiod): new calls go through the tunnel."""
+        with self._lock:
+            if not self.native or self._closed:
+                return
+            self.native = False
+            self.stale = True
+        self._stats["native_fallbacks"] += 1
+        _log.info(
+            "gRPC endpoint %s: certificate without the derived name, using the tunnel", self.key
         )
 
     def _open_native(self, bundle: CertificateBundle) -> Any:

@@ -238,6 +238,41 @@ def test_late_server_switches_to_native_after_a_reprobe(ca: CertificateAuthority
             s.stop()
 
 
+def test_server_losing_the_name_moves_the_endpoint_to_the_tunnel(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """Native first; the server's certificate is then replaced by one without the derived
+    name (as if now from istiod): grpcio's handshakes fail, a probe sees why, and new calls
+    go through the tunnel, which verifies the URI SAN."""
+    root_key = key_from_pem((tmp_path / "ca" / "root-key.pem").read_bytes())
+    s = Server(ca_bundle(ca, "default", "server"))
+    creds = _creds(ca, SERVER)
+    channel = creds.open_subchannel(s.key, OPTS, None, None)
+    try:
+        call = channel.unary_unary("/t.Who/Am")
+        assert call(b"", timeout=5) == CLIENT.encode()
+        assert creds.stats["native_endpoints"] == 1
+        s.provider.update(raw_bundle(ca.roots[0], root_key, SERVER))
+        s.server.stop(0).wait(5)  # end the open connection; the next server has the new cert
+        port = s.port
+        s = Server(s.provider.current(), port=port)
+        deadline = time.monotonic() + 15
+        answer = None
+        while time.monotonic() < deadline:
+            try:
+                answer = call(b"", timeout=2)
+                break
+            except grpc.RpcError:
+                time.sleep(0.1)
+        assert answer == CLIENT.encode()
+        assert creds.stats["native_fallbacks"] == 1 and len(creds.tunnels) == 1
+        assert creds.stats["probe_no_dns_san"] == 1
+    finally:
+        channel.close()
+        creds.close()
+        s.stop()
+
+
 # ----------------------------------------------------------------------------- attacks
 
 
