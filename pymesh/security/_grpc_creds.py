@@ -162,6 +162,18 @@ class MeshChannelCredentials(grpc.ChannelCredentials):
     overrides the CDS matchers; ``always_tls`` uses TLS even where CDS says plaintext (for
     endpoints outside xDS, e.g. tests and benchmarks); ``trust_domains`` additionally limits
     the server's SPIFFE trust domain. Call :meth:`close` when done (stops the tunnels).
+
+    ``native``: ``"auto"`` (default) uses grpcio's own TLS instead of the tunnel on sync
+    channels for an endpoint whose expected identity is one exact SPIFFE ID and whose
+    certificate (seen by a probe handshake when the endpoint's channel opens) carries the
+    DNS name the pymesh CA derives from that ID (docs/mtls.md); ``grpc.aio`` channels keep
+    the tunnel (measured faster there). ``"off"``: always the tunnel; ``"always"``: grpcio's
+    TLS without a probe, sync and aio, wherever the identity is one exact ID (a server
+    certificate without the derived name then fails every handshake). ``stats`` counts
+    ``native_endpoints``, ``tunnel_endpoints``, ``probe_<result>``, ``native_channels``
+    (grpcio channels built, one more per client-certificate rotation), ``native_switches``
+    (tunnel -> native after a late probe) and ``native_fallbacks`` (native -> tunnel: the
+    server's certificate lost the derived name).
     """
 
     def __init__(
