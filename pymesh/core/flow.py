@@ -27,12 +27,14 @@ order is Envoy's HTTP connection manager: filters in order, then the router):
 7. **Mirror**: shadow requests go out once, when the router starts, never per retry.
 8. **Attempts**, each: overall deadline check -> host pick (previous-hosts predicate on
    retries; no host -> 503 ``UH``) -> circuit-breaker limits (requests; for HTTP/1.1 a
-   connection slot, else pending; overflow -> 503 ``UO`` + ``x-envoy-overloaded``, never
-   retried) -> ``Send`` with ``min(per-try, remaining overall)`` and the stream idle
-   timeout -> outlier detection records the outcome (it must see every attempt, retried or
-   not) -> retry decision, asked while the attempt still counts as active (the retry
-   budget sees it); the previous retry's slot is given back first, as Envoy's
-   ``resetRetry``; the backoff is a ``Sleep`` bounded by the overall deadline.
+   connection slot, else it waits in the cluster's FIFO pending queue (``WaitConnection``,
+   bounded by the overall deadline: 504 ``UT`` when it passes); pending overflow -> 503
+   ``UO`` + ``x-envoy-overloaded``, never retried) -> ``Send`` with ``min(per-try,
+   remaining overall)`` and the stream idle timeout -> outlier detection records the
+   outcome (it must see every attempt, retried or not) -> retry decision, asked while the
+   attempt still counts as active (the retry budget sees it); the previous retry's slot is
+   given back first, as Envoy's ``resetRetry``; the backoff is a ``Sleep`` bounded by the
+   overall deadline.
 
 Host pick comes before the limits because Envoy checks ``max_requests`` / pending in the
 cluster's connection pool, which is per host; a request that finds no host must not be
@@ -52,6 +54,8 @@ ATTEMPT          overall deadline passed     DONE (504 ``UT``; ``DT`` when the s
                                              duration limit is the deadline)
 ATTEMPT          no host                     DONE (503 ``UH``)
 ATTEMPT          limits overflow             DONE (503 ``UO``)
+ATTEMPT          HTTP/1.1, no connection     yield WaitConnection -> granted: Send;
+                 slot, queued                deadline passed: DONE (504 ``UT``)
 ATTEMPT          Send -> outcome             DECIDE
 DECIDE           stream idle timeout         DONE (504 ``stream timeout``, ``SI``)
 DECIDE           final (no retry wanted)     DONE (upstream response, or local reply
@@ -66,7 +70,9 @@ Every path through the loop ends: attempts are bounded by the retry policy and a
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -102,6 +108,7 @@ from pymesh.model.route import (
 from pymesh.model.snapshot import ClusterConfig, ClusterError, TargetSnapshot
 
 if TYPE_CHECKING:
+    from pymesh.core.limits import ClusterLimits, PendingTicket
     from pymesh.core.runtime import ClusterRuntime, MeshRuntime
 
 __all__ = [
@@ -115,10 +122,13 @@ __all__ = [
     "ReplyKind",
     "Send",
     "Sleep",
+    "WaitConnection",
     "call_flow",
     "drive_async",
     "drive_sync",
     "lowered_headers",
+    "wait_connection_async",
+    "wait_connection_sync",
 ]
 
 _CONSUMED = (*RETRY_HEADERS, *TIMEOUT_HEADERS)
@@ -181,6 +191,18 @@ class Send:
 
 
 @dataclass(slots=True)
+class WaitConnection:
+    """Wait until ``ticket`` is granted an HTTP/1.1 connection of ``limits`` (Envoy's pending
+    queue), at most ``timeout`` seconds (``None``: no bound), then resume the flow (sent
+    ``None``; it reads the ticket). Register the wake-up with ``limits.arm(ticket, wake)``:
+    the grant may come from any thread."""
+
+    limits: ClusterLimits
+    ticket: PendingTicket
+    timeout: float | None
+
+
+@dataclass(slots=True)
 class Mirror:
     """Fire-and-forget a shadow copy of the request (``-shadow`` authority); the runner
     must not wait for it and ignores its result. Sent ``None``."""
@@ -198,7 +220,7 @@ class Discard:
     response: object
 
 
-Action = Sleep | Send | Mirror | Discard
+Action = Sleep | Send | Mirror | Discard | WaitConnection
 
 
 @dataclass(slots=True)
@@ -665,19 +687,33 @@ def call_flow(
             limits = cluster.limits
             if not limits.try_start_request():
                 return _overflow(flags, ctx)
-            conn = pending = False
+            conn = False
+            ticket: PendingTicket | None = None
             if cluster.protocol is UpstreamProtocol.HTTP1 and not request.grpc:
                 # HTTP/1.1: a request in flight holds a connection; past max_connections a
-                # request waits for one, i.e. it is pending (Envoy's pool semantics).
+                # request waits for one in the pending queue (Envoy's pool semantics).
                 # gRPC always runs over HTTP/2 (proxyless clusters carry no protocol
                 # options; gRFC A32 limits requests only).
                 conn = limits.try_open_connection()
                 if not conn:
-                    if not limits.try_start_pending():
+                    ticket = limits.queue_pending()
+                    if ticket is None:
                         limits.end_request()
                         return _overflow(flags, ctx)
-                    pending = True
-            inflight = _Attempt(cluster, host, conn, pending)
+            inflight = _Attempt(cluster, host, conn, ticket)
+            if ticket is not None:
+                # Waits for the next connection given back, bounded by the overall deadline
+                # (Envoy's per-try timer starts once the request is on a connection).
+                yield WaitConnection(limits, ticket, None if overall is None else overall - now)
+                if not inflight.granted():
+                    inflight.release()
+                    inflight = None
+                    return _timeout(flags, ctx, deadlines)
+                now = clock()
+                if overall is not None and now >= overall:
+                    inflight.release()
+                    inflight = None
+                    return _timeout(flags, ctx, deadlines)
             if retry is not None:
                 retry.record_host(host.key)
             timeout = per_try
@@ -814,18 +850,29 @@ _NO_RETRY = GiveUp("no retry policy")
 
 class _Attempt:
     """What one attempt holds until its response is finished: a request on the cluster
-    (and the host's active count), and for HTTP/1.1 a connection or a pending slot.
-    ``release`` is idempotent."""
+    (and the host's active count), and for HTTP/1.1 a connection or a place in the pending
+    queue (``ticket``). ``release`` is idempotent."""
 
-    __slots__ = ("cluster", "conn", "done", "host", "pending")
+    __slots__ = ("cluster", "conn", "done", "host", "ticket")
 
-    def __init__(self, cluster: ClusterRuntime, host: Host, conn: bool, pending: bool) -> None:
+    def __init__(
+        self, cluster: ClusterRuntime, host: Host, conn: bool, ticket: PendingTicket | None
+    ) -> None:
         self.cluster = cluster
         self.host = host
         self.conn = conn
-        self.pending = pending
+        self.ticket = ticket
         self.done = False
         host.active_requests += 1
+
+    def granted(self) -> bool:
+        """Leave the pending queue: True if a connection was handed over (now held)."""
+        ticket = self.ticket
+        if ticket is None:
+            return self.conn
+        self.ticket = None
+        self.conn = self.cluster.limits.leave_queue(ticket)
+        return self.conn
 
     def release(self) -> None:
         if self.done:
@@ -834,10 +881,12 @@ class _Attempt:
         self.host.active_requests -= 1
         limits = self.cluster.limits
         limits.end_request()
+        ticket = self.ticket
+        if ticket is not None:  # still queued (a cancelled call): leave, unless granted
+            self.ticket = None
+            self.conn = limits.leave_queue(ticket)
         if self.conn:
-            limits.close_connection()
-        if self.pending:
-            limits.end_pending()
+            limits.close_connection()  # to the next queued request, if any
 
 
 _DEFAULT_STREAM_IDLE_TIMEOUT = 300.0
@@ -899,6 +948,8 @@ def drive_sync(
                     discard(action.response)
                 elif type(action) is Mirror:
                     mirror(action)
+                elif type(action) is WaitConnection:
+                    wait_connection_sync(action)
             action = flow.send(reply)
     except StopIteration as stop:
         result: CallResult = stop.value
@@ -906,6 +957,42 @@ def drive_sync(
     except BaseException:
         flow.close()
         raise
+
+
+def wait_connection_sync(action: WaitConnection) -> None:
+    """Block until the ticket is granted or ``action.timeout`` passes (the flow then reads
+    the ticket)."""
+    event = threading.Event()
+    if action.limits.arm(action.ticket, event.set):
+        return
+    timeout = action.timeout
+    event.wait(None if timeout is None else max(timeout, 0.0))
+
+
+async def wait_connection_async(action: WaitConnection) -> None:
+    """:func:`wait_connection_sync` on the running event loop (the grant may come from
+    another thread)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        loop.call_soon_threadsafe(_resolve, future)
+
+    if action.limits.arm(action.ticket, wake):
+        return
+    timeout = action.timeout
+    try:
+        if timeout is None:
+            await future
+        else:
+            await asyncio.wait_for(future, max(timeout, 0.0))
+    except TimeoutError:
+        pass
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def drive_async(
@@ -932,6 +1019,8 @@ async def drive_async(
                     await discard(action.response)
                 elif type(action) is Mirror:
                     mirror(action)
+                elif type(action) is WaitConnection:
+                    await wait_connection_async(action)
             action = flow.send(reply)
     except StopIteration as stop:
         result: CallResult = stop.value

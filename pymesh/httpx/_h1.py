@@ -30,8 +30,14 @@ reading head      final head, body already complete           idle (keep-alive) 
 reading head      final head, body pending                    reading body
 reading body      body complete (length, chunked, EOF)        idle (keep-alive) or closed
 reading body      stream closed before the end                closed
+idle or reading   ``max_requests`` requests done on it        closed (not back to idle)
 any               read/write error, timeout, cancellation     closed
 ================  ==========================================  ===========================
+
+``max_requests`` is the cluster's ``max_requests_per_connection`` (Istio's
+``maxRequestsPerConnection``; ``None``/0: unlimited). The pools never queue: one request
+per connection at a time, and how many requests may be in flight (Envoy's
+``max_connections`` and pending queue) is the flow's business (``pymesh.core.limits``).
 
 A connection returns to the pool only after a complete response on a keep-alive exchange
 (``Connection: close`` from either side, HTTP/1.0 without keep-alive, and bodies delimited
@@ -326,10 +332,11 @@ _BYTE_STREAM: type[Any] = type(httpcore.Request(b"GET", b"http://x/").stream)
 
 
 class _SyncConn:
-    __slots__ = ("idle_since", "poller", "sock", "timeout")
+    __slots__ = ("idle_since", "poller", "sock", "timeout", "uses")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.uses = 0
         self.timeout: float | None = -1.0
         self.idle_since = 0.0
         self.poller: Any = None
@@ -385,9 +392,11 @@ class SyncPool:
         sni: str | None = None,
         keepalive_expiry: float | None = None,
         max_idle: int = _MAX_IDLE,
+        max_requests: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.host = host
+        self.max_requests = max_requests or 0  # requests per connection; 0: unlimited
         self.port = port
         self.ssl_context = ssl_context
         self.sni = sni
@@ -434,6 +443,9 @@ class SyncPool:
 
     def _release(self, conn: _SyncConn, reuse: bool) -> None:
         self._active -= 1
+        limit = self.max_requests
+        if limit and conn.uses >= limit:
+            reuse = False
         if reuse and not self._closed and len(self._idle) < self.max_idle:
             conn.idle_since = self.clock()
             self._idle.append(conn)
@@ -495,6 +507,7 @@ class SyncPool:
         sock = conn.sock
         msg = _Message()
         timeouts = out.timeouts
+        conn.uses += 1
         try:
             conn.set_timeout(timeouts.get("write"))
             try:
@@ -614,6 +627,7 @@ class _AsyncConn(asyncio.Protocol):
         self.paused = False
         self.write_paused = False
         self.idle_since = 0.0
+        self.uses = 0
 
     # protocol callbacks ----------------------------------------------------------------------
 
@@ -727,9 +741,11 @@ class AsyncPool:
         sni: str | None = None,
         keepalive_expiry: float | None = None,
         max_idle: int = _MAX_IDLE,
+        max_requests: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.host = host
+        self.max_requests = max_requests or 0  # requests per connection; 0: unlimited
         self.port = port
         self.ssl_context = ssl_context
         self.sni = sni
@@ -765,6 +781,9 @@ class AsyncPool:
     def _release(self, conn: _AsyncConn, reuse: bool) -> None:
         self._active -= 1
         conn.msg = None
+        limit = self.max_requests
+        if limit and conn.uses >= limit:
+            reuse = False
         if reuse and not conn.lost and not self._closed and len(self._idle) < self.max_idle:
             conn.idle_since = self.clock()
             self._idle.append(conn)
@@ -820,6 +839,7 @@ class AsyncPool:
     async def _exchange(self, conn: _AsyncConn, out: _Out, reused: bool) -> httpcore.Response:
         msg = _Message()
         conn.msg = msg
+        conn.uses += 1
         transport = conn.transport
         assert transport is not None
         timeouts = out.timeouts

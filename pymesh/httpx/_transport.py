@@ -598,7 +598,8 @@ def _new_pool(send: Send | Mirror, link: _Link, engine: type[Any], *, asyncio: b
     """pymesh's HTTP/1.1 engine for HTTP/1.1 upstreams (``engine``: ``SyncPool`` or, on
     asyncio, ``AsyncPool``); httpcore for HTTP/2 upstreams and trio."""
     h2 = send.cluster.protocol is UpstreamProtocol.HTTP2
-    expiry = send.cluster.config.cluster.http_protocol_options.idle_timeout
+    options = send.cluster.config.cluster.http_protocol_options
+    expiry = options.idle_timeout
     address = send.host.address
     if not h2 and engine is not None and _h1.AVAILABLE:
         return engine(
@@ -607,6 +608,7 @@ def _new_pool(send: Send | Mirror, link: _Link, engine: type[Any], *, asyncio: b
             ssl_context=link.ssl_context,
             sni=link.sni,
             keepalive_expiry=expiry,
+            max_requests=options.max_requests_per_connection,
         )
     cls = httpcore.AsyncConnectionPool if asyncio else httpcore.ConnectionPool
     return cls(

@@ -727,7 +727,8 @@ def test_async_transport_keeps_httpcore_without_an_asyncio_loop() -> None:
     from pymesh.model.cluster import UpstreamProtocol
 
     def send(protocol: UpstreamProtocol, key: str) -> Any:
-        cluster = SimpleNamespace(http_protocol_options=SimpleNamespace(idle_timeout=60.0))
+        options = SimpleNamespace(idle_timeout=60.0, max_requests_per_connection=None)
+        cluster = SimpleNamespace(http_protocol_options=options)
         return SimpleNamespace(
             host=SimpleNamespace(key=key, address=SimpleNamespace(host="127.0.0.1", port=1)),
             cluster=SimpleNamespace(protocol=protocol, config=SimpleNamespace(cluster=cluster)),

@@ -185,7 +185,7 @@ def test_resilience_public_surface_is_pinned() -> None:
             "request_header_matches",
             "strip_consumed",
         },
-        pymesh.core.limits: {"ClusterLimits", "LimitsStats"},
+        pymesh.core.limits: {"ClusterLimits", "LimitsStats", "PendingTicket"},
         pymesh.core.outlier: {
             "EjectionType",
             "OutlierDetector",
