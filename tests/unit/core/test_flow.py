@@ -21,6 +21,7 @@ from pymesh.core.flow import (
     ReplyKind,
     Send,
     Sleep,
+    WaitConnection,
     call_flow,
 )
 from pymesh.core.runtime import MeshRuntime
@@ -382,7 +383,7 @@ def test_http1_pending_limit(rt: MeshRuntime, clock: FakeClock) -> None:
     one = call_flow(rt, snap, request(), clock=clock)
     two = call_flow(rt, snap, request(), clock=clock)
     assert isinstance(next(one), Send)  # holds the connection
-    assert isinstance(next(two), Send)  # pending
+    assert isinstance(next(two), WaitConnection)  # pending: waits for the connection
     result = Driver(rt, clock).run(snap, request(), ok)
     assert result.local_reply is not None and result.flags == ("UO",)
     one.close()
