@@ -14,8 +14,10 @@ returns that snapshot (for DNS-named servers such as istiod's CA port).
 ``UpstreamTlsContext`` decides plaintext or TLS; for TLS, grpcio speaks plaintext into a
 private :class:`~pymesh.security._forward.TlsTunnel` whose TLS connection verifies the
 server's chain against the trust bundle and its URI SAN against ``match_subject_alt_names``
-(a :class:`~pymesh.security.MeshSSLContext`, following rotation). docs/mtls.md weighs the
-alternatives and gives the cost.
+(a :class:`~pymesh.security.MeshSSLContext`, following rotation). For servers whose
+certificate the pymesh CA issued, sync channels use grpcio's own TLS instead
+(:mod:`pymesh.security._native`: a DNS SAN derived from the SPIFFE ID, checked with
+``grpc.ssl_target_name_override``). docs/mtls.md weighs the alternatives and gives the cost.
 """
 
 from __future__ import annotations
