@@ -169,7 +169,7 @@ def test_httpx_async_client_cycles(plane: Plane, record: Any) -> None:
 
 
 @pytest.mark.slow  # grpcio's own Channel.close() takes ~0.16 s
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(600)
 def test_grpc_channel_cycles(plane: Plane, record: Any) -> None:
     def one() -> None:
         with pymesh.grpc.insecure_channel(TARGET, xds_client=plane.client) as ch:
