@@ -976,7 +976,10 @@ async def wait_connection_async(action: WaitConnection) -> None:
     future: asyncio.Future[None] = loop.create_future()
 
     def wake() -> None:
-        loop.call_soon_threadsafe(_resolve, future)
+        try:
+            loop.call_soon_threadsafe(_resolve, future)
+        except RuntimeError:
+            pass  # its loop is closed: nobody waits any more
 
     if action.limits.arm(action.ticket, wake):
         return
