@@ -8,15 +8,16 @@ identity (a "fortio" workload), calling ``http://reviews:9080/reviews/0`` from N
 Overflowing requests are answered by the client's own mesh layer, as the sidecar does: 503
 with ``x-envoy-overloaded: true``, without reaching reviews.
 
-pymesh's breaker (pymesh/core/limits.py) admits a request while the connections in use are
-under ``maxConnections`` or, past it, while the requests waiting for one are under
-``http1MaxPendingRequests``: with 1 + 1 that is two requests at once, the third overflows.
-So 1 client never sees a 503, 3 clients do, and 2 clients never do. Istio's task shows a few
-503s at 2 connections: in Envoy, ``maxRequestsPerConnection: 1`` closes each connection after
-one request, the other client's request waits (pending) for a new connection, and a request
-arriving in that window overflows. pymesh's HTTP engine does not implement
-``maxRequestsPerConnection`` and a pending request does not wait, so that window does not
-exist (docs/bookinfo.md says so).
+pymesh follows Envoy's connection-pool rules (pymesh/core/limits.py): each HTTP/1.1
+connection carries one request at a time; past ``maxConnections`` a request waits, first in
+first out, for the next connection released, while the waiters are under
+``http1MaxPendingRequests``; beyond that it overflows. With 1 + 1 two requests can be under
+way (one sent, one waiting), the third overflows. So 1 client never sees a 503, 2 clients
+never do (the second waits), 3 clients do. Istio's task shows a few 503s at 2 connections:
+Envoy also counts a request as pending while a new connection is being set up, and with
+``maxRequestsPerConnection: 1`` that happens before every request; pymesh does not count
+that window (its engine does close a connection after ``maxRequestsPerConnection``
+requests when CDS carries it). docs/bookinfo.md says so.
 
 The slow Envoy test runs the same load through a real Envoy with the same thresholds to the
 same reviews workload: with Python clients Envoy's window is rarely hit (0-1 of 80 requests
@@ -123,6 +124,7 @@ def test_circuit_breaker_trips_with_concurrent_clients(bookinfo: Bookinfo) -> No
 
         assert one == Counter({200: calls}), "a single client never trips the breaker"
         assert three[503] > 0, "three concurrent clients overflow maxConnections + pending"
+        assert two[503] == 0, "the second client's request waits for the connection"
         assert three[503] > two[503]
         assert set(two) | set(three) <= {200, 503}
 
