@@ -213,6 +213,9 @@ class MeshMiddleware:
         if view.snapshot is None:
             await _refuse(scope, send, 503, f"pymesh: not serving: {view.message}")
             return
+        if _headers_too_large(scope.get("headers") or ()):
+            await _refuse(scope, send, 431, "Request Header Fields Too Large")
+            return
         raw_path = scope.get("raw_path")
         if isinstance(raw_path, bytes):
             normalized = normalize_path(raw_path)
@@ -351,3 +354,19 @@ async def _refuse(scope: Scope, send: Send, status: int, body: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": data})
+
+
+MAX_REQUEST_HEADERS_COUNT = 100
+"""Envoy's HTTP connection manager default (``max_request_headers_count``)."""
+MAX_REQUEST_HEADERS_BYTES = 60 * 1024
+"""Envoy's HTTP connection manager default (``max_request_headers_kb``: 60)."""
+
+
+def _headers_too_large(headers: Any) -> bool:
+    """Envoy's limits on the request headers a sidecar accepts (431 beyond them)."""
+    if len(headers) > MAX_REQUEST_HEADERS_COUNT:
+        return True
+    size = 0
+    for name, value in headers:
+        size += len(name) + len(value)
+    return size > MAX_REQUEST_HEADERS_BYTES

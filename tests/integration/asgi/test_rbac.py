@@ -166,6 +166,13 @@ def test_middleware_alone_under_plain_uvicorn(mesh: Mesh) -> None:
         r = get(f"http://127.0.0.1:{port}/open")
         assert isinstance(r, httpx.Response) and r.status_code == 200
         assert json.loads(r.text)["tls"] is False
+        # Envoy's request header limits (100 headers, 60 KiB): 431 beyond, as a sidecar
+        many = {f"x-h{i}": "v" for i in range(95)}  # + host, accept, ... from httpx
+        assert _status(get(f"http://127.0.0.1:{port}/open", headers=many)) == 200
+        many.update({f"x-more{i}": "v" for i in range(10)})
+        assert _status(get(f"http://127.0.0.1:{port}/open", headers=many)) == 431
+        big = {"x-big": "a" * (61 * 1024)}
+        assert _status(get(f"http://127.0.0.1:{port}/open", headers=big)) == 431
         assert app.listener_name == f"xds.istio.io/grpc/lds/inbound/127.0.0.1:{port}"
         mesh.write(
             "pa.yaml",
