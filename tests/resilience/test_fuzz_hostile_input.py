@@ -355,13 +355,18 @@ def authority() -> Iterator[CertificateAuthority]:
         yield CertificateAuthority(Path(d) / "ca")
 
 
+_B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+
+
 def _pem_damage(pem: bytes, choose: Callable[[int], int], data: st.DataObject) -> bytes:
     kind = data.draw(st.integers(0, 3))
     if kind == 0:
         return flip_bytes(pem, choose, data.draw(st.integers(1, 6)))
     lines = pem.splitlines()
     if kind == 1 and len(lines) > 2:  # damage inside the base64 body (valid base64, bad DER)
-        body = bytearray(base64.b64decode(b"".join(lines[1:-1]) + b"==", validate=False))
+        b64 = bytes(c for c in b"".join(lines[1:-1]) if c in _B64_ALPHABET)
+        b64 = b64[: len(b64) - len(b64) % 4]  # the body may span several PEM blocks
+        body = bytearray(base64.b64decode(b64, validate=False))
         body = bytearray(flip_bytes(bytes(body), choose, data.draw(st.integers(1, 4))))
         return lines[0] + b"\n" + base64.encodebytes(bytes(body)) + lines[-1] + b"\n"
     if kind == 2:
