@@ -22,6 +22,7 @@ grpcio keeps a channel alive while calls on it are).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import socket
@@ -153,7 +154,7 @@ class _Multi:
         return self._get().future(*args, **kwargs)
 
 
-class _Swapping:
+class _Swapping(abc.ABC):
     """What the sync and aio endpoint channels share: the current inner channel
     (``state``: generation, channel) and its replacement on a new certificate or a switch
     from the tunnel to grpcio's TLS."""
@@ -181,9 +182,11 @@ class _Swapping:
         self.state: tuple[int, Any] = (0, self._build())
         self._unsubscribe = provider.subscribe(self._on_bundle)
 
+    @abc.abstractmethod
     def _open_native(self, bundle: CertificateBundle) -> Any:
-        raise NotImplementedError
+        """A grpcio channel to the endpoint on grpcio's own TLS with ``bundle``."""
 
+    @abc.abstractmethod
     def _retire(self, old: Any, new: Any) -> None:
         """The old inner channel was replaced by ``new`` (calls in flight finish on it)."""
 
