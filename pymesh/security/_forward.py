@@ -178,6 +178,26 @@ class _TunnelLoop:
         except FileNotFoundError:
             self._epoll.register(fd, events)
 
+    def pipe_interest(self, pipe: Any, on_up: Any, on_down: Any) -> None:
+        """Register both sockets of an open pipe (a tunnel's or the PERMISSIVE front's) for
+        what they wait for now: a side is read only while nothing from it waits to be
+        written to the other side; registrations change only when the events do."""
+        read, write = self.READ, self.WRITE
+        ev = (0 if pipe.out_down else read) | (write if pipe.out_up else 0)
+        if ev != pipe.ev_up:
+            pipe.ev_up = ev
+            if ev:
+                self.register(pipe.up, ev, (on_up, pipe))
+            else:
+                self.unregister(pipe.up)
+        ev = (0 if pipe.out_up else read) | (write if pipe.out_down else 0)
+        if ev != pipe.ev_down:
+            pipe.ev_down = ev
+            if ev:
+                self.register(pipe.down, ev, (on_down, pipe))
+            else:
+                self.unregister(pipe.down)
+
     def unregister(self, sock: socket.socket) -> None:
         fd = sock.fileno()
         if self._fds.pop(fd, None) is not None:
@@ -354,24 +374,9 @@ class TlsTunnel:
 
     def _interest(self, pipe: _Pipe) -> None:
         """Register both sockets for what they wait for now (open state)."""
-        # a side is read only while nothing from it waits to be written to the other side
         if pipe.state != "open":
             return
-        read, write = self._READ, self._WRITE
-        ev = (0 if pipe.out_down else read) | (write if pipe.out_up else 0)
-        if ev != pipe.ev_up:
-            pipe.ev_up = ev
-            if ev:
-                self._loop.register(pipe.up, ev, (self._on_up, pipe))
-            else:
-                self._loop.unregister(pipe.up)
-        ev = (0 if pipe.out_up else read) | (write if pipe.out_down else 0)
-        if ev != pipe.ev_down:
-            pipe.ev_down = ev
-            if ev:
-                self._loop.register(pipe.down, ev, (self._on_down, pipe))
-            else:
-                self._loop.unregister(pipe.down)
+        self._loop.pipe_interest(pipe, self._on_up, self._on_down)
 
     def _on_up(self, pipe: _Pipe, sock: Any, mask: int) -> None:
         if pipe.state == "closed":
@@ -690,21 +695,7 @@ class PermissiveFront:
     def _interest(self, pipe: _FrontPipe) -> None:
         if pipe.state != "open" or pipe.up is None:
             return
-        r, w = self._R, self._W
-        ev = (0 if pipe.out_down else r) | (w if pipe.out_up else 0)
-        if ev != pipe.ev_up:
-            pipe.ev_up = ev
-            if ev:
-                self._loop.register(pipe.up, ev, (self._on_up, pipe))
-            else:
-                self._loop.unregister(pipe.up)
-        ev = (0 if pipe.out_up else r) | (w if pipe.out_down else 0)
-        if ev != pipe.ev_down:
-            pipe.ev_down = ev
-            if ev:
-                self._loop.register(pipe.down, ev, (self._on_down, pipe))
-            else:
-                self._loop.unregister(pipe.down)
+        self._loop.pipe_interest(pipe, self._on_up, self._on_down)
 
     @staticmethod
     def _send(sock: socket.socket, data: bytes) -> bytes:
