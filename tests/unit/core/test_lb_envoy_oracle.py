@@ -21,9 +21,7 @@ from __future__ import annotations
 import http.client
 import json
 import random
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -61,6 +59,7 @@ from pymesh.model.route import (
     QueryParameterHash,
     RegexRewrite,
 )
+from tests.envoy_process import run_envoy
 
 pytestmark = pytest.mark.envoy
 
@@ -375,18 +374,6 @@ def upstream_ports() -> Iterator[list[int]]:
             t.join(5)
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def front_port(
     tmp_path_factory: pytest.TempPathFactory, envoy_bin: Path, upstream_ports: list[int]
@@ -468,61 +455,8 @@ def front_port(
             "clusters": clusters,
         },
     }
-    config = tmp / "envoy.json"
-    config.write_text(json.dumps(boot))
-    admin_path = tmp / "admin.txt"
-    log_path = tmp / "envoy.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [
-                str(envoy_bin),
-                "-c",
-                str(config),
-                "--base-id",
-                str(random.randint(10_000, 60_000)),
-                "--admin-address-path",
-                str(admin_path),
-                "--concurrency",
-                "1",
-                "--log-level",
-                "warning",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-
-            def admin_ready() -> bool:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                return admin_path.exists() and bool(admin_path.read_text().strip())
-
-            _wait(admin_ready, 30, "envoy admin")
-            host, _, port = admin_path.read_text().strip().rpartition(":")
-            found: list[int] = []
-
-            def listener_up() -> bool:
-                conn = http.client.HTTPConnection(host, int(port), timeout=5)
-                try:
-                    conn.request("GET", "/listeners?format=json")
-                    statuses = json.loads(conn.getresponse().read()).get("listener_statuses") or []
-                finally:
-                    conn.close()
-                for s in statuses:
-                    p = s["local_address"]["socket_address"].get("port_value")
-                    if p:
-                        found.append(int(p))
-                        return True
-                return False
-
-            _wait(listener_up, 30, "envoy listener")
-            yield found[0]
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    with run_envoy(envoy_bin, json.dumps(boot), tmp) as envoy:
+        yield envoy.port
 
 
 def _cases(rng: random.Random, n: int) -> list[tuple[list[tuple[str, str]], str]]:
