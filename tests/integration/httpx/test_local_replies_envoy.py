@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import random
 import socket
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +28,7 @@ from google.protobuf import json_format
 
 import pymesh.httpx
 from pymesh.xds.client import XdsClient
+from tests.envoy_process import run_envoy
 from tests.xdsserver import CDS, LDS, XdsTestServer
 
 pytestmark = pytest.mark.envoy
@@ -108,15 +106,6 @@ def _clusters(closed: int) -> list[dict[str, Any]]:
     ]
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def envoy_port(
     envoy_bin: Path, tmp_path_factory: pytest.TempPathFactory
@@ -137,50 +126,8 @@ def envoy_port(
             "clusters": _clusters(closed),
         },
     }
-    config = tmp / "envoy.json"
-    config.write_text(json.dumps(bootstrap))
-    admin_path = tmp / "admin.txt"
-    log_path = tmp / "envoy.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [
-                str(envoy_bin), "-c", str(config),
-                "--base-id", str(random.randint(10_000, 60_000)),
-                "--admin-address-path", str(admin_path),
-                "--concurrency", "1", "--log-level", "warning",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            _wait(lambda: admin_path.exists() and bool(admin_path.read_text().strip()), 30, "admin")
-            host, _, port = admin_path.read_text().strip().rpartition(":")
-
-            def listener_port() -> int | None:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                conn = http.client.HTTPConnection(host, int(port), timeout=5)
-                try:
-                    conn.request("GET", "/listeners?format=json")
-                    body = json.loads(conn.getresponse().read())
-                finally:
-                    conn.close()
-                for s in body.get("listener_statuses") or []:
-                    p = s["local_address"]["socket_address"].get("port_value")
-                    if p:
-                        return int(p)
-                return None
-
-            _wait(lambda: listener_port() is not None, 30, "envoy listener")
-            lp = listener_port()
-            assert lp is not None
-            yield lp, closed
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    with run_envoy(envoy_bin, json.dumps(bootstrap), tmp) as envoy:
+        yield envoy.port, closed
 
 
 def _envoy_answer(port: int, path: str) -> tuple[int, str, dict[str, str]]:
