@@ -59,7 +59,7 @@ import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpcore
 
@@ -380,8 +380,12 @@ class _SyncConn:
             pass
 
 
-class SyncPool:
-    """HTTP/1.1 keep-alive connections to one endpoint over blocking sockets."""
+_C = TypeVar("_C")
+
+
+class _Pool(Generic[_C]):
+    """What the sync and asyncio pools share: the endpoint, its TLS, the keep-alive limits
+    and the idle connections (most recently used last)."""
 
     def __init__(
         self,
@@ -403,12 +407,10 @@ class SyncPool:
         self.keepalive_expiry = keepalive_expiry
         self.max_idle = max_idle
         self.clock = clock
-        self._idle: collections.deque[_SyncConn] = collections.deque()
+        self._idle: collections.deque[_C] = collections.deque()
         self._active = 0
-        self._lock = threading.Lock()
         self._closed = False
-
-    # pool -----------------------------------------------------------------------------------
+        self._lock = threading.Lock()  # the sync pool's idle deque, closed from any thread
 
     def is_idle(self) -> bool:
         """No request in progress."""
@@ -416,6 +418,12 @@ class SyncPool:
 
     def idle_count(self) -> int:
         return len(self._idle)
+
+
+class SyncPool(_Pool["_SyncConn"]):
+    """HTTP/1.1 keep-alive connections to one endpoint over blocking sockets."""
+
+    # pool -----------------------------------------------------------------------------------
 
     def _checkout(self) -> _SyncConn | None:
         idle = self._idle
@@ -726,41 +734,11 @@ class _AsyncConn(asyncio.Protocol):
                 pass  # its event loop is closed (a client used across asyncio.run calls)
 
 
-class AsyncPool:
+class AsyncPool(_Pool["_AsyncConn"]):
     """HTTP/1.1 keep-alive connections to one endpoint on asyncio; shared by every task.
 
     Checking out and returning a connection is a deque operation: the pool does not slow
     down with many requests in flight."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-        sni: str | None = None,
-        keepalive_expiry: float | None = None,
-        max_idle: int = _MAX_IDLE,
-        max_requests: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.host = host
-        self.max_requests = max_requests or 0  # requests per connection; 0: unlimited
-        self.port = port
-        self.ssl_context = ssl_context
-        self.sni = sni
-        self.keepalive_expiry = keepalive_expiry
-        self.max_idle = max_idle
-        self.clock = clock
-        self._idle: collections.deque[_AsyncConn] = collections.deque()
-        self._active = 0
-        self._closed = False
-
-    def is_idle(self) -> bool:
-        return self._active == 0
-
-    def idle_count(self) -> int:
-        return len(self._idle)
 
     def _checkout(self, loop: asyncio.AbstractEventLoop) -> _AsyncConn | None:
         idle = self._idle
