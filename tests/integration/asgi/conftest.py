@@ -50,6 +50,7 @@ async def whoami(scope: dict[str, Any], receive: Any, send: Any) -> None:
     body = json.dumps(
         {
             "path": scope["path"],
+            "raw_path": scope.get("raw_path", b"").decode("latin-1"),
             "method": scope["method"],
             "tls": p.tls if p else None,
             "spiffe_id": p.spiffe_id if p else None,
