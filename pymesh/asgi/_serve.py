@@ -20,7 +20,7 @@ connection, what Envoy's inbound listener (TLS inspector + filter chain match) w
    connection's :class:`~pymesh.asgi._peer.Connection` (transport, client certificate) is put in
    every request's ``scope["extensions"]`` for :class:`~pymesh.asgi.MeshMiddleware`.
 
-HTTP/1.1 only (uvicorn's h11): ALPN offers ``http/1.1``.
+HTTP/1.1 only (uvicorn's httptools protocol): ALPN offers ``http/1.1``.
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ class MeshServer:
             served = asgi_middleware(served)
         config = uvicorn.Config(
             served,
-            http="h11",
+            http="httptools",  # ~95 us less server CPU per request than h11 (docs/mtls.md)
             ws="none",
             lifespan="auto",
             proxy_headers=False,
