@@ -31,7 +31,7 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import uvicorn
@@ -53,28 +53,108 @@ TLS_HANDSHAKE_RECORD = 0x16
 _ALPN = ("http/1.1",)
 
 
-def _with_connection(app: ASGIApp, conn: Connection) -> ASGIApp:
+class _Corked:
+    """A connection's transport that, while corked, gathers what is written and writes it in
+    one piece when uncorked: a response's head and its first body chunk leave in one
+    ``send`` (one TLS record under mTLS) instead of two. Everything else is the transport's."""
+
+    __slots__ = ("_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: list[bytes] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        held = self._held
+        if held is None:
+            self._transport.write(data)
+        elif data:
+            held.append(bytes(data))
+
+    def writelines(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in chunks:
+            self.write(data)
+
+    def cork(self) -> None:
+        self._held = []
+
+    def uncork(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self.uncork()
+        self._transport.close()
+
+
+def _with_connection(app: ASGIApp, conn: Connection, corked: _Corked | None) -> ASGIApp:
+    tls = conn.tls_extension() if conn.tls else None
+
     async def with_connection(scope: Scope, receive: Receive, send: Send) -> None:
         extensions = dict(scope.get("extensions") or {})
         extensions[CONNECTION_KEY] = conn
-        if conn.tls:
-            extensions.setdefault("tls", conn.tls_extension())
+        if tls is not None:
+            extensions.setdefault("tls", dict(tls))
         scope["extensions"] = extensions
-        await app(scope, receive, send)
+        if corked is None or scope.get("type") != "http":
+            await app(scope, receive, send)
+            return
+        # ASGI lets a server hold the response head until the first body message: the head
+        # and that message are written together (one send, one TLS record).
+        held: list[MutableMapping[str, Any]] = []
+        started = False
+
+        async def coalescing_send(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            if held:
+                head = held.pop()
+                if message.get("type") != "http.response.body":
+                    await send(head)
+                    await send(message)
+                    return
+                corked.cork()
+                try:
+                    await send(head)
+                    await send(message)
+                finally:
+                    corked.uncork()
+                return
+            if not started and message.get("type") == "http.response.start":
+                started = True
+                held.append(message)
+                return
+            await send(message)
+
+        try:
+            await app(scope, receive, coalescing_send)
+        except BaseException:
+            if held:  # a head without a body: the server sees it as before (and closes)
+                with contextlib.suppress(Exception):
+                    await send(held.pop())
+            raise
+        if held:
+            await send(held.pop())
 
     return with_connection
 
 
 def _protocol_class(base: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol, tagging each request with its connection's TLS state."""
+    """uvicorn's HTTP protocol, tagging each request with its connection's TLS state and
+    writing each response's head with its first body chunk."""
 
     class MeshProtocol(base):  # type: ignore[valid-type,misc]
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)
             ssl_object = transport.get_extra_info("ssl_object")
             conn = PLAINTEXT if ssl_object is None else Connection.from_ssl_object(ssl_object)
+            corked = _Corked(transport)
+            self.transport = corked
             app: ASGIApp = self.app  # type: ignore[has-type]
-            self.app = _with_connection(app, conn)
+            self.app = _with_connection(app, conn, corked)
 
     return MeshProtocol
 

@@ -27,6 +27,7 @@ def test_permissive_serves_mtls_and_plaintext_on_one_port(mesh: Mesh) -> None:
     assert isinstance(plain, httpx.Response) and plain.status_code == 200, plain
     assert plain.json() == {
         "path": "/hello",
+        "raw_path": "/hello",
         "method": "GET",
         "tls": False,
         "spiffe_id": None,
