@@ -13,12 +13,20 @@ A missing value is ``-``, as Envoy writes it.
 
 from __future__ import annotations
 
+import atexit
+import collections
 import json
+import logging
+import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AccessRecord", "format_json", "format_text", "text_line"]
+__all__ = ["AccessLogWriter", "AccessRecord", "format_json", "format_text", "text_line"]
+
+_log = logging.getLogger("pymesh.telemetry")
 
 
 @dataclass(slots=True)
@@ -138,3 +146,116 @@ def format_json(r: AccessRecord) -> str:
         },
         separators=(",", ":"),
     )
+
+
+def text_item(item: tuple[Any, ...]) -> str:
+    """The line of a queued text item: :func:`text_line`'s 15 fields, then the upstream
+    request's headers (or ``None``), read here for a user agent / request id not given."""
+    headers = item[15]
+    if headers is not None and (item[11] is None or item[12] is None):
+        user_agent, request_id = item[11], item[12]
+        for name, value in headers:
+            if name == "x-request-id" and request_id is None:
+                request_id = value
+            elif name == "user-agent" and user_agent is None:
+                user_agent = value
+        item = (*item[:11], user_agent, request_id, *item[13:])
+    return text_line(*item[:15])
+
+
+FLUSH_INTERVAL = 0.1
+"""Seconds between the writer thread's flushes (Envoy: ``access_log_flush_interval``)."""
+
+MAX_PENDING = 100_000
+"""Queued lines at most; further lines are dropped and counted (never blocks a request)."""
+
+
+class AccessLogWriter:
+    """Access log lines off the request path, as Envoy buffers its access logs and flushes
+    them on a timer: a request appends its fields (a tuple or an :class:`AccessRecord`) to a
+    bounded queue; a daemon thread formats and writes them every ``interval`` seconds, in
+    order, one ``sink(line)`` call per line. A full queue drops the line and counts it in
+    :attr:`dropped` rather than block the request. :meth:`flush` writes everything queued
+    (called at :meth:`close` and at interpreter exit)."""
+
+    def __init__(
+        self,
+        render: Callable[[Any], str],
+        sink: Callable[[str], None],
+        *,
+        interval: float = FLUSH_INTERVAL,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
+        self._render = render
+        self._sink = sink
+        self._interval = interval
+        self._max = max_pending
+        self._pending: collections.deque[Any] = collections.deque()
+        self._lock = threading.Lock()  # one flush at a time: lines stay in order
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.dropped = 0
+        """Lines dropped because the queue was full."""
+
+    def put(self, item: Any) -> None:
+        """Queue one line's fields (the request path: an append, no formatting, no I/O)."""
+        pending = self._pending
+        if len(pending) >= self._max:
+            self.dropped += 1
+            return
+        pending.append(item)
+        if self._thread is None:
+            self._start()
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is not None or self._stop.is_set():
+                return
+            thread = threading.Thread(
+                target=_run, args=(weakref.ref(self), self._stop, self._interval),
+                name="pymesh-access-log", daemon=True,
+            )  # fmt: skip
+            self._thread = thread
+            _writers.add(self)
+            thread.start()
+
+    def flush(self) -> None:
+        """Format and write every queued line now (in the caller's thread)."""
+        with self._lock:
+            pending = self._pending
+            render = self._render
+            sink = self._sink
+            for _ in range(len(pending)):  # bounded: what is queued now
+                item = pending.popleft()
+                try:
+                    sink(render(item))
+                except Exception:  # a broken sink must never fail a request
+                    _log.exception("access log sink failed")
+
+    def close(self) -> None:
+        """Stop the thread and write what is left."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+        self.flush()
+        _writers.discard(self)
+
+
+def _run(ref: weakref.ref[AccessLogWriter], stop: threading.Event, interval: float) -> None:
+    while not stop.wait(interval):
+        writer = ref()
+        if writer is None:
+            return
+        writer.flush()
+        del writer
+
+
+_writers: weakref.WeakSet[AccessLogWriter] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all() -> None:
+    for writer in list(_writers):
+        writer.flush()

@@ -12,7 +12,8 @@ current for the handler: its outbound mesh calls continue the trace) and is repo
 ``pymesh.serve`` puts in ``scope["extensions"]["pymesh.connection"]`` (URI SANs, TLS), the
 caller's workload from its ``x-envoy-peer-metadata`` header (Istio's metadata exchange),
 and the response carries this workload's own exchange headers for the caller's labels (to
-a caller that sent its own).
+a caller that sent its own). As behind Istio's sidecar, the caller's exchange headers are
+removed before the application sees the request.
 With no telemetry installed the middleware passes requests straight through.
 """
 
@@ -32,6 +33,9 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _CONNECTION_KEY = "pymesh.connection"
+_MX = "x-envoy-peer-metadata"
+_MX_ID = "x-envoy-peer-metadata-id"
+_MX_RAW = frozenset((_MX.encode(), _MX_ID.encode()))
 
 
 def asgi_middleware(app: App) -> App:
@@ -43,8 +47,13 @@ def asgi_middleware(app: App) -> App:
             await app(scope, receive, send)
             return
         headers: dict[str, str] = {}
-        for k, v in scope.get("headers") or ():  # ASGI: names already lower-case
+        raw = scope.get("headers") or ()
+        for k, v in raw:  # ASGI: names already lower-case
             headers[k.decode("latin-1")] = v.decode("latin-1")
+        if tel.peer_exchange and (_MX_ID in headers or _MX in headers):
+            # Istio's metadata exchange filter removes the peer's headers on the way in:
+            # the application never sees them (they are read here, into source_* labels).
+            scope = {**scope, "headers": [kv for kv in raw if kv[0] not in _MX_RAW]}
         path = scope.get("path", "/")
         query = scope.get("query_string") or b""
         if query:
@@ -63,11 +72,7 @@ def asgi_middleware(app: App) -> App:
         counts = [500, 0, 0]  # status, bytes received, bytes sent
         # Our metadata for the caller's labels, only to a caller that took part in the
         # exchange (a browser or an outside client learns nothing about the workload).
-        exchange = (
-            tel.exchange_headers_raw
-            if call.peer is not None or "x-envoy-peer-metadata-id" in headers
-            else ()
-        )
+        exchange = tel.exchange_headers_raw if call.peer is not None or _MX_ID in headers else ()
 
         async def counting_receive() -> Message:
             message = await receive()

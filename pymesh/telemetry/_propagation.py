@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
-__all__ = ["FORMATS", "extract", "extract_ids", "inject", "inject_ids"]
+__all__ = ["FORMATS", "extract", "extract_ids", "inject", "inject_ids", "unsampled_headers"]
 
 FORMATS = frozenset({"tracecontext", "b3multi", "b3"})
 
@@ -136,3 +136,18 @@ def inject_ids(
         set_header("x-b3-sampled", "1" if sampled else "0")
     if "b3" in formats:
         set_header("b3", f"{trace}-{span}-{'1' if sampled else '0'}")
+
+
+def unsampled_headers(ids: str, formats: tuple[bool, bool, bool]) -> list[tuple[str, str]]:
+    """The headers of an unsampled trace context: ``ids`` is the trace id (32 hex digits)
+    followed by the span id (16), ``formats`` says ``(tracecontext, b3multi, b3)``: what
+    :func:`inject_ids` writes with ``sampled=False``, as a list, from one hex string (the
+    request path's cheapest form)."""
+    trace, span = ids[:32], ids[32:]
+    w3c, b3multi, b3 = formats
+    out = [("traceparent", f"00-{trace}-{span}-00")] if w3c else []
+    if b3multi:
+        out += (("x-b3-traceid", trace), ("x-b3-spanid", span), ("x-b3-sampled", "0"))
+    if b3:
+        out.append(("b3", f"{trace}-{span}-0"))
+    return out

@@ -25,7 +25,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from opentelemetry import context as otel_context
@@ -38,11 +38,12 @@ from opentelemetry.trace import (
     StatusCode,
     TraceFlags,
 )
+from opentelemetry.trace.propagation import _SPAN_KEY
 
 from pymesh.core.flow import lowered_headers
 from pymesh.core.types import RequestInfo
 from pymesh.telemetry import _propagation
-from pymesh.telemetry._accesslog import AccessRecord, format_json, format_text, text_line
+from pymesh.telemetry._accesslog import AccessLogWriter, AccessRecord, format_json, text_item
 from pymesh.telemetry._labels import (
     UNKNOWN,
     PeerWorkload,
@@ -80,6 +81,8 @@ AccessLogMode = Literal["off", "sampled", "full"]
 _MAX_LABEL_CACHE = 4096
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
+_MASK64 = (1 << 64) - 1
+_LOW_BITS = 1 | 1 << 64
 
 _current: Telemetry | None = None
 _install_lock = threading.Lock()
@@ -158,14 +161,21 @@ class Telemetry:
             )
         self.metrics_enabled = metrics
         self.access_log = access_log
-        self._format = format_json if access_log_format == "json" else format_text
         self._text = access_log_format == "text"  # lines straight from fields, no record
         self._sample_logs = access_log_sample
         access_logger = logging.getLogger("pymesh.access")
-        self._sink = access_log_sink or (lambda line: access_logger.info("%s", line))
+        self._writer = AccessLogWriter(
+            text_item if self._text else format_json,
+            access_log_sink or (lambda line: access_logger.info("%s", line)),
+        )
         self.tracing = tracing
         self._trace_ratio = trace_sampling / 100.0
         self.propagation = formats
+        self._formats = (
+            "tracecontext" in formats,
+            "b3multi" in formats,
+            "b3" in formats,
+        )
         self._rng = rng or random.Random()
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -224,6 +234,8 @@ class Telemetry:
         self.exchange_headers_raw = tuple(
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in self.exchange_headers
         )
+        self._mx_names = frozenset(k for k, _ in self.exchange_headers)
+        self._mx_clusters: dict[int, tuple[object, tuple[tuple[bytes, bytes], ...]]] = {}
         baggage = exchange_baggage(node) if self.peer_exchange else ""
         self.exchange_metadata = (
             (*self.exchange_headers, ("baggage", baggage)) if baggage else self.exchange_headers
@@ -252,26 +264,40 @@ class Telemetry:
         them."""
         call = ClientCall(self, protocol, method, authority, path, request)
         if self.tracing:
-            parent = trace.get_current_span().get_span_context()
-            sampled = (
-                parent.trace_flags.sampled
-                if parent.is_valid
-                else self._rng.random() < self._trace_ratio
-            )
-            if sampled:
-                span = call.span = self._tracer.start_span(
-                    f"{call.authority}{call.path.split('?', 1)[0]}", kind=SpanKind.CLIENT
-                )
-                _propagation.inject(span.get_span_context(), set_header, self.propagation)
-            else:  # not sampled: propagate the decision under a span id of our own
-                rng = self._rng
-                trace_id = parent.trace_id if parent.is_valid else rng.getrandbits(128) or 1
-                _propagation.inject_ids(
-                    trace_id, rng.getrandbits(64) or 1, False, set_header, self.propagation
-                )
+            for name, value in self._trace_headers(call):
+                set_header(name, value)
         for name, value in self.exchange_metadata if protocol == "grpc" else self.exchange_headers:
             set_header(name, value)
         return call
+
+    def _trace_headers(self, call: ClientCall) -> list[tuple[str, str]]:
+        """The trace context headers of a new outbound request. Sampled (the current span's
+        decision, else ``trace_sampling``): a client span (``call.span``) and its context.
+        Not sampled (the usual case at 1%): no span object at all, the ids from one draw of
+        random bits (or the current trace's id) and the flag off, so downstream agrees."""
+        span = otel_context.get_value(_SPAN_KEY)
+        parent = span.get_span_context() if span is not None else None  # type: ignore[attr-defined]
+        if parent is not None and parent.is_valid:
+            sampled = parent.trace_flags.sampled
+        else:
+            parent = None
+            sampled = self._rng.random() < self._trace_ratio
+        if sampled:
+            out: list[tuple[str, str]] = []
+            span = call.span = self._tracer.start_span(
+                f"{call.authority}{call.path.split('?', 1)[0]}", kind=SpanKind.CLIENT
+            )
+            _propagation.inject(span.get_span_context(), _append_to(out), self.propagation)
+            return out
+        rng = self._rng
+        if parent is None:
+            bits = rng.getrandbits(192)
+            if not bits >> 64 or not bits & _MASK64:  # an all-zero id is invalid
+                bits |= _LOW_BITS
+            ids = f"{bits:048x}"
+        else:
+            ids = f"{parent.trace_id:032x}{rng.getrandbits(64) or 1:016x}"
+        return _propagation.unsampled_headers(ids, self._formats)
 
     def _client_series(  # noqa: PLR0917 - hot path, internal
         self,
@@ -458,14 +484,16 @@ class Telemetry:
             return False
         return mode == "full" or flagged or self._rng.random() < self._sample_logs
 
-    def _write(self, record: AccessRecord) -> None:
-        self._emit(self._format(record))
+    def flush_access_log(self) -> None:
+        """Write every queued access log line now (lines are formatted and written by a
+        writer thread every ~0.1 s, off the request path; :meth:`close` and interpreter
+        exit flush too)."""
+        self._writer.flush()
 
-    def _emit(self, line: str) -> None:
-        try:
-            self._sink(line)
-        except Exception:  # a broken sink must never fail a request
-            _log.exception("access log sink failed")
+    @property
+    def access_log_dropped(self) -> int:
+        """Access log lines dropped because the writer's queue was full."""
+        return self._writer.dropped
 
     def peer_of_headers(self, get_header: Callable[[str], str | None]) -> Workload | None:
         """The peer workload a request or response names in its metadata exchange headers
@@ -604,6 +632,16 @@ class Telemetry:
             [overflows],
             description="Requests refused by circuit breaking (UO) per cluster",
         )
+
+        def log_drops(_: CallbackOptions) -> Iterator[Observation]:
+            if self._writer.dropped:
+                yield Observation(self._writer.dropped, {})
+
+        meter.create_observable_counter(
+            "pymesh_access_log_dropped_total",
+            [log_drops],
+            description="Access log lines dropped because the writer's queue was full",
+        )
         meter.create_observable_gauge(
             "pymesh_certificate_expiry_seconds",
             [certificates],
@@ -681,6 +719,7 @@ class Telemetry:
             self._export_once(exporter)
             exporter.shutdown()
         uninstall(self)
+        self._writer.close()
         if not self._closed:
             self._closed = True
             self.meter_provider.shutdown()
@@ -738,24 +777,32 @@ class ClientCall:
         self._path = path
         self.request = request
         self.span: Any = None
-        self.added: list[tuple[str, str]] = []
-        """Headers for the upstream request (HTTP: trace context, metadata exchange)."""
+        self.added: Sequence[tuple[str, str]] = ()
+        """Headers for the upstream request (HTTP: the trace context)."""
         self.start = time.time()
         self.t0 = time.perf_counter()
 
     def outbound(self, info: RequestInfo) -> RequestInfo:
-        """``info`` (the request as the flow sees it) with this call's trace and metadata
-        exchange headers appended, replacing any the application set itself. Routing sees
-        them, as Envoy's router sees what its filters added."""
+        """``info`` (the request as the flow sees it) with this call's trace headers
+        appended, replacing any the application set itself (and without any metadata
+        exchange header of the application's while the exchange is on: the transport adds
+        ours per attempt, see :func:`exchange_raw`). Routing sees the trace headers, as
+        Envoy's router sees what its filters added."""
+        self._authority = info.authority  # the Host header, else the URL's: no URL read later
+        self._path = info.path
         added = self.added
-        if not added:
+        mx = self.tel._mx_names
+        if not added and not mx:
             return info
         items = tuple(info.headers)
         for name, _ in items:
             if name in _WRITTEN:
-                ours = {k for k, _ in added}
+                ours = mx.union(k for k, _ in added)
                 items = tuple(kv for kv in items if kv[0] not in ours)
                 break
+        else:
+            if not added:
+                return info
         return RequestInfo(  # positional: dataclasses.replace costs ~3 µs more
             info.method,
             info.authority,
@@ -836,22 +883,14 @@ class ClientCall:
             return
         upstream = host.key if host is not None else None
         log = tel.access_log != "off" and tel._log_this(bool(flags) or status >= 500)
-        if (
-            request_id is None
-            and result is not None
-            and result.upstream_request is not None
-            and (span is not None or log)
-        ):
-            for name, value in result.upstream_request.headers:  # one pass for both
-                if name == "x-request-id":
-                    request_id = value
-                elif name == "user-agent" and user_agent is None:
-                    user_agent = value
-        if span is not None:
-            _end_span(span, status, grpc_status, flags, cluster, upstream, self, request_id)
-        if log and tel._text:  # the line is built only when it is written
-            tel._emit(
-                text_line(
+        sent = (
+            result.upstream_request.headers
+            if result is not None and result.upstream_request is not None
+            else None
+        )
+        if log and tel._text:  # queued: the writer thread formats the line
+            tel._writer.put(
+                (
                     self.start,
                     self.method,
                     self.path,
@@ -867,10 +906,21 @@ class ClientCall:
                     request_id,
                     self.authority,
                     upstream,
+                    sent,
                 )
             )
-        elif log:
-            tel._write(
+            if span is None:
+                return
+        if request_id is None and sent is not None:
+            for name, value in sent:  # one pass for both
+                if name == "x-request-id":
+                    request_id = value
+                elif name == "user-agent" and user_agent is None:
+                    user_agent = value
+        if span is not None:
+            _end_span(span, status, grpc_status, flags, cluster, upstream, self, request_id)
+        if log and not tel._text:
+            tel._writer.put(
                 AccessRecord(
                     start=self.start,
                     method=self.method,
@@ -986,10 +1036,10 @@ class ServerCall:
             _end_span(span, status, grpc_status, flags, None, None, self, request_id)
         if not (tel.access_log != "off" and tel._log_this(bool(flags) or status >= 500)):
             return
-        if tel._text:
+        if tel._text:  # queued: the writer thread formats the line
             get = self.get_header
-            tel._emit(
-                text_line(
+            tel._writer.put(
+                (
                     self.start,
                     self.method,
                     self.path,
@@ -1005,10 +1055,11 @@ class ServerCall:
                     request_id,
                     self.authority,
                     None,
+                    None,
                 )
             )
         else:
-            tel._write(
+            tel._writer.put(
                 AccessRecord(
                     start=self.start,
                     method=self.method,
@@ -1147,28 +1198,56 @@ class UpstreamBody:
 def http_client_call(request: Any) -> ClientCall | None:
     """For the httpx adapters: a :class:`ClientCall` of the installed telemetry for an
     ``httpx.Request``, or ``None`` when telemetry is off: then nothing at all is computed.
-    The trace and peer metadata headers are kept in the call (:meth:`ClientCall.outbound`
-    puts them on the upstream request), never written into the application's request: its
-    header object stays as the application built it (httpx copies every request header
-    again per response for cookies, and the adapter memoizes the header conversion on it).
+    The trace headers are kept in the call (:meth:`ClientCall.outbound` puts them on the
+    upstream request), never written into the application's request: its header object
+    stays as the application built it (httpx copies every request header again per
+    response for cookies, and the adapter memoizes the header conversion on it). The
+    metadata exchange headers are added per attempt, as bytes, by :func:`exchange_raw`.
     The URL's authority and path are read only if a span or an access log line needs them."""
     tel = _current
     if tel is None:
         return None
-    added: list[tuple[str, str]] = []
-    call = tel.client_call(
-        protocol="http",
-        method=request.method,
-        authority=None,
-        path=None,
-        set_header=_append_pair(added),
-        request=request,
-    )
-    call.added = added
+    call = ClientCall(tel, "http", request.method, None, None, request)
+    if tel.tracing:
+        call.added = tel._trace_headers(call)
     return call
 
 
-def _append_pair(out: list[tuple[str, str]]) -> Callable[[str, str], None]:
+def exchange_raw(cluster: Any) -> tuple[tuple[bytes, bytes], ...]:
+    """The metadata exchange headers (``x-envoy-peer-metadata-id``,
+    ``x-envoy-peer-metadata``, encoded once) for an HTTP request to ``cluster`` (a
+    ``ClusterRuntime``), or ``()``: telemetry off, exchange off, or a destination outside
+    the mesh, as Istio's ``peer_metadata`` filter with ``skip_external_clusters`` decides
+    it: the ``PassthroughCluster``, or a cluster whose ``istio`` filter metadata says
+    ``external: true`` (istiod's mark for ``MESH_EXTERNAL`` ServiceEntries) or
+    ``disable_mx: true``. Memoized per cluster config."""
+    tel = _current
+    if tel is None or not tel.exchange_headers_raw:
+        return ()
+    config = cluster.config
+    found = tel._mx_clusters.get(id(config))
+    if found is None or found[0] is not config:
+        model = getattr(config, "cluster", None)
+        metadata = getattr(model, "metadata", None)
+        headers = () if mesh_external(cluster.name, metadata) else tel.exchange_headers_raw
+        found = (config, headers)
+        if len(tel._mx_clusters) > _MAX_LABEL_CACHE:
+            tel._mx_clusters = {}
+        tel._mx_clusters[id(config)] = found
+    return found[1]
+
+
+def mesh_external(cluster_name: str, metadata: Mapping[str, Any] | None) -> bool:
+    """Whether a cluster leads outside the mesh (no metadata exchange to it)."""
+    if cluster_name == "PassthroughCluster":
+        return True
+    istio = metadata.get("istio") if metadata else None
+    if not isinstance(istio, Mapping):
+        return False
+    return istio.get("external") is True or istio.get("disable_mx") is True
+
+
+def _append_to(out: list[tuple[str, str]]) -> Callable[[str, str], None]:
     def add(name: str, value: str) -> None:
         out.append((name, value))
 

@@ -201,6 +201,7 @@ def test_access_logs_and_mesh_internals(
         assert r.status_code == 200
         tel.watch_runtime(client.mesh_transport.runtime)
         samples = scrape(tel.serve_prometheus(port=0).url)
+    tel.flush_access_log()  # lines are written by the writer thread; flush them now
     assert len(text_lines) == 1
     line = text_lines[0]
     m = re.fullmatch(
@@ -226,7 +227,7 @@ def test_access_logs_and_mesh_internals(
     # JSON lines carry the same facts
     json_lines: list[str] = []
     tel.close()
-    installed(
+    tel = installed(
         node=mesh.client.bootstrap.node,
         access_log="full",
         access_log_format="json",
@@ -234,6 +235,7 @@ def test_access_logs_and_mesh_internals(
     )
     with pymesh.httpx.Client(xds_client=mesh.client, mesh_wait=10) as client:
         assert client.get(URL + "/nothing").status_code == 200
+    tel.flush_access_log()
     doc = json.loads(json_lines[0])
     assert doc["upstream_cluster"] == cluster
     assert doc["upstream_host"] == f"127.0.0.1:{u1.port}"

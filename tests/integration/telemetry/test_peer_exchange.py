@@ -148,6 +148,32 @@ def test_http_client_sends_its_metadata_and_labels_the_real_peer(
     assert labels["source_workload"] == "productpage-v1"
 
 
+def test_http_client_sends_no_metadata_outside_the_mesh(
+    mesh: Mesh, upstreams: Make, installed: Install
+) -> None:
+    """A MESH_EXTERNAL ServiceEntry (istiod marks its cluster ``istio.external``): no
+    ``x-envoy-peer-metadata`` headers go there, as Istio's ``skip_external_clusters``."""
+    seen: list[dict[str, str]] = []
+
+    async def external(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append({k.decode(): v.decode() for k, v in scope["headers"]})
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    _, up = upstreams("v1", app=external)
+    mesh.write(service_yaml({"v1": up.port}).replace("MESH_INTERNAL", "MESH_EXTERNAL"))
+    mesh.start(workload="productpage-v1", labels={"app": "productpage", "version": "v1"})
+    assert mesh.client is not None
+    installed(node=mesh.client.bootstrap.node)
+    with pymesh.httpx.Client(xds_client=mesh.client, mesh_wait=10) as client:
+        forged = {"x-envoy-peer-metadata": "Zm9yZ2Vk"}  # the application's own: not sent either
+        assert client.get(f"http://{HOST}:{PORT}/", headers=forged).status_code == 200
+    assert len(seen) == 1
+    assert "x-envoy-peer-metadata" not in seen[0]
+    assert "x-envoy-peer-metadata-id" not in seen[0]
+    assert seen[0]["traceparent"].endswith("-00")  # the trace context still goes
+
+
 @pytest.fixture
 def asgi_server(tmp_path: Path) -> Iterator[Callable[..., pymesh.asgi.MeshServer]]:
     """A ``pymesh.asgi.MeshServer`` (defaults: telemetry on) as workload ``ratings-v1``."""

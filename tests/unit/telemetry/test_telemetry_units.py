@@ -219,6 +219,7 @@ def test_sampled_access_log_keeps_flagged_requests() -> None:
                 protocol="http", method="GET", authority="a", path="/", set_header=lambda k, v: None
             )
             call.finish(None, status=status, flags=flags)
+        tel.flush_access_log()
         assert [ln.split('" ')[1].split(" ")[:2] for ln in lines] == [["503", "UO"], ["502", "-"]]
     finally:
         tel.close()
@@ -358,3 +359,144 @@ def test_configure_from_env_names_the_workload_from_the_bootstrap() -> None:
         assert "istio_requests_total" not in tel.prometheus_text()
     finally:
         tel.close()
+
+
+def test_access_log_writer_thread_flushes_drops_and_closes() -> None:
+    import threading
+    import time
+
+    from pymesh.telemetry._accesslog import AccessLogWriter
+
+    lines: list[str] = []
+    written = threading.Event()
+
+    def sink(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 3:
+            written.set()
+
+    writer = AccessLogWriter(str, sink, interval=0.01, max_pending=3)
+    t0 = time.monotonic()
+    for i in range(5):  # the queue holds 3: two dropped, never blocking
+        writer.put(i)
+    assert writer.dropped == 2
+    assert written.wait(5), "the writer thread wrote nothing"
+    assert lines == ["0", "1", "2"]  # in order, by the thread, within its interval
+    assert time.monotonic() - t0 < 5
+    writer.put("last")
+    writer.close()  # flushes what is left, stops the thread
+    assert lines[-1] == "last"
+    assert writer._thread is not None and not writer._thread.is_alive()
+
+
+def test_access_log_sink_failure_does_not_stop_the_writer() -> None:
+    from pymesh.telemetry._accesslog import AccessLogWriter
+
+    lines: list[str] = []
+
+    def sink(line: str) -> None:
+        if line == "bad":
+            raise RuntimeError("sink down")
+        lines.append(line)
+
+    writer = AccessLogWriter(str, sink, interval=60)
+    for item in ("a", "bad", "b"):
+        writer.put(item)
+    writer.flush()
+    assert lines == ["a", "b"]
+    writer.close()
+
+
+def test_unsampled_trace_headers_and_mesh_external() -> None:
+    from pymesh.telemetry._propagation import extract_ids, unsampled_headers
+    from pymesh.telemetry._telemetry import mesh_external
+
+    ids = "0af7651916cd43dd8448eb211c80319c" + "b7ad6b7169203331"
+    out = dict(unsampled_headers(ids, (True, True, True)))
+    assert out["traceparent"] == f"00-{ids[:32]}-{ids[32:]}-00"
+    assert out["b3"] == f"{ids[:32]}-{ids[32:]}-0"
+    assert (out["x-b3-traceid"], out["x-b3-spanid"], out["x-b3-sampled"]) == (
+        ids[:32], ids[32:], "0",
+    )  # fmt: skip
+    assert extract_ids(out.get) == (int(ids[:32], 16), int(ids[32:], 16), False)
+    assert [k for k, _ in unsampled_headers(ids, (True, False, False))] == ["traceparent"]
+    # Istio's peer_metadata filter (skip_external_clusters): no exchange outside the mesh
+    assert mesh_external("PassthroughCluster", None)
+    assert mesh_external("outbound|443||api.example.com", {"istio": {"external": True}})
+    assert mesh_external("outbound|80||x", {"istio": {"disable_mx": True}})
+    assert not mesh_external("outbound|80||x", {"istio": {"external": False}})
+    assert not mesh_external("outbound|9080||reviews.default.svc.cluster.local", {})
+
+
+def test_client_trace_ids_are_fresh_and_follow_the_current_trace() -> None:
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    tel = telemetry.Telemetry(trace_sampling=0.0, rng=random.Random(7))
+    try:
+        seen: list[dict[str, str]] = []
+        for _ in range(2):
+            got: dict[str, str] = {}
+            tel.client_call(
+                protocol="http", method="GET", authority="a", path="/", set_header=got.__setitem__
+            )
+            seen.append(got)
+        first, second = (h["traceparent"].split("-") for h in seen)
+        assert first[3] == second[3] == "00" and first[1] != second[1]
+        assert int(first[1], 16) and int(first[2], 16)
+        parent = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(0))
+        token = otel_context.attach(trace.set_span_in_context(trace.NonRecordingSpan(parent)))
+        try:
+            got = {}
+            tel.client_call(
+                protocol="http", method="GET", authority="a", path="/", set_header=got.__setitem__
+            )
+        finally:
+            otel_context.detach(token)
+        parts = got["traceparent"].split("-")
+        assert (parts[1], parts[3]) == (f"{0xABC:032x}", "00") and parts[2] != f"{0xDEF:016x}"
+    finally:
+        tel.close()
+
+
+def test_asgi_middleware_hides_the_callers_exchange_headers_from_the_app() -> None:
+    import asyncio
+
+    from pymesh.telemetry._peer import exchange_headers
+
+    seen: list[list[bytes]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append([k for k, _ in scope["headers"]])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
+
+    data = generate_bootstrap(
+        xds_address="127.0.0.1:1", namespace="default", workload="ratings-v1",
+        labels={"app": "ratings"},
+    )  # fmt: skip
+    caller = parse_bootstrap(json.dumps(data), source="test").node
+    headers = [(b"host", b"ratings:9080"), (b"user-agent", b"t"),
+               *((k.encode(), v.encode()) for k, v in exchange_headers(caller))]  # fmt: skip
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": headers}
+    answers: list[Any] = []
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        answers.append(message)
+
+    wrapped = telemetry.asgi_middleware(app)
+    for exchange in (True, False):
+        tel = telemetry.install(telemetry.Telemetry(node=caller, peer_exchange=exchange))
+        try:
+            asyncio.run(wrapped(dict(scope), receive, send))
+        finally:
+            tel.close()
+    hidden, kept = seen
+    assert hidden == [b"host", b"user-agent"]  # Istio's filter removes them on the way in
+    assert b"x-envoy-peer-metadata" in kept  # exchange off: no filter, nothing removed
+    assert scope["headers"] is headers and len(headers) == 4  # the server's scope untouched
