@@ -420,6 +420,8 @@ class _MeshCore:
             headers += origin.raw
             items = items[origin.count :]
         headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in items]
+        if _telemetry._current is not None:  # metadata exchange: bytes built once, mesh only
+            headers += _telemetry.exchange_raw(send.cluster)
         scheme = b"http"
         if link is not None and link.ssl_context is not None:
             scheme = b"https"
