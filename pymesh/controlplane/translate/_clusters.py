@@ -122,6 +122,8 @@ def _cluster(  # noqa: PLR0917
         c.eds_cluster_config.eds_config.CopyFrom(_ads())
         if not envoy:
             c.eds_cluster_config.eds_config.ClearField("resource_api_version")
+    if svc.mesh_external:  # istiod's mark: Istio's peer_metadata filter sends no exchange
+        c.metadata.filter_metadata["istio"].fields["external"].bool_value = True
     if envoy:
         c.alt_stat_name = name + ";"
         c.connect_timeout.CopyFrom(duration(10.0))
