@@ -33,6 +33,7 @@ __all__ = ["UpstreamTls", "endpoint_tls"]
 _log = logging.getLogger("pymesh.httpx")
 _EMPTY: Mapping[str, Any] = {}
 _MATCH_KEY = "envoy.transport_socket_match"
+_MAX_BY_ID = 1024
 
 
 def endpoint_tls(cluster: Cluster, host: Host) -> UpstreamTlsContext | None:
@@ -52,18 +53,25 @@ class UpstreamTls:
         self._lock = threading.Lock()
         self._providers: dict[str, CertificateProvider] = {}
         self._contexts: dict[UpstreamTlsContext, MeshSSLContext] = {}
+        # By the identity of the settings object a cluster holds (the same object for every
+        # request until the next CDS update): hashing the nested settings costs ~3 us a
+        # request. The entry keeps its key object alive, so an id is never reused under it.
+        self._by_id: dict[int, tuple[UpstreamTlsContext, MeshSSLContext]] = {}
 
     def context(self, tls: UpstreamTlsContext) -> MeshSSLContext:
         """The SSL context for ``tls``; raises :class:`ConfigError` when it cannot be built
         (an SDS secret, an unknown provider instance, two different instances)."""
-        found = self._contexts.get(tls)
-        if found is not None:
-            return found
+        hit = self._by_id.get(id(tls))
+        if hit is not None and hit[0] is tls:
+            return hit[1]
         with self._lock:
             found = self._contexts.get(tls)
             if found is None:
                 found = self._build(tls)
                 self._contexts[tls] = found
+            if len(self._by_id) >= _MAX_BY_ID:  # settings objects of past CDS updates
+                self._by_id.clear()
+            self._by_id[id(tls)] = (tls, found)
             return found
 
     def _build(self, tls: UpstreamTlsContext) -> MeshSSLContext:
@@ -114,6 +122,7 @@ class UpstreamTls:
             contexts = list(self._contexts.values())
             providers = list(self._providers.values())
             self._contexts.clear()
+            self._by_id.clear()
             self._providers.clear()
         for ctx in contexts:
             ctx.close()
