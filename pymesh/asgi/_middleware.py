@@ -44,6 +44,7 @@ from typing import Any
 
 from pymesh.asgi._peer import CONNECTION_KEY, PEER_KEY, Connection, connection_of, make_peer
 from pymesh.core import inbound
+from pymesh.core.path_normalization import normalize
 from pymesh.core.rbac import PeerInfo
 from pymesh.core.types import Headers, RequestInfo
 from pymesh.errors import PymeshError
@@ -216,21 +217,26 @@ class MeshMiddleware:
         if _headers_too_large(scope.get("headers") or ()):
             await _refuse(scope, send, 431, "Request Header Fields Too Large")
             return
+        peer = _peer_info(scope, conn)
         raw_path = scope.get("raw_path")
-        if isinstance(raw_path, bytes):
-            normalized = normalize_path(raw_path)
-            if normalized is None:
-                await _refuse(scope, send, 400, "Bad Request")
+        chain = self._state.filter_chain(view.snapshot.listener, peer, conn.transport)
+        if isinstance(raw_path, bytes) and chain is not None:
+            # policy and app see the path Envoy would forward (the chain's HCM settings)
+            result = normalize(raw_path, chain.hcm.path_normalization)
+            if isinstance(result, int) or (result[1] and _is_grpc(scope)):
+                await _refuse(scope, send, 400, "Bad Request")  # REJECT, or a gRPC redirect
                 return
-            if normalized != raw_path:  # policy and app see the path Envoy would forward
+            normalized, redirect = result
+            if redirect:
+                query = scope.get("query_string") or b""
+                location = normalized + (b"?" + query if query else b"")
+                await _refuse(scope, send, 307, "", ((b"location", location),))
+                return
+            if normalized != raw_path:
                 scope["raw_path"] = normalized
                 scope["path"] = urllib.parse.unquote(normalized.decode("ascii", "replace"))
         decision = inbound.decide(
-            view.snapshot,
-            _request_info(scope, conn),
-            _peer_info(scope, conn),
-            self._state,
-            transport=conn.transport,
+            view.snapshot, _request_info(scope, conn), peer, self._state, transport=conn.transport
         )
         try:
             if decision.delay:
@@ -244,54 +250,11 @@ class MeshMiddleware:
                 decision.fault.end()
 
 
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-
-
-def normalize_path(raw: bytes) -> bytes | None:
-    """The request path as Envoy's ``normalize_path: true`` makes it (what istiod sets on a
-    sidecar's inbound HCM with the default ``pathNormalization: BASE``), before RBAC and the
-    app see it: percent-encoded unreserved characters decoded (``%61`` -> ``a``, so ``%2e``
-    is a dot), other escapes upper-cased and kept (``%2F`` stays: escaped slashes are kept,
-    as Istio's default), backslashes made slashes, dot segments removed (RFC 3986 5.2.4),
-    repeated slashes kept
-    (``merge_slashes`` is off in BASE). ``None`` (answer 400, as Envoy does): an escaped
-    NUL. Checked against Envoy in tests/resilience/test_path_normalization.py."""
-    if b"\\" in raw:  # a backslash is a slash (as Envoy's URL canonicalizer treats it)
-        raw = raw.replace(b"\\", b"/")
-    if b"%" in raw:
-        out = bytearray()
-        i, n = 0, len(raw)
-        while i < n:
-            c = raw[i]
-            if c == 0x25 and i + 2 < n and raw[i + 1] in _HEX and raw[i + 2] in _HEX:
-                value = int(raw[i + 1 : i + 3], 16)
-                if value == 0:
-                    return None
-                if value in _UNRESERVED:
-                    out.append(value)
-                else:
-                    out += b"%" + raw[i + 1 : i + 3].upper()
-                i += 3
-            else:
-                out.append(c)
-                i += 1
-        raw = bytes(out)
-    if b"/." not in raw:
-        return raw
-    segments = raw.split(b"/")
-    kept: list[bytes] = []
-    last = len(segments) - 1
-    for index, seg in enumerate(segments[1:], start=1):
-        if seg == b"..":
-            if kept:
-                kept.pop()
-        elif seg != b".":
-            kept.append(seg)
-            continue
-        if index == last:  # "/a/.." and "/a/." end with a slash
-            kept.append(b"")
-    return b"/" + b"/".join(kept)
+def _is_grpc(scope: Scope) -> bool:
+    for key, value in scope.get("headers") or ():
+        if key == b"content-type":
+            return bytes(value).startswith(b"application/grpc")
+    return False
 
 
 def _request_info(scope: Scope, conn: Connection) -> RequestInfo:
@@ -336,9 +299,11 @@ def _peer_info(scope: Scope, conn: Connection) -> PeerInfo:
     )
 
 
-async def _refuse(scope: Scope, send: Send, status: int, body: str) -> None:
-    """Envoy's local reply: ``status`` with a ``text/plain`` body (a WebSocket handshake is
-    closed with 1008 policy violation before it is accepted)."""
+async def _refuse(
+    scope: Scope, send: Send, status: int, body: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """Envoy's local reply: ``status`` with a ``text/plain`` body and ``extra`` headers (a
+    WebSocket handshake is closed with 1008 policy violation before it is accepted)."""
     if scope.get("type") == "websocket":
         await send({"type": "websocket.close", "code": 1008, "reason": body[:120]})
         return
@@ -350,6 +315,7 @@ async def _refuse(scope: Scope, send: Send, status: int, body: str) -> None:
             "headers": [
                 (b"content-type", b"text/plain"),
                 (b"content-length", str(len(data)).encode()),
+                *extra,
             ],
         }
     )

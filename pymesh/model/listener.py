@@ -17,11 +17,42 @@ from pymesh.model.tls import DownstreamTlsContext
 
 __all__ = [
     "ConnectionSourceType",
+    "EscapedSlashesAction",
     "FilterChain",
     "FilterChainMatch",
     "HttpConnectionManager",
     "Listener",
+    "PathNormalization",
 ]
+
+
+class EscapedSlashesAction(enum.Enum):
+    """HCM ``path_with_escaped_slashes_action``: what to do with ``%2F``/``%5C`` in a path."""
+
+    IMPLEMENTATION_SPECIFIC_DEFAULT = 0
+    """Envoy's default: keep them unchanged (as ``KEEP_UNCHANGED``)."""
+    KEEP_UNCHANGED = 1
+    REJECT_REQUEST = 2
+    """Answer 400 (gRPC: INTERNAL) to a path carrying an escaped slash."""
+    UNESCAPE_AND_REDIRECT = 3
+    """Unescape, then answer 307 with the unescaped path in ``location`` (gRPC: rejected)."""
+    UNESCAPE_AND_FORWARD = 4
+    """Unescape and carry on with the unescaped path."""
+
+
+@dataclass(frozen=True, slots=True)
+class PathNormalization:
+    """How an inbound HCM rewrites the request path before its filters and the application
+    see it (Envoy order: escaped slashes, then ``normalize_path``, then ``merge_slashes``).
+
+    ``normalize`` is the HCM's ``normalize_path``. Envoy leaves it off when the field is
+    unset; pymesh turns it on then, as istiod sets it on every sidecar (meshConfig
+    ``pathNormalization`` BASE, Istio's default) and a path-based policy is unsafe without
+    it. An explicit ``false`` (Istio's ``NONE``) turns it off."""
+
+    normalize: bool = True
+    merge_slashes: bool = False
+    escaped_slashes: EscapedSlashesAction = EscapedSlashesAction.IMPLEMENTATION_SPECIFIC_DEFAULT
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +69,7 @@ class HttpConnectionManager:
     max_stream_duration: float | None = None
     stream_idle_timeout: float | None = None
     request_timeout: float | None = None
+    path_normalization: PathNormalization = PathNormalization()
 
 
 class ConnectionSourceType(enum.Enum):

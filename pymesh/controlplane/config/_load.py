@@ -19,6 +19,7 @@ import yaml
 from pymesh.controlplane.config._issues import ConfigIssue, IssueLevel, IssueSink
 from pymesh.controlplane.config._mesh import MeshConfig, exported_to
 from pymesh.controlplane.config._parse_k8s import parse_deployment, parse_k8s_service
+from pymesh.controlplane.config._parse_mesh import is_mesh_configmap, parse_mesh_configmap
 from pymesh.controlplane.config._parse_networking import (
     parse_destination_rule,
     parse_service_entry,
@@ -32,8 +33,10 @@ from pymesh.controlplane.config._parse_security import (
 )
 from pymesh.controlplane.config._reader import Reader
 from pymesh.controlplane.config._types import (
+    ROOT_NAMESPACE,
     AuthorizationPolicySpec,
     DestinationRuleSpec,
+    MeshSettings,
     PeerAuthenticationSpec,
     ServiceSpec,
     VirtualServiceSpec,
@@ -259,6 +262,9 @@ def _parse_doc(file: str, index: int, doc: Any, issues: list[ConfigIssue]) -> li
     if not isinstance(doc.get("metadata"), dict):
         sink.error("metadata", "required field is missing")
         return []
+    if kind == "ConfigMap" and api == "v1" and is_mesh_configmap(name, doc):
+        settings = parse_mesh_configmap(doc, f"{file}:{index}", sink)
+        return [] if settings is None else [_Doc(sink, kind, namespace, name, settings)]
     if kind in _QUIET_KINDS:
         return []
     if kind in _IGNORED_ISTIO_KINDS:
@@ -585,10 +591,23 @@ def _load(
     aps: list[AuthorizationPolicySpec] = [
         a for a in of("AuthorizationPolicy") if a.action in ("ALLOW", "DENY")
     ]
+    # istiod reads one mesh config (``istio``, or its revision's ``istio-<rev>``): prefer
+    # ``istio-system/istio``, else the first found; the others are reported as unused.
+    meshes = sorted(
+        (d for d in live if d.kind == "ConfigMap"),
+        key=lambda d: (d.name != "istio", d.namespace != ROOT_NAMESPACE),
+    )
+    for extra in meshes[1:]:
+        extra.sink.warn(
+            "data.mesh",
+            f"ignored: pymesh uses one mesh config, {meshes[0].namespace}/{meshes[0].name} "
+            f"({meshes[0].sink.file})",
+        )
     if any(i.is_error for i in issues):
         return None, issues
     return (
         MeshConfig(
+            mesh_settings=meshes[0].value if meshes else MeshSettings(),
             services=service_list,
             virtual_services=vss,
             destination_rules=rules,

@@ -18,6 +18,7 @@ from pymesh.controlplane.config._types import (
     ROOT_NAMESPACE,
     AuthorizationPolicySpec,
     DestinationRuleSpec,
+    MeshSettings,
     PeerAuthenticationSpec,
     Resolution,
     ServicePort,
@@ -83,6 +84,7 @@ class MeshConfig:
         "destination_rules",
         "files",
         "issues",
+        "mesh_settings",
         "peer_authentications",
         "services",
         "version",
@@ -104,6 +106,7 @@ class MeshConfig:
         issues: Iterable[ConfigIssue] = (),
         files: Iterable[str] = (),
         version: str = "",
+        mesh_settings: MeshSettings | None = None,
     ) -> None:
         self.services: tuple[ServiceSpec, ...] = tuple(services)
         self.virtual_services: tuple[VirtualServiceSpec, ...] = tuple(virtual_services)
@@ -117,6 +120,7 @@ class MeshConfig:
         self.issues: tuple[ConfigIssue, ...] = tuple(issues)
         self.files: tuple[str, ...] = tuple(files)
         self.version = version
+        self.mesh_settings = mesh_settings or MeshSettings()
         by_host: dict[str, ServiceSpec] = {}
         for s in self.services:
             by_host.setdefault(s.hostname, s)
@@ -202,6 +206,7 @@ class MeshConfig:
             issues=self.issues,
             files=self.files,
             version=self.version,
+            mesh_settings=self.mesh_settings,
         )
 
     # --- comparison with another version --------------------------------------------------
@@ -220,6 +225,7 @@ class MeshConfig:
             or self.workload_groups != other.workload_groups
             or self.peer_authentications != other.peer_authentications
             or self.authorization_policies != other.authorization_policies
+            or self.mesh_settings.path_normalization != other.mesh_settings.path_normalization
         ):
             return False
         return all(

@@ -16,6 +16,7 @@ from pymesh.model.common import Locality
 from pymesh.model.matcher import StringMatcher
 
 __all__ = [
+    "PATH_NORMALIZATIONS",
     "AuthorizationPolicySpec",
     "AuthzCondition",
     "AuthzOperation",
@@ -35,6 +36,7 @@ __all__ = [
     "HeaderOps",
     "LoadBalancer",
     "LocalityLb",
+    "MeshSettings",
     "Mirror",
     "OutlierDetection",
     "PeerAuthenticationSpec",
@@ -464,6 +466,20 @@ class DestinationRuleSpec:
 
 
 # --- security -------------------------------------------------------------------------------
+
+
+PATH_NORMALIZATIONS = ("DEFAULT", "NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")
+"""Istio's ``meshConfig.pathNormalization.normalization`` values (``DEFAULT`` is ``BASE``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MeshSettings:
+    """The mesh-wide settings pymesh reads from Istio's MeshConfig (the ``mesh`` key of the
+    ``istio`` ConfigMap): how inbound listeners normalize request paths."""
+
+    path_normalization: str = "BASE"
+    source: str = ""
+    """Where they came from (``file:doc``), for messages; empty: Istio's defaults."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,6 +100,15 @@ def build_outbound_listener(svc: ServiceSpec, port: int, name: str) -> listener_
     return ln
 
 
+def _path_normalization(hcm: hcm_pb2.HttpConnectionManager, mode: str) -> None:
+    """meshConfig ``pathNormalization`` on an inbound HCM, set as istiod sets a sidecar's."""
+    hcm.path_with_escaped_slashes_action = hcm_pb2.HttpConnectionManager.KEEP_UNCHANGED
+    hcm.normalize_path.value = mode != "NONE"
+    hcm.merge_slashes = mode in ("MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES")
+    if mode == "DECODE_AND_MERGE_SLASHES":
+        hcm.path_with_escaped_slashes_action = hcm_pb2.HttpConnectionManager.UNESCAPE_AND_FORWARD
+
+
 def _inbound_chain(  # noqa: PLR0917
     config: MeshConfig,
     node: ProxyNode,
@@ -109,6 +118,7 @@ def _inbound_chain(  # noqa: PLR0917
     transport: str,
 ) -> listener_components_pb2.FilterChain:
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix=f"inbound_{port}")
+    _path_normalization(hcm, config.mesh_settings.path_normalization)
     hcm.http_filters.extend(rbac_filters(config, node, port))
     hcm.http_filters.append(_router())
     rcfg = hcm.route_config

@@ -34,10 +34,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from pymesh.model.common import SocketAddress
 from pymesh.model.listener import (
     ConnectionSourceType,
+    EscapedSlashesAction,
     FilterChain,
     FilterChainMatch,
     HttpConnectionManager,
     Listener,
+    PathNormalization,
 )
 from pymesh.xds.codec._common import (
     Ctx,
@@ -98,12 +100,33 @@ def decode_http_connection_manager(
         )
     return HttpConnectionManager(
         http_filters=decode_http_filters(hcm.http_filters, ctx, join(path, "http_filters")),
+        path_normalization=_path_normalization(hcm, ctx, path),
         rds_name=rds_name,
         route_config=route_config,
         max_stream_duration=max_stream_duration,
         stream_idle_timeout=optional_duration(hcm, "stream_idle_timeout", ctx, path),
         request_timeout=optional_duration(hcm, "request_timeout", ctx, path),
     )
+
+
+def _path_normalization(
+    hcm: hcm_pb2.HttpConnectionManager, ctx: Ctx, path: str
+) -> PathNormalization:
+    action = hcm.path_with_escaped_slashes_action
+    try:
+        escaped = EscapedSlashesAction(action)
+    except ValueError:
+        raise ctx.error(
+            join(path, "path_with_escaped_slashes_action"), f"unknown action {action}"
+        ) from None
+    normalize = hcm.normalize_path.value if hcm.HasField("normalize_path") else True
+    if normalize and escaped is _DEFAULT_ESCAPES and not hcm.merge_slashes:
+        return _BASE  # the common case: one shared value
+    return PathNormalization(normalize, hcm.merge_slashes, escaped)
+
+
+_DEFAULT_ESCAPES = EscapedSlashesAction.IMPLEMENTATION_SPECIFIC_DEFAULT
+_BASE = PathNormalization()
 
 
 def _filter_chain_match(m: lc.FilterChainMatch, ctx: Ctx, path: str) -> FilterChainMatch:
