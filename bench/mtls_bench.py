@@ -1,13 +1,16 @@
 """Benchmark: what mTLS costs the pymesh adapters, side by side with plaintext.
 
-Run: ``PYTHONPATH=. /work/venv/bin/python bench/mtls_bench.py [--rounds 5] [--requests 500]``
+Run: ``PYTHONPATH=. /work/venv/bin/python bench/mtls_bench.py [--rounds 5] [--requests 500]
+[--http-only]``
 
 One embedded control plane (with the embedded CA's certificates in ``file_watcher`` files)
 configures servers in a subprocess (their CPU is not the client's) and clients here:
 
 - HTTP: ``pymesh.httpx.Client`` -> uvicorn behind ``pymesh.asgi`` (``MeshServer``), one
   service with PeerAuthentication DISABLE + DestinationRule DISABLE (``plain``) and one with
-  STRICT + ISTIO_MUTUAL (``mtls``: the client verifies the server's SPIFFE SAN);
+  STRICT + ISTIO_MUTUAL (``mtls``: the client verifies the server's SPIFFE SAN), and the same
+  app under plain uvicorn (``uvicorn``: no mesh server, the reference); the steady state also
+  gives the server process's CPU per request (``/proc``: all its threads);
 - gRPC: ``pymesh.grpc`` channel -> ``pymesh.grpc`` server, DISABLE (``plain``) vs STRICT +
   ISTIO_MUTUAL with ``MeshChannelCredentials``: ``mtls`` (the default, ``native="auto"``:
   the server's certificate is pymesh-issued, so grpcio's own TLS checks the DNS name the CA
@@ -68,6 +71,17 @@ SERVERS = textwrap.dedent(
     handlers = [grpc.method_handlers_generic_handler(
         "echo.Echo", {"Who": grpc.unary_unary_rpc_method_handler(who)})]
     ports, servers, https = {}, [], []
+    # the reference: the same app under plain uvicorn (its default protocol), no mesh
+    import socket, threading, time, uvicorn
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        ports["hu"] = probe.getsockname()[1]
+    plain_uvicorn = uvicorn.Server(uvicorn.Config(
+        hello, host="127.0.0.1", port=ports["hu"], log_level="error", access_log=False,
+        lifespan="off"))
+    threading.Thread(target=plain_uvicorn.run, daemon=True).start()
+    while not plain_uvicorn.started:
+        time.sleep(0.02)
     for app in ("hp", "hm"):
         s = pymesh.asgi.MeshServer(hello, host="127.0.0.1", port=0, xds_client=client(app))
         https.append(s.start())
@@ -110,11 +124,13 @@ SERVERS = textwrap.dedent(
         s.stop(None)
     for s in https:
         s.stop()
+    plain_uvicorn.should_exit = True
     """
 )
 
 # app label -> (service host, port name/protocol, PeerAuthentication, DestinationRule tls)
 SERVICES = {
+    "hu": ("hu", "http", "HTTP", "DISABLE", "DISABLE"),  # plain uvicorn: no mesh server
     "hp": ("hp", "http", "HTTP", "DISABLE", "DISABLE"),
     "hm": ("hm", "http", "HTTP", "STRICT", "ISTIO_MUTUAL"),
     "gp": ("gp", "grpc", "GRPC", "DISABLE", "DISABLE"),
@@ -206,31 +222,49 @@ def dns_named_certs(tmp: Path, ca: Any) -> str:
     return str(d)
 
 
-def _round(call: Callable[[], Any], n: int) -> tuple[float, float]:
-    """(median wall seconds per request, client CPU seconds per request)."""
+def process_cpu(pid: int) -> float:
+    """CPU seconds of every thread of ``pid`` so far (``/proc/PID/task/*/schedstat``: ns)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that just ended
+    return total / 1e9
+
+
+def _round(call: Callable[[], Any], n: int, server_pid: int | None) -> tuple[float, ...]:
+    """(median wall seconds per request, client CPU seconds per request[, server CPU s/req])."""
     lats = []
+    srv0 = process_cpu(server_pid) if server_pid else 0.0
     cpu0 = time.process_time()
     for _ in range(n):
         t0 = time.perf_counter()
         call()
         lats.append(time.perf_counter() - t0)
-    return statistics.median(lats), (time.process_time() - cpu0) / n
+    cpu = (time.process_time() - cpu0) / n
+    if not server_pid:
+        return statistics.median(lats), cpu
+    return statistics.median(lats), cpu, (process_cpu(server_pid) - srv0) / n
 
 
 def run_rounds(
-    arms: dict[str, Callable[[], Any]], rounds: int, n: int
-) -> dict[str, tuple[float, float]]:
+    arms: dict[str, Callable[[], Any]], rounds: int, n: int, server_pid: int | None = None
+) -> dict[str, tuple[float, ...]]:
+    """Per arm the medians over interleaved rounds of ``_round``'s figures; with
+    ``server_pid``, also the server process's CPU per request (the arms' servers share that
+    process, and only one arm runs at a time)."""
     for call in arms.values():  # warm up: config, connections, caches
         for _ in range(min(50, n)):
             call()
-    walls: dict[str, list[float]] = {a: [] for a in arms}
-    cpus: dict[str, list[float]] = {a: [] for a in arms}
+    figures: dict[str, list[tuple[float, ...]]] = {a: [] for a in arms}
     for _ in range(rounds):
         for arm, call in arms.items():
-            wall, cpu = _round(call, n)
-            walls[arm].append(wall)
-            cpus[arm].append(cpu)
-    return {a: (statistics.median(walls[a]), statistics.median(cpus[a])) for a in arms}
+            figures[arm].append(_round(call, n, server_pid))
+    return {
+        a: tuple(statistics.median(col) for col in zip(*f, strict=True)) for a, f in figures.items()
+    }
 
 
 async def aio_rounds(
@@ -281,12 +315,17 @@ async def aio_rounds(
             await ch.close(None)
 
 
-def report(title: str, results: dict[str, tuple[float, float]], base: str) -> None:
+def report(title: str, results: dict[str, tuple[float, ...]], base: str) -> None:
     print(f"\n{title}")
-    print(f"  {'arm':<14}{'latency p50':>14}{'client CPU/req':>16}{'latency ratio':>15}")
+    server = all(len(r) > 2 for r in results.values())
+    head = f"  {'arm':<14}{'latency p50':>14}{'client CPU/req':>16}{'latency ratio':>15}"
+    print(head + (f"{'server CPU/req':>16}{'client+server':>15}" if server else ""))
     b = results[base][0]
-    for arm, (wall, cpu) in results.items():
-        print(f"  {arm:<14}{wall * 1e6:>11.0f} us{cpu * 1e6:>13.0f} us{wall / b:>14.2f}x")
+    for arm, (wall, cpu, *srv) in results.items():
+        line = f"  {arm:<14}{wall * 1e6:>11.0f} us{cpu * 1e6:>13.0f} us{wall / b:>14.2f}x"
+        if server:
+            line += f"{srv[0] * 1e6:>13.0f} us{(cpu + srv[0]) * 1e6:>12.0f} us"
+        print(line)
 
 
 def main() -> None:
@@ -295,6 +334,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--handshakes", type=int, default=60)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--http-only", action="store_true", help="the HTTP sections only")
     args = parser.parse_args()
 
     import grpc
@@ -360,17 +400,25 @@ def main() -> None:
         http = pymesh.httpx.Client(xds_client=xds, mesh_wait=15)
         closers.append(http.close)
         url = f"http://{{}}.default.svc.cluster.local:{SVC_PORT}/"
-        for app in ("hp", "hm"):
+        for app in ("hu", "hp", "hm"):
             assert http.get(url.format(app)).status_code == 200, app
         res = run_rounds(
             {
+                "uvicorn": lambda: http.get(url.format("hu")),
                 "plain": lambda: http.get(url.format("hp")),
                 "mtls": lambda: http.get(url.format("hm")),
             },
             args.rounds,
             args.requests,
+            server.pid,
         )
-        report("HTTP steady state: pymesh.httpx -> uvicorn + pymesh.asgi", res, "plain")
+        report(
+            "HTTP steady state: pymesh.httpx -> pymesh.serve (MeshServer: uvicorn + "
+            "pymesh.asgi), plaintext (DISABLE) and mTLS (STRICT); uvicorn: the same app under "
+            "plain uvicorn, no mesh server (server CPU: the server process, all threads)",
+            res,
+            "plain",
+        )
         close = {"connection": "close"}
         res = run_rounds(
             {
@@ -381,6 +429,8 @@ def main() -> None:
             args.handshakes,
         )
         report("HTTP new connection per request (Connection: close)", res, "plain")
+        if args.http_only:
+            return
 
         # ---- gRPC
         target = f"xds:///{{}}.default.svc.cluster.local:{SVC_PORT}"
@@ -499,14 +549,14 @@ def main() -> None:
         loop = asyncio.new_event_loop()  # left open: grpcio's aio poller outlives the run
         native_creds = MeshChannelCredentials(bootstrap=xds.bootstrap, native="always")
         closers.append(native_creds.close)
-        res = loop.run_until_complete(aio_rounds(target, creds, native_creds, xds, args))
+        aio = loop.run_until_complete(aio_rounds(target, creds, native_creds, xds, args))
         print(
             f"\ngRPC aio: pymesh.grpc.aio channels, {args.concurrency} calls in flight "
             f'(mtls: the tunnel; mtls-native: native="always", {dict(native_creds.stats)})'
         )
         print(f"  {'arm':<14}{'latency p50':>14}{'calls/s':>12}{'time ratio':>12}")
-        for arm, (p50, per_call) in res.items():
-            ratio = per_call / res["plain"][1]
+        for arm, (p50, per_call) in aio.items():
+            ratio = per_call / aio["plain"][1]
             print(f"  {arm:<14}{p50 * 1e6:>11.0f} us{1 / per_call:>12.0f}{ratio:>11.2f}x")
 
         print(
