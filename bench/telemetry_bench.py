@@ -1,11 +1,13 @@
 """pymesh.httpx with telemetry on vs off, side by side (not a timed test).
 
 "On" is what issue 7 sets as the budget: Istio's request metrics, access logs (Envoy's text
-format, every request, written to a file) and traces sampled at 1% (spans to an in-memory
-exporter). The same mesh client, upstream and config as ``bench/httpx_bench.py`` (uvicorn in
-a subprocess, embedded control plane, routing + retries + limits + outlier detection);
-rounds are interleaved (off, on, off, on, ...) so both see the same machine noise. The table
-gives medians over rounds and the on/off ratios (target: throughput within 5%).
+format, every request, written to a file by telemetry's writer thread) and traces sampled at
+1% (spans to an in-memory exporter). "client CPU" is the requesting thread's, "process CPU"
+every thread's (the access log writer's included). The same mesh client, upstream and
+config as ``bench/httpx_bench.py`` (uvicorn in a subprocess, embedded control plane,
+routing + retries + limits + outlier detection); rounds are interleaved (off, on, off,
+on, ...) so both see the same machine noise. The table gives medians over rounds and the
+on/off ratios (target: throughput within 5%).
 
 A second figure isolates the per-request cost: both transports answer from memory (no
 network), timed as client-thread CPU, min over repeats.
@@ -80,6 +82,7 @@ def summarize(name: str, off: list[Round], on: list[Round]) -> list[str]:
     p50_off, p50_on = (med(x, lambda r: pct(r[1], 0.5) * 1e3) for x in (off, on))
     p99_off, p99_on = (med(x, lambda r: pct(r[1], 0.99) * 1e3) for x in (off, on))
     cpu_off, cpu_on = (med(x, lambda r: r[2] * 1e6) for x in (off, on))
+    proc_off, proc_on = (med(x, lambda r: r[3] * 1e6) for x in (off, on))
     return [
         f"{name}",
         f"  {'':24}{'telemetry off':>15}{'telemetry on':>15}{'on/off':>9}",
@@ -87,6 +90,8 @@ def summarize(name: str, off: list[Round], on: list[Round]) -> list[str]:
         f"  {'p50 latency (ms)':24}{p50_off:15.3f}{p50_on:15.3f}{p50_on / p50_off:9.3f}",
         f"  {'p99 latency (ms)':24}{p99_off:15.3f}{p99_on:15.3f}{p99_on / p99_off:9.3f}",
         f"  {'client CPU/request (us)':24}{cpu_off:15.1f}{cpu_on:15.1f}{cpu_on / cpu_off:9.3f}",
+        f"  {'process CPU/request (us)':24}{proc_off:15.1f}{proc_on:15.1f}"
+        f"{proc_on / proc_off:9.3f}",
     ]
 
 
@@ -340,6 +345,7 @@ def main() -> None:
                 f"(+{srv['on'] - srv['app']:.1f})",
             ]
             series = len(tel.requests.snapshot())
+            tel.flush_access_log()  # lines still queued for the writer thread
             log_file.flush()
             logged = sum(1 for _ in open(tmp / "access.log"))  # noqa: SIM115
             lines.append(f"(checks: {series} metric series, {logged} access log lines)")

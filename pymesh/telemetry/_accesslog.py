@@ -149,18 +149,8 @@ def format_json(r: AccessRecord) -> str:
 
 
 def text_item(item: tuple[Any, ...]) -> str:
-    """The line of a queued text item: :func:`text_line`'s 15 fields, then the upstream
-    request's headers (or ``None``), read here for a user agent / request id not given."""
-    headers = item[15]
-    if headers is not None and (item[11] is None or item[12] is None):
-        user_agent, request_id = item[11], item[12]
-        for name, value in headers:
-            if name == "x-request-id" and request_id is None:
-                request_id = value
-            elif name == "user-agent" and user_agent is None:
-                user_agent = value
-        item = (*item[:11], user_agent, request_id, *item[13:])
-    return text_line(*item[:15])
+    """The line of a queued text item: :func:`text_line`'s 15 fields as a tuple."""
+    return text_line(*item)
 
 
 FLUSH_INTERVAL = 0.1

@@ -81,8 +81,8 @@ AccessLogMode = Literal["off", "sampled", "full"]
 _MAX_LABEL_CACHE = 4096
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
-_MASK64 = (1 << 64) - 1
-_LOW_BITS = 1 | 1 << 64
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
 
 _current: Telemetry | None = None
 _install_lock = threading.Lock()
@@ -291,10 +291,9 @@ class Telemetry:
             return out
         rng = self._rng
         if parent is None:
-            bits = rng.getrandbits(192)
-            if not bits >> 64 or not bits & _MASK64:  # an all-zero id is invalid
-                bits |= _LOW_BITS
-            ids = f"{bits:048x}"
+            ids = rng.randbytes(24).hex()  # trace id (32 hex digits) then span id (16)
+            if ids.startswith(_ZERO_TRACE) or ids.endswith(_ZERO_SPAN):  # all-zero: invalid
+                ids = f"{int(ids[:32], 16) or 1:032x}{int(ids[32:], 16) or 1:016x}"
         else:
             ids = f"{parent.trace_id:032x}{rng.getrandbits(64) or 1:016x}"
         return _propagation.unsampled_headers(ids, self._formats)
@@ -883,13 +882,16 @@ class ClientCall:
             return
         upstream = host.key if host is not None else None
         log = tel.access_log != "off" and tel._log_this(bool(flags) or status >= 500)
-        sent = (
-            result.upstream_request.headers
-            if result is not None and result.upstream_request is not None
-            else None
-        )
+        if (span is not None or log) and request_id is None and result is not None:
+            sent = result.upstream_request
+            if sent is not None:
+                for name, value in sent.headers:  # one pass for both
+                    if name == "x-request-id":
+                        request_id = value
+                    elif name == "user-agent" and user_agent is None:
+                        user_agent = value
         if log and tel._text:  # queued: the writer thread formats the line
-            tel._writer.put(
+            tel._writer.put(  # strings and numbers only: the collector untracks the tuple
                 (
                     self.start,
                     self.method,
@@ -906,17 +908,8 @@ class ClientCall:
                     request_id,
                     self.authority,
                     upstream,
-                    sent,
                 )
             )
-            if span is None:
-                return
-        if request_id is None and sent is not None:
-            for name, value in sent:  # one pass for both
-                if name == "x-request-id":
-                    request_id = value
-                elif name == "user-agent" and user_agent is None:
-                    user_agent = value
         if span is not None:
             _end_span(span, status, grpc_status, flags, cluster, upstream, self, request_id)
         if log and not tel._text:
@@ -1054,7 +1047,6 @@ class ServerCall:
                     get("user-agent"),
                     request_id,
                     self.authority,
-                    None,
                     None,
                 )
             )
@@ -1281,13 +1273,23 @@ def upstream_body(
     """``(stream, release)`` to hand the response body: counts it, records at release.
 
     A body already complete in memory (the HTTP/1.1 engine's ``Done`` stream: a list of
-    ``chunks``, read with the head) is counted at once and handed over as it is: no
-    counting wrapper, so the adapter sees its own complete body and reads it without its
-    error-translating generator (two generators per request saved, async ones costing
-    the event loop's first-iteration hook each)."""
-    body = UpstreamBody(call, result, status, request_bytes, stream)
+    ``chunks``, read with the head) is recorded at once (its end is now) and handed over as
+    it is with the flow's own ``release``: no counting wrapper, so the adapter reads its own
+    complete body without its error-translating generator (two generators per request
+    saved, async ones costing the event loop's first-iteration hook each), and no
+    telemetry object stays alive while the application holds the response."""
     chunks = getattr(stream, "chunks", None)
     if type(chunks) is list:
-        body.response_bytes = sum(map(len, chunks))
-        return stream, body.release
+        try:
+            call.finish(
+                result,
+                status=status,
+                request_bytes=request_bytes,
+                response_bytes=sum(map(len, chunks)),
+                peer=call.tel.peer_of_raw(getattr(result.response, "headers", ())),
+            )
+        except Exception:  # telemetry must never fail the application's request
+            _log.exception("telemetry: recording a request failed")
+        return stream, result.release
+    body = UpstreamBody(call, result, status, request_bytes, stream)
     return body, body.release

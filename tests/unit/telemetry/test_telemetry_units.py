@@ -493,7 +493,11 @@ def test_asgi_middleware_hides_the_callers_exchange_headers_from_the_app() -> No
     for exchange in (True, False):
         tel = telemetry.install(telemetry.Telemetry(node=caller, peer_exchange=exchange))
         try:
-            asyncio.run(wrapped(dict(scope), receive, send))
+
+            async def one() -> None:
+                await wrapped(dict(scope), receive, send)
+
+            asyncio.run(one())
         finally:
             tel.close()
     hidden, kept = seen
