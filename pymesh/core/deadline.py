@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pymesh.core.types import Headers, RequestInfo
+from pymesh.core.types import Headers, RequestInfo, slot_setter
 from pymesh.model.route import DEFAULT_ROUTE_TIMEOUT, RetryPolicy, RouteAction
 
 __all__ = [
@@ -55,7 +55,7 @@ _GRPC_UNITS = {"H": 3600_000_000_000, "M": 60_000_000_000, "S": 1_000_000_000,
                "m": 1_000_000, "u": 1_000, "n": 1}  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Deadlines:
     """``overall``: monotonic deadline of the whole call (``None`` = none). ``per_try``:
     seconds allowed to each attempt (``None`` = none; the overall deadline still applies).
@@ -77,6 +77,40 @@ class Deadlines:
     rewrite_grpc_timeout: bool = False
     """A gRPC request on a ``max_grpc_timeout`` route: each attempt's ``grpc-timeout`` header
     is rewritten to the time it has (Envoy's router does so)."""
+
+    def __init__(  # noqa: PLR0917 - the dataclass's field order
+        self,
+        overall: float | None,
+        per_try: float | None,
+        per_try_idle: float | None = None,
+        stream_duration: bool = False,
+        idle: float | None = None,
+        router_timeout: float | None = None,
+        rewrite_grpc_timeout: bool = False,
+    ) -> None:
+        # Built per call: slot stores instead of the frozen dataclass's object.__setattr__
+        # (see pymesh.core.types).
+        _dl_overall(self, overall)
+        _dl_per_try(self, per_try)
+        _dl_per_try_idle(self, per_try_idle)
+        _dl_stream_duration(self, stream_duration)
+        _dl_idle(self, idle)
+        _dl_router_timeout(self, router_timeout)
+        _dl_rewrite_grpc_timeout(self, rewrite_grpc_timeout)
+
+    def starting_at(self, now: float) -> Deadlines:
+        """These deadlines computed for a call starting at 0, for one starting at ``now``."""
+        if self.overall is None:
+            return self  # immutable, the same at any ``now``
+        return Deadlines(
+            now + self.overall,
+            self.per_try,
+            self.per_try_idle,
+            self.stream_duration,
+            self.idle,
+            self.router_timeout,
+            self.rewrite_grpc_timeout,
+        )
 
     def attempt_headers(
         self, elapsed: float, *, expected_timeout_header: bool = True
@@ -191,6 +225,15 @@ def _router_timeout(action: RouteAction | None, grpc: bool, grpc_timeout: float 
     return DEFAULT_ROUTE_TIMEOUT if action.timeout is None else action.timeout
 
 
+_dl_overall = slot_setter(Deadlines, "overall")
+_dl_per_try = slot_setter(Deadlines, "per_try")
+_dl_per_try_idle = slot_setter(Deadlines, "per_try_idle")
+_dl_stream_duration = slot_setter(Deadlines, "stream_duration")
+_dl_idle = slot_setter(Deadlines, "idle")
+_dl_router_timeout = slot_setter(Deadlines, "router_timeout")
+_dl_rewrite_grpc_timeout = slot_setter(Deadlines, "rewrite_grpc_timeout")
+
+
 def _stream_duration(
     action: RouteAction | None, grpc_timeout: float | None, listener_max: float | None
 ) -> float | None:
@@ -245,18 +288,7 @@ def call_deadlines(
                 stream_idle_timeout,
             )
             memo = _MEMO[key] = (action, retry, template)
-        template = memo[2]
-        if template.overall is None:
-            return template  # immutable, the same at any ``now``
-        return Deadlines(
-            now + template.overall,
-            template.per_try,
-            template.per_try_idle,
-            template.stream_duration,
-            template.idle,
-            template.router_timeout,
-            template.rewrite_grpc_timeout,
-        )
+        return memo[2].starting_at(now)
     return _deadlines(
         action,
         retry,

@@ -71,7 +71,6 @@ Every path through the loop ends: attempts are bounded by the retry policy and a
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
@@ -123,6 +122,7 @@ __all__ = [
     "Send",
     "Sleep",
     "WaitConnection",
+    "added_request_id_base",
     "call_flow",
     "drive_async",
     "drive_sync",
@@ -472,10 +472,46 @@ _UUID_KEEP = ~((0xF000 << 64) | (0xC000 << 48))  # version and variant bits clea
 _UUID_SET = (0x4000 << 64) | (0x8000 << 48)  # ...then set: version 4, variant RFC 4122
 
 
-def _request_id(rng: random.Random) -> str:
-    # A UUID4 drawn from the injected RNG (Envoy's UUID request id).
-    h = f"{(rng.getrandbits(128) & _UUID_KEEP) | _UUID_SET:032x}"
+def _request_id(bits: int) -> str:
+    # A UUID4 of 128 bits drawn from the injected RNG (Envoy's UUID request id).
+    h = f"{(bits & _UUID_KEEP) | _UUID_SET:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_HEADER_ITEMS = Headers.__dict__["_items"]  # the slot of Headers (a member descriptor)
+
+
+class _WithRequestId(Headers):
+    """``base`` plus the ``x-request-id`` the flow adds (Envoy's UUID4): its random bits
+    are drawn when the request is made (from the call's RNG, in the flow's order), and the
+    UUID text (most of the cost) is formatted the first time the headers are read. A gRPC
+    attempt never reads it (the adapter sends the flow's id only when the caller gave one:
+    see :func:`added_request_id_base`)."""
+
+    __slots__ = ("_base", "_bits")
+
+    def __init__(self, base: tuple[tuple[str, str], ...], bits: int) -> None:
+        self._base = base
+        self._bits = bits
+
+    # Shadows the base class's slot, where the result is cached.
+    @property
+    def _items(self) -> tuple[tuple[str, str], ...]:  # type: ignore[override]
+        try:
+            items: tuple[tuple[str, str], ...] = _HEADER_ITEMS.__get__(self)
+        except AttributeError:
+            items = (*self._base, ("x-request-id", _request_id(self._bits)))
+            _HEADER_ITEMS.__set__(self, items)
+        return items
+
+
+def added_request_id_base(headers: Headers) -> tuple[tuple[str, str], ...] | None:
+    """For the headers of a ``Send`` whose only change from the caller's request is the
+    ``x-request-id`` the flow added: the other headers (lower-case names), without making
+    the id's text. ``None`` for any other headers (read them as usual)."""
+    if type(headers) is _WithRequestId:
+        return headers._base
+    return None
 
 
 class _RoutePlan:
@@ -484,6 +520,7 @@ class _RoutePlan:
 
     __slots__ = (
         "choice",
+        "deadlines",
         "fault",
         "idle",
         "listener",
@@ -523,6 +560,18 @@ class _RoutePlan:
         hcm = snapshot.listener.api_listener
         self.max_stream_duration = hcm.max_stream_duration if hcm is not None else None
         self.idle = _stream_idle_timeout(action, hcm)
+        # The deadlines of a call without timeout headers, relative to its start (index:
+        # ``request.grpc``).
+        self.deadlines = tuple(
+            call_deadlines(
+                action,
+                action.retry_policy,
+                RequestInfo("POST", "", "/", grpc=is_grpc),
+                now=0.0,
+                max_stream_duration=self.max_stream_duration,
+            )
+            for is_grpc in (False, True)
+        )
 
 
 _PLANS: dict[int, _RoutePlan] = {}
@@ -623,24 +672,31 @@ def call_flow(
         upstream = request  # nothing to rewrite on this route (checked once per route)
     else:
         upstream = rewrite_request(route, action, vhost, snapshot.route_config, request, choice)
-    names = {k for k, _ in upstream.headers}
-    if not names.isdisjoint(_CONSUMED_SET):
-        upstream = _with_headers(upstream, strip_consumed(upstream.headers, _CONSUMED))
+    items = upstream.headers._items
+    has_id = False
+    if items:  # (a call without headers, e.g. gRPC without metadata, skips all this)
+        names = {k for k, _ in items}
+        if not names.isdisjoint(_CONSUMED_SET):
+            upstream = _with_headers(upstream, strip_consumed(upstream.headers, _CONSUMED))
+        has_id = "x-request-id" in names
     if plan.weighted_headers and choice.weighted is not None:
         ops = response_header_ops(route, vhost, snapshot.route_config, choice.weighted)
         ctx.ops = ops or None
     else:
         ctx.ops = plan.response_ops
-    if "x-request-id" not in names:
-        added = (*upstream.headers, ("x-request-id", _request_id(rng)))
-        upstream = _with_headers(upstream, _Lowered(added))
+    if not has_id:
+        added = _WithRequestId(upstream.headers._items, rng.getrandbits(128))
+        upstream = _with_headers(upstream, added)
 
     # 6. deadlines
     now = clock()
     retry_policy = action.retry_policy
-    deadlines = call_deadlines(
-        action, retry_policy, request, now=now, max_stream_duration=plan.max_stream_duration
-    )
+    if request.headers._items:
+        deadlines = call_deadlines(
+            action, retry_policy, request, now=now, max_stream_duration=plan.max_stream_duration
+        )
+    else:  # no timeout header: the route's deadlines, computed once per plan
+        deadlines = plan.deadlines[request.grpc].starting_at(now)
     overall = deadlines.overall
     per_try = deadlines.per_try
     per_try_idle = deadlines.per_try_idle
@@ -653,9 +709,12 @@ def call_flow(
             yield mirror
 
     # 8. attempts
-    retry: RetryState | None = RetryState(retry_policy, request, rng=rng, is_grpc=request.grpc)
-    if retry is not None and not retry.enabled:
-        retry = None
+    # The retry state is made once the first attempt's outcome is known (it draws nothing
+    # from ``rng`` when made, and the first attempt excludes no host), and not at all for a
+    # gRPC call whose first attempt ended OK: gRPC retries on status codes only (gRFC A44),
+    # OK is never one of them, and request headers do not change that.
+    retry: RetryState | None = None
+    is_grpc = request.grpc
     hash_key = request_hash(action.hash_policies, request) if action.hash_policies else None
     count_header = vhost.include_request_attempt_count
     count_response = vhost.include_attempt_count_in_response
@@ -753,6 +812,14 @@ def call_flow(
                 inflight = None
                 return _timeout(flags, ctx, deadlines)
 
+            if attempt == 1 and (
+                not is_grpc or outcome.grpc_status != 0 or outcome.reset is not None
+            ):
+                retry = RetryState(retry_policy, request, rng=rng, is_grpc=is_grpc)
+                if retry.enabled:
+                    retry.record_host(host.key)
+                else:
+                    retry = None
             decision: Retry | GiveUp
             if retry is None:
                 decision = _NO_RETRY

@@ -61,6 +61,7 @@ from pymesh.core.flow import (
     ReplyKind,
     Send,
     Sleep,
+    added_request_id_base,
     call_flow,
 )
 from pymesh.core.retry import PUSHBACK_HEADER
@@ -163,14 +164,17 @@ def attempt_metadata(headers: Headers, original: RequestInfo) -> Metadata | None
     to bytes. The ``x-request-id`` the flow generates (Envoy's) is not sent unless the caller
     gave one: a proxyless gRPC client does not add it, and metadata costs grpcio time per
     call. ``None`` when there is nothing to send."""
-    sent = original.headers
-    if not sent and len(headers) == 1:
-        for k, _ in headers:  # the flow's own x-request-id only (the common case)
-            if k == "x-request-id":
-                return None
+    base = added_request_id_base(headers)
+    if base is not None:  # the caller's headers and the flow's own id (never formatted)
+        if not base:
+            return None  # the common case: no metadata
+        items: Iterable[tuple[str, str]] = base
+        keep_id = True  # (none in ``base``)
+    else:
+        items = headers
+        keep_id = "x-request-id" in original.headers
     out: list[tuple[str, str | bytes]] = []
-    keep_id = "x-request-id" in sent
-    for k, v in headers:
+    for k, v in items:
         if k.startswith(("grpc-", ":")) or k in _RESERVED:
             continue
         if k == "x-request-id" and not keep_id:
