@@ -1,10 +1,13 @@
-"""The mesh clients parse an absolute URL string once (httpx would parse it on every
-request); relative URLs still follow ``base_url``, and ``params`` still apply per request."""
+"""What the mesh clients trim from httpx's per-request work, invisibly: an absolute URL string
+is parsed once (httpx would parse it on every request; relative URLs still follow
+``base_url``, ``params`` still apply per request), and responses without a cookie skip the
+stdlib cookie machinery (cookies are still stored, also after ``client.cookies = ...``)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import httpx
 
@@ -34,6 +37,23 @@ def _check(client: httpx.Client | httpx.AsyncClient) -> None:
     assert str(client.build_request("GET", "items").url) == "http://b.example/v2/items"
     other = client.build_request("GET", URL.replace("/x", "/other"))
     assert other.url.path == "/other"
+    _check_cookies(client)
+
+
+def _response(client: httpx.Client | httpx.AsyncClient, *headers: tuple[str, str]) -> Any:
+    return httpx.Response(200, headers=headers, request=client.build_request("GET", URL))
+
+
+def _check_cookies(client: httpx.Client | httpx.AsyncClient) -> None:
+    client.cookies.extract_cookies(_response(client, ("content-type", "text/plain")))
+    assert dict(client.cookies) == {}
+    client.cookies.extract_cookies(_response(client, ("Set-Cookie", "session=abc; Path=/")))
+    assert dict(client.cookies) == {"session": "abc"}
+    client.cookies = {"a": "1"}  # type: ignore[assignment]
+    client.cookies.extract_cookies(_response(client, ("set-cookie", "b=2; Path=/")))
+    assert dict(client.cookies) == {"a": "1", "b": "2"}
+    sent = client.build_request("GET", URL)
+    assert sent.headers["cookie"] in ("a=1; b=2", "b=2; a=1")
 
 
 def test_sync_client_parses_an_absolute_url_once() -> None:
