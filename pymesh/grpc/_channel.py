@@ -237,7 +237,14 @@ class MeshTarget:
     ) -> RequestInfo:
         """:meth:`request_info` for a call of ``spec``; a call without metadata whose
         timeout no route reads shares one immutable ``RequestInfo`` per method."""
-        if not metadata and (timeout is None or not self._reads_grpc_timeout(snapshot)):
+        if not metadata and (
+            timeout is None
+            or (
+                not self._timeout_used
+                if snapshot is self._timeout_snapshot
+                else not self._reads_grpc_timeout(snapshot)
+            )
+        ):
             info = spec.bare_info
             if info is None:
                 info = spec.bare_info = self.request_info(spec.method, None, None, snapshot)
@@ -848,7 +855,9 @@ class _UnaryUnary(_Multi, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc,ty
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        (value, _), result = self._channel._call(
+        channel = self._channel  # (MeshChannel._call inlined: one frame less per call)
+        call = channel._call_plain if telemetry_current() is None else channel._call_traced
+        (value, _), result = call(
             self._spec,
             request,
             timeout,
