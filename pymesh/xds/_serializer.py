@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from pymesh.errors import XdsError
 from pymesh.xds.clock import Clock
+from pymesh.xds.pacing import paced, restart
 
 __all__ = ["Serializer", "Timer"]
 
@@ -161,6 +162,7 @@ class Serializer:
                 self._execute(timer.fn)
 
     def _execute(self, fn: Callable[[], None]) -> None:
+        restart()
         try:
             fn()
         except Exception:
@@ -172,6 +174,12 @@ class Serializer:
                 log.exception("xDS client after-task hook failed")
 
     def _run(self) -> None:
+        # Long tasks (a huge update) give the GIL to the application's threads every few
+        # hundred microseconds: see pymesh.xds.pacing.
+        with paced():
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
                 while True:

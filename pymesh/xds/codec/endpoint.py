@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import socket
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from envoy.config.core.v3 import address_pb2
@@ -55,6 +56,7 @@ from pymesh.xds.codec._common import (
     parse_message,
 )
 from pymesh.xds.codec._registry import Decoded, register
+from pymesh.xds.pacing import checkpoint
 from pymesh.xds.resource_types import ResourceType
 
 __all__ = ["decode_cluster_load_assignment", "decode_load_assignment"]
@@ -199,9 +201,16 @@ class _Assembler:
         raise self.ctx.error(self.ep_path, "duplicate endpoint address")  # not reached
 
     def add_proto(
-        self, i: int, loc: endpoint_components_pb2.LocalityLbEndpoints
+        self,
+        i: int,
+        loc: endpoint_components_pb2.LocalityLbEndpoints,
+        lb_endpoints: Iterable[endpoint_components_pb2.LbEndpoint] | None = None,
     ) -> LocalityLbEndpoints | None:
-        """Validate and convert one locality; ``None`` if it is ignored (weight 0)."""
+        """Validate and convert one locality; ``None`` if it is ignored (weight 0).
+
+        ``lb_endpoints`` (default ``loc.lb_endpoints``): the endpoints of a huge locality
+        parsed in pieces (see :func:`_split_runs`), ``loc`` then holding its other fields.
+        """
         ctx = self.ctx
         ep_path = self.ep_path
         allow_hostname = self.allow_hostname
@@ -232,7 +241,9 @@ class _Assembler:
         )
         endpoints: list[LbEndpoint] = []
         weight_sum = 0
-        for j, lbe in enumerate(loc.lb_endpoints):
+        for j, lbe in enumerate(loc.lb_endpoints if lb_endpoints is None else lb_endpoints):
+            if not j & 127:
+                checkpoint()  # a huge locality: let the application's threads run
             # Fast path: plain attribute reads, no path strings, no helper calls. An unset
             # oneof (named endpoint, pipe address, named port) reads as ""/0 and fails here.
             ep = lbe.endpoint
@@ -408,9 +419,19 @@ _LOCALITY_KEYS: dict[bytes, tuple[int, frozenset[tuple[str, int]]]] = {}
 
 
 def _remember(digest: bytes, result: LocalityLbEndpoints) -> None:
-    keys = frozenset(
-        (a.host, a.port) for ep in result.endpoints for a in (ep.address, *ep.additional_addresses)
-    )
+    addresses: list[tuple[str, int]] = []
+    for j, ep in enumerate(result.endpoints):
+        if not j & 511:
+            checkpoint()
+        address = ep.address
+        addresses.append((address.host, address.port))
+        for a in ep.additional_addresses:
+            addresses.append((a.host, a.port))
+    unique: set[tuple[str, int]] = set()
+    for start in range(0, len(addresses), 4096):  # hashing 100,000 keys takes ~10 ms
+        checkpoint()
+        unique.update(addresses[start : start + 4096])
+    keys = frozenset(unique)  # a copy of a set reuses its hashes
     _LOCALITY_KEYS[digest] = (id(result), keys)
     _LOCALITY_CACHE[digest] = result
     weakref.finalize(result, _forget, digest, id(result)).atexit = False
@@ -449,6 +470,74 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
     raise ValueError("varint too long")
 
 
+def _skip(data: bytes, pos: int, wire: int) -> int:
+    """The end of a record whose tag (of wire type ``wire``) ended at ``pos``; -1 for a
+    group (rare enough to leave to the full parser). May pass the end of ``data``."""
+    if wire == 0:
+        return _varint(data, pos)[1]
+    if wire == 1:
+        return pos + 8
+    if wire == 2:
+        length, pos = _varint(data, pos)
+        return pos + length
+    if wire == 5:
+        return pos + 4
+    return -1
+
+
+RUN_BYTES = 65536
+"""A locality larger than this is parsed in runs of about this many bytes of endpoints (a
+few thousand): the one-shot parse of 100,000 endpoints holds the GIL for ~20 ms."""
+
+
+def _split_runs(data: bytes, field: int, limit: int) -> tuple[list[bytes], bytes] | None:
+    """Consecutive top-level records of ``field`` (length-delimited, ``field`` < 16) in runs
+    of whole records of at most about ``limit`` bytes, tags included: each run parses as
+    the message with only those entries of ``field``. And the other records' bytes, in
+    order. ``None`` when the bytes are not well formed (the full parser reports why)."""
+    tag_byte = field << 3 | 2
+    runs: list[bytes] = []
+    rest: list[bytes] = []
+    n = len(data)
+    pos = 0
+    run = -1  # start of the current run
+    try:
+        for count in range(n + 1):
+            if pos >= n:
+                if run >= 0:
+                    runs.append(data[run:pos])
+                return runs, b"".join(rest)
+            if not count & 255:
+                checkpoint()
+            start = pos
+            if data[pos] == tag_byte:
+                length = data[pos + 1]
+                if length < 0x80:
+                    pos += 2 + length
+                else:
+                    length, pos = _varint(data, pos + 1)
+                    pos += length
+                if pos > n:
+                    return None
+                if run < 0:
+                    run = start
+                elif pos - run > limit:
+                    runs.append(data[run:start])
+                    run = start
+                continue
+            if run >= 0:
+                runs.append(data[run:start])
+                run = -1
+            tag, pos = _varint(data, pos)
+            pos = _skip(data, pos, tag & 7)
+            if pos < 0 or pos > n:
+                return None
+            rest.append(data[start:pos])
+    except (IndexError, ValueError):
+        return None
+    return None
+
+
 def _split_field(data: bytes, field: int) -> tuple[list[memoryview], bytes] | None:
     """Top-level records of ``field`` (length-delimited) and the other records' bytes, in
     order; ``None`` when the bytes are not well formed (the full parser reports why)."""
@@ -463,28 +552,63 @@ def _split_field(data: bytes, field: int) -> tuple[list[memoryview], bytes] | No
                 return items, b"".join(rest)
             start = pos
             tag, pos = _varint(data, pos)
-            wire = tag & 7
-            if wire == 0:
-                _, pos = _varint(data, pos)
-            elif wire == 1:
-                pos += 8
-            elif wire == 2:
-                length, pos = _varint(data, pos)
-                body = pos
-                pos += length
-                if pos <= n and tag >> 3 == field:
+            if tag == field << 3 | 2:
+                length, body = _varint(data, pos)
+                pos = body + length
+                if pos <= n:
                     items.append(view[body:pos])
                     continue
-            elif wire == 5:
-                pos += 4
-            else:  # groups: rare enough to leave to the full parser
-                return None
-            if pos > n:
+            else:
+                pos = _skip(data, pos, tag & 7)
+            if pos < 0 or pos > n:
                 return None
             rest.append(data[start:pos])
     except (IndexError, ValueError):
         return None
     return None
+
+
+class _Runs:
+    """A huge locality parsed in pieces: ``head`` has every field but the endpoints,
+    ``runs`` the endpoints, in order."""
+
+    __slots__ = ("head", "runs")
+
+    def __init__(
+        self,
+        head: endpoint_components_pb2.LocalityLbEndpoints,
+        runs: list[endpoint_components_pb2.LocalityLbEndpoints],
+    ) -> None:
+        self.head = head
+        self.runs = runs
+
+
+_LB_ENDPOINTS_FIELD = 2  # LocalityLbEndpoints.lb_endpoints
+
+
+def _parse_runs(data: bytes) -> tuple[bytes, Any] | None:
+    """(digest, cached result or :class:`_Runs`) of a huge locality, parsed, serialized for
+    the digest and hashed a run at a time (each a C call under a millisecond), the thread
+    pacing itself in between; ``None`` if the bytes are not well formed. The digest (of the
+    head's and then each run's deterministic serialization) differs from a small
+    locality's: a locality's size decides its path, so a key is only ever compared with
+    keys made the same way."""
+    split = _split_runs(data, _LB_ENDPOINTS_FIELD, RUN_BYTES)
+    if split is None:
+        return None
+    parts, rest = split
+    parse = endpoint_components_pb2.LocalityLbEndpoints.FromString
+    head = parse(rest)
+    sha = hashlib.sha1(head.SerializeToString(deterministic=True), usedforsecurity=False)
+    runs = []
+    for part in parts:
+        checkpoint()
+        run = parse(part)
+        sha.update(run.SerializeToString(deterministic=True))
+        runs.append(run)
+    digest = sha.digest()
+    found = _cached(digest)
+    return digest, _Runs(head, runs) if found is None else found
 
 
 def _decode_split(data: bytes) -> Decoded | None:
@@ -497,6 +621,12 @@ def _decode_split(data: bytes) -> Decoded | None:
         shell = endpoint_pb2.ClusterLoadAssignment.FromString(rest)
         locs: list[tuple[bytes | None, Any]] = []
         for r in records:
+            if len(r) > RUN_BYTES:
+                big = _parse_runs(bytes(r))
+                if big is None:
+                    return None
+                locs.append(big)
+                continue
             proto = endpoint_components_pb2.LocalityLbEndpoints.FromString(r)
             digest = found = None
             if len(r) >= REUSE_MIN_BYTES:
@@ -517,7 +647,11 @@ def _decode_split(data: bytes) -> Decoded | None:
         if isinstance(item, tuple):
             asm.add_decoded(i, *item)
         else:
-            result = asm.add_proto(i, item)
+            if isinstance(item, _Runs):
+                lb_endpoints = itertools.chain.from_iterable(p.lb_endpoints for p in item.runs)
+                result = asm.add_proto(i, item.head, lb_endpoints)
+            else:
+                result = asm.add_proto(i, item)
             if result is not None and digest is not None:
                 _remember(digest, result)
     return Decoded(shell.cluster_name, asm.finish(shell, ""))

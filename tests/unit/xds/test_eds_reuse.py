@@ -15,6 +15,7 @@ import pytest
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pymesh.errors import ResourceError
 from pymesh.model.common import Locality
@@ -324,3 +325,103 @@ def test_map_entries_in_another_order_still_reuse_the_locality() -> None:
     assert second.localities[0] is first.localities[0]
     assert second == full_decode(other) == full_decode(one)
     assert set(first.localities[0].endpoints[0].metadata) == {"istio", "envoy.lb"}
+
+
+# -- huge localities: parsed in runs of endpoints ---------------------------------------------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_assignments(), random_assignments(), st.sampled_from([0, 25, 60, 200]))
+def test_runs_give_the_full_decoders_result(
+    before: dict[str, Any], after: dict[str, Any], run_bytes: int
+) -> None:
+    """With a tiny RUN_BYTES every locality is parsed in runs (of one endpoint and up):
+    the same model, the same errors (field paths count endpoints across runs), and reuse
+    among localities parsed that way."""
+    saved = eds.RUN_BYTES
+    eds.RUN_BYTES = run_bytes
+    try:
+        held = outcome(split_decode, encode(before))
+        mixed = cla(*after["endpoints"], *before["endpoints"][:2])
+        for data in (encode(after), encode(mixed), encode(before)):
+            assert outcome(split_decode, data) == outcome(full_decode, data)
+        del held
+    finally:
+        eds.RUN_BYTES = saved
+
+
+def test_runs_keep_the_locality_fields_found_between_endpoints(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Protobuf allows a message's fields in any order and a field more than once (the last
+    scalar wins, sub-messages merge): a locality whose endpoints are interleaved with its
+    other fields decodes as the one-shot parse does."""
+    monkeypatch.setattr(eds, "RUN_BYTES", 30)
+    one = endpoint_components_pb2.LocalityLbEndpoints
+
+    def part(**kw: Any) -> bytes:
+        return bytes(one(**kw).SerializeToString())
+
+    full = endpoint_pb2.ClusterLoadAssignment.FromString(
+        encode(cla(loc("z", *(ep(f"10.0.0.{k}") for k in range(1, 9)))))
+    )
+    eps = list(full.endpoints[0].lb_endpoints)
+    body = (
+        part(lb_endpoints=eps[:3])
+        + part(priority=0, locality={"region": "r", "zone": "first"})
+        + part(lb_endpoints=eps[3:5])
+        + part(load_balancing_weight={"value": 7}, locality={"zone": "z"})
+        + part(lb_endpoints=eps[5:])
+    )
+    cla_bytes = (
+        endpoint_pb2.ClusterLoadAssignment(cluster_name=NAME).SerializeToString()
+        + b"\x12"
+        + _len(len(body))
+        + body
+    )
+    got = split_decode(cla_bytes)
+    assert got == full_decode(cla_bytes)
+    (only,) = got.localities
+    assert only.locality == Locality("r", "z") and only.load_balancing_weight == 7
+    assert [e.address.host for e in only.endpoints] == [f"10.0.0.{k}" for k in range(1, 9)]
+
+
+def _len(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (three_zones()[:-3], "cannot parse"),
+        (encode(cla(loc("a", ep("10.0.0.1")))) + b"\x12\x02\x08", "cannot parse"),
+        (encode(cla(loc("a", ep("10.0.0.1"), ep("10.0.0.2"))))[:-1], "cannot parse"),
+    ],
+)
+def test_malformed_runs_give_the_full_parsers_error(
+    data: bytes, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(eds, "RUN_BYTES", 0)
+    got = outcome(split_decode, data)
+    assert got == outcome(full_decode, data)
+    assert isinstance(got, tuple) and expected in got[1]
+
+
+def test_a_huge_locality_is_parsed_in_runs_and_reused() -> None:
+    """3,000 endpoints (~70 KB, above RUN_BYTES): the run path, the one-shot result, and
+    the next identical update reuses the decoded locality."""
+    eds.clear_locality_cache()
+    data = encode(cla(loc("big", *(ep(f"10.{k >> 8 & 255}.{k & 255}.1") for k in range(3000)))))
+    split = eds._split_field(data, 2)
+    assert split is not None and len(split[0][0]) > eds.RUN_BYTES
+    parts = eds._split_runs(bytes(split[0][0]), 2, eds.RUN_BYTES)
+    assert parts is not None and len(parts[0]) == 2
+    first = split_decode(data)
+    assert first == full_decode(data)
+    again = split_decode(data)
+    assert again.localities[0] is first.localities[0]
