@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from pymesh.core.types import Host
 from pymesh.model.endpoint import ClusterLoadAssignment
+from pymesh.xds.pacing import checkpoint
 
 __all__ = ["build_hosts"]
 
@@ -24,7 +25,9 @@ def build_hosts(
     if assignment is None:
         return hosts
     for loc in assignment.localities:
-        for ep in loc.endpoints:
+        for i, ep in enumerate(loc.endpoints):
+            if not i & 127:
+                checkpoint()  # on the xDS thread: give the GIL to the application's threads
             key = str(ep.address)
             host = previous.get(key)
             if host is None:
