@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pymesh.core.types import Host
 from pymesh.model.common import Locality
 from pymesh.model.endpoint import ClusterLoadAssignment, HealthStatus
+from pymesh.xds.pacing import paced_items
 
 __all__ = ["PriorityLevel", "PriorityState", "compute_priority_state"]
 
@@ -110,7 +111,7 @@ class PriorityState:
 
 def _group(hosts: Sequence[Host], localities: Sequence[Locality]) -> tuple[tuple[Host, ...], ...]:
     by: dict[Locality, list[Host]] = {loc: [] for loc in localities}
-    for h in hosts:
+    for h in paced_items(hosts):
         by[h.locality].append(h)
     return tuple(tuple(by[loc]) for loc in localities)
 
@@ -136,10 +137,10 @@ def compute_priority_state(
 ) -> PriorityState:
     """Classify ``hosts`` and compute per-priority health, panic and load (see the module
     docstring for the rules)."""
-    count = max((h.priority for h in hosts), default=0) + 1
+    count = max((h.priority for h in paced_items(hosts)), default=0) + 1
     buckets: list[list[Host]] = [[] for _ in range(count)]
     every: list[list[Host]] = [[] for _ in range(count)]
-    for h in hosts:
+    for h in paced_items(hosts):
         every[h.priority].append(h)
         if h.health is not HealthStatus.DRAINING:
             buckets[h.priority].append(h)
@@ -152,9 +153,13 @@ def compute_priority_state(
     health: list[int] = []
     degraded_health: list[int] = []
     for priority, members in enumerate(buckets):
-        healthy = tuple(h for h in members if h.health in _HEALTHY and not h.is_ejected(now))
+        healthy = tuple(
+            h for h in paced_items(members) if h.health in _HEALTHY and not h.is_ejected(now)
+        )
         degraded = tuple(
-            h for h in members if h.health is HealthStatus.DEGRADED and not h.is_ejected(now)
+            h
+            for h in paced_items(members)
+            if h.health is HealthStatus.DEGRADED and not h.is_ejected(now)
         )
         n = len(members)
         if n and factor > 0:
@@ -214,7 +219,7 @@ def compute_priority_state(
     levels: list[PriorityLevel] = []
     for i, (priority, level_hosts, healthy, degraded) in enumerate(drafts):
         panic_hosts = tuple(every[i])
-        localities = tuple(dict.fromkeys(h.locality for h in panic_hosts))
+        localities = tuple(dict.fromkeys(h.locality for h in paced_items(panic_hosts)))
         levels.append(
             PriorityLevel(
                 priority=priority,
