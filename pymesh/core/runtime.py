@@ -55,6 +55,7 @@ from pymesh.core.types import Host, LoadBalancer, PickContext
 from pymesh.model.cluster import ClusterKind, UpstreamProtocol
 from pymesh.model.common import Locality
 from pymesh.model.snapshot import ClusterConfig, TargetError, TargetSnapshot
+from pymesh.xds.pacing import paced_items
 
 if TYPE_CHECKING:
     from pymesh.xds.client import XdsClient
@@ -188,7 +189,7 @@ class ClusterRuntime:
     def _rebuild(self, now: float) -> None:
         unreachable = self._unreachable
         if unreachable:
-            hosts = tuple(h for h in self.hosts.values() if h.key not in unreachable)
+            hosts = tuple(h for h in paced_items(self.hosts.values()) if h.key not in unreachable)
         else:
             hosts = tuple(self.hosts.values())
         if hosts:
@@ -203,9 +204,11 @@ class ClusterRuntime:
             )
         else:
             self._lb = _NO_HOSTS
-        self.usable_hosts = sum(1 for h in hosts if h.health.usable and not h.is_ejected(now))
+        self.usable_hosts = sum(
+            1 for h in paced_items(hosts) if h.health.usable and not h.is_ejected(now)
+        )
         next_check = self.outlier.next_sweep if self.outlier is not None else _INF
-        for h in hosts:
+        for h in paced_items(hosts):
             until = h.ejected_until
             if until is not None and now < until < next_check:
                 next_check = until
@@ -465,13 +468,13 @@ class MeshRuntime:
 
     def _ref_hosts(self, keys: Iterable[str]) -> None:
         refs = self._host_refs
-        for k in keys:
+        for k in paced_items(keys):
             refs[k] = refs.get(k, 0) + 1
 
     def _unref_hosts(self, keys: Iterable[str]) -> set[str]:
         refs = self._host_refs
         gone: set[str] = set()
-        for k in keys:
+        for k in paced_items(keys):
             n = refs.get(k, 0) - 1
             if n <= 0:
                 refs.pop(k, None)
