@@ -13,9 +13,24 @@ from collections.abc import Callable
 
 from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
-__all__ = ["FORMATS", "extract", "extract_ids", "inject", "inject_ids", "unsampled_headers"]
+__all__ = [
+    "FORMATS",
+    "HEADERS",
+    "extract",
+    "extract_ids",
+    "inject",
+    "inject_ids",
+    "unsampled_headers",
+]
 
 FORMATS = frozenset({"tracecontext", "b3multi", "b3"})
+
+HEADERS: dict[str, tuple[str, ...]] = {
+    "tracecontext": ("traceparent",),
+    "b3multi": ("x-b3-traceid", "x-b3-spanid", "x-b3-sampled"),
+    "b3": ("b3",),
+}
+"""The header names each outbound format writes."""
 
 _HEX = frozenset("0123456789abcdef")
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -138,16 +153,26 @@ def inject_ids(
         set_header("b3", f"{trace}-{span}-{'1' if sampled else '0'}")
 
 
-def unsampled_headers(ids: str, formats: tuple[bool, bool, bool]) -> list[tuple[str, str]]:
-    """The headers of an unsampled trace context: ``ids`` is the trace id (32 hex digits)
-    followed by the span id (16), ``formats`` says ``(tracecontext, b3multi, b3)``: what
-    :func:`inject_ids` writes with ``sampled=False``, as a list, from one hex string (the
-    request path's cheapest form)."""
-    trace, span = ids[:32], ids[32:]
+def unsampled_headers(
+    ids: str, formats: tuple[bool, bool, bool]
+) -> tuple[tuple[bytes, bytes], ...]:
+    """The headers of an unsampled trace context, as bytes for the wire: ``ids`` is the
+    trace id (32 hex digits) followed by the span id (16), ``formats`` says
+    ``(tracecontext, b3multi, b3)``: what :func:`inject_ids` writes with ``sampled=False``,
+    from one hex string (the request path's cheapest form)."""
     w3c, b3multi, b3 = formats
-    out = [("traceparent", f"00-{trace}-{span}-00")] if w3c else []
+    trace, span = ids[:32], ids[32:]
+    if w3c and b3 and not b3multi:  # the default
+        return (
+            (b"traceparent", f"00-{trace}-{span}-00".encode()),
+            (b"b3", f"{trace}-{span}-0".encode()),
+        )
+    out: list[tuple[bytes, bytes]] = []
+    if w3c:
+        out.append((b"traceparent", f"00-{trace}-{span}-00".encode()))
     if b3multi:
-        out += (("x-b3-traceid", trace), ("x-b3-spanid", span), ("x-b3-sampled", "0"))
+        out += ((b"x-b3-traceid", trace.encode()), (b"x-b3-spanid", span.encode()),
+                (b"x-b3-sampled", b"0"))  # fmt: skip
     if b3:
-        out.append(("b3", f"{trace}-{span}-0"))
-    return out
+        out.append((b"b3", f"{trace}-{span}-0".encode()))
+    return tuple(out)

@@ -25,7 +25,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from opentelemetry import context as otel_context
@@ -41,7 +41,7 @@ from opentelemetry.trace import (
 from opentelemetry.trace.propagation import _SPAN_KEY
 
 from pymesh.core.flow import lowered_headers
-from pymesh.core.types import RequestInfo
+from pymesh.core.types import Headers, RequestInfo
 from pymesh.telemetry import _propagation
 from pymesh.telemetry._accesslog import AccessLogWriter, AccessRecord, format_json, text_item
 from pymesh.telemetry._labels import (
@@ -234,8 +234,17 @@ class Telemetry:
         self.exchange_headers_raw = tuple(
             (k.encode("latin-1"), v.encode("latin-1")) for k, v in self.exchange_headers
         )
-        self._mx_names = frozenset(k for k, _ in self.exchange_headers)
         self._mx_clusters: dict[int, tuple[object, tuple[tuple[bytes, bytes], ...]]] = {}
+        self._written = frozenset(
+            [k for k, _ in self.exchange_headers]
+            + (
+                [n for f in self.propagation for n in _propagation.HEADERS[f]]
+                if self.tracing
+                else []
+            )
+        )
+        """The request header names telemetry writes on HTTP (the application's are dropped)."""
+        self._strip_memo: dict[int, tuple[Headers, Headers | None]] = {}
         baggage = exchange_baggage(node) if self.peer_exchange else ""
         self.exchange_metadata = (
             (*self.exchange_headers, ("baggage", baggage)) if baggage else self.exchange_headers
@@ -264,15 +273,16 @@ class Telemetry:
         them."""
         call = ClientCall(self, protocol, method, authority, path, request)
         if self.tracing:
-            for name, value in self._trace_headers(call):
-                set_header(name, value)
+            for raw_name, raw_value in self._trace_headers(call):
+                set_header(raw_name.decode("latin-1"), raw_value.decode("latin-1"))
         for name, value in self.exchange_metadata if protocol == "grpc" else self.exchange_headers:
             set_header(name, value)
         return call
 
-    def _trace_headers(self, call: ClientCall) -> list[tuple[str, str]]:
-        """The trace context headers of a new outbound request. Sampled (the current span's
-        decision, else ``trace_sampling``): a client span (``call.span``) and its context.
+    def _trace_headers(self, call: ClientCall) -> tuple[tuple[bytes, bytes], ...]:
+        """The trace context headers of a new outbound request, as bytes for the wire.
+        Sampled (the current span's decision, else ``trace_sampling``): a client span
+        (``call.span``) and its context.
         Not sampled (the usual case at 1%): no span object at all, the ids from one draw of
         random bits (or the current trace's id) and the flag off, so downstream agrees."""
         span = otel_context.get_value(_SPAN_KEY)
@@ -288,7 +298,7 @@ class Telemetry:
                 f"{call.authority}{call.path.split('?', 1)[0]}", kind=SpanKind.CLIENT
             )
             _propagation.inject(span.get_span_context(), _append_to(out), self.propagation)
-            return out
+            return tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in out)
         rng = self._rng
         if parent is None:
             ids = rng.randbytes(24).hex()  # trace id (32 hex digits) then span id (16)
@@ -757,7 +767,7 @@ def _namespace_of(principal: str) -> str:
 class ClientCall:
     """One outbound request in flight (from :meth:`Telemetry.client_call`)."""
 
-    __slots__ = ("_authority", "_path", "added", "method", "protocol", "request", "span",
+    __slots__ = ("_authority", "_path", "method", "protocol", "raw", "request", "span",
                  "start", "t0", "tel")  # fmt: skip
 
     def __init__(  # noqa: PLR0917 - built by Telemetry only
@@ -776,41 +786,50 @@ class ClientCall:
         self._path = path
         self.request = request
         self.span: Any = None
-        self.added: Sequence[tuple[str, str]] = ()
-        """Headers for the upstream request (HTTP: the trace context)."""
+        self.raw: tuple[tuple[bytes, bytes], ...] = ()
+        """HTTP: the trace context headers for each upstream attempt, as bytes."""
         self.start = time.time()
         self.t0 = time.perf_counter()
 
     def outbound(self, info: RequestInfo) -> RequestInfo:
-        """``info`` (the request as the flow sees it) with this call's trace headers
-        appended, replacing any the application set itself (and without any metadata
-        exchange header of the application's while the exchange is on: the transport adds
-        ours per attempt, see :func:`exchange_raw`). Routing sees the trace headers, as
-        Envoy's router sees what its filters added."""
+        """``info`` (the request as the flow sees it) without the application's own headers
+        of the names telemetry writes (its trace context and metadata exchange headers:
+        ours replace them on each attempt, :meth:`upstream_headers`). Usually ``info``
+        itself: whether a header set has any is memoized per header object (the adapter
+        reuses one per distinct header list)."""
         self._authority = info.authority  # the Host header, else the URL's: no URL read later
         self._path = info.path
-        added = self.added
-        mx = self.tel._mx_names
-        if not added and not mx:
+        tel = self.tel
+        headers = info.headers
+        found = tel._strip_memo.get(id(headers))
+        if found is None or found[0] is not headers:
+            names = tel._written
+            kept: Headers | None = None
+            if names and any(k in names for k, _ in headers):
+                kept = lowered_headers(tuple(kv for kv in headers if kv[0] not in names))
+            found = (headers, kept)
+            if len(tel._strip_memo) > _MAX_LABEL_CACHE:
+                tel._strip_memo = {}
+            tel._strip_memo[id(headers)] = found
+        kept = found[1]
+        if kept is None:
             return info
-        items = tuple(info.headers)
-        for name, _ in items:
-            if name in _WRITTEN:
-                ours = mx.union(k for k, _ in added)
-                items = tuple(kv for kv in items if kv[0] not in ours)
-                break
-        else:
-            if not added:
-                return info
         return RequestInfo(  # positional: dataclasses.replace costs ~3 µs more
             info.method,
             info.authority,
             info.path,
-            lowered_headers((*items, *added)),
+            kept,
             info.scheme,
             info.source_ip,
             info.grpc,
         )
+
+    def upstream_headers(self, cluster: Any) -> tuple[tuple[bytes, bytes], ...]:
+        """Telemetry's headers for one HTTP attempt to ``cluster`` (a ``ClusterRuntime``):
+        the trace context, then the metadata exchange unless the cluster is outside the
+        mesh (:func:`exchange_raw`)."""
+        exchange = _exchange_for(self.tel, cluster)
+        return self.raw + exchange if exchange else self.raw
 
     @property
     def authority(self) -> str:
@@ -1190,18 +1209,18 @@ class UpstreamBody:
 def http_client_call(request: Any) -> ClientCall | None:
     """For the httpx adapters: a :class:`ClientCall` of the installed telemetry for an
     ``httpx.Request``, or ``None`` when telemetry is off: then nothing at all is computed.
-    The trace headers are kept in the call (:meth:`ClientCall.outbound` puts them on the
-    upstream request), never written into the application's request: its header object
-    stays as the application built it (httpx copies every request header again per
-    response for cookies, and the adapter memoizes the header conversion on it). The
-    metadata exchange headers are added per attempt, as bytes, by :func:`exchange_raw`.
-    The URL's authority and path are read only if a span or an access log line needs them."""
+    The trace headers are kept in the call as bytes and go on each upstream attempt
+    (:meth:`ClientCall.upstream_headers`, with the metadata exchange), as Envoy's router
+    injects the trace context per upstream request: never written into the application's
+    request (httpx copies every request header again per response for cookies, and the
+    adapter memoizes the header conversion on it), nor into the request the flow routes
+    (whose memoized header object keeps the flow's per-header-set fast paths)."""
     tel = _current
     if tel is None:
         return None
     call = ClientCall(tel, "http", request.method, None, None, request)
     if tel.tracing:
-        call.added = tel._trace_headers(call)
+        call.raw = tel._trace_headers(call)
     return call
 
 
@@ -1214,7 +1233,11 @@ def exchange_raw(cluster: Any) -> tuple[tuple[bytes, bytes], ...]:
     ``external: true`` (istiod's mark for ``MESH_EXTERNAL`` ServiceEntries) or
     ``disable_mx: true``. Memoized per cluster config."""
     tel = _current
-    if tel is None or not tel.exchange_headers_raw:
+    return () if tel is None else _exchange_for(tel, cluster)
+
+
+def _exchange_for(tel: Telemetry, cluster: Any) -> tuple[tuple[bytes, bytes], ...]:
+    if not tel.exchange_headers_raw:
         return ()
     config = cluster.config
     found = tel._mx_clusters.get(id(config))
@@ -1246,10 +1269,6 @@ def _append_to(out: list[tuple[str, str]]) -> Callable[[str, str], None]:
     return add
 
 
-_WRITTEN = frozenset(
-    ("traceparent", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-sampled",
-     "x-envoy-peer-metadata", "x-envoy-peer-metadata-id", "baggage")
-)  # fmt: skip
 """Every header name telemetry writes into a request."""
 
 

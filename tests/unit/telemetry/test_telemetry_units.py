@@ -363,30 +363,29 @@ def test_configure_from_env_names_the_workload_from_the_bootstrap() -> None:
 
 def test_access_log_writer_thread_flushes_drops_and_closes() -> None:
     import threading
-    import time
 
     from pymesh.telemetry._accesslog import AccessLogWriter
 
     lines: list[str] = []
+    writer = AccessLogWriter(str, lines.append, interval=60, max_pending=3)
+    for i in range(5):  # the queue holds 3: two dropped, never blocking
+        writer.put(i)
+    assert writer.dropped == 2 and lines == []  # nothing formatted on the request path
+    writer.close()  # flushes what is queued, stops the thread
+    assert lines == ["0", "1", "2"]
+    assert writer._thread is not None and not writer._thread.is_alive()
+
     written = threading.Event()
 
     def sink(line: str) -> None:
         lines.append(line)
-        if len(lines) == 3:
-            written.set()
+        written.set()
 
-    writer = AccessLogWriter(str, sink, interval=0.01, max_pending=3)
-    t0 = time.monotonic()
-    for i in range(5):  # the queue holds 3: two dropped, never blocking
-        writer.put(i)
-    assert writer.dropped == 2
-    assert written.wait(5), "the writer thread wrote nothing"
-    assert lines == ["0", "1", "2"]  # in order, by the thread, within its interval
-    assert time.monotonic() - t0 < 5
-    writer.put("last")
-    writer.close()  # flushes what is left, stops the thread
-    assert lines[-1] == "last"
-    assert writer._thread is not None and not writer._thread.is_alive()
+    timed = AccessLogWriter(str, sink, interval=0.01)
+    timed.put("by the thread")
+    assert written.wait(10), "the writer thread wrote nothing"
+    assert lines[-1] == "by the thread"
+    timed.close()
 
 
 def test_access_log_sink_failure_does_not_stop_the_writer() -> None:
@@ -412,14 +411,18 @@ def test_unsampled_trace_headers_and_mesh_external() -> None:
     from pymesh.telemetry._telemetry import mesh_external
 
     ids = "0af7651916cd43dd8448eb211c80319c" + "b7ad6b7169203331"
-    out = dict(unsampled_headers(ids, (True, True, True)))
+    out = {k.decode(): v.decode() for k, v in unsampled_headers(ids, (True, True, True))}
     assert out["traceparent"] == f"00-{ids[:32]}-{ids[32:]}-00"
     assert out["b3"] == f"{ids[:32]}-{ids[32:]}-0"
     assert (out["x-b3-traceid"], out["x-b3-spanid"], out["x-b3-sampled"]) == (
         ids[:32], ids[32:], "0",
     )  # fmt: skip
     assert extract_ids(out.get) == (int(ids[:32], 16), int(ids[32:], 16), False)
-    assert [k for k, _ in unsampled_headers(ids, (True, False, False))] == ["traceparent"]
+    assert [k for k, _ in unsampled_headers(ids, (True, False, False))] == [b"traceparent"]
+    assert unsampled_headers(ids, (True, False, True)) == (
+        (b"traceparent", f"00-{ids[:32]}-{ids[32:]}-00".encode()),
+        (b"b3", f"{ids[:32]}-{ids[32:]}-0".encode()),
+    )
     # Istio's peer_metadata filter (skip_external_clusters): no exchange outside the mesh
     assert mesh_external("PassthroughCluster", None)
     assert mesh_external("outbound|443||api.example.com", {"istio": {"external": True}})
