@@ -403,12 +403,13 @@ class _MeshCore:
         return ctx
 
     @staticmethod
-    def upstream_request(
+    def upstream_request(  # noqa: PLR0917 - hot path, positional
         send: Send | Mirror,
         body: bytes,
         extensions: dict[str, Any],
         origin: _Origin | None = None,
         link: _Link | None = None,
+        tcall: _telemetry.ClientCall | None = None,
     ) -> httpcore.Request:
         info = send.request
         address = send.host.address
@@ -420,8 +421,8 @@ class _MeshCore:
             headers += origin.raw
             items = items[origin.count :]
         headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in items]
-        if _telemetry._current is not None:  # metadata exchange: bytes built once, mesh only
-            headers += _telemetry.exchange_raw(send.cluster)
+        if tcall is not None:  # telemetry: trace context, metadata exchange (mesh only)
+            headers += tcall.upstream_headers(send.cluster)
         scheme = b"http"
         if link is not None and link.ssl_context is not None:
             scheme = b"https"
@@ -795,7 +796,7 @@ class MeshTransport(httpx.BaseTransport):
                 return core.tls_failure(action, exc)
             timeouts = _Timeouts(action, app_timeouts)
             req = core.upstream_request(
-                action, body, {**extensions, "timeout": timeouts.value}, origin, link
+                action, body, {**extensions, "timeout": timeouts.value}, origin, link, tcall
             )
             try:
                 resp = self._pools.get(action, link).handle_request(req)
@@ -808,13 +809,13 @@ class MeshTransport(httpx.BaseTransport):
         tcall = _telemetry.http_client_call(request)  # telemetry: call timed
         info, origin = core.request_info(request)
         if tcall is not None:
-            info = tcall.outbound(info)  # telemetry: trace and peer headers on the wire
+            info = tcall.outbound(info)  # telemetry: its headers go per attempt (bytes)
         flow = call_flow(core.runtime, snapshot, info, clock=core.clock)
         result = drive_sync(
             flow,
             send=send,
             sleep=time.sleep,
-            mirror=lambda m: self._mirror(m, body),
+            mirror=lambda m: self._mirror(m, body, tcall),
             discard=_discard_sync,
         )
         if result.local_reply is not None:
@@ -839,7 +840,9 @@ class MeshTransport(httpx.BaseTransport):
             self._passthrough = httpx.HTTPTransport()
         return self._passthrough.handle_request(request)
 
-    def _mirror(self, action: Mirror, body: bytes) -> None:
+    def _mirror(
+        self, action: Mirror, body: bytes, tcall: _telemetry.ClientCall | None = None
+    ) -> None:
         if self._mirrors_in_flight >= _MAX_MIRRORS_IN_FLIGHT:
             return  # shadowing must never slow or queue the real traffic
         if self._mirrors is None:
@@ -858,6 +861,7 @@ class MeshTransport(httpx.BaseTransport):
             {"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
             None,
             link,
+            tcall,
         )
         pool = self._pools.get(action, link)
 
@@ -997,7 +1001,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 return core.tls_failure(action, exc)
             timeouts = _Timeouts(action, app_timeouts)
             req = core.upstream_request(
-                action, body, {**extensions, "timeout": timeouts.value}, origin, link
+                action, body, {**extensions, "timeout": timeouts.value}, origin, link, tcall
             )
             try:
                 resp = await self._pools.get(action, link).handle_async_request(req)
@@ -1010,13 +1014,13 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
         tcall = _telemetry.http_client_call(request)  # telemetry: call timed
         info, origin = core.request_info(request)
         if tcall is not None:
-            info = tcall.outbound(info)  # telemetry: trace and peer headers on the wire
+            info = tcall.outbound(info)  # telemetry: its headers go per attempt (bytes)
         flow = call_flow(core.runtime, snapshot, info, clock=core.clock)
         result = await drive_async(
             flow,
             send=send,
             sleep=_sleep,
-            mirror=lambda m: self._mirror(m, body),
+            mirror=lambda m: self._mirror(m, body, tcall),
             discard=_discard_async,
         )
         if result.local_reply is not None:
@@ -1037,7 +1041,9 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             self._passthrough = httpx.AsyncHTTPTransport()
         return await self._passthrough.handle_async_request(request)
 
-    def _mirror(self, action: Mirror, body: bytes) -> None:
+    def _mirror(
+        self, action: Mirror, body: bytes, tcall: _telemetry.ClientCall | None = None
+    ) -> None:
         import sniffio
 
         if len(self._mirror_tasks) >= _MAX_MIRRORS_IN_FLIGHT:
@@ -1057,6 +1063,7 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             {"timeout": {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}},
             None,
             link,
+            tcall,
         )
         pool = self._pools.get(action, link)
 
