@@ -64,6 +64,18 @@ class _Lean:
         return parsed
 
 
+_CONSUMED = httpx.ByteStream(b"")
+
+
+def _unbind(response: httpx.Response) -> None:
+    """httpx binds a response and its stream to each other, a reference cycle: the response,
+    its request and everything they hold would wait for the garbage collector (measured ~20 us
+    of collections per request). Once the body is read and the response closed the stream is
+    spent: the response gets an empty one instead, and is freed as soon as it is dropped."""
+    if response.is_closed and response.is_stream_consumed:
+        response.stream = _CONSUMED
+
+
 class Client(_Lean, httpx.Client):
     """An ``httpx.Client`` whose requests to mesh hosts go through the mesh.
 
@@ -109,6 +121,15 @@ class Client(_Lean, httpx.Client):
         super().__init__(transport=self.mesh_transport, **kwargs)
         self._cookies = _Cookies(self._cookies)
 
+    def send(
+        self, request: httpx.Request, *, stream: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        """httpx's ``send`` (a read response does not keep its spent stream: see ``_unbind``)."""
+        response = super().send(request, stream=stream, **kwargs)
+        if not stream:
+            _unbind(response)
+        return response
+
 
 class AsyncClient(_Lean, httpx.AsyncClient):
     """The ``httpx.AsyncClient`` counterpart of :class:`Client`."""
@@ -150,3 +171,12 @@ class AsyncClient(_Lean, httpx.AsyncClient):
         self._urls = {}
         super().__init__(transport=self.mesh_transport, **kwargs)
         self._cookies = _Cookies(self._cookies)
+
+    async def send(
+        self, request: httpx.Request, *, stream: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        """httpx's ``send`` (a read response does not keep its spent stream: see ``_unbind``)."""
+        response = await super().send(request, stream=stream, **kwargs)
+        if not stream:
+            _unbind(response)
+        return response

@@ -168,7 +168,8 @@ class _Message:
         self.until_eof = False
         self.got_bytes = False
         self.keep = False
-        self.parser = httptools.HttpResponseParser(self)
+        # None once released (see release); typed loosely: set while callbacks can run
+        self.parser: Any = httptools.HttpResponseParser(self)
 
     def on_message_begin(self) -> None:
         if self.complete:
@@ -201,8 +202,12 @@ class _Message:
 
     def feed(self, data: bytes) -> None:
         self.got_bytes = True
+        parser = self.parser
+        if parser is None:  # released: the response is over, these bytes nobody asked for
+            self.keep = False
+            return
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _Unasked):
                 self.keep = False
@@ -227,6 +232,12 @@ class _Message:
                 return
         self.until_eof = True  # no framing: the body ends when the server closes
 
+    def release(self) -> None:
+        """Drop the parser once the response is over: it holds this message's callbacks, a
+        reference cycle that would leave every response (and its request) to the garbage
+        collector instead of being freed when the application drops it."""
+        self.parser = None
+
     def take(self) -> list[bytes]:
         chunks = self.chunks
         self.chunks = []
@@ -242,6 +253,8 @@ class _Message:
         response.headers = self.headers
         response.stream = stream
         version = self.parser.get_http_version()
+        if self.complete:
+            self.release()
         response._stream_consumed = False
         response.extensions = {
             "http_version": _HTTP11 if version == "1.1" else b"HTTP/" + version.encode(),
@@ -599,6 +612,7 @@ class _SyncBody:
 
     def _finish(self) -> None:
         pool = self._pool
+        self._msg.release()
         if pool is not None:
             self._pool = None
             pool._release(self._conn, self._msg.complete and self._msg.keep_alive(self._close))
@@ -937,6 +951,7 @@ class _AsyncBody:
 
     def _finish(self) -> None:
         pool = self._pool
+        self._msg.release()
         if pool is not None:
             self._pool = None
             pool._release(self._conn, self._msg.complete and self._msg.keep_alive(self._close))

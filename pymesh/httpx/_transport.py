@@ -663,6 +663,10 @@ class _AsyncPools:
             await pool.aclose()
 
 
+def _released() -> None:
+    """A stream's release once it was called (releasing is idempotent)."""
+
+
 class _SyncStream(httpx.SyncByteStream):
     """The upstream body; closing it ends the request's accounting (``release``)."""
 
@@ -688,7 +692,8 @@ class _SyncStream(httpx.SyncByteStream):
             if close is not None:
                 close()
         finally:
-            self._release()
+            release, self._release = self._release, _released
+            release()  # and the stream no longer holds the call (nor a cycle through it)
 
     def __del__(self) -> None:
         # A response dropped without close() must not hold its breaker slot forever.
@@ -719,7 +724,8 @@ class _AsyncStream(httpx.AsyncByteStream):
             if aclose is not None:
                 await aclose()
         finally:
-            self._release()
+            release, self._release = self._release, _released
+            release()  # see _SyncStream.close
 
     def __del__(self) -> None:
         self._release()  # see _SyncStream.__del__

@@ -1,19 +1,26 @@
 """What the mesh clients trim from httpx's per-request work, invisibly: an absolute URL string
 is parsed once (httpx would parse it on every request; relative URLs still follow
 ``base_url``, ``params`` still apply per request), and responses without a cookie skip the
-stdlib cookie machinery (cookies are still stored, also after ``client.cookies = ...``)."""
+stdlib cookie machinery (cookies are still stored, also after ``client.cookies = ...``); a
+read response is freed when dropped, not left to the garbage collector (httpx ties a response
+and its stream in a reference cycle; the engine's parser and its message were another)."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 
 import pymesh.httpx
 from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
+from pymesh.httpx._h1 import _Message
 from pymesh.xds.client import XdsClient
+from tests.integration.httpx.conftest import HOST, PORT, Backend, Mesh, Upstream, service_yaml
 
 URL = "http://web.default.svc.cluster.local:9080/x?y=1"
 
@@ -76,3 +83,46 @@ def test_async_client_parses_an_absolute_url_once() -> None:
         asyncio.run(main())
     finally:
         xds.close()
+
+
+@contextmanager
+def _cyclic_garbage() -> Iterator[list[Any]]:
+    """The requests' objects that only the garbage collector could free, made inside."""
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    found: list[Any] = []
+    try:
+        yield found
+        gc.collect()
+        kinds = (httpx.Response, httpx.Request, _Message)
+        found += [o for o in gc.garbage if isinstance(o, kinds)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+def test_read_responses_are_freed_without_the_garbage_collector(
+    mesh: Mesh, upstreams: Callable[..., tuple[Backend, Upstream]]
+) -> None:
+    _b, up = upstreams("v1")
+    mesh.write(service_yaml({"v1": up.port}))
+    mesh.start()
+    url = f"http://{HOST}:{PORT}/"
+    with pymesh.httpx.Client(xds_client=mesh.client, mesh_wait=10) as client:
+        assert client.get(url).status_code == 200
+        with _cyclic_garbage() as garbage:
+            for _ in range(20):
+                assert client.get(url).json()["name"] == "v1"
+        assert garbage == []
+        with client.stream("GET", url) as streamed:  # streamed: httpx's own objects remain
+            assert streamed.read()
+
+    async def run() -> list[Any]:
+        async with pymesh.httpx.AsyncClient(xds_client=mesh.client, mesh_wait=10) as client:
+            assert (await client.get(url)).status_code == 200
+            with _cyclic_garbage() as garbage:
+                for _ in range(20):
+                    assert (await client.get(url)).json()["name"] == "v1"
+            return garbage
+
+    assert asyncio.run(run()) == []
