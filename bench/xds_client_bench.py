@@ -36,6 +36,7 @@ from bench import decode_bench
 from pymesh.core import runtime as core_runtime
 from pymesh.core.runtime import MeshRuntime
 from pymesh.xds import client as xds_client
+from pymesh.xds import pacing
 from pymesh.xds.client import XdsClient
 from pymesh.xds.resource_types import ResourceType
 from tests.integration.xds.test_snapshots import (
@@ -185,8 +186,17 @@ def full_stack(endpoints: int, rounds: int) -> None:
                 for label in stages.samples:
                     stages.samples[label].clear()
                 pushes = []
+                by_pacing: dict[bool, list[float]] = {True: [], False: []}
                 zones = len(cla_msg.endpoints)
-                for r in range(rounds):
+                for r in range(2 * rounds):
+                    # Interleaved: even rounds with the work thread paced (the default),
+                    # odd rounds without (pymesh.xds.pacing): what pacing costs an update.
+                    paced = r % 2 == 0
+                    client.run_in_serializer(
+                        lambda paced=paced: pacing.pace_current_thread(
+                            pacing.SLICE if paced else None
+                        )
+                    )
                     msg = endpoint_pb2.ClusterLoadAssignment()
                     msg.CopyFrom(cla_msg)
                     sa = msg.endpoints[r % zones].lb_endpoints[0].endpoint.address.socket_address
@@ -199,15 +209,20 @@ def full_stack(endpoints: int, rounds: int) -> None:
                     if not arrived.wait(120):
                         raise RuntimeError("the update never reached the runtime")
                     pushes.append((time.perf_counter() - start) * 1000)
+                    by_pacing[paced].append(pushes[-1])
+                client.run_in_serializer(pacing.pace_current_thread)
                 cancel()
                 runtime.unwatch(TARGET)
     finally:
         stages.restore()
+    paced_pushes = by_pacing[True]
     print(
         f"full stack, {endpoints} endpoints over 10 zones, one moved per round: push to "
-        f"runtime hosts+LB median {statistics.median(pushes):.0f} ms "
-        f"(min {min(pushes):.0f}, max {max(pushes):.0f})"
+        f"runtime hosts+LB median {statistics.median(paced_pushes):.0f} ms "
+        f"(min {min(paced_pushes):.0f}, max {max(paced_pushes):.0f})"
     )
+    on, off = statistics.median(by_pacing[True]), statistics.median(by_pacing[False])
+    print(f"  paced {on:.0f} ms vs unpaced {off:.0f} ms (median, interleaved): {on / off:.2f}x")
     for label, samples in stages.samples.items():
         if samples:
             print(f"  work-thread CPU, {label}: median {statistics.median(samples):.1f} ms")

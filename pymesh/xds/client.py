@@ -50,6 +50,7 @@ from typing import Protocol
 
 from pymesh.bootstrap import Bootstrap, XdsServer, load_bootstrap
 from pymesh.errors import XdsError
+from pymesh.xds._memory import TRIM_DELAY, TrimPolicy, release_memory
 from pymesh.xds._serializer import Serializer, Timer
 from pymesh.xds.ads import (
     AdsState,
@@ -195,6 +196,7 @@ class XdsClient:
         self._serializer = Serializer(
             self._clock, name=f"pymesh-xds-{next(_ids)}", after_task=self._flush
         )
+        self._trim_policy = TrimPolicy()
 
     # -- process-wide instance -------------------------------------------------------------
 
@@ -484,7 +486,11 @@ class XdsClient:
                 self._schedule_probe(group)
             else:
                 group.probe_backoff.reset()
-        self._apply(group, group.state.response(message, self._clock.monotonic()))
+        now = self._clock.monotonic()
+        self._apply(group, group.state.response(message, now))
+        if self._trim_policy.on_response(message.type_url, len(data)):
+            # A huge update was just replaced: give its memory back (pymesh.xds._memory).
+            self._serializer.call_at(now + TRIM_DELAY, release_memory)
 
     def _on_closed(self, group: _Group, sid: int, error: str) -> None:
         if sid != group.stream_id or group.stream is None:

@@ -8,6 +8,7 @@ over their own ``XdsClient``s; the backend is a uvicorn server in this process.
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 import pymesh.httpx
 from pymesh.bootstrap import parse_bootstrap
 from pymesh.core.runtime import MeshRuntime
+from pymesh.xds import _memory as xds_memory
 from pymesh.xds.client import XdsClient
 from tests.integration.httpx.conftest import Backend, Upstream
 from tests.xdsserver import XdsTestServer
@@ -126,6 +128,7 @@ def wait_hosts(xds: XdsClient, n: int, timeout: float = 60) -> float:
 
 
 BLOCK = 800  # requests per measured block
+DURING = "during the 100k apply"
 ROUNDS = 3  # a phase passes when one of its rounds is within 2x (a shared, loaded box)
 
 
@@ -135,7 +138,8 @@ def test_slow_huge_and_flooding_xds(
     driver: Driver, backend: tuple[Backend, Upstream], record: Any
 ) -> None:
     """Request latency p99 under each xDS abuse vs idle p99 measured right before and after
-    (pooled) in the same round; RSS bounded with 100k endpoints and given back after."""
+    (pooled) in the same round, and while a 100k-endpoint update is being applied; RSS
+    bounded with 100k endpoints and mostly given back after."""
     port = backend[1].port
     driver.call("serve", backend=port)
     xds = driver.client()
@@ -170,11 +174,20 @@ def test_slow_huge_and_flooding_xds(
         settle = time.monotonic() + 1.0  # the balancer is built after the hosts: its tail
         while time.monotonic() < settle:
             applying += measure(20)
-        extra.setdefault("applying", []).extend(applying)
+        extra["applying"] = applying  # its own figure (below)
+        extra.setdefault("applying_p99", []).append(p99(applying))
         lat = measure(BLOCK)
         extra.setdefault("rss", []).append((base, rss_mb()))
+        trims = xds_memory.trims
         driver.call("eds", backend=port, tag=4)
         wait_hosts(xds, 1)
+        # The next requests let go of the removed hosts (the transport drains its pools);
+        # the client gives the freed heap back TRIM_DELAY s after the smaller response.
+        start = time.monotonic()
+        while xds_memory.trims == trims:
+            measure(20)
+            assert time.monotonic() - start < 30, "no memory trim after the 100k update"
+        gc.collect()
         extra.setdefault("rss_after", []).append(rss_mb())
         return lat
 
@@ -203,15 +216,17 @@ def test_slow_huge_and_flooding_xds(
                     before = measure(BLOCK)
                     during = phase()
                     idle = before + measure(BLOCK)
-                    ratio = p99(during) / p99(idle)
-                    results.setdefault(name, []).append(ratio)
+                    ratios = {name: p99(during) / p99(idle)}
+                    if phase is huge:  # the requests made while the update was applied
+                        ratios[DURING] = p99(extra.pop("applying")) / p99(idle)
+                    for key, ratio in ratios.items():
+                        results.setdefault(key, []).append(ratio)
                     extra.setdefault("idle", []).append(p99(idle))
-                    if ratio <= 2.0:
+                    if all(min(results[key]) <= 2.0 for key in ratios):
                         break
     finally:
         xds.close()
-    applying = extra["applying"]
-    during_apply = p99(applying) if len(applying) > 1 else max(applying, default=0.0)
+    during_apply = max(extra["applying_p99"])
     peak = max(b for _, b in extra["rss"]) - min(a for a, _ in extra["rss"])
     kept = max(extra["rss_after"]) - min(a for a, _ in extra["rss"])
     note = (
@@ -230,14 +245,15 @@ def test_slow_huge_and_flooding_xds(
     )
     assert failed == 0
     assert extra["updates"] == 500
+    # Each phase, and the requests made while the 100k endpoints were decoded and applied
+    # (the xDS thread paces itself: pymesh.xds.pacing), within 2x of idle in some round.
+    assert set(results) == {"delayed", "100k endpoints", DURING, "100 updates/s"}
     for name, ratios in results.items():
         assert min(ratios) <= 2.0, (name, note)
-    # Known gap (docs/resilience-suite.md): while 100k endpoints are decoded (~2.4 s) and
-    # their hosts built (~1.3 s) on the xDS thread, requests share the GIL with it and are
-    # slower (never failed) for those seconds: bounded here, not within 2x.
-    assert during_apply < 250, note
     assert peak < 400, note  # 100k hosts: bounded
-    assert kept < 250, note  # and mostly given back when they go
+    # and most of it given back once they go (the rest: pymalloc arenas kept by a few live
+    # objects; pymesh.xds._memory), not growing from one round to the next
+    assert kept < 0.6 * peak, note
 
 
 @pytest.mark.timeout(120)

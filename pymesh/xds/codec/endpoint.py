@@ -485,9 +485,12 @@ def _skip(data: bytes, pos: int, wire: int) -> int:
     return -1
 
 
+RUNS_ABOVE = 262144
+"""A locality larger than this (~10,000 endpoints) is parsed in runs of :data:`RUN_BYTES`:
+the one-shot parse of 100,000 endpoints holds the GIL for ~20 ms; a smaller one is parsed
+at once (~1 ms or less; scanning it into runs would cost more than that)."""
 RUN_BYTES = 65536
-"""A locality larger than this is parsed in runs of about this many bytes of endpoints (a
-few thousand): the one-shot parse of 100,000 endpoints holds the GIL for ~20 ms."""
+"""The size of a run of endpoints (a few thousand) of a locality above :data:`RUNS_ABOVE`."""
 
 
 def _split_runs(data: bytes, field: int, limit: int) -> tuple[list[bytes], bytes] | None:
@@ -621,7 +624,7 @@ def _decode_split(data: bytes) -> Decoded | None:
         shell = endpoint_pb2.ClusterLoadAssignment.FromString(rest)
         locs: list[tuple[bytes | None, Any]] = []
         for r in records:
-            if len(r) > RUN_BYTES:
+            if len(r) > RUNS_ABOVE:
                 big = _parse_runs(bytes(r))
                 if big is None:
                     return None

@@ -338,8 +338,8 @@ def test_runs_give_the_full_decoders_result(
     """With a tiny RUN_BYTES every locality is parsed in runs (of one endpoint and up):
     the same model, the same errors (field paths count endpoints across runs), and reuse
     among localities parsed that way."""
-    saved = eds.RUN_BYTES
-    eds.RUN_BYTES = run_bytes
+    saved = eds.RUN_BYTES, eds.RUNS_ABOVE
+    eds.RUN_BYTES = eds.RUNS_ABOVE = run_bytes
     try:
         held = outcome(split_decode, encode(before))
         mixed = cla(*after["endpoints"], *before["endpoints"][:2])
@@ -347,7 +347,7 @@ def test_runs_give_the_full_decoders_result(
             assert outcome(split_decode, data) == outcome(full_decode, data)
         del held
     finally:
-        eds.RUN_BYTES = saved
+        eds.RUN_BYTES, eds.RUNS_ABOVE = saved
 
 
 def test_runs_keep_the_locality_fields_found_between_endpoints(
@@ -357,6 +357,7 @@ def test_runs_keep_the_locality_fields_found_between_endpoints(
     scalar wins, sub-messages merge): a locality whose endpoints are interleaved with its
     other fields decodes as the one-shot parse does."""
     monkeypatch.setattr(eds, "RUN_BYTES", 30)
+    monkeypatch.setattr(eds, "RUNS_ABOVE", 30)
     one = endpoint_components_pb2.LocalityLbEndpoints
 
     def part(**kw: Any) -> bytes:
@@ -407,20 +408,21 @@ def test_malformed_runs_give_the_full_parsers_error(
     data: bytes, expected: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(eds, "RUN_BYTES", 0)
+    monkeypatch.setattr(eds, "RUNS_ABOVE", 0)
     got = outcome(split_decode, data)
     assert got == outcome(full_decode, data)
     assert isinstance(got, tuple) and expected in got[1]
 
 
 def test_a_huge_locality_is_parsed_in_runs_and_reused() -> None:
-    """3,000 endpoints (~70 KB, above RUN_BYTES): the run path, the one-shot result, and
-    the next identical update reuses the decoded locality."""
+    """12,000 endpoints (~290 KB, above RUNS_ABOVE): the run path, the one-shot result,
+    and the next identical update reuses the decoded locality."""
     eds.clear_locality_cache()
-    data = encode(cla(loc("big", *(ep(f"10.{k >> 8 & 255}.{k & 255}.1") for k in range(3000)))))
+    data = encode(cla(loc("big", *(ep(f"10.{k >> 8 & 255}.{k & 255}.1") for k in range(12_000)))))
     split = eds._split_field(data, 2)
-    assert split is not None and len(split[0][0]) > eds.RUN_BYTES
+    assert split is not None and len(split[0][0]) > eds.RUNS_ABOVE
     parts = eds._split_runs(bytes(split[0][0]), 2, eds.RUN_BYTES)
-    assert parts is not None and len(parts[0]) == 2
+    assert parts is not None and len(parts[0]) == 5
     first = split_decode(data)
     assert first == full_decode(data)
     again = split_decode(data)
