@@ -119,10 +119,10 @@ __all__ = [
     "LocalReply",
     "Mirror",
     "ReplyKind",
+    "RequestIdHeaders",
     "Send",
     "Sleep",
     "WaitConnection",
-    "added_request_id_base",
     "call_flow",
     "drive_async",
     "drive_sync",
@@ -481,17 +481,18 @@ def _request_id(bits: int) -> str:
 _HEADER_ITEMS = Headers.__dict__["_items"]  # the slot of Headers (a member descriptor)
 
 
-class _WithRequestId(Headers):
+class RequestIdHeaders(Headers):
     """``base`` plus the ``x-request-id`` the flow adds (Envoy's UUID4): its random bits
     are drawn when the request is made (from the call's RNG, in the flow's order), and the
     UUID text (most of the cost) is formatted the first time the headers are read. A gRPC
-    attempt never reads it (the adapter sends the flow's id only when the caller gave one:
-    see :func:`added_request_id_base`)."""
+    adapter, which sends the flow's id only when the caller gave one (never the case with
+    these headers), reads ``base`` alone and the id is never formatted."""
 
-    __slots__ = ("_base", "_bits")
+    __slots__ = ("_bits", "base")
 
     def __init__(self, base: tuple[tuple[str, str], ...], bits: int) -> None:
-        self._base = base
+        self.base = base
+        """The request's headers (lower-case names) without the added id."""
         self._bits = bits
 
     # Shadows the base class's slot, where the result is cached.
@@ -500,18 +501,9 @@ class _WithRequestId(Headers):
         try:
             items: tuple[tuple[str, str], ...] = _HEADER_ITEMS.__get__(self)
         except AttributeError:
-            items = (*self._base, ("x-request-id", _request_id(self._bits)))
+            items = (*self.base, ("x-request-id", _request_id(self._bits)))
             _HEADER_ITEMS.__set__(self, items)
         return items
-
-
-def added_request_id_base(headers: Headers) -> tuple[tuple[str, str], ...] | None:
-    """For the headers of a ``Send`` whose only change from the caller's request is the
-    ``x-request-id`` the flow added: the other headers (lower-case names), without making
-    the id's text. ``None`` for any other headers (read them as usual)."""
-    if type(headers) is _WithRequestId:
-        return headers._base
-    return None
 
 
 class _RoutePlan:
@@ -685,7 +677,7 @@ def call_flow(
     else:
         ctx.ops = plan.response_ops
     if not has_id:
-        added = _WithRequestId(upstream.headers._items, rng.getrandbits(128))
+        added = RequestIdHeaders(upstream.headers._items, rng.getrandbits(128))
         upstream = _with_headers(upstream, added)
 
     # 6. deadlines

@@ -59,9 +59,9 @@ from pymesh.core.flow import (
     CallResult,
     Discard,
     ReplyKind,
+    RequestIdHeaders,
     Send,
     Sleep,
-    added_request_id_base,
     call_flow,
 )
 from pymesh.core.retry import PUSHBACK_HEADER
@@ -164,11 +164,11 @@ def attempt_metadata(headers: Headers, original: RequestInfo) -> Metadata | None
     to bytes. The ``x-request-id`` the flow generates (Envoy's) is not sent unless the caller
     gave one: a proxyless gRPC client does not add it, and metadata costs grpcio time per
     call. ``None`` when there is nothing to send."""
-    base = added_request_id_base(headers)
-    if base is not None:  # the caller's headers and the flow's own id (never formatted)
-        if not base:
-            return None  # the common case: no metadata
-        items: Iterable[tuple[str, str]] = base
+    items: Iterable[tuple[str, str]]
+    if type(headers) is RequestIdHeaders:  # the caller's headers and the flow's own id
+        items = headers.base  # (the id is never formatted)
+        if not items:
+            return None  # the common case: no metadata (the adapters check it inline)
         keep_id = True  # (none in ``base``)
     else:
         items = headers
@@ -656,7 +656,7 @@ class MeshChannel(grpc.Channel):
         info = mesh.request_info_of(spec, metadata, timeout, snapshot)
         replay = _Replay(request) if spec.streaming_request else None
         pool = self._pool
-        mcs = spec.multicallables(pool)
+        mcs = spec.mcs if spec.epoch == pool.epoch else spec.multicallables(pool)
 
         runtime = mesh.runtime
         streaming_response = spec.streaming_response
@@ -693,7 +693,11 @@ class MeshChannel(grpc.Channel):
                     mc = mcs.get(key)
                     if mc is None:
                         mc = spec.multicallable(pool, key)
-                    md = attempt_metadata(action.request.headers, info)
+                    headers = action.request.headers
+                    if type(headers) is RequestIdHeaders and not headers.base:
+                        md = None  # no metadata (attempt_metadata's common case, inline)
+                    else:
+                        md = attempt_metadata(headers, info)
                     payload = replay.attempt() if replay is not None else request
                     try:
                         if streaming_response:

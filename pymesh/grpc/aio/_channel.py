@@ -19,7 +19,15 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from pymesh.core.flow import AttemptResult, CallResult, Discard, Send, Sleep, call_flow
+from pymesh.core.flow import (
+    AttemptResult,
+    CallResult,
+    Discard,
+    RequestIdHeaders,
+    Send,
+    Sleep,
+    call_flow,
+)
 from pymesh.core.runtime import MeshRuntime
 from pymesh.core.types import Outcome
 from pymesh.errors import XdsError
@@ -300,7 +308,8 @@ class AioMeshChannel(grpc.aio.Channel):
         info = mesh.request_info_of(spec, metadata, timeout, snapshot)
         replay = _AsyncReplay(request) if spec.streaming_request else None
         streaming_response = spec.streaming_response
-        mcs = spec.multicallables(self._pool)
+        pool = self._pool
+        mcs = spec.mcs if spec.epoch == pool.epoch else spec.multicallables(pool)
         runtime = mesh.runtime
         waits = 0
         while True:
@@ -322,8 +331,12 @@ class AioMeshChannel(grpc.aio.Channel):
                         key = action.host.key
                         mc = mcs.get(key)
                         if mc is None:
-                            mc = spec.multicallable(self._pool, key)
-                        md = attempt_metadata(action.request.headers, info)
+                            mc = spec.multicallable(pool, key)
+                        headers = action.request.headers
+                        if type(headers) is RequestIdHeaders and not headers.base:
+                            md = None  # no metadata (attempt_metadata's common case, inline)
+                        else:
+                            md = attempt_metadata(headers, info)
                         if replay is None:
                             call = mc(request, timeout=t, metadata=md, **kwargs)
                         else:
@@ -600,8 +613,9 @@ class MeshAioCall:
             if self._spec.streaming_response:
                 self._first = call
                 self._attempt = value
-            else:
-                self._release()
+            elif not self._released:  # (_release inlined)
+                self._released = True
+                result.release()
         return value
 
     async def _settle(self) -> Any:
@@ -619,8 +633,10 @@ class MeshAioCall:
 
     async def _run_inline(self) -> Any:
         self._inline = asyncio.current_task(self._loop)
+        channel = self._channel  # (_run inlined: one call less per call)
+        call = channel._call_plain if telemetry_current() is None else channel._call
         try:
-            out = await self._run()
+            out = await call(*self._args, self._set_attempt, self._wait_for_ready)
         except asyncio.CancelledError:
             self._inline = None
             self._end_future().cancel()
