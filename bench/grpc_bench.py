@@ -17,6 +17,13 @@ call (``time.process_time``: less sensitive than wall-clock throughput to other 
 a shared machine), p50/p99 latency, and the ratios pymesh/plain (target >= 0.85) and
 pymesh/cxds (target >= 0.90): of the medians, and the median of the per-round ratios (each
 round's three clients ran back to back under the same load).
+
+``--overhead``: pymesh's own Python per call, steady even on a loaded machine (thread CPU
+time, best of 5 batches of 20,000 calls): each endpoint's grpcio multicallable is replaced
+by a stub answering at once, so what is timed is the adapter plus the policy core's flow
+(route, cluster, x-request-id, deadlines, host pick, limits, outcome, result), sync and aio;
+and the flow alone, driven by hand. On real sockets the same Python costs 2-4 times more
+(caches shared with grpcio's C-core), so compare trees with it, not with grpcio.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -147,11 +155,100 @@ def report(title: str, results: Results) -> None:
     )
 
 
+OVERHEAD_CALLS = 20_000
+
+
+def _best(run: Callable[[], None], calls: int = OVERHEAD_CALLS) -> float:
+    """Thread CPU seconds per call of ``run`` (``calls`` calls), best of 5 batches."""
+    best = math.inf
+    for _ in range(5):
+        t = time.thread_time()
+        run()
+        best = min(best, (time.thread_time() - t) / calls)
+    return best
+
+
+def overhead(target: str, client: Any) -> None:
+    """Print pymesh's own CPU per call with the grpcio attempt replaced by a stub."""
+    import pymesh.grpc
+    import pymesh.grpc.aio
+    from pymesh.core.flow import AttemptResult, call_flow
+    from pymesh.grpc._channel import OK
+
+    def stub(request: Any, timeout: Any = None, metadata: Any = None, **kwargs: Any) -> Any:
+        return b"ok"
+
+    class Done:
+        def __await__(self) -> Any:
+            return b"ok"
+            yield  # a generator: an awaitable that is done at once
+
+    def astub(request: Any, timeout: Any = None, metadata: Any = None, **kwargs: Any) -> Any:
+        return Done()
+
+    channel = pymesh.grpc.insecure_channel(target, xds_client=client)
+    call = channel.unary_unary(METHOD, None, None)
+    for _ in range(50):  # config, subchannel, multicallable
+        call(b"hi", timeout=20)
+    spec = call._spec  # type: ignore[attr-defined]
+    for key in list(spec.mcs):
+        spec.mcs[key] = stub
+
+    def sync_calls() -> None:
+        for _ in range(OVERHEAD_CALLS):
+            call(b"hi", timeout=10)
+
+    sync_us = _best(sync_calls) * 1e6
+    mesh = channel._mesh  # type: ignore[attr-defined]
+    snapshot = mesh.handle.current()
+    info = mesh.request_info_of(spec, None, 10, snapshot)
+    answer = AttemptResult(OK, (b"ok", None))
+
+    def flows() -> None:
+        for _ in range(OVERHEAD_CALLS):
+            flow = call_flow(mesh.runtime, snapshot, info, clock=time.monotonic)
+            next(flow)
+            try:
+                flow.send(answer)
+            except StopIteration as stop:
+                stop.value.release()
+
+    flow_us = _best(flows) * 1e6
+    channel.close()
+
+    async def aio() -> float:
+        achannel = pymesh.grpc.aio.insecure_channel(target, xds_client=client)
+        acall = achannel.unary_unary(METHOD, None, None)
+        for _ in range(50):
+            await acall(b"hi", timeout=20)
+        aspec = acall._spec  # type: ignore[attr-defined]
+        for key in list(aspec.mcs):
+            aspec.mcs[key] = astub
+        best = math.inf
+        for _ in range(5):
+            t = time.thread_time()
+            for _ in range(OVERHEAD_CALLS):
+                await acall(b"hi", timeout=10)
+            best = min(best, (time.thread_time() - t) / OVERHEAD_CALLS)
+        await achannel.close(None)
+        return best * 1e6
+
+    aio_us = asyncio.run(aio())
+    print(
+        "pymesh per call, grpcio attempt stubbed (thread CPU, best of 5 x "
+        f"{OVERHEAD_CALLS}): sync {sync_us:.1f} us, aio {aio_us:.1f} us, "
+        f"flow alone {flow_us:.1f} us"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument(
+        "--overhead", action="store_true", help="only pymesh's own CPU per call (see above)"
+    )
     args = parser.parse_args()
 
     server = subprocess.Popen(
@@ -180,6 +277,9 @@ def main() -> None:
     client = XdsClient(parse_bootstrap(json.dumps(bootstrap), source="bench"))
     target = f"xds:///{HOST}:{PORT}"
     try:
+        if args.overhead:
+            overhead(target, client)
+            return
         channels = {
             "plain": grpc.insecure_channel(f"127.0.0.1:{backend_port}"),
             "cxds": grpc.insecure_channel(target),
