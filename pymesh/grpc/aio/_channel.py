@@ -338,7 +338,10 @@ class AioMeshChannel(grpc.aio.Channel):
                         else:
                             md = attempt_metadata(headers, info)
                         if replay is None:
-                            call = mc(request, timeout=t, metadata=md, **kwargs)
+                            if kwargs is _NO_KWARGS:  # (no empty ** dict per call)
+                                call = mc(request, timeout=t, metadata=md)
+                            else:
+                                call = mc(request, timeout=t, metadata=md, **kwargs)
                         else:
                             # Pump the buffered stream ourselves (grpc.aio's own consumer
                             # turns a write racing the end of a failed attempt into INTERNAL,
