@@ -149,8 +149,17 @@ def format_json(r: AccessRecord) -> str:
 
 
 def text_item(item: tuple[Any, ...]) -> str:
-    """The line of a queued text item: :func:`text_line`'s 15 fields as a tuple."""
-    return text_line(*item)
+    """The line of a queued text item: :func:`text_line`'s 15 fields, then the request's
+    header items, where a user agent / request id not given (``None``) is looked up."""
+    user_agent, request_id = item[11], item[12]
+    if user_agent is None or request_id is None:
+        for name, value in item[15]:
+            if name == "x-request-id" and request_id is None:
+                request_id = value
+            elif name == "user-agent" and user_agent is None:
+                user_agent = value
+        item = (*item[:11], user_agent, request_id, *item[13:])
+    return text_line(*item[:15])
 
 
 FLUSH_INTERVAL = 0.1

@@ -191,7 +191,7 @@ class Telemetry:
         self.peer_exchange = peer_exchange
         self._peers = PeerDecoder()
         self.requests = RequestMetrics()
-        self._label_cache: dict[tuple[Any, ...], tuple[Workload | None, _Series]] = {}
+        self._label_cache: dict[tuple[Any, ...], tuple[object, _Series]] = {}
         self._peer_cache: dict[int, tuple[object, Workload]] = {}
         self._counters_lock = threading.Lock()
         self.retries: dict[str, int] = {}
@@ -322,23 +322,22 @@ class Telemetry:
         """The pre-bound metric series of a finished outbound request (``None``: the table
         is full). ``peer``: the workload the server named in its answer (metadata
         exchange); without it, the picked endpoint's metadata names it."""
-        if peer is None:
-            metadata = getattr(host, "metadata", None)
-            # Endpoint metadata -> peer workload, memoized by identity; the entry keeps the
-            # metadata object alive, so its id cannot be reused by other metadata meanwhile.
-            entry = self._peer_cache.get(id(metadata))
-            if entry is None or entry[0] is not metadata:
-                entry = (metadata, PeerWorkload.from_metadata(metadata))
+        # One lookup on the usual path, keyed by the identity of what names the peer: the
+        # exchanged workload (memoized by the decoder) or the endpoint's metadata object.
+        # The entry holds that object, so its id cannot be reused meanwhile.
+        anchor = peer if peer is not None else getattr(host, "metadata", None)
+        key = (protocol, status, grpc_status, flags, cluster, id(anchor), peer is None, mtls)
+        found = self._label_cache.get(key)
+        if found is not None and found[0] is anchor:
+            return found[1]
+        if peer is None:  # endpoint metadata -> peer workload, memoized by identity too
+            entry = self._peer_cache.get(id(anchor))
+            if entry is None or entry[0] is not anchor:
+                entry = (anchor, PeerWorkload.from_metadata(anchor))
                 if len(self._peer_cache) > _MAX_LABEL_CACHE:
                     self._peer_cache = {}
-                self._peer_cache[id(metadata)] = entry
+                self._peer_cache[id(anchor)] = entry
             peer = entry[1]
-        # Peers are memoized objects (endpoint metadata above, exchange headers in the
-        # decoder): keyed by identity, the entry holds the peer so its id stays its own.
-        key = (protocol, status, grpc_status, flags, cluster, id(peer), mtls)
-        found = self._label_cache.get(key)
-        if found is not None and found[0] is peer:
-            return found[1]
         service, name, namespace = service_of_cluster(cluster)
         src = self.workload
         labels = (
@@ -372,7 +371,7 @@ class Telemetry:
         if series is not None:
             if len(self._label_cache) > _MAX_LABEL_CACHE:
                 self._label_cache = {}
-            self._label_cache[key] = (peer, series)
+            self._label_cache[key] = (anchor, series)
         return series
 
     # -- server side ---------------------------------------------------------------------
@@ -901,16 +900,9 @@ class ClientCall:
             return
         upstream = host.key if host is not None else None
         log = tel.access_log != "off" and tel._log_this(bool(flags) or status >= 500)
-        if (span is not None or log) and request_id is None and result is not None:
-            sent = result.upstream_request
-            if sent is not None:
-                for name, value in sent.headers:  # one pass for both
-                    if name == "x-request-id":
-                        request_id = value
-                    elif name == "user-agent" and user_agent is None:
-                        user_agent = value
+        sent = result.upstream_request if result is not None else None
         if log and tel._text:  # queued: the writer thread formats the line
-            tel._writer.put(  # strings and numbers only: the collector untracks the tuple
+            tel._writer.put(  # strings, numbers and their tuples: the collector untracks it
                 (
                     self.start,
                     self.method,
@@ -927,8 +919,19 @@ class ClientCall:
                     request_id,
                     self.authority,
                     upstream,
+                    # the upstream request's header items: the writer finds the user agent
+                    # and request id there (only when not given)
+                    sent.headers._items if sent is not None else (),
                 )
             )
+            if span is None:
+                return
+        if request_id is None and sent is not None:
+            for name, value in sent.headers:  # one pass for both
+                if name == "x-request-id":
+                    request_id = value
+                elif name == "user-agent" and user_agent is None:
+                    user_agent = value
         if span is not None:
             _end_span(span, status, grpc_status, flags, cluster, upstream, self, request_id)
         if log and not tel._text:
@@ -1067,6 +1070,7 @@ class ServerCall:
                     request_id,
                     self.authority,
                     None,
+                    (),
                 )
             )
         else:
