@@ -826,7 +826,7 @@ class ClientCall:
     def upstream_headers(self, cluster: Any) -> tuple[tuple[bytes, bytes], ...]:
         """Telemetry's headers for one HTTP attempt to ``cluster`` (a ``ClusterRuntime``):
         the trace context, then the metadata exchange unless the cluster is outside the
-        mesh (:func:`exchange_raw`)."""
+        mesh (:func:`mesh_external`)."""
         exchange = _exchange_for(self.tel, cluster)
         return self.raw + exchange if exchange else self.raw
 
@@ -1228,19 +1228,12 @@ def http_client_call(request: Any) -> ClientCall | None:
     return call
 
 
-def exchange_raw(cluster: Any) -> tuple[tuple[bytes, bytes], ...]:
-    """The metadata exchange headers (``x-envoy-peer-metadata-id``,
-    ``x-envoy-peer-metadata``, encoded once) for an HTTP request to ``cluster`` (a
-    ``ClusterRuntime``), or ``()``: telemetry off, exchange off, or a destination outside
-    the mesh, as Istio's ``peer_metadata`` filter with ``skip_external_clusters`` decides
-    it: the ``PassthroughCluster``, or a cluster whose ``istio`` filter metadata says
-    ``external: true`` (istiod's mark for ``MESH_EXTERNAL`` ServiceEntries) or
-    ``disable_mx: true``. Memoized per cluster config."""
-    tel = _current
-    return () if tel is None else _exchange_for(tel, cluster)
-
-
 def _exchange_for(tel: Telemetry, cluster: Any) -> tuple[tuple[bytes, bytes], ...]:
+    """``tel``'s metadata exchange headers (``x-envoy-peer-metadata-id``,
+    ``x-envoy-peer-metadata``, encoded once) for an HTTP request to ``cluster`` (a
+    ``ClusterRuntime``), or ``()``: exchange off, or a destination outside the mesh, as
+    Istio's ``peer_metadata`` filter with ``skip_external_clusters`` decides it (see
+    :func:`mesh_external`). Memoized per cluster config."""
     if not tel.exchange_headers_raw:
         return ()
     config = cluster.config
@@ -1257,7 +1250,9 @@ def _exchange_for(tel: Telemetry, cluster: Any) -> tuple[tuple[bytes, bytes], ..
 
 
 def mesh_external(cluster_name: str, metadata: Mapping[str, Any] | None) -> bool:
-    """Whether a cluster leads outside the mesh (no metadata exchange to it)."""
+    """Whether a cluster leads outside the mesh (no metadata exchange to it): the
+    ``PassthroughCluster``, or ``istio`` filter metadata ``external: true`` (istiod's mark
+    for ``MESH_EXTERNAL`` ServiceEntries) or ``disable_mx: true``."""
     if cluster_name == "PassthroughCluster":
         return True
     istio = metadata.get("istio") if metadata else None
