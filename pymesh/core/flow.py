@@ -850,7 +850,7 @@ def call_flow(
                 return CallResult(
                     result.response,
                     None,
-                    tuple(flags),
+                    tuple(flags) if flags else (),
                     attempt,
                     route,
                     cluster_name,

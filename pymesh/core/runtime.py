@@ -383,8 +383,9 @@ class MeshRuntime:
     ) -> ClusterRuntime | None:
         """The cluster runtime to send to: ``entry`` itself, or for an aggregate cluster the
         first leaf (in priority order) with a usable host (else the first leaf)."""
-        if entry.cluster.kind is not ClusterKind.AGGREGATE:
-            rt = self._clusters.get(entry.name)
+        cluster = entry.cluster
+        if cluster.kind is not ClusterKind.AGGREGATE:
+            rt = self._clusters.get(cluster.name)  # (entry.name is a property: one call less)
             if rt is not None and rt.config is entry:
                 return rt
             return self.cluster_for(entry, now)
