@@ -42,11 +42,19 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from pymesh.asgi._peer import CONNECTION_KEY, PEER_KEY, Connection, connection_of, make_peer
+from pymesh.asgi._peer import (
+    CONNECTION_KEY,
+    PEER_KEY,
+    Connection,
+    Peer,
+    connection_of,
+    make_peer,
+)
 from pymesh.core import inbound
+from pymesh.core.flow import lowered_headers
 from pymesh.core.path_normalization import normalize
 from pymesh.core.rbac import PeerInfo
-from pymesh.core.types import Headers, RequestInfo
+from pymesh.core.types import RequestInfo
 from pymesh.errors import PymeshError
 from pymesh.model.snapshot import ServerError, ServerSnapshot
 from pymesh.xds.client import XdsClient
@@ -62,6 +70,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _WILDCARDS = {"", "0.0.0.0", "::", "[::]", "*"}
+_MAX_PEERS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +122,7 @@ class MeshMiddleware:
         self._cancel: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._peer_cache: dict[tuple[Any, ...], tuple[Connection, Peer, PeerInfo]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -194,6 +204,25 @@ class MeshMiddleware:
 
     # -- per request --------------------------------------------------------------------
 
+    def _peers(self, scope: Scope, conn: Connection) -> tuple[Peer, PeerInfo]:
+        """The request's :class:`Peer` and ``PeerInfo``: constants of a connection (its
+        certificate and addresses), built once per connection under ``pymesh.serve`` (whose
+        :class:`Connection` object lives as long as the connection)."""
+        client = scope.get("client") or (None, None)
+        server = scope.get("server") or (None, None)
+        key = (id(conn), client[0], client[1], server[0], server[1])
+        hit = self._peer_cache.get(key)
+        if hit is not None and hit[0] is conn:
+            return hit[1], hit[2]
+        the_peer = make_peer(scope, conn)
+        info = _peer_info(scope, conn)
+        if (scope.get("extensions") or {}).get(CONNECTION_KEY) is not conn:
+            return the_peer, info  # made for this request (another server): not kept
+        if len(self._peer_cache) >= _MAX_PEERS:
+            self._peer_cache.clear()
+        self._peer_cache[key] = (conn, the_peer, info)  # holds conn: its id is not reused
+        return the_peer, info
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope.get("type")
         if kind not in ("http", "websocket"):
@@ -205,7 +234,7 @@ class MeshMiddleware:
         view = self._view
         conn = connection_of(scope)
         scope = dict(scope)
-        the_peer = make_peer(scope, conn)
+        the_peer, peer = self._peers(scope, conn)
         scope[PEER_KEY] = the_peer
         extensions = dict(scope.get("extensions") or {})
         extensions["pymesh"] = the_peer
@@ -217,7 +246,6 @@ class MeshMiddleware:
         if _headers_too_large(scope.get("headers") or ()):
             await _refuse(scope, send, 431, "Request Header Fields Too Large")
             return
-        peer = _peer_info(scope, conn)
         raw_path = scope.get("raw_path")
         chain = self._state.filter_chain(view.snapshot.listener, peer, conn.transport)
         if isinstance(raw_path, bytes) and chain is not None:
@@ -259,7 +287,10 @@ def _is_grpc(scope: Scope) -> bool:
 
 def _request_info(scope: Scope, conn: Connection) -> RequestInfo:
     raw_headers = scope.get("headers") or ()
-    headers = Headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers)
+    # one pass: names lowered here (ASGI servers should send them lower-case already)
+    headers = lowered_headers(
+        tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw_headers)
+    )
     authority = headers.get("host") or ""
     if not authority:
         server = scope.get("server")

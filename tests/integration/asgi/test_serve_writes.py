@@ -9,7 +9,10 @@ import socket
 import ssl
 from typing import Any
 
+import httpx
+
 from tests.integration.asgi.conftest import Mesh
+from tests.unit.security.pki_helpers import spiffe
 
 REQUEST = b"GET /x HTTP/1.1\r\nhost: web\r\n\r\n"
 PAUSE = 0.3  # between the app's head and its body: longer than the first read waits
@@ -82,3 +85,25 @@ def test_an_unfinished_response_still_sends_its_head_then_closes(mesh: Mesh) -> 
             data = _read_all(sock)
         assert data.startswith(b"HTTP/1.1 200 OK\r\n"), (kind, data)
         assert data.endswith(b"\r\n\r\n"), (kind, data)  # no body: the connection closed
+
+
+def test_each_keep_alive_connection_keeps_its_own_identity(mesh: Mesh) -> None:
+    """The middleware builds a connection's peer once: alternating requests on two kept-alive
+    connections with different client certificates each see their own caller."""
+    server = mesh.serve()
+    url = f"https://127.0.0.1:{server.port}/who"
+    ids = {sa: spiffe("default", sa) for sa in ("alpha", "beta")}
+    clients = {
+        sa: httpx.Client(verify=mesh.client_context(mesh.identity("default", sa)), timeout=5)
+        for sa in ids
+    }
+    try:
+        for _ in range(3):
+            for sa, client in clients.items():
+                body = client.get(url).json()
+                assert body["spiffe_id"] == ids[sa], (sa, body)
+    finally:
+        for client in clients.values():
+            client.close()
+    plain = httpx.get(f"http://127.0.0.1:{server.port}/who", timeout=5).json()
+    assert plain["tls"] is False and plain["spiffe_id"] is None
