@@ -139,12 +139,13 @@ Round = tuple[float, list[float], float, float]
 client-process CPU s per request from /proc)"""
 
 
-def process_cpu() -> float:
-    """CPU seconds of every thread of this process so far (``/proc``, ns resolution)."""
+def process_cpu(pid: int | str = "self") -> float:
+    """CPU seconds of every thread of process ``pid`` (default: this one) so far (``/proc``,
+    ns resolution)."""
     total = 0
-    for task in os.listdir("/proc/self/task"):
+    for task in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/self/task/{task}/schedstat") as f:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
                 total += int(f.read().split()[0])
         except (OSError, ValueError, IndexError):
             pass  # a thread that just ended

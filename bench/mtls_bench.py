@@ -43,6 +43,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.httpx_bench import process_cpu  # run with PYTHONPATH=. (the repository root)
+
 SERVERS = textwrap.dedent(
     """
     import json, sys
@@ -220,18 +222,6 @@ def dns_named_certs(tmp: Path, ca: Any) -> str:
     (d / "key.pem").write_bytes(key_pem(key))
     (d / "root-cert.pem").write_bytes(cert_pem(root))
     return str(d)
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds of every thread of ``pid`` so far (``/proc/PID/task/*/schedstat``: ns)."""
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # a thread that just ended
-    return total / 1e9
 
 
 def _round(call: Callable[[], Any], n: int, server_pid: int | None) -> tuple[float, ...]:

@@ -16,6 +16,7 @@ from pymesh.model.tls import (
     UpstreamTlsContext,
     ValidationContext,
 )
+from tests.integration.httpx.test_mtls import write
 from tests.unit.security.pki_helpers import ca_bundle, make_ca, spiffe
 
 
@@ -27,12 +28,7 @@ def _settings(sa: str) -> UpstreamTlsContext:
 
 def test_contexts_shared_by_equal_settings_and_cached_per_object(tmp_path: Path) -> None:
     ca = make_ca(tmp_path / "ca")
-    bundle = ca_bundle(ca, "default", "client")
-    certs = tmp_path / "certs"
-    certs.mkdir()
-    (certs / "cert-chain.pem").write_bytes(bundle.chain_pem)
-    (certs / "key.pem").write_bytes(bundle.key_pem)
-    (certs / "root-cert.pem").write_bytes(bundle.roots_pem)
+    certs = write(ca_bundle(ca, "default", "client"), tmp_path / "certs")
     data = generate_bootstrap(xds_address="127.0.0.1:1", cert_dir=str(certs))
     tls = UpstreamTls(parse_bootstrap(json.dumps(data), source="test"))
     try:
