@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -13,13 +14,14 @@ class FakeTime:
     def __init__(self) -> None:
         self.now = 100.0
         self.sleeps: list[float] = []
+        self.others_run = 0.0  # how long another thread holds the GIL at our next pause
 
     def perf(self) -> float:
         return self.now
 
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self.now += seconds
+        self.now += seconds + self.others_run
 
 
 @pytest.fixture
@@ -38,26 +40,36 @@ def test_an_unpaced_thread_never_sleeps(clock: FakeTime) -> None:
     assert clock.sleeps == []
 
 
-def test_a_paced_thread_sleeps_once_per_slice(clock: FakeTime) -> None:
-    with pacing.paced(slice_=0.001, pause=0.0002):
-        for _ in range(9):  # 0.9 ms of work: within the slice
-            clock.now += 0.0001
-            pacing.checkpoint()
-        assert clock.sleeps == []
-        clock.now += 0.0002
+def work(clock: FakeTime, seconds: float, step: float = 0.0001) -> list[float]:
+    """Run ``seconds`` of work in steps with a checkpoint after each: the slices (time
+    between pauses) seen."""
+    marks = [clock.now]
+    paused = len(clock.sleeps)
+    for _ in range(round(seconds / step)):
+        clock.now += step
         pacing.checkpoint()
-        assert clock.sleeps == [0.0002]
-        for _ in range(25):  # 2.5 ms more: two more pauses, a new slice after each
-            clock.now += 0.0001
-            pacing.checkpoint()
-        assert clock.sleeps == [0.0002] * 3
-        clock.now += 5.0  # idle (waiting for work): the next task starts a fresh slice
+        if len(clock.sleeps) > paused:
+            paused = len(clock.sleeps)
+            marks.append(clock.now)
+    return [round(b - a - 0.00002 - clock.others_run, 6) for a, b in itertools.pairwise(marks)]
+
+
+def test_slices_double_while_no_one_waits_and_shrink_when_someone_does(clock: FakeTime) -> None:
+    with pacing.paced(slice_=0.0002, pause=0.00002):
+        # nobody else runs at the pauses: 0.2, 0.4, 0.8, 1.6 ms, then 2 ms (MAX_SLICE)
+        assert work(clock, 0.0085)[:6] == [0.0002, 0.0004, 0.0008, 0.0016, 0.002, 0.002]
+        assert set(clock.sleeps) == {0.00002}
+        clock.others_run = 0.0005  # a request thread takes the GIL at each pause
+        slices = work(clock, 0.004)
+        assert slices[1:] == [0.0002] * (len(slices) - 1)  # after the first: short
+        clock.others_run = 0.0
+        clock.now += 5.0  # idle, waiting for work: the next task starts with a short slice
         pacing.restart()
-        pacing.checkpoint()
-        assert len(clock.sleeps) == 3
+        assert work(clock, 0.0007) == [0.0002, 0.0004]
     clock.now += 1.0
+    count = len(clock.sleeps)
     pacing.checkpoint()  # the block ended: unpaced again
-    assert len(clock.sleeps) == 3
+    assert len(clock.sleeps) == count
 
 
 def test_pacing_is_per_thread_and_nests(clock: FakeTime) -> None:
@@ -97,3 +109,12 @@ def test_the_xds_work_serializer_is_paced(clock: FakeTime) -> None:
         assert s.run_sync(work) == 1
     finally:
         s.close()
+
+
+def test_a_paced_thread_has_a_short_timer_slack_and_gets_its_own_back() -> None:
+    before = pacing._timer_slack(None)
+    if before is None:  # not Linux
+        return
+    with pacing.paced():
+        assert pacing._timer_slack(None) == pacing.PAUSE_TIMER_SLACK_NS
+    assert pacing._timer_slack(None) == before
