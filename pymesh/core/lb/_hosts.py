@@ -26,7 +26,7 @@ def build_hosts(
         return hosts
     for loc in assignment.localities:
         for i, ep in enumerate(loc.endpoints):
-            if not i & 127:
+            if not i & 63:
                 checkpoint()  # on the xDS thread: give the GIL to the application's threads
             key = str(ep.address)
             host = previous.get(key)
