@@ -23,8 +23,10 @@ def _app(kind: str) -> Any:
         if scope["type"] != "http":
             return
         start = {"type": "http.response.start", "status": 200}
-        if kind == "stream":
+        if kind in ("stream", "flush"):
             await send({**start, "headers": [(b"transfer-encoding", b"chunked")]})
+            if kind == "flush":  # an empty first body message: the head goes now
+                await send({"type": "http.response.body", "body": b"", "more_body": True})
             await asyncio.sleep(PAUSE)
             await send({"type": "http.response.body", "body": b"one", "more_body": True})
             await asyncio.sleep(PAUSE)
@@ -74,6 +76,14 @@ def test_streaming_head_waits_for_the_first_chunk_only(mesh: Mesh) -> None:
         while not second.endswith(b"0\r\n\r\n"):
             second += sock.recv(65536)
         assert second == b"3\r\ntwo\r\n0\r\n\r\n"
+
+
+def test_an_empty_first_body_message_sends_the_head_at_once(mesh: Mesh) -> None:
+    server = mesh.serve(_app("flush"))
+    with _connect(server.port, None) as sock:
+        sock.sendall(REQUEST)
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and first.endswith(b"\r\n\r\n"), first
 
 
 def test_an_unfinished_response_still_sends_its_head_then_closes(mesh: Mesh) -> None:
