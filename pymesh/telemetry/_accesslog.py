@@ -17,6 +17,7 @@ import atexit
 import collections
 import json
 import logging
+import os
 import threading
 import time
 import weakref
@@ -261,3 +262,18 @@ _writers: weakref.WeakSet[AccessLogWriter] = weakref.WeakSet()
 def _flush_all() -> None:
     for writer in list(_writers):
         writer.flush()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a pre-fork server's worker) has no writer thread: forget it, so the
+    child's first line starts its own, and drop the lines copied from the parent (the
+    parent writes those)."""
+    for writer in list(_writers):
+        writer._lock = threading.Lock()
+        writer._start_lock = threading.Lock()
+        writer._pending.clear()
+        writer._thread = None
+        _writers.discard(writer)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -507,3 +507,33 @@ def test_asgi_middleware_hides_the_callers_exchange_headers_from_the_app() -> No
     assert hidden == [b"host", b"user-agent"]  # Istio's filter removes them on the way in
     assert b"x-envoy-peer-metadata" in kept  # exchange off: no filter, nothing removed
     assert scope["headers"] is headers and len(headers) == 4  # the server's scope untouched
+
+
+def test_access_log_writer_restarts_in_a_forked_child(tmp_path: Any) -> None:
+    import os
+    import time
+
+    from pymesh.telemetry._accesslog import AccessLogWriter
+
+    out = tmp_path / "child.log"
+    lines: list[str] = []
+    writer = AccessLogWriter(str, lines.append, interval=0.01)
+    writer.put("parent")
+    writer.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: its own writer thread writes its lines, not the parent's
+        code = 1
+        try:
+            writer.put("child")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and lines[-1:] != ["child"]:
+                time.sleep(0.01)
+            out.write_text(",".join(lines))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    writer.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert out.read_text() == "parent,child"  # written by the child's own thread
+    assert lines == ["parent"]
