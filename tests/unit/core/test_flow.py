@@ -758,3 +758,79 @@ def test_unreachable_hosts_are_left_out_until_reachable(rt: MeshRuntime, clock: 
     assert result.local_reply is not None and result.flags == ("UH",)
     rt.set_unreachable(frozenset())
     assert hosts_picked(10) == {"127.0.0.1:1", "127.0.0.1:2"}
+
+
+# --------------------------------------------------------------------------- hot-path shortcuts
+
+
+def grpc_request(headers: Sequence[tuple[str, str]] = ()) -> RequestInfo:
+    return RequestInfo("POST", "svc:80", "/pkg.Svc/Method", Headers(headers), grpc=True)
+
+
+def test_grpc_ok_ends_the_call_and_a_retriable_status_is_retried(
+    rt: MeshRuntime, clock: FakeClock
+) -> None:
+    # The retry state is made only once an outcome may need it: never for a gRPC OK, after
+    # the first attempt otherwise (which must still count that attempt's host).
+    policy = RetryPolicy(
+        retry_on=frozenset({"unavailable"}),
+        num_retries=2,
+        retry_host_predicates=(PREVIOUS_HOSTS,),
+        host_selection_retry_max_attempts=5,
+    )
+    snap = snapshot([route(RouteAction(cluster="a", retry_policy=policy))], [cluster("a", [1, 2])])
+    d = Driver(rt, clock)
+    done = d.run(snap, grpc_request(), lambda s: (Outcome(status=200, grpc_status=0), 0.001))
+    assert done.local_reply is None and done.attempts == 1 and done.flags == ()
+    done.release()
+
+    def unavailable_once(send: Send) -> tuple[Outcome, float]:
+        status = 14 if send.attempt == 1 else 0
+        return Outcome(status=200, grpc_status=status), 0.001
+
+    d = Driver(rt, clock)
+    retried = d.run(snap, grpc_request(), unavailable_once)
+    assert retried.attempts == 2
+    assert [s.attempt for s in d.sends()] == [1, 2]
+    retried.release()
+    # A non-retriable status ends at once, with the state made but not used.
+    d = Driver(rt, clock)
+    failed = d.run(snap, grpc_request(), lambda s: (Outcome(status=200, grpc_status=3), 0.001))
+    assert failed.attempts == 1 and failed.flags == ()
+    failed.release()
+    idle(rt)
+
+
+def test_request_id_is_a_uuid4_formatted_only_when_read(clock: FakeClock) -> None:
+    import re
+    import uuid
+
+    from pymesh.core.flow import RequestIdHeaders
+
+    snap = snapshot([route(RouteAction(cluster="a"))], [cluster("a", [1])])
+    ids = []
+    for _ in range(2):  # the same seed draws the same id (the RNG order is the flow's)
+        rt = MeshRuntime(None, rng=random.Random(11), clock=clock)
+        d = Driver(rt, clock)
+        result = d.run(snap, grpc_request([("x-user", "u1")]), ok)
+        (send,) = d.sends()
+        headers = send.request.headers
+        assert type(headers) is RequestIdHeaders
+        assert headers.base == (("x-user", "u1"),)  # what a gRPC adapter reads
+        rid = headers.get("x-request-id")
+        assert rid is not None and re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", rid)
+        parsed = uuid.UUID(rid)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert list(headers) == [("x-user", "u1"), ("x-request-id", rid)]
+        assert headers == Headers(list(headers)) and len(headers) == 2
+        assert "X-Request-Id" in headers
+        ids.append(rid)
+        result.release()
+        idle(rt)
+    assert ids[0] == ids[1]
+    # A caller's own id is kept, and no other is added.
+    rt = MeshRuntime(None, rng=random.Random(11), clock=clock)
+    d = Driver(rt, clock)
+    d.run(snap, request(headers=[("x-request-id", "mine")]), ok).release()
+    (send,) = d.sends()
+    assert send.request.headers.get_all("x-request-id") == ["mine"]
