@@ -168,7 +168,7 @@ def attempt_metadata(headers: Headers, original: RequestInfo) -> Metadata | None
     if type(headers) is RequestIdHeaders:  # the caller's headers and the flow's own id
         items = headers.base  # (the id is never formatted)
         if not items:
-            return None  # the common case: no metadata (the adapters check it inline)
+            return None  # the common case: no metadata
         keep_id = True  # (none in ``base``)
     else:
         items = headers
@@ -693,11 +693,7 @@ class MeshChannel(grpc.Channel):
                     mc = mcs.get(key)
                     if mc is None:
                         mc = spec.multicallable(pool, key)
-                    headers = action.request.headers
-                    if type(headers) is RequestIdHeaders and not headers.base:
-                        md = None  # no metadata (attempt_metadata's common case, inline)
-                    else:
-                        md = attempt_metadata(headers, info)
+                    md = attempt_metadata(action.request.headers, info)
                     payload = replay.attempt() if replay is not None else request
                     try:
                         if streaming_response:

@@ -23,7 +23,6 @@ from pymesh.core.flow import (
     AttemptResult,
     CallResult,
     Discard,
-    RequestIdHeaders,
     Send,
     Sleep,
     call_flow,
@@ -332,11 +331,7 @@ class AioMeshChannel(grpc.aio.Channel):
                         mc = mcs.get(key)
                         if mc is None:
                             mc = spec.multicallable(pool, key)
-                        headers = action.request.headers
-                        if type(headers) is RequestIdHeaders and not headers.base:
-                            md = None  # no metadata (attempt_metadata's common case, inline)
-                        else:
-                            md = attempt_metadata(headers, info)
+                        md = attempt_metadata(action.request.headers, info)
                         if replay is None:
                             if kwargs is _NO_KWARGS:  # (no empty ** dict per call)
                                 call = mc(request, timeout=t, metadata=md)
