@@ -70,10 +70,6 @@ def _start_time(start: float) -> str:
     return f"{cached[1]}.{int(start * 1000) % 1000:03d}Z"
 
 
-def _q(value: str | None) -> str:
-    return f'"{value}"' if value else '"-"'
-
-
 def format_text(r: AccessRecord) -> str:
     """One line in Envoy's default access log format (no trailing newline)."""
     return text_line(
@@ -114,10 +110,11 @@ def text_line(  # noqa: PLR0917 - one argument per field of the line, hot path
 ) -> str:
     """:func:`format_text` from the fields themselves (the request path builds no record)."""
     ust = "-" if upstream_service_time is None else str(upstream_service_time)
-    return (
+    return (  # a missing (or empty) value is "-", quoted like the others
         f'[{_start_time(start)}] "{method} {path} {protocol}" {status} {flags} '
-        f"{bytes_received} {bytes_sent} {duration_ms} {ust} {_q(forwarded_for)} "
-        f"{_q(user_agent)} {_q(request_id)} {_q(authority)} {_q(upstream_host)}"
+        f'{bytes_received} {bytes_sent} {duration_ms} {ust} "{forwarded_for or "-"}" '
+        f'"{user_agent or "-"}" "{request_id or "-"}" "{authority or "-"}" '
+        f'"{upstream_host or "-"}"'
     )
 
 
