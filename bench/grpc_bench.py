@@ -23,7 +23,10 @@ time, best of 5 batches of 20,000 calls): each endpoint's grpcio multicallable i
 by a stub answering at once, so what is timed is the adapter plus the policy core's flow
 (route, cluster, x-request-id, deadlines, host pick, limits, outcome, result), sync and aio;
 and the flow alone, driven by hand. On real sockets the same Python costs 2-4 times more
-(caches shared with grpcio's C-core), so compare trees with it, not with grpcio.
+(caches shared with grpcio's C-core): the mode also times, in 9 interleaved rounds, plain
+grpcio calls alone and each followed by a stubbed pymesh call (sync, and aio with 16 in
+flight), and prints the difference (thread CPU, paired median): pymesh's Python between real
+calls. Compare code trees with these, not with grpcio.
 """
 
 from __future__ import annotations
@@ -168,8 +171,12 @@ def _best(run: Callable[[], None], calls: int = OVERHEAD_CALLS) -> float:
     return best
 
 
-def overhead(target: str, client: Any) -> None:
-    """Print pymesh's own CPU per call with the grpcio attempt replaced by a stub."""
+def overhead(target: str, client: Any, plain_target: str) -> None:
+    """Print pymesh's own CPU per call with the grpcio attempt replaced by a stub: hot, and
+    between real grpcio calls to ``plain_target``."""
+    import grpc
+    import grpc.aio
+
     import pymesh.grpc
     import pymesh.grpc.aio
     from pymesh.core.flow import AttemptResult, call_flow
@@ -214,9 +221,24 @@ def overhead(target: str, client: Any) -> None:
                 stop.value.release()
 
     flow_us = _best(flows) * 1e6
+    plain_channel = grpc.insecure_channel(plain_target)
+    plain = plain_channel.unary_unary(METHOD, None, None)
+
+    def plain_only() -> None:
+        for _ in range(SITU_CALLS):
+            plain(b"hi", timeout=10)
+
+    def plain_and_pymesh() -> None:
+        for _ in range(SITU_CALLS):
+            call(b"hi", timeout=10)
+            plain(b"hi", timeout=10)
+
+    plain_only()  # warm up
+    sync_situ = _paired(plain_only, plain_and_pymesh)
+    plain_channel.close()
     channel.close()
 
-    async def aio() -> float:
+    async def aio() -> tuple[float, float]:
         achannel = pymesh.grpc.aio.insecure_channel(target, xds_client=client)
         acall = achannel.unary_unary(METHOD, None, None)
         for _ in range(50):
@@ -230,15 +252,63 @@ def overhead(target: str, client: Any) -> None:
             for _ in range(OVERHEAD_CALLS):
                 await acall(b"hi", timeout=10)
             best = min(best, (time.thread_time() - t) / OVERHEAD_CALLS)
-        await achannel.close(None)
-        return best * 1e6
+        plain_channel = grpc.aio.insecure_channel(plain_target)
+        plain = plain_channel.unary_unary(METHOD, None, None)
 
-    aio_us = asyncio.run(aio())
+        async def both() -> None:
+            await acall(b"hi", timeout=10)
+            await plain(b"hi", timeout=10)
+
+        async def batch(one: Callable[[], Any]) -> float:
+            left = SITU_CALLS
+
+            async def worker() -> None:
+                nonlocal left
+                while left > 0:
+                    left -= 1
+                    await one()
+
+            t = time.thread_time()
+            await asyncio.gather(*(worker() for _ in range(16)))
+            return (time.thread_time() - t) / SITU_CALLS
+
+        await batch(lambda: plain(b"hi", timeout=10))  # warm up
+        diffs = []
+        for _ in range(SITU_ROUNDS):
+            alone = await batch(lambda: plain(b"hi", timeout=10))
+            diffs.append(await batch(both) - alone)
+        await plain_channel.close(None)
+        await achannel.close(None)
+        return best * 1e6, statistics.median(diffs) * 1e6
+
+    aio_us, aio_situ = asyncio.run(aio())
     print(
         "pymesh per call, grpcio attempt stubbed (thread CPU, best of 5 x "
         f"{OVERHEAD_CALLS}): sync {sync_us:.1f} us, aio {aio_us:.1f} us, "
         f"flow alone {flow_us:.1f} us"
     )
+    print(
+        "the same between real grpcio calls (paired median of "
+        f"{SITU_ROUNDS} rounds x {SITU_CALLS}): sync +{sync_situ:.1f} us, "
+        f"aio 16 in flight +{aio_situ:.1f} us"
+    )
+
+
+SITU_CALLS = 2000
+SITU_ROUNDS = 9
+
+
+def _paired(alone: Callable[[], None], both: Callable[[], None]) -> float:
+    """Median over rounds of (thread CPU per call of ``both`` - of ``alone``), us."""
+    diffs = []
+    for _ in range(SITU_ROUNDS):
+        t = time.thread_time()
+        alone()
+        a = time.thread_time() - t
+        t = time.thread_time()
+        both()
+        diffs.append((time.thread_time() - t - a) / SITU_CALLS)
+    return statistics.median(diffs) * 1e6
 
 
 def main() -> None:
@@ -278,7 +348,7 @@ def main() -> None:
     target = f"xds:///{HOST}:{PORT}"
     try:
         if args.overhead:
-            overhead(target, client)
+            overhead(target, client, f"127.0.0.1:{backend_port}")
             return
         channels = {
             "plain": grpc.insecure_channel(f"127.0.0.1:{backend_port}"),
