@@ -1,6 +1,7 @@
 """The data-plane comparison: every variant's client in its own process, interleaved rounds.
 
-Per round, for each shape (sync sequential; async with C in flight), every variant runs the
+Per round, for each shape (sync sequential; async with C in flight; async over 16
+connections at a fixed 1,000 requests/s, Istio's latency setup), every variant runs the
 same number of requests, in an order rotated each round so that no variant always follows
 the same one. Around each batch the suite reads utime+stime from /proc/<pid>/stat of every
 process on that variant's path (its client, its upstream, each Envoy): CPU per request per
@@ -21,9 +22,10 @@ from typing import Any
 
 from bench.suite.procs import CpuSnapshot, median, pct, rss_mb
 from bench.suite.topology import REPO, Path_
+from bench.suite.worker import RATE_QPS
 
-HTTP_SHAPES = (("sync", 1), ("async", 16), ("async", 64))
-GRPC_SHAPES = (("sync", 1), ("async", 16))
+HTTP_SHAPES = (("sync", 1), ("async", 16), ("async", 64), ("rate", 16))
+GRPC_SHAPES = (("sync", 1), ("async", 16), ("rate", 16))
 PROFILED = ("pymesh", "pymesh mTLS")
 """Variants whose client gets one extra, profiled batch per shape after the rounds."""
 
@@ -31,6 +33,8 @@ PROFILED = ("pymesh", "pymesh mTLS")
 def shape_name(kind: str, shape: tuple[str, int]) -> str:
     if shape[0] == "sync":
         return "sync sequential"
+    if shape[0] == "rate":
+        return f"{'aio' if kind == 'grpc' else 'async'} {shape[1]} conns at {RATE_QPS} rps"
     return f"{'aio' if kind == 'grpc' else 'async'} {shape[1]} in flight"
 
 

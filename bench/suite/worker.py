@@ -3,11 +3,12 @@
 One process per variant, so that its CPU time and RSS (read by the suite from /proc) are that
 client's alone and a plain variant does not carry pymesh's imports. It imports only what its
 variant needs, prints ``{"ready": true}`` once a first request succeeded, then runs commands
-read from stdin, one JSON object a line: ``{"shape": "sync" | "async", "n": N,
+read from stdin, one JSON object a line: ``{"shape": "sync" | "async" | "rate", "n": N,
 "concurrency": C}`` => ``{"elapsed": s, "lat": [s, ...]}`` (or ``{"error": "..."}``).
 
-Every variant is timed by the same two loops (:func:`timed_sync`, :func:`timed_async`): a
-request is ``GET url`` checked for 200 (HTTP) or one unary call (gRPC).
+Every variant is timed by the same three loops (:func:`timed_sync`, :func:`timed_async`,
+:func:`timed_rate`): a request is ``GET url`` checked for 200 (HTTP) or one unary call
+(gRPC).
 """
 
 from __future__ import annotations
@@ -52,6 +53,39 @@ async def timed_async(call: AsyncCall, n: int, concurrency: int) -> tuple[float,
 
     start = clock()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return clock() - start, lat
+
+
+RATE_QPS = 1000
+"""The ``rate`` shape's offered load: Istio's published latency figures are at 1,000 requests
+per second over 16 connections (fortio ``-qps 1000 -c 16``)."""
+
+
+async def timed_rate(
+    call: AsyncCall, n: int, concurrency: int, qps: float = RATE_QPS
+) -> tuple[float, list[float]]:
+    """``n`` requests offered at ``qps`` in all over ``concurrency`` connections, as fortio
+    paces them: each connection sends every ``concurrency / qps`` s (connections staggered
+    evenly), waits for its answer, and sends the next one at its next slot (at once when
+    late). Latency is from the actual send to the answer."""
+    clock = time.perf_counter
+    lat: list[float] = []
+    interval = concurrency / qps
+    per = [n // concurrency + (1 if i < n % concurrency else 0) for i in range(concurrency)]
+    start = clock()
+
+    async def worker(i: int) -> None:
+        due = start + i * interval / concurrency
+        for _ in range(per[i]):
+            wait = due - clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            t = clock()
+            await call()
+            lat.append(clock() - t)
+            due += interval
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return clock() - start, lat
 
 
@@ -238,6 +272,8 @@ def _runner(
         sync = variant.sync_call()
         return lambda: timed_sync(sync, n)
     acall = loop.run_until_complete(variant.async_call(concurrency))
+    if shape == "rate":
+        return lambda: loop.run_until_complete(timed_rate(acall, n, concurrency))
     return lambda: loop.run_until_complete(timed_async(acall, n, concurrency))
 
 

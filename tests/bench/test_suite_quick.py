@@ -17,8 +17,13 @@ REPO = Path(__file__).resolve().parents[2]
 HTTP = ("httpx", "pymesh", "pymesh mTLS", "1 Envoy", "2 Envoys mTLS")
 GRPC = ("grpcio", "grpcio xds:///", "pymesh", "1 Envoy", "2 Envoys mTLS")
 SHAPES = {
-    "HTTP": ("sync sequential", "async 16 in flight", "async 64 in flight"),
-    "gRPC": ("sync sequential", "aio 16 in flight"),
+    "HTTP": (
+        "sync sequential",
+        "async 16 in flight",
+        "async 64 in flight",
+        "async 16 conns at 1000 rps",
+    ),
+    "gRPC": ("sync sequential", "aio 16 in flight", "aio 16 conns at 1000 rps"),
 }
 PLOTS = [f"{k}-{p}.png" for k in ("http", "grpc") for p in ("throughput", "latency-cdf", "cpu")]
 
@@ -67,7 +72,7 @@ def test_quick_run_writes_the_page_with_every_variant(envoy_bin: Path, tmp_path:
     assert "Quick run" in page
 
     results = json.loads((tmp_path / "perf" / "results.json").read_text())
-    assert len(results["dataplane"]) == 3 * len(HTTP) + 2 * len(GRPC)
+    assert len(results["dataplane"]) == 4 * len(HTTP) + 3 * len(GRPC)
     for cell in results["dataplane"]:
         assert cell["rps"] > 0 and set(cell["cpu_us"]) >= {"client"}, cell
         assert cell["p50_ms"] <= cell["p90_ms"] <= cell["p99_ms"], cell

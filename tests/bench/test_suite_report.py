@@ -12,8 +12,13 @@ from typing import Any
 
 from bench.suite import procs, report
 
-HTTP_SHAPES = ("sync sequential", "async 16 in flight", "async 64 in flight")
-GRPC_SHAPES = ("sync sequential", "aio 16 in flight")
+HTTP_SHAPES = (
+    "sync sequential",
+    "async 16 in flight",
+    "async 64 in flight",
+    "async 16 conns at 1000 rps",
+)
+GRPC_SHAPES = ("sync sequential", "aio 16 in flight", "aio 16 conns at 1000 rps")
 
 
 def _cell(
@@ -123,8 +128,10 @@ def test_targets_follow_the_ratios_of_the_run() -> None:
     assert status[key] == ("met", "0.36×")
     assert status["HTTP async 16 in flight (stretch): pymesh ≥ 2× plain httpx"][0] == "missed"
     assert status["gRPC aio 16 in flight: pymesh ≥ 0.85× plain grpcio"] == ("met", "0.95×")
-    key = "HTTP async 16 in flight: added p99 < 0.30 ms (Istio's sidecar pair)"
+    key = "HTTP async 16 conns at 1000 rps: added p99 < 0.30 ms (Istio's sidecar pair)"
     assert status[key] == ("met", "+0.10 ms")
+    target = next(t for t in report.targets(_results(1200, 1900)) if t["target"] == key)
+    assert "saturated (async 16 in flight): +0.10 ms" in target["note"]
     assert (
         status["Config change to ACK, 1000 clients, every service changed: p99 < 1 s"][0] == "met"
     )
@@ -141,7 +148,7 @@ def test_targets_follow_the_ratios_of_the_run() -> None:
 def test_page_has_a_row_per_variant_and_shows_failures() -> None:
     res = _results(1200, 1900)
     page = report.page(res, report.targets(res), [])
-    assert page.count("| pymesh | 1200 | 1.20 |") == 3
+    assert page.count("| pymesh | 1200 | 1.20 |") == len(HTTP_SHAPES)
     assert "| broken | failed: RuntimeError: boom |" in page
     assert "**missed**" in page and "| 1000 | 1000 | all | 0.50 | 0.90 |" in page
     assert "Client apply benchmark failed" in page
