@@ -42,7 +42,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SLICE = 0.0002
+SLICE = 0.0001
 """Seconds of work between two pauses on a paced thread. A request thread waking from I/O
 waits up to this long for the GIL (bench/resilience_bench.py --xds-apply compares values)."""
 PAUSE = 0.00002
