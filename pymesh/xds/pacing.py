@@ -14,8 +14,8 @@ not enough: the sleeper takes the GIL back before the woken waiter gets to it). 
 thread then
 waits at most about one slice per wake-up, and the xDS thread runs only while the
 application's threads are blocked in I/O or have had their turn. The price: the pauses
-(~100 us each) lengthen the thread's wall time, by 1.2-2x for a 10,000-endpoint update on a
-loaded box (bench/xds_client_bench.py); slices that grew while no one waited were tried
+(~100 us each) lengthen the thread's wall time, ~1.5x for a 10,000-endpoint update
+(bench/xds_client_bench.py); slices that grew while no one waited were tried
 and dropped, as neither the pause's length nor the process's CPU time tells reliably
 whether a request thread was waiting. On any other thread (a benchmark, a test, a
 CLI decoding a file) ``checkpoint`` costs one attribute lookup and never sleeps.
