@@ -19,11 +19,10 @@ in flight have let go of the old snapshot. ctypes releases the GIL during the ca
 
 from __future__ import annotations
 
-import ctypes
 import sys
 from collections.abc import Callable
 
-__all__ = ["BIG_RESPONSE", "CAN_TRIM", "TRIM_DELAY", "TrimPolicy", "release_memory"]
+__all__ = ["BIG_RESPONSE", "TRIM_DELAY", "TrimPolicy", "can_trim", "release_memory"]
 
 BIG_RESPONSE = 1 << 20
 """Responses at least this large (bytes on the wire) are worth a trim once replaced."""
@@ -34,6 +33,8 @@ TRIM_DELAY = 1.0
 def _load_trim() -> Callable[[int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes  # only when a trim is due: ctypes costs ~0.4 MB of RSS
+
     try:
         fn = ctypes.CDLL(None).malloc_trim  # glibc; musl has none
     except (OSError, AttributeError):
@@ -43,20 +44,26 @@ def _load_trim() -> Callable[[int], int] | None:
     return fn  # type: ignore[no-any-return]
 
 
-_trim = _load_trim()
+_trim: Callable[[int], int] | None = None
+_loaded = False
 trims = 0
 """How many times :func:`release_memory` ran (tests, benchmarks)."""
 
 
-CAN_TRIM = _trim is not None
-"""Whether :func:`release_memory` can ask (Linux with glibc)."""
+def can_trim() -> bool:
+    """Whether :func:`release_memory` can ask (Linux with glibc)."""
+    global _trim, _loaded
+    if not _loaded:
+        _trim, _loaded = _load_trim(), True
+    return _trim is not None
 
 
 def release_memory() -> None:
     """Return the C heap's free memory to the OS (glibc's ``malloc_trim(0)``)."""
     global trims
     trims += 1
-    if _trim is not None:
+    if can_trim():
+        assert _trim is not None
         _trim(0)
 
 
