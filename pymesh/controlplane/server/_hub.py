@@ -39,7 +39,7 @@ from pymesh.controlplane.server._backend import Backend, LoadResult, ResourceGen
 from pymesh.controlplane.server._debounce import Debouncer
 from pymesh.controlplane.server._metrics import Metrics
 from pymesh.controlplane.server._stream import AdsStream, Outcome, Request, Resource, Response
-from pymesh.controlplane.server._watch import Fingerprint, Inotify, fingerprint
+from pymesh.controlplane.server._watch import Fingerprint, Inotify, emptied, fingerprint
 from pymesh.controlplane.server._wire import encode, pack
 from pymesh.controlplane.translate._names import parse_cluster_name
 from pymesh.xds.resource_types import ResourceType
@@ -133,6 +133,9 @@ class Hub:
         self.last_push: dict[str, object] = {}
         self.last_push_skipped = 0
         self._fingerprint: Fingerprint = ()
+        self._held_until: float | None = None
+        """Set while a config file that had content reads empty (a writer between truncating
+        and writing it): the reload waits until then unless the file changes again."""
         self._files_dirty = False
         self._workloads_dirty = False
         self._ids = itertools.count(1)
@@ -295,6 +298,15 @@ class Hub:
             next_poll = now + self.poll_interval
             fp = await loop.run_in_executor(None, self._check_files)
             if fp != self._fingerprint:
+                empty = emptied(self._fingerprint, fp) if self._fingerprint else []
+                self._held_until = now + self.debouncer.max_delay if empty else None
+                if empty:
+                    log.info(
+                        "config file %s became empty; applying that in %.1f s unless it is "
+                        "written again (write config files atomically: write, then rename)",
+                        ", ".join(empty),
+                        self.debouncer.max_delay,
+                    )
                 self._fingerprint = fp
                 self._files_dirty = True
                 if self._inotify is not None and not self._inotify.stale:
@@ -303,7 +315,9 @@ class Hub:
         if self.registry.expire(now):
             self._workloads_dirty = True
             self.debouncer.event(now)
-        if self.debouncer.due(now):
+        held = self._held_until is not None and now < self._held_until
+        if self.debouncer.due(now) and not held:
+            self._held_until = None
             merged = self.debouncer.fire()
             self.metrics.inc("pilot_debounce_merged_events", merged)
             await self._rebuild_and_push(loop)
@@ -311,7 +325,7 @@ class Hub:
         wake_at = [next_poll]
         deadline = self.debouncer.deadline()
         if deadline is not None:
-            wake_at.append(deadline)
+            wake_at.append(max(deadline, self._held_until or deadline))
         expiry = self.registry.next_expiry()
         if expiry is not None:
             wake_at.append(expiry)

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["MAX_FILES", "MAX_WATCHES", "Inotify", "config_files", "fingerprint"]
+__all__ = ["MAX_FILES", "MAX_WATCHES", "Inotify", "config_files", "emptied", "fingerprint"]
 
 MAX_FILES = 10_000
 MAX_WATCHES = 1_000
@@ -61,6 +61,17 @@ def fingerprint(paths: Sequence[Path]) -> Fingerprint:
             continue
         items.append((str(path), st.st_mtime_ns, st.st_size))
     return tuple(items)
+
+
+def emptied(before: Fingerprint, after: Fingerprint) -> list[str]:
+    """Files that had content in ``before`` and are empty in ``after``.
+
+    Writing a file in place truncates it first: a check between the truncation and the write
+    sees it empty, and a writer that stalls there (a loaded machine) would have the whole
+    file's config withdrawn. The hub holds such a change back for up to ``max_debounce``.
+    """
+    sizes = {path: size for path, _, size in before}
+    return [path for path, _, size in after if size == 0 and sizes.get(path, 0) > 0]
 
 
 # inotify(7) event bits.

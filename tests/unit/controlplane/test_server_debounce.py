@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+from pathlib import Path
+
 import pytest
 
 from pymesh.controlplane.server._debounce import Debouncer
@@ -36,3 +40,56 @@ def test_max_delay_caps_a_continuous_burst() -> None:
 def test_invalid() -> None:
     with pytest.raises(ValueError):
         Debouncer(quiet=2.0, max_delay=1.0)
+
+
+def test_a_file_truncated_by_a_stalled_writer_is_not_applied_empty(tmp_path: Path) -> None:
+    """Writing in place truncates first: the empty file is held back for ``max_debounce``.
+
+    The hub's rounds run on a fake clock; the writer "stalls" between truncating and writing
+    for 0.5 s (the quiet time is 0.1 s), then writes a changed config, which is what the
+    next push carries. A file left empty is applied once the hold runs out.
+    """
+    from pymesh.controlplane.server._backend import IstioBackend
+    from pymesh.controlplane.server._hub import Hub
+
+    config = tmp_path / "web.yaml"
+    config.write_text(_service_entry("web"))
+    now = [100.0]
+    hub = Hub(IstioBackend(), [config], debounce=0.1, max_debounce=1.0, clock=lambda: now[0])
+    hub.use_inotify = False
+    hub.initial_load()
+    hosts = lambda: sorted(s.hostname for s in hub.base_config.services)  # noqa: E731
+
+    async def rounds_until(t: float) -> None:
+        loop = asyncio.get_running_loop()
+        hub._wake = asyncio.Event()
+        next_poll = now[0]
+        while now[0] < t:
+            hub._wake.set()  # the round's wait returns at once; time moves by the fake clock
+            next_poll = await hub._step(loop, next_poll)
+            now[0] = round(now[0] + 0.05, 3)
+
+    assert hosts() == ["web.default.svc.cluster.local"]
+    version = hub.version
+    config.write_text("")  # truncated; the writer stalls
+    asyncio.run(rounds_until(100.5))
+    assert hub.version == version and hosts() == ["web.default.svc.cluster.local"]
+    config.write_text(_service_entry("web2"))
+    os.utime(config, ns=(1, 2))  # a distinct mtime even on a coarse clock
+    asyncio.run(rounds_until(101.0))
+    assert hub.version == version + 1 and hosts() == ["web2.default.svc.cluster.local"]
+    config.write_text("")  # emptied on purpose: applied after the hold
+    asyncio.run(rounds_until(101.9))
+    assert hosts() == ["web2.default.svc.cluster.local"]
+    asyncio.run(rounds_until(102.3))
+    assert hub.version == version + 2 and hosts() == []
+
+
+def _service_entry(name: str) -> str:
+    return (
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n"
+        f"metadata: {{name: {name}, namespace: default}}\n"
+        f"spec: {{hosts: [{name}.default.svc.cluster.local], location: MESH_INTERNAL,"
+        " resolution: STATIC, ports: [{number: 80, name: http, protocol: HTTP}],"
+        " endpoints: [{address: 127.0.0.1}]}\n"
+    )
