@@ -485,6 +485,16 @@ def _skip(data: bytes, pos: int, wire: int) -> int:
     return -1
 
 
+def _record(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of the value, end) of the record at ``pos``; the end is -1 for a group
+    and may pass the end of ``data``."""
+    tag, pos = _varint(data, pos)
+    if tag & 7 == 2:
+        length, body = _varint(data, pos)
+        return tag, body, body + length
+    return tag, pos, _skip(data, pos, tag & 7)
+
+
 RUNS_ABOVE = 262144
 """A locality larger than this (~10,000 endpoints) is parsed in runs of :data:`RUN_BYTES`:
 the one-shot parse of 100,000 endpoints holds the GIL for ~20 ms; a smaller one is parsed
@@ -514,12 +524,8 @@ def _split_runs(data: bytes, field: int, limit: int) -> tuple[list[bytes], bytes
                 checkpoint()
             start = pos
             if data[pos] == tag_byte:
-                length = data[pos + 1]
-                if length < 0x80:
-                    pos += 2 + length
-                else:
-                    length, pos = _varint(data, pos + 1)
-                    pos += length
+                length = data[pos + 1]  # one length byte: the common case, inline
+                pos = pos + 2 + length if length < 0x80 else _record(data, pos)[2]
                 if pos > n:
                     return None
                 if run < 0:
@@ -531,8 +537,7 @@ def _split_runs(data: bytes, field: int, limit: int) -> tuple[list[bytes], bytes
             if run >= 0:
                 runs.append(data[run:start])
                 run = -1
-            tag, pos = _varint(data, pos)
-            pos = _skip(data, pos, tag & 7)
+            pos = _record(data, pos)[2]
             if pos < 0 or pos > n:
                 return None
             rest.append(data[start:pos])
@@ -554,15 +559,10 @@ def _split_field(data: bytes, field: int) -> tuple[list[memoryview], bytes] | No
             if pos >= n:
                 return items, b"".join(rest)
             start = pos
-            tag, pos = _varint(data, pos)
-            if tag == field << 3 | 2:
-                length, body = _varint(data, pos)
-                pos = body + length
-                if pos <= n:
-                    items.append(view[body:pos])
-                    continue
-            else:
-                pos = _skip(data, pos, tag & 7)
+            tag, body, pos = _record(data, pos)
+            if tag == field << 3 | 2 and pos <= n:
+                items.append(view[body:pos])
+                continue
             if pos < 0 or pos > n:
                 return None
             rest.append(data[start:pos])
