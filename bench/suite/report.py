@@ -605,7 +605,9 @@ def scale_section(scale: dict[str, Any]) -> list[str]:
         lines += [
             f"pymesh's own memory, in a workload connected to a {n}-service mesh (10 endpoints "
             "each). Measured: VmRSS (after `gc.collect()`) of a workload process minus VmRSS of "
-            "a bare interpreter that imported the same libraries (asyncio, ssl, httpx, grpcio); "
+            "a bare interpreter that imported the same libraries (asyncio, ssl, httpx, grpcio) and "
+            "created an `httpx.Client` as a plain httpx application does (that loads httpx's "
+            "transport, httpcore); "
             "the workload also imports `pymesh.httpx`, `pymesh.grpc`, `pymesh.grpc.aio`, creates "
             "an `XdsClient` and a `pymesh.httpx.Client`, and follows services through "
             "`MeshRuntime.watch` (listener, routes, cluster, endpoints and load balancer of "
@@ -629,7 +631,7 @@ def _memory_rows(mem: dict[str, Any]) -> list[str]:
     n = mem["services"]
     r = mem["rss_mb"]
     bare = r["bare"]
-    rows = [_row(["bare interpreter (httpx + grpcio imported)", f"{bare:.1f}", ""])]
+    rows = [_row(["bare interpreter (httpx + grpcio imported, an `httpx.Client` created)", f"{bare:.1f}", ""])]
     steps: list[tuple[str, str]] = [("imported", "+ pymesh imported")]
     if "created" in r:
         steps.append(("created", "+ `XdsClient` and `pymesh.httpx.Client` created"))

@@ -12,7 +12,8 @@
   the process's RSS growth when the first value arrived.
 - ``memory`` (``python -m bench.suite.scale memory``): a control plane with 1,000 services
   (10 endpoints each, ``controlplane_scale.write_config``); a bare interpreter that imports
-  httpx and grpcio (and asyncio, ssl) and a pymesh workload with the same imports plus
+  httpx and grpcio (and asyncio, ssl) and creates an ``httpx.Client`` (as any httpx
+  application does; that loads httpcore), and a pymesh workload with the same imports plus
   ``pymesh.httpx``/``pymesh.grpc``, an ``XdsClient``, a ``pymesh.httpx.Client``, following
   (``MeshRuntime.watch``: LDS, RDS, CDS, EDS, load balancers) 10 services and then all 1,000.
   pymesh's own memory is the workload's VmRSS minus the bare interpreter's.
@@ -164,7 +165,12 @@ def rss_mb_self() -> float:
 
 # -- memory ----------------------------------------------------------------------------------
 
-COMMON_IMPORTS = "import asyncio, json, os, ssl, sys, gc\nimport httpx\nimport grpc, grpc.aio\n"
+COMMON_IMPORTS = (
+    "import asyncio, json, os, ssl, sys, gc\nimport httpx\nimport grpc, grpc.aio\n"
+    # What a plain httpx application has loaded: a client's transport imports httpcore
+    # (h11, h2, ...), which httpx itself only imports when the first client is created.
+    "httpx.Client().close()\n"
+)
 
 RSS = textwrap.dedent(
     """
