@@ -631,7 +631,15 @@ def _memory_rows(mem: dict[str, Any]) -> list[str]:
     n = mem["services"]
     r = mem["rss_mb"]
     bare = r["bare"]
-    rows = [_row(["bare interpreter (httpx + grpcio imported, an `httpx.Client` created)", f"{bare:.1f}", ""])]
+    rows = [
+        _row(
+            [
+                "bare interpreter (httpx + grpcio imported, an `httpx.Client` created)",
+                f"{bare:.1f}",
+                "",
+            ]
+        )
+    ]
     steps: list[tuple[str, str]] = [("imported", "+ pymesh imported")]
     if "created" in r:
         steps.append(("created", "+ `XdsClient` and `pymesh.httpx.Client` created"))
