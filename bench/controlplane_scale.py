@@ -16,7 +16,12 @@ files, build = derive config + generator, push = generate + send to every client
 
     /work/venv/bin/python bench/controlplane_scale.py [--services 1000] [--endpoints 10]
         [--clients 200] [--wildcard 10] [--rounds 5] [--change all|one] [--watch inotify|poll]
-        [--gc-pause on|off]
+        [--gc-pause on|off] [--ab FLAG[,FLAG]]
+
+``--ab preload`` (or any of the hub's switches below, comma-separated) interleaves two
+variants round by round in the same run: "new" (every switch on) and "old" (the named
+switches off), and prints each variant's figures and the new/old ratios. Switches:
+``preload`` (read and validate a changed file while the debounce waits).
 """
 
 from __future__ import annotations
@@ -172,6 +177,35 @@ async def _clients(address: str, clients: int, wildcard: int, services: int, con
 # -- the control plane's side ------------------------------------------------------------------
 
 
+class Run:
+    """One variant's measurements over its rounds."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.lasts: list[float] = []
+        self.cpu: list[float] = []
+        self.phases: list[dict[str, Any]] = []
+
+    def figures(self) -> dict[str, Any]:
+        qs = statistics.quantiles(self.latencies, n=100)
+        phases = self.phases
+
+        def mean(key: str) -> float:
+            return round(statistics.mean(float(p.get(key, 0)) for p in phases), 3)
+
+        return {
+            "change_to_ack_p50_seconds": round(qs[49], 3),
+            "change_to_ack_p99_seconds": round(qs[98], 3),
+            "change_to_last_ack_max_seconds": round(max(self.lasts), 3),
+            "cpu_seconds_per_full_push": round(statistics.mean(self.cpu), 3),
+            "phase_reload_seconds_mean": mean("load_seconds"),
+            "phase_reload_wait_seconds_mean": mean("load_wait_seconds"),
+            "phase_build_seconds_mean": mean("build_seconds"),
+            "phase_push_seconds_mean": mean("push_seconds"),
+            "clients_skipped_per_push_mean": round(mean("clients_skipped"), 1),
+        }
+
+
 def rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -206,6 +240,12 @@ def main() -> int:
         choices=("on", "off"),
         default="on",
         help="whether the control plane pauses the cyclic GC during a reload and push",
+    )
+    ap.add_argument(
+        "--ab",
+        default="",
+        help="comma-separated hub switches (e.g. preload): alternate rounds with them on "
+        "(new) and off (old), report both and the ratios",
     )
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args()
@@ -244,11 +284,15 @@ def main() -> int:
             mine = {(client * PER_CLIENT + k) % args.services for k in range(PER_CLIENT)}
             return client < args.wildcard or service in mine
 
-        latencies: list[float] = []
-        lasts: list[float] = []
-        cpu: list[float] = []
-        phases: list[dict[str, Any]] = []
-        for rnd in range(1, args.rounds + 1):
+        switches = [s for s in args.ab.split(",") if s]
+        variants = ["new", "old"] if switches else [""]
+        runs: dict[str, Run] = {v: Run() for v in variants}
+        for rnd in range(1, args.rounds * len(variants) + 1):
+            variant = variants[rnd % len(variants)]
+            run = runs[variant]
+            for name in switches:  # off for "old", on for "new"
+                on = variant == "new"
+                plane.call(lambda name=name, on=on: setattr(plane.hub, name, on))
             time.sleep(1.0)  # let the previous round settle
             version_before = plane.call(lambda: plane.hub.version)
             only = None if args.change == "all" else rnd % args.services
@@ -271,17 +315,17 @@ def main() -> int:
                     break
             else:
                 raise SystemExit(f"round {rnd}: not every client ACKed version {version}")
-            cpu.append(time.process_time() - cpu0)
+            run.cpu.append(time.process_time() - cpu0)
             # The last ACK can come before the push to every other client ended.
             for _ in range(600):
                 push = dict(plane.call(lambda: plane.hub.last_push))
                 if str(push.get("version")) == version:
                     break
                 time.sleep(0.05)
-            phases.append(push)
+            run.phases.append(push)
             lat = [t - t0 for t in times]
-            latencies.extend(lat)
-            lasts.append(max(lat))
+            run.latencies.extend(lat)
+            run.lasts.append(max(lat))
         parent.send("stop")
     finally:
         proc.join(30)
@@ -291,8 +335,7 @@ def main() -> int:
         rss = rss_mb()
         plane.stop()
 
-    qs = statistics.quantiles(latencies, n=100)
-    figures = {
+    figures: dict[str, Any] = {
         "services": args.services,
         "endpoints_per_service": args.endpoints,
         "clients": args.clients,
@@ -303,16 +346,16 @@ def main() -> int:
         "gc_pause": args.gc_pause if hasattr(plane.hub, "pause_gc") else "n/a",
         "initial_load_seconds": round(load_seconds, 3),
         "all_clients_initial_config_seconds": round(connect_seconds, 3),
-        "change_to_ack_p50_seconds": round(qs[49], 3),
-        "change_to_ack_p99_seconds": round(qs[98], 3),
-        "change_to_last_ack_max_seconds": round(max(lasts), 3),
-        "cpu_seconds_per_full_push": round(statistics.mean(cpu), 3),
-        "phase_reload_seconds_mean": round(statistics.mean(p["load_seconds"] for p in phases), 3),
-        "phase_build_seconds_mean": round(statistics.mean(p["build_seconds"] for p in phases), 3),
-        "phase_push_seconds_mean": round(statistics.mean(p["push_seconds"] for p in phases), 3),
-        "clients_skipped_per_push_mean": round(
-            statistics.mean(float(p.get("clients_skipped", 0)) for p in phases), 1
-        ),
+    }
+    for variant, run in runs.items():
+        prefix = f"{variant}_" if variant else ""
+        figures.update({prefix + k: v for k, v in run.figures().items()})
+    if switches:
+        figures["ab_switches"] = ",".join(switches)
+        for key in ("change_to_ack_p50_seconds", "change_to_ack_p99_seconds"):
+            old = figures["old_" + key]
+            figures["ratio_new_old_" + key] = round(figures["new_" + key] / old, 3) if old else 0
+    figures |= {
         "rss_mb_before_start": round(rss_before, 1),
         "rss_mb": round(rss, 1),
         "peak_rss_mb": round(peak, 1),

@@ -93,3 +93,67 @@ def _service_entry(name: str) -> str:
         " resolution: STATIC, ports: [{number: 80, name: http, protocol: HTTP}],"
         " endpoints: [{address: 127.0.0.1}]}\n"
     )
+
+
+def test_a_changed_file_is_loaded_while_the_debounce_waits(tmp_path: Path) -> None:
+    """The files are read and validated at the event (a preload); the push still waits for
+    the debounce and uses that load. A preload of files that changed since is not used."""
+    from pymesh.controlplane.server._backend import IstioBackend, LoadResult
+    from pymesh.controlplane.server._hub import Hub
+
+    loads: list[float] = []
+
+    class Counting(IstioBackend):
+        def load(self, paths: object) -> LoadResult:
+            loads.append(now[0])
+            return super().load(paths)  # type: ignore[arg-type]
+
+    config = tmp_path / "web.yaml"
+    config.write_text(_service_entry("web"))
+    now = [100.0]
+    hub = Hub(Counting(), [config], debounce=0.1, max_debounce=1.0, clock=lambda: now[0])
+    hub.use_inotify = False
+    hub.initial_load()
+    hosts = lambda: sorted(s.hostname for s in hub.base_config.services)  # noqa: E731
+    version = hub.version
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        hub._wake = asyncio.Event()
+
+        async def step(poll: bool) -> None:
+            hub._wake.set()  # type: ignore[union-attr]
+            await hub._step(loop, now[0] if poll else now[0] + 60)
+
+        async def preloaded() -> None:
+            assert hub._preload is not None
+            await hub._preload[1]
+
+        # A change: loaded at once (t=100), pushed after the quiet time only.
+        config.write_text(_service_entry("web2"))
+        os.utime(config, ns=(1, 2))
+        await step(poll=True)
+        await preloaded()
+        assert loads == [100.0, 100.0] and hub.version == version
+        now[0] = 100.05
+        await step(poll=True)
+        assert len(loads) == 2 and hub.version == version
+        now[0] = 100.2
+        await step(poll=True)
+        assert len(loads) == 2 and hub.version == version + 1
+        assert hosts() == ["web2.default.svc.cluster.local"]
+        # Preloaded, then written again before the push (not seen by a poll): the push
+        # checks the files and loads what they hold now.
+        config.write_text(_service_entry("web3"))
+        os.utime(config, ns=(3, 4))
+        await step(poll=True)
+        await preloaded()
+        assert len(loads) == 3
+        config.write_text(_service_entry("web4"))
+        os.utime(config, ns=(5, 6))
+        now[0] = 100.4
+        await step(poll=False)
+        assert len(loads) == 4 and hub.version == version + 2
+        assert hosts() == ["web4.default.svc.cluster.local"]
+
+    asyncio.run(scenario())
