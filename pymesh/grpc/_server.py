@@ -48,7 +48,7 @@ from pymesh.core.types import Headers, RequestInfo
 from pymesh.errors import PymeshError
 from pymesh.grpc import _inbound
 from pymesh.model.snapshot import ServerError, ServerSnapshot
-from pymesh.telemetry._grpc import grpc_server_handler
+from pymesh.telemetry._grpc import grpc_server_details, grpc_server_handler
 from pymesh.xds.client import XdsClient
 from pymesh.xds.watch import ServerHandle, watch_server
 
@@ -433,7 +433,8 @@ class _Interceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
+        # the application's interceptors see the call without the metadata exchange
+        handler = continuation(grpc_server_details(handler_call_details))
         if handler is None:
             return None
         core = self._core

@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 
 from pymesh.core.flow import CallResult
 from pymesh.telemetry import _telemetry
+from pymesh.telemetry._peer import hide_exchange, is_exchange_baggage
 
-__all__ = ["grpc_server_handler"]
+__all__ = ["grpc_attempt_exchange", "grpc_server_details", "grpc_server_handler"]
 
 H = TypeVar("H")
 
@@ -63,6 +64,45 @@ def _peer(context: Any, secure: bool) -> tuple[list[str], bool]:
         for v in auth.get("x509_subject_alternative_name", ())
     ]
     return sans, bool(auth.get("x509_pem_cert") or sans)
+
+
+class _Context:
+    """The application's view of a ``ServicerContext`` whose caller took part in the
+    metadata exchange: ``invocation_metadata()`` without it (as behind Istio's sidecar,
+    whose filter consumes the exchange headers on the way in); everything else is the
+    context itself."""
+
+    __slots__ = ("_context", "_metadata")
+
+    def __init__(self, context: Any, metadata: tuple[Any, ...]) -> None:
+        self._context = context
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[Any, ...]:
+        return self._metadata
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def grpc_server_details(details: H) -> H:
+    """``details`` (a ``grpc.HandlerCallDetails``) as the application's interceptors see
+    it: without the caller's metadata exchange (``details`` itself when there is none or
+    telemetry is off)."""
+    tel = _telemetry.current()
+    if tel is None or not tel.peer_exchange:
+        return details
+    d: Any = details
+    visible = hide_exchange(d.invocation_metadata)
+    if visible is None:
+        return details
+    replace = getattr(d, "_replace", None)  # the sync server's: a namedtuple
+    if replace is not None:
+        return replace(invocation_metadata=visible)  # type: ignore[no-any-return]
+    try:  # grpc.aio's: a Cython class built from (method, invocation_metadata)
+        return type(d)(d.method, visible)  # type: ignore[no-any-return]
+    except Exception:
+        return details
 
 
 class _Rpc:
@@ -146,7 +186,14 @@ def grpc_server_handler(
     tel = _telemetry.current()
     if tel is None or handler is None:
         return handler
-    headers = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
+    headers: dict[str, str] = {}
+    for k, v in metadata or ():
+        if isinstance(v, str):
+            if k == "baggage" and is_exchange_baggage(headers.get(k)):
+                continue  # the exchange's form over the application's own baggage
+            headers[k] = v
+    # The caller's exchange is read here, then hidden from the application.
+    visible = hide_exchange(metadata) if tel.peer_exchange else None
 
     def start(context: Any) -> _Rpc:
         host = (authority(context) if authority is not None else None) or default_authority
@@ -167,7 +214,7 @@ def grpc_server_handler(
             else:
                 rpc.req_msgs, rpc.req_bytes = 1, _size(request)
             try:
-                response = fn(request, context)
+                response = fn(request, context if visible is None else _Context(context, visible))
                 rpc.resp_msgs, rpc.resp_bytes = 1, _size(response)
                 rpc.answer(context)
                 return response
@@ -188,7 +235,7 @@ def grpc_server_handler(
             else:
                 rpc.req_msgs, rpc.req_bytes = 1, _size(request)
             try:
-                for m in fn(request, context):
+                for m in fn(request, context if visible is None else _Context(context, visible)):
                     if not rpc.resp_msgs:
                         rpc.answer(context)
                     rpc.resp_msgs += 1
@@ -211,7 +258,7 @@ def grpc_server_handler(
             else:
                 rpc.req_msgs, rpc.req_bytes = 1, _size(request)
             try:
-                response = fn(request, context)
+                response = fn(request, context if visible is None else _Context(context, visible))
                 if inspect.isawaitable(response):
                     response = await response
                 if response is not None:
@@ -235,7 +282,7 @@ def grpc_server_handler(
             else:
                 rpc.req_msgs, rpc.req_bytes = 1, _size(request)
             try:
-                result = fn(request, context)
+                result = fn(request, context if visible is None else _Context(context, visible))
                 if inspect.isasyncgen(result):
                     async for m in result:
                         if not rpc.resp_msgs:
@@ -277,23 +324,57 @@ def grpc_server_handler(
 
 
 def _client_start(spec: Any, channel: Any, args: list[Any], metadata_index: int) -> Any:
+    """The telemetry call of an outbound RPC, or ``None`` (telemetry off). Its trace
+    context goes into the call's metadata (argument ``metadata_index``); the metadata
+    exchange does not: it depends on the cluster, and the channel appends it per attempt
+    (:func:`grpc_attempt_exchange`). Exchange metadata the application set itself is
+    dropped (ours, or none outside the mesh, replaces it), as the httpx side does."""
     tel = _telemetry.current()
     if tel is None:
         return None
     metadata = args[metadata_index]
-    extra: list[tuple[str, str]] = []
+    if metadata and tel.exchange_metadata:
+        own = hide_exchange(metadata)
+        if own is not None:
+            metadata = args[metadata_index] = own
     mesh = getattr(channel, "_mesh", None)
     authority = getattr(mesh, "authority", "") or ""
-    call = tel.client_call(
-        protocol="grpc",
-        method="POST",
-        authority=authority,
-        path=spec.method,
-        set_header=lambda k, v: extra.append((k, v)),
-    )
-    if extra:
-        args[metadata_index] = (*tuple(metadata or ()), *extra)
+    call = _telemetry.ClientCall(tel, "grpc", "POST", authority, spec.method, None)
+    if tel.tracing:
+        trace = tuple(
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in tel._trace_headers(call)
+        )
+        args[metadata_index] = (*metadata, *trace) if metadata else trace
     return call
+
+
+_EXTERNAL: dict[int, tuple[object, bool]] = {}
+"""``id(cluster config)`` -> (the config, whether it leads outside the mesh)."""
+_MAX_EXTERNAL = 4096
+
+
+def grpc_attempt_exchange(cluster: Any) -> tuple[tuple[str, str], ...]:
+    """For the gRPC adapters: the metadata exchange to append to one attempt on
+    ``cluster`` (a ``ClusterRuntime``): the installed telemetry's ``exchange_metadata``,
+    or ``()`` when telemetry or the exchange is off, or the cluster leads outside the mesh
+    (:func:`~pymesh.telemetry._telemetry.mesh_external`, the predicate the httpx side
+    uses). Memoized per cluster config: one dict lookup per attempt."""
+    tel = _telemetry._current
+    if tel is None:
+        return ()
+    exchange = tel.exchange_metadata
+    if not exchange:
+        return ()
+    config = cluster.config
+    found = _EXTERNAL.get(id(config))
+    if found is None or found[0] is not config:
+        model = getattr(config, "cluster", None)
+        external = _telemetry.mesh_external(cluster.name, getattr(model, "metadata", None))
+        found = (config, external)
+        if len(_EXTERNAL) >= _MAX_EXTERNAL:
+            _EXTERNAL.clear()
+        _EXTERNAL[id(config)] = found
+    return () if found[1] else exchange
 
 
 def _exchange_sources(result: Any, error: Any) -> list[Any]:
@@ -331,6 +412,34 @@ def _peer_of_metadata(tel: Any, metadata: Any) -> Any:
     return found
 
 
+def _hide_answer(source: Any, metadata: Any) -> None:
+    """Hide the server's metadata exchange in ``source``'s initial metadata from the
+    application, as Istio's client sidecar removes it from the response (it was read
+    first). grpcio keeps a received call's initial metadata in its state (sync calls and
+    their errors: ``_state.initial_metadata``; a ``grpc.aio`` error:
+    ``_initial_metadata``); a ``grpc.aio`` call answers ``initial_metadata()`` from its
+    core each time, so the method is shadowed on that call object."""
+    visible = hide_exchange(metadata)
+    if visible is None:
+        return
+    from_tuple = getattr(type(metadata), "from_tuple", None)  # grpc.aio.Metadata
+    value = from_tuple(visible) if from_tuple is not None else visible
+    try:
+        state = getattr(source, "_state", None)
+        if state is not None and getattr(state, "initial_metadata", None) is not None:
+            state.initial_metadata = value
+        elif hasattr(source, "_initial_metadata"):
+            source._initial_metadata = value
+        elif from_tuple is not None:
+
+            async def initial_metadata() -> Any:
+                return value
+
+            source.initial_metadata = initial_metadata
+    except (AttributeError, TypeError):  # an object that keeps it elsewhere: left as is
+        pass
+
+
 def _server_peer(call: Any, result: Any, error: Any) -> Any:
     tel = call.tel
     if not tel.peer_exchange:
@@ -346,6 +455,7 @@ def _server_peer(call: Any, result: Any, error: Any) -> Any:
                 close()
             continue
         peer = _peer_of_metadata(tel, metadata)
+        _hide_answer(source, metadata)
         if peer is not None:
             return peer
     return None
@@ -363,6 +473,7 @@ async def _aserver_peer(call: Any, result: Any, error: Any) -> Any:
         except Exception:
             continue
         peer = _peer_of_metadata(tel, metadata)
+        _hide_answer(source, metadata)
         if peer is not None:
             return peer
     return None

@@ -45,6 +45,8 @@ __all__ = [
     "encode_struct",
     "exchange_baggage",
     "exchange_headers",
+    "hide_exchange",
+    "is_exchange_baggage",
     "node_exchange_metadata",
     "workload_of_baggage",
     "workload_of_metadata",
@@ -266,6 +268,55 @@ def exchange_baggage(node: Node | None) -> str:
         ("service.version", labels.get(_CANONICAL_REVISION) or labels.get("version", "")),
     )
     return ",".join(f"{k}={_baggage_escape(v)}" for k, v in entries if v)
+
+
+_BAGGAGE_KEYS = frozenset(
+    (
+        "k8s.cluster.name",
+        "k8s.namespace.name",
+        "k8s.deployment.name",
+        "service.name",
+        "service.version",
+    )
+)
+"""The keys of :func:`exchange_baggage`."""
+
+
+def is_exchange_baggage(value: object) -> bool:
+    """Whether ``value`` is a ``baggage`` a pymesh peer wrote for the exchange (only the
+    keys :func:`exchange_baggage` writes)."""
+    if not isinstance(value, str) or not value:
+        return False
+    return all(item.partition("=")[0].strip() in _BAGGAGE_KEYS for item in value.split(","))
+
+
+def hide_exchange(metadata: Any) -> tuple[Any, ...] | None:
+    """gRPC ``metadata`` (``(key, value)`` items) without the metadata exchange, as the
+    application behind Istio's sidecar sees it: no ``x-envoy-peer-metadata`` /
+    ``x-envoy-peer-metadata-id``, nor the exchange's ``baggage`` form that goes with an id
+    (a ``baggage`` with other keys is the application's and stays). ``None`` when there is
+    nothing to hide (the usual case: no copy)."""
+    if not metadata:
+        return None
+    has_id = False
+    found = False
+    for item in metadata:
+        key = item[0]
+        if key == METADATA_ID:
+            has_id = found = True
+        elif key == METADATA:
+            found = True
+    if not found:
+        return None
+    return tuple(
+        item
+        for item in metadata
+        if item[0] not in _EXCHANGE_KEYS
+        and not (has_id and item[0] == BAGGAGE and is_exchange_baggage(item[1]))
+    )
+
+
+_EXCHANGE_KEYS = frozenset((METADATA, METADATA_ID))
 
 
 def _baggage_escape(value: str) -> str:

@@ -29,7 +29,7 @@ from pymesh.grpc._server import (
     service_names_of,
     status_code,
 )
-from pymesh.telemetry._grpc import grpc_server_handler
+from pymesh.telemetry._grpc import grpc_server_details, grpc_server_handler
 from pymesh.xds.client import XdsClient
 
 __all__ = ["AioXdsServer", "server"]
@@ -51,7 +51,8 @@ class _AioInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler: Any = await continuation(handler_call_details)
+        # the application's interceptors see the call without the metadata exchange
+        handler: Any = await continuation(grpc_server_details(handler_call_details))
         if handler is None:
             return None  # type: ignore[return-value]  # grpc.aio: None = unknown method
         core = self._core
