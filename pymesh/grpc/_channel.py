@@ -73,7 +73,7 @@ from pymesh.grpc._subchannels import Reachability, SubchannelPool
 from pymesh.model.route import RouteAction
 from pymesh.model.snapshot import TargetError, TargetSnapshot
 from pymesh.telemetry import current as telemetry_current
-from pymesh.telemetry._grpc import grpc_client_telemetry
+from pymesh.telemetry._grpc import grpc_attempt_exchange, grpc_client_telemetry
 from pymesh.xds.client import XdsClient
 from pymesh.xds.watch import TargetHandle, parse_target
 
@@ -694,6 +694,9 @@ class MeshChannel(grpc.Channel):
                     if mc is None:
                         mc = spec.multicallable(pool, key)
                     md = attempt_metadata(action.request.headers, info)
+                    mx = grpc_attempt_exchange(action.cluster)  # telemetry: mesh peers only
+                    if mx:
+                        md = (*md, *mx) if md else mx
                     payload = replay.attempt() if replay is not None else request
                     try:
                         if streaming_response:
