@@ -54,7 +54,7 @@ from pymesh.grpc._channel import (
 from pymesh.grpc._errors import MeshRpcError, error_of_reply
 from pymesh.grpc._subchannels import Reachability, SubchannelPool
 from pymesh.telemetry import current as telemetry_current
-from pymesh.telemetry._grpc import grpc_client_telemetry
+from pymesh.telemetry._grpc import grpc_attempt_exchange, grpc_client_telemetry
 from pymesh.xds.client import XdsClient
 
 __all__ = ["AioMeshChannel", "insecure_channel", "secure_channel"]
@@ -332,6 +332,9 @@ class AioMeshChannel(grpc.aio.Channel):
                         if mc is None:
                             mc = spec.multicallable(pool, key)
                         md = attempt_metadata(action.request.headers, info)
+                        mx = grpc_attempt_exchange(action.cluster)  # telemetry: mesh peers only
+                        if mx:
+                            md = (*md, *mx) if md else mx
                         if replay is None:
                             if kwargs is _NO_KWARGS:  # (no empty ** dict per call)
                                 call = mc(request, timeout=t, metadata=md)
