@@ -74,6 +74,106 @@ def make_telemetry(xds: XdsClient, log_file: object) -> telemetry.Telemetry:
     )
 
 
+def make_variants(xds: XdsClient, log_file: object) -> dict[str, telemetry.Telemetry | None]:
+    """``--ab``: the bench's telemetry and the same with one part switched off each."""
+    write = log_file.write  # type: ignore[attr-defined]
+
+    def tel(**kw: Any) -> telemetry.Telemetry:
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+        args: dict[str, Any] = {
+            "node": xds.bootstrap.node,
+            "access_log": "full",
+            "access_log_format": "text",
+            "access_log_sink": lambda line: write(line + "\n"),
+            "trace_sampling": 1.0,
+            "tracer_provider": provider,
+        }
+        args.update(kw)
+        return telemetry.Telemetry(**args)
+
+    slow = tel()
+    slow._writer._interval = 1.0
+    return {
+        "off": None,
+        "on": tel(),
+        "no access log": tel(access_log="off"),
+        "log writer 1 s": slow,
+        "no spans (0%)": tel(trace_sampling=0.0),
+        "no trace headers": tel(tracing=False),
+        "no exchange": tel(peer_exchange=False),
+        "no metrics": tel(metrics=False),
+    }
+
+
+async def ab(
+    client: Any,
+    url: str,
+    variants: dict[str, telemetry.Telemetry | None],
+    *,
+    n: int,
+    rounds: int,
+    concurrency: int,
+    upstream_pid: int,
+    is_async: bool,
+) -> list[str]:
+    """Every variant in turn per round (rotating order), on sockets: requests/s, client
+    thread, process and upstream process CPU per request, GC collections per 1000."""
+    import gc
+
+    from httpx_bench import process_cpu
+
+    gcs = [0]
+
+    def count(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gcs[0] += 1
+
+    rows: dict[str, list[tuple[float, float, float, float, float]]] = {k: [] for k in variants}
+    names = list(variants)
+
+    async def go() -> None:
+        for i in range(rounds):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                t = variants[name]
+                if t is None:
+                    telemetry.uninstall()
+                else:
+                    telemetry.install(t)
+                u0 = process_cpu(upstream_pid)
+                g0 = gcs[0]
+                if is_async:
+                    r = await async_round(client, url, n, concurrency)
+                else:
+                    r = sync_round(client, url, n)
+                up = (process_cpu(upstream_pid) - u0) / n
+                rows[name].append(
+                    (r[0], r[2] * 1e6, r[3] * 1e6, up * 1e6, (gcs[0] - g0) * 1000 / n)
+                )
+        telemetry.uninstall()
+
+    gc.callbacks.append(count)
+    try:
+        await go()
+    finally:
+        gc.callbacks.remove(count)
+    med = statistics.median
+    base = med(r[0] for r in rows["off"])
+    out = [
+        f"  {'variant':20}{'req/s':>8}{'ratio':>7}{'client us':>10}{'(min)':>7}"
+        f"{'process us':>11}{'(min)':>7}{'upstream us':>12}{'gc/1000':>8}"
+    ]
+    for name, rs in rows.items():
+        rps = med(r[0] for r in rs)
+        out.append(
+            f"  {name:20}{rps:8.0f}{rps / base:7.3f}{med(r[1] for r in rs):10.1f}"
+            f"{min(r[1] for r in rs):7.1f}{med(r[2] for r in rs):11.1f}"
+            f"{min(r[2] for r in rs):7.1f}{med(r[3] for r in rs):12.1f}"
+            f"{med(r[4] for r in rs):8.1f}"
+        )
+    return out
+
+
 def summarize(name: str, off: list[Round], on: list[Round]) -> list[str]:
     def med(rounds: list[Round], f: Callable[[Round], float]) -> float:
         return statistics.median(f(r) for r in rounds)
@@ -237,8 +337,14 @@ def asgi_isolated(tel: telemetry.Telemetry, repeats: int = 30) -> dict[str, floa
         (b"x-request-id", b"9b6c7a3e-3f0e-4a51-9d5c-0d4b5d1f8a77"),
         *caller,
     ]
-    scope = {"type": "http", "method": "GET", "path": "/reviews/0", "query_string": b"",
-             "headers": headers, "extensions": {}}  # fmt: skip
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/reviews/0",
+        "query_string": b"",
+        "headers": headers,
+        "extensions": {},
+    }
     request = {"type": "http.request", "body": b"", "more_body": False}
 
     async def receive() -> Any:
@@ -273,6 +379,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument(
+        "--ab", action="store_true", help="on sockets: telemetry with one part off at a time"
+    )
+    ap.add_argument(
         "--isolated-only", action="store_true", help="only the in-memory client and ASGI figures"
     )
     args = ap.parse_args()
@@ -284,71 +393,101 @@ def main() -> None:
         (mesh_dir / "bench.yaml").write_text(mesh_yaml(port))
         cp = ControlPlane([mesh_dir], xds_address="127.0.0.1:0", admin_port=None).start()
         data = generate_bootstrap(
-            xds_address=cp.address, namespace="default", workload="bench-client",
+            xds_address=cp.address,
+            namespace="default",
+            workload="bench-client",
             labels={"app": "bench-client", "version": "v1"},
-        )  # fmt: skip
+        )
         xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
         log_file = open(tmp / "access.log", "w")  # noqa: SIM115 - closed below
         tel = make_telemetry(xds, log_file)
         url = f"http://{HOST}:{PORT}/"
         lines: list[str] = []
         try:
-            if args.isolated_only:
-                args.rounds = 0
-            with pymesh.httpx.Client(xds_client=xds, mesh_wait=10) as client:
-                client.get(url)
-                off: list[Round] = []
-                on: list[Round] = []
-                for _ in range(args.rounds):
-                    telemetry.uninstall()
-                    off.append(sync_round(client, url, args.requests))
-                    telemetry.install(tel)
-                    on.append(sync_round(client, url, args.requests))
-                telemetry.uninstall()
-                if off:
-                    lines += summarize(f"sync, {args.requests} requests x {args.rounds}", off, on)
+            if args.ab:
+                variants = make_variants(xds, log_file)
+                kw = {
+                    "n": args.requests,
+                    "rounds": args.rounds,
+                    "concurrency": args.concurrency,
+                    "upstream_pid": proc.pid,
+                }
+                with pymesh.httpx.Client(xds_client=xds, mesh_wait=10) as client:
+                    client.get(url)
+                    lines.append(f"sync, {args.requests} requests x {args.rounds} per variant")
+                    lines += asyncio.run(ab(client, url, variants, **kw, is_async=False))
 
-            async def run_async() -> tuple[list[Round], list[Round]]:
-                async with pymesh.httpx.AsyncClient(xds_client=xds, mesh_wait=10) as client:
-                    await client.get(url)
-                    a_off: list[Round] = []
-                    a_on: list[Round] = []
+                async def run_ab() -> list[str]:
+                    async with pymesh.httpx.AsyncClient(xds_client=xds, mesh_wait=10) as client:
+                        await client.get(url)
+                        return await ab(client, url, variants, **kw, is_async=True)
+
+                lines.append(f"async, concurrency {args.concurrency}")
+                lines += asyncio.run(run_ab())
+                for t in variants.values():
+                    if t is not None:
+                        t.close()
+            else:
+                if args.isolated_only:
+                    args.rounds = 0
+                with pymesh.httpx.Client(xds_client=xds, mesh_wait=10) as client:
+                    client.get(url)
+                    off: list[Round] = []
+                    on: list[Round] = []
                     for _ in range(args.rounds):
                         telemetry.uninstall()
-                        a_off.append(
-                            await async_round(client, url, args.requests, args.concurrency)
-                        )
+                        off.append(sync_round(client, url, args.requests))
                         telemetry.install(tel)
-                        a_on.append(await async_round(client, url, args.requests, args.concurrency))
+                        on.append(sync_round(client, url, args.requests))
                     telemetry.uninstall()
-                    return a_off, a_on
+                    if off:
+                        lines += summarize(
+                            f"sync, {args.requests} requests x {args.rounds}", off, on
+                        )
 
-            a_off, a_on = asyncio.run(run_async())
-            if a_off:
-                lines += summarize(f"async, concurrency {args.concurrency}", a_off, a_on)
-            iso = isolated(xds, tel)
-            lines += [
-                "isolated (in-memory upstream, client CPU per request, min of 30 x 1000)",
-                f"  sync: telemetry off {iso['off']:.1f} us, on {iso['on']:.1f} us: "
-                f"+{iso['on'] - iso['off']:.1f} us per request",
-                f"  async: telemetry off {iso['aoff']:.1f} us, on {iso['aon']:.1f} us: "
-                f"+{iso['aon'] - iso['aoff']:.1f} us per request",
-                f"  Python calls per request, sync: off {CALLS[0]:.0f}, on {CALLS[1]:.0f} "
-                f"(+{CALLS[1] - CALLS[0]:.0f}); async: off {ACALLS[0]:.0f}, on {ACALLS[1]:.0f} "
-                f"(+{ACALLS[1] - ACALLS[0]:.0f})",
-            ]
-            srv = asgi_isolated(tel)
-            lines += [
-                "ASGI server middleware (in memory, CPU per request, min of 30 x 1000)",
-                f"  app alone {srv['app']:.1f} us; wrapped, telemetry off "
-                f"{srv['off']:.1f} us (+{srv['off'] - srv['app']:.1f}); on {srv['on']:.1f} us "
-                f"(+{srv['on'] - srv['app']:.1f})",
-            ]
-            series = len(tel.requests.snapshot())
-            tel.flush_access_log()  # lines still queued for the writer thread
-            log_file.flush()
-            logged = sum(1 for _ in open(tmp / "access.log"))  # noqa: SIM115
-            lines.append(f"(checks: {series} metric series, {logged} access log lines)")
+                async def run_async() -> tuple[list[Round], list[Round]]:
+                    async with pymesh.httpx.AsyncClient(xds_client=xds, mesh_wait=10) as client:
+                        await client.get(url)
+                        a_off: list[Round] = []
+                        a_on: list[Round] = []
+                        for _ in range(args.rounds):
+                            telemetry.uninstall()
+                            a_off.append(
+                                await async_round(client, url, args.requests, args.concurrency)
+                            )
+                            telemetry.install(tel)
+                            a_on.append(
+                                await async_round(client, url, args.requests, args.concurrency)
+                            )
+                        telemetry.uninstall()
+                        return a_off, a_on
+
+                a_off, a_on = asyncio.run(run_async())
+                if a_off:
+                    lines += summarize(f"async, concurrency {args.concurrency}", a_off, a_on)
+                iso = isolated(xds, tel)
+                lines += [
+                    "isolated (in-memory upstream, client CPU per request, min of 30 x 1000)",
+                    f"  sync: telemetry off {iso['off']:.1f} us, on {iso['on']:.1f} us: "
+                    f"+{iso['on'] - iso['off']:.1f} us per request",
+                    f"  async: telemetry off {iso['aoff']:.1f} us, on {iso['aon']:.1f} us: "
+                    f"+{iso['aon'] - iso['aoff']:.1f} us per request",
+                    f"  Python calls per request, sync: off {CALLS[0]:.0f}, on {CALLS[1]:.0f} "
+                    f"(+{CALLS[1] - CALLS[0]:.0f}); async: off {ACALLS[0]:.0f}, on {ACALLS[1]:.0f} "
+                    f"(+{ACALLS[1] - ACALLS[0]:.0f})",
+                ]
+                srv = asgi_isolated(tel)
+                lines += [
+                    "ASGI server middleware (in memory, CPU per request, min of 30 x 1000)",
+                    f"  app alone {srv['app']:.1f} us; wrapped, telemetry off "
+                    f"{srv['off']:.1f} us (+{srv['off'] - srv['app']:.1f}); on {srv['on']:.1f} us "
+                    f"(+{srv['on'] - srv['app']:.1f})",
+                ]
+                series = len(tel.requests.snapshot())
+                tel.flush_access_log()  # lines still queued for the writer thread
+                log_file.flush()
+                logged = sum(1 for _ in open(tmp / "access.log"))  # noqa: SIM115
+                lines.append(f"(checks: {series} metric series, {logged} access log lines)")
         finally:
             telemetry.uninstall()
             tel.close()

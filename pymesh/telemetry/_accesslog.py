@@ -177,7 +177,7 @@ class AccessLogWriter:
 
     def __init__(
         self,
-        render: Callable[[Any], str],
+        render: Callable[[Any], str | None],
         sink: Callable[[str], None],
         *,
         interval: float = FLUSH_INTERVAL,
@@ -205,6 +205,17 @@ class AccessLogWriter:
         if self._thread is None:
             self._start()
 
+    def offer(self, item: Any) -> bool:
+        """Queue ``item`` unless the queue is full (``False``: not queued, not counted:
+        the caller handles it, see :meth:`Telemetry._queue`)."""
+        pending = self._pending
+        if len(pending) >= self._max:
+            return False
+        pending.append(item)
+        if self._thread is None:
+            self._start()
+        return True
+
     def _start(self) -> None:
         with self._start_lock:
             if self._thread is not None or self._stop.is_set():
@@ -229,7 +240,9 @@ class AccessLogWriter:
             for _ in range(len(pending)):  # bounded: what is queued now
                 item = pending.popleft()
                 try:
-                    sink(render(item))
+                    line = render(item)
+                    if line is not None:  # a record with no line (its metrics only)
+                        sink(line)
                 except Exception:  # a broken sink must never fail a request
                     _log.exception("access log sink failed")
 

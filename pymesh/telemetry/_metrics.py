@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pymesh.telemetry._labels import LABEL_NAMES
@@ -77,7 +77,10 @@ class _Series:
 class RequestMetrics:
     """The request table: label tuple (:data:`LABEL_NAMES` order) -> counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, drain: Callable[[], None] | None = None) -> None:
+        self._drain = drain
+        """Called before every read (:meth:`snapshot`): counts the requests still queued
+        (the telemetry's records, counted off the request path)."""
         self._lock = threading.Lock()
         self._series: dict[tuple[str, ...], _Series] = {}
         self._start_ns = time.time_ns()
@@ -137,6 +140,8 @@ class RequestMetrics:
 
     def snapshot(self) -> list[tuple[tuple[str, ...], _Series]]:
         """A consistent copy of the table (taken under the lock)."""
+        if self._drain is not None:
+            self._drain()
         out: list[tuple[tuple[str, ...], _Series]] = []
         with self._lock:
             for labels, s in self._series.items():

@@ -164,8 +164,9 @@ class Telemetry:
         self._text = access_log_format == "text"  # lines straight from fields, no record
         self._sample_logs = access_log_sample
         access_logger = logging.getLogger("pymesh.access")
+        self._line: Callable[[Any], str] = text_item if self._text else format_json
         self._writer = AccessLogWriter(
-            text_item if self._text else format_json,
+            self._apply,
             access_log_sink or (lambda line: access_logger.info("%s", line)),
         )
         self.tracing = tracing
@@ -190,7 +191,7 @@ class Telemetry:
         self._tracer = tracer_provider.get_tracer("pymesh")
         self.peer_exchange = peer_exchange
         self._peers = PeerDecoder()
-        self.requests = RequestMetrics()
+        self.requests = RequestMetrics(drain=self._writer.flush)
         self._label_cache: dict[tuple[Any, ...], tuple[object, _Series]] = {}
         self._peer_cache: dict[int, tuple[object, Workload]] = {}
         self._counters_lock = threading.Lock()
@@ -484,6 +485,33 @@ class Telemetry:
         return series
 
     # -- recording -----------------------------------------------------------------------
+
+    def _queue(self, record: tuple[Any, ...]) -> None:
+        """The request path's one step per finished request: ``record`` (see
+        :meth:`_apply`) to the writer's bounded queue. A full queue never blocks: the
+        metrics are counted here and then, and the access log line is dropped (counted)."""
+        if not self._writer.offer(record):
+            if record[14] is not None:
+                self._writer.dropped += 1
+            self._apply((*record[:14], None))
+
+    def _apply(self, r: tuple[Any, ...]) -> str | None:
+        """Count a finished request's record into the metrics and return its access log
+        line (``None``: no line). Run by the writer thread, or by whoever reads the
+        metrics or flushes the log first (every read drains the queue: a scrape right
+        after a request sees it, as Envoy merges its thread-local stats at a flush).
+        ``r``: ``(inbound, protocol, status, grpc_status, flags, cluster or authority,
+        host or peer principal, mtls, peer workload, duration s, request bytes, response
+        bytes, request messages, response messages, line item or None)``."""
+        if self.metrics_enabled:
+            if r[0]:
+                series = self._server_series(r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+            else:
+                series = self._client_series(r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+            if series is not None:
+                self.requests.add(series, r[9] * 1000.0, r[10], r[11], r[12], r[13])
+        item = r[14]
+        return None if item is None else self._line(item)
 
     def _log_this(self, flagged: bool) -> bool:
         """Whether this request's access log line is written (decided before building it)."""
@@ -869,74 +897,63 @@ class ClientCall:
         see :meth:`Telemetry.peer_of_response`)."""
         tel = self.tel
         duration = time.perf_counter() - self.t0
-        if flags is None:
-            flags = result.flags if result is not None else ()
-        cluster = result.cluster if result is not None else None
-        host = result.host if result is not None else None
-        if result is not None and (result.attempts > 1 or flags):
-            tel.count_attempts(cluster, result.attempts, flags)
-        if tel.metrics_enabled:
-            series = tel._client_series(
-                self.protocol,
-                status,
-                grpc_status,
-                flags,
-                cluster if cluster is not None or service is None else f"|||{service}",
-                host,
-                mtls,
-                peer,
-            )
-            if series is not None:
-                tel.requests.add(
-                    series,
-                    duration * 1000.0,
-                    request_bytes,
-                    response_bytes,
-                    request_messages,
-                    response_messages,
-                )
+        if result is not None:
+            if flags is None:
+                flags = result.flags
+            cluster = result.cluster
+            host = result.host
+            sent = result.upstream_request
+            if result.attempts > 1 or flags:
+                tel.count_attempts(cluster, result.attempts, flags)
+        else:
+            if flags is None:
+                flags = ()
+            cluster = host = sent = None
         span = self.span
-        if span is None and tel.access_log == "off":
+        mode = tel.access_log
+        log = mode == "full" or (mode == "sampled" and tel._log_this(bool(flags) or status >= 500))
+        if span is None and not log and not tel.metrics_enabled:
             return
         upstream = host.key if host is not None else None
-        log = tel.access_log != "off" and tel._log_this(bool(flags) or status >= 500)
-        sent = result.upstream_request if result is not None else None
-        if log and tel._text:  # queued: the writer thread formats the line
-            tel._writer.put(  # strings, numbers and their tuples: the collector untracks it
-                (
-                    self.start,
-                    self.method,
-                    self.path,
-                    "HTTP/2" if self.protocol == "grpc" else "HTTP/1.1",
-                    status,
-                    _flags_text(flags),
-                    request_bytes,
-                    response_bytes,
-                    int(duration * 1000),
-                    None,
-                    None,
-                    user_agent,
-                    request_id,
-                    self.authority,
-                    upstream,
-                    # the upstream request's header items: the writer finds the user agent
-                    # and request id there (only when not given)
-                    sent.headers._items if sent is not None else (),
-                )
+        item: Any = None
+        if log and tel._text and span is None:  # the writer thread formats the line
+            item = (  # strings, numbers and their tuples: the collector untracks it
+                self.start,
+                self.method,
+                self.path,
+                "HTTP/2" if self.protocol == "grpc" else "HTTP/1.1",
+                status,
+                _flags_text(flags),
+                request_bytes,
+                response_bytes,
+                int(duration * 1000),
+                None,
+                None,
+                user_agent,
+                request_id,
+                self.authority,
+                upstream,
+                # the upstream request's header items: the writer finds the user agent
+                # and request id there (only when not given)
+                sent.headers._items if sent is not None else (),
             )
-            if span is None:
-                return
-        if request_id is None and sent is not None:
-            for name, value in sent.headers:  # one pass for both
-                if name == "x-request-id":
-                    request_id = value
-                elif name == "user-agent" and user_agent is None:
-                    user_agent = value
-        if span is not None:
-            _end_span(span, status, grpc_status, flags, cluster, upstream, self, request_id)
-        if log and not tel._text:
-            tel._writer.put(
-                AccessRecord(
+        elif log or span is not None:
+            if request_id is None and sent is not None:
+                for name, value in sent.headers:  # one pass for both
+                    if name == "x-request-id":
+                        request_id = value
+                    elif name == "user-agent" and user_agent is None:
+                        user_agent = value
+            if span is not None:
+                _end_span(span, status, grpc_status, flags, cluster, upstream, self, request_id)
+            if log and tel._text:
+                item = (self.start, self.method, self.path,
+                        "HTTP/2" if self.protocol == "grpc" else "HTTP/1.1", status,
+                        _flags_text(flags), request_bytes, response_bytes,
+                        int(duration * 1000), None, None, user_agent, request_id,
+                        self.authority, upstream, ())  # fmt: skip
+            elif log:
+                item = AccessRecord(
                     start=self.start,
                     method=self.method,
                     path=self.path,
@@ -955,7 +972,27 @@ class ClientCall:
                     reporter="source",
                     trace_id=_trace_id(span),
                 )
+        # One record: the metrics (label set, series, buckets) and the line are derived
+        # from it off the request path (Telemetry._apply), drained at every read.
+        tel._queue(
+            (
+                False,
+                self.protocol,
+                status,
+                grpc_status,
+                flags,
+                cluster if cluster is not None or service is None else f"|||{service}",
+                host,
+                mtls,
+                peer,
+                duration,
+                request_bytes,
+                response_bytes,
+                request_messages,
+                response_messages,
+                item,
             )
+        )
 
 
 class ServerCall:
@@ -1022,39 +1059,19 @@ class ServerCall:
                 pass
             self.token = None
         principal = principal_of(peer_uri_sans) if peer_uri_sans else UNKNOWN
-        if tel.metrics_enabled:
-            series = tel._server_series(
-                self.protocol,
-                status,
-                grpc_status,
-                flags,
-                self.authority,
-                principal,
-                mtls,
-                self.peer,
-            )
-            if series is not None:
-                tel.requests.add(
-                    series,
-                    duration * 1000.0,
-                    request_bytes,
-                    response_bytes,
-                    request_messages,
-                    response_messages,
-                )
         span = self.span
-        if span is None and tel.access_log == "off":
+        log = tel.access_log != "off" and tel._log_this(bool(flags) or status >= 500)
+        if span is None and not log and not tel.metrics_enabled:
             return
-        request_id = self.get_header("x-request-id")
-        if span is not None:
-            span.set_attribute("peer.principal", principal)
-            _end_span(span, status, grpc_status, flags, None, None, self, request_id)
-        if not (tel.access_log != "off" and tel._log_this(bool(flags) or status >= 500)):
-            return
-        if tel._text:  # queued: the writer thread formats the line
-            get = self.get_header
-            tel._writer.put(
-                (
+        item: Any = None
+        if span is not None or log:
+            request_id = self.get_header("x-request-id")
+            if span is not None:
+                span.set_attribute("peer.principal", principal)
+                _end_span(span, status, grpc_status, flags, None, None, self, request_id)
+            if log and tel._text:  # queued: the writer thread formats the line
+                get = self.get_header
+                item = (
                     self.start,
                     self.method,
                     self.path,
@@ -1072,10 +1089,8 @@ class ServerCall:
                     None,
                     (),
                 )
-            )
-        else:
-            tel._writer.put(
-                AccessRecord(
+            elif log:
+                item = AccessRecord(
                     start=self.start,
                     method=self.method,
                     path=self.path,
@@ -1093,7 +1108,25 @@ class ServerCall:
                     reporter="destination",
                     trace_id=_trace_id(span),
                 )
+        tel._queue(
+            (
+                True,
+                self.protocol,
+                status,
+                grpc_status,
+                flags,
+                self.authority,
+                principal,
+                mtls,
+                self.peer,
+                duration,
+                request_bytes,
+                response_bytes,
+                request_messages,
+                response_messages,
+                item,
             )
+        )
 
 
 def _trace_id(span: Any) -> str | None:

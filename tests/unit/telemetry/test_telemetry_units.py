@@ -537,3 +537,38 @@ def test_access_log_writer_restarts_in_a_forked_child(tmp_path: Any) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert out.read_text() == "parent,child"  # written by the child's own thread
     assert lines == ["parent"]
+
+
+def test_one_record_per_request_read_right_after_and_full_queue() -> None:
+    """A finished request is one queued record; metrics and the log line come from it off
+    the request path, and every read drains the queue first (a scrape right after a
+    request sees it). A full queue never blocks: the metrics are counted at once and only
+    the line is dropped (counted)."""
+    lines: list[str] = []
+    tel = telemetry.Telemetry(access_log="full", access_log_sink=lines.append, tracing=False)
+    tel._writer._interval = 3600.0  # the thread never flushes within the test
+    tel._writer._max = 2
+    try:
+        for status in (200, 404, 503):  # the third finds the queue full
+            call = tel.client_call(
+                protocol="http", method="GET", authority="a", path="/", set_header=lambda k, v: None
+            )
+            call.finish(None, status=status, service="a")
+            srv = tel.server_call(
+                protocol="http", method="GET", authority="a", path="/", get_header={}.get
+            )
+            srv.finish(status=status)
+        assert len(tel._writer._pending) == 2 and lines == []  # nothing done on the request path
+        assert tel.access_log_dropped == 4
+        counts = {
+            (labels[0], labels[21]): s.requests for labels, s in tel.requests.snapshot()
+        }  # the read drained the queue: every request counted, reporters and codes apart
+        assert counts == {
+            (r, c): 1 for r in ("source", "destination") for c in ("200", "404", "503")
+        }
+        assert not tel._writer._pending and len(lines) == 2  # drained lines written in order
+        assert [ln.split('" ')[1].split(" ")[0] for ln in lines] == ["200", "200"]
+        text = tel.prometheus_text()
+        assert text.count('response_code="503"') >= 2
+    finally:
+        tel.close()
