@@ -168,10 +168,18 @@ class AioMeshChannel(grpc.aio.Channel):
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(lambda: loop.create_task(channel.close(None)))
 
+        watching: set[asyncio.Task[None]] = set()
+        self._watching = watching  # this channel's connectivity watches (awaited at close)
+
+        def watch(
+            key: str, channel: grpc.aio.Channel, report: Callable[[Any], None]
+        ) -> Callable[[], None]:
+            return _watch_connectivity(key, channel, report, watching)
+
         self._pool: SubchannelPool[grpc.aio.Channel] = SubchannelPool(
             open_channel,
             close_channel,
-            watch=_watch_connectivity,
+            watch=watch,
             reachability=Reachability.of(self._mesh.runtime),
         )
         self._remove_listener = self._mesh.runtime.add_hosts_removed_listener(
@@ -264,6 +272,14 @@ class AioMeshChannel(grpc.aio.Channel):
         channels = self._pool.close(close_channels=False)
         for channel in channels:
             await channel.close(grace)
+        # The watches were cancelled: let them end on this loop (a loop closed right after
+        # would otherwise destroy them pending, with a warning).
+        loop = asyncio.get_running_loop()
+        ending = [t for t in self._watching if not t.done() and t.get_loop() is loop]
+        for task in ending:
+            task.cancel()
+        if ending:
+            await asyncio.wait(ending, timeout=1.0)
         self._mesh.close()
 
     async def __aenter__(self) -> AioMeshChannel:
@@ -408,15 +424,17 @@ _LOST = Outcome(status=200, grpc_status=UNAVAILABLE)
 
 MAX_STATE_CHANGES = 1_000_000
 """Bound on the connectivity changes one watch follows (a channel's life has far fewer)."""
-_WATCHES: set[asyncio.Task[None]] = set()
 
 
 def _watch_connectivity(
-    key: str, channel: grpc.aio.Channel, report: Callable[[Any], None]
+    key: str,
+    channel: grpc.aio.Channel,
+    report: Callable[[Any], None],
+    tasks: set[asyncio.Task[None]],
 ) -> Callable[[], None]:
     """Report an aio endpoint channel's connectivity now and at each change, from a task
-    on the channel's loop (opened in a call, so a loop runs); returns the cancel function
-    (callable from any thread)."""
+    on the channel's loop (opened in a call, so a loop runs), held in ``tasks`` while it
+    runs; returns the cancel function (callable from any thread)."""
     del key
     loop = asyncio.get_running_loop()
     shutdown = grpc.ChannelConnectivity.SHUTDOWN
@@ -434,8 +452,8 @@ def _watch_connectivity(
             return
 
     task = loop.create_task(run())
-    _WATCHES.add(task)
-    task.add_done_callback(_WATCHES.discard)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
     def cancel() -> None:
         if not loop.is_closed():

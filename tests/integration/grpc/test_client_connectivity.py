@@ -231,3 +231,30 @@ def test_server_pushback(grpc_mesh: GrpcMesh, echo_servers: Servers) -> None:
             who(b"x", timeout=10, metadata=[("x-fail", "UNAVAILABLE"), ("x-pushback-ms", "100")])
         assert time.monotonic() - start >= 0.3
         assert a.count - before == 4
+
+
+def test_aio_close_ends_the_connectivity_watches(
+    grpc_mesh: GrpcMesh, echo_servers: Servers
+) -> None:
+    """Closing an aio mesh channel ends its watch tasks on the loop: a loop closed right
+    after holds no pending task (no "Task was destroyed but it is pending")."""
+    a, b = echo_servers("v1"), echo_servers("v2")
+    grpc_mesh.write(mesh_yaml({"v1": a.port, "v2": b.port}))
+    grpc_mesh.start()
+    loop = asyncio.new_event_loop()
+    try:
+
+        async def main() -> set[asyncio.Task[None]]:
+            ch = pymesh.grpc.aio.insecure_channel(TARGET, xds_client=grpc_mesh.client)
+            who = ch.unary_unary(WHO)
+            assert {await who(b"x", timeout=10) for _ in range(4)} == {b"v1", b"v2"}
+            watching: set[asyncio.Task[None]] = set(ch._watching)  # type: ignore[attr-defined]
+            assert len(watching) == 2  # one per endpoint channel
+            await ch.close(None)
+            return watching
+
+        watching = loop.run_until_complete(main())
+        assert all(task.done() for task in watching)
+        assert not [t for t in asyncio.all_tasks(loop) if not t.done()]
+    finally:
+        loop.close()
