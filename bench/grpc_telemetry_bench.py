@@ -1,0 +1,368 @@
+"""pymesh.grpc with telemetry on vs off, side by side (not a timed test).
+
+"On" is issue 7's budget, as ``bench/telemetry_bench.py`` defines it (its
+``make_telemetry``): Istio's request metrics, access logs (Envoy's text format, every
+call, written to a file by telemetry's writer thread), traces sampled at 1% (spans to an
+in-memory exporter), and the metadata exchange. The mesh, backend and workloads are
+``bench/grpc_bench.py``'s (embedded control plane, one endpoint, unary calls; sync
+sequential, and grpc.aio with 16 in flight), except that the backend (grpcio, in a
+subprocess) answers a caller that sent ``x-envoy-peer-metadata-id`` with an exchange in
+its initial metadata, as a pymesh or Envoy server does, so the client's reading of the
+answer is paid for too.
+
+One channel per workload; telemetry is installed / uninstalled between rounds, which are
+interleaved (off, on, off, on, ...: both see the same machine noise). Printed: medians
+over rounds of throughput and of process CPU per call (every thread: grpcio's, the access
+log writer's), and the on/off ratios: of the medians and the median of per-round ratios
+(each pair of rounds ran back to back). ``--parts`` adds variants with one part of "on"
+switched off each, to attribute the cost.
+
+The server side: ``--server`` runs two pymesh gRPC servers (sync, xDS-managed) in
+subprocesses, one with that telemetry installed, one without, each called by a plain
+grpcio client in interleaved rounds; server CPU per call is read from ``/proc``.
+
+    python bench/grpc_telemetry_bench.py [--rounds 7] [--calls 2000] [--parts] [--server]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from grpc_bench import HOST, MESH, METHOD, PORT, aio_round, sync_round
+from telemetry_bench import make_telemetry
+
+from pymesh import telemetry
+
+BACKEND = textwrap.dedent(
+    """
+    import sys, grpc
+    from concurrent import futures
+    ANSWER = (("x-envoy-peer-metadata-id", "sidecar~127.0.0.1~echo-0.default~default.svc"),
+              ("baggage", "k8s.namespace.name=default,k8s.deployment.name=echo-v1"))
+    def who(request, context):
+        for key, _ in context.invocation_metadata():
+            if key == "x-envoy-peer-metadata-id":
+                context.send_initial_metadata(ANSWER)
+                break
+        return b"ok"
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "echo.Echo", {"Who": grpc.unary_unary_rpc_method_handler(who)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    sys.stdin.read()
+    server.stop(None)
+    """
+)
+"""grpc_bench's backend, answering the metadata exchange (see the module docstring)."""
+
+MESH_SERVER = textwrap.dedent(
+    """
+    import json, sys, grpc
+    from concurrent import futures
+    import pymesh.grpc
+    from pymesh.bootstrap import parse_bootstrap
+    from pymesh.xds.client import XdsClient
+    sys.path.insert(0, sys.argv[3])
+    from telemetry_bench import make_telemetry
+    from pymesh import telemetry
+    xds = XdsClient(parse_bootstrap(open(sys.argv[1]).read(), source="bench"))
+    if sys.argv[2] == "on":
+        telemetry.install(make_telemetry(xds, open(sys.argv[1] + ".log", "w")))
+    def who(request, context):
+        return b"ok"
+    server = pymesh.grpc.server(futures.ThreadPoolExecutor(max_workers=16), xds_client=xds,
+        handlers=[grpc.method_handlers_generic_handler(
+            "echo.Echo", {"Who": grpc.unary_unary_rpc_method_handler(who)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    assert server.wait_for_serving(60)
+    print("serving", flush=True)
+    sys.stdin.read()
+    server.stop(None)
+    """
+)
+"""A pymesh sync gRPC server (argv: bootstrap file, telemetry "on"/"off", bench dir)."""
+
+SERVER_MESH = textwrap.dedent(
+    """
+    apiVersion: networking.istio.io/v1
+    kind: ServiceEntry
+    metadata: {name: NAME, namespace: default}
+    spec:
+      hosts: [NAME.default.svc.cluster.local]
+      location: MESH_INTERNAL
+      resolution: STATIC
+      ports: [{number: 7070, name: grpc, protocol: GRPC}]
+      endpoints:
+      - {address: 127.0.0.1, ports: {grpc: BACKEND_PORT}, labels: {app: NAME}}
+    """
+)
+
+Rounds = dict[str, tuple[list[float], list[float]]]  # variant: (calls/s, CPU s per call)
+
+
+def _cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summarize(title: str, rounds: Rounds) -> list[str]:
+    off_rate, off_cpu = rounds["off"]
+    lines = [
+        title,
+        f"{'variant':18} {'calls/s':>8} {'CPU us/call':>12} {'rate on/off':>12} "
+        f"{'paired':>7} {'CPU on/off':>11}",
+    ]
+    for name, (rate, cpu) in rounds.items():
+        paired = statistics.median(a / b for a, b in zip(rate, off_rate, strict=True))
+        lines.append(
+            f"{name:18} {statistics.median(rate):8.0f} {statistics.median(cpu) * 1e6:12.1f} "
+            f"{statistics.median(rate) / statistics.median(off_rate):12.3f} {paired:7.3f} "
+            f"{statistics.median(cpu) / statistics.median(off_cpu):11.3f}"
+        )
+    return lines
+
+
+def variants(xds: Any, log: Any, parts: bool) -> dict[str, telemetry.Telemetry | None]:
+    out: dict[str, telemetry.Telemetry | None] = {"off": None, "on": make_telemetry(xds, log)}
+    if parts:
+
+        def part(**kw: Any) -> telemetry.Telemetry:
+            # make_telemetry's settings with one switch changed
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+            from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+                InMemorySpanExporter,
+            )
+
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+            base: dict[str, Any] = {
+                "node": xds.bootstrap.node,
+                "access_log": "full",
+                "access_log_format": "text",
+                "access_log_sink": lambda line: log.write(line + "\n"),
+                "trace_sampling": 1.0,
+                "tracer_provider": provider,
+            }
+            base.update(kw)
+            return telemetry.Telemetry(**base)
+
+        out["no access log"] = part(access_log="off")
+        out["no trace headers"] = part(tracing=False)
+        out["no exchange"] = part(peer_exchange=False)
+        out["no metrics"] = part(metrics=False)
+    return out
+
+
+def client_side(args: argparse.Namespace, tmp: Path) -> list[str]:
+    import grpc  # noqa: F401 - grpcio first, as the application would
+
+    import pymesh.grpc
+    import pymesh.grpc.aio
+    from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
+    from pymesh.controlplane import ControlPlane
+    from pymesh.xds.client import XdsClient
+
+    server = subprocess.Popen(
+        [sys.executable, "-c", BACKEND], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert server.stdout is not None and server.stdin is not None
+    backend_port = int(server.stdout.readline())
+    (tmp / "mesh").mkdir()
+    (tmp / "mesh" / "echo.yaml").write_text(MESH.replace("BACKEND_PORT", str(backend_port)))
+    cp = ControlPlane([tmp / "mesh"], xds_address="127.0.0.1:0", admin_port=None).start()
+    data = generate_bootstrap(
+        xds_address=cp.address,
+        namespace="default",
+        workload="bench-client",
+        labels={"app": "bench-client", "version": "v1"},
+    )
+    xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
+    log = open(tmp / "access.log", "w")  # noqa: SIM115 - closed below
+    tels = variants(xds, log, args.parts)
+    target = f"xds:///{HOST}:{PORT}"
+    lines: list[str] = []
+
+    def run(one: Callable[[], tuple[float, float, list[float]]]) -> Rounds:
+        out: Rounds = {name: ([], []) for name in tels}
+        for _ in range(args.rounds):
+            for name, tel in tels.items():
+                if tel is None:
+                    telemetry.uninstall()
+                else:
+                    telemetry.install(tel)
+                cpu = time.process_time()
+                rate, _, _ = one()
+                n = args.calls
+                out[name][0].append(rate)
+                out[name][1].append((time.process_time() - cpu) / n)
+            log.flush()
+        telemetry.uninstall()
+        return out
+
+    try:
+        channel = pymesh.grpc.insecure_channel(target, xds_client=xds)
+        call = channel.unary_unary(METHOD, None, None)
+        for tel in tels.values():  # warm up each variant (config, connection, caches)
+            telemetry.install(tel) if tel is not None else telemetry.uninstall()
+            for _ in range(300):
+                call(b"hi", timeout=20)
+        rounds = run(lambda: sync_round(call, args.calls))
+        lines += summarize(f"sync sequential ({args.rounds} rounds x {args.calls} calls)", rounds)
+        channel.close()
+
+        async def aio_main() -> Rounds:
+            achannel = pymesh.grpc.aio.insecure_channel(target, xds_client=xds)
+            acall = achannel.unary_unary(METHOD, None, None)
+            for tel in tels.values():
+                telemetry.install(tel) if tel is not None else telemetry.uninstall()
+                for _ in range(300):
+                    await acall(b"hi", timeout=20)
+            out: Rounds = {name: ([], []) for name in tels}
+            for _ in range(args.rounds):
+                for name, tel in tels.items():
+                    if tel is None:
+                        telemetry.uninstall()
+                    else:
+                        telemetry.install(tel)
+                    cpu = time.process_time()
+                    rate, _, _ = await aio_round(acall, args.calls, args.concurrency)
+                    n = (args.calls // args.concurrency) * args.concurrency
+                    out[name][0].append(rate)
+                    out[name][1].append((time.process_time() - cpu) / n)
+                log.flush()
+            telemetry.uninstall()
+            await achannel.close(None)
+            return out
+
+        lines.append("")
+        lines += summarize(
+            f"aio, {args.concurrency} in flight ({args.rounds} rounds x {args.calls} calls)",
+            asyncio.run(aio_main()),
+        )
+    finally:
+        telemetry.uninstall()
+        for tel in tels.values():
+            if tel is not None:
+                tel.close()
+        log.close()
+        xds.close()
+        cp.stop()
+        server.stdin.close()
+        server.wait(10)
+    return lines
+
+
+def server_side(args: argparse.Namespace, tmp: Path) -> list[str]:
+    import grpc
+
+    from pymesh.bootstrap import generate_bootstrap
+    from pymesh.controlplane import ControlPlane
+
+    mesh = tmp / "server-mesh"
+    mesh.mkdir()
+    cp = ControlPlane([mesh], xds_address="127.0.0.1:0", admin_port=None).start()
+    procs: dict[str, tuple[subprocess.Popen[str], int]] = {}
+    try:
+        for name in ("off", "on"):
+            boot = tmp / f"server-{name}.json"
+            boot.write_text(
+                json.dumps(
+                    generate_bootstrap(
+                        xds_address=cp.address,
+                        namespace="default",
+                        workload=f"srv-{name}",
+                        labels={"app": f"srv-{name}"},
+                    )
+                )
+            )
+            proc = subprocess.Popen(
+                [sys.executable, "-c", MESH_SERVER, str(boot), name, str(Path(__file__).parent)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline())
+            text = SERVER_MESH.replace("NAME", f"srv-{name}").replace("BACKEND_PORT", str(port))
+            (mesh / f"srv-{name}.yaml").write_text(text)
+            procs[name] = (proc, port)
+        for proc, _ in procs.values():
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "serving"
+        # A mesh caller: its exchange metadata, so the "on" server reads and answers it.
+        md = (
+            ("x-envoy-peer-metadata-id", "sidecar~127.0.0.1~client-0.default~default.svc"),
+            ("baggage", "k8s.namespace.name=default,k8s.deployment.name=client,service.name=c"),
+        )
+        channels = {n: grpc.insecure_channel(f"127.0.0.1:{p}") for n, (_, p) in procs.items()}
+        calls = {n: c.unary_unary(METHOD, None, None) for n, c in channels.items()}
+
+        def call_with(c: Any) -> Callable[..., Any]:
+            return lambda req, timeout: c(req, timeout=timeout, metadata=md)
+
+        for c in calls.values():
+            for _ in range(300):
+                c(b"hi", timeout=20, metadata=md)
+        rounds: Rounds = {n: ([], []) for n in calls}
+        for _ in range(args.rounds):
+            for name, c in calls.items():
+                pid = procs[name][0].pid
+                before = _cpu_of(pid)
+                rate, _, _ = sync_round(call_with(c), args.calls)
+                rounds[name][0].append(rate)
+                rounds[name][1].append((_cpu_of(pid) - before) / args.calls)
+        for ch in channels.values():
+            ch.close()
+        return summarize(
+            f"server: pymesh sync server, plain sync caller ({args.rounds} rounds x "
+            f"{args.calls} calls; CPU: the server process's)",
+            rounds,
+        )
+    finally:
+        for proc, _ in procs.values():
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait(10)
+        cp.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--parts", action="store_true", help="also one part of 'on' off at a time")
+    ap.add_argument("--server", action="store_true", help="also the server side")
+    ap.add_argument("--server-only", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        lines: list[str] = []
+        if not args.server_only:
+            lines += client_side(args, tmp)
+        if args.server or args.server_only:
+            lines += ["", *server_side(args, tmp)]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
