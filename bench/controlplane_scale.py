@@ -21,7 +21,8 @@ files, build = derive config + generator, push = generate + send to every client
 ``--ab preload`` (or any of the hub's switches below, comma-separated) interleaves two
 variants round by round in the same run: "new" (every switch on) and "old" (the named
 switches off), and prints each variant's figures and the new/old ratios. Switches:
-``preload`` (read and validate a changed file while the debounce waits).
+``preload`` (read and validate a changed file while the debounce waits), ``plain_reader``
+(documents in the plain YAML subset read without PyYAML).
 """
 
 from __future__ import annotations
@@ -177,6 +178,18 @@ async def _clients(address: str, clients: int, wildcard: int, services: int, con
 # -- the control plane's side ------------------------------------------------------------------
 
 
+def set_switch(plane: Any, name: str, on: bool) -> None:
+    """Turn one of the control plane's fast paths on or off (see ``--ab``)."""
+    if name == "plain_reader":
+        from pymesh.controlplane.config import _load
+
+        _load.PLAIN_READER = on
+    elif hasattr(plane.hub, name):
+        setattr(plane.hub, name, on)
+    else:
+        raise SystemExit(f"unknown switch {name!r}")
+
+
 class Run:
     """One variant's measurements over its rounds."""
 
@@ -292,7 +305,7 @@ def main() -> int:
             run = runs[variant]
             for name in switches:  # off for "old", on for "new"
                 on = variant == "new"
-                plane.call(lambda name=name, on=on: setattr(plane.hub, name, on))
+                plane.call(lambda name=name, on=on: set_switch(plane, name, on))
             time.sleep(1.0)  # let the previous round settle
             version_before = plane.call(lambda: plane.hub.version)
             only = None if args.change == "all" else rnd % args.services
