@@ -830,10 +830,13 @@ class MeshTransport(httpx.BaseTransport):
             return core.local_response(result, request, target)
         resp = result.response
         assert isinstance(resp, httpcore.Response)
+        raw, peer = resp.headers, None
+        if tcall is not None:  # the server's exchange headers: read, not shown to the app
+            raw, peer = tcall.tel.take_exchange(raw)
         return httpx.Response(
             resp.status,
-            headers=core.response_headers(resp.headers, result),
-            stream=_SyncStream(*_body(tcall, result, resp, len(body))),
+            headers=core.response_headers(raw, result),
+            stream=_SyncStream(*_body(tcall, result, resp, len(body), peer)),
             extensions={**resp.extensions, RESULT_EXTENSION: result},
         )
 
@@ -895,12 +898,17 @@ class MeshTransport(httpx.BaseTransport):
 
 
 def _body(
-    tcall: _telemetry.ClientCall | None, result: CallResult, resp: httpcore.Response, sent: int
+    tcall: _telemetry.ClientCall | None,
+    result: CallResult,
+    resp: httpcore.Response,
+    sent: int,
+    peer: Any = None,
 ) -> tuple[Any, Callable[[], None]]:
-    """The response stream and release: counted and recorded by telemetry when it is on."""
+    """The response stream and release: counted and recorded by telemetry when it is on
+    (``peer``: the server's workload from its metadata exchange headers)."""
     if tcall is None:
         return resp.stream, result.release
-    return _telemetry.upstream_body(tcall, result, resp.status, sent, resp.stream)
+    return _telemetry.upstream_body(tcall, result, resp.status, sent, resp.stream, peer)
 
 
 _NO_EXTENSIONS: dict[str, Any] = {}
@@ -1035,10 +1043,13 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             return core.local_response(result, request, target)
         resp = result.response
         assert isinstance(resp, httpcore.Response)
+        raw, peer = resp.headers, None
+        if tcall is not None:  # the server's exchange headers: read, not shown to the app
+            raw, peer = tcall.tel.take_exchange(raw)
         return httpx.Response(
             resp.status,
-            headers=core.response_headers(resp.headers, result),
-            stream=_AsyncStream(*_body(tcall, result, resp, len(body))),
+            headers=core.response_headers(raw, result),
+            stream=_AsyncStream(*_body(tcall, result, resp, len(body), peer)),
             extensions={**resp.extensions, RESULT_EXTENSION: result},
         )
 

@@ -542,15 +542,39 @@ class Telemetry:
     def peer_of_raw(self, headers: Iterable[tuple[bytes, bytes]]) -> Workload | None:
         """:meth:`peer_of_headers` for raw ``(name, value)`` byte pairs (lower-case or not),
         as httpcore and ASGI give them."""
+        return self.take_exchange(list(headers))[1]
+
+    def take_exchange(
+        self, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[list[tuple[bytes, bytes]], Workload | None]:
+        """An upstream response's raw headers without the server's metadata exchange
+        headers (``x-envoy-peer-metadata``, ``x-envoy-peer-metadata-id``: a client
+        sidecar's exchange filter reads and removes them, the application never sees
+        them), and the server's workload they (else an ambient ``baggage``) name. The
+        same list when there are none; nothing removed with peer exchange off."""
         if not self.peer_exchange:
-            return None
-        baggage = None
+            return headers, None
+        metadata = baggage = None
+        found = False
         for name, value in headers:
-            if len(name) == 21 and name.lower() == b"x-envoy-peer-metadata":
-                return self._peers.metadata(value.decode("latin-1"))
-            if len(name) == 7 and name.lower() == b"baggage":
+            size = len(name)
+            if size in {21, 24}:
+                lowered = name.lower()
+                if lowered == b"x-envoy-peer-metadata":
+                    found = True
+                    if metadata is None:
+                        metadata = value
+                elif lowered == b"x-envoy-peer-metadata-id":
+                    found = True
+            elif size == 7 and baggage is None and name.lower() == b"baggage":
                 baggage = value
-        return self._peers.baggage(baggage.decode("latin-1")) if baggage is not None else None
+        if not found:
+            peer = self._peers.baggage(baggage.decode("latin-1")) if baggage is not None else None
+            return headers, peer
+        kept = [kv for kv in headers if kv[0].lower() not in _MX_NAMES]
+        if metadata is not None:
+            return kept, self._peers.metadata(metadata.decode("latin-1"))
+        return kept, self._peers.baggage(baggage.decode("latin-1")) if baggage else None
 
     def count_attempts(self, cluster: str | None, attempts: int, flags: tuple[str, ...]) -> None:
         if cluster is None:
@@ -762,6 +786,7 @@ class Telemetry:
 
 
 _UP = frozenset({"HEALTHY", "UNKNOWN", "DEGRADED"})
+_MX_NAMES = frozenset((b"x-envoy-peer-metadata", b"x-envoy-peer-metadata-id"))
 _NO_PEER = Workload()
 
 
@@ -1182,17 +1207,19 @@ class UpstreamBody:
     when the body is closed (once), then runs the flow's ``release``. Wraps a sync or
     async byte stream (``close`` / ``aclose`` are forwarded)."""
 
-    __slots__ = ("_call", "_done", "_grpc_status", "_release", "_result", "_stream",
+    __slots__ = ("_call", "_done", "_grpc_status", "_peer", "_release", "_result", "_stream",
                  "request_bytes", "response_bytes", "status")  # fmt: skip
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - built by upstream_body only
         self,
         call: ClientCall,
         result: CallResult,
         status: int,
         request_bytes: int,
         stream: Any,
+        peer: Workload | None = None,
     ) -> None:
+        self._peer = peer
         self._call = call
         self._result = result
         self._release = result.release
@@ -1230,14 +1257,12 @@ class UpstreamBody:
             return
         self._done = True
         try:
-            call = self._call
-            response = self._result.response
-            call.finish(
+            self._call.finish(
                 self._result,
                 status=self.status,
                 request_bytes=self.request_bytes,
                 response_bytes=self.response_bytes,
-                peer=call.tel.peer_of_raw(getattr(response, "headers", ())),
+                peer=self._peer,
             )
         except Exception:  # telemetry must never fail the application's request
             _log.exception("telemetry: recording a request failed")
@@ -1318,8 +1343,13 @@ def finish_local(call: ClientCall, result: CallResult, request_bytes: int) -> No
         _log.exception("telemetry: recording a request failed")
 
 
-def upstream_body(
-    call: ClientCall, result: CallResult, status: int, request_bytes: int, stream: Any
+def upstream_body(  # noqa: PLR0917 - the adapters' one call
+    call: ClientCall,
+    result: CallResult,
+    status: int,
+    request_bytes: int,
+    stream: Any,
+    peer: Workload | None = None,
 ) -> tuple[Any, Callable[[], None]]:
     """``(stream, release)`` to hand the response body: counts it, records at release.
 
@@ -1337,10 +1367,10 @@ def upstream_body(
                 status=status,
                 request_bytes=request_bytes,
                 response_bytes=sum(map(len, chunks)),
-                peer=call.tel.peer_of_raw(getattr(result.response, "headers", ())),
+                peer=peer,
             )
         except Exception:  # telemetry must never fail the application's request
             _log.exception("telemetry: recording a request failed")
         return stream, result.release
-    body = UpstreamBody(call, result, status, request_bytes, stream)
+    body = UpstreamBody(call, result, status, request_bytes, stream, peer)
     return body, body.release
