@@ -318,13 +318,17 @@ def decide(
     *,
     secure: bool = False,
     transport: str | None = None,
+    chain: FilterChain | None = None,
 ) -> InboundDecision:
     """The inbound verdict for one RPC (see the module's order). ``secure``: the port the
     RPC came on is a TLS port (so a chain demanding TLS is satisfied). ``transport``: the
     connection's transport protocol when the server knows it (see
-    :func:`select_filter_chain`; ``"tls"`` implies ``secure``)."""
+    :func:`select_filter_chain`; ``"tls"`` implies ``secure``). ``chain``: the
+    connection's filter chain when the caller already selected it
+    (:meth:`InboundState.filter_chain` with the same arguments), else selected here."""
     secure = secure or transport == "tls"
-    chain = state.filter_chain(snapshot.listener, peer, transport)
+    if chain is None:
+        chain = state.filter_chain(snapshot.listener, peer, transport)
     if chain is None:
         return _fail(UNAVAILABLE, "no matching filter chain in the xDS listener")
     if chain.tls is not None and not secure:
