@@ -264,7 +264,12 @@ class MeshMiddleware:
                 scope["raw_path"] = normalized
                 scope["path"] = urllib.parse.unquote(normalized.decode("ascii", "replace"))
         decision = inbound.decide(
-            view.snapshot, _request_info(scope, conn), peer, self._state, transport=conn.transport
+            view.snapshot,
+            _request_info(scope, conn),
+            peer,
+            self._state,
+            transport=conn.transport,
+            chain=chain,  # selected once per request, above
         )
         try:
             if decision.delay:
