@@ -10,12 +10,13 @@ is reported with its status like any other. ``response_code`` is 200 (gRPC over 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from pymesh.core.flow import CallResult
 from pymesh.telemetry import _telemetry
-from pymesh.telemetry._peer import hide_exchange, is_exchange_baggage
+from pymesh.telemetry._peer import METADATA_ID, hide_exchange, is_exchange_baggage
 
 __all__ = ["grpc_attempt_exchange", "grpc_server_details", "grpc_server_handler"]
 
@@ -149,9 +150,10 @@ class _Rpc:
                 pass
 
     def exchanged(self) -> bool:
-        """The caller took part in the metadata exchange."""
-        call = self.call
-        return call.peer is not None or call.get_header("x-envoy-peer-metadata-id") is not None
+        """The caller asks for our metadata: it sent ``x-envoy-peer-metadata-id`` (Envoy
+        answers with its id only to a request that carried one; a grpcio server cannot see
+        whether ``x-envoy-peer-metadata`` came, grpcio's core keeps it)."""
+        return self.call.get_header(METADATA_ID) is not None
 
     def finish(self, context: Any, error: BaseException | None, secure: bool) -> None:
         sans, mtls = _peer(context, secure)
@@ -353,12 +355,32 @@ _EXTERNAL: dict[int, tuple[object, bool]] = {}
 _MAX_EXTERNAL = 4096
 
 
-def grpc_attempt_exchange(cluster: Any) -> tuple[tuple[str, str], ...]:
-    """For the gRPC adapters: the metadata exchange to append to one attempt on
-    ``cluster`` (a ``ClusterRuntime``): the installed telemetry's ``exchange_metadata``,
+_LEARNED: dict[int, tuple[Any, Any, float]] = {}
+"""``id(host)`` -> (the host, the workload its server answered with, until when that is
+trusted without asking again)."""
+_MAX_LEARNED = 4096
+_ASKING: dict[int, Any] = {}
+"""``id(host)`` -> the host, while a call asking it for its metadata runs."""
+_clock: Callable[[], float] = time.monotonic
+LEARNED_FOR = 10.0
+"""Seconds an endpoint's answered workload is reused before the exchange asks again."""
+_QUIET: tuple[Any, tuple[tuple[str, str], ...]] = (None, ())
+"""(telemetry, its exchange metadata without ``x-envoy-peer-metadata-id``)."""
+
+
+def grpc_attempt_exchange(cluster: Any, host: Any = None) -> tuple[tuple[str, str], ...]:
+    """For the gRPC adapters: the metadata exchange to append to one attempt on ``host``
+    of ``cluster`` (a ``ClusterRuntime``): the installed telemetry's ``exchange_metadata``,
     or ``()`` when telemetry or the exchange is off, or the cluster leads outside the mesh
     (:func:`~pymesh.telemetry._telemetry.mesh_external`, the predicate the httpx side
-    uses). Memoized per cluster config: one dict lookup per attempt."""
+    uses). Memoized per cluster config: one dict lookup per attempt.
+
+    While the workload ``host``'s server answered with is known (:data:`LEARNED_FOR`
+    seconds), the exchange goes without ``x-envoy-peer-metadata-id``: the server still
+    learns the caller, but does not answer (it answers a request carrying the id, as
+    Envoy does), and the call is labelled with the known workload. A grpcio server's
+    answer is initial metadata sent on its own, ahead of the response: a frame more per
+    call each way, the largest part of gRPC telemetry's cost before."""
     tel = _telemetry._current
     if tel is None:
         return ()
@@ -374,7 +396,42 @@ def grpc_attempt_exchange(cluster: Any) -> tuple[tuple[str, str], ...]:
         if len(_EXTERNAL) >= _MAX_EXTERNAL:
             _EXTERNAL.clear()
         _EXTERNAL[id(config)] = found
-    return () if found[1] else exchange
+    if found[1]:
+        return ()
+    learned = _LEARNED.get(id(host))
+    if learned is not None and learned[0] is host and _clock() < learned[2]:
+        return _quiet(tel, exchange)
+    if host is not None:
+        if len(_ASKING) >= _MAX_LEARNED:
+            _ASKING.clear()
+        _ASKING[id(host)] = host  # an answer to this attempt may be learned
+    return exchange
+
+
+def _quiet(tel: Any, exchange: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """``exchange`` without ``x-envoy-peer-metadata-id`` (memoized for ``tel``)."""
+    global _QUIET
+    quiet = _QUIET
+    if quiet[0] is not tel:
+        quiet = _QUIET = (tel, tuple(kv for kv in exchange if kv[0] != METADATA_ID))
+    return quiet[1]
+
+
+def _learn(host: Any, peer: Any) -> Any:
+    """The workload to label a call to ``host`` with: ``peer`` (what its server answered
+    now, remembered for :data:`LEARNED_FOR` seconds), else the one remembered."""
+    if host is None:
+        return peer
+    if peer is None:
+        learned = _LEARNED.get(id(host))
+        if learned is not None and learned[0] is host and _clock() < learned[2]:
+            return learned[1]
+        return None
+    if _ASKING.pop(id(host), None) is host:  # only an answer to our asking is learned
+        if len(_LEARNED) >= _MAX_LEARNED:
+            _LEARNED.clear()
+        _LEARNED[id(host)] = (host, peer, _clock() + LEARNED_FOR)
+    return peer
 
 
 def _exchange_sources(result: Any, error: Any) -> list[Any]:
@@ -507,7 +564,10 @@ def _client_finish(  # noqa: PLR0917 - internal
             request_messages=0 if streaming_in else 1,
             response_messages=1 if error is None else 0,
             service=None if result is not None else _host(call.authority),
-            peer=_server_peer(call, result, error) if peer is _UNSET else peer,
+            peer=_learn(
+                result.host if result is not None else None,
+                _server_peer(call, result, error) if peer is _UNSET else peer,
+            ),
         )
     except Exception:
         _telemetry._log.exception("telemetry: recording an RPC failed")

@@ -388,3 +388,70 @@ def test_echo_handlers_still_serve_without_an_exchange(
     module, got = contexts[0]
     assert module.startswith("grpc")
     assert got["baggage"] == [APP_BAGGAGE] and got["x-app"] == ["kept"]
+
+
+# --------------------------------------------------------------------------- asking once
+
+
+class _Answering:
+    """A plain grpcio server that answers the exchange as a pymesh server does: only to a
+    request carrying ``x-envoy-peer-metadata-id``; records whether each call carried it."""
+
+    def __init__(self) -> None:
+        self.asked: list[bool] = []
+        self.told: list[bool] = []
+        answer = ((MX_ID, "sidecar~10.0.0.7~reviews-v2-x.bookinfo~bookinfo.svc.cluster.local"),
+                  ("baggage", REVIEWS_BAGGAGE))  # fmt: skip
+
+        def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
+            got = _strs(context.invocation_metadata())
+            self.asked.append(MX_ID in got)
+            self.told.append("k8s.deployment.name=client-v1" in got.get("baggage", [""])[0])
+            if MX_ID in got:
+                context.send_initial_metadata(answer)
+            return b"echo:" + request
+
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE, {"Unary": grpc.unary_unary_rpc_method_handler(unary)}
+        )
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+def test_grpc_client_asks_an_endpoint_once_then_reuses_its_answer(
+    control_plane: CP, installed: Install, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first call to an endpoint carries ``x-envoy-peer-metadata-id`` (the server
+    answers, one frame more); the next ones, until ``LEARNED_FOR`` seconds have passed
+    (fake clock), do not, and are labelled with the learned workload all the same: plain
+    sync calls (``stub.Method(request)``) included."""
+    from pymesh.telemetry import _grpc
+
+    now = [1000.0]
+    monkeypatch.setattr(_grpc, "_clock", lambda: now[0])
+    monkeypatch.setattr(_grpc, "_LEARNED", {})
+    server = _Answering()
+    cp, mesh_dir = control_plane
+    mesh_dir.joinpath("mesh.yaml").write_text(_grpc_yaml(server.port))
+    client_xds = _xds(cp, "client-v1", {"app": "client", "version": "v1"})
+    channel = pymesh.grpc.insecure_channel(f"xds:///{ECHO}:7070", xds_client=client_xds)
+    try:
+        unary = channel.unary_unary(f"/{SERVICE}/Unary")
+        assert unary(b"hi", timeout=15) == b"echo:hi"  # config loaded (telemetry off)
+        tel = installed(node=client_xds.bootstrap.node)
+        for _ in range(3):
+            assert unary(b"hi", timeout=10) == b"echo:hi"
+        now[0] += _grpc.LEARNED_FOR + 1  # learned too long ago: asked again
+        for _ in range(2):
+            assert unary(b"hi", timeout=10) == b"echo:hi"
+        samples = scrape(tel.serve_prometheus(port=0).url)
+    finally:
+        channel.close()
+        server.server.stop(None).wait(5)
+        client_xds.close()
+    assert server.asked == [False, True, False, False, True, False]
+    assert server.told == [False, True, True, True, True, True]  # the caller always told
+    assert value(samples, "istio_requests_total", reporter="source", source_workload="client-v1",
+                 destination_workload="reviews-v2", destination_app="reviews",
+                 destination_version="v2", grpc_response_status="0") == 5  # fmt: skip

@@ -158,11 +158,13 @@ def _check_side(
             "destination_service_namespace": "default",
             "connection_security_policy": "unknown",
         }
-        # from the picked endpoint's Istio EDS metadata (the ServiceEntry endpoint's app
-        # label); an upstream error status comes back without the endpoint (unknown there)
+        # from the server's metadata exchange answer: one process plays both workloads,
+        # so the pymesh server answers with the installed telemetry's node (the client's);
+        # an upstream error status comes back without the endpoint (unknown there)
         ok = {**labels, "grpc_response_status": "0"}
-        assert value(samples, "istio_requests_total", **ok, destination_app="echo",
-                     destination_canonical_service="echo", destination_canonical_revision="latest",
+        assert value(samples, "istio_requests_total", **ok, destination_app="client",
+                     destination_workload="client-v1", destination_canonical_service="client",
+                     destination_canonical_revision="v1",
                      destination_workload_namespace="default") == 3  # fmt: skip
     else:
         labels |= {

@@ -301,11 +301,19 @@ def test_grpc_server_reads_the_caller_and_answers_in_initial_metadata(
         tel = installed(node=server_xds.bootstrap.node)
         prom = tel.serve_prometheus(port=0)
         unary = channel.unary_unary(f"/{SERVICE}/Unary")
-        md = (("x-envoy-peer-metadata", istio_header(REVIEWS_V2)), ("baggage", REVIEWS_BAGGAGE))
+        md = (
+            ("x-envoy-peer-metadata-id", "sidecar~10.0.0.7~reviews-v2-x.bookinfo~bookinfo.svc"),
+            ("x-envoy-peer-metadata", istio_header(REVIEWS_V2)),
+            ("baggage", REVIEWS_BAGGAGE),
+        )
         for _ in range(2):
             value_, call = unary.with_call(b"hi", metadata=md, timeout=10)
             assert value_ == b"echo:hi"
         answered = dict(call.initial_metadata())
+        # without the id, the caller is still read but not answered (Envoy answers its id
+        # only to a request that carried one)
+        _, quiet = unary.with_call(b"hi", metadata=md[1:], timeout=10)
+        unanswered = dict(quiet.initial_metadata())
         samples = scrape(prom.url)
     finally:
         channel.close()
@@ -318,10 +326,11 @@ def test_grpc_server_reads_the_caller_and_answers_in_initial_metadata(
         "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=echo-v1,"
         "service.name=echo,service.version=v1"
     )
+    assert "x-envoy-peer-metadata-id" not in unanswered and "baggage" not in unanswered
     assert value(samples, "istio_requests_total", reporter="destination",
                  source_workload="reviews-v2", source_app="reviews", source_version="v2",
                  source_workload_namespace="bookinfo", destination_workload="echo-v1",
-                 grpc_response_status="0") == 2  # fmt: skip
+                 grpc_response_status="0") == 3  # fmt: skip
 
 
 def test_grpc_client_labels_the_peer_from_its_initial_metadata(
@@ -355,7 +364,9 @@ def test_grpc_client_labels_the_peer_from_its_initial_metadata(
         channel.close()
         server.stop(None).wait(5)
         client_xds.close()
-    assert seen[-1]["x-envoy-peer-metadata-id"] == client_xds.bootstrap.node.id
+    # the first call asks the endpoint (its id); the next reuse the answer (no id)
+    assert seen[1]["x-envoy-peer-metadata-id"] == client_xds.bootstrap.node.id
+    assert "x-envoy-peer-metadata-id" not in seen[2]
     assert "k8s.deployment.name=client-v1" in seen[-1]["baggage"].split(",")
     assert value(samples, "istio_requests_total", reporter="source", source_workload="client-v1",
                  destination_workload="reviews-v2", destination_app="reviews",
