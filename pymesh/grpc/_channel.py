@@ -694,7 +694,8 @@ class MeshChannel(grpc.Channel):
                     if mc is None:
                         mc = spec.multicallable(pool, key)
                     md = attempt_metadata(action.request.headers, info)
-                    mx = grpc_attempt_exchange(action.cluster)  # telemetry: mesh peers only
+                    # telemetry: the metadata exchange, to mesh peers only
+                    mx = grpc_attempt_exchange(action.cluster, action.host)
                     if mx:
                         md = (*md, *mx) if md else mx
                     payload = replay.attempt() if replay is not None else request
@@ -859,7 +860,10 @@ class _UnaryUnary(_Multi, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc,ty
         compression: grpc.Compression | None = None,
     ) -> Any:
         channel = self._channel  # (MeshChannel._call inlined: one frame less per call)
-        call = channel._call_plain if telemetry_current() is None else channel._call_traced
+        if telemetry_current() is None:
+            call, state = channel._call_plain, _VALUE_ONLY
+        else:  # with the grpcio call: telemetry reads the server's exchange answer
+            call, state = channel._call_traced, _NOT_CANCELLABLE
         (value, _), result = call(
             self._spec,
             request,
@@ -868,7 +872,7 @@ class _UnaryUnary(_Multi, grpc.UnaryUnaryMultiCallable):  # type: ignore[misc,ty
             credentials,
             wait_for_ready,
             compression,
-            _VALUE_ONLY,
+            state,
         )
         result.release()
         return value
