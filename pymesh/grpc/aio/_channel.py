@@ -348,7 +348,8 @@ class AioMeshChannel(grpc.aio.Channel):
                         if mc is None:
                             mc = spec.multicallable(pool, key)
                         md = attempt_metadata(action.request.headers, info)
-                        mx = grpc_attempt_exchange(action.cluster)  # telemetry: mesh peers only
+                        # telemetry: the metadata exchange, to mesh peers only
+                        mx = grpc_attempt_exchange(action.cluster, action.host)
                         if mx:
                             md = (*md, *mx) if md else mx
                         if replay is None:
