@@ -46,65 +46,82 @@ def asgi_middleware(app: App) -> App:
         if tel is None or scope.get("type") != "http":
             await app(scope, receive, send)
             return
-        headers: dict[str, str] = {}
         raw = scope.get("headers") or ()
-        for k, v in raw:  # ASGI: names already lower-case
-            headers[k.decode("latin-1")] = v.decode("latin-1")
-        if tel.peer_exchange and (_MX_ID in headers or _MX in headers):
+        # ASGI: names already lower-case; one dict, the last of repeated names wins
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}
+        get = headers.get
+        mx_id = _MX_ID in headers
+        if (mx_id or _MX in headers) and tel.peer_exchange:
             # Istio's metadata exchange filter removes the peer's headers on the way in:
             # the application never sees them (they are read here, into source_* labels).
             scope = {**scope, "headers": [kv for kv in raw if kv[0] not in _MX_RAW]}
         path = scope.get("path", "/")
-        query = scope.get("query_string") or b""
+        query = scope.get("query_string")
         if query:
             path += "?" + query.decode("latin-1")
-        authority = headers.get("host", "")
-        protocol = (
-            "grpc" if headers.get("content-type", "").startswith("application/grpc") else "http"
-        )
+        content_type = get("content-type")
         call = tel.server_call(
-            protocol=protocol,
+            protocol="grpc"
+            if content_type is not None and content_type.startswith("application/grpc")
+            else "http",
             method=str(scope.get("method", "GET")),
-            authority=authority,
+            authority=get("host", ""),
             path=path,
-            get_header=headers.get,
+            get_header=get,
         )
-        counts = [500, 0, 0]  # status, bytes received, bytes sent
-        # Our metadata for the caller's labels, only to a caller that took part in the
-        # exchange (a browser or an outside client learns nothing about the workload).
-        exchange = tel.exchange_headers_raw if call.peer is not None or _MX_ID in headers else ()
-
-        async def counting_receive() -> Message:
-            message = await receive()
-            if message.get("type") == "http.request":
-                counts[1] += len(message.get("body", b""))
-            return message
-
-        async def counting_send(message: Message) -> None:
-            kind = message.get("type")
-            if kind == "http.response.start":
-                counts[0] = int(message.get("status", 500))
-                if exchange:
-                    message = {**message, "headers": [*message.get("headers", ()), *exchange]}
-            elif kind == "http.response.body":
-                counts[2] += len(message.get("body", b""))
-            await send(message)
-
-        conn = (scope.get("extensions") or {}).get(_CONNECTION_KEY)
-        sans = tuple(getattr(conn, "uri_sans", ()) or ())
-        mtls = bool(getattr(conn, "tls", False) and sans)
+        counter = _Counter(
+            receive,
+            send,
+            # Our metadata for the caller's labels, only to a caller that took part in the
+            # exchange (a browser or an outside client learns nothing about the workload).
+            tel.exchange_headers_raw if call.peer is not None or mx_id else (),
+        )
+        extensions = scope.get("extensions")
+        conn = extensions.get(_CONNECTION_KEY) if extensions else None
+        sans = tuple(getattr(conn, "uri_sans", ()) or ()) if conn is not None else ()
         try:
-            await app(scope, counting_receive, counting_send)
+            await app(scope, counter.receive, counter.send)
         finally:
             try:
                 call.finish(
-                    status=counts[0],
+                    status=counter.status,
                     peer_uri_sans=sans,
-                    mtls=mtls,
-                    request_bytes=counts[1],
-                    response_bytes=counts[2],
+                    mtls=bool(sans and getattr(conn, "tls", False)),
+                    request_bytes=counter.received,
+                    response_bytes=counter.sent,
                 )
             except Exception:  # telemetry must never fail the application's request
                 _telemetry._log.exception("telemetry: recording a request failed")
 
     return middleware
+
+
+class _Counter:
+    """One request's ``receive`` / ``send``, counting the bodies and taking the status
+    (and adding this workload's exchange headers to the response when due)."""
+
+    __slots__ = ("_exchange", "_receive", "_send", "received", "sent", "status")
+
+    def __init__(self, receive: Receive, send: Send, exchange: tuple[Any, ...]) -> None:
+        self._receive = receive
+        self._send = send
+        self._exchange = exchange
+        self.status = 500
+        self.received = 0
+        self.sent = 0
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message.get("type") == "http.request":
+            self.received += len(message.get("body", b""))
+        return message
+
+    async def send(self, message: Message) -> None:
+        kind = message.get("type")
+        if kind == "http.response.body":
+            self.sent += len(message.get("body", b""))
+        elif kind == "http.response.start":
+            self.status = int(message.get("status", 500))
+            if self._exchange:
+                message = {**message, "headers": [*message.get("headers", ()), *self._exchange]}
+        await self._send(message)

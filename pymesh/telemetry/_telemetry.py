@@ -414,10 +414,8 @@ class Telemetry:
                 token = otel_context.attach(trace.set_span_in_context(span, parent_ctx))
             else:  # the caller's trace id (or a new one) under a span id of our own
                 trace_id = ids[0] if ids is not None else rng.getrandbits(128) or 1
-                child = SpanContext(
-                    trace_id, rng.getrandbits(64) or 1, is_remote=False, trace_flags=_NOT_SAMPLED
-                )
-                token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(child)))
+                child = _UnsampledSpan(trace_id, rng.getrandbits(64) or 1)
+                token = otel_context.attach(otel_context.set_value(_SPAN_KEY, child))
         return ServerCall(self, protocol, method, authority, path, span, token, get_header)
 
     def _server_series(  # noqa: PLR0917 - hot path, internal
@@ -1152,6 +1150,29 @@ class ServerCall:
                 item,
             )
         )
+
+
+class _UnsampledSpan(NonRecordingSpan):
+    """The current span of an unsampled inbound request: a ``NonRecordingSpan`` whose
+    ``SpanContext`` (the caller's trace id, our span id, not sampled) is built when first
+    read (an outbound call or an application span continuing the trace), not per request."""
+
+    def __init__(self, trace_id: int, span_id: int) -> None:
+        self._ids = (trace_id, span_id)
+        self._made: SpanContext | None = None
+
+    @property
+    def _context(self) -> SpanContext:  # type: ignore[override]
+        return self.get_span_context()
+
+    def get_span_context(self) -> SpanContext:
+        made = self._made
+        if made is None:
+            trace_id, span_id = self._ids
+            made = self._made = SpanContext(
+                trace_id, span_id, is_remote=False, trace_flags=_NOT_SAMPLED
+            )
+        return made
 
 
 def _trace_id(span: Any) -> str | None:

@@ -572,3 +572,36 @@ def test_one_record_per_request_read_right_after_and_full_queue() -> None:
         assert text.count('response_code="503"') >= 2
     finally:
         tel.close()
+
+
+def test_unsampled_server_request_continues_the_callers_trace() -> None:
+    """An unsampled inbound request makes no span, yet its current span (built lazily)
+    carries the caller's trace id, not sampled: the handler's outbound calls continue it."""
+    from opentelemetry import trace
+
+    tel = telemetry.Telemetry(rng=random.Random(3))
+    try:
+        inbound = {"traceparent": f"00-{TRACE}-{SPAN}-00"}
+        srv = tel.server_call(
+            protocol="http", method="GET", authority="a", path="/", get_header=inbound.get
+        )
+        assert srv.span is None
+        ctx = trace.get_current_span().get_span_context()
+        assert (f"{ctx.trace_id:032x}", ctx.trace_flags.sampled, ctx.is_remote) == (
+            TRACE,
+            False,
+            False,
+        )
+        assert ctx.is_valid and f"{ctx.span_id:016x}" != SPAN  # a span id of our own
+        sent: dict[str, str] = {}
+        call = tel.client_call(
+            protocol="http", method="GET", authority="b", path="/", set_header=sent.__setitem__
+        )
+        assert sent["traceparent"].startswith(f"00-{TRACE}-") and sent["traceparent"].endswith(
+            "-00"
+        )
+        call.finish(None, status=200)
+        srv.finish(status=200)
+        assert not trace.get_current_span().get_span_context().is_valid  # restored
+    finally:
+        tel.close()
