@@ -46,6 +46,22 @@ from grpc_bench import HOST, MESH, METHOD, PORT, aio_round, sync_round
 from telemetry_bench import make_telemetry
 
 from pymesh import telemetry
+from pymesh.telemetry import _grpc
+
+ASK_EVERY_CALL = "on, ask every call"
+"""Variant: "on" with the exchange asking the server on every call (before 2698cad)."""
+LEARNED_FOR = _grpc.LEARNED_FOR
+
+
+def use(name: str, tel: telemetry.Telemetry | None) -> None:
+    """Install variant ``name``'s telemetry (``None``: off)."""
+    _grpc.LEARNED_FOR = 0.0 if name == ASK_EVERY_CALL else LEARNED_FOR
+    _grpc._LEARNED.clear()
+    if tel is None:
+        telemetry.uninstall()
+    else:
+        telemetry.install(tel)
+
 
 BACKEND = textwrap.dedent(
     """
@@ -142,7 +158,11 @@ def summarize(title: str, rounds: Rounds) -> list[str]:
 
 
 def variants(xds: Any, log: Any, parts: bool) -> dict[str, telemetry.Telemetry | None]:
-    out: dict[str, telemetry.Telemetry | None] = {"off": None, "on": make_telemetry(xds, log)}
+    out: dict[str, telemetry.Telemetry | None] = {
+        "off": None,
+        "on": make_telemetry(xds, log),
+        ASK_EVERY_CALL: make_telemetry(xds, log),
+    }
     if parts:
 
         def part(**kw: Any) -> telemetry.Telemetry:
@@ -206,10 +226,7 @@ def client_side(args: argparse.Namespace, tmp: Path) -> list[str]:
         out: Rounds = {name: ([], []) for name in tels}
         for _ in range(args.rounds):
             for name, tel in tels.items():
-                if tel is None:
-                    telemetry.uninstall()
-                else:
-                    telemetry.install(tel)
+                use(name, tel)
                 cpu = time.process_time()
                 rate, _, _ = one()
                 n = args.calls
@@ -222,8 +239,8 @@ def client_side(args: argparse.Namespace, tmp: Path) -> list[str]:
     try:
         channel = pymesh.grpc.insecure_channel(target, xds_client=xds)
         call = channel.unary_unary(METHOD, None, None)
-        for tel in tels.values():  # warm up each variant (config, connection, caches)
-            telemetry.install(tel) if tel is not None else telemetry.uninstall()
+        for name, tel in tels.items():  # warm up each variant (config, connection, caches)
+            use(name, tel)
             for _ in range(300):
                 call(b"hi", timeout=20)
         rounds = run(lambda: sync_round(call, args.calls))
@@ -233,17 +250,14 @@ def client_side(args: argparse.Namespace, tmp: Path) -> list[str]:
         async def aio_main() -> Rounds:
             achannel = pymesh.grpc.aio.insecure_channel(target, xds_client=xds)
             acall = achannel.unary_unary(METHOD, None, None)
-            for tel in tels.values():
-                telemetry.install(tel) if tel is not None else telemetry.uninstall()
+            for name, tel in tels.items():
+                use(name, tel)
                 for _ in range(300):
                     await acall(b"hi", timeout=20)
             out: Rounds = {name: ([], []) for name in tels}
             for _ in range(args.rounds):
                 for name, tel in tels.items():
-                    if tel is None:
-                        telemetry.uninstall()
-                    else:
-                        telemetry.install(tel)
+                    use(name, tel)
                     cpu = time.process_time()
                     rate, _, _ = await aio_round(acall, args.calls, args.concurrency)
                     n = (args.calls // args.concurrency) * args.concurrency
@@ -308,26 +322,31 @@ def server_side(args: argparse.Namespace, tmp: Path) -> list[str]:
             procs[name] = (proc, port)
         for proc, _ in procs.values():
             assert proc.stdout is not None and proc.stdout.readline().strip() == "serving"
-        # A mesh caller: its exchange metadata, so the "on" server reads and answers it.
-        md = (
-            ("x-envoy-peer-metadata-id", "sidecar~127.0.0.1~client-0.default~default.svc"),
-            ("baggage", "k8s.namespace.name=default,k8s.deployment.name=client,service.name=c"),
-        )
+        # A mesh caller's exchange: with its id the "on" server answers (a caller asking
+        # every call, as Envoy's sidecar); without it, as a pymesh client once it learned
+        # the endpoint's workload, the server reads the caller but does not answer.
+        told = (("baggage", "k8s.namespace.name=default,k8s.deployment.name=client"),)
+        asking = (("x-envoy-peer-metadata-id", "sidecar~127.0.0.1~client-0.default~svc"), *told)
         channels = {n: grpc.insecure_channel(f"127.0.0.1:{p}") for n, (_, p) in procs.items()}
         calls = {n: c.unary_unary(METHOD, None, None) for n, c in channels.items()}
+        plan = {  # variant: (server, caller's metadata)
+            "off": ("off", asking),
+            "on": ("on", told),
+            "on, asked": ("on", asking),
+        }
 
-        def call_with(c: Any) -> Callable[..., Any]:
+        def call_with(c: Any, md: Any) -> Callable[..., Any]:
             return lambda req, timeout: c(req, timeout=timeout, metadata=md)
 
         for c in calls.values():
             for _ in range(300):
-                c(b"hi", timeout=20, metadata=md)
-        rounds: Rounds = {n: ([], []) for n in calls}
+                c(b"hi", timeout=20, metadata=asking)
+        rounds: Rounds = {n: ([], []) for n in plan}
         for _ in range(args.rounds):
-            for name, c in calls.items():
-                pid = procs[name][0].pid
+            for name, (server, md) in plan.items():
+                pid = procs[server][0].pid
                 before = _cpu_of(pid)
-                rate, _, _ = sync_round(call_with(c), args.calls)
+                rate, _, _ = sync_round(call_with(calls[server], md), args.calls)
                 rounds[name][0].append(rate)
                 rounds[name][1].append((_cpu_of(pid) - before) / args.calls)
         for ch in channels.values():
