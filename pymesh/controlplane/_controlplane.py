@@ -12,7 +12,6 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from pymesh.controlplane.ca import CertificateAuthority, add_ca_service, lazy_authority
 from pymesh.controlplane.server._admin import AdminServer
@@ -207,7 +206,7 @@ class ControlPlane:
                 ("grpc.http2.max_ping_strikes", 0),
             ]
         )
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServicer(self.hub), server)
+        AdsServicer(self.hub).add_to_server(server)
         if self._ca is not None:
             add_ca_service(server, self._ca, aio=True)
         try:

@@ -25,11 +25,39 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 _EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009 (missing from the stubs)
 
 
+_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+
+def _as_is(data: bytes) -> bytes:
+    """The response serializer: the hub hands over responses already encoded."""
+    return data
+
+
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     """``envoy.service.discovery.v3.AggregatedDiscoveryService`` over a :class:`Hub`."""
 
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Serve on ``server`` (as the generated ``add_..._to_server`` does, except that
+        responses are written as the wire bytes the hub encoded)."""
+        handlers = {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.StreamAggregatedResources,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=_as_is,
+            ),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                self.DeltaAggregatedResources,
+                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=_as_is,
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+        register = getattr(server, "add_registered_method_handlers", None)
+        if register is not None:
+            register(_SERVICE, handlers)
 
     async def StreamAggregatedResources(self, request_iterator: object, context: _Context) -> None:
         await self._serve(context, delta=False)

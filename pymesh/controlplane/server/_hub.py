@@ -83,7 +83,8 @@ class Connection:
     delta: bool
     connected_at: float
     stream: AdsStream
-    queue: asyncio.Queue[Message | Close | None] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[bytes | Close | None] = field(default_factory=asyncio.Queue)
+    """What the stream's writer sends: encoded responses (wire bytes), or how to end."""
     node: Any = None
     node_id: str = ""
     generator_name: str = ""
@@ -159,8 +160,8 @@ class Hub:
         self._gc_holds = 0
         """Whether :meth:`run` watches the files with inotify (where available) on top of
         polling."""
-        self._packed: dict[int, tuple[Message, Any, str]] = {}
-        self._packed_prev: dict[int, tuple[Message, Any, str]] = {}
+        self._packed: dict[int, tuple[Message, bytes, str]] = {}
+        self._packed_prev: dict[int, tuple[Message, bytes, str]] = {}
         self._last_push_started: float | None = None
         self._pushed_serial: int | None = None
         self._swept_groups: tuple[object, ...] | None = None
@@ -492,8 +493,8 @@ class Hub:
                 self._wake.set()  # re-plan the loop's wake-up for the grace expiry
         log.info("ADS stream closed: %s (%s)", conn.node_id or "?", conn.peer)
 
-    def handle(self, conn: Connection, req: Request, node_proto: Any) -> list[Message]:
-        """Process one request; return the responses to write (already encoded)."""
+    def handle(self, conn: Connection, req: Request, node_proto: Any) -> list[bytes]:
+        """Process one request; return the responses to write (encoded: wire bytes)."""
         now = self.clock()
         if conn.node is None:
             if node_proto is None:
@@ -612,7 +613,7 @@ class Hub:
             out.append(Resource(name, hit[2], hit[1]))
         return out
 
-    def _encode(self, conn: Connection, resp: Response) -> Message:
+    def _encode(self, conn: Connection, resp: Response) -> bytes:
         self.metrics.inc("pilot_xds_pushes", type=_abbrev(resp.type_url))
         return encode(resp, delta=conn.delta)
 

@@ -81,7 +81,8 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Resource:
-    """One resource ready to send: ``payload`` is the driver's (a packed ``Any``)."""
+    """One resource ready to send: ``payload`` is the driver's (the packed ``Any`` as wire
+    bytes, see ``_wire.pack``)."""
 
     name: str
     version: str
