@@ -88,6 +88,20 @@ _current: Telemetry | None = None
 _install_lock = threading.Lock()
 
 
+def _context_reader() -> Callable[[], Mapping[str, Any]]:
+    """The current OpenTelemetry context in one call: the SDK's contextvars runtime
+    context's variable when it is the one in use (the default), else the public API."""
+    var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
+    if isinstance(var, contextvars.ContextVar):
+        get: Callable[[], Mapping[str, Any]] = var.get
+        if get() is otel_context.get_current():
+            return get
+    return otel_context.get_current
+
+
+_current_context = _context_reader()
+
+
 def current() -> Telemetry | None:
     """The installed process-wide :class:`Telemetry`, or ``None`` (telemetry off)."""
     return _current
@@ -192,6 +206,8 @@ class Telemetry:
         self.peer_exchange = peer_exchange
         self._peers = PeerDecoder()
         self.requests = RequestMetrics(drain=self._writer.flush)
+        self._pending = self._writer._pending
+        self._max_pending = self._writer._max
         self._label_cache: dict[tuple[Any, ...], tuple[object, _Series]] = {}
         self._peer_cache: dict[int, tuple[object, Workload]] = {}
         self._counters_lock = threading.Lock()
@@ -286,8 +302,8 @@ class Telemetry:
         (``call.span``) and its context.
         Not sampled (the usual case at 1%): no span object at all, the ids from one draw of
         random bits (or the current trace's id) and the flag off, so downstream agrees."""
-        span = otel_context.get_value(_SPAN_KEY)
-        parent = span.get_span_context() if span is not None else None  # type: ignore[attr-defined]
+        span = _current_context().get(_SPAN_KEY)
+        parent = span.get_span_context() if span is not None else None
         if parent is not None and parent.is_valid:
             sampled = parent.trace_flags.sampled
         else:
@@ -302,7 +318,8 @@ class Telemetry:
             return tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in out)
         rng = self._rng
         if parent is None:
-            ids = rng.randbytes(24).hex()  # trace id (32 hex digits) then span id (16)
+            # trace id (32 hex digits) then span id (16): random.randbytes(24)'s bytes
+            ids = rng.getrandbits(192).to_bytes(24, "little").hex()
             if ids.startswith(_ZERO_TRACE) or ids.endswith(_ZERO_SPAN):  # all-zero: invalid
                 ids = f"{int(ids[:32], 16) or 1:032x}{int(ids[32:], 16) or 1:016x}"
         else:
@@ -488,7 +505,10 @@ class Telemetry:
         """The request path's one step per finished request: ``record`` (see
         :meth:`_apply`) to the writer's bounded queue. A full queue never blocks: the
         metrics are counted here and then, and the access log line is dropped (counted)."""
-        if not self._writer.offer(record):
+        pending = self._pending
+        if len(pending) < self._max_pending and self._writer._thread is not None:
+            pending.append(record)  # the usual case: one append
+        elif not self._writer.offer(record):
             if record[14] is not None:
                 self._writer.dropped += 1
             self._apply((*record[:14], None))
@@ -940,13 +960,14 @@ class ClientCall:
         upstream = host.key if host is not None else None
         item: Any = None
         if log and tel._text and span is None:  # the writer thread formats the line
+            path, authority = self._path, self._authority  # set by outbound() on HTTP
             item = (  # strings, numbers and their tuples: the collector untracks it
                 self.start,
                 self.method,
-                self.path,
+                path if path is not None else self.path,
                 "HTTP/2" if self.protocol == "grpc" else "HTTP/1.1",
                 status,
-                _flags_text(flags),
+                ",".join(flags) if flags else "-",
                 request_bytes,
                 response_bytes,
                 int(duration * 1000),
@@ -954,7 +975,7 @@ class ClientCall:
                 None,
                 user_agent,
                 request_id,
-                self.authority,
+                authority if authority is not None else self.authority,
                 upstream,
                 # the upstream request's header items: the writer finds the user agent
                 # and request id there (only when not given)

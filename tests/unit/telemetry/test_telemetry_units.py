@@ -547,7 +547,7 @@ def test_one_record_per_request_read_right_after_and_full_queue() -> None:
     lines: list[str] = []
     tel = telemetry.Telemetry(access_log="full", access_log_sink=lines.append, tracing=False)
     tel._writer._interval = 3600.0  # the thread never flushes within the test
-    tel._writer._max = 2
+    tel._writer._max = tel._max_pending = 2
     try:
         for status in (200, 404, 503):  # the third finds the queue full
             call = tel.client_call(
