@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from pymesh.core.flow import CallResult
@@ -24,7 +25,6 @@ H = TypeVar("H")
 
 _OK = 0
 _UNKNOWN = 2
-_UNSET: Any = object()
 
 
 def _size(message: Any) -> int:
@@ -325,29 +325,43 @@ def grpc_server_handler(
 # --------------------------------------------------------------------------- client
 
 
+class _Outbound:
+    """What the attempts of one traced call share with the channel (through
+    :data:`_OUTBOUND`): the trace context headers (bytes, as grpcio takes them too) and
+    whether an attempt asked the server for its metadata."""
+
+    __slots__ = ("asked", "call", "trace")
+
+    def __init__(self, call: Any, trace: tuple[tuple[bytes, bytes], ...]) -> None:
+        self.call = call
+        self.trace = trace
+        self.asked = False
+
+
+_OUTBOUND: ContextVar[_Outbound | None] = ContextVar("pymesh_grpc_outbound", default=None)
+"""The traced call running in this context (set by :func:`grpc_client_telemetry` around
+the channel's call: same thread for sync calls, same task for grpc.aio)."""
+
+
 def _client_start(spec: Any, channel: Any, args: list[Any], metadata_index: int) -> Any:
-    """The telemetry call of an outbound RPC, or ``None`` (telemetry off). Its trace
-    context goes into the call's metadata (argument ``metadata_index``); the metadata
-    exchange does not: it depends on the cluster, and the channel appends it per attempt
-    (:func:`grpc_attempt_exchange`). Exchange metadata the application set itself is
-    dropped (ours, or none outside the mesh, replaces it), as the httpx side does."""
-    tel = _telemetry.current()
+    """The telemetry of an outbound RPC, or ``None`` (telemetry off). Its trace context
+    and the metadata exchange go per attempt, not into the call's metadata (argument
+    ``metadata_index``): as Envoy's router injects them into each upstream request, and
+    so the flow sees the application's request as it is (a call without metadata keeps
+    its fast path). Exchange metadata the application set itself is dropped (ours, or
+    none outside the mesh, replaces it), as the httpx side does."""
+    tel = _telemetry._current
     if tel is None:
         return None
     metadata = args[metadata_index]
     if metadata and tel.exchange_metadata:
         own = hide_exchange(metadata)
         if own is not None:
-            metadata = args[metadata_index] = own
+            args[metadata_index] = own
     mesh = getattr(channel, "_mesh", None)
     authority = getattr(mesh, "authority", "") or ""
     call = _telemetry.ClientCall(tel, "grpc", "POST", authority, spec.method, None)
-    if tel.tracing:
-        trace = tuple(
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in tel._trace_headers(call)
-        )
-        args[metadata_index] = (*metadata, *trace) if metadata else trace
-    return call
+    return _Outbound(call, tel._trace_headers(call) if tel.tracing else ())
 
 
 _EXTERNAL: dict[int, tuple[object, bool]] = {}
@@ -359,8 +373,6 @@ _LEARNED: dict[int, tuple[Any, Any, float]] = {}
 """``id(host)`` -> (the host, the workload its server answered with, until when that is
 trusted without asking again)."""
 _MAX_LEARNED = 4096
-_ASKING: dict[int, Any] = {}
-"""``id(host)`` -> the host, while a call asking it for its metadata runs."""
 _clock: Callable[[], float] = time.monotonic
 LEARNED_FOR = 10.0
 """Seconds an endpoint's answered workload is reused before the exchange asks again."""
@@ -368,12 +380,13 @@ _QUIET: tuple[Any, tuple[tuple[str, str], ...]] = (None, ())
 """(telemetry, its exchange metadata without ``x-envoy-peer-metadata-id``)."""
 
 
-def grpc_attempt_exchange(cluster: Any, host: Any = None) -> tuple[tuple[str, str], ...]:
-    """For the gRPC adapters: the metadata exchange to append to one attempt on ``host``
-    of ``cluster`` (a ``ClusterRuntime``): the installed telemetry's ``exchange_metadata``,
-    or ``()`` when telemetry or the exchange is off, or the cluster leads outside the mesh
+def grpc_attempt_exchange(cluster: Any, host: Any = None) -> tuple[tuple[Any, Any], ...]:
+    """For the gRPC adapters: telemetry's metadata for one attempt on ``host`` of
+    ``cluster`` (a ``ClusterRuntime``), to append to the attempt's: the traced call's
+    trace context, then the installed telemetry's metadata exchange, unless the exchange
+    is off or the cluster leads outside the mesh
     (:func:`~pymesh.telemetry._telemetry.mesh_external`, the predicate the httpx side
-    uses). Memoized per cluster config: one dict lookup per attempt.
+    uses; memoized per cluster config). ``()`` when telemetry is off.
 
     While the workload ``host``'s server answered with is known (:data:`LEARNED_FOR`
     seconds), the exchange goes without ``x-envoy-peer-metadata-id``: the server still
@@ -384,9 +397,11 @@ def grpc_attempt_exchange(cluster: Any, host: Any = None) -> tuple[tuple[str, st
     tel = _telemetry._current
     if tel is None:
         return ()
+    out = _OUTBOUND.get()
+    trace = out.trace if out is not None else ()
     exchange = tel.exchange_metadata
     if not exchange:
-        return ()
+        return trace
     config = cluster.config
     found = _EXTERNAL.get(id(config))
     if found is None or found[0] is not config:
@@ -397,15 +412,13 @@ def grpc_attempt_exchange(cluster: Any, host: Any = None) -> tuple[tuple[str, st
             _EXTERNAL.clear()
         _EXTERNAL[id(config)] = found
     if found[1]:
-        return ()
+        return trace
     learned = _LEARNED.get(id(host))
     if learned is not None and learned[0] is host and _clock() < learned[2]:
-        return _quiet(tel, exchange)
-    if host is not None:
-        if len(_ASKING) >= _MAX_LEARNED:
-            _ASKING.clear()
-        _ASKING[id(host)] = host  # an answer to this attempt may be learned
-    return exchange
+        exchange = _quiet(tel, exchange)
+    elif out is not None:
+        out.asked = True  # its answer is read (and hidden from the application)
+    return (*trace, *exchange) if trace else exchange
 
 
 def _quiet(tel: Any, exchange: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
@@ -417,20 +430,24 @@ def _quiet(tel: Any, exchange: tuple[tuple[str, str], ...]) -> tuple[tuple[str, 
     return quiet[1]
 
 
+def _known(host: Any) -> Any:
+    """The workload ``host``'s server answered with, while it is trusted (else ``None``)."""
+    learned = _LEARNED.get(id(host))
+    if learned is not None and learned[0] is host and _clock() < learned[2]:
+        return learned[1]
+    return None
+
+
 def _learn(host: Any, peer: Any) -> Any:
-    """The workload to label a call to ``host`` with: ``peer`` (what its server answered
-    now, remembered for :data:`LEARNED_FOR` seconds), else the one remembered."""
+    """``peer``, what ``host``'s server answered now: remembered for :data:`LEARNED_FOR`
+    seconds (``None``: no answer; what was learned before, if still trusted)."""
     if host is None:
         return peer
     if peer is None:
-        learned = _LEARNED.get(id(host))
-        if learned is not None and learned[0] is host and _clock() < learned[2]:
-            return learned[1]
-        return None
-    if _ASKING.pop(id(host), None) is host:  # only an answer to our asking is learned
-        if len(_LEARNED) >= _MAX_LEARNED:
-            _LEARNED.clear()
-        _LEARNED[id(host)] = (host, peer, _clock() + LEARNED_FOR)
+        return _known(host)
+    if len(_LEARNED) >= _MAX_LEARNED:  # (an answer comes only when asked: rarely)
+        _LEARNED.clear()
+    _LEARNED[id(host)] = (host, peer, _clock() + LEARNED_FOR)
     return peer
 
 
@@ -469,6 +486,16 @@ def _peer_of_metadata(tel: Any, metadata: Any) -> Any:
     return found
 
 
+def _visible(metadata: Any) -> Any:
+    """``metadata`` without the metadata exchange, of the same type (``None``: nothing to
+    hide)."""
+    visible = hide_exchange(metadata)
+    if visible is None:
+        return None
+    from_tuple = getattr(type(metadata), "from_tuple", None)  # grpc.aio.Metadata
+    return from_tuple(visible) if from_tuple is not None else visible
+
+
 def _hide_answer(source: Any, metadata: Any) -> None:
     """Hide the server's metadata exchange in ``source``'s initial metadata from the
     application, as Istio's client sidecar removes it from the response (it was read
@@ -476,18 +503,16 @@ def _hide_answer(source: Any, metadata: Any) -> None:
     their errors: ``_state.initial_metadata``; a ``grpc.aio`` error:
     ``_initial_metadata``); a ``grpc.aio`` call answers ``initial_metadata()`` from its
     core each time, so the method is shadowed on that call object."""
-    visible = hide_exchange(metadata)
-    if visible is None:
+    value = _visible(metadata)
+    if value is None:
         return
-    from_tuple = getattr(type(metadata), "from_tuple", None)  # grpc.aio.Metadata
-    value = from_tuple(visible) if from_tuple is not None else visible
     try:
         state = getattr(source, "_state", None)
         if state is not None and getattr(state, "initial_metadata", None) is not None:
             state.initial_metadata = value
         elif hasattr(source, "_initial_metadata"):
             source._initial_metadata = value
-        elif from_tuple is not None:
+        elif callable(getattr(source, "initial_metadata", None)):
 
             async def initial_metadata() -> Any:
                 return value
@@ -497,8 +522,34 @@ def _hide_answer(source: Any, metadata: Any) -> None:
         pass
 
 
-def _server_peer(call: Any, result: Any, error: Any) -> Any:
-    tel = call.tel
+def _hide_later(result: Any) -> None:
+    """For a grpc.aio call that did not ask for the server's metadata (not read, to save
+    an await per call): its ``initial_metadata()`` hides an exchange all the same, should
+    the server send one unasked, when the application reads it."""
+    response = result.response if result is not None else None
+    if not isinstance(response, tuple) or len(response) != 2:
+        return
+    source = next(
+        (s for s in response if inspect.iscoroutinefunction(getattr(s, "initial_metadata", 0))),
+        None,
+    )
+    if source is None:
+        return
+    original = source.initial_metadata
+
+    async def initial_metadata() -> Any:
+        metadata = await original()
+        value = _visible(metadata)
+        return metadata if value is None else value
+
+    try:
+        source.initial_metadata = initial_metadata
+    except (AttributeError, TypeError):
+        pass
+
+
+def _server_peer(tel: Any, result: Any, error: Any) -> Any:
+    """The workload a sync call's server answered with, hidden from the application."""
     if not tel.peer_exchange:
         return None
     for source in _exchange_sources(result, error):
@@ -511,6 +562,8 @@ def _server_peer(call: Any, result: Any, error: Any) -> Any:
             if close is not None:
                 close()
             continue
+        if not metadata:
+            continue
         peer = _peer_of_metadata(tel, metadata)
         _hide_answer(source, metadata)
         if peer is not None:
@@ -518,8 +571,8 @@ def _server_peer(call: Any, result: Any, error: Any) -> Any:
     return None
 
 
-async def _aserver_peer(call: Any, result: Any, error: Any) -> Any:
-    tel = call.tel
+async def _aserver_peer(tel: Any, result: Any, error: Any) -> Any:
+    """:func:`_server_peer` for grpc.aio calls."""
     if not tel.peer_exchange:
         return None
     for source in _exchange_sources(result, error):
@@ -529,6 +582,8 @@ async def _aserver_peer(call: Any, result: Any, error: Any) -> Any:
                 metadata = await metadata
         except Exception:
             continue
+        if not metadata:
+            continue
         peer = _peer_of_metadata(tel, metadata)
         _hide_answer(source, metadata)
         if peer is not None:
@@ -536,8 +591,12 @@ async def _aserver_peer(call: Any, result: Any, error: Any) -> Any:
     return None
 
 
+def _host_of(result: Any) -> Any:
+    return result.host if result is not None else None
+
+
 def _client_finish(  # noqa: PLR0917 - internal
-    call: Any, spec: Any, request: Any, result: Any, error: Any, peer: Any = _UNSET
+    call: Any, spec: Any, request: Any, result: Any, error: Any, peer: Any
 ) -> None:
     grpc_status = _OK
     if error is not None:
@@ -564,10 +623,7 @@ def _client_finish(  # noqa: PLR0917 - internal
             request_messages=0 if streaming_in else 1,
             response_messages=1 if error is None else 0,
             service=None if result is not None else _host(call.authority),
-            peer=_learn(
-                result.host if result is not None else None,
-                _server_peer(call, result, error) if peer is _UNSET else peer,
-            ),
+            peer=peer,
         )
     except Exception:
         _telemetry._log.exception("telemetry: recording an RPC failed")
@@ -581,42 +637,65 @@ def _host(authority: str) -> str | None:
 
 
 def grpc_client_telemetry(metadata_index: int) -> Callable[[Any], Any]:
-    """Decorates a mesh channel's ``_call(self, spec, request, ...)`` (sync or async):
-    writes the trace headers into the call's metadata (argument ``metadata_index``,
-    ``self`` being 0) and records the call when it returns or raises. For a streaming
-    response the call is recorded when its first message (or its end) arrives."""
+    """Decorates a mesh channel's ``_call(self, spec, request, ...)`` (sync or async;
+    ``metadata_index``: the position of its metadata argument, ``self`` being 0): the call
+    is traced (its attempts get telemetry's metadata from :func:`grpc_attempt_exchange`)
+    and recorded when it returns or raises. For a streaming response the call is recorded
+    when its first message (or its end) arrives."""
 
     def decorate(fn: Any) -> Any:
         if inspect.iscoroutinefunction(fn):
 
             async def acall(*args: Any) -> Any:
                 largs = list(args)
-                call = _client_start(largs[1], largs[0], largs, metadata_index)
-                if call is None:
+                out = _client_start(largs[1], largs[0], largs, metadata_index)
+                if out is None:
                     return await fn(*args)
+                token = _OUTBOUND.set(out)
                 try:
                     response, result = await fn(*largs)
                 except BaseException as exc:
-                    peer = await _aserver_peer(call, None, exc)
-                    _client_finish(call, largs[1], largs[2], None, exc, peer)
+                    _OUTBOUND.reset(token)
+                    tel = out.call.tel
+                    peer = await _aserver_peer(tel, None, exc)
+                    _client_finish(out.call, largs[1], largs[2], None, exc, peer)
                     raise
-                peer = await _aserver_peer(call, result, None)
-                _client_finish(call, largs[1], largs[2], result, None, peer)
+                _OUTBOUND.reset(token)
+                host = _host_of(result)
+                if out.asked:
+                    peer = _learn(host, await _aserver_peer(out.call.tel, result, None))
+                else:
+                    peer = _known(host)
+                    if out.call.tel.peer_exchange:
+                        _hide_later(result)
+                _client_finish(out.call, largs[1], largs[2], result, None, peer)
                 return response, result
 
             return acall
 
         def scall(*args: Any) -> Any:
             largs = list(args)
-            call = _client_start(largs[1], largs[0], largs, metadata_index)
-            if call is None:
+            out = _client_start(largs[1], largs[0], largs, metadata_index)
+            if out is None:
                 return fn(*args)
+            token = _OUTBOUND.set(out)
             try:
                 response, result = fn(*largs)
             except BaseException as exc:
-                _client_finish(call, largs[1], largs[2], None, exc)
+                _OUTBOUND.reset(token)
+                peer = _server_peer(out.call.tel, None, exc)
+                _client_finish(out.call, largs[1], largs[2], None, exc, peer)
                 raise
-            _client_finish(call, largs[1], largs[2], result, None)
+            _OUTBOUND.reset(token)
+            # (read even when not asked: a sync call keeps it, reading is cheap, and an
+            # exchange sent unasked is hidden all the same)
+            peer = _server_peer(out.call.tel, result, None)
+            host = _host_of(result)
+            if out.asked:
+                peer = _learn(host, peer)
+            elif peer is None:
+                peer = _known(host)
+            _client_finish(out.call, largs[1], largs[2], result, None, peer)
             return response, result
 
         return scall
