@@ -286,6 +286,118 @@ def client_side(args: argparse.Namespace, tmp: Path) -> list[str]:
     return lines
 
 
+ISOLATED_CALLS = 10_000
+
+
+def isolated(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """pymesh's own Python per call, the grpcio attempt replaced by a stub answering at
+    once (as ``grpc_bench.py --overhead``), telemetry off vs on: thread CPU, the best of
+    ``--rounds`` interleaved batches each."""
+    import pymesh.grpc
+    import pymesh.grpc.aio
+    from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
+    from pymesh.controlplane import ControlPlane
+    from pymesh.xds.client import XdsClient
+
+    class Call:  # a finished grpcio call (no exchange answer)
+        def initial_metadata(self) -> Any:
+            return ()
+
+    class Stub:
+        def __call__(self, request: Any, **kwargs: Any) -> Any:
+            return b"ok"
+
+        def with_call(self, request: Any, **kwargs: Any) -> Any:
+            return b"ok", Call()
+
+    class Done:
+        def __await__(self) -> Any:
+            return b"ok"
+            yield  # a generator: an awaitable that is done at once
+
+    def astub(request: Any, **kwargs: Any) -> Any:
+        return Done()
+
+    server = subprocess.Popen(
+        [sys.executable, "-c", BACKEND], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert server.stdout is not None and server.stdin is not None
+    backend_port = server.stdout.readline().strip()
+    (tmp / "iso").mkdir()
+    (tmp / "iso" / "echo.yaml").write_text(MESH.replace("BACKEND_PORT", backend_port))
+    cp = ControlPlane([tmp / "iso"], xds_address="127.0.0.1:0", admin_port=None).start()
+    data = generate_bootstrap(
+        xds_address=cp.address, namespace="default", workload="bench", labels={"app": "b"}
+    )
+    xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
+    log = open(tmp / "iso.log", "w")  # noqa: SIM115 - closed below
+    tels = {"off": None, "on": make_telemetry(xds, log)}
+    target = f"xds:///{HOST}:{PORT}"
+    lines = [f"pymesh's Python per call, grpcio stubbed (thread CPU us, best of {args.rounds})"]
+    try:
+        channel = pymesh.grpc.insecure_channel(target, xds_client=xds)
+        call = channel.unary_unary(METHOD, None, None)
+        for _ in range(50):  # config, subchannel, multicallable
+            call(b"hi", timeout=20)
+        spec = call._spec  # type: ignore[attr-defined]
+        stub = Stub()
+        for key in list(spec.mcs):
+            spec.mcs[key] = stub
+
+        def sync_batch() -> float:
+            t = time.thread_time()
+            for _ in range(ISOLATED_CALLS):
+                call(b"hi", timeout=10)
+            return (time.thread_time() - t) / ISOLATED_CALLS
+
+        best = {name: float("inf") for name in tels}
+        for _ in range(args.rounds):
+            for name, tel in tels.items():
+                use(name, tel)
+                best[name] = min(best[name], sync_batch())
+        lines.append(
+            f"sync: off {best['off'] * 1e6:.1f}, on {best['on'] * 1e6:.1f} "
+            f"(+{(best['on'] - best['off']) * 1e6:.1f})"
+        )
+        channel.close()
+
+        async def aio() -> dict[str, float]:
+            achannel = pymesh.grpc.aio.insecure_channel(target, xds_client=xds)
+            acall = achannel.unary_unary(METHOD, None, None)
+            for _ in range(50):
+                await acall(b"hi", timeout=20)
+            aspec = acall._spec  # type: ignore[attr-defined]
+            for key in list(aspec.mcs):
+                aspec.mcs[key] = astub
+            out = {name: float("inf") for name in tels}
+            for _ in range(args.rounds):
+                for name, tel in tels.items():
+                    use(name, tel)
+                    t = time.thread_time()
+                    for _ in range(ISOLATED_CALLS):
+                        await acall(b"hi", timeout=10)
+                    out[name] = min(out[name], (time.thread_time() - t) / ISOLATED_CALLS)
+            await achannel.close(None)
+            return out
+
+        best = asyncio.run(aio())
+        lines.append(
+            f"aio:  off {best['off'] * 1e6:.1f}, on {best['on'] * 1e6:.1f} "
+            f"(+{(best['on'] - best['off']) * 1e6:.1f})"
+        )
+    finally:
+        telemetry.uninstall()
+        for tel in tels.values():
+            if tel is not None:
+                tel.close()
+        log.close()
+        xds.close()
+        cp.stop()
+        server.stdin.close()
+        server.wait(10)
+    return lines
+
+
 def server_side(args: argparse.Namespace, tmp: Path) -> list[str]:
     import grpc
 
@@ -372,10 +484,14 @@ def main() -> None:
     ap.add_argument("--parts", action="store_true", help="also one part of 'on' off at a time")
     ap.add_argument("--server", action="store_true", help="also the server side")
     ap.add_argument("--server-only", action="store_true")
+    ap.add_argument("--isolated", action="store_true", help="only Python per call, stubbed")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         lines: list[str] = []
+        if args.isolated:
+            print("\n".join(isolated(args, tmp)))
+            return
         if not args.server_only:
             lines += client_side(args, tmp)
         if args.server or args.server_only:
