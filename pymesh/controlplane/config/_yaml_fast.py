@@ -131,13 +131,8 @@ def _block(body: list[tuple[int, str]], i: int, indent: int, depth: int) -> tupl
 def _mapping(body: list[tuple[int, str]], i: int, indent: int, depth: int) -> tuple[Any, int]:
     out: dict[str, Any] = {}
     n = len(body)
-    while i < n:
-        ind, content = body[i]
-        if ind < indent:
-            break
-        if ind > indent:
-            raise _Unsupported("indent")
-        if content.startswith("-") and (len(content) == 1 or content[1] == " "):
+    while (content := _at(body, i, indent)) is not None:
+        if _is_entry(content):
             break  # a sequence entry at this indent: not part of this mapping
         key, sep, rest = content.partition(":")
         if not sep or (rest and rest[0] != " "):
@@ -163,15 +158,20 @@ def _is_entry(content: str) -> bool:
     return content.startswith("-") and (len(content) == 1 or content[1] == " ")
 
 
+def _at(body: list[tuple[int, str]], i: int, indent: int) -> str | None:
+    """Line ``i``'s content when it continues the collection at ``indent`` (``None``: the
+    collection ends before it)."""
+    if i >= len(body) or body[i][0] < indent:
+        return None
+    if body[i][0] > indent:
+        raise _Unsupported("indent")
+    return body[i][1]
+
+
 def _sequence(body: list[tuple[int, str]], i: int, indent: int, depth: int) -> tuple[Any, int]:
     out: list[Any] = []
     n = len(body)
-    while i < n:
-        ind, content = body[i]
-        if ind < indent:
-            break
-        if ind > indent:
-            raise _Unsupported("indent")
+    while (content := _at(body, i, indent)) is not None:
         if not _is_entry(content):
             break
         rest = content[1:].lstrip(" ")

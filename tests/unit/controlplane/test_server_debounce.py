@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,15 +51,10 @@ def test_a_file_truncated_by_a_stalled_writer_is_not_applied_empty(tmp_path: Pat
     next push carries. A file left empty is applied once the hold runs out.
     """
     from pymesh.controlplane.server._backend import IstioBackend
-    from pymesh.controlplane.server._hub import Hub
 
-    config = tmp_path / "web.yaml"
-    config.write_text(_service_entry("web"))
     now = [100.0]
-    hub = Hub(IstioBackend(), [config], debounce=0.1, max_debounce=1.0, clock=lambda: now[0])
-    hub.use_inotify = False
-    hub.initial_load()
-    hosts = lambda: sorted(s.hostname for s in hub.base_config.services)  # noqa: E731
+    hub, config = _fake_clock_hub(tmp_path, IstioBackend(), now)
+    hosts = lambda: _hosts(hub)  # noqa: E731
 
     async def rounds_until(t: float) -> None:
         loop = asyncio.get_running_loop()
@@ -85,6 +81,22 @@ def test_a_file_truncated_by_a_stalled_writer_is_not_applied_empty(tmp_path: Pat
     assert hub.version == version + 2 and hosts() == []
 
 
+def _fake_clock_hub(tmp_path: Path, backend: Any, now: list[float]) -> tuple[Any, Path]:
+    """A hub over one config file (service ``web``), on the clock ``now[0]``, loaded."""
+    from pymesh.controlplane.server._hub import Hub
+
+    config = tmp_path / "web.yaml"
+    config.write_text(_service_entry("web"))
+    hub = Hub(backend, [config], debounce=0.1, max_debounce=1.0, clock=lambda: now[0])
+    hub.use_inotify = False
+    hub.initial_load()
+    return hub, config
+
+
+def _hosts(hub: Any) -> list[str]:
+    return sorted(s.hostname for s in hub.base_config.services)
+
+
 def _service_entry(name: str) -> str:
     return (
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n"
@@ -99,7 +111,6 @@ def test_a_changed_file_is_loaded_while_the_debounce_waits(tmp_path: Path) -> No
     """The files are read and validated at the event (a preload); the push still waits for
     the debounce and uses that load. A preload of files that changed since is not used."""
     from pymesh.controlplane.server._backend import IstioBackend, LoadResult
-    from pymesh.controlplane.server._hub import Hub
 
     loads: list[float] = []
 
@@ -108,13 +119,9 @@ def test_a_changed_file_is_loaded_while_the_debounce_waits(tmp_path: Path) -> No
             loads.append(now[0])
             return super().load(paths)  # type: ignore[arg-type]
 
-    config = tmp_path / "web.yaml"
-    config.write_text(_service_entry("web"))
     now = [100.0]
-    hub = Hub(Counting(), [config], debounce=0.1, max_debounce=1.0, clock=lambda: now[0])
-    hub.use_inotify = False
-    hub.initial_load()
-    hosts = lambda: sorted(s.hostname for s in hub.base_config.services)  # noqa: E731
+    hub, config = _fake_clock_hub(tmp_path, Counting(), now)
+    hosts = lambda: _hosts(hub)  # noqa: E731
     version = hub.version
 
     async def scenario() -> None:
