@@ -50,13 +50,13 @@ from pymesh.telemetry import _grpc
 
 ASK_EVERY_CALL = "on, ask every call"
 """Variant: "on" with the exchange asking the server on every call (before 2698cad)."""
-LEARNED_FOR = _grpc.LEARNED_FOR
+LEARNED_FOR = getattr(_grpc, "LEARNED_FOR", 10.0)
 
 
 def use(name: str, tel: telemetry.Telemetry | None) -> None:
     """Install variant ``name``'s telemetry (``None``: off)."""
     _grpc.LEARNED_FOR = 0.0 if name == ASK_EVERY_CALL else LEARNED_FOR
-    _grpc._LEARNED.clear()
+    getattr(_grpc, "_LEARNED", {}).clear()
     if tel is None:
         telemetry.uninstall()
     else:
