@@ -1018,6 +1018,8 @@ class ClientCall:
                 )
         # One record: the metrics (label set, series, buckets) and the line are derived
         # from it off the request path (Telemetry._apply), drained at every read.
+        if item is None and not tel.metrics_enabled:
+            return  # a sampled span alone: nothing to count or write
         tel._queue(
             (
                 False,
@@ -1152,6 +1154,8 @@ class ServerCall:
                     reporter="destination",
                     trace_id=_trace_id(span),
                 )
+        if item is None and not tel.metrics_enabled:
+            return
         tel._queue(
             (
                 True,
