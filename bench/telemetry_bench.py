@@ -337,14 +337,8 @@ def asgi_isolated(tel: telemetry.Telemetry, repeats: int = 30) -> dict[str, floa
         (b"x-request-id", b"9b6c7a3e-3f0e-4a51-9d5c-0d4b5d1f8a77"),
         *caller,
     ]
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/reviews/0",
-        "query_string": b"",
-        "headers": headers,
-        "extensions": {},
-    }
+    scope = {"type": "http", "method": "GET", "path": "/reviews/0", "query_string": b"",
+             "headers": headers, "extensions": {}}  # fmt: skip
     request = {"type": "http.request", "body": b"", "more_body": False}
 
     async def receive() -> Any:
@@ -393,11 +387,9 @@ def main() -> None:
         (mesh_dir / "bench.yaml").write_text(mesh_yaml(port))
         cp = ControlPlane([mesh_dir], xds_address="127.0.0.1:0", admin_port=None).start()
         data = generate_bootstrap(
-            xds_address=cp.address,
-            namespace="default",
-            workload="bench-client",
+            xds_address=cp.address, namespace="default", workload="bench-client",
             labels={"app": "bench-client", "version": "v1"},
-        )
+        )  # fmt: skip
         xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
         log_file = open(tmp / "access.log", "w")  # noqa: SIM115 - closed below
         tel = make_telemetry(xds, log_file)
