@@ -215,6 +215,7 @@ class Run:
             "phase_reload_wait_seconds_mean": mean("load_wait_seconds"),
             "phase_build_seconds_mean": mean("build_seconds"),
             "phase_push_seconds_mean": mean("push_seconds"),
+            "phase_push_loop_cpu_seconds_mean": mean("push_thread_cpu_seconds"),
             "clients_skipped_per_push_mean": round(mean("clients_skipped"), 1),
         }
 

@@ -450,8 +450,10 @@ class Hub:
             self.metrics.inc("pilot_xds_push_errors")
             return
         t2 = time.perf_counter()
+        thread_cpu = time.thread_time()
         await self.push_all()
         t3 = time.perf_counter()
+        thread_cpu = time.thread_time() - thread_cpu
         self.push_cpu_seconds.append(time.process_time() - started)
         del self.push_cpu_seconds[:-100]
         self.last_push = {
@@ -460,6 +462,7 @@ class Hub:
             "load_wait_seconds": round(t1 - t0, 4),
             "build_seconds": round(t2 - t1, 4),
             "push_seconds": round(t3 - t2, 4),
+            "push_thread_cpu_seconds": round(thread_cpu, 4),
             "clients": len(self.connections),
             "clients_skipped": self.last_push_skipped,
         }
