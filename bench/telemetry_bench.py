@@ -94,7 +94,10 @@ def make_variants(xds: XdsClient, log_file: object) -> dict[str, telemetry.Telem
 
     slow = tel()
     slow._writer._interval = 1.0
+    idle = tel()
+    idle._writer._interval = 3600.0  # queued records are counted at the next read only
     return {
+        "writer idle": idle,
         "off": None,
         "on": tel(),
         "no access log": tel(access_log="off"),
@@ -147,6 +150,8 @@ async def ab(
                 else:
                     r = sync_round(client, url, n)
                 up = (process_cpu(upstream_pid) - u0) / n
+                if t is not None:
+                    t.flush_access_log()  # outside the timing: what the round queued
                 rows[name].append(
                     (r[0], r[2] * 1e6, r[3] * 1e6, up * 1e6, (gcs[0] - g0) * 1000 / n)
                 )
@@ -375,6 +380,7 @@ def main() -> None:
     ap.add_argument(
         "--ab", action="store_true", help="on sockets: telemetry with one part off at a time"
     )
+    ap.add_argument("--ab-variants", help="with --ab: only these (comma-separated) and off")
     ap.add_argument(
         "--isolated-only", action="store_true", help="only the in-memory client and ASGI figures"
     )
@@ -398,6 +404,12 @@ def main() -> None:
         try:
             if args.ab:
                 variants = make_variants(xds, log_file)
+                if args.ab_variants:
+                    keep = ["off", *args.ab_variants.split(",")]
+                    for name in [k for k in variants if k not in keep]:
+                        t = variants.pop(name)
+                        if t is not None:
+                            t.close()
                 kw = {
                     "n": args.requests,
                     "rounds": args.rounds,
