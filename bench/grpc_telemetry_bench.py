@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -36,13 +37,13 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from grpc_bench import HOST, MESH, METHOD, PORT, aio_round, sync_round
+from grpc_bench import HOST, MESH, METHOD, PORT, SERVER, aio_round, sync_round
 from telemetry_bench import make_telemetry
 
 from pymesh import telemetry
@@ -63,27 +64,21 @@ def use(name: str, tel: telemetry.Telemetry | None) -> None:
         telemetry.install(tel)
 
 
-BACKEND = textwrap.dedent(
-    """
-    import sys, grpc
-    from concurrent import futures
-    ANSWER = (("x-envoy-peer-metadata-id", "sidecar~127.0.0.1~echo-0.default~default.svc"),
-              ("baggage", "k8s.namespace.name=default,k8s.deployment.name=echo-v1"))
-    def who(request, context):
-        for key, _ in context.invocation_metadata():
-            if key == "x-envoy-peer-metadata-id":
-                context.send_initial_metadata(ANSWER)
-                break
-        return b"ok"
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "echo.Echo", {"Who": grpc.unary_unary_rpc_method_handler(who)}),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    print(port, flush=True)
-    sys.stdin.read()
-    server.stop(None)
-    """
+_WHO = """def who(request, context):
+    return b"ok"
+"""
+assert _WHO in SERVER
+BACKEND = SERVER.replace(
+    _WHO,
+    """ANSWER = (("x-envoy-peer-metadata-id", "sidecar~127.0.0.1~echo-0.default~default.svc"),
+          ("baggage", "k8s.namespace.name=default,k8s.deployment.name=echo-v1"))
+def who(request, context):
+    for key, _ in context.invocation_metadata():
+        if key == "x-envoy-peer-metadata-id":
+            context.send_initial_metadata(ANSWER)
+            break
+    return b"ok"
+""",
 )
 """grpc_bench's backend, answering the metadata exchange (see the module docstring)."""
 
@@ -198,27 +193,9 @@ def client_side(args: argparse.Namespace, tmp: Path) -> list[str]:
 
     import pymesh.grpc
     import pymesh.grpc.aio
-    from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
-    from pymesh.controlplane import ControlPlane
-    from pymesh.xds.client import XdsClient
 
-    server = subprocess.Popen(
-        [sys.executable, "-c", BACKEND], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert server.stdout is not None and server.stdin is not None
-    backend_port = int(server.stdout.readline())
-    (tmp / "mesh").mkdir()
-    (tmp / "mesh" / "echo.yaml").write_text(MESH.replace("BACKEND_PORT", str(backend_port)))
-    cp = ControlPlane([tmp / "mesh"], xds_address="127.0.0.1:0", admin_port=None).start()
-    data = generate_bootstrap(
-        xds_address=cp.address,
-        namespace="default",
-        workload="bench-client",
-        labels={"app": "bench-client", "version": "v1"},
-    )
-    xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
-    log = open(tmp / "access.log", "w")  # noqa: SIM115 - closed below
-    tels = variants(xds, log, args.parts)
+    stack = contextlib.ExitStack()
+    xds, log, tels = stack.enter_context(_bench_mesh(tmp, "client", args.parts))
     target = f"xds:///{HOST}:{PORT}"
     lines: list[str] = []
 
@@ -274,6 +251,40 @@ def client_side(args: argparse.Namespace, tmp: Path) -> list[str]:
             asyncio.run(aio_main()),
         )
     finally:
+        stack.close()
+    return lines
+
+
+@contextlib.contextmanager
+def _bench_mesh(
+    tmp: Path, name: str, parts: bool
+) -> Iterator[tuple[Any, Any, dict[str, telemetry.Telemetry | None]]]:
+    """The backend (a subprocess), the embedded control plane, this workload's xDS client,
+    an access log file and the telemetry variants; all stopped after."""
+    from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
+    from pymesh.controlplane import ControlPlane
+    from pymesh.xds.client import XdsClient
+
+    server = subprocess.Popen(
+        [sys.executable, "-c", BACKEND], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert server.stdout is not None and server.stdin is not None
+    mesh = tmp / f"{name}-mesh"
+    mesh.mkdir()
+    (mesh / "echo.yaml").write_text(MESH.replace("BACKEND_PORT", server.stdout.readline()))
+    cp = ControlPlane([mesh], xds_address="127.0.0.1:0", admin_port=None).start()
+    data = generate_bootstrap(
+        xds_address=cp.address,
+        namespace="default",
+        workload="bench-client",
+        labels={"app": "bench-client", "version": "v1"},
+    )
+    xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
+    log = open(tmp / f"{name}-access.log", "w")  # noqa: SIM115 - closed below
+    tels = variants(xds, log, parts)
+    try:
+        yield xds, log, tels
+    finally:
         telemetry.uninstall()
         for tel in tels.values():
             if tel is not None:
@@ -283,7 +294,6 @@ def client_side(args: argparse.Namespace, tmp: Path) -> list[str]:
         cp.stop()
         server.stdin.close()
         server.wait(10)
-    return lines
 
 
 ISOLATED_CALLS = 10_000
@@ -295,9 +305,6 @@ def isolated(args: argparse.Namespace, tmp: Path) -> list[str]:
     ``--rounds`` interleaved batches each."""
     import pymesh.grpc
     import pymesh.grpc.aio
-    from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
-    from pymesh.controlplane import ControlPlane
-    from pymesh.xds.client import XdsClient
 
     class Call:  # a finished grpcio call (no exchange answer)
         def initial_metadata(self) -> Any:
@@ -318,20 +325,9 @@ def isolated(args: argparse.Namespace, tmp: Path) -> list[str]:
     def astub(request: Any, **kwargs: Any) -> Any:
         return Done()
 
-    server = subprocess.Popen(
-        [sys.executable, "-c", BACKEND], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert server.stdout is not None and server.stdin is not None
-    backend_port = server.stdout.readline().strip()
-    (tmp / "iso").mkdir()
-    (tmp / "iso" / "echo.yaml").write_text(MESH.replace("BACKEND_PORT", backend_port))
-    cp = ControlPlane([tmp / "iso"], xds_address="127.0.0.1:0", admin_port=None).start()
-    data = generate_bootstrap(
-        xds_address=cp.address, namespace="default", workload="bench", labels={"app": "b"}
-    )
-    xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
-    log = open(tmp / "iso.log", "w")  # noqa: SIM115 - closed below
-    tels = {"off": None, "on": make_telemetry(xds, log)}
+    stack = contextlib.ExitStack()
+    xds, _, all_tels = stack.enter_context(_bench_mesh(tmp, "isolated", False))
+    tels = {name: all_tels[name] for name in ("off", "on")}
     target = f"xds:///{HOST}:{PORT}"
     lines = [f"pymesh's Python per call, grpcio stubbed (thread CPU us, best of {args.rounds})"]
     try:
@@ -386,15 +382,7 @@ def isolated(args: argparse.Namespace, tmp: Path) -> list[str]:
             f"(+{(best['on'] - best['off']) * 1e6:.1f})"
         )
     finally:
-        telemetry.uninstall()
-        for tel in tels.values():
-            if tel is not None:
-                tel.close()
-        log.close()
-        xds.close()
-        cp.stop()
-        server.stdin.close()
-        server.wait(10)
+        stack.close()
     return lines
 
 
