@@ -44,7 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from grpc_bench import HOST, MESH, METHOD, PORT, SERVER, aio_round, sync_round
-from telemetry_bench import make_telemetry
+from telemetry_bench import make_telemetry, make_variants
 
 from pymesh import telemetry
 from pymesh.telemetry import _grpc
@@ -90,7 +90,7 @@ MESH_SERVER = textwrap.dedent(
     from pymesh.bootstrap import parse_bootstrap
     from pymesh.xds.client import XdsClient
     sys.path.insert(0, sys.argv[3])
-    from telemetry_bench import make_telemetry
+    from telemetry_bench import make_telemetry, make_variants
     from pymesh import telemetry
     xds = XdsClient(parse_bootstrap(open(sys.argv[1]).read(), source="bench"))
     if sys.argv[2] == "on":
@@ -153,38 +153,20 @@ def summarize(title: str, rounds: Rounds) -> list[str]:
 
 
 def variants(xds: Any, log: Any, parts: bool) -> dict[str, telemetry.Telemetry | None]:
+    """off, on, on asking every call; with ``parts``: telemetry_bench's variants too (one
+    part of "on" off at a time)."""
     out: dict[str, telemetry.Telemetry | None] = {
         "off": None,
         "on": make_telemetry(xds, log),
         ASK_EVERY_CALL: make_telemetry(xds, log),
     }
     if parts:
-
-        def part(**kw: Any) -> telemetry.Telemetry:
-            # make_telemetry's settings with one switch changed
-            from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-            from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
-                InMemorySpanExporter,
-            )
-
-            provider = TracerProvider()
-            provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
-            base: dict[str, Any] = {
-                "node": xds.bootstrap.node,
-                "access_log": "full",
-                "access_log_format": "text",
-                "access_log_sink": lambda line: log.write(line + "\n"),
-                "trace_sampling": 1.0,
-                "tracer_provider": provider,
-            }
-            base.update(kw)
-            return telemetry.Telemetry(**base)
-
-        out["no access log"] = part(access_log="off")
-        out["no trace headers"] = part(tracing=False)
-        out["no exchange"] = part(peer_exchange=False)
-        out["no metrics"] = part(metrics=False)
+        for name, tel in make_variants(xds, log).items():
+            if name in out:
+                if tel is not None:
+                    tel.close()
+            else:
+                out[name] = tel
     return out
 
 
