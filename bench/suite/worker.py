@@ -62,12 +62,17 @@ per second over 16 connections (fortio ``-qps 1000 -c 16``)."""
 
 
 async def timed_rate(
-    call: AsyncCall, n: int, concurrency: int, qps: float = RATE_QPS
+    call: AsyncCall,
+    n: int,
+    concurrency: int,
+    qps: float = RATE_QPS,
+    late: list[float] | None = None,
 ) -> tuple[float, list[float]]:
     """``n`` requests offered at ``qps`` in all over ``concurrency`` connections, as fortio
     paces them: each connection sends every ``concurrency / qps`` s (connections staggered
     evenly), waits for its answer, and sends the next one at its next slot (at once when
-    late). Latency is from the actual send to the answer."""
+    late). Latency is from the actual send to the answer. ``late`` (optional) gets how late
+    each send was against its slot (a stalled event loop shows there)."""
     clock = time.perf_counter
     lat: list[float] = []
     interval = concurrency / qps
@@ -81,6 +86,8 @@ async def timed_rate(
             if wait > 0:
                 await asyncio.sleep(wait)
             t = clock()
+            if late is not None:
+                late.append(max(0.0, t - due))
             await call()
             lat.append(clock() - t)
             due += interval
