@@ -90,27 +90,11 @@ class _GcStats:
 
 
 async def _rate(call: Callable[[], Awaitable[Any]], n: int) -> tuple[list[float], list[float]]:
-    """``timed_rate``'s shape, also recording how late the loop woke for each due send."""
-    clock = time.perf_counter
-    lat: list[float] = []
+    """The suite's ``timed_rate`` (latencies), also recording how late each send was."""
+    from bench.suite.worker import timed_rate
+
     late: list[float] = []
-    interval = CONCURRENCY / QPS
-    per = [n // CONCURRENCY + (1 if i < n % CONCURRENCY else 0) for i in range(CONCURRENCY)]
-    start = clock()
-
-    async def worker(i: int) -> None:
-        due = start + i * interval / CONCURRENCY
-        for _ in range(per[i]):
-            wait = due - clock()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            t = clock()
-            late.append(max(0.0, t - due))
-            await call()
-            lat.append(clock() - t)
-            due += interval
-
-    await asyncio.gather(*(worker(i) for i in range(CONCURRENCY)))
+    _, lat = await timed_rate(call, n, CONCURRENCY, QPS, late)
     return lat, late
 
 
@@ -327,7 +311,7 @@ def _report(rounds: dict[str, list[dict[str, Any]]], calls: int) -> None:
         "differences to grpcio)"
     )
     header = f"{'variant':10}" + "".join(f"{q:>8}" for q, _ in QS)
-    header += "".join(f"{'+' + q:>8}" for q, _ in QS) + f"{'cpu us':>8}{'main us':>8}"
+    header += "".join(f"{'+' + q:>9}" for q, _ in QS) + f"{'cpu us':>8}{'main us':>8}"
     header += f"{'late99':>8}{'late999':>8}"
     print(header)
     for name, rs in rounds.items():
@@ -336,10 +320,10 @@ def _report(rounds: dict[str, list[dict[str, Any]]], calls: int) -> None:
             line += f"{med(_pct(r['lat'], q) for r in rs) * 1e3:8.3f}"
         for _, q in QS:
             if base is None:
-                line += f"{'':>8}"
+                line += f"{'':>9}"
                 continue
             diffs = [_pct(r["lat"], q) - _pct(b["lat"], q) for r, b in zip(rs, base, strict=True)]
-            line += f"{med(diffs) * 1e3:+8.3f}"
+            line += f" {med(diffs) * 1e3:+8.3f}"
         line += f"{med(r['cpu'] / calls for r in rs) * 1e6:8.0f}"
         line += f"{med(r['main_cpu'] / calls for r in rs) * 1e6:8.0f}"
         line += f"{med(_pct(r['late'], 0.99) for r in rs) * 1e3:8.3f}"
