@@ -1,10 +1,19 @@
-"""gRPC server hooks: wrap an ``RpcMethodHandler`` so every RPC is reported (duck-typed:
-no grpcio import here; the adapters hand their handlers in).
+"""gRPC telemetry hooks for the mesh's servers and channels (duck-typed: no grpcio import
+here; the adapters hand their handlers and calls in).
 
-The wrapper is the outermost layer of the server's stack, so the server span is current
-while the inbound policy and the application run, and an RPC refused by policy (an abort)
-is reported with its status like any other. ``response_code`` is 200 (gRPC over HTTP/2),
-``grpc_response_status`` the numeric status, as Istio reports gRPC.
+Server: :func:`grpc_server_handler` wraps an ``RpcMethodHandler`` so every RPC is
+reported. The wrapper is the outermost layer of the server's stack, so the server span is
+current while the inbound policy and the application run, and an RPC refused by policy (an
+abort) is reported with its status like any other. ``response_code`` is 200 (gRPC over
+HTTP/2), ``grpc_response_status`` the numeric status, as Istio reports gRPC. The caller's
+metadata exchange is read into ``source_*`` and hidden from the handler and the
+application's interceptors (:func:`grpc_server_details`); a caller that sent
+``x-envoy-peer-metadata-id`` is answered with ours in the initial metadata.
+
+Client: :func:`grpc_client_telemetry` decorates a channel's call; each attempt appends
+:func:`grpc_attempt_exchange` (the trace context, then the exchange: only inside the mesh,
+and asking an endpoint for its metadata only until it answered). The server's answer is
+read into ``destination_*`` and hidden from the application's ``initial_metadata()``.
 """
 
 from __future__ import annotations
