@@ -30,6 +30,7 @@ PROGRAM = textwrap.dedent(
     async def app(scope, receive, send):
         if scope["type"] == "http":
             if scope["path"] == "/slow":
+                open(sys.argv[2], "w").close()  # the test signals once the request is here
                 await asyncio.sleep(1.0)
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"served"})
@@ -60,12 +61,13 @@ def test_serve_blocks_and_stops_on_sigterm(mesh: Mesh, tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = tmp_path / "serve.py"
+    arrived = tmp_path / "slow-arrived"
     script.write_text(PROGRAM)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_XDS_BOOTSTRAP")}
     env["GRPC_XDS_BOOTSTRAP"] = str(bootstrap)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[3])
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(port)],
+        [sys.executable, str(script), str(port), str(arrived)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -94,7 +96,10 @@ def test_serve_blocks_and_stops_on_sigterm(mesh: Mesh, tmp_path: Path) -> None:
 
         thread = threading.Thread(target=in_flight)
         thread.start()
-        time.sleep(0.4)  # the request is in the app
+        deadline = time.monotonic() + 20
+        while not arrived.exists():  # the request is in the app (no fixed sleep: CI is slow)
+            assert time.monotonic() < deadline, "the slow request never reached the app"
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=20)
         thread.join(10)
