@@ -15,7 +15,7 @@ import ipaddress
 from collections.abc import Sequence
 
 from envoy.config.core.v3 import health_check_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 
 from pymesh.controlplane.config import Endpoint, MeshConfig, ProxyNode, ServiceSpec, labels_match
 from pymesh.controlplane.config._types import LocalityLb
@@ -135,14 +135,11 @@ def build_load_assignment(  # noqa: PLR0917
         le.load_balancing_weight.value = weight  # 0 only from distribute: dropped below
         for e in sorted(members, key=lambda x: (x.address, x.port)):
             lbe = le.lb_endpoints.add()
+            # Health, weight and metadata from a serialized template (few distinct ones).
+            lbe.MergeFromString(_lb_template(e.health, max(1, e.weight), _istio_workload(e)))
             sa = lbe.endpoint.address.socket_address
             sa.address = e.address
             sa.port_value = e.port
-            lbe.health_status = _HEALTH.get(e.health, health_check_pb2.HEALTHY)
-            lbe.load_balancing_weight.value = max(1, e.weight)
-            workload = _istio_workload(e)
-            if workload:  # Istio's EDS metadata: what telemetry's destination_* labels read
-                lbe.metadata.filter_metadata["istio"].fields["workload"].string_value = workload
     if lb is not None and lb.enabled and lb.distribute:
         # Localities whose distribute weight is 0 would make Envoy reject the assignment.
         kept = [le for le in cla.endpoints if le.load_balancing_weight.value > 0]
@@ -158,6 +155,19 @@ def _normalize_priorities(cla: endpoint_pb2.ClusterLoadAssignment) -> None:
     remap = {p: i for i, p in enumerate(used)}
     for le in cla.endpoints:
         le.priority = remap[le.priority]
+
+
+@functools.lru_cache(maxsize=4096)
+def _lb_template(health: str, weight: int, workload: str) -> bytes:
+    """The serialized part of an ``LbEndpoint`` that is not its address: health status,
+    load balancing weight and Istio's ``istio.workload`` metadata (when there is one)."""
+    lbe = endpoint_components_pb2.LbEndpoint()
+    lbe.health_status = _HEALTH.get(health, health_check_pb2.HEALTHY)
+    lbe.load_balancing_weight.value = weight
+    if workload:  # Istio's EDS metadata: what telemetry's destination_* labels read
+        lbe.metadata.filter_metadata["istio"].fields["workload"].string_value = workload
+    data: bytes = lbe.SerializeToString()
+    return data
 
 
 @functools.lru_cache(maxsize=65536)
