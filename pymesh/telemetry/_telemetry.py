@@ -88,18 +88,21 @@ _current: Telemetry | None = None
 _install_lock = threading.Lock()
 
 
-def _context_reader() -> Callable[[], Mapping[str, Any]]:
-    """The current OpenTelemetry context in one call: the SDK's contextvars runtime
-    context's variable when it is the one in use (the default), else the public API."""
+def _context_var() -> contextvars.ContextVar[Any] | None:
+    """The variable holding the current OpenTelemetry context: the API's contextvars
+    runtime context's, when it is the one in use (the default); ``None`` otherwise (then
+    the public ``get_current`` / ``attach`` / ``detach`` are used)."""
     var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
-    if isinstance(var, contextvars.ContextVar):
-        get: Callable[[], Mapping[str, Any]] = var.get
-        if get() is otel_context.get_current():
-            return get
-    return otel_context.get_current
+    if isinstance(var, contextvars.ContextVar) and var.get() is otel_context.get_current():
+        return var
+    return None
 
 
-_current_context = _context_reader()
+_CONTEXT_VAR = _context_var()
+_current_context: Callable[[], Mapping[str, Any]] = (
+    _CONTEXT_VAR.get if _CONTEXT_VAR is not None else otel_context.get_current
+)
+"""The current OpenTelemetry context in one call."""
 
 
 def current() -> Telemetry | None:
@@ -432,7 +435,11 @@ class Telemetry:
             else:  # the caller's trace id (or a new one) under a span id of our own
                 trace_id = ids[0] if ids is not None else rng.getrandbits(128) or 1
                 child = _UnsampledSpan(trace_id, rng.getrandbits(64) or 1)
-                token = otel_context.attach(otel_context.set_value(_SPAN_KEY, child))
+                if _CONTEXT_VAR is not None:  # otel_context.set_value + attach, one copy
+                    made = otel_context.Context({**_CONTEXT_VAR.get(), _SPAN_KEY: child})
+                    token = _CONTEXT_VAR.set(made)
+                else:
+                    token = otel_context.attach(otel_context.set_value(_SPAN_KEY, child))
         return ServerCall(self, protocol, method, authority, path, span, token, get_header)
 
     def _server_series(  # noqa: PLR0917 - hot path, internal
@@ -1100,7 +1107,10 @@ class ServerCall:
         duration = time.perf_counter() - self.t0
         if self.token is not None:
             try:
-                otel_context.detach(self.token)
+                if _CONTEXT_VAR is not None:
+                    _CONTEXT_VAR.reset(self.token)
+                else:
+                    otel_context.detach(self.token)
             except Exception:  # finished from another context: nothing to restore there
                 pass
             self.token = None
