@@ -531,6 +531,19 @@ def _hide_answer(source: Any, metadata: Any) -> None:
         pass
 
 
+_ASYNC_TYPES: dict[type, bool] = {}
+
+
+def _async_initial_metadata(kind: type) -> bool:
+    """Whether objects of ``kind`` have an ``async def initial_metadata`` (memoized)."""
+    found = _ASYNC_TYPES.get(kind)
+    if found is None:
+        found = _ASYNC_TYPES[kind] = inspect.iscoroutinefunction(
+            getattr(kind, "initial_metadata", None)
+        )
+    return found
+
+
 def _hide_later(result: Any) -> None:
     """For a grpc.aio call that did not ask for the server's metadata (not read, to save
     an await per call): its ``initial_metadata()`` hides an exchange all the same, should
@@ -538,10 +551,7 @@ def _hide_later(result: Any) -> None:
     response = result.response if result is not None else None
     if not isinstance(response, tuple) or len(response) != 2:
         return
-    source = next(
-        (s for s in response if inspect.iscoroutinefunction(getattr(s, "initial_metadata", 0))),
-        None,
-    )
+    source = next((s for s in response if _async_initial_metadata(type(s))), None)
     if source is None:
         return
     original = source.initial_metadata
