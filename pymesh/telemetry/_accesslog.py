@@ -188,7 +188,9 @@ class AccessLogWriter:
         self._interval = interval
         self._max = max_pending
         self._pending: collections.deque[Any] = collections.deque()
-        self._lock = threading.Lock()  # one flush at a time: lines stay in order
+        # One flush at a time, so lines stay in order; re-entrant, so a sink that reads
+        # metrics (which drains this queue first) continues the flush instead of deadlocking.
+        self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -238,6 +240,8 @@ class AccessLogWriter:
             render = self._render
             sink = self._sink
             for _ in range(len(pending)):  # bounded: what is queued now
+                if not pending:  # a re-entrant flush (from the sink) took the rest
+                    break
                 item = pending.popleft()
                 try:
                     line = render(item)
@@ -279,7 +283,7 @@ def _after_fork_in_child() -> None:
     child's first line starts its own, and drop the lines copied from the parent (the
     parent writes those)."""
     for writer in list(_writers):
-        writer._lock = threading.Lock()
+        writer._lock = threading.RLock()
         writer._start_lock = threading.Lock()
         writer._pending.clear()
         writer._thread = None

@@ -406,6 +406,32 @@ def test_access_log_sink_failure_does_not_stop_the_writer() -> None:
     writer.close()
 
 
+def test_access_log_sink_that_reads_metrics_continues_the_flush() -> None:
+    """A sink that reads metrics drains the queue (a re-entrant flush): no deadlock, every
+    line written once, in order."""
+    import threading
+
+    from pymesh.telemetry._accesslog import AccessLogWriter
+
+    lines: list[str] = []
+    writer: AccessLogWriter
+
+    def sink(line: str) -> None:
+        lines.append(line)
+        if line == "b":
+            writer.flush()  # what a metrics read does first
+
+    writer = AccessLogWriter(str, sink, interval=60)
+    for item in ("a", "b", "c", "d"):
+        writer.put(item)
+    done = threading.Thread(target=writer.flush, daemon=True)
+    done.start()
+    done.join(10)
+    assert not done.is_alive(), "the flush deadlocked"
+    assert lines == ["a", "b", "c", "d"]
+    writer.close()
+
+
 def test_unsampled_trace_headers_and_mesh_external() -> None:
     from pymesh.telemetry._propagation import extract_ids, unsampled_headers
     from pymesh.telemetry._telemetry import mesh_external
