@@ -47,6 +47,7 @@ from pymesh.controlplane.server._stream import AdsStream, Outcome, Request, Reso
 from pymesh.controlplane.server._watch import Fingerprint, Inotify, emptied, fingerprint
 from pymesh.controlplane.server._wire import encode, pack
 from pymesh.controlplane.translate._names import parse_cluster_name
+from pymesh.xds._memory import release_memory
 from pymesh.xds.resource_types import ResourceType
 
 __all__ = ["HEALTH_TYPE_URL", "Close", "Connection", "Hub", "ProtocolError"]
@@ -151,6 +152,8 @@ class Hub:
         self.use_inotify = True
         self.pause_gc = True
         """Whether the cyclic garbage collector is paused during a reload and push."""
+        self.trim_memory = True
+        """Whether the C heap's free memory is returned to the OS after each push."""
         self.preload = True
         """Whether a changed file is read and validated at once, while the debounce waits
         (istiod ingests config as it comes and debounces the push), instead of when the
@@ -456,6 +459,10 @@ class Hub:
         thread_cpu = time.thread_time() - thread_cpu
         self.push_cpu_seconds.append(time.process_time() - started)
         del self.push_cpu_seconds[:-100]
+        if self.trim_memory:
+            # The push's large buffers are freed by now (or as their writes end): hand the C
+            # heap's free pages back, in a worker thread (it releases the GIL), off the path.
+            loop.run_in_executor(None, release_memory)
         self.last_push = {
             "version": self.version,
             "load_seconds": round(t1 - t0 if load_seconds is None else load_seconds, 4),

@@ -163,4 +163,8 @@ def test_a_changed_file_is_loaded_while_the_debounce_waits(tmp_path: Path) -> No
         assert len(loads) == 4 and hub.version == version + 2
         assert hosts() == ["web4.default.svc.cluster.local"]
 
+    from pymesh.xds import _memory
+
+    trims = _memory.trims
     asyncio.run(scenario())
+    assert _memory.trims == trims + 2  # the C heap handed back after each of the two pushes
