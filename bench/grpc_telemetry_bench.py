@@ -202,8 +202,10 @@ def client_side(args: argparse.Namespace, tmp: Path) -> list[str]:
             use(name, tel)
             for _ in range(300):
                 call(b"hi", timeout=20)
-        rounds = run(lambda: sync_round(call, args.calls))
-        lines += summarize(f"sync sequential ({args.rounds} rounds x {args.calls} calls)", rounds)
+        if not args.aio_only:
+            rounds = run(lambda: sync_round(call, args.calls))
+            title = f"sync sequential ({args.rounds} rounds x {args.calls} calls)"
+            lines += summarize(title, rounds)
         channel.close()
 
         async def aio_main() -> Rounds:
@@ -455,6 +457,7 @@ def main() -> None:
     ap.add_argument("--server", action="store_true", help="also the server side")
     ap.add_argument("--server-only", action="store_true")
     ap.add_argument("--isolated", action="store_true", help="only Python per call, stubbed")
+    ap.add_argument("--aio-only", action="store_true", help="only the grpc.aio workload")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
