@@ -22,7 +22,8 @@ files, build = derive config + generator, push = generate + send to every client
 variants round by round in the same run: "new" (every switch on) and "old" (the named
 switches off), and prints each variant's figures and the new/old ratios. Switches:
 ``preload`` (read and validate a changed file while the debounce waits), ``plain_reader``
-(documents in the plain YAML subset read without PyYAML).
+(documents in the plain YAML subset read without PyYAML), ``trim_memory`` (the C heap's free
+pages handed back after a push).
 """
 
 from __future__ import annotations
