@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +38,19 @@ def scrape(url: str) -> list[Sample]:
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         return parse_prometheus(r.read().decode())
+
+
+def scrape_until(url: str, name: str, at_least: float, **labels: str) -> list[Sample]:
+    """Scrape until the samples of ``name`` with ``labels`` add up to ``at_least`` (or 10 s
+    pass; the caller's assertions then say what is missing). A server records a request
+    when its response is done, which can be just after the client has read it."""
+    samples = scrape(url)
+    for _ in range(100):
+        if sum(s[2] for s in select(samples, name, **labels)) >= at_least:
+            break
+        time.sleep(0.1)
+        samples = scrape(url)
+    return samples
 
 
 def select(samples: list[Sample], name: str, **labels: str) -> list[Sample]:

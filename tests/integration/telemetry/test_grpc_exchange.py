@@ -24,7 +24,7 @@ import pymesh.grpc.aio
 from pymesh import telemetry
 from pymesh.controlplane import ControlPlane
 from tests.integration.grpc.test_server_xds import SERVICE, echo_handlers
-from tests.integration.telemetry.conftest import parse_prometheus, scrape, value
+from tests.integration.telemetry.conftest import parse_prometheus, scrape, scrape_until, value
 from tests.integration.telemetry.test_peer_exchange import (
     ECHO,
     REVIEWS_BAGGAGE,
@@ -311,7 +311,8 @@ def test_grpc_server_hides_the_callers_exchange(control_plane: CP, installed: In
         unary = channel.unary_unary(f"/{SERVICE}/Unary")
         for _ in range(2):
             assert unary(b"hi", metadata=CALLER, timeout=10) == b"echo:hi"
-        samples = scrape(tel.serve_prometheus(port=0).url)
+        samples = scrape_until(tel.serve_prometheus(port=0).url, "istio_requests_total", 2,
+                               reporter="destination", source_workload="reviews-v2")  # fmt: skip
     finally:
         channel.close()
         server.stop(None).wait(5)

@@ -30,7 +30,13 @@ from pymesh.telemetry._peer import decode_struct, encode_struct
 from pymesh.xds.client import XdsClient
 from tests.integration.grpc.test_server_xds import SERVICE, echo_handlers
 from tests.integration.httpx.conftest import HOST, PORT, Backend, Mesh, Upstream, service_yaml
-from tests.integration.telemetry.conftest import parse_prometheus, scrape, select, value
+from tests.integration.telemetry.conftest import (
+    parse_prometheus,
+    scrape,
+    scrape_until,
+    select,
+    value,
+)
 
 Make = Callable[..., tuple[Backend, Upstream]]
 Install = Callable[..., telemetry.Telemetry]
@@ -218,7 +224,7 @@ def test_asgi_server_reads_the_caller_and_answers_with_its_own(
     answered = read_header(r.headers["x-envoy-peer-metadata"])
     assert answered["WORKLOAD_NAME"] == "ratings-v1"
     assert answered["LABELS"] == {"app": "ratings", "version": "v1"}
-    samples = scrape(prom.url)
+    samples = scrape_until(prom.url, "istio_requests_total", 4, reporter="destination")
     common = {"reporter": "destination", "destination_workload": "ratings-v1",
               "destination_app": "ratings", "response_code": "200"}  # fmt: skip
     known = select(samples, "istio_requests_total", **common, source_workload="reviews-v3")
@@ -314,7 +320,8 @@ def test_grpc_server_reads_the_caller_and_answers_in_initial_metadata(
         # only to a request that carried one)
         _, quiet = unary.with_call(b"hi", metadata=md[1:], timeout=10)
         unanswered = dict(quiet.initial_metadata())
-        samples = scrape(prom.url)
+        samples = scrape_until(prom.url, "istio_requests_total", 3, reporter="destination",
+                               source_workload="reviews-v2")  # fmt: skip
     finally:
         channel.close()
         server.stop(None).wait(5)

@@ -27,7 +27,7 @@ from pymesh.bootstrap import generate_bootstrap, parse_bootstrap
 from pymesh.xds.client import XdsClient
 from tests.integration.asgi.conftest import Mesh
 from tests.integration.httpx.conftest import HOST, PORT, service_yaml
-from tests.integration.telemetry.conftest import scrape, select, value
+from tests.integration.telemetry.conftest import scrape, scrape_until, select, value
 
 PROGRAM = textwrap.dedent(
     """\
@@ -109,7 +109,9 @@ def test_server_and_client_reporters_name_each_other(
             for _ in range(3):
                 r = client.get(f"http://{HOST}:{PORT}/")
                 assert r.status_code == 200 and r.text == "5 stars"
-        server_samples = scrape(f"http://127.0.0.1:{prom_port}/stats/prometheus")
+        server_samples = scrape_until(f"http://127.0.0.1:{prom_port}/stats/prometheus",
+                                      "istio_requests_total", 3, reporter="destination",
+                                      source_workload="productpage-v1")  # fmt: skip
         client_samples = scrape(tel.serve_prometheus(port=0).url)
     finally:
         client_xds.close()
