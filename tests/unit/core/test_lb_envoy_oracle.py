@@ -657,7 +657,7 @@ def test_retry_avoids_the_previous_host_as_envoy(
     mismatches = []
     moved = 0
     try:
-        for _ in range(40):
+        for _ in range(80):
             key = f"user{rng.randrange(10**6)}"
             path = f"/{name}/retry/x"
             h = request_hash(policies, RequestInfo("GET", "lb", path, Headers([("x-key", key)])))
@@ -687,4 +687,7 @@ def test_retry_avoids_the_previous_host_as_envoy(
     finally:
         conn.close()
     assert not mismatches, "\n".join(mismatches)
-    assert moved >= 20  # mostly a different endpoint (a ring's next points may share one)
+    # Often a different endpoint (a ring's next points may share one). The ring depends on
+    # the endpoints' random ports: 55-76 of 80 moved in runs here, but 19 of 40 was seen
+    # once in CI, so 80 are sent and a quarter is required.
+    assert moved >= 20
