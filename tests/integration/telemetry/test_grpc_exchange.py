@@ -137,7 +137,7 @@ def test_grpc_client_sends_no_exchange_outside_the_mesh(
     try:
         unary = channel.unary_unary(f"/{SERVICE}/Unary")
         assert unary(b"hi", timeout=15) == b"echo:hi"  # config loaded
-        installed(node=client_xds.bootstrap.node)
+        installed(node=client_xds.bootstrap.node, trace_sampling=0.0)  # unsampled: "-00"
         assert unary(b"hi", metadata=forged, timeout=10) == b"echo:hi"
         asyncio.run(aio_call())
         external = recorder.seen[-2:]
