@@ -72,6 +72,7 @@ from pymesh.xds.codec.discovery import (
     encode_delta_request,
     encode_request,
 )
+from pymesh.xds.pacing import checkpoint
 from pymesh.xds.resource_types import ResourceType
 from pymesh.xds.transport import AdsStream, ChannelProbe
 
@@ -368,6 +369,7 @@ class XdsClient:
 
     def _apply(self, group: _Group, effects: list[Effect]) -> None:
         for effect in effects:
+            checkpoint()  # on the paced work thread: between effects, let requests run
             if isinstance(effect, Send):
                 self._send(group, effect)
             else:
@@ -487,6 +489,7 @@ class XdsClient:
             else:
                 group.probe_backoff.reset()
         now = self._clock.monotonic()
+        checkpoint()
         self._apply(group, group.state.response(message, now))
         if self._trim_policy.on_response(message.type_url, len(data)):
             # A huge update was just replaced: give its memory back (pymesh.xds._memory).

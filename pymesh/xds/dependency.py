@@ -74,6 +74,7 @@ from pymesh.model.snapshot import (
     TargetError,
     TargetSnapshot,
 )
+from pymesh.xds.pacing import checkpoint
 from pymesh.xds.resource_types import ResourceType
 
 if TYPE_CHECKING:
@@ -412,6 +413,7 @@ class TargetDependencyManager:
         self._cluster_configs = {k: v for k, v in self._cluster_configs.items() if k in clusters}
         if not complete:
             return
+        checkpoint()  # on the paced work thread: before the subscribers' work
         self._maybe_publish(listener, route_config, vhost, clusters)
 
     def _drop_clusters(self) -> None:

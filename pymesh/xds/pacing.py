@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -69,6 +69,9 @@ def paced_items(items: Iterable[T]) -> Iterable[T]:
     other thread ``items`` itself: no cost). For a loop or comprehension over hosts that
     may run on the xDS thread."""
     if getattr(_local, "deadline", None) is None:
+        return items
+    if isinstance(items, Sized) and len(items) <= 256:
+        checkpoint()  # what _paced would do at its first item, without a generator
         return items
     return _paced(items)
 

@@ -31,6 +31,7 @@ from pymesh.errors import XdsError
 from pymesh.model.common import SocketAddress
 from pymesh.model.snapshot import ServerError, ServerSnapshot, TargetError, TargetSnapshot
 from pymesh.xds.dependency import ServerDependencyManager, TargetDependencyManager, WatchClient
+from pymesh.xds.pacing import checkpoint
 
 __all__ = [
     "ServerHandle",
@@ -178,6 +179,7 @@ class _Handle(Generic[S, E]):
             subs = self._subs
         for sub in subs:
             if sub.active:
+                checkpoint()  # on the paced work thread: let requests run between subscribers
                 self._call(sub, item)
 
     # -- lifetime ----------------------------------------------------------------------------

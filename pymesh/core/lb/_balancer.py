@@ -100,7 +100,7 @@ class ZoneAwareBalancer:
     ) -> None:
         sources: dict[tuple[int, bool], Source] = {}
         table: list[Source] = []
-        for key in state.slots():
+        for key, count in state.slot_runs():
             source = sources.get(key)
             if source is None:
                 source = sources[key] = _source(
@@ -112,7 +112,7 @@ class ZoneAwareBalancer:
                     factor=state.overprovisioning_factor,
                     fail_on_panic=fail_on_panic,
                 )
-            table.append(source)
+            table.extend([source] * count)
         self._table = tuple(table)
         self._single: Source | None = table[0] if len(sources) == 1 else None
         self._random = rng.random

@@ -96,20 +96,33 @@ class PriorityState:
     degraded_load: tuple[int, ...]
     overprovisioning_factor: int
 
+    def slot_runs(self) -> tuple[tuple[tuple[int, bool], int], ...]:
+        """:meth:`slots` as runs: ((priority, degraded?), how many consecutive slots), the
+        runs in slot order and their counts summing to 100."""
+        out: list[tuple[tuple[int, bool], int]] = []
+        left = 100
+        for degraded, loads in ((False, self.healthy_load), (True, self.degraded_load)):
+            for i, load in enumerate(loads):
+                take = min(load, left)
+                if take > 0:
+                    out.append(((i, degraded), take))
+                    left -= take
+        if left:  # cannot happen when the loads sum to 100; stay total
+            out.append(((0, False), left))
+        return tuple(out)
+
     def slots(self) -> tuple[tuple[int, bool], ...]:
         """100 entries, entry ``h % 100`` = (priority, degraded?) that a hash ``h`` chooses
         (Envoy ``choosePriority``: healthy loads in priority order, then degraded)."""
         out: list[tuple[int, bool]] = []
-        for i, load in enumerate(self.healthy_load):
-            out.extend([(i, False)] * load)
-        for i, load in enumerate(self.degraded_load):
-            out.extend([(i, True)] * load)
-        if len(out) < 100:  # cannot happen when the loads sum to 100; stay total
-            out.extend([(0, False)] * (100 - len(out)))
-        return tuple(out[:100])
+        for key, count in self.slot_runs():
+            out.extend([key] * count)
+        return tuple(out)
 
 
 def _group(hosts: Sequence[Host], localities: Sequence[Locality]) -> tuple[tuple[Host, ...], ...]:
+    if len(localities) == 1:  # the common case: one locality per level
+        return (tuple(hosts),)
     by: dict[Locality, list[Host]] = {loc: [] for loc in localities}
     for h in paced_items(hosts):
         by[h.locality].append(h)
@@ -137,13 +150,33 @@ def compute_priority_state(
 ) -> PriorityState:
     """Classify ``hosts`` and compute per-priority health, panic and load (see the module
     docstring for the rules)."""
-    count = max((h.priority for h in paced_items(hosts)), default=0) + 1
-    buckets: list[list[Host]] = [[] for _ in range(count)]
-    every: list[list[Host]] = [[] for _ in range(count)]
+    # One pass: every host by priority; counted (non-draining) hosts; healthy and degraded
+    # ones among those, not ejected at ``now``.
+    every: list[list[Host]] = [[]]
+    buckets: list[list[Host]] = [[]]
+    healthy_by: list[list[Host]] = [[]]
+    degraded_by: list[list[Host]] = [[]]
+    draining, degraded_status = HealthStatus.DRAINING, HealthStatus.DEGRADED
     for h in paced_items(hosts):
-        every[h.priority].append(h)
-        if h.health is not HealthStatus.DRAINING:
-            buckets[h.priority].append(h)
+        p = h.priority
+        while p >= len(every):  # bounded by the largest priority
+            every.append([])
+            buckets.append([])
+            healthy_by.append([])
+            degraded_by.append([])
+        every[p].append(h)
+        status = h.health
+        if status is draining:
+            continue
+        buckets[p].append(h)
+        until = h.ejected_until
+        if until is not None and now < until:
+            continue
+        if status in _HEALTHY:
+            healthy_by[p].append(h)
+        elif status is degraded_status:
+            degraded_by[p].append(h)
+    count = len(every)
     weights = _locality_weights(assignment)
     factor = overprovisioning_factor
     # Envoy rounds the percentage to an integer (PROTOBUF_PERCENT_TO_ROUNDED_INTEGER)
@@ -153,14 +186,8 @@ def compute_priority_state(
     health: list[int] = []
     degraded_health: list[int] = []
     for priority, members in enumerate(buckets):
-        healthy = tuple(
-            h for h in paced_items(members) if h.health in _HEALTHY and not h.is_ejected(now)
-        )
-        degraded = tuple(
-            h
-            for h in paced_items(members)
-            if h.health is HealthStatus.DEGRADED and not h.is_ejected(now)
-        )
+        healthy = tuple(healthy_by[priority])
+        degraded = tuple(degraded_by[priority])
         n = len(members)
         if n and factor > 0:
             health.append(min(100, factor * len(healthy) // n))
