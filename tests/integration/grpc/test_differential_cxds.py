@@ -161,7 +161,10 @@ def test_same_decisions_as_grpcio_cxds(
             share_ours = 100.0 * a["v1"] / calls
             share_theirs = 100.0 * b["v1"] / calls
             assert set(a) == set(b) == {"v1", "v2"}, (a, b)
-            assert abs(share_ours - share_theirs) <= 5, (a, b)
+            # Both pick at random by weight: over 1,000 calls each share has a standard
+            # deviation of 1.45 points, their difference 2.05: 7 points is 3.4 of those
+            # (a flake in 0.07 % of runs; 5 points was 2.4, 1.5 %).
+            assert abs(share_ours - share_theirs) <= 7, (a, b)
             assert abs(share_ours - V1_WEIGHT) <= 5 and abs(share_theirs - V1_WEIGHT) <= 5
         else:
             assert a == b, (name, a, b)  # the same backend (or status) for every call
