@@ -311,6 +311,47 @@ def _paired(alone: Callable[[], None], both: Callable[[], None]) -> float:
     return statistics.median(diffs) * 1e6
 
 
+_FIGURES = (
+    ("sync", r"sync ([0-9.]+) us"),
+    ("aio", r"aio ([0-9.]+) us"),
+    ("flow", r"flow alone ([0-9.]+) us"),
+    ("sync situ", r"sync \+([-0-9.]+) us"),
+    ("aio situ", r"aio 16 in flight \+([-0-9.]+) us"),
+)
+
+
+def _overhead_ab(baseline: str, runs: int) -> None:
+    """``--overhead`` of this tree and of ``baseline``'s pymesh, alternated in fresh
+    processes; prints every run and the ratios of the medians (new / base)."""
+    import re
+
+    figures: dict[str, dict[str, list[float]]] = {"new": {}, "base": {}}
+    for i in range(runs):
+        order = ("new", "base") if i % 2 == 0 else ("base", "new")
+        for tree in order:
+            env = dict(os.environ)
+            if tree == "base":
+                env["PYTHONPATH"] = baseline
+            out = subprocess.run(
+                [sys.executable, __file__, "--overhead"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            print(f"run {i + 1} {tree}: " + " | ".join(out.strip().splitlines()), flush=True)
+            for name, pattern in _FIGURES:
+                found = re.search(pattern, out)
+                if found:
+                    figures[tree].setdefault(name, []).append(float(found.group(1)))
+    print("\nmedians (us per call) new / base, ratio new/base:")
+    for name, _ in _FIGURES:
+        new, base = figures["new"].get(name), figures["base"].get(name)
+        if new and base:
+            n, b = statistics.median(new), statistics.median(base)
+            print(f"  {name:10} {n:7.1f} / {b:7.1f}  {n / b if b else math.nan:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -319,7 +360,17 @@ def main() -> None:
     parser.add_argument(
         "--overhead", action="store_true", help="only pymesh's own CPU per call (see above)"
     )
+    parser.add_argument(
+        "--baseline",
+        help="with --overhead: A/B against pymesh imported from this directory (a copy of"
+        " another tree's pymesh/ package): --ab-runs runs of each, alternated, in fresh"
+        " processes, and the ratios new/base",
+    )
+    parser.add_argument("--ab-runs", type=int, default=3)
     args = parser.parse_args()
+    if args.overhead and args.baseline:
+        _overhead_ab(str(Path(args.baseline).resolve()), args.ab_runs)
+        return
 
     server = subprocess.Popen(
         [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True

@@ -114,6 +114,8 @@ def _spin_time(k: int) -> float:
 
 def worker_main(spec: dict[str, Any]) -> None:
     sys.path.insert(0, str(REPO))
+    if spec.get("tree"):  # pymesh from another source tree (--baseline), the rest from here
+        sys.path.insert(0, spec["tree"])
     from bench.suite.worker import Variant
 
     variant = Variant(spec)
@@ -207,6 +209,12 @@ def main() -> None:
         help="grpcio+cpu: pure-Python work per call on the loop's thread, us (pymesh's own"
         " Python per call between real calls is about this: grpc_bench.py --overhead)",
     )
+    parser.add_argument(
+        "--baseline",
+        help="A/B: also run variant 'pymesh@base', pymesh imported from this directory (a"
+        " copy of another tree's pymesh/ package, e.g. `git archive REV pymesh | tar -x -C"
+        " DIR`), interleaved with the others",
+    )
     parser.add_argument("--save", help="write every round's raw figures to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -250,6 +258,9 @@ def main() -> None:
         "grpcio+cpu": {**base, "target": plain, "busy_us": args.busy_us},
     }
     names = [v for v in args.variants.split(",") if v]
+    if args.baseline:
+        specs["pymesh@base"] = {**specs["pymesh"], "tree": str(Path(args.baseline).resolve())}
+        names.append("pymesh@base")
     procs: dict[str, subprocess.Popen[str]] = {}
     try:
         for name in names:
@@ -329,6 +340,18 @@ def _report(rounds: dict[str, list[dict[str, Any]]], calls: int) -> None:
         line += f"{med(_pct(r['late'], 0.99) for r in rs) * 1e3:8.3f}"
         line += f"{med(_pct(r['late'], 0.999) for r in rs) * 1e3:8.3f}"
         print(line)
+    if "pymesh@base" in rounds and "pymesh" in rounds:
+        print("\nA/B, pymesh vs pymesh@base (median of per-round differences, ms):", end="")
+        for q, v in QS:
+            diffs = [
+                _pct(r["lat"], v) - _pct(b["lat"], v)
+                for r, b in zip(rounds["pymesh"], rounds["pymesh@base"], strict=True)
+            ]
+            print(f" {q} {med(diffs) * 1e3:+.3f}", end="")
+        ratio = med(r["main_cpu"] for r in rounds["pymesh"]) / med(
+            b["main_cpu"] for b in rounds["pymesh@base"]
+        )
+        print(f"; loop CPU per call pymesh/base = {ratio:.3f}")
     print("\nper 10,000 calls (median over rounds): GC gen0/gen1/gen2 count, GC ms, max GC ms;")
     print("other threads' CPU ms by name")
     for name, rs in rounds.items():

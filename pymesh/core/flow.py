@@ -101,6 +101,7 @@ from pymesh.model.route import (
     FilterConfigOverride,
     RedirectAction,
     RequestMirrorPolicy,
+    RetryPolicy,
     Route,
     RouteAction,
 )
@@ -112,21 +113,27 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_ATTEMPTS",
+    "OVERFLOWED",
     "Action",
     "AttemptResult",
     "CallResult",
     "Discard",
+    "FastPlan",
+    "Flow",
     "LocalReply",
     "Mirror",
     "ReplyKind",
     "RequestIdHeaders",
+    "Resumed",
     "Send",
     "Sleep",
     "WaitConnection",
     "call_flow",
     "drive_async",
     "drive_sync",
+    "fast_plan",
     "lowered_headers",
+    "resume_flow",
     "wait_connection_async",
     "wait_connection_sync",
 ]
@@ -700,8 +707,6 @@ def call_flow(
         if deadlines.overall is not None:
             deadlines = deadlines.starting_at(now)
     overall = deadlines.overall
-    per_try = deadlines.per_try
-    per_try_idle = deadlines.per_try_idle
     idle = plan.idle
 
     # 7. mirrors
@@ -711,13 +716,67 @@ def call_flow(
             yield mirror
 
     # 8. attempts
+    hash_key = request_hash(action.hash_policies, request) if action.hash_policies else None
+    return (
+        yield from _attempts(
+            runtime,
+            snapshot,
+            request,
+            entry,
+            ctx,
+            flags,
+            upstream,
+            deadlines,
+            idle,
+            retry_policy,
+            hash_key,
+            clock,
+            None,
+        )
+    )
+
+
+OVERFLOWED = AttemptResult(Outcome())
+"""The ``result`` of a :data:`Resumed` whose first request the cluster's limits refused
+(``try_start_request`` said no: the flow answers overflow, 503 ``UO``)."""
+
+Resumed = tuple[float, "ClusterRuntime | None", Host | None, AttemptResult | None]
+"""Where an adapter's fast path hands a call to the flow (see :func:`resume_flow`):
+``(now, cluster, host, None)`` after the first pick (no limit taken yet), or
+``(now, cluster, host, result)`` after the first attempt was sent (its request admitted by
+the cluster's limits and counted on ``host``) and answered ``result``."""
+
+
+def _attempts(  # noqa: PLR0917 - the flow's state at the router's start
+    runtime: MeshRuntime,
+    snapshot: TargetSnapshot,
+    request: RequestInfo,
+    entry: ClusterConfig,
+    ctx: _Ctx,
+    flags: list[str],
+    upstream: RequestInfo,
+    deadlines: Deadlines,
+    idle: float | None,
+    retry_policy: RetryPolicy | None,
+    hash_key: int | None,
+    clock: Callable[[], float],
+    resumed: Resumed | None,
+) -> Generator[Action, AttemptResult | None, CallResult]:
+    """The attempts of one call (step 8); ``resumed``: the first attempt's start was made
+    by an adapter's fast path (:func:`resume_flow`)."""
     # The retry state is made once the first attempt's outcome is known (it draws nothing
     # from ``rng`` when made, and the first attempt excludes no host), and not at all for a
     # gRPC call whose first attempt ended OK: gRPC retries on status codes only (gRFC A44),
     # OK is never one of them, and request headers do not change that.
+    rng = runtime.rng
+    route = ctx.route
+    cluster_name = ctx.cluster
+    vhost = snapshot.virtual_host
+    overall = deadlines.overall
+    per_try = deadlines.per_try
+    per_try_idle = deadlines.per_try_idle
     retry: RetryState | None = None
     is_grpc = request.grpc
-    hash_key = request_hash(action.hash_policies, request) if action.hash_policies else None
     count_header = vhost.include_request_attempt_count
     count_response = vhost.include_attempt_count_in_response
     attempt = 0
@@ -731,67 +790,81 @@ def call_flow(
             ctx.attempts = attempt
             if count_response:
                 ctx.extra = (("x-envoy-attempt-count", str(attempt)),)
-            now = clock()
-            if overall is not None and now >= overall:
-                return _timeout(flags, ctx, deadlines)
-            cluster = runtime.leaf_for(snapshot, entry, now)
-            host = None
-            if cluster is not None:
-                if retry is not None and retry.previous_hosts:
-                    excluded = retry.previous_hosts
-                    pick = PickContext(now, hash_key, excluded, retry.host_selection_attempts)
-                else:
-                    pick = PickContext(now, hash_key)
-                host = cluster.pick(pick)
-            if cluster is None or host is None:
-                return _no_healthy_upstream(flags, ctx)
-            limits = cluster.limits
-            if not limits.try_start_request():
-                return _overflow(flags, ctx)
-            conn = False
-            ticket: PendingTicket | None = None
-            if cluster.protocol is UpstreamProtocol.HTTP1 and not request.grpc:
-                # HTTP/1.1: a request in flight holds a connection; past max_connections a
-                # request waits for one in the pending queue (Envoy's pool semantics).
-                # gRPC always runs over HTTP/2 (proxyless clusters carry no protocol
-                # options; gRFC A32 limits requests only).
-                conn = limits.try_open_connection()
-                if not conn:
-                    ticket = limits.queue_pending()
-                    if ticket is None:
-                        limits.end_request()
-                        return _overflow(flags, ctx)
-            inflight = _Attempt(cluster, host, conn, ticket)
-            if ticket is not None:
-                # Waits for the next connection given back, bounded by the overall deadline
-                # (Envoy's per-try timer starts once the request is on a connection).
-                yield WaitConnection(limits, ticket, None if overall is None else overall - now)
-                if not inflight.granted():
-                    inflight.release()
-                    inflight = None
-                    return _timeout(flags, ctx, deadlines)
+            result: AttemptResult | None = None
+            if resumed is not None:
+                now, cluster, host, result = resumed
+                resumed = None
+            else:
                 now = clock()
                 if overall is not None and now >= overall:
-                    inflight.release()
-                    inflight = None
                     return _timeout(flags, ctx, deadlines)
-            if retry is not None:
-                retry.record_host(host.key)
-            timeout = per_try
-            if overall is not None:
-                remaining = overall - now
-                timeout = remaining if timeout is None else min(timeout, remaining)
-            sent = upstream
-            if count_header:
-                count = str(attempt)
-                sent = _with_headers(
-                    upstream, upstream.headers.with_set("x-envoy-attempt-count", count)
-                )
-            ctx.host = host
-            ctx.sent = sent
-            result = yield Send(cluster, host, sent, timeout, attempt, idle, per_try_idle)
-            if not isinstance(result, AttemptResult):
-                raise TypeError(f"Send must be answered with an AttemptResult, got {result!r}")
+                cluster = runtime.leaf_for(snapshot, entry, now)
+                host = None
+                if cluster is not None:
+                    if retry is not None and retry.previous_hosts:
+                        excluded = retry.previous_hosts
+                        pick = PickContext(now, hash_key, excluded, retry.host_selection_attempts)
+                    else:
+                        pick = PickContext(now, hash_key)
+                    host = cluster.pick(pick)
+            if result is OVERFLOWED:  # the fast path's request was refused by the limits
+                return _overflow(flags, ctx)
+            if result is not None:  # sent by the fast path: its request is admitted, counted
+                assert cluster is not None and host is not None
+                limits = cluster.limits
+                inflight = _Attempt.adopt(cluster, host)
+                ctx.host = host
+                ctx.sent = sent = upstream
+            elif cluster is None or host is None:
+                return _no_healthy_upstream(flags, ctx)
+            else:
+                limits = cluster.limits
+                if not limits.try_start_request():
+                    return _overflow(flags, ctx)
+                conn = False
+                ticket: PendingTicket | None = None
+                if cluster.protocol is UpstreamProtocol.HTTP1 and not request.grpc:
+                    # HTTP/1.1: a request in flight holds a connection; past max_connections a
+                    # request waits for one in the pending queue (Envoy's pool semantics).
+                    # gRPC always runs over HTTP/2 (proxyless clusters carry no protocol
+                    # options; gRFC A32 limits requests only).
+                    conn = limits.try_open_connection()
+                    if not conn:
+                        ticket = limits.queue_pending()
+                        if ticket is None:
+                            limits.end_request()
+                            return _overflow(flags, ctx)
+                inflight = _Attempt(cluster, host, conn, ticket)
+                if ticket is not None:
+                    # Waits for the next connection given back, bounded by the overall deadline
+                    # (Envoy's per-try timer starts once the request is on a connection).
+                    yield WaitConnection(limits, ticket, None if overall is None else overall - now)
+                    if not inflight.granted():
+                        inflight.release()
+                        inflight = None
+                        return _timeout(flags, ctx, deadlines)
+                    now = clock()
+                    if overall is not None and now >= overall:
+                        inflight.release()
+                        inflight = None
+                        return _timeout(flags, ctx, deadlines)
+                if retry is not None:
+                    retry.record_host(host.key)
+                timeout = per_try
+                if overall is not None:
+                    remaining = overall - now
+                    timeout = remaining if timeout is None else min(timeout, remaining)
+                sent = upstream
+                if count_header:
+                    count = str(attempt)
+                    sent = _with_headers(
+                        upstream, upstream.headers.with_set("x-envoy-attempt-count", count)
+                    )
+                ctx.host = host
+                ctx.sent = sent
+                result = yield Send(cluster, host, sent, timeout, attempt, idle, per_try_idle)
+                if not isinstance(result, AttemptResult):
+                    raise TypeError(f"Send must be answered with an AttemptResult, got {result!r}")
             outcome = result.outcome
             now = clock()
             detector = cluster.outlier
@@ -883,6 +956,117 @@ def call_flow(
             retry_slot.limits.end_retry()
 
 
+class _NoDraw:
+    """An ``rng`` for routing that refuses to draw: a route choice that needs a draw
+    (``runtime_fraction``) is not the same for every call."""
+
+    def getrandbits(self, k: int) -> int:
+        raise _DrawNeeded
+
+
+class _DrawNeeded(Exception):
+    pass
+
+
+class FastPlan:
+    """What the flow decides the same way for every call of one method without metadata
+    under one snapshot, when no decision needs per-call state: the route (no random
+    match), one named cluster, no fault, no mirror, no hash policy, no rewrite, no attempt
+    count headers. A gRPC adapter caches it per (snapshot, method) and makes the common
+    call itself, as the flow would make it: draw the ``x-request-id`` bits, start the
+    deadlines, pick a host of :attr:`entry`'s runtime, admit the request (``limits``),
+    count it on the host, send, let outlier detection record the outcome and release. Any
+    other turn (no host, overflow, a failed attempt) hands the call to
+    :func:`resume_flow`, which continues exactly where the fast path stopped."""
+
+    __slots__ = ("cluster_name", "deadlines", "entry", "plan", "request", "route")
+
+    def __init__(
+        self, request: RequestInfo, route: Route, plan: _RoutePlan, entry: ClusterConfig
+    ) -> None:
+        self.request = request
+        self.route = route
+        self.plan = plan
+        self.entry = entry
+        self.cluster_name = entry.cluster.name
+        self.deadlines: Deadlines = plan.deadlines[True]
+        """The call's deadlines relative to its start (``starting_at(now)``)."""
+
+
+def fast_plan(
+    runtime: MeshRuntime, snapshot: TargetSnapshot, request: RequestInfo
+) -> FastPlan | None:
+    """The :class:`FastPlan` of gRPC ``request`` (no headers) under ``snapshot``, or
+    ``None`` when such a call needs the whole :func:`call_flow`."""
+    del runtime
+    if request.headers._items or not request.grpc:
+        return None
+    vhost = snapshot.virtual_host
+    if vhost.include_request_attempt_count or vhost.include_attempt_count_in_response:
+        return None
+    try:
+        route = route_request(vhost, request, rng=_NoDraw())  # type: ignore[arg-type]
+    except _DrawNeeded:
+        return None
+    if route is None:
+        return None
+    action = route.action
+    if not isinstance(action, RouteAction) or action.hash_policies:
+        return None
+    plan = _plan(snapshot, route, action)
+    if plan.choice is None or plan.fault is not None or plan.mirrors or not plan.plain_rewrite:
+        return None
+    entry = snapshot.clusters.get(plan.choice.name)
+    if not isinstance(entry, ClusterConfig) or entry.is_aggregate:
+        return None
+    return FastPlan(request, route, plan, entry)
+
+
+def resume_flow(
+    runtime: MeshRuntime,
+    snapshot: TargetSnapshot,
+    fast: FastPlan,
+    *,
+    bits: int,
+    deadlines: Deadlines,
+    resumed: Resumed,
+    clock: Callable[[], float],
+) -> Generator[Action, AttemptResult | None, CallResult]:
+    """The rest of a call a fast path started under ``fast`` (same snapshot): ``bits``, its
+    ``x-request-id`` draw; ``deadlines``, started; ``resumed``, where it stopped. Driven
+    like :func:`call_flow` (its first ``next`` continues from there)."""
+    request = fast.request
+    plan = fast.plan
+    ctx = _Ctx(fast.route, fast.cluster_name)
+    ctx.ops = plan.response_ops
+    upstream = RequestInfo(
+        request.method,
+        request.authority,
+        request.path,
+        RequestIdHeaders((), bits),
+        request.scheme,
+        request.source_ip,
+        request.grpc,
+    )
+    action = fast.route.action
+    assert isinstance(action, RouteAction)
+    return _attempts(
+        runtime,
+        snapshot,
+        request,
+        fast.entry,
+        ctx,
+        [],
+        upstream,
+        deadlines,
+        plan.idle,
+        action.retry_policy,
+        None,
+        clock,
+        resumed,
+    )
+
+
 def _mirror(
     runtime: MeshRuntime,
     snapshot: TargetSnapshot,
@@ -933,6 +1117,18 @@ class _Attempt:
         self.ticket = ticket
         self.done = False
         host.active_requests += 1
+
+    @classmethod
+    def adopt(cls, cluster: ClusterRuntime, host: Host) -> _Attempt:
+        """The attempt a fast path started itself (its request admitted by the cluster's
+        limits, ``host.active_requests`` already counted)."""
+        held = cls.__new__(cls)
+        held.cluster = cluster
+        held.host = host
+        held.conn = False
+        held.ticket = None
+        held.done = False
+        return held
 
     def granted(self) -> bool:
         """Leave the pending queue: True if a connection was handed over (now held)."""

@@ -58,11 +58,13 @@ from pymesh.core.flow import (
     AttemptResult,
     CallResult,
     Discard,
+    FastPlan,
     ReplyKind,
     RequestIdHeaders,
     Send,
     Sleep,
     call_flow,
+    fast_plan,
 )
 from pymesh.core.retry import PUSHBACK_HEADER
 from pymesh.core.runtime import MeshRuntime
@@ -251,6 +253,20 @@ class MeshTarget:
             return info
         return self.request_info(spec.method, metadata, timeout, snapshot)
 
+    def fast_plan_of(
+        self, spec: _Spec, snapshot: TargetSnapshot
+    ) -> tuple[TargetSnapshot | None, FastPlan | None, bool]:
+        """``spec.fast`` for ``snapshot`` (computed once per snapshot and method): a unary
+        call without metadata whose timeout no route reads (the third item) may take the
+        plan (``None`` for streaming methods)."""
+        plan = None
+        if not (spec.streaming_request or spec.streaming_response):
+            info = self.request_info_of(spec, None, None, snapshot)
+            plan = fast_plan(self.runtime, snapshot, info)
+        fast = (snapshot, plan, self._reads_grpc_timeout(snapshot))
+        spec.fast = fast
+        return fast
+
     def _reads_grpc_timeout(self, snapshot: TargetSnapshot) -> bool:
         """Whether a route of ``snapshot`` looks at the ``grpc-timeout`` header
         (``grpc_timeout_header_max`` / ``max_grpc_timeout``); cached per snapshot, so calls
@@ -391,6 +407,7 @@ class _Spec:
     __slots__ = (
         "bare_info",
         "epoch",
+        "fast",
         "key",
         "make",
         "mcs",
@@ -431,6 +448,10 @@ class _Spec:
         self.mcs: dict[str, Any] = {}
         """Endpoint key -> grpcio multicallable, valid for the pool's ``epoch``."""
         self.epoch = -1
+        self.fast: tuple[TargetSnapshot | None, FastPlan | None, bool] = (None, None, False)
+        """(snapshot, its :class:`~pymesh.core.flow.FastPlan` for a call of this method
+        without metadata, whether a route of it reads ``grpc-timeout``): see
+        :meth:`MeshTarget.fast_plan_of`."""
 
     def multicallables(self, pool: SubchannelPool[Any]) -> dict[str, Any]:
         """This method's grpcio multicallables by endpoint key (emptied whenever the pool

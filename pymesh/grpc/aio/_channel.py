@@ -20,15 +20,18 @@ import grpc
 import grpc.aio
 
 from pymesh.core.flow import (
+    OVERFLOWED,
     AttemptResult,
     CallResult,
     Discard,
+    Flow,
     Send,
     Sleep,
     call_flow,
+    resume_flow,
 )
 from pymesh.core.runtime import MeshRuntime
-from pymesh.core.types import Outcome
+from pymesh.core.types import Outcome, PickContext
 from pymesh.errors import XdsError
 from pymesh.grpc._channel import (
     _CANCELLED,
@@ -53,6 +56,8 @@ from pymesh.grpc._channel import (
 )
 from pymesh.grpc._errors import MeshRpcError, error_of_reply
 from pymesh.grpc._subchannels import Reachability, SubchannelPool
+from pymesh.model.snapshot import TargetSnapshot
+from pymesh.telemetry import _telemetry
 from pymesh.telemetry import current as telemetry_current
 from pymesh.telemetry._grpc import grpc_attempt_exchange, grpc_client_telemetry
 from pymesh.xds.client import XdsClient
@@ -299,20 +304,26 @@ class AioMeshChannel(grpc.aio.Channel):
         metadata: Any,
         on_attempt: Callable[[Any], None],
         wait_for_ready: bool = False,
+        resumed: tuple[Flow, float, TargetSnapshot] | None = None,
     ) -> tuple[Any, CallResult]:
         """Run one call through the flow (telemetry off; :meth:`_call` adds it).
 
         The flow is driven inline, as :func:`~pymesh.core.flow.drive_async` drives it (same
         protocol: a raising action closes the flow first), with the ``Send`` done in the loop
-        itself: no coroutine per attempt and none for the runner.
+        itself: no coroutine per attempt and none for the runner. ``resumed``: the flow of
+        a call the fast path (:meth:`MeshAioCall._run_inline`) started at ``start`` under
+        ``snapshot``, driven from where it stopped.
         """
         if self._closed:
             raise grpc.aio.UsageError("Channel is closed.")
         mesh = self._mesh
         clock = mesh.clock
-        start = clock()
+        if resumed is not None:
+            flow, start, snapshot = resumed
+        else:
+            start = clock()
+            snapshot = mesh.handle.current()  # type: ignore[assignment]
         deadline = None if timeout is None else start + timeout
-        snapshot = mesh.handle.current()
         if snapshot is None:
             wait = CONFIG_WAIT if timeout is None else timeout
             loop = asyncio.get_running_loop()
@@ -328,7 +339,9 @@ class AioMeshChannel(grpc.aio.Channel):
         runtime = mesh.runtime
         waits = 0
         while True:
-            flow = call_flow(runtime, snapshot, info, clock=clock)
+            if resumed is None:
+                flow = call_flow(runtime, snapshot, info, clock=clock)
+            resumed = None
             reply: AttemptResult | None = None
             try:
                 action = next(flow)
@@ -544,6 +557,9 @@ class _Multi:
 
 
 _UNSET: Any = object()
+_FAST_RESULT = CallResult(None, None)
+"""The result of a fast-path call (nothing to release: the attempt was released)."""
+_NOT_PICKED = AttemptResult(Outcome())  # (a marker: the fast path found no host)
 
 
 class MeshAioCall:
@@ -652,11 +668,104 @@ class MeshAioCall:
         return self._settled(out)
 
     async def _run_inline(self) -> Any:
+        """The call awaited at once, in the awaiting task: the fast path (below) when the
+        call may take its method's :class:`~pymesh.core.flow.FastPlan`, else the flow."""
         self._inline = asyncio.current_task(self._loop)
         channel = self._channel  # (_run inlined: one call less per call)
-        call = channel._call_plain if telemetry_current() is None else channel._call
         try:
-            out = await call(*self._args, self._set_attempt, self._wait_for_ready)
+            if _telemetry._current is not None:
+                out = await channel._call(*self._args, self._set_attempt, self._wait_for_ready)
+            else:
+                spec, request, kwargs, timeout, metadata = self._args
+                mesh = channel._mesh
+                snapshot = mesh.handle.current()
+                fast = spec.fast
+                if snapshot is not None and fast[0] is not snapshot:
+                    fast = mesh.fast_plan_of(spec, snapshot)
+                plan = fast[1]
+                if (
+                    plan is None
+                    or snapshot is None
+                    or metadata
+                    or kwargs is not _NO_KWARGS
+                    or channel._closed
+                    or (timeout is not None and (fast[2] or timeout <= 0))
+                ):
+                    out = await channel._call_plain(
+                        *self._args, self._set_attempt, self._wait_for_ready
+                    )
+                else:
+                    # The fast path: the flow's decisions for this call, made as the flow
+                    # makes them (same order of clock reads, draws, counts; see FastPlan).
+                    clock = mesh.clock
+                    now = clock()
+                    runtime = mesh.runtime
+                    bits = runtime.rng.getrandbits(128)  # the flow's x-request-id draw
+                    deadlines = plan.deadlines
+                    t = deadlines.per_try
+                    if deadlines.overall is not None:
+                        deadlines = deadlines.starting_at(now)
+                        remaining = deadlines.overall - now  # type: ignore[operator]
+                        t = remaining if t is None else min(t, remaining)
+                    caller_bound = False
+                    if timeout is not None and (t is None or timeout <= t):
+                        t, caller_bound = timeout, True
+                    rt = runtime.leaf_for(snapshot, plan.entry, now)
+                    host = rt.pick(PickContext(now)) if rt is not None else None
+                    reply: AttemptResult | None = None
+                    if host is None:
+                        reply = _NOT_PICKED
+                    elif not rt.limits.try_start_request():  # type: ignore[union-attr]
+                        reply = OVERFLOWED
+                    else:
+                        host.active_requests += 1
+                        try:
+                            pool = channel._pool
+                            mcs = (
+                                spec.mcs if spec.epoch == pool.epoch else spec.multicallables(pool)
+                            )
+                            mc = mcs.get(host.key)
+                            if mc is None:
+                                mc = spec.multicallable(pool, host.key)
+                            call = self._attempt = mc(request, timeout=t, metadata=None)
+                            try:
+                                value = await call
+                            except grpc.RpcError as error:
+                                reply = classify(error, caller_bound)
+                            except asyncio.CancelledError:
+                                call.cancel()
+                                raise
+                        except BaseException as exc:
+                            host.active_requests -= 1
+                            rt.limits.end_request()  # type: ignore[union-attr]
+                            if isinstance(exc, _CallError):
+                                raise _aio_error(exc.error) from None
+                            raise
+                    if reply is None:  # the answer (rt, host: the attempt's)
+                        detector = rt.outlier  # type: ignore[union-attr]
+                        if detector is not None:
+                            now = clock()
+                            if detector.record(host, OK, now):  # type: ignore[arg-type]
+                                rt.ejections_changed(now)  # type: ignore[union-attr]
+                        host.active_requests -= 1  # type: ignore[union-attr]
+                        rt.limits.end_request()  # type: ignore[union-attr]
+                        out = ((value, call), _FAST_RESULT)
+                    else:  # anything else: the flow goes on from here
+                        flow = resume_flow(
+                            runtime,
+                            snapshot,
+                            plan,
+                            bits=bits,
+                            deadlines=deadlines,
+                            resumed=(now, rt, host, None if reply is _NOT_PICKED else reply),
+                            clock=clock,
+                        )
+                        out = await channel._call_plain(
+                            *self._args,
+                            self._set_attempt,
+                            self._wait_for_ready,
+                            (flow, now, snapshot),
+                        )
         except asyncio.CancelledError:
             self._inline = None
             self._end_future().cancel()
@@ -673,6 +782,10 @@ class MeshAioCall:
             self._out = out  # nobody asked for a future: none is made
         else:
             asked.set_result(out)
+        if out[1] is _FAST_RESULT:  # (_settled inlined: the attempt is already released)
+            self._result = _FAST_RESULT
+            self._released = True
+            return out[0][0]
         return self._settled(out)
 
     # unary response
