@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from typing import Any
 
 import grpc
@@ -311,7 +311,7 @@ class AioMeshChannel(grpc.aio.Channel):
         The flow is driven inline, as :func:`~pymesh.core.flow.drive_async` drives it (same
         protocol: a raising action closes the flow first), with the ``Send`` done in the loop
         itself: no coroutine per attempt and none for the runner. ``resumed``: the flow of
-        a call the fast path (:meth:`MeshAioCall._run_inline`) started at ``start`` under
+        a call the fast path (``MeshAioCall.__await__``) started at ``start`` under
         ``snapshot``, driven from where it stopped.
         """
         if self._closed:
@@ -667,14 +667,21 @@ class MeshAioCall:
             raise _aio_error(MeshRpcError(grpc.StatusCode.CANCELLED, _CANCELLED)) from None
         return self._settled(out)
 
-    async def _run_inline(self) -> Any:
-        """The call awaited at once, in the awaiting task: the fast path (below) when the
-        call may take its method's :class:`~pymesh.core.flow.FastPlan`, else the flow."""
+    # unary response
+    def __await__(self) -> Generator[Any, None, Any]:
+        """The call's answer. Awaited at once (the common case), the call runs in the
+        awaiting task, in this generator itself (no coroutine of its own): the fast path
+        (below) when it may take its method's :class:`~pymesh.core.flow.FastPlan`, else
+        the flow; otherwise it waits for the task running it."""
+        if self._fut is not None or self._inline is not None or self._out is not _UNSET:
+            return (yield from self._settle().__await__())
         self._inline = asyncio.current_task(self._loop)
         channel = self._channel  # (_run inlined: one call less per call)
         try:
             if _telemetry._current is not None:
-                out = await channel._call(*self._args, self._set_attempt, self._wait_for_ready)
+                out = yield from channel._call(
+                    *self._args, self._set_attempt, self._wait_for_ready
+                ).__await__()
             else:
                 spec, request, kwargs, timeout, metadata = self._args
                 mesh = channel._mesh
@@ -691,9 +698,9 @@ class MeshAioCall:
                     or channel._closed
                     or (timeout is not None and (fast[2] or timeout <= 0))
                 ):
-                    out = await channel._call_plain(
+                    out = yield from channel._call_plain(
                         *self._args, self._set_attempt, self._wait_for_ready
-                    )
+                    ).__await__()
                 else:
                     # The fast path: the flow's decisions for this call, made as the flow
                     # makes them (same order of clock reads, draws, counts; see FastPlan).
@@ -729,7 +736,7 @@ class MeshAioCall:
                                 mc = spec.multicallable(pool, host.key)
                             call = self._attempt = mc(request, timeout=t, metadata=None)
                             try:
-                                value = await call
+                                value = yield from call.__await__()
                             except grpc.RpcError as error:
                                 reply = classify(error, caller_bound)
                             except asyncio.CancelledError:
@@ -760,12 +767,12 @@ class MeshAioCall:
                             resumed=(now, rt, host, None if reply is _NOT_PICKED else reply),
                             clock=clock,
                         )
-                        out = await channel._call_plain(
+                        out = yield from channel._call_plain(
                             *self._args,
                             self._set_attempt,
                             self._wait_for_ready,
                             (flow, now, snapshot),
-                        )
+                        ).__await__()
         except asyncio.CancelledError:
             self._inline = None
             self._end_future().cancel()
@@ -787,12 +794,6 @@ class MeshAioCall:
             self._released = True
             return out[0][0]
         return self._settled(out)
-
-    # unary response
-    def __await__(self) -> Any:
-        if self._fut is None and self._inline is None and self._out is _UNSET:
-            return self._run_inline().__await__()
-        return self._settle().__await__()
 
     # streaming response
     async def read(self) -> Any:
