@@ -101,7 +101,6 @@ from pymesh.model.route import (
     FilterConfigOverride,
     RedirectAction,
     RequestMirrorPolicy,
-    RetryPolicy,
     Route,
     RouteAction,
 )
@@ -603,175 +602,150 @@ def call_flow(
     request: RequestInfo,
     *,
     clock: Callable[[], float],
+    resume: tuple[FastPlan, int, Deadlines, Resumed] | None = None,
 ) -> Generator[Action, AttemptResult | None, CallResult]:
     """The life of one request under ``snapshot`` (see the module docstring for the order).
 
     ``clock`` returns monotonic seconds (the runner's clock; a fake one in tests). The
-    generator's return value is the :class:`CallResult`.
+    generator's return value is the :class:`CallResult`. ``resume``: see
+    :func:`resume_flow`.
     """
     rng = runtime.rng
     flags: list[str] = []
     vhost = snapshot.virtual_host
 
-    # 2. route
-    route = route_request(vhost, request, rng=rng)
-    if route is None:
-        flags.append("NR")
-        return _local(404, b"", ReplyKind.NO_ROUTE, flags)
-    action = route.action
-    ctx = _Ctx(route)
-    if not isinstance(action, RouteAction):
-        ctx.ops = response_header_ops(route, vhost, snapshot.route_config) or None
-        if isinstance(action, DirectResponseAction):
-            body = action.body or b""
-            return _local(action.status, body, ReplyKind.DIRECT_RESPONSE, flags, ctx=ctx)
-        if isinstance(action, RedirectAction):
-            location = (("location", redirect_location(action, request)),)
-            code = action.response_code
-            return _local(code, b"", ReplyKind.REDIRECT, flags, location, ctx=ctx)
-        flags.append("NR")
-        return _local(404, b"", ReplyKind.UNSUPPORTED_ROUTE, flags, ctx=ctx)
-
-    # 3. cluster choice, once per request
-    plan = _plan(snapshot, route, action)
-    choice = plan.choice or pick_cluster(action, request, rng=rng)
-    cluster_name = choice.name
-    ctx.cluster = cluster_name
-    entry = snapshot.clusters.get(cluster_name) if cluster_name else None
-    if entry is None:
-        flags.append("NC")
-        code = action.cluster_not_found_response_code
-        return _local(code, b"", ReplyKind.CLUSTER_NOT_FOUND, flags, ctx=ctx)
-    if isinstance(entry, ClusterError):
-        return _no_healthy_upstream(flags, ctx)
-
-    # 4. fault filter
-    fault = plan.fault
-    if fault is not None:
-        faults = runtime.active_faults
-        injected = decide_fault(
-            fault, request, rng=rng, active_faults=faults.count, cluster=cluster_name
+    resumed: Resumed | None = None
+    route: Route | None
+    entry: ClusterConfig | ClusterError | None
+    if resume is not None:  # a call a fast path started (see resume_flow)
+        fast, bits, deadlines, resumed = resume
+        route, entry, cluster_name = fast.route, fast.entry, fast.cluster_name
+        action = route.action
+        assert isinstance(action, RouteAction)
+        retry_policy = action.retry_policy
+        ctx = _Ctx(route, cluster_name)
+        ctx.ops = fast.plan.response_ops
+        upstream = RequestInfo(
+            request.method,
+            request.authority,
+            request.path,
+            RequestIdHeaders((), bits),
+            request.scheme,
+            request.source_ip,
+            request.grpc,
         )
-        abort = injected.abort_status is not None
-        if injected.active:
-            faults.start()
-            try:
-                if injected.delay is not None and injected.delay > 0:
-                    flags.append("DI")
-                    yield Sleep(injected.delay)
-            finally:
-                faults.end()
-            if abort:
-                flags.append("FI")
-                reply = _fault_abort(injected.abort_status, injected.abort_grpc_status)
-                return CallResult(None, reply, tuple(flags), 0, route, cluster_name)
-
-    # 5. rewrite
-    if plan.plain_rewrite:
-        upstream = request  # nothing to rewrite on this route (checked once per route)
+        idle = fast.plan.idle
+        hash_key = None
     else:
-        upstream = rewrite_request(route, action, vhost, snapshot.route_config, request, choice)
-    items = upstream.headers._items
-    has_id = False
-    if items:  # (a call without headers, e.g. gRPC without metadata, skips all this)
-        names = {k for k, _ in items}
-        if not names.isdisjoint(_CONSUMED_SET):
-            upstream = _with_headers(upstream, strip_consumed(upstream.headers, _CONSUMED))
-        has_id = "x-request-id" in names
-    if plan.weighted_headers and choice.weighted is not None:
-        ops = response_header_ops(route, vhost, snapshot.route_config, choice.weighted)
-        ctx.ops = ops or None
-    else:
-        ctx.ops = plan.response_ops
-    if not has_id:
-        added = RequestIdHeaders(upstream.headers._items, rng.getrandbits(128))
-        upstream = RequestInfo(  # (_with_headers inlined: one call less per request)
-            upstream.method,
-            upstream.authority,
-            upstream.path,
-            added,
-            upstream.scheme,
-            upstream.source_ip,
-            upstream.grpc,
-        )
+        # 2. route
+        route = route_request(vhost, request, rng=rng)
+        if route is None:
+            flags.append("NR")
+            return _local(404, b"", ReplyKind.NO_ROUTE, flags)
+        action = route.action
+        ctx = _Ctx(route)
+        if not isinstance(action, RouteAction):
+            ctx.ops = response_header_ops(route, vhost, snapshot.route_config) or None
+            if isinstance(action, DirectResponseAction):
+                body = action.body or b""
+                return _local(action.status, body, ReplyKind.DIRECT_RESPONSE, flags, ctx=ctx)
+            if isinstance(action, RedirectAction):
+                location = (("location", redirect_location(action, request)),)
+                code = action.response_code
+                return _local(code, b"", ReplyKind.REDIRECT, flags, location, ctx=ctx)
+            flags.append("NR")
+            return _local(404, b"", ReplyKind.UNSUPPORTED_ROUTE, flags, ctx=ctx)
 
-    # 6. deadlines
-    now = clock()
-    retry_policy = action.retry_policy
-    if request.headers._items:
-        deadlines = call_deadlines(
-            action, retry_policy, request, now=now, max_stream_duration=plan.max_stream_duration
-        )
-    else:  # no timeout header: the route's deadlines, computed once per plan
-        deadlines = plan.deadlines[request.grpc]
-        if deadlines.overall is not None:
-            deadlines = deadlines.starting_at(now)
-    overall = deadlines.overall
-    idle = plan.idle
+        # 3. cluster choice, once per request
+        plan = _plan(snapshot, route, action)
+        choice = plan.choice or pick_cluster(action, request, rng=rng)
+        cluster_name = choice.name
+        ctx.cluster = cluster_name
+        entry = snapshot.clusters.get(cluster_name) if cluster_name else None
+        if entry is None:
+            flags.append("NC")
+            code = action.cluster_not_found_response_code
+            return _local(code, b"", ReplyKind.CLUSTER_NOT_FOUND, flags, ctx=ctx)
+        if isinstance(entry, ClusterError):
+            return _no_healthy_upstream(flags, ctx)
 
-    # 7. mirrors
-    for policy in plan.mirrors:
-        mirror = _mirror(runtime, snapshot, policy, upstream, now=now, overall=overall)
-        if mirror is not None:
-            yield mirror
+        # 4. fault filter
+        fault = plan.fault
+        if fault is not None:
+            faults = runtime.active_faults
+            injected = decide_fault(
+                fault, request, rng=rng, active_faults=faults.count, cluster=cluster_name
+            )
+            abort = injected.abort_status is not None
+            if injected.active:
+                faults.start()
+                try:
+                    if injected.delay is not None and injected.delay > 0:
+                        flags.append("DI")
+                        yield Sleep(injected.delay)
+                finally:
+                    faults.end()
+                if abort:
+                    flags.append("FI")
+                    reply = _fault_abort(injected.abort_status, injected.abort_grpc_status)
+                    return CallResult(None, reply, tuple(flags), 0, route, cluster_name)
+
+        # 5. rewrite
+        if plan.plain_rewrite:
+            upstream = request  # nothing to rewrite on this route (checked once per route)
+        else:
+            upstream = rewrite_request(route, action, vhost, snapshot.route_config, request, choice)
+        items = upstream.headers._items
+        has_id = False
+        if items:  # (a call without headers, e.g. gRPC without metadata, skips all this)
+            names = {k for k, _ in items}
+            if not names.isdisjoint(_CONSUMED_SET):
+                upstream = _with_headers(upstream, strip_consumed(upstream.headers, _CONSUMED))
+            has_id = "x-request-id" in names
+        if plan.weighted_headers and choice.weighted is not None:
+            ops = response_header_ops(route, vhost, snapshot.route_config, choice.weighted)
+            ctx.ops = ops or None
+        else:
+            ctx.ops = plan.response_ops
+        if not has_id:
+            added = RequestIdHeaders(upstream.headers._items, rng.getrandbits(128))
+            upstream = RequestInfo(  # (_with_headers inlined: one call less per request)
+                upstream.method,
+                upstream.authority,
+                upstream.path,
+                added,
+                upstream.scheme,
+                upstream.source_ip,
+                upstream.grpc,
+            )
+
+        # 6. deadlines
+        now = clock()
+        retry_policy = action.retry_policy
+        if request.headers._items:
+            deadlines = call_deadlines(
+                action, retry_policy, request, now=now, max_stream_duration=plan.max_stream_duration
+            )
+        else:  # no timeout header: the route's deadlines, computed once per plan
+            deadlines = plan.deadlines[request.grpc]
+            if deadlines.overall is not None:
+                deadlines = deadlines.starting_at(now)
+        overall = deadlines.overall
+        idle = plan.idle
+
+        # 7. mirrors
+        for policy in plan.mirrors:
+            mirror = _mirror(runtime, snapshot, policy, upstream, now=now, overall=overall)
+            if mirror is not None:
+                yield mirror
+
+        hash_key = request_hash(action.hash_policies, request) if action.hash_policies else None
 
     # 8. attempts
-    hash_key = request_hash(action.hash_policies, request) if action.hash_policies else None
-    return (
-        yield from _attempts(
-            runtime,
-            snapshot,
-            request,
-            entry,
-            ctx,
-            flags,
-            upstream,
-            deadlines,
-            idle,
-            retry_policy,
-            hash_key,
-            clock,
-            None,
-        )
-    )
-
-
-OVERFLOWED = AttemptResult(Outcome())
-"""The ``result`` of a :data:`Resumed` whose first request the cluster's limits refused
-(``try_start_request`` said no: the flow answers overflow, 503 ``UO``)."""
-
-Resumed = tuple[float, "ClusterRuntime | None", Host | None, AttemptResult | None]
-"""Where an adapter's fast path hands a call to the flow (see :func:`resume_flow`):
-``(now, cluster, host, None)`` after the first pick (no limit taken yet), or
-``(now, cluster, host, result)`` after the first attempt was sent (its request admitted by
-the cluster's limits and counted on ``host``) and answered ``result``."""
-
-
-def _attempts(  # noqa: PLR0917 - the flow's state at the router's start
-    runtime: MeshRuntime,
-    snapshot: TargetSnapshot,
-    request: RequestInfo,
-    entry: ClusterConfig,
-    ctx: _Ctx,
-    flags: list[str],
-    upstream: RequestInfo,
-    deadlines: Deadlines,
-    idle: float | None,
-    retry_policy: RetryPolicy | None,
-    hash_key: int | None,
-    clock: Callable[[], float],
-    resumed: Resumed | None,
-) -> Generator[Action, AttemptResult | None, CallResult]:
-    """The attempts of one call (step 8); ``resumed``: the first attempt's start was made
-    by an adapter's fast path (:func:`resume_flow`)."""
     # The retry state is made once the first attempt's outcome is known (it draws nothing
     # from ``rng`` when made, and the first attempt excludes no host), and not at all for a
     # gRPC call whose first attempt ended OK: gRPC retries on status codes only (gRFC A44),
     # OK is never one of them, and request headers do not change that.
-    rng = runtime.rng
-    route = ctx.route
-    cluster_name = ctx.cluster
-    vhost = snapshot.virtual_host
     overall = deadlines.overall
     per_try = deadlines.per_try
     per_try_idle = deadlines.per_try_idle
@@ -956,6 +930,17 @@ def _attempts(  # noqa: PLR0917 - the flow's state at the router's start
             retry_slot.limits.end_retry()
 
 
+OVERFLOWED = AttemptResult(Outcome())
+"""The ``result`` of a :data:`Resumed` whose first request the cluster's limits refused
+(``try_start_request`` said no: the flow answers overflow, 503 ``UO``)."""
+
+Resumed = tuple[float, "ClusterRuntime | None", Host | None, AttemptResult | None]
+"""Where an adapter's fast path hands a call to the flow (see :func:`resume_flow`):
+``(now, cluster, host, None)`` after the first pick (no limit taken yet), or
+``(now, cluster, host, result)`` after the first attempt was sent (its request admitted by
+the cluster's limits and counted on ``host``) and answered ``result``."""
+
+
 class _NoDraw:
     """An ``rng`` for routing that refuses to draw: a route choice that needs a draw
     (``runtime_fraction``) is not the same for every call."""
@@ -1035,35 +1020,8 @@ def resume_flow(
     """The rest of a call a fast path started under ``fast`` (same snapshot): ``bits``, its
     ``x-request-id`` draw; ``deadlines``, started; ``resumed``, where it stopped. Driven
     like :func:`call_flow` (its first ``next`` continues from there)."""
-    request = fast.request
-    plan = fast.plan
-    ctx = _Ctx(fast.route, fast.cluster_name)
-    ctx.ops = plan.response_ops
-    upstream = RequestInfo(
-        request.method,
-        request.authority,
-        request.path,
-        RequestIdHeaders((), bits),
-        request.scheme,
-        request.source_ip,
-        request.grpc,
-    )
-    action = fast.route.action
-    assert isinstance(action, RouteAction)
-    return _attempts(
-        runtime,
-        snapshot,
-        request,
-        fast.entry,
-        ctx,
-        [],
-        upstream,
-        deadlines,
-        plan.idle,
-        action.retry_policy,
-        None,
-        clock,
-        resumed,
+    return call_flow(
+        runtime, snapshot, fast.request, clock=clock, resume=(fast, bits, deadlines, resumed)
     )
 
 
