@@ -26,7 +26,12 @@ and the flow alone, driven by hand. On real sockets the same Python costs 2-4 ti
 (caches shared with grpcio's C-core): the mode also times, in 9 interleaved rounds, plain
 grpcio calls alone and each followed by a stubbed pymesh call (sync, and aio with 16 in
 flight), and prints the difference (thread CPU, paired median): pymesh's Python between real
-calls. Compare code trees with these, not with grpcio.
+calls. Compare code trees with these, not with grpcio. ``--overhead --baseline DIR``: the
+same, alternated in fresh processes with pymesh imported from ``DIR`` (another tree's
+``pymesh/`` package), and the ratios new/base.
+
+``--count-calls``: the function calls per awaited aio call (``sys.setprofile`` over 1,000
+calls): in all, and pymesh's own with their list (``PYTHONPATH=DIR`` counts another tree).
 """
 
 from __future__ import annotations
@@ -294,6 +299,51 @@ def overhead(target: str, client: Any, plain_target: str) -> None:
     )
 
 
+async def count_calls(target: str, client: Any, calls: int = 1000) -> None:
+    """Print the function calls per awaited aio call (Python functions, and built-ins
+    called from pymesh's code), counted with ``sys.setprofile`` around each call."""
+    import collections
+
+    import pymesh
+    import pymesh.grpc.aio
+
+    root = str(Path(pymesh.__file__).resolve().parent.parent) + "/"
+    this = __file__
+    channel = pymesh.grpc.aio.insecure_channel(target, xds_client=client)
+    call = channel.unary_unary(METHOD, None, None)
+    for _ in range(200):
+        await call(b"hi", timeout=20)
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        name = frame.f_code.co_filename
+        if name == this:
+            return  # the counting coroutines themselves
+        mine = name.startswith(root + "pymesh/")
+        if event == "call":
+            where = name.removeprefix(root) if mine else "python"
+            counts[(where, frame.f_code.co_name)] += 1
+        elif event == "c_call":
+            counts[("built-in, from pymesh" if mine else "built-in", arg.__qualname__)] += 1
+
+    async def one() -> None:
+        sys.setprofile(profile)
+        await call(b"hi", timeout=10)
+        sys.setprofile(None)
+
+    for _ in range(calls):
+        await one()
+    total = sum(counts.values()) / calls
+    own = sum(v for k, v in counts.items() if k[0].startswith("pymesh/")) / calls
+    own_c = sum(v for k, v in counts.items() if k[0] == "built-in, from pymesh") / calls
+    print(f"{root}: per aio call {total:.1f} function calls in all (asyncio, grpc.aio included);")
+    print(f"pymesh's own: {own:.1f} Python functions, {own_c:.1f} built-in calls from its code")
+    for (where, name), n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        if where.startswith("pymesh/") or where == "built-in, from pymesh":
+            print(f"  {n / calls:5.2f}  {where}: {name}")
+    await channel.close(None)
+
+
 SITU_CALLS = 2000
 SITU_ROUNDS = 9
 
@@ -367,6 +417,12 @@ def main() -> None:
         " processes, and the ratios new/base",
     )
     parser.add_argument("--ab-runs", type=int, default=3)
+    parser.add_argument(
+        "--count-calls",
+        action="store_true",
+        help="count the function calls of 1,000 awaited aio calls (sys.setprofile): per call,"
+        " in all and pymesh's own, with the list of pymesh's",
+    )
     args = parser.parse_args()
     if args.overhead and args.baseline:
         _overhead_ab(str(Path(args.baseline).resolve()), args.ab_runs)
@@ -400,6 +456,9 @@ def main() -> None:
     try:
         if args.overhead:
             overhead(target, client, f"127.0.0.1:{backend_port}")
+            return
+        if args.count_calls:
+            asyncio.run(count_calls(target, client))
             return
         channels = {
             "plain": grpc.insecure_channel(f"127.0.0.1:{backend_port}"),
