@@ -109,7 +109,9 @@ def test_fast_path_matches_the_flow(grpc_mesh: GrpcMesh, echo_servers: Any) -> N
     assert got == expected
     assert [s.count for s in servers] == expected_counts
     # The run went through every turn: retried failures, answers, non-retried errors.
-    assert expected_counts[1] > calls // 4 and "error RESOURCE_EXHAUSTED" in expected
+    # (Which endpoint gets which pick depends on the random ports; each gets about a third.)
+    assert expected_counts[1] >= 4 and expected_counts[2] >= 3, expected_counts
+    assert "error RESOURCE_EXHAUSTED" in expected
     assert {"b'v1'", "b'v2'", "b'v3'"} <= set(expected)
 
 
