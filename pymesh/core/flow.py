@@ -950,7 +950,7 @@ class _NoDraw:
 
 
 class _DrawNeeded(Exception):
-    pass
+    """Raised by :class:`_NoDraw`: the route needs a random draw, so no fast plan."""
 
 
 class FastPlan:
