@@ -114,7 +114,7 @@ class RequestMetrics:
             self.add(s, duration_ms, request_bytes, response_bytes, request_messages,
                      response_messages)  # fmt: skip
 
-    def add(  # noqa: PLR0917 - hot path
+    def add(  # noqa: PLR0917 - one request's values
         self,
         s: _Series,
         duration_ms: float,
@@ -124,19 +124,26 @@ class RequestMetrics:
         response_messages: int = 0,
     ) -> None:
         """Count one finished request into a bound series (a few additions under a lock)."""
-        d = bisect.bisect_left(DURATION_BUCKETS, duration_ms)
-        q = bisect.bisect_left(BYTES_BUCKETS, request_bytes)
-        r = bisect.bisect_left(BYTES_BUCKETS, response_bytes)
+        self.add_many(
+            ((s, duration_ms, request_bytes, response_bytes, request_messages, response_messages),)
+        )
+
+    def add_many(self, counted: Iterable[tuple[_Series, float, int, int, int, int]]) -> None:
+        """:meth:`add` for a batch of ``(series, duration ms, request bytes, response
+        bytes, request messages, response messages)``, under one lock (the telemetry
+        writer's drain)."""
+        dur_b, bytes_b, find = DURATION_BUCKETS, BYTES_BUCKETS, bisect.bisect_left
         with self._lock:
-            s.requests += 1
-            s.dur_buckets[d] += 1
-            s.dur_sum += duration_ms
-            s.req_buckets[q] += 1
-            s.req_sum += request_bytes
-            s.resp_buckets[r] += 1
-            s.resp_sum += response_bytes
-            s.req_msgs += request_messages
-            s.resp_msgs += response_messages
+            for s, duration_ms, request_bytes, response_bytes, qm, rm in counted:
+                s.requests += 1
+                s.dur_buckets[find(dur_b, duration_ms)] += 1
+                s.dur_sum += duration_ms
+                s.req_buckets[find(bytes_b, request_bytes)] += 1
+                s.req_sum += request_bytes
+                s.resp_buckets[find(bytes_b, response_bytes)] += 1
+                s.resp_sum += response_bytes
+                s.req_msgs += qm
+                s.resp_msgs += rm
 
     def snapshot(self) -> list[tuple[tuple[str, ...], _Series]]:
         """A consistent copy of the table (taken under the lock)."""

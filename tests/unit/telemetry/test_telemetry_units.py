@@ -361,13 +361,18 @@ def test_configure_from_env_names_the_workload_from_the_bootstrap() -> None:
         tel.close()
 
 
+def _lines(batch: list[object]) -> list[str]:
+    """A writer's renderer: one line per queued item."""
+    return [str(item) for item in batch]
+
+
 def test_access_log_writer_thread_flushes_drops_and_closes() -> None:
     import threading
 
     from pymesh.telemetry._accesslog import AccessLogWriter
 
     lines: list[str] = []
-    writer = AccessLogWriter(str, lines.append, interval=60, max_pending=3)
+    writer = AccessLogWriter(_lines, lines.append, interval=60, max_pending=3)
     for i in range(5):  # the queue holds 3: two dropped, never blocking
         writer.put(i)
     assert writer.dropped == 2 and lines == []  # nothing formatted on the request path
@@ -381,7 +386,7 @@ def test_access_log_writer_thread_flushes_drops_and_closes() -> None:
         lines.append(line)
         written.set()
 
-    timed = AccessLogWriter(str, sink, interval=0.01)
+    timed = AccessLogWriter(_lines, sink, interval=0.01)
     timed.put("by the thread")
     assert written.wait(10), "the writer thread wrote nothing"
     assert lines[-1] == "by the thread"
@@ -398,12 +403,34 @@ def test_access_log_sink_failure_does_not_stop_the_writer() -> None:
             raise RuntimeError("sink down")
         lines.append(line)
 
-    writer = AccessLogWriter(str, sink, interval=60)
+    writer = AccessLogWriter(_lines, sink, interval=60)
     for item in ("a", "bad", "b"):
         writer.put(item)
     writer.flush()
     assert lines == ["a", "b"]
     writer.close()
+
+
+def test_access_log_bad_record_loses_only_its_own_line() -> None:
+    """The writer renders a batch in one call; a record that breaks it is dropped alone
+    (logged), the others of the batch are still rendered, in order."""
+    from pymesh.telemetry._accesslog import AccessLogWriter
+
+    lines: list[str] = []
+
+    def render(batch: list[object]) -> list[str]:
+        if "bad" in batch:
+            raise ValueError("a bad record")
+        return _lines(batch)
+
+    writer = AccessLogWriter(render, lines.append, interval=60)
+    for item in ("a", "bad", "b"):
+        writer.put(item)
+    writer.flush()
+    assert lines == ["a", "b"]
+    writer.put("c")
+    writer.close()
+    assert lines == ["a", "b", "c"]
 
 
 def test_access_log_sink_that_reads_metrics_continues_the_flush() -> None:
@@ -421,7 +448,7 @@ def test_access_log_sink_that_reads_metrics_continues_the_flush() -> None:
         if line == "b":
             writer.flush()  # what a metrics read does first
 
-    writer = AccessLogWriter(str, sink, interval=60)
+    writer = AccessLogWriter(_lines, sink, interval=60)
     for item in ("a", "b", "c", "d"):
         writer.put(item)
     done = threading.Thread(target=writer.flush, daemon=True)
@@ -488,6 +515,39 @@ def test_client_trace_ids_are_fresh_and_follow_the_current_trace() -> None:
         tel.close()
 
 
+def test_new_traces_are_decided_in_batches_and_forgotten_by_a_forked_child() -> None:
+    """Outbound requests with no current span pop a decided trace (sampled or not, ids
+    ready): every id distinct, the sampled share as configured; a forked child drops the
+    parent's undrawn ids and reseeds the default random source, so pre-fork workers never
+    repeat their parent's trace ids."""
+    from pymesh.telemetry import _telemetry
+
+    tel = telemetry.Telemetry(trace_sampling=10.0)  # 10%
+    try:
+        ids: list[str] = []
+        sampled = 0
+        for _ in range(2000):
+            got: dict[str, str] = {}
+            call = tel.client_call(
+                protocol="http", method="GET", authority="a", path="/", set_header=got.__setitem__
+            )
+            if call.span is not None:
+                sampled += 1
+                call.finish(None, status=200)
+            parts = got["traceparent"].split("-")
+            assert got["b3"] == f"{parts[1]}-{parts[2]}-{'1' if call.span else '0'}"
+            ids.append(parts[1])
+        assert len(set(ids)) == 2000
+        assert 120 <= sampled <= 290  # 200 expected; 5 standard deviations either side
+        left = list(tel._draws)
+        assert left  # a batch in progress
+        state = tel._rng.getstate()
+        _telemetry._after_fork_in_child()
+        assert tel._draws == [] and tel._rng.getstate() != state
+    finally:
+        tel.close()
+
+
 def test_asgi_middleware_hides_the_callers_exchange_headers_from_the_app() -> None:
     import asyncio
 
@@ -543,7 +603,7 @@ def test_access_log_writer_restarts_in_a_forked_child(tmp_path: Any) -> None:
 
     out = tmp_path / "child.log"
     lines: list[str] = []
-    writer = AccessLogWriter(str, lines.append, interval=0.01)
+    writer = AccessLogWriter(_lines, lines.append, interval=0.01)
     writer.put("parent")
     writer.flush()
     pid = os.fork()
