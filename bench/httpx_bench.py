@@ -383,7 +383,7 @@ def transport_split(
             for _ in range(rounds):
                 for name, client, url in (("plain", plain, plain_url), ("mesh", meshc, mesh_url)):
                     spent["transport"] = spent["pool"] = 0.0
-                    _, _, cpu = sync_round(client, url, n)
+                    _, _, cpu, _ = sync_round(client, url, n)
                     rows[name].append((cpu * n, spent["transport"], spent["pool"]))
     finally:
         for owner, name, value in saved:

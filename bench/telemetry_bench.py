@@ -2,12 +2,42 @@
 
 "On" is what issue 7 sets as the budget: Istio's request metrics, access logs (Envoy's text
 format, every request, written to a file by telemetry's writer thread) and traces sampled at
-1% (spans to an in-memory exporter). "client CPU" is the requesting thread's, "process CPU"
-every thread's (the access log writer's included). The same mesh client, upstream and
-config as ``bench/httpx_bench.py`` (uvicorn in a subprocess, embedded control plane,
-routing + retries + limits + outlier detection); rounds are interleaved (off, on, off,
-on, ...) so both see the same machine noise. The table gives medians over rounds and the
-on/off ratios (target: throughput within 5%).
+1% (spans to an in-memory exporter). The same mesh client, upstream and config as
+``bench/httpx_bench.py`` (uvicorn in a subprocess, embedded control plane, routing +
+retries + limits + outlier detection); sync sequential requests, then async with
+``--concurrency`` requests in flight on one client.
+
+Method (the main figure and ``--ab``). This is a shared VM whose host steals CPU in bursts.
+The same variant's throughput swings 2x within a minute, so each variant is run in short
+*paired slices*, not in long separate rounds. Each of ``--rounds`` rounds is split into
+slices of about ``--slice`` requests (``--requests`` per variant per round). A *cycle* is one
+slice of every variant back to back: off, on (``--ab``: every variant), the order rotating
+by one each cycle (off/on, on/off, ...). Each variant therefore sees the same bursts, and
+each still sends ``--requests`` x ``--rounds`` requests in all. One untimed cycle warms up
+first (connections, caches).
+
+What a slice times: from just before its first request to just after its last response
+and, when telemetry is installed, a ``Telemetry.flush_access_log()`` call. Telemetry only
+queues a finished request's record. A writer thread drains that queue every 0.1 s
+(metrics counted, access log lines formatted and written). The flush drains what the slice
+left queued, in the client thread. It is *inside* the timing, so a slice pays for all of
+its own deferred work and none of it spills into the next variant's slice. The
+exception is ``--ab``'s ``writer idle``: its writer thread never runs and its flush is
+*outside* the timing, which shows the cost of the request path alone.
+
+Per variant, over all its slices: requests/s = total requests / total timed wall time;
+latency p50/p99 over all its requests (the end-of-slice flush is in no request's
+latency); client CPU per request = the requesting thread's CPU (``time.thread_time``; it
+includes the end-of-slice flush) / requests; process CPU per request = every thread's
+(``/proc/self/task/*/schedstat``: the writer thread's drains during the slice and the
+flush included) / requests. The on/off ratio is the ratio of those throughputs. The
+*paired* ratio takes each cycle's on slice rate / off slice rate (in the main figure the
+two slices are adjacent, some 50 ms each) and reports their median and interquartile range:
+a burst that stalls one slice moves the total-time ratio, not the paired median.
+``--ab`` also gives the upstream process's CPU and GC collections per 1000 requests.
+Short async slices include the ramp-up and drain of the ``--concurrency`` workers, so
+absolute async throughput is a little lower than with long rounds. That cost is the same
+for every variant.
 
 A second figure isolates the per-request cost: both transports answer from memory (no
 network), timed as client-thread CPU, min over repeats.
@@ -15,14 +45,16 @@ network), timed as client-thread CPU, min over repeats.
 A third isolates the server side: the telemetry ASGI middleware ``pymesh.serve`` applies by
 default, driven in memory around a one-line app.
 
-    python bench/telemetry_bench.py [--requests 2000] [--rounds 7] [--concurrency 16]
-                                    [--isolated-only]
+    python bench/telemetry_bench.py [--requests 2000] [--rounds 7] [--slice 200]
+                                    [--concurrency 16] [--isolated-only]
+                                    [--ab [--ab-variants "on,writer idle"]]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -30,6 +62,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +74,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from httpx_bench import (
-    HOST,
-    PORT,
-    Round,
-    async_round,
-    mesh_yaml,
-    pct,
-    start_upstream,
-    sync_round,
-)
+from httpx_bench import HOST, PORT, mesh_yaml, pct, process_cpu, start_upstream
 
 import pymesh.httpx
 from pymesh import telemetry
@@ -106,98 +130,244 @@ def make_variants(xds: XdsClient, log_file: object) -> dict[str, telemetry.Telem
         "no trace headers": tel(tracing=False),
         "no exchange": tel(peer_exchange=False),
         "no metrics": tel(metrics=False),
+        "metrics only": tel(access_log="off", tracing=False, peer_exchange=False),
+        "headers only": tel(access_log="off", metrics=False),
     }
 
 
-async def ab(
-    client: Any,
+UNTIMED_FLUSH = frozenset({"writer idle"})
+"""``--ab`` variants whose end-of-slice flush is outside the timing (the request path's
+cost alone, without the deferred work)."""
+
+
+@dataclass(slots=True)
+class Slice:
+    """What one slice of one variant measured (seconds; see the module docstring)."""
+
+    n: int
+    wall: float
+    """requests and, with telemetry, the end-of-slice flush"""
+    lat: list[float]
+    cpu: float
+    """client thread"""
+    proc: float
+    """every thread of this process"""
+    upstream: float
+    """the upstream process (0 when not measured)"""
+    gcs: int
+    """GC collections started"""
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.wall
+
+
+Cycle = dict[str, Slice]
+"""One slice of every variant, back to back."""
+
+_gcs = [0]
+
+
+def _count_gc(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _gcs[0] += 1
+
+
+def sync_slice(
+    client: httpx.Client, url: str, n: int, *, flush: Callable[[], None] | None, upstream_pid: int
+) -> Slice:
+    """``n`` sequential requests, then ``flush`` (inside the timing)."""
+    lat: list[float] = []
+    get, clock = client.get, time.perf_counter
+    u0 = process_cpu(upstream_pid) if upstream_pid else 0.0
+    p0 = process_cpu()
+    g0 = _gcs[0]
+    c0 = time.thread_time()
+    t0 = clock()
+    for _ in range(n):
+        s = clock()
+        r = get(url)
+        lat.append(clock() - s)
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: {r.status_code} {r.text}")
+    if flush is not None:
+        flush()
+    wall = clock() - t0
+    cpu = time.thread_time() - c0
+    gcs = _gcs[0] - g0
+    proc = process_cpu() - p0
+    up = process_cpu(upstream_pid) - u0 if upstream_pid else 0.0
+    return Slice(n, wall, lat, cpu, proc, up, gcs)
+
+
+async def async_slice(
+    client: httpx.AsyncClient,
+    url: str,
+    n: int,
+    *,
+    flush: Callable[[], None] | None,
+    upstream_pid: int,
+    concurrency: int,
+) -> Slice:
+    """``n`` requests, ``concurrency`` in flight, then ``flush`` (inside the timing)."""
+    lat: list[float] = []
+    left = n
+    clock = time.perf_counter
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            s = clock()
+            r = await client.get(url)
+            lat.append(clock() - s)
+            if r.status_code != 200:
+                raise RuntimeError(f"{url}: {r.status_code} {r.text}")
+
+    u0 = process_cpu(upstream_pid) if upstream_pid else 0.0
+    p0 = process_cpu()
+    g0 = _gcs[0]
+    c0 = time.thread_time()
+    t0 = clock()
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, n))))
+    if flush is not None:
+        flush()
+    wall = clock() - t0
+    cpu = time.thread_time() - c0
+    gcs = _gcs[0] - g0
+    proc = process_cpu() - p0
+    up = process_cpu(upstream_pid) - u0 if upstream_pid else 0.0
+    return Slice(n, wall, lat, cpu, proc, up, gcs)
+
+
+def slice_sizes(requests: int, rounds: int, size: int) -> list[int]:
+    """Requests per cycle: each round's ``requests`` split into slices of about ``size``."""
+    k = max(1, round(requests / max(1, size)))
+    per_round = [requests // k + (1 if j < requests % k else 0) for j in range(k)]
+    return [s for _ in range(rounds) for s in per_round if s > 0]
+
+
+async def run_cycles(
+    client: httpx.Client | httpx.AsyncClient,
     url: str,
     variants: dict[str, telemetry.Telemetry | None],
     *,
-    n: int,
+    requests: int,
     rounds: int,
+    size: int,
     concurrency: int,
-    upstream_pid: int,
-    is_async: bool,
-) -> list[str]:
-    """Every variant in turn per round (rotating order), on sockets: requests/s, client
-    thread, process and upstream process CPU per request, GC collections per 1000."""
-    import gc
-
-    from httpx_bench import process_cpu
-
-    gcs = [0]
-
-    def count(phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            gcs[0] += 1
-
-    rows: dict[str, list[tuple[float, float, float, float, float]]] = {k: [] for k in variants}
+    upstream_pid: int = 0,
+) -> list[Cycle]:
+    """Cycles of one slice per variant in rotating order (the first, untimed, warms up),
+    ``requests`` x ``rounds`` requests per variant in all. Telemetry's deferred work is
+    flushed at the end of each of its slices, inside the timing (outside for
+    :data:`UNTIMED_FLUSH`)."""
     names = list(variants)
-
-    async def go() -> None:
-        for i in range(rounds):
+    sizes = slice_sizes(requests, rounds, size)
+    cycles: list[Cycle] = []
+    gc.callbacks.append(_count_gc)
+    try:
+        for i, n in enumerate([min(size, requests), *sizes] if sizes else []):
+            cycle: Cycle = {}
             for name in names[i % len(names) :] + names[: i % len(names)]:
                 t = variants[name]
                 if t is None:
                     telemetry.uninstall()
                 else:
                     telemetry.install(t)
-                u0 = process_cpu(upstream_pid)
-                g0 = gcs[0]
-                if is_async:
-                    r = await async_round(client, url, n, concurrency)
+                timed = None if t is None or name in UNTIMED_FLUSH else t.flush_access_log
+                if isinstance(client, httpx.AsyncClient):
+                    s = await async_slice(
+                        client,
+                        url,
+                        n,
+                        flush=timed,
+                        upstream_pid=upstream_pid,
+                        concurrency=concurrency,
+                    )
                 else:
-                    r = sync_round(client, url, n)
-                up = (process_cpu(upstream_pid) - u0) / n
-                if t is not None:
-                    t.flush_access_log()  # outside the timing: what the round queued
-                rows[name].append(
-                    (r[0], r[2] * 1e6, r[3] * 1e6, up * 1e6, (gcs[0] - g0) * 1000 / n)
-                )
-        telemetry.uninstall()
-
-    gc.callbacks.append(count)
-    try:
-        await go()
+                    s = sync_slice(client, url, n, flush=timed, upstream_pid=upstream_pid)
+                if t is not None and timed is None:
+                    t.flush_access_log()  # writer idle: what the slice queued, untimed
+                cycle[name] = s
+            if i > 0:  # cycle 0 warms up
+                cycles.append(cycle)
     finally:
-        gc.callbacks.remove(count)
-    med = statistics.median
-    base = med(r[0] for r in rows["off"])
-    out = [
-        f"  {'variant':20}{'req/s':>8}{'ratio':>7}{'client us':>10}{'(min)':>7}"
-        f"{'process us':>11}{'(min)':>7}{'upstream us':>12}{'gc/1000':>8}"
+        telemetry.uninstall()
+        gc.callbacks.remove(_count_gc)
+    return cycles
+
+
+class Stats:
+    """One variant's figures over all its slices (see the module docstring)."""
+
+    def __init__(self, cycles: list[Cycle], name: str, base: str = "off") -> None:
+        slices = [c[name] for c in cycles]
+        n = sum(s.n for s in slices)
+        self.rps = n / sum(s.wall for s in slices)
+        lat = [x for s in slices for x in s.lat]
+        self.p50, self.p99 = pct(lat, 0.5) * 1e3, pct(lat, 0.99) * 1e3
+        self.cpu = sum(s.cpu for s in slices) / n * 1e6
+        self.cpu_min = min(s.cpu / s.n for s in slices) * 1e6
+        self.proc = sum(s.proc for s in slices) / n * 1e6
+        self.proc_min = min(s.proc / s.n for s in slices) * 1e6
+        self.upstream = sum(s.upstream for s in slices) / n * 1e6
+        self.gc = sum(s.gcs for s in slices) * 1000 / n
+        paired = [c[name].rate / c[base].rate for c in cycles]
+        self.paired = statistics.median(paired)
+        if len(paired) > 1:
+            self.q1, _, self.q3 = statistics.quantiles(paired, n=4, method="inclusive")
+        else:
+            self.q1 = self.q3 = self.paired
+        self.pairs = len(paired)
+
+
+def describe(cycles: list[Cycle], names: list[str], concurrency: int | None) -> str:
+    """The header of a table: what was run."""
+    n = sum(c["off"].n for c in cycles)
+    shape = "sync" if concurrency is None else f"async, concurrency {concurrency}"
+    order = "off/on alternating" if len(names) == 2 else "rotating order"
+    untimed = [name for name in names if name in UNTIMED_FLUSH]
+    flush = "telemetry's flush timed" + (f" except {', '.join(untimed)}'s" if untimed else "")
+    return (
+        f"{shape}: {n} requests per variant in {len(cycles)} slices of "
+        f"~{round(n / len(cycles))} ({order}; {flush})"
+    )
+
+
+def summarize(title: str, cycles: list[Cycle]) -> list[str]:
+    off, on = Stats(cycles, "off"), Stats(cycles, "on")
+    return [
+        title,
+        f"  {'':24}{'telemetry off':>15}{'telemetry on':>15}{'on/off':>9}",
+        f"  {'requests/s':24}{off.rps:15.0f}{on.rps:15.0f}{on.rps / off.rps:9.3f}",
+        f"  {'':24}ratio {on.rps / off.rps:.3f} (paired median {on.paired:.3f}, "
+        f"IQR {on.q1:.2f}-{on.q3:.2f}, {on.pairs} pairs)",
+        f"  {'p50 latency (ms)':24}{off.p50:15.3f}{on.p50:15.3f}{on.p50 / off.p50:9.3f}",
+        f"  {'p99 latency (ms)':24}{off.p99:15.3f}{on.p99:15.3f}{on.p99 / off.p99:9.3f}",
+        f"  {'client CPU/request (us)':24}{off.cpu:15.1f}{on.cpu:15.1f}{on.cpu / off.cpu:9.3f}",
+        f"  {'process CPU/request (us)':24}{off.proc:15.1f}{on.proc:15.1f}"
+        f"{on.proc / off.proc:9.3f}",
     ]
-    for name, rs in rows.items():
-        rps = med(r[0] for r in rs)
+
+
+def ab_table(cycles: list[Cycle], names: list[str]) -> list[str]:
+    """``--ab``: per variant, requests/s, ratio to off (and the paired median and IQR),
+    client thread, process and upstream process CPU per request (and the min over slices),
+    GC collections per 1000 requests."""
+    base = Stats(cycles, "off")
+    out = [
+        f"  {'variant':18}{'req/s':>7}{'ratio':>7}{'paired':>7}{'IQR':>10}{'client us':>10}"
+        f"{'(min)':>7}{'process us':>11}{'(min)':>7}{'upstream us':>12}{'gc/1000':>8}"
+    ]
+    for name in names:
+        s = Stats(cycles, name)
         out.append(
-            f"  {name:20}{rps:8.0f}{rps / base:7.3f}{med(r[1] for r in rs):10.1f}"
-            f"{min(r[1] for r in rs):7.1f}{med(r[2] for r in rs):11.1f}"
-            f"{min(r[2] for r in rs):7.1f}{med(r[3] for r in rs):12.1f}"
-            f"{med(r[4] for r in rs):8.1f}"
+            f"  {name:18}{s.rps:7.0f}{s.rps / base.rps:7.3f}{s.paired:7.3f}"
+            f"{f'{s.q1:.2f}-{s.q3:.2f}':>10}{s.cpu:10.1f}{s.cpu_min:7.1f}{s.proc:11.1f}"
+            f"{s.proc_min:7.1f}{s.upstream:12.1f}{s.gc:8.1f}"
         )
     return out
-
-
-def summarize(name: str, off: list[Round], on: list[Round]) -> list[str]:
-    def med(rounds: list[Round], f: Callable[[Round], float]) -> float:
-        return statistics.median(f(r) for r in rounds)
-
-    rps_off, rps_on = med(off, lambda r: r[0]), med(on, lambda r: r[0])
-    p50_off, p50_on = (med(x, lambda r: pct(r[1], 0.5) * 1e3) for x in (off, on))
-    p99_off, p99_on = (med(x, lambda r: pct(r[1], 0.99) * 1e3) for x in (off, on))
-    cpu_off, cpu_on = (med(x, lambda r: r[2] * 1e6) for x in (off, on))
-    proc_off, proc_on = (med(x, lambda r: r[3] * 1e6) for x in (off, on))
-    return [
-        f"{name}",
-        f"  {'':24}{'telemetry off':>15}{'telemetry on':>15}{'on/off':>9}",
-        f"  {'requests/s':24}{rps_off:15.0f}{rps_on:15.0f}{rps_on / rps_off:9.3f}",
-        f"  {'p50 latency (ms)':24}{p50_off:15.3f}{p50_on:15.3f}{p50_on / p50_off:9.3f}",
-        f"  {'p99 latency (ms)':24}{p99_off:15.3f}{p99_on:15.3f}{p99_on / p99_off:9.3f}",
-        f"  {'client CPU/request (us)':24}{cpu_off:15.1f}{cpu_on:15.1f}{cpu_on / cpu_off:9.3f}",
-        f"  {'process CPU/request (us)':24}{proc_off:15.1f}{proc_on:15.1f}"
-        f"{proc_on / proc_off:9.3f}",
-    ]
 
 
 class _DonePool:
@@ -378,6 +548,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument(
+        "--slice",
+        type=int,
+        default=200,
+        help="requests per slice: variants alternate every slice (default 200)",
+    )
+    ap.add_argument(
         "--ab", action="store_true", help="on sockets: telemetry with one part off at a time"
     )
     ap.add_argument("--ab-variants", help="with --ab: only these (comma-separated) and off")
@@ -402,73 +578,53 @@ def main() -> None:
         url = f"http://{HOST}:{PORT}/"
         lines: list[str] = []
         try:
+            if args.isolated_only:
+                args.rounds = 0
             if args.ab:
                 variants = make_variants(xds, log_file)
                 if args.ab_variants:
-                    keep = ["off", *args.ab_variants.split(",")]
+                    keep = ["off", *(v.strip() for v in args.ab_variants.split(","))]
+                    unknown = [k for k in keep if k not in variants]
+                    if unknown:
+                        ap.error(f"--ab-variants: no variant {unknown}; known: {list(variants)}")
                     for name in [k for k in variants if k not in keep]:
                         t = variants.pop(name)
                         if t is not None:
                             t.close()
-                kw = {
-                    "n": args.requests,
-                    "rounds": args.rounds,
-                    "concurrency": args.concurrency,
-                    "upstream_pid": proc.pid,
-                }
+            else:
+                variants = {"off": None, "on": tel}
+            kw: dict[str, Any] = {
+                "requests": args.requests,
+                "rounds": args.rounds,
+                "size": args.slice,
+                "concurrency": args.concurrency,
+                "upstream_pid": proc.pid if args.ab else 0,
+            }
+
+            async def run_sync() -> list[Cycle]:
                 with pymesh.httpx.Client(xds_client=xds, mesh_wait=10) as client:
                     client.get(url)
-                    lines.append(f"sync, {args.requests} requests x {args.rounds} per variant")
-                    lines += asyncio.run(ab(client, url, variants, **kw, is_async=False))
+                    return await run_cycles(client, url, variants, **kw)
 
-                async def run_ab() -> list[str]:
-                    async with pymesh.httpx.AsyncClient(xds_client=xds, mesh_wait=10) as client:
-                        await client.get(url)
-                        return await ab(client, url, variants, **kw, is_async=True)
+            async def run_async() -> list[Cycle]:
+                async with pymesh.httpx.AsyncClient(xds_client=xds, mesh_wait=10) as client:
+                    await client.get(url)
+                    return await run_cycles(client, url, variants, **kw)
 
-                lines.append(f"async, concurrency {args.concurrency}")
-                lines += asyncio.run(run_ab())
+            for concurrency, run in ((None, run_sync), (args.concurrency, run_async)):
+                cycles = asyncio.run(run())
+                if not cycles:
+                    continue
+                title = describe(cycles, list(variants), concurrency)
+                if args.ab:
+                    lines += [title, *ab_table(cycles, list(variants))]
+                else:
+                    lines += summarize(title, cycles)
+            if args.ab:
                 for t in variants.values():
                     if t is not None:
                         t.close()
             else:
-                if args.isolated_only:
-                    args.rounds = 0
-                with pymesh.httpx.Client(xds_client=xds, mesh_wait=10) as client:
-                    client.get(url)
-                    off: list[Round] = []
-                    on: list[Round] = []
-                    for _ in range(args.rounds):
-                        telemetry.uninstall()
-                        off.append(sync_round(client, url, args.requests))
-                        telemetry.install(tel)
-                        on.append(sync_round(client, url, args.requests))
-                    telemetry.uninstall()
-                    if off:
-                        lines += summarize(
-                            f"sync, {args.requests} requests x {args.rounds}", off, on
-                        )
-
-                async def run_async() -> tuple[list[Round], list[Round]]:
-                    async with pymesh.httpx.AsyncClient(xds_client=xds, mesh_wait=10) as client:
-                        await client.get(url)
-                        a_off: list[Round] = []
-                        a_on: list[Round] = []
-                        for _ in range(args.rounds):
-                            telemetry.uninstall()
-                            a_off.append(
-                                await async_round(client, url, args.requests, args.concurrency)
-                            )
-                            telemetry.install(tel)
-                            a_on.append(
-                                await async_round(client, url, args.requests, args.concurrency)
-                            )
-                        telemetry.uninstall()
-                        return a_off, a_on
-
-                a_off, a_on = asyncio.run(run_async())
-                if a_off:
-                    lines += summarize(f"async, concurrency {args.concurrency}", a_off, a_on)
                 iso = isolated(xds, tel)
                 lines += [
                     "isolated (in-memory upstream, client CPU per request, min of 30 x 1000)",
