@@ -812,10 +812,10 @@ class MeshTransport(httpx.BaseTransport):
                 return core.failure(exc, timeouts)
             return AttemptResult(core.outcome_of(resp), resp)
 
-        tcall = _telemetry.http_client_call(request)  # telemetry: call timed
         info, origin = core.request_info(request)
+        tcall = _telemetry.http_client_call(info)  # telemetry: call timed
         if tcall is not None:
-            info = tcall.outbound(info)  # telemetry: its headers go per attempt (bytes)
+            info = tcall.info  # telemetry's own headers go per attempt (bytes)
         flow = call_flow(core.runtime, snapshot, info, clock=core.clock)
         result = drive_sync(
             flow,
@@ -830,13 +830,16 @@ class MeshTransport(httpx.BaseTransport):
             return core.local_response(result, request, target)
         resp = result.response
         assert isinstance(resp, httpcore.Response)
-        raw, peer = resp.headers, None
-        if tcall is not None:  # the server's exchange headers: read, not shown to the app
-            raw, peer = tcall.tel.take_exchange(raw)
+        if tcall is None:
+            raw, stream, release = resp.headers, resp.stream, result.release
+        else:  # counted and recorded; the server's exchange headers read, not shown
+            raw, stream, release = tcall.response(
+                result, resp.status, resp.headers, resp.stream, len(body)
+            )
         return httpx.Response(
             resp.status,
             headers=core.response_headers(raw, result),
-            stream=_SyncStream(*_body(tcall, result, resp, len(body), peer)),
+            stream=_SyncStream(stream, release),
             extensions={**resp.extensions, RESULT_EXTENSION: result},
         )
 
@@ -895,20 +898,6 @@ class MeshTransport(httpx.BaseTransport):
         if self._passthrough is not None:
             self._passthrough.close()
         self._core.close()
-
-
-def _body(
-    tcall: _telemetry.ClientCall | None,
-    result: CallResult,
-    resp: httpcore.Response,
-    sent: int,
-    peer: Any = None,
-) -> tuple[Any, Callable[[], None]]:
-    """The response stream and release: counted and recorded by telemetry when it is on
-    (``peer``: the server's workload from its metadata exchange headers)."""
-    if tcall is None:
-        return resp.stream, result.release
-    return _telemetry.upstream_body(tcall, result, resp.status, sent, resp.stream, peer)
 
 
 _NO_EXTENSIONS: dict[str, Any] = {}
@@ -1025,10 +1014,10 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
                 return core.failure(exc, timeouts)
             return AttemptResult(core.outcome_of(resp), resp)
 
-        tcall = _telemetry.http_client_call(request)  # telemetry: call timed
         info, origin = core.request_info(request)
+        tcall = _telemetry.http_client_call(info)  # telemetry: call timed
         if tcall is not None:
-            info = tcall.outbound(info)  # telemetry: its headers go per attempt (bytes)
+            info = tcall.info  # telemetry's own headers go per attempt (bytes)
         flow = call_flow(core.runtime, snapshot, info, clock=core.clock)
         result = await drive_async(
             flow,
@@ -1043,13 +1032,16 @@ class AsyncMeshTransport(httpx.AsyncBaseTransport):
             return core.local_response(result, request, target)
         resp = result.response
         assert isinstance(resp, httpcore.Response)
-        raw, peer = resp.headers, None
-        if tcall is not None:  # the server's exchange headers: read, not shown to the app
-            raw, peer = tcall.tel.take_exchange(raw)
+        if tcall is None:
+            raw, stream, release = resp.headers, resp.stream, result.release
+        else:  # counted and recorded; the server's exchange headers read, not shown
+            raw, stream, release = tcall.response(
+                result, resp.status, resp.headers, resp.stream, len(body)
+            )
         return httpx.Response(
             resp.status,
             headers=core.response_headers(raw, result),
-            stream=_AsyncStream(*_body(tcall, result, resp, len(body), peer)),
+            stream=_AsyncStream(stream, release),
             extensions={**resp.extensions, RESULT_EXTENSION: result},
         )
 

@@ -916,8 +916,11 @@ def _namespace_of(principal: str) -> str:
 class ClientCall:
     """One outbound request in flight (from :meth:`Telemetry.client_call`)."""
 
-    __slots__ = ("_authority", "_path", "method", "protocol", "raw", "request", "span",
+    __slots__ = ("_authority", "_path", "info", "method", "protocol", "raw", "request", "span",
                  "start", "t0", "tel")  # fmt: skip
+
+    info: RequestInfo
+    """HTTP: the request to route (set by :func:`http_client_call`)."""
 
     def __init__(  # noqa: PLR0917 - built by Telemetry only
         self,
@@ -976,9 +979,30 @@ class ClientCall:
     def upstream_headers(self, cluster: Any) -> tuple[tuple[bytes, bytes], ...]:
         """Telemetry's headers for one HTTP attempt to ``cluster`` (a ``ClusterRuntime``):
         the trace context, then the metadata exchange unless the cluster is outside the
-        mesh (:func:`mesh_external`)."""
-        exchange = _exchange_for(self.tel, cluster)
+        mesh (:func:`mesh_external`; memoized per cluster config, the hit read here)."""
+        config = cluster.config
+        found = self.tel._mx_clusters.get(id(config))
+        exchange = (
+            found[1]
+            if found is not None and found[0] is config
+            else _exchange_for(self.tel, cluster)
+        )
         return self.raw + exchange if exchange else self.raw
+
+    def response(
+        self,
+        result: CallResult,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        stream: Any,
+        request_bytes: int,
+    ) -> tuple[list[tuple[bytes, bytes]], Any, Callable[[], None]]:
+        """An HTTP upstream response, for the application: its headers without the
+        server's exchange headers (:meth:`Telemetry.take_exchange`), and the body stream and
+        release to hand over (:func:`upstream_body`: counted, recorded at the end)."""
+        raw, peer = self.tel.take_exchange(headers)
+        stream, release = upstream_body(self, result, status, request_bytes, stream, peer)
+        return raw, stream, release
 
     @property
     def authority(self) -> str:
@@ -1056,9 +1080,9 @@ class ClientCall:
                 request_id,
                 authority if authority is not None else self.authority,
                 upstream,
-                # the upstream request's header items: the writer finds the user agent
-                # and request id there (only when not given)
-                sent.headers._items if sent is not None else (),
+                # the upstream request's headers: the writer finds the user agent and
+                # request id there (only when not given)
+                sent.headers if sent is not None else (),
             )
         elif log or span is not None:
             if request_id is None and sent is not None:
@@ -1396,9 +1420,11 @@ class UpstreamBody:
             _log.exception("telemetry: recording a request failed")
 
 
-def http_client_call(request: Any) -> ClientCall | None:
-    """For the httpx adapters: a :class:`ClientCall` of the installed telemetry for an
-    ``httpx.Request``, or ``None`` when telemetry is off: then nothing at all is computed.
+def http_client_call(info: RequestInfo) -> ClientCall | None:
+    """For the httpx adapters: a :class:`ClientCall` of the installed telemetry for a
+    request (``info``: the request as the flow sees it; route ``call.info``, which is
+    without the application's own trace and exchange headers), or ``None`` when telemetry
+    is off: then nothing at all is computed.
     The trace headers are kept in the call as bytes and go on each upstream attempt
     (:meth:`ClientCall.upstream_headers`, with the metadata exchange), as Envoy's router
     injects the trace context per upstream request: never written into the application's
@@ -1408,7 +1434,14 @@ def http_client_call(request: Any) -> ClientCall | None:
     tel = _current
     if tel is None:
         return None
-    call = ClientCall(tel, "http", request.method, None, None, request)
+    call = ClientCall(tel, "http", info.method, info.authority, info.path)
+    headers = info.headers
+    found = tel._strip_memo.get(id(headers))  # the usual case: a known header set, kept
+    call.info = (
+        info
+        if found is not None and found[0] is headers and found[1] is None
+        else call.outbound(info)
+    )
     if tel.tracing:
         call.raw = tel._trace_headers(call)
     return call
