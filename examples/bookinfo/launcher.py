@@ -231,9 +231,12 @@ def wait_pushed(admin_url: str, before: dict[str, Any], written_at: float, timeo
         errors = configz.get("last_reload_errors") or []
         if errors and time.time() - written_at > 1.0:
             raise BookinfoError("the control plane rejected the config:\n" + "\n".join(errors))
-        pushed = int((configz.get("last_push") or {}).get("version", 0))
-        good_at = configz.get("last_good_at") or 0
-        if good_at >= written_at - 0.01 and pushed > before_version:
+        last_push = configz.get("last_push") or {}
+        pushed = int(last_push.get("version", 0))
+        # The push must carry the files as written: a push that was under way when they
+        # were written (a registration, an earlier change) can finish after the reload.
+        loaded_at = last_push.get("config_loaded_at") or 0
+        if loaded_at >= written_at - 0.01 and pushed > before_version:
             version = pushed
             break
         time.sleep(0.05)

@@ -446,6 +446,7 @@ class Hub:
             return
         t1 = time.perf_counter()
         started = time.process_time()
+        config_good_at = self.last_good_at  # the config files this push carries were read then
         try:
             self._rebuild_generator()
         except Exception:
@@ -472,6 +473,7 @@ class Hub:
             "push_thread_cpu_seconds": round(thread_cpu, 4),
             "clients": len(self.connections),
             "clients_skipped": self.last_push_skipped,
+            "config_loaded_at": config_good_at,
         }
         log.info(
             "pushed version %d to %d clients: load %.3fs (waited %.3fs), build %.3fs, push %.3fs",

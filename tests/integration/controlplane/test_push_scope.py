@@ -142,6 +142,7 @@ def test_endpoint_change_reaches_only_its_clients(config: Path, clients: list[Ra
         envoy.send(type_url=EDS, resource_names=every)
         envoy.ack(envoy.recv(), resource_names=every)
 
+        written_at = time.time()
         write(
             config,
             [service_entry(0, [9000, 9000]), service_entry(1, [9005]), service_entry(2, [9000])],
@@ -152,6 +153,8 @@ def test_endpoint_change_reaches_only_its_clients(config: Path, clients: list[Ra
         assert a.no_response(0.3)  # service 0 did not change: client a is not touched
         push = plane.call(lambda: dict(plane.hub.last_push))
         assert push["clients_skipped"] == 1
+        # the push says when the files it carries were read (what `apply` tools wait on)
+        assert push["config_loaded_at"] >= written_at - 0.01
 
         # A change of shape (a new service) cannot be scoped: every client is visited, and
         # still only those whose resources differ get a response.
