@@ -64,6 +64,12 @@ class Headers:
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(self._items)
 
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """The ``(name, value)`` pairs as one tuple of strings (what a record kept for
+        later holds: unlike this object, the garbage collector stops tracking it)."""
+        return self._items
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -30,7 +30,8 @@ __all__ = [
     "AccessRecord",
     "format_json",
     "format_text",
-    "text_items",
+    "agent_and_id",
+    "text_item",
     "text_line",
 ]
 
@@ -65,16 +66,23 @@ class AccessRecord:
     trace_id: str | None = None
 
 
-_last_second: list[Any] = [None, ""]
+# The last second / millisecond formatted, as one (value, text) tuple each: replaced whole,
+# so a thread never reads one value's text with another's.
+_last_second: list[tuple[int, str]] = [(-1, "")]
+_last_ms: list[tuple[int, str]] = [(-1, "")]
+
+
+def _start_second(second: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` of a Unix second (UTC): one formatted second, reused
+    (strftime is most of a line's cost)."""
+    cached = _last_second[0]
+    if cached[0] != second:
+        cached = _last_second[0] = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return cached[1]
 
 
 def _start_time(start: float) -> str:
-    second = int(start)
-    cached = _last_second  # one formatted second, reused: strftime is most of a line's cost
-    if cached[0] != second:
-        cached[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        cached[0] = second
-    return f"{cached[1]}.{int(start * 1000) % 1000:03d}Z"
+    return f"{_start_second(int(start))}.{int(start * 1000) % 1000:03d}Z"
 
 
 def format_text(r: AccessRecord) -> str:
@@ -117,8 +125,12 @@ def text_line(  # noqa: PLR0917 - one argument per field of the line, hot path
 ) -> str:
     """:func:`format_text` from the fields themselves (the request path builds no record)."""
     ust = "-" if upstream_service_time is None else str(upstream_service_time)
+    ms = int(start * 1000)
+    stamp = _last_ms[0]  # the start time: lines of the same millisecond share its text
+    if stamp[0] != ms:
+        stamp = _last_ms[0] = (ms, f"{_start_second(ms // 1000)}.{ms % 1000:03d}Z")
     return (  # a missing (or empty) value is "-", quoted like the others
-        f'[{_start_time(start)}] "{method} {path} {protocol}" {status} {flags} '
+        f'[{stamp[1]}] "{method} {path} {protocol}" {status} {flags} '
         f'{bytes_received} {bytes_sent} {duration_ms} {ust} "{forwarded_for or "-"}" '
         f'"{user_agent or "-"}" "{request_id or "-"}" "{authority or "-"}" '
         f'"{upstream_host or "-"}"'
@@ -153,23 +165,26 @@ def format_json(r: AccessRecord) -> str:
     )
 
 
-def text_items(items: Iterable[tuple[Any, ...]]) -> list[str]:
-    """The lines of queued text items, in order (the writer's drain: one call a batch).
-    An item: :func:`text_line`'s 15 fields, then the request's header items, where a user
-    agent / request id not given (``None``) is looked up."""
-    out: list[str] = []
-    for item in items:
-        user_agent, request_id = item[11], item[12]
-        if user_agent is None or request_id is None:
-            for name, value in item[15]:
-                if name == "x-request-id" and request_id is None:
-                    request_id = value
-                elif name == "user-agent" and user_agent is None:
-                    user_agent = value
-        out.append(
-            text_line(*item[:11], user_agent, request_id, item[13], item[14])  # type: ignore[call-arg]
-        )
-    return out
+def text_item(item: tuple[Any, ...]) -> str:
+    """The line of one queued text item: :func:`text_line`'s 15 fields, then the request's
+    header items, where a user agent / request id not given (``None``) is looked up."""
+    user_agent, request_id = item[11], item[12]
+    if user_agent is None or request_id is None:
+        user_agent, request_id = agent_and_id(item[15], user_agent, request_id)
+    return text_line(*item[:11], user_agent, request_id, item[13], item[14])  # type: ignore[call-arg]
+
+
+def agent_and_id(
+    headers: Iterable[tuple[str, str]], user_agent: str | None, request_id: str | None
+) -> tuple[str | None, str | None]:
+    """The ``user-agent`` and ``x-request-id`` of lower-case request ``headers``, unless
+    given."""
+    for name, value in headers:
+        if name == "x-request-id" and request_id is None:
+            request_id = value
+        elif name == "user-agent" and user_agent is None:
+            user_agent = value
+    return user_agent, request_id
 
 
 FLUSH_INTERVAL = 0.1

@@ -24,9 +24,12 @@ import ipaddress
 import logging
 import os
 import random
+import re
 import threading
 import time
 import weakref
+from binascii import hexlify
+from operator import itemgetter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -45,7 +48,14 @@ from opentelemetry.trace.propagation import _SPAN_KEY
 from pymesh.core.flow import lowered_headers
 from pymesh.core.types import Headers, RequestInfo
 from pymesh.telemetry import _propagation
-from pymesh.telemetry._accesslog import AccessLogWriter, AccessRecord, format_json, text_items
+from pymesh.telemetry._accesslog import (
+    AccessLogWriter,
+    AccessRecord,
+    agent_and_id,
+    format_json,
+    text_item,
+    text_line,
+)
 from pymesh.telemetry._labels import (
     UNKNOWN,
     PeerWorkload,
@@ -88,6 +98,8 @@ _ZERO_SPAN = "0" * 16
 _ZERO_TRACE_B = b"0" * 32
 _ZERO_SPAN_B = b"0" * 16
 _DRAWS = 64
+_ZERO_IDS = re.compile(rb"^0{32}-|-0{16}$")
+"""An all-zero trace or span id in a drawn ``trace-span`` entry."""
 """New traces decided per batch (:meth:`Telemetry._draw`)."""
 
 _current: Telemetry | None = None
@@ -99,6 +111,7 @@ def _after_fork_in_child() -> None:
     ids: drop the parent's decided traces and reseed the default random source."""
     for tel in list(_instances):
         tel._draws = []
+        tel._quick = False  # the child has no writer thread yet (see Telemetry._queue)
         if tel._own_rng:
             tel._rng.seed()
 
@@ -198,6 +211,14 @@ class Telemetry:
         self.metrics_enabled = metrics
         self.access_log = access_log
         self._text = access_log_format == "text"  # lines straight from fields, no record
+        self._quick_wanted = (self._text or access_log == "off") and (
+            metrics or access_log != "off"
+        )
+        """Whether HTTP responses are recorded as :meth:`ClientCall.response`'s quick
+        record (a JSON line needs the full record, built on the request path)."""
+        self._quick = False
+        """:attr:`_quick_wanted`, once the writer thread runs (:meth:`_queue` starts it)."""
+        self._log_all = access_log == "full"
         self._sample_logs = access_log_sample
         access_logger = logging.getLogger("pymesh.access")
         self._writer = AccessLogWriter(
@@ -366,31 +387,36 @@ class Telemetry:
             ids = f"{int(ids[:32], 16) or 1:032x}{int(ids[32:], 16) or 1:016x}"
         return ids
 
+    def _new_ids_b(self) -> bytes:
+        """:meth:`_new_ids` as a drawn entry: ``trace-span`` bytes."""
+        ids = self._new_ids()
+        return f"{ids[:32]}-{ids[32:]}".encode()
+
     def _draw(self) -> tuple[tuple[bytes, bytes], ...] | None:
         """Decide :data:`_DRAWS` new traces at once and return the first: ``None`` when
         sampled, else the unsampled headers, ready for the wire. The random ids of the
-        whole batch come from one draw (the request path then pops one entry: a sixth of
-        the cost of drawing and formatting each on its own)."""
+        whole batch come from one draw and are cut and formatted by C loops (the request
+        path then pops one entry)."""
         rng = self._rng
         ratio = self._trace_ratio
         formats = self._formats
-        default = formats == (True, False, True)  # W3C and B3 single
-        hexed = rng.getrandbits(192 * _DRAWS).to_bytes(24 * _DRAWS, "little").hex().encode()
-        out: list[tuple[tuple[bytes, bytes], ...] | None] = []
-        for i in range(0, 48 * _DRAWS, 48):
-            if ratio and rng.random() < ratio:
-                out.append(None)
-                continue
-            t, s = hexed[i : i + 32], hexed[i + 32 : i + 48]
-            if t == _ZERO_TRACE_B or s == _ZERO_SPAN_B:  # all-zero: invalid (2^-64 odds)
-                ids = self._new_ids()
-                out.append(_propagation.unsampled_headers(ids, formats))
-            elif default:
-                out.append(
-                    ((b"traceparent", b"00-%s-%s-00" % (t, s)), (b"b3", b"%s-%s-0" % (t, s)))
-                )
-            else:
-                out.append(_propagation.unsampled_headers(f"{t.decode()}{s.decode()}", formats))
+        raw = rng.getrandbits(192 * _DRAWS).to_bytes(24 * _DRAWS, "little")
+        sampled = [i for i in range(_DRAWS) if rng.random() < ratio] if ratio else ()
+        # "trace-span" per entry: the hex cut by hexlify's separators, joined by C loops
+        traces = hexlify(raw[: 16 * _DRAWS], b" ", 16)
+        spans = hexlify(raw[16 * _DRAWS :], b" ", 8)
+        ids = list(map(b"-".join, zip(traces.split(), spans.split())))
+        out: list[tuple[tuple[bytes, bytes], ...] | None]
+        if _ZERO_SPAN_B in traces or _ZERO_SPAN_B in spans:  # maybe an all-zero id (invalid)
+            ids = [self._new_ids_b() if _ZERO_IDS.search(i) else i for i in ids]
+        if formats == (True, False, True):  # the default: W3C and B3 single
+            out = [((b"traceparent", b"00-%s-00" % i), (b"b3", b"%s-0" % i)) for i in ids]
+        else:
+            out = [
+                _propagation.unsampled_headers(i.decode().replace("-", ""), formats) for i in ids
+            ]
+        for i in sampled:
+            out[i] = None
         self._draws = out
         return out.pop()
 
@@ -584,6 +610,8 @@ class Telemetry:
             if record[14] is not None:
                 self._writer.dropped += 1
             self._render([(*record[:14], None)])
+        elif self._quick_wanted and self._writer._thread is not None:
+            self._quick = True  # the writer runs: quick records may follow
 
     def _render(self, records: list[tuple[Any, ...]]) -> list[str]:
         """Count finished requests' records into the metrics (under one lock) and return
@@ -592,23 +620,59 @@ class Telemetry:
         after a request sees it, as Envoy merges its thread-local stats at a flush).
         A record: ``(inbound, protocol, status, grpc_status, flags, cluster or authority,
         host or peer principal, mtls, peer workload, duration s, request bytes, response
-        bytes, request messages, response messages, line item or None)``."""
-        if self.metrics_enabled:
-            client, server = self._client_series, self._server_series
-            counted = []
-            for r in records:
-                series = (server if r[0] else client)(
-                    r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8]
-                )
+        bytes, request messages, response messages, line item or None)``, or the HTTP
+        client's quick record (:meth:`ClientCall.response`): ``(start perf_counter, end
+        perf_counter, method, path, authority, status, request bytes, response bytes, flags,
+        cluster, host, peer workload, upstream request header pairs, log line wanted)``,
+        whose line and durations are made here."""
+        count = self.metrics_enabled
+        client, server = self._client_series, self._server_series
+        counted: list[tuple[_Series, float, int, int, int, int]] = []
+        lines: list[str] = []
+        text = self._text
+        wall = time.time() - time.perf_counter()  # perf_counter -> wall clock, this drain
+        # the previous quick record's series and what names it (consecutive records mostly
+        # share one: compared, not looked up)
+        last: tuple[Any, ...] = (None, None, None, None, None)
+        last_series: _Series | None = None
+        for r in records:
+            if r[0].__class__ is float:  # ClientCall.response's quick record
+                t0, end, method, path, authority, status, qb, rb, flags, cluster, host, peer, \
+                    sent, log = r  # fmt: skip
+                seconds = end - t0
+                if count:
+                    if (
+                        host is last[0]
+                        and status == last[1]
+                        and peer is last[2]
+                        and flags == last[3]
+                        and cluster == last[4]
+                    ):
+                        series = last_series
+                    else:
+                        series = client("http", status, None, flags, cluster, host, False, peer)
+                        last, last_series = (host, status, peer, flags, cluster), series
+                    if series is not None:
+                        counted.append((series, seconds * 1000.0, qb, rb, 0, 0))
+                if log:  # text (the quick record's only format)
+                    agent, rid = agent_and_id(sent, None, None)
+                    lines.append(
+                        text_line(t0 + wall, method, path, "HTTP/1.1", status,
+                                  ",".join(flags) if flags else "-", qb, rb,
+                                  int(seconds * 1000), None, None, agent, rid, authority,
+                                  host.key if host is not None else None)
+                    )  # fmt: skip
+                continue
+            if count:
+                series = (server if r[0] else client)(r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
                 if series is not None:
                     counted.append((series, r[9] * 1000.0, r[10], r[11], r[12], r[13]))
+            item = r[14]
+            if item is not None:
+                lines.append(text_item(item) if text else format_json(item))
+        if counted:
             self.requests.add_many(counted)
-        items = [r[14] for r in records if r[14] is not None]
-        if not items:
-            return []
-        if self._text:
-            return text_items(items)
-        return [format_json(item) for item in items]
+        return lines
 
     def _log_this(self, flagged: bool) -> bool:
         """Whether this request's access log line is written (decided before building it)."""
@@ -651,6 +715,9 @@ class Telemetry:
         same list when there are none; nothing removed with peer exchange off."""
         if not self.peer_exchange:
             return headers, None
+        names = b"\n".join([b"", *map(_first, headers), b""]).lower()
+        if b"\nx-envoy-peer-metadata" not in names and b"\nbaggage\n" not in names:
+            return headers, None  # the usual case: neither, one C pass over the names
         metadata = baggage = None
         found = False
         for name, value in headers:
@@ -884,6 +951,7 @@ class Telemetry:
 
 _UP = frozenset({"HEALTHY", "UNKNOWN", "DEGRADED"})
 _MX_NAMES = frozenset((b"x-envoy-peer-metadata", b"x-envoy-peer-metadata-id"))
+_first = itemgetter(0)
 _NO_PEER = Workload()
 
 
@@ -917,7 +985,7 @@ class ClientCall:
     """One outbound request in flight (from :meth:`Telemetry.client_call`)."""
 
     __slots__ = ("_authority", "_path", "info", "method", "protocol", "raw", "request", "span",
-                 "start", "t0", "tel")  # fmt: skip
+                 "t0", "tel")  # fmt: skip
 
     info: RequestInfo
     """HTTP: the request to route (set by :func:`http_client_call`)."""
@@ -940,8 +1008,14 @@ class ClientCall:
         self.span: Any = None
         self.raw: tuple[tuple[bytes, bytes], ...] = ()
         """HTTP: the trace context headers for each upstream attempt, as bytes."""
-        self.start = time.time()
         self.t0 = time.perf_counter()
+        """The start (``time.perf_counter()``; one clock read per request: the wall-clock
+        start is derived from it, :attr:`start`)."""
+
+    @property
+    def start(self) -> float:
+        """The wall-clock start (``time.time()``), from :attr:`t0`."""
+        return time.time() - (time.perf_counter() - self.t0)
 
     def outbound(self, info: RequestInfo) -> RequestInfo:
         """``info`` (the request as the flow sees it) without the application's own headers
@@ -1000,7 +1074,41 @@ class ClientCall:
         """An HTTP upstream response, for the application: its headers without the
         server's exchange headers (:meth:`Telemetry.take_exchange`), and the body stream and
         release to hand over (:func:`upstream_body`: counted, recorded at the end)."""
-        raw, peer = self.tel.take_exchange(headers)
+        tel = self.tel
+        raw, peer = tel.take_exchange(headers)
+        chunks = getattr(stream, "chunks", None)
+        if tel._quick and chunks.__class__ is list and self.span is None:
+            # The usual end: the body complete with the head, no span, a text line or none.
+            # One record of the values at hand, the writer derives the rest; strings and
+            # numbers, plus long-lived objects (host, peer): nothing made for this request
+            # stays alive in the queue for the collector to scan and promote (records that
+            # kept the call and the upstream request made the collector's time most of
+            # telemetry's cost).
+            pending = tel._pending
+            if len(pending) < tel._max_pending:
+                flags = result.flags
+                if flags or result.attempts > 1:
+                    tel.count_attempts(result.cluster, result.attempts, flags)
+                sent = result.upstream_request
+                pending.append(
+                    (
+                        self.t0,
+                        time.perf_counter(),
+                        self.method,
+                        self._path,
+                        self._authority,
+                        status,
+                        request_bytes,
+                        sum(map(len, chunks)),
+                        flags,
+                        result.cluster,
+                        result.host,
+                        peer,
+                        sent.headers.pairs if sent is not None else (),
+                        tel._log_all or tel._log_this(bool(flags) or status >= 500),
+                    )
+                )
+                return raw, stream, result.release
         stream, release = upstream_body(self, result, status, request_bytes, stream, peer)
         return raw, stream, release
 
@@ -1082,7 +1190,7 @@ class ClientCall:
                 upstream,
                 # the upstream request's headers: the writer finds the user agent and
                 # request id there (only when not given)
-                sent.headers if sent is not None else (),
+                sent.headers.pairs if sent is not None else (),
             )
         elif log or span is not None:
             if request_id is None and sent is not None:
@@ -1443,7 +1551,14 @@ def http_client_call(info: RequestInfo) -> ClientCall | None:
         else call.outbound(info)
     )
     if tel.tracing:
-        call.raw = tel._trace_headers(call)
+        if _current_context().get(_SPAN_KEY) is None:  # a new trace: _trace_headers, inline
+            try:
+                drawn = tel._draws.pop()
+            except IndexError:
+                drawn = tel._draw()
+            call.raw = drawn if drawn is not None else tel._sampled_headers(call)
+        else:
+            call.raw = tel._trace_headers(call)
     return call
 
 
