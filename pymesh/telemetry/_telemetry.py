@@ -29,7 +29,6 @@ import threading
 import time
 import weakref
 from binascii import hexlify
-from operator import itemgetter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -715,9 +714,6 @@ class Telemetry:
         same list when there are none; nothing removed with peer exchange off."""
         if not self.peer_exchange:
             return headers, None
-        names = b"\n".join([b"", *map(_first, headers), b""]).lower()
-        if b"\nx-envoy-peer-metadata" not in names and b"\nbaggage\n" not in names:
-            return headers, None  # the usual case: neither, one C pass over the names
         metadata = baggage = None
         found = False
         for name, value in headers:
@@ -951,7 +947,6 @@ class Telemetry:
 
 _UP = frozenset({"HEALTHY", "UNKNOWN", "DEGRADED"})
 _MX_NAMES = frozenset((b"x-envoy-peer-metadata", b"x-envoy-peer-metadata-id"))
-_first = itemgetter(0)
 _NO_PEER = Workload()
 
 
