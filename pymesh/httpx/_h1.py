@@ -99,8 +99,9 @@ class _Stale(Exception):
 
 def serialize_head(
     method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body_length: int | None
-) -> tuple[bytes, bool]:
-    """The request head, and whether the body is sent chunked.
+) -> tuple[bytes, bool, bool]:
+    """The request head, whether the body is sent chunked, and whether the request asks
+    to close the connection (``Connection: close``).
 
     ``body_length``: the length of a ``bytes`` body (``None``: an iterator). A body without
     a ``Content-Length`` or ``Transfer-Encoding`` header gets ``Content-Length`` (bytes) or
@@ -124,8 +125,11 @@ def serialize_head(
             else:
                 add.append((b"Content-Length", b"%d" % body_length))
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
+    close = False
     for name, value in headers:
         lines += (name, b": ", value, b"\r\n")
+        if len(name) == 10 and name.lower() == b"connection" and b"close" in value.lower():
+            close = True
     for name, value in add:
         lines += (name, b": ", value, b"\r\n")
     lines.append(b"\r\n")
@@ -133,7 +137,7 @@ def serialize_head(
     count = len(headers) + len(add) + 2
     if head.count(b"\n") != count or head.count(b"\r") != count or b"\x00" in head:
         raise httpcore.LocalProtocolError("invalid character in a request header")
-    return head, chunked
+    return head, chunked, close
 
 
 def _frame(part: bytes) -> bytes:
@@ -281,13 +285,6 @@ class _Chunks:
         raise StopAsyncIteration
 
 
-def _wants_close(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if len(name) == 10 and name.lower() == b"connection" and b"close" in value.lower():
-            return True
-    return False
-
-
 class Done:
     """The body of a response that was complete when its head was read (nothing can fail
     while it is read: the transport hands its chunks over without an error wrapper)."""
@@ -326,7 +323,7 @@ class _Out:
             data = stream._content  # httpcore.ByteStream's content
         else:
             self.parts = stream
-        head, chunked = serialize_head(
+        head, chunked, self.close = serialize_head(
             request.method, request.url.target, headers, len(data) if data is not None else None
         )
         if data is not None and not chunked and len(data) <= 65536:
@@ -335,7 +332,6 @@ class _Out:
         self.data = data
         self.chunked = chunked
         self.head_only = request.method == b"HEAD"
-        self.close = _wants_close(headers)
 
 
 _BYTE_STREAM: type[Any] = type(httpcore.Request(b"GET", b"http://x/").stream)

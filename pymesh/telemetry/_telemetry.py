@@ -714,6 +714,11 @@ class Telemetry:
         same list when there are none; nothing removed with peer exchange off."""
         if not self.peer_exchange:
             return headers, None
+        for name, _ in headers:  # the usual case: no name of those lengths, one test a name
+            if len(name) in _MX_SIZES:
+                break
+        else:
+            return headers, None
         metadata = baggage = None
         found = False
         for name, value in headers:
@@ -947,6 +952,8 @@ class Telemetry:
 
 _UP = frozenset({"HEALTHY", "UNKNOWN", "DEGRADED"})
 _MX_NAMES = frozenset((b"x-envoy-peer-metadata", b"x-envoy-peer-metadata-id"))
+_MX_SIZES = frozenset((7, 21, 24))
+"""The lengths of ``baggage`` and the two exchange header names."""
 _NO_PEER = Workload()
 
 

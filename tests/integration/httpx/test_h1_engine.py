@@ -511,9 +511,20 @@ def test_header_injection_is_refused() -> None:
         serialize_head(b"GET", b"/", [(b"x-a", b"1\r\nx-evil: 1")], 0)
     with pytest.raises(httpcore.LocalProtocolError):
         serialize_head(b"GET", b"/", [(b"x-a\n", b"1")], 0)
-    head, chunked = serialize_head(b"POST", b"/p?q", [(b"Host", b"h")], 3)
+    head, chunked, close = serialize_head(b"POST", b"/p?q", [(b"Host", b"h")], 3)
     assert head == b"POST /p?q HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n"
     assert not chunked
+    assert not close
+
+
+def test_connection_close_is_read_from_the_head() -> None:
+    for headers, close in [
+        ([(b"Host", b"h"), (b"Connection", b"Close")], True),
+        ([(b"connection", b"keep-alive, close")], True),
+        ([(b"connection", b"keep-alive")], False),
+        ([(b"x-connection", b"close"), (b"connections", b"close")], False),
+    ]:
+        assert serialize_head(b"GET", b"/", headers, 0)[2] is close, headers
 
 
 # -- errors and timeouts ----------------------------------------------------------------------
