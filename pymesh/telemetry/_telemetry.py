@@ -953,6 +953,7 @@ class Telemetry:
 _UP = frozenset({"HEALTHY", "UNKNOWN", "DEGRADED"})
 _MX_NAMES = frozenset((b"x-envoy-peer-metadata", b"x-envoy-peer-metadata-id"))
 _MX_SIZES = frozenset((7, 21, 24))
+_new_object = object.__new__
 """The lengths of ``baggage`` and the two exchange header names."""
 _NO_PEER = Workload()
 
@@ -1077,7 +1078,12 @@ class ClientCall:
         server's exchange headers (:meth:`Telemetry.take_exchange`), and the body stream and
         release to hand over (:func:`upstream_body`: counted, recorded at the end)."""
         tel = self.tel
-        raw, peer = tel.take_exchange(headers)
+        for name, _ in headers:  # take_exchange's first test, inline: usually no name matches
+            if len(name) in _MX_SIZES:
+                raw, peer = tel.take_exchange(headers)
+                break
+        else:
+            raw, peer = headers, None
         chunks = getattr(stream, "chunks", None)
         if tel._quick and chunks.__class__ is list and self.span is None:
             # The usual end: the body complete with the head, no span, a text line or none.
@@ -1544,7 +1550,16 @@ def http_client_call(info: RequestInfo) -> ClientCall | None:
     tel = _current
     if tel is None:
         return None
-    call = ClientCall(tel, "http", info.method, info.authority, info.path)
+    call = _new_object(ClientCall)  # ClientCall.__init__'s stores, inline
+    call.tel = tel
+    call.protocol = "http"
+    call.method = info.method
+    call._authority = info.authority
+    call._path = info.path
+    call.request = None
+    call.span = None
+    call.raw = ()
+    call.t0 = time.perf_counter()
     headers = info.headers
     found = tel._strip_memo.get(id(headers))  # the usual case: a known header set, kept
     call.info = (
