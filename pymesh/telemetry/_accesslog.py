@@ -28,9 +28,9 @@ from typing import Any
 __all__ = [
     "AccessLogWriter",
     "AccessRecord",
+    "agent_and_id",
     "format_json",
     "format_text",
-    "agent_and_id",
     "text_item",
     "text_line",
 ]

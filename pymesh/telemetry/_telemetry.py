@@ -94,12 +94,11 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
-_ZERO_TRACE_B = b"0" * 32
 _ZERO_SPAN_B = b"0" * 16
 _DRAWS = 64
+"""New traces decided per batch (:meth:`Telemetry._draw`)."""
 _ZERO_IDS = re.compile(rb"^0{32}-|-0{16}$")
 """An all-zero trace or span id in a drawn ``trace-span`` entry."""
-"""New traces decided per batch (:meth:`Telemetry._draw`)."""
 
 _current: Telemetry | None = None
 _instances: weakref.WeakSet[Telemetry] = weakref.WeakSet()
@@ -404,7 +403,7 @@ class Telemetry:
         # "trace-span" per entry: the hex cut by hexlify's separators, joined by C loops
         traces = hexlify(raw[: 16 * _DRAWS], b" ", 16)
         spans = hexlify(raw[16 * _DRAWS :], b" ", 8)
-        ids = list(map(b"-".join, zip(traces.split(), spans.split())))
+        ids = list(map(b"-".join, zip(traces.split(), spans.split(), strict=True)))
         out: list[tuple[tuple[bytes, bytes], ...] | None]
         if _ZERO_SPAN_B in traces or _ZERO_SPAN_B in spans:  # maybe an all-zero id (invalid)
             ids = [self._new_ids_b() if _ZERO_IDS.search(i) else i for i in ids]
@@ -663,7 +662,9 @@ class Telemetry:
                     )  # fmt: skip
                 continue
             if count:
-                series = (server if r[0] else client)(r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+                series = (server if r[0] else client)(
+                    r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8]
+                )
                 if series is not None:
                     counted.append((series, r[9] * 1000.0, r[10], r[11], r[12], r[13]))
             item = r[14]
