@@ -548,6 +548,35 @@ def test_new_traces_are_decided_in_batches_and_forgotten_by_a_forked_child() -> 
         tel.close()
 
 
+def test_a_drawn_batch_never_carries_an_all_zero_id() -> None:
+    """W3C forbids all-zero trace and span ids: a batch whose random bits come out zero
+    (2^-64 odds an entry) replaces those entries; every format stays well formed."""
+    import random
+    import re
+
+    class Zeros(random.Random):
+        def getrandbits(self, k: int) -> int:
+            return 0
+
+    for propagation in (("tracecontext", "b3"), ("tracecontext", "b3multi")):
+        tel = telemetry.Telemetry(trace_sampling=0.0, rng=Zeros(), propagation=propagation)
+        try:
+            tel._draw()
+            entries = [dict(e) for e in tel._draws if e is not None]
+            assert len(entries) == 63
+            for headers in entries:
+                parts = headers[b"traceparent"].split(b"-")
+                assert re.fullmatch(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-00", headers[b"traceparent"])
+                assert parts[1] != b"0" * 32 and parts[2] != b"0" * 16
+                if b"b3" in headers:
+                    assert headers[b"b3"] == b"%s-%s-0" % (parts[1], parts[2])
+                else:
+                    assert headers[b"x-b3-traceid"] == parts[1]
+                    assert headers[b"x-b3-spanid"] == parts[2]
+        finally:
+            tel.close()
+
+
 def test_asgi_middleware_hides_the_callers_exchange_headers_from_the_app() -> None:
     import asyncio
 
