@@ -1,11 +1,12 @@
 """pymesh.httpx with telemetry on vs off, side by side (not a timed test).
 
 "On" is what issue 7 sets as the budget: Istio's request metrics, access logs (Envoy's text
-format, every request, written to a file by telemetry's writer thread) and traces sampled at
-1% (spans to an in-memory exporter). The same mesh client, upstream and config as
-``bench/httpx_bench.py`` (uvicorn in a subprocess, embedded control plane, routing +
-retries + limits + outlier detection); sync sequential requests, then async with
-``--concurrency`` requests in flight on one client.
+format, every request, to a file as Istio's ``accessLogFile`` says it: ``access_log_file``,
+written a batch at a time by telemetry's writer thread; ``--ab``'s "line sink" calls a
+function per line instead) and traces sampled at 1% (spans to an in-memory exporter). The
+same mesh client, upstream and config as ``bench/httpx_bench.py`` (uvicorn in a subprocess,
+embedded control plane, routing + retries + limits + outlier detection); sync sequential
+requests, then async with ``--concurrency`` requests in flight on one client.
 
 Method (the main figure and ``--ab``). This is a shared VM whose host steals CPU in bursts.
 The same variant's throughput swings 2x within a minute, so each variant is run in short
@@ -84,23 +85,24 @@ from pymesh.httpx._h1 import Done
 from pymesh.xds.client import XdsClient
 
 
-def make_telemetry(xds: XdsClient, log_file: object) -> telemetry.Telemetry:
+def make_telemetry(xds: XdsClient, log_path: Path) -> telemetry.Telemetry:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
-    write = log_file.write  # type: ignore[attr-defined]
     return telemetry.Telemetry(
         node=xds.bootstrap.node,
         access_log="full",
         access_log_format="text",
-        access_log_sink=lambda line: write(line + "\n"),
+        access_log_file=log_path,
         trace_sampling=1.0,
         tracer_provider=provider,
     )
 
 
-def make_variants(xds: XdsClient, log_file: object) -> dict[str, telemetry.Telemetry | None]:
+def make_variants(
+    xds: XdsClient, log_path: Path, sink_file: Any
+) -> dict[str, telemetry.Telemetry | None]:
     """``--ab``: the bench's telemetry and the same with one part switched off each."""
-    write = log_file.write  # type: ignore[attr-defined]
+    write = sink_file.write
 
     def tel(**kw: Any) -> telemetry.Telemetry:
         provider = TracerProvider()
@@ -109,7 +111,7 @@ def make_variants(xds: XdsClient, log_file: object) -> dict[str, telemetry.Telem
             "node": xds.bootstrap.node,
             "access_log": "full",
             "access_log_format": "text",
-            "access_log_sink": lambda line: write(line + "\n"),
+            "access_log_file": log_path,
             "trace_sampling": 1.0,
             "tracer_provider": provider,
         }
@@ -126,6 +128,7 @@ def make_variants(xds: XdsClient, log_file: object) -> dict[str, telemetry.Telem
         "on": tel(),
         "no access log": tel(access_log="off"),
         "log writer 1 s": slow,
+        "line sink": tel(access_log_file=None, access_log_sink=lambda line: write(line + "\n")),
         "no spans (0%)": tel(trace_sampling=0.0),
         "no trace headers": tel(tracing=False),
         "no exchange": tel(peer_exchange=False),
@@ -573,15 +576,16 @@ def main() -> None:
             labels={"app": "bench-client", "version": "v1"},
         )  # fmt: skip
         xds = XdsClient(parse_bootstrap(json.dumps(data), source="bench"))
-        log_file = open(tmp / "access.log", "w")  # noqa: SIM115 - closed below
-        tel = make_telemetry(xds, log_file)
+        log_path = tmp / "access.log"
+        sink_file = open(tmp / "sink.log", "w")  # noqa: SIM115 - closed below
+        tel = make_telemetry(xds, log_path)
         url = f"http://{HOST}:{PORT}/"
         lines: list[str] = []
         try:
             if args.isolated_only:
                 args.rounds = 0
             if args.ab:
-                variants = make_variants(xds, log_file)
+                variants = make_variants(xds, log_path, sink_file)
                 if args.ab_variants:
                     keep = ["off", *(v.strip() for v in args.ab_variants.split(","))]
                     unknown = [k for k in keep if k not in variants]
@@ -645,13 +649,12 @@ def main() -> None:
                 ]
                 series = len(tel.requests.snapshot())
                 tel.flush_access_log()  # lines still queued for the writer thread
-                log_file.flush()
-                logged = sum(1 for _ in open(tmp / "access.log"))  # noqa: SIM115
+                logged = sum(1 for _ in open(log_path))  # noqa: SIM115
                 lines.append(f"(checks: {series} metric series, {logged} access log lines)")
         finally:
             telemetry.uninstall()
             tel.close()
-            log_file.close()
+            sink_file.close()
             xds.close()
             cp.stop()
             proc.terminate()

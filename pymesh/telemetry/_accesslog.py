@@ -18,6 +18,7 @@ import collections
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -28,6 +29,7 @@ from typing import Any
 __all__ = [
     "AccessLogWriter",
     "AccessRecord",
+    "LogFile",
     "agent_and_id",
     "format_json",
     "format_text",
@@ -187,6 +189,39 @@ def agent_and_id(
     return user_agent, request_id
 
 
+class LogFile:
+    """An access log file, written a batch of lines at a time (Istio's ``accessLogFile``):
+    ``/dev/stdout`` and ``/dev/stderr`` write to the process's ``sys.stdout`` /
+    ``sys.stderr`` as they are at each write; any other path is opened once, in append
+    mode (an error names the path)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._file: Any = None
+        self._std = self.path in ("/dev/stdout", "/dev/stderr")
+        if not self._std:
+            try:
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            except OSError as exc:
+                raise ValueError(f"access log file {self.path}: {exc.strerror or exc}") from None
+
+    def write_lines(self, lines: list[str]) -> None:
+        """The lines, each ended by a newline, in one write, then flushed."""
+        if self._std:
+            out = sys.stdout if self.path == "/dev/stdout" else sys.stderr
+        elif self._file is None:
+            raise ValueError(f"access log file {self.path} is closed")
+        else:
+            out = self._file
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 FLUSH_INTERVAL = 0.1
 """Seconds between the writer thread's flushes (Envoy: ``access_log_flush_interval``)."""
 
@@ -205,13 +240,17 @@ class AccessLogWriter:
     def __init__(
         self,
         render: Callable[[list[Any]], list[str]],
-        sink: Callable[[str], None],
+        sink: Callable[[str], None] | None = None,
         *,
+        write_lines: Callable[[list[str]], None] | None = None,
         interval: float = FLUSH_INTERVAL,
         max_pending: int = MAX_PENDING,
     ) -> None:
+        if (sink is None) == (write_lines is None):
+            raise ValueError("give one of sink (a call per line) and write_lines (per batch)")
         self._render = render
         self._sink = sink
+        self._write_lines = write_lines
         self._interval = interval
         self._max = max_pending
         self._pending: collections.deque[Any] = collections.deque()
@@ -280,7 +319,16 @@ class AccessLogWriter:
                         lines += self._render([item])
                     except Exception:
                         _log.exception("access log: rendering a record failed")
+            if not lines:
+                return
+            if self._write_lines is not None:  # a file: one write a batch
+                try:
+                    self._write_lines(lines)
+                except Exception:  # a broken file must never fail a request
+                    _log.exception("access log: writing %d lines failed", len(lines))
+                return
             sink = self._sink
+            assert sink is not None
             for line in lines:
                 try:
                     sink(line)

@@ -10,6 +10,8 @@ variable                           meaning                                     d
 ``PYMESH_ACCESS_LOG``              ``off`` / ``sampled`` / ``full``            ``off``
 ``PYMESH_ACCESS_LOG_FORMAT``       ``text`` / ``json``                         ``text``
 ``PYMESH_ACCESS_LOG_SAMPLE``       fraction logged in ``sampled`` mode         ``0.01``
+``PYMESH_ACCESS_LOG_FILE``         where lines go (Istio's ``accessLogFile``:  the ``pymesh.access``
+                                   a path, ``/dev/stdout``)                    logger
 ``PYMESH_TRACE_SAMPLING``          percent of new traces sampled               ``1.0``
 ``PYMESH_TRACE_PROPAGATION``       comma list (tracecontext, b3multi, b3)      W3C and b3
 ``PYMESH_PEER_EXCHANGE``           Istio's metadata exchange ``on`` / ``off``  ``on``
@@ -70,6 +72,9 @@ def configure_from_env(
                 )
             options[key] = value
     options["access_log_sample"] = _float(env, "PYMESH_ACCESS_LOG_SAMPLE", 0.01)
+    log_file = env.get("PYMESH_ACCESS_LOG_FILE")
+    if log_file:
+        options["access_log_file"] = log_file
     options["trace_sampling"] = _float(env, "PYMESH_TRACE_SAMPLING", 1.0)
     exchange = env.get("PYMESH_PEER_EXCHANGE", "on").strip().lower()
     if exchange not in ("on", "off", "1", "0", "true", "false"):
@@ -89,7 +94,8 @@ def configure_from_env(
     try:
         tel = Telemetry(node=node, **options)
     except ValueError as exc:
-        raise ConfigError(str(exc), source="environment") from None
+        field = "PYMESH_ACCESS_LOG_FILE" if str(exc).startswith("access log file") else None
+        raise ConfigError(str(exc), source="environment", field=field) from None
     address = env.get("PYMESH_PROMETHEUS_ADDRESS", "127.0.0.1:15020")
     if address.lower() != "off":
         host, _, port = address.rpartition(":")

@@ -50,6 +50,7 @@ from pymesh.telemetry import _propagation
 from pymesh.telemetry._accesslog import (
     AccessLogWriter,
     AccessRecord,
+    LogFile,
     agent_and_id,
     format_json,
     text_item,
@@ -168,7 +169,9 @@ class Telemetry:
     ``metrics``: record Istio's request metrics. ``access_log``: ``"off"``, ``"sampled"``
     (a random ``access_log_sample`` fraction, plus every request with a response flag or a
     5xx) or ``"full"``; ``access_log_format``: ``"text"`` (Envoy's default) or ``"json"``;
-    lines go to ``access_log_sink`` (default: the ``pymesh.access`` logger at INFO).
+    lines go to ``access_log_file`` (Istio's ``accessLogFile``: a path, ``/dev/stdout`` or
+    ``/dev/stderr``; written a batch at a time) or to ``access_log_sink``, one call per line
+    (default: the ``pymesh.access`` logger at INFO).
     ``trace_sampling``: percent of new traces sampled (Istio's ``sampling``, default 1.0);
     an inbound parent's decision always wins. ``tracer_provider``: where sampled spans go
     (default: a fresh SDK provider; add a span processor to export). ``propagation``:
@@ -188,6 +191,7 @@ class Telemetry:
         access_log_format: Literal["text", "json"] = "text",
         access_log_sample: float = 0.01,
         access_log_sink: Callable[[str], None] | None = None,
+        access_log_file: str | os.PathLike[str] | None = None,
         tracing: bool = True,
         trace_sampling: float = 1.0,
         tracer_provider: trace.TracerProvider | None = None,
@@ -218,11 +222,17 @@ class Telemetry:
         """:attr:`_quick_wanted`, once the writer thread runs (:meth:`_queue` starts it)."""
         self._log_all = access_log == "full"
         self._sample_logs = access_log_sample
-        access_logger = logging.getLogger("pymesh.access")
-        self._writer = AccessLogWriter(
-            self._render,
-            access_log_sink or (lambda line: access_logger.info("%s", line)),
-        )
+        if access_log_file is not None and access_log_sink is not None:
+            raise ValueError("give access_log_file or access_log_sink, not both")
+        self._log_file = LogFile(access_log_file) if access_log_file is not None else None
+        if self._log_file is not None:
+            self._writer = AccessLogWriter(self._render, write_lines=self._log_file.write_lines)
+        else:
+            access_logger = logging.getLogger("pymesh.access")
+            self._writer = AccessLogWriter(
+                self._render,
+                access_log_sink or (lambda line: access_logger.info("%s", line)),
+            )
         self.tracing = tracing
         self._trace_ratio = trace_sampling / 100.0
         self.propagation = formats
@@ -946,6 +956,8 @@ class Telemetry:
             exporter.shutdown()
         uninstall(self)
         self._writer.close()
+        if self._log_file is not None:
+            self._log_file.close()
         if not self._closed:
             self._closed = True
             self.meter_provider.shutdown()
@@ -954,8 +966,8 @@ class Telemetry:
 _UP = frozenset({"HEALTHY", "UNKNOWN", "DEGRADED"})
 _MX_NAMES = frozenset((b"x-envoy-peer-metadata", b"x-envoy-peer-metadata-id"))
 _MX_SIZES = frozenset((7, 21, 24))
-_new_object = object.__new__
 """The lengths of ``baggage`` and the two exchange header names."""
+_new_object = object.__new__
 _NO_PEER = Workload()
 
 

@@ -253,6 +253,65 @@ def test_configure_from_env() -> None:
         telemetry.configure_from_env(env={"PYMESH_TELEMETRY": "on", "PYMESH_TRACE_SAMPLING": "101"})
 
 
+def test_access_log_file_is_written_a_batch_at_a_time(tmp_path: Any, capsys: Any) -> None:
+    """``access_log_file`` (Istio's ``accessLogFile``): lines appended to the file in order,
+    one write a drain; ``/dev/stdout`` follows ``sys.stdout``; a path that cannot be opened
+    is an error naming it (in the environment: naming the variable); a file and a sink
+    together are refused."""
+    path = tmp_path / "access.log"
+    path.write_text("earlier\n")
+    tel = telemetry.Telemetry(access_log="full", access_log_file=path, tracing=False)
+    try:
+        for status in (200, 503):
+            call = tel.client_call(
+                protocol="http", method="GET", authority="a", path="/", set_header=lambda k, v: None
+            )
+            call.finish(None, status=status, service="a")
+        tel.flush_access_log()
+        lines = path.read_text().splitlines()
+        assert lines[0] == "earlier" and len(lines) == 3
+        assert [ln.split('" ')[1].split(" ")[0] for ln in lines[1:]] == ["200", "503"]
+    finally:
+        tel.close()
+    out = telemetry.Telemetry(access_log="full", access_log_file="/dev/stdout", tracing=False)
+    try:
+        call = out.client_call(
+            protocol="http", method="GET", authority="a", path="/x", set_header=lambda k, v: None
+        )
+        call.finish(None, status=200, service="a")
+        out.flush_access_log()
+        assert '"GET /x HTTP/1.1" 200' in capsys.readouterr().out
+    finally:
+        out.close()
+    missing = tmp_path / "no" / "such" / "dir" / "access.log"
+    with pytest.raises(ValueError, match=f"access log file {missing}"):
+        telemetry.Telemetry(access_log="full", access_log_file=missing)
+    with pytest.raises(ValueError, match="not both"):
+        telemetry.Telemetry(access_log_file=path, access_log_sink=print)
+    with pytest.raises(ConfigError, match="PYMESH_ACCESS_LOG_FILE"):
+        telemetry.configure_from_env(
+            env={"PYMESH_TELEMETRY": "on", "PYMESH_ACCESS_LOG_FILE": str(missing)}
+        )
+    tel = telemetry.configure_from_env(
+        env={
+            "PYMESH_TELEMETRY": "on",
+            "PYMESH_PROMETHEUS_ADDRESS": "off",
+            "PYMESH_ACCESS_LOG": "full",
+            "PYMESH_ACCESS_LOG_FILE": str(path),
+        }
+    )
+    assert tel is not None
+    try:
+        call = tel.client_call(
+            protocol="http", method="GET", authority="a", path="/env", set_header=lambda k, v: None
+        )
+        call.finish(None, status=200, service="a")
+        tel.flush_access_log()
+        assert '"GET /env HTTP/1.1" 200' in path.read_text().splitlines()[-1]
+    finally:
+        tel.close()
+
+
 def test_public_surface_is_pinned() -> None:
     assert sorted(telemetry.__all__) == sorted(
         [
