@@ -600,9 +600,11 @@ def test_new_traces_are_decided_in_batches_and_forgotten_by_a_forked_child() -> 
         assert 120 <= sampled <= 290  # 200 expected; 5 standard deviations either side
         left = list(tel._draws)
         assert left  # a batch in progress
+        assert tel._quick  # the first record started the writer thread: quick records
         state = tel._rng.getstate()
         _telemetry._after_fork_in_child()
         assert tel._draws == [] and tel._rng.getstate() != state
+        assert not tel._quick  # the child's first record starts its own writer first
     finally:
         tel.close()
 
