@@ -233,7 +233,8 @@ class AccessLogWriter:
     """Access log lines off the request path, as Envoy buffers its access logs and flushes
     them on a timer: a request appends its fields (a tuple or an :class:`AccessRecord`) to a
     bounded queue; a daemon thread formats and writes them every ``interval`` seconds, in
-    order, one ``sink(line)`` call per line. A full queue drops the line and counts it in
+    order: one ``sink(line)`` call per line, or one ``write_lines(lines)`` call per batch (a
+    :class:`LogFile`'s). A full queue drops the line and counts it in
     :attr:`dropped` rather than block the request. :meth:`flush` writes everything queued
     (called at :meth:`close` and at interpreter exit)."""
 
