@@ -537,17 +537,19 @@ def test_mutated_fields_only_raise_resource_error(data: st.DataObject) -> None:
 # where we write ``X.y``; after removing those segments its field must be ours or a prefix
 # of ours (we may point deeper, e.g. at the offending weight rather than the list).
 
+# One channel at a time, each open 0.1 s (its listener watch, and its route's, with it), in
+# passes until the test has what it waits for and kills the process: on a loaded machine a
+# listener can arrive after its channel closed, and the next pass asks again.
 _GRPC_CLIENT = """
 import sys, grpc
-for target in sys.argv[1:]:
-    channel = grpc.insecure_channel("xds:///" + target)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=0.1)
-    except grpc.FutureTimeoutError:
-        pass
-    channel.close()
-print("DONE", flush=True)
-sys.stdin.read()
+while True:
+    for target in sys.argv[1:]:
+        channel = grpc.insecure_channel("xds:///" + target)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=0.1)
+        except grpc.FutureTimeoutError:
+            pass
+        channel.close()
 """
 
 _GRPC_SERVER = """
