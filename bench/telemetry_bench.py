@@ -46,9 +46,13 @@ network), timed as client-thread CPU, min over repeats.
 A third isolates the server side: the telemetry ASGI middleware ``pymesh.serve`` applies by
 default, driven in memory around a one-line app.
 
+``--parts`` runs telemetry on only, with each request-path part (and the writer's render,
+per record) timed in place by ``perf_counter`` wrappers: what each costs among the rest of a
+request, 2-3 times its tight-loop cost; no ratios (the timers cost too).
+
     python bench/telemetry_bench.py [--requests 2000] [--rounds 7] [--slice 200]
                                     [--concurrency 16] [--isolated-only]
-                                    [--ab [--ab-variants "on,writer idle"]]
+                                    [--ab [--ab-variants "on,writer idle"]] [--parts]
 """
 
 from __future__ import annotations
@@ -545,6 +549,68 @@ def asgi_isolated(tel: telemetry.Telemetry, repeats: int = 30) -> dict[str, floa
     return {k: min(v) for k, v in asyncio.run(run()).items()}
 
 
+def timed_parts(tel: telemetry.Telemetry) -> tuple[dict[str, list[float]], Callable[[], None]]:
+    """Wrap telemetry's request-path functions (and ``tel``'s writer render, per record)
+    with ``perf_counter`` timers: what each part costs among the rest of a request, not in a
+    tight loop. Returns the totals (name -> [seconds, calls or records]) and the undo."""
+    from pymesh.telemetry import _telemetry as T
+
+    parts: dict[str, list[float]] = {}
+    undo: list[Callable[[], None]] = []
+    clock = time.perf_counter
+    targets = [
+        (T, "http_client_call"),
+        (T.ClientCall, "upstream_headers"),
+        (T.ClientCall, "response"),
+        (T.Telemetry, "take_exchange"),
+        (T.Telemetry, "_draw"),
+        (T.Telemetry, "_sampled_headers"),
+        (T.ClientCall, "finish"),
+    ]
+    for owner, name in targets:
+        original = getattr(owner, name)
+        total = parts[name] = [0.0, 0.0]
+
+        def timer(*args: Any, _f: Any = original, _t: list[float] = total, **kw: Any) -> Any:
+            t = clock()
+            try:
+                return _f(*args, **kw)
+            finally:
+                _t[0] += clock() - t
+                _t[1] += 1
+
+        setattr(owner, name, timer)
+        undo.append(lambda o=owner, n=name, f=original: setattr(o, n, f))
+    render = tel._writer._render
+    total = parts["writer render (per record)"] = [0.0, 0.0]
+
+    def timed_render(records: list[Any]) -> list[str]:
+        t = clock()
+        try:
+            return render(records)
+        finally:
+            total[0] += clock() - t
+            total[1] += len(records)
+
+    tel._writer._render = timed_render
+    undo.append(lambda: setattr(tel._writer, "_render", render))
+
+    def undo_all() -> None:
+        for u in reversed(undo):
+            u()
+
+    return parts, undo_all
+
+
+def parts_table(parts: dict[str, list[float]], requests: int) -> list[str]:
+    """µs per request of each timed part (nested parts are inside their callers')."""
+    out = [f"  {'part':<28} {'us/request':>10} {'calls':>8} {'us/call':>9}"]
+    for name, (seconds, calls) in parts.items():
+        per_call = seconds / calls * 1e6 if calls else 0.0
+        out.append(f"  {name:<28} {seconds / requests * 1e6:10.2f} {calls:8.0f} {per_call:9.2f}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
@@ -562,6 +628,11 @@ def main() -> None:
     ap.add_argument("--ab-variants", help="with --ab: only these (comma-separated) and off")
     ap.add_argument(
         "--isolated-only", action="store_true", help="only the in-memory client and ASGI figures"
+    )
+    ap.add_argument(
+        "--parts",
+        action="store_true",
+        help="on sockets, telemetry on only: each request-path part timed in place (us/request)",
     )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -615,20 +686,33 @@ def main() -> None:
                     await client.get(url)
                     return await run_cycles(client, url, variants, **kw)
 
-            for concurrency, run in ((None, run_sync), (args.concurrency, run_async)):
-                cycles = asyncio.run(run())
-                if not cycles:
-                    continue
-                title = describe(cycles, list(variants), concurrency)
-                if args.ab:
-                    lines += [title, *ab_table(cycles, list(variants))]
-                else:
-                    lines += summarize(title, cycles)
+            if args.parts:  # telemetry on only, its parts timed in place (no ratios)
+                variants = {"on": tel}
+                for concurrency, run in ((None, run_sync), (args.concurrency, run_async)):
+                    parts, undo = timed_parts(tel)
+                    try:
+                        cycles = asyncio.run(run())
+                    finally:
+                        undo()
+                    n = sum(c["on"].n for c in cycles) + min(args.slice, args.requests)
+                    shape = "sync" if concurrency is None else f"async, {concurrency} in flight"
+                    lines += [f"parts, {shape} ({n} requests with telemetry on):"]
+                    lines += parts_table(parts, n)
+            else:
+                for concurrency, run in ((None, run_sync), (args.concurrency, run_async)):
+                    cycles = asyncio.run(run())
+                    if not cycles:
+                        continue
+                    title = describe(cycles, list(variants), concurrency)
+                    if args.ab:
+                        lines += [title, *ab_table(cycles, list(variants))]
+                    else:
+                        lines += summarize(title, cycles)
             if args.ab:
                 for t in variants.values():
                     if t is not None:
                         t.close()
-            else:
+            elif not args.parts:
                 iso = isolated(xds, tel)
                 lines += [
                     "isolated (in-memory upstream, client CPU per request, min of 30 x 1000)",
