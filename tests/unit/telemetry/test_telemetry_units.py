@@ -609,6 +609,71 @@ def test_new_traces_are_decided_in_batches_and_forgotten_by_a_forked_child() -> 
         tel.close()
 
 
+def test_sampled_client_spans_are_made_at_their_end_on_the_writer() -> None:
+    """With an SDK provider, a sampled client span's ids, parent and start are fixed when
+    the request starts (and sent in its headers); the SDK span is made when the writer
+    drains: one CLIENT span with those ids, its parent (the current server span), Istio's
+    attributes and an error status for a 5xx. Any other provider gets its spans through
+    its own tracer."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    from pymesh.telemetry import _telemetry
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tel = telemetry.Telemetry(trace_sampling=100.0, tracer_provider=provider)
+    tel._writer._interval = 3600.0  # drained by the flush below only
+    try:
+        server = tel.server_call(
+            protocol="http", method="GET", authority="a", path="/in", get_header={}.get
+        )
+        got: dict[str, str] = {}
+        call = tel.client_call(
+            protocol="http", method="GET", authority="b:80", path="/x?q=1",
+            set_header=got.__setitem__,
+        )  # fmt: skip
+        assert isinstance(call.span, _telemetry._PendingSpan)
+        call.finish(None, status=503, service="b")
+        server.finish(status=200)
+        assert [s.kind for s in exporter.get_finished_spans()] == [SpanKind.SERVER]
+        tel.flush_access_log()
+        client = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+        assert len(client) == 1
+        span = client[0]
+        (server_span,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+        _, trace_id, span_id, flags = got["traceparent"].split("-")
+        assert flags == "01"
+        assert (f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}") == (
+            trace_id,
+            span_id,
+        )
+        assert span.parent is not None
+        assert span.parent.span_id == server_span.context.span_id
+        assert span.context.trace_id == server_span.context.trace_id
+        assert span.name == "b:80/x"
+        assert span.attributes["http.status_code"] == "503"
+        assert span.attributes["component"] == "proxy"
+        assert span.status.status_code == StatusCode.ERROR
+        assert span.start_time <= span.end_time
+        assert span.instrumentation_scope.name == "pymesh"
+    finally:
+        tel.close()
+    other = telemetry.Telemetry(trace_sampling=100.0, tracer_provider=trace.NoOpTracerProvider())
+    try:
+        call = other.client_call(
+            protocol="http", method="GET", authority="b", path="/", set_header=lambda k, v: None
+        )
+        assert not isinstance(call.span, _telemetry._PendingSpan)
+        call.finish(None, status=200, service="b")
+    finally:
+        other.close()
+
+
 def test_a_drawn_batch_never_carries_an_all_zero_id() -> None:
     """W3C forbids all-zero trace and span ids: a batch whose random bits come out zero
     (2^-64 odds an entry) replaces those entries; every format stays well formed."""
