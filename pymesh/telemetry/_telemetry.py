@@ -19,6 +19,7 @@ Peer metadata exchange (Istio's ``x-envoy-peer-metadata``): :mod:`pymesh.telemet
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import ipaddress
 import logging
@@ -261,6 +262,11 @@ class Telemetry:
         """An SDK provider's span processor, resource and pymesh's scope: client spans are
         then made whole at their end, on the writer (:class:`_PendingSpan`); ``None`` for
         any other provider (spans through its tracer, as they start and end)."""
+        if self._span_out is not None:
+            # At exit, hand the last pending spans over before the provider shuts down: its
+            # own exit hook was registered when it was made, before this one, so it runs
+            # after (atexit runs hooks last-registered first).
+            atexit.register(_flush_at_exit, weakref.ref(self))
         self.peer_exchange = peer_exchange
         self._peers = PeerDecoder()
         self.requests = RequestMetrics(drain=self._writer.flush)
@@ -1548,6 +1554,12 @@ def _end_span(  # noqa: PLR0917 - internal
 
 _SPAN = object()
 """The first field of a finished pending span's entry in the writer's queue."""
+
+
+def _flush_at_exit(ref: weakref.ref[Telemetry]) -> None:
+    tel = ref()
+    if tel is not None:
+        tel._writer.flush()
 
 
 class _PendingSpan:

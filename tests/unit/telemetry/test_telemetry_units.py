@@ -674,6 +674,39 @@ def test_sampled_client_spans_are_made_at_their_end_on_the_writer() -> None:
         other.close()
 
 
+def test_pending_client_spans_are_exported_at_interpreter_exit(tmp_path: Any) -> None:
+    """A client span still waiting for the writer when the interpreter exits reaches the
+    exporter: pymesh's exit hook runs before the provider's shutdown."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_span.py"
+    script.write_text(
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from opentelemetry.sdk.trace.export import (\n"
+        "    BatchSpanProcessor, SpanExporter, SpanExportResult)\n"
+        "from pymesh import telemetry\n"
+        "class Print(SpanExporter):\n"
+        "    def export(self, spans):\n"
+        "        for s in spans:\n"
+        "            print('EXPORTED', s.name, flush=True)\n"
+        "        return SpanExportResult.SUCCESS\n"
+        "provider = TracerProvider()\n"
+        "provider.add_span_processor(BatchSpanProcessor(Print()))\n"
+        "tel = telemetry.Telemetry(trace_sampling=100.0, tracer_provider=provider)\n"
+        "tel._writer._interval = 3600.0\n"
+        "call = tel.client_call(protocol='http', method='GET', authority='b', path='/exit',\n"
+        "                       set_header=lambda k, v: None)\n"
+        "call.finish(None, status=200, service='b')\n"
+        "print('END', flush=True)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["END", "EXPORTED b/exit"], (out.stdout, out.stderr)
+
+
 def test_a_drawn_batch_never_carries_an_all_zero_id() -> None:
     """W3C forbids all-zero trace and span ids: a batch whose random bits come out zero
     (2^-64 odds an entry) replaces those entries; every format stays well formed."""
