@@ -661,6 +661,13 @@ def test_sampled_client_spans_are_made_at_their_end_on_the_writer() -> None:
         assert span.status.status_code == StatusCode.ERROR
         assert span.start_time <= span.end_time
         assert span.instrumentation_scope.name == "pymesh"
+        tel._writer._max = tel._max_pending = 0  # a full queue: exported at once, not lost
+        call = tel.client_call(
+            protocol="http", method="GET", authority="b:80", path="/full",
+            set_header=lambda k, v: None,
+        )  # fmt: skip
+        call.finish(None, status=200, service="b")
+        assert exporter.get_finished_spans()[-1].name == "b:80/full"
     finally:
         tel.close()
     other = telemetry.Telemetry(trace_sampling=100.0, tracer_provider=trace.NoOpTracerProvider())
