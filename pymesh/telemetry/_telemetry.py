@@ -220,7 +220,7 @@ class Telemetry:
         """Whether HTTP responses are recorded as :meth:`ClientCall.response`'s quick
         record (a JSON line needs the full record, built on the request path)."""
         self._quick = False
-        """:attr:`_quick_wanted`, once the writer thread runs (:meth:`_offer` starts it)."""
+        """:attr:`_quick_wanted`, once the writer thread runs (:meth:`_put` starts it)."""
         self._log_all = access_log == "full"
         self._sample_logs = access_log_sample
         if access_log_file is not None and access_log_sink is not None:
@@ -414,10 +414,7 @@ class Telemetry:
     def _queue_span(self, entry: tuple[Any, ...]) -> None:
         """A finished :class:`_PendingSpan` (``(_SPAN, span, attributes, error, end ns)``)
         to the writer's queue; with the queue full, exported here and now (never lost)."""
-        pending = self._pending
-        if len(pending) < self._max_pending and self._writer._thread is not None:
-            pending.append(entry)
-        elif not self._offer(entry):
+        if not self._put(entry):
             self._export_span(entry)
 
     def _export_span(self, entry: tuple[Any, ...]) -> None:
@@ -665,17 +662,19 @@ class Telemetry:
         """The request path's one step per finished request: ``record`` (see
         :meth:`_render`) to the writer's bounded queue. A full queue never blocks: the
         metrics are counted here and then, and the access log line is dropped (counted)."""
-        pending = self._pending
-        if len(pending) < self._max_pending and self._writer._thread is not None:
-            pending.append(record)  # the usual case: one append
-        elif not self._offer(record):
+        if not self._put(record):
             if record[14] is not None:
                 self._writer.dropped += 1
             self._render([(*record[:14], None)])
 
-    def _offer(self, entry: tuple[Any, ...]) -> bool:
-        """The writer's :meth:`~AccessLogWriter.offer` (which starts its thread), then
-        quick records on when wanted (:attr:`_quick`)."""
+    def _put(self, entry: tuple[Any, ...]) -> bool:
+        """``entry`` to the writer's bounded queue (``False``: full, not queued). The usual
+        case is one append; else the writer's :meth:`~AccessLogWriter.offer`, which starts
+        its thread, and then quick records are on when wanted (:attr:`_quick`)."""
+        pending = self._pending
+        if len(pending) < self._max_pending and self._writer._thread is not None:
+            pending.append(entry)
+            return True
         queued = self._writer.offer(entry)
         if self._quick_wanted and self._writer._thread is not None:
             self._quick = True  # the writer runs: quick records may follow
@@ -1036,7 +1035,6 @@ _UP = frozenset({"HEALTHY", "UNKNOWN", "DEGRADED"})
 _MX_NAMES = frozenset((b"x-envoy-peer-metadata", b"x-envoy-peer-metadata-id"))
 _MX_SIZES = frozenset((7, 21, 24))
 """The lengths of ``baggage`` and the two exchange header names."""
-_new_object = object.__new__
 _NO_PEER = Workload()
 
 
@@ -1160,12 +1158,7 @@ class ClientCall:
         server's exchange headers (:meth:`Telemetry.take_exchange`), and the body stream and
         release to hand over (:func:`upstream_body`: counted, recorded at the end)."""
         tel = self.tel
-        for name, _ in headers:  # take_exchange's first test, inline: usually no name matches
-            if len(name) in _MX_SIZES:
-                raw, peer = tel.take_exchange(headers)
-                break
-        else:
-            raw, peer = headers, None
+        raw, peer = tel.take_exchange(headers)
         chunks = getattr(stream, "chunks", None)
         if tel._quick and chunks.__class__ is list and self.span is None:
             # The usual end: the body complete with the head, no span, a text line or none.
@@ -1682,16 +1675,7 @@ def http_client_call(info: RequestInfo) -> ClientCall | None:
     tel = _current
     if tel is None:
         return None
-    call = _new_object(ClientCall)  # ClientCall.__init__'s stores, inline
-    call.tel = tel
-    call.protocol = "http"
-    call.method = info.method
-    call._authority = info.authority
-    call._path = info.path
-    call.request = None
-    call.span = None
-    call.raw = ()
-    call.t0 = time.perf_counter()
+    call = ClientCall(tel, "http", info.method, info.authority, info.path)
     headers = info.headers
     found = tel._strip_memo.get(id(headers))  # the usual case: a known header set, kept
     call.info = (
@@ -1700,14 +1684,7 @@ def http_client_call(info: RequestInfo) -> ClientCall | None:
         else call.outbound(info)
     )
     if tel.tracing:
-        if _current_context().get(_SPAN_KEY) is None:  # a new trace: _trace_headers, inline
-            try:
-                drawn = tel._draws.pop()
-            except IndexError:
-                drawn = tel._draw()
-            call.raw = drawn if drawn is not None else tel._sampled_headers(call)
-        else:
-            call.raw = tel._trace_headers(call)
+        call.raw = tel._trace_headers(call)
     return call
 
 
