@@ -30,6 +30,7 @@ __all__ = [
     "AccessLogWriter",
     "AccessRecord",
     "LogFile",
+    "LogFileError",
     "agent_and_id",
     "format_json",
     "format_text",
@@ -84,7 +85,13 @@ def _start_second(second: int) -> str:
 
 
 def _start_time(start: float) -> str:
-    return f"{_start_second(int(start))}.{int(start * 1000) % 1000:03d}Z"
+    """``START_TIME`` of a line: UTC to the millisecond. Lines of the same millisecond
+    share its text."""
+    ms = int(start * 1000)
+    stamp = _last_ms[0]
+    if stamp[0] != ms:
+        stamp = _last_ms[0] = (ms, f"{_start_second(ms // 1000)}.{ms % 1000:03d}Z")
+    return stamp[1]
 
 
 def format_text(r: AccessRecord) -> str:
@@ -127,12 +134,8 @@ def text_line(  # noqa: PLR0917 - one argument per field of the line, hot path
 ) -> str:
     """:func:`format_text` from the fields themselves (the request path builds no record)."""
     ust = "-" if upstream_service_time is None else str(upstream_service_time)
-    ms = int(start * 1000)
-    stamp = _last_ms[0]  # the start time: lines of the same millisecond share its text
-    if stamp[0] != ms:
-        stamp = _last_ms[0] = (ms, f"{_start_second(ms // 1000)}.{ms % 1000:03d}Z")
     return (  # a missing (or empty) value is "-", quoted like the others
-        f'[{stamp[1]}] "{method} {path} {protocol}" {status} {flags} '
+        f'[{_start_time(start)}] "{method} {path} {protocol}" {status} {flags} '
         f'{bytes_received} {bytes_sent} {duration_ms} {ust} "{forwarded_for or "-"}" '
         f'"{user_agent or "-"}" "{request_id or "-"}" "{authority or "-"}" '
         f'"{upstream_host or "-"}"'
@@ -189,6 +192,10 @@ def agent_and_id(
     return user_agent, request_id
 
 
+class LogFileError(ValueError):
+    """An access log file that cannot be opened (the message names its path)."""
+
+
 class LogFile:
     """An access log file, written a batch of lines at a time (Istio's ``accessLogFile``):
     ``/dev/stdout`` and ``/dev/stderr`` write to the process's ``sys.stdout`` /
@@ -203,7 +210,7 @@ class LogFile:
             try:
                 self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
             except OSError as exc:
-                raise ValueError(f"access log file {self.path}: {exc.strerror or exc}") from None
+                raise LogFileError(f"access log file {self.path}: {exc.strerror or exc}") from None
 
     def write_lines(self, lines: list[str]) -> None:
         """The lines, each ended by a newline, in one write, then flushed."""

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from pymesh.errors import ConfigError
+from pymesh.telemetry._accesslog import LogFileError
 
 if TYPE_CHECKING:
     from pymesh.bootstrap import Node
@@ -93,9 +94,10 @@ def configure_from_env(
         node = load_bootstrap(env).node  # the workload's own names, as its xDS client reads
     try:
         tel = Telemetry(node=node, **options)
+    except LogFileError as exc:
+        raise ConfigError(str(exc), source="environment", field="PYMESH_ACCESS_LOG_FILE") from None
     except ValueError as exc:
-        field = "PYMESH_ACCESS_LOG_FILE" if str(exc).startswith("access log file") else None
-        raise ConfigError(str(exc), source="environment", field=field) from None
+        raise ConfigError(str(exc), source="environment") from None
     address = env.get("PYMESH_PROMETHEUS_ADDRESS", "127.0.0.1:15020")
     if address.lower() != "off":
         host, _, port = address.rpartition(":")
