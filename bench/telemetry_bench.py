@@ -558,41 +558,35 @@ def timed_parts(tel: telemetry.Telemetry) -> tuple[dict[str, list[float]], Calla
     parts: dict[str, list[float]] = {}
     undo: list[Callable[[], None]] = []
     clock = time.perf_counter
-    targets = [
+
+    def timed(f: Any, name: str, per_record: bool = False) -> Any:
+        total = parts[name] = [0.0, 0.0]
+
+        def timer(*args: Any, **kw: Any) -> Any:
+            t = clock()
+            try:
+                return f(*args, **kw)
+            finally:
+                total[0] += clock() - t
+                total[1] += len(args[0]) if per_record else 1
+
+        return timer
+
+    for owner, name in [
         (T, "http_client_call"),
+        (T.Telemetry, "_trace_headers"),
+        (T.Telemetry, "_draw"),
+        (T.Telemetry, "_sampled_headers"),
         (T.ClientCall, "upstream_headers"),
         (T.ClientCall, "response"),
         (T.Telemetry, "take_exchange"),
-        (T.Telemetry, "_draw"),
-        (T.Telemetry, "_sampled_headers"),
         (T.ClientCall, "finish"),
-    ]
-    for owner, name in targets:
+    ]:
         original = getattr(owner, name)
-        total = parts[name] = [0.0, 0.0]
-
-        def timer(*args: Any, _f: Any = original, _t: list[float] = total, **kw: Any) -> Any:
-            t = clock()
-            try:
-                return _f(*args, **kw)
-            finally:
-                _t[0] += clock() - t
-                _t[1] += 1
-
-        setattr(owner, name, timer)
+        setattr(owner, name, timed(original, name))
         undo.append(lambda o=owner, n=name, f=original: setattr(o, n, f))
     render = tel._writer._render
-    total = parts["writer render (per record)"] = [0.0, 0.0]
-
-    def timed_render(records: list[Any]) -> list[str]:
-        t = clock()
-        try:
-            return render(records)
-        finally:
-            total[0] += clock() - t
-            total[1] += len(records)
-
-    tel._writer._render = timed_render
+    tel._writer._render = timed(render, "writer render (per record)", per_record=True)
     undo.append(lambda: setattr(tel._writer, "_render", render))
 
     def undo_all() -> None:
